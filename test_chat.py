@@ -817,6 +817,342 @@ class ChatCoreTests(unittest.TestCase):
         self.assertEqual(alice.out, [])
 
 
+# ---------------------------------------------------------------------------------------------
+# The client: piped, threaded (the Windows path), under a pseudo-terminal, against hostile bytes.
+# ---------------------------------------------------------------------------------------------
+
+def free_port():
+    """A port nothing listens on (bound, then released)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+class PipedClient:
+    """chat_client.py with its stdin, stdout and stderr on pipes."""
+
+    def __init__(self, port, env=None, command=None):
+        full_env = dict(os.environ)
+        full_env.pop("CHAT_PLATFORM", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=full_env)
+
+    def type(self, text):
+        self.proc.stdin.write(text.encode("utf-8"))
+        self.proc.stdin.flush()
+
+    def finish(self, deadline=DEADLINE):
+        """Close stdin and wait: (exit status, stdout lines, stderr)."""
+        out, err = self.proc.communicate(timeout=deadline)
+        return self.proc.returncode, out.decode("utf-8").splitlines(), err.decode("utf-8")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+class ClientTests(unittest.TestCase):
+    """chat_client.py against a real server; ``env`` forces the Windows path in the subclass."""
+
+    env = {}
+
+    def client(self, port, **kwargs):
+        client = PipedClient(port, env=self.env, **kwargs)
+        self.addCleanup(client.kill)
+        return client
+
+    def test_piped_conversation_end_to_end(self):
+        server = start_server(self)
+        alice = server.client().join("alice")
+        bob = self.client(server.port)
+        bob.type("bob\n")
+        self.assertEqual(alice.said(), "bob connected!")
+        alice.send("hi bob\n")
+        self.assertEqual(alice.said(), OK)
+        self.assertEqual(alice.said(), "YOU SEND USERS hi bob")
+        bob.type("hello alice")  # no newline at the end: the client adds it
+        status, lines, err = bob.finish()
+        self.assertEqual(alice.said(), "bob sent hello alice")
+        self.assertEqual(alice.said(), "bob disconnected!")
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(lines[0], WELCOME)
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, "alice sent hi bob", OK, "YOU SEND USERS hello alice"])
+
+    def test_connection_refused(self):
+        port = free_port()
+        status, lines, err = self.client(port).finish()
+        self.assertEqual((status, lines), (1, []))
+        self.assertEqual(err, "Cannot connect to 127.0.0.1:%d: Connection refused."
+                              " Is the server running?\n" % port)
+
+    def test_server_shutdown_is_shown(self):
+        server = start_server(self)
+        client = self.client(server.port)
+        client.type("dave\n")
+        watcher = server.client().join("watcher")
+        wait_until(lambda: "dave" in server_members(server, watcher), "dave to join")
+        self.assertEqual(server.stop()[0], 0)
+        status, lines, err = client.finish()
+        self.assertEqual(status, 0)
+        self.assertEqual(split_ts(lines[-1])[1], SHUTTING_DOWN)
+        self.assertEqual(err, "Connection closed by the server.\n")
+
+    def test_hostile_bytes_are_printed_harmless(self):
+        fake = socket.socket()
+        fake.bind(("127.0.0.1", 0))
+        fake.listen(1)
+        self.addCleanup(fake.close)
+        hostile = (b"\x1b[2J\x1b]0;owned\x07 bad \xff\xfe utf8 \xc2\x9b31m c1 \x7f del\r\n"
+                   b"tab\tkept\n")
+
+        def serve():
+            conn, _ = fake.accept()
+            conn.sendall(hostile)
+            conn.close()
+        thread = threading.Thread(target=serve)
+        thread.start()
+        self.addCleanup(thread.join)
+        client = self.client(fake.getsockname()[1])
+        out, _ = client.proc.communicate(timeout=DEADLINE)
+        self.assertEqual(out.decode("utf-8").splitlines(),
+                         ["^[[2J^[]0;owned^G bad \ufffd\ufffd utf8 \\x9b31m c1 ^? del^M",
+                          "tab\tkept"])
+
+    def test_version_and_bad_option(self):
+        proc = subprocess.run([sys.executable, CLIENT, "--version"],
+                              capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual((proc.returncode, proc.stdout), (0, "chat_client %s\n" % readme_version()))
+        proc = subprocess.run([sys.executable, CLIENT, "--port", "x"],
+                              capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(len(proc.stderr.splitlines()), 1)
+
+
+def server_members(server, watcher):
+    """Nicknames a watcher has seen connect so far (reads what is there within a moment)."""
+    seen = getattr(watcher, "seen", set())
+    watcher.seen = seen
+    try:
+        while True:
+            text = watcher.said(deadline=0.05)
+            if text.endswith(" connected!"):
+                seen.add(text[:-len(" connected!")])
+    except AssertionError:
+        pass
+    return seen
+
+
+class ClientTestsWindowsPaths(ClientTests):
+    """The same conversations through the threaded-stdin path Windows uses."""
+    env = {"CHAT_PLATFORM": "windows"}
+
+
+class Screen:
+    """Just enough of a terminal to replay what readline writes: the rows a person would see."""
+
+    def __init__(self, width=200):
+        self.pending = ""   # an escape sequence cut in two by the pty read
+        self.rows = [""]
+        self.row = self.col = 0
+        self.width = width
+
+    def _put(self, ch):
+        line = self.rows[self.row].ljust(self.col)
+        self.rows[self.row] = line[:self.col] + ch + line[self.col + 1:]
+        self.col += 1
+
+    def feed(self, text):
+        text, self.pending = self.pending + text, ""
+        i = 0
+        while i < len(text):
+            ch = text[i]
+            if ch == "\x1b":
+                match = re.match(r"\x1b(\[[?]?([0-9;]*)([A-Za-z@])|\][^\x07]*\x07|[=>])", text[i:])
+                if not match and re.match(r"^\x1b(\[[?]?[0-9;]*|\][^\x07]*)?$", text[i:]):
+                    self.pending = text[i:]
+                    return
+                if not match:
+                    raise AssertionError("unknown escape %r" % text[i:i + 10])
+                if match.group(3):
+                    self._csi(match.group(2), match.group(3), match.group(1).startswith("[?"))
+                i += match.end()
+                continue
+            if ch == "\r":
+                self.col = 0
+            elif ch == "\n":
+                self.row += 1
+                if self.row == len(self.rows):
+                    self.rows.append("")
+            elif ch == "\b":
+                self.col = max(self.col - 1, 0)
+            elif ch == "\x07":
+                pass
+            elif ch >= " ":
+                self._put(ch)
+            else:
+                raise AssertionError("unexpected control character %r on screen" % ch)
+            i += 1
+
+    def _csi(self, params, final, private):
+        if private:
+            return  # modes (keypad, bracketed paste): nothing to draw
+        n = int(params.split(";")[0] or 1)
+        line = self.rows[self.row]
+        if final == "C":
+            self.col += n
+        elif final == "D":
+            self.col = max(self.col - n, 0)
+        elif final == "A":
+            self.row = max(self.row - n, 0)
+        elif final == "B":
+            self.row += n
+            while len(self.rows) <= self.row:
+                self.rows.append("")
+        elif final == "K":
+            mode = int(params or 0)
+            if mode == 0:
+                self.rows[self.row] = line[:self.col]
+            elif mode == 2:
+                self.rows[self.row] = ""
+            else:
+                self.rows[self.row] = " " * self.col + line[self.col:]
+        elif final == "J":
+            self.rows[self.row] = line[:self.col]
+            del self.rows[self.row + 1:]
+        elif final == "P":
+            self.rows[self.row] = line[:self.col] + line[self.col + n:]
+        elif final == "@":
+            self.rows[self.row] = line[:self.col] + " " * n + line[self.col:]
+        elif final in "mh l":
+            pass
+        else:
+            raise AssertionError("unhandled CSI %r%r" % (params, final))
+
+    def visible(self):
+        return [row.rstrip() for row in self.rows]
+
+
+def _controlling_terminal():
+    """In the child: a session of its own whose controlling terminal is the pty (stdin), so
+    that Ctrl-C typed there sends SIGINT as in a real terminal."""
+    import fcntl
+    import termios
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalClientTests(unittest.TestCase):
+    """chat_client.py under a pseudo-terminal, typed into as a person would."""
+
+    def setUp(self):
+        import pty
+        self.server = start_server(self)
+        self.master, slave = pty.openpty()
+        env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
+        env.pop("CHAT_PLATFORM", None)
+        self.proc = subprocess.Popen([sys.executable, CLIENT, "--port", str(self.server.port)],
+                                     stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     close_fds=True, preexec_fn=_controlling_terminal)
+        os.close(slave)
+        self.addCleanup(self._stop)
+        self.output = b""
+        self.screen = Screen()
+
+    def _stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+    def type(self, keys):
+        os.write(self.master, keys.encode("utf-8") if isinstance(keys, str) else keys)
+
+    def read_until(self, condition, what):
+        """Read the terminal until condition(visible rows) holds."""
+        end = time.monotonic() + DEADLINE
+        while not condition(self.screen.visible()):
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("timed out waiting for %s; screen %r"
+                                     % (what, self.screen.visible()))
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # EIO: the client exited and the terminal closed
+                    chunk = b""
+                if not chunk:
+                    if condition(self.screen.visible()):
+                        return
+                    raise AssertionError("terminal closed waiting for %s; screen %r"
+                                         % (what, self.screen.visible()))
+                self.output += chunk
+                self.screen.feed(chunk.decode("utf-8", "replace"))
+
+    def rows_after_ts(self):
+        return [TS.sub("", row) for row in self.screen.visible()]
+
+    def join_as(self, nick):
+        self.read_until(lambda rows: WELCOME in rows, "the welcome")
+        self.type(nick + "\r")
+        self.read_until(lambda rows: OK in self.rows_after_ts(), "Server: ok!")
+
+    def test_incoming_line_keeps_the_half_typed_input(self):
+        self.join_as("carol")
+        alice = self.server.client().join("alice")
+        self.read_until(lambda rows: "alice connected!" in self.rows_after_ts(), "alice joins")
+        self.type("half typ")
+        self.read_until(lambda rows: rows[-1] == "> half typ", "the typed text echoed")
+        alice.send("incoming\n")
+        # The message gets a row of its own, and below it, last, the prompt with the
+        # half-typed text, redrawn intact.
+        self.read_until(lambda rows: self.rows_after_ts()[-2:] == ["alice sent incoming",
+                                                                  "> half typ"],
+                        "alice's line above the redrawn input")
+        self.assertEqual(self.rows_after_ts().count("alice sent incoming"), 1)
+        # Finish the line with editing keys (two Lefts, then typing) and send it whole.
+        self.assertEqual(alice.said(), OK)
+        self.assertEqual(alice.said(), "YOU SEND USERS incoming")
+        self.type("\x1b[D\x1b[Ded\r")
+        self.assertEqual(alice.said(), "carol sent half tedyp")
+        self.read_until(lambda rows: "YOU SEND USERS half tedyp" in self.rows_after_ts(),
+                        "the echo")
+        alice.close()
+
+    def test_history_and_ctrl_d_leave_cleanly(self):
+        import termios
+        self.join_as("erin")
+        before = termios.tcgetattr(self.master)
+        alice = self.server.client().join("alice")
+        self.type("first\r")
+        self.assertEqual(alice.said(), "erin sent first")
+        self.type("\x1b[A again\r")  # Up brings "first" back
+        self.assertEqual(alice.said(), "erin sent first again")
+        self.type("\x04")  # Ctrl-D on an empty line
+        self.assertEqual(self.proc.wait(DEADLINE), 0)
+        self.assertEqual(alice.said(), "erin disconnected!")
+        after = termios.tcgetattr(self.master)
+        self.assertEqual(after[3] & (termios.ICANON | termios.ECHO),
+                         termios.ICANON | termios.ECHO)
+        self.assertEqual(before[3] & (termios.ICANON | termios.ECHO), 0)  # readline's raw mode
+        self.assertNotIn(b"Traceback", self.output)
+        alice.close()
+
+    def test_ctrl_c_leaves_quietly(self):
+        self.join_as("frank")
+        self.type("\x03")
+        self.assertEqual(self.proc.wait(DEADLINE), 0)
+        self.read_until(lambda rows: True, "nothing")
+        self.assertNotIn(b"Traceback", self.output)
+
+
 def readme_version():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         match = re.search(r"version (\d+\.\d+\.\d+)", f.read())
