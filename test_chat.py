@@ -845,9 +845,24 @@ class PipedClient:
         self.proc.stdin.write(text.encode("utf-8"))
         self.proc.stdin.flush()
 
+    def line(self, deadline=DEADLINE):
+        """The next line the client printed, waiting at most ``deadline`` seconds."""
+        end = time.monotonic() + deadline
+        fd = self.proc.stdout.fileno()
+        buf = getattr(self, "_buf", b"")
+        while b"\n" not in buf:
+            ready, _, _ = select.select([fd], [], [], max(end - time.monotonic(), 0))
+            chunk = os.read(fd, 4096) if ready else None
+            if not chunk:
+                raise AssertionError("no line from the client; have %r" % buf)
+            buf += chunk
+        line, self._buf = buf.split(b"\n", 1)
+        return line.decode("utf-8")
+
     def finish(self, deadline=DEADLINE):
         """Close stdin and wait: (exit status, stdout lines, stderr)."""
         out, err = self.proc.communicate(timeout=deadline)
+        out = getattr(self, "_buf", b"") + out  # what line() read ahead comes first
         return self.proc.returncode, out.decode("utf-8").splitlines(), err.decode("utf-8")
 
     def kill(self):
@@ -1151,6 +1166,140 @@ class TerminalClientTests(unittest.TestCase):
         self.assertEqual(self.proc.wait(DEADLINE), 0)
         self.read_until(lambda rows: True, "nothing")
         self.assertNotIn(b"Traceback", self.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped files: build.sh's zipapps, run alone from an empty directory.
+# ---------------------------------------------------------------------------------------------
+
+def find_python38():
+    """A Python 3.8 interpreter, to run the archives on the oldest version supported, if any."""
+    candidates = [shutil.which("python3.8"),
+                  os.path.expanduser("~/.pyenv/versions/3.8.18/bin/python3.8")]
+    candidates += sorted(
+        os.path.join(root, "bin", "python3.8")
+        for root in [os.path.join(os.path.expanduser("~/.pyenv/versions"), v)
+                     for v in (os.listdir(os.path.expanduser("~/.pyenv/versions"))
+                               if os.path.isdir(os.path.expanduser("~/.pyenv/versions")) else [])
+                     if v.startswith("3.8.")])
+    for path in candidates:
+        if path and os.path.exists(path):
+            probe = subprocess.run([path, "-c", "import sys; print(sys.version_info[:2])"],
+                                   capture_output=True, text=True)
+            if probe.stdout.strip() == "(3, 8)":
+                return path
+    return None
+
+
+def run_build(out_dir):
+    """sh build.sh OUT_DIR; returns its stdout lines."""
+    proc = subprocess.run(["sh", os.path.join(HERE, "build.sh"), out_dir],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError("build.sh failed: %s" % proc.stderr)
+    return proc.stdout.splitlines()
+
+
+class BuildTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-build-")
+        cls.first = os.path.join(cls.dir, "first")
+        cls.first_output = run_build(cls.first)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def sha256(self, path):
+        import hashlib
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    def test_build_prints_size_and_sha256_of_each_archive(self):
+        self.assertEqual(len(self.first_output), 2)
+        for line, name in zip(self.first_output, ("chat_server", "chat_client")):
+            path = os.path.join(self.first, name + ".pyz")
+            self.assertEqual(line, "built %s  %d bytes  sha256 %s"
+                             % (path, os.path.getsize(path), self.sha256(path)))
+
+    def test_building_twice_gives_identical_bytes(self):
+        second = os.path.join(self.dir, "second")
+        run_build(second)
+        for name in ("chat_server.pyz", "chat_client.pyz"):
+            self.assertEqual(self.sha256(os.path.join(self.first, name)),
+                             self.sha256(os.path.join(second, name)))
+
+    def test_build_bat_runs_the_same_builder(self):
+        # build.bat can't run here; its Python line can, and must build the same bytes.
+        with open(os.path.join(HERE, "build.bat"), encoding="utf-8") as f:
+            line = [l for l in f.read().splitlines() if l.startswith("%PY% -c ")][0]
+        code = re.match(r'^%PY% -c "(.*)" "%OUT%"$', line).group(1)
+        out = os.path.join(self.dir, "bat")
+        proc = subprocess.run([sys.executable, "-c", code, out], cwd=HERE,
+                              capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        for name in ("chat_server.pyz", "chat_client.pyz"):
+            self.assertEqual(self.sha256(os.path.join(self.first, name)),
+                             self.sha256(os.path.join(out, name)))
+
+    def test_archive_holds_the_module_and_an_entry_point_only(self):
+        import zipfile
+        for name in ("chat_server", "chat_client"):
+            path = os.path.join(self.first, name + ".pyz")
+            with open(path, "rb") as f:
+                self.assertEqual(f.readline(), b"#!/usr/bin/env python3\n")
+            self.assertTrue(os.access(path, os.X_OK))
+            with zipfile.ZipFile(path) as archive:
+                self.assertEqual(archive.namelist(), [name + ".py", "__main__.py"])
+                self.assertTrue(all(i.compress_type == zipfile.ZIP_DEFLATED
+                                    for i in archive.infolist()))
+
+    def conversation(self, python):
+        """The built files alone in an empty directory, with an isolated interpreter."""
+        empty = tempfile.mkdtemp(prefix="chat-empty-")
+        self.addCleanup(shutil.rmtree, empty, True)
+        for name in ("chat_server.pyz", "chat_client.pyz"):
+            shutil.copy(os.path.join(self.first, name), empty)
+        env = {"PYTHONPATH": ""}
+        version = subprocess.run([python, "-I", os.path.join(empty, "chat_server.pyz"),
+                                  "--version"], capture_output=True, text=True, cwd=empty,
+                                 timeout=DEADLINE)
+        self.assertEqual(version.stdout, "chat_server %s\n" % readme_version())
+        server = start_server(self, "--log", "file", "--log-file", "chat.log", log_file=False,
+                              cwd=empty, env=env,
+                              command=[python, "-I", os.path.join(empty, "chat_server.pyz")])
+        alice = PipedClient(server.port, env=env,
+                            command=[python, "-I", os.path.join(empty, "chat_client.pyz")])
+        self.addCleanup(alice.kill)
+        alice.type("alice\n")
+        self.assertEqual(alice.line(), WELCOME)
+        self.assertEqual(split_ts(alice.line())[1], OK)
+        bob = server.client().join("bob")
+        bob.send("hi alice\n")
+        self.assertEqual(bob.said(), OK)
+        self.assertEqual(bob.said(), "YOU SEND USERS hi alice")
+        alice.type("hi bob\n")
+        self.assertEqual(bob.said(), "alice sent hi bob")
+        status, lines, err = alice.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(l)[1] for l in lines],
+                         ["bob connected!", "bob sent hi alice", OK, "YOU SEND USERS hi bob"])
+        self.assertEqual(bob.said(), "alice disconnected!")
+        bob.close()
+        self.assertEqual(server.stop(), (0, [STOPPED]))
+        with open(os.path.join(empty, "chat.log"), encoding="utf-8") as f:
+            self.assertIn("alice sent hi bob", f.read())
+
+    def test_built_files_alone_carry_a_conversation(self):
+        self.conversation(sys.executable)
+
+    def test_built_files_run_on_python_3_8(self):
+        python38 = find_python38()
+        if not python38:
+            self.skipTest("no Python 3.8 on this machine")
+        self.conversation(python38)
 
 
 def readme_version():
