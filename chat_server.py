@@ -99,20 +99,31 @@ class Clock:
 
 class Peer:
     """What the room knows of a connection: its nickname and its queue of bytes to send."""
-    __slots__ = ("nick", "out", "out_bytes", "pending")
+    __slots__ = ("nick", "out", "append", "out_bytes", "counted", "pending")
 
     def __init__(self):
         self.nick = None        # set once a nickname is accepted
-        self.out = []           # bytes objects not yet handed to the kernel
-        self.out_bytes = 0
+        self.out = []           # bytes objects not yet handed to the kernel (never replaced:
+        self.append = self.out.append   # a broadcast calls this bound method, nothing else)
+        self.out_bytes = 0      # the size of out[:counted]; the rest is counted when needed
+        self.counted = 0
         self.pending = False    # already listed in Chat.pending
+
+    def queued_bytes(self):
+        """Bytes waiting in ``out``. Appends are counted here, lazily, so that a broadcast costs
+        one call per recipient."""
+        out = self.out
+        if len(out) > self.counted:
+            self.out_bytes += sum(map(len, out[self.counted:]))
+            self.counted = len(out)
+        return self.out_bytes
 
 
 class Chat:
     """The room. Decides which line goes to whom; never touches a socket.
 
-    Output is appended to each peer's ``out`` queue and the peer is listed once in ``pending``;
-    whoever owns the sockets writes the pending peers out (the Server does it once per loop turn).
+    Output is appended to each peer's ``out`` queue; ``take_pending()`` lists the peers with new
+    output, and whoever owns the sockets writes them out (the Server does it once per loop turn).
     ``log`` takes each logged line as the exact bytes the members received.
     """
 
@@ -121,27 +132,34 @@ class Chat:
         self.clock = clock or Clock()
         self.max_nick = max_nick
         self.members = {}       # casefolded nickname -> Peer, in order of joining
-        self.pending = []       # peers with output queued since the last flush
+        self._appends = {}      # Peer -> its out.append, for every member: the broadcast loop
+        self.pending = []       # peers given a private line since the last take_pending()
+        self._broadcasted = False   # every member has new output since the last take_pending()
 
     # -- delivery -------------------------------------------------------------------------------
     def deliver(self, peer, data):
         peer.out.append(data)
-        peer.out_bytes += len(data)
         if not peer.pending:
             peer.pending = True
             self.pending.append(peer)
 
-    def broadcast(self, data, sender):
-        """One encoded line, the same bytes object, to every member but ``sender``."""
-        size = len(data)
-        pending = self.pending
-        for peer in self.members.values():
-            if peer is not sender:
-                peer.out.append(data)
-                peer.out_bytes += size
+    def to_members(self, data):
+        """One encoded line, the same bytes object, to every member: the fan-out, so nothing but
+        one call per recipient. Who has new output is worked out once per turn instead."""
+        for append in self._appends.values():
+            append(data)
+        self._broadcasted = True
+
+    def take_pending(self):
+        """The peers with output queued since the last call, each once."""
+        pending, self.pending = self.pending, []
+        if self._broadcasted:
+            self._broadcasted = False
+            for peer in self.members.values():
                 if not peer.pending:
                     peer.pending = True
                     pending.append(peer)
+        return pending
 
     def notice(self, peer, text):
         self.deliver(peer, (self.clock.prefix() + text + "\n").encode())
@@ -179,8 +197,9 @@ class Chat:
         prefix = self.clock.prefix()
         self.deliver(peer, (prefix + Lines.OK + "\n").encode())
         announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
-        self.broadcast(announcement, peer)
+        self.to_members(announcement)  # before joining: the newcomer is not told of itself
         self.members[nick.casefold()] = peer
+        self._appends[peer] = peer.append
         self.log(announcement)
 
     def say(self, peer, text):
@@ -192,7 +211,8 @@ class Chat:
         else:
             prefix = self.clock.prefix()  # one {ts} for the sender's two lines and the others' one
             line = (prefix + Lines.SENT.format(nick=peer.nick, message=message) + "\n").encode()
-            self.broadcast(line, peer)
+            self.to_members(line)
+            peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
             self.deliver(peer, (prefix + Lines.OK + "\n" + prefix
                                 + Lines.ECHO.format(message=message) + "\n").encode())
             self.log(line)
@@ -202,9 +222,10 @@ class Chat:
         if peer.nick is None or self.members.get(peer.nick.casefold()) is not peer:
             return
         del self.members[peer.nick.casefold()]
+        del self._appends[peer]
         announcement = (self.clock.prefix() + Lines.DISCONNECTED.format(nick=peer.nick)
                         + "\n").encode()
-        self.broadcast(announcement, peer)
+        self.to_members(announcement)
         self.log(announcement)
 
 
@@ -604,7 +625,8 @@ class Server:
         if not conn.in_backlog:
             conn.in_backlog = True
             self.backlog.append(conn)
-        self._set_interest(conn)
+        if conn.eof or len(conn.inbuf) >= READ_SIZE:
+            self._set_interest(conn)  # stop reading: at its end, or enough is waiting
 
     def _handle_backlog(self):
         """Handle queued lines, at most about LINES_PER_TURN in all, shared fairly; what is left
@@ -626,7 +648,8 @@ class Server:
             elif conn.eof and not more:
                 self.chat.leave(conn)
                 self._close_after_flush(conn)
-            self._set_interest(conn)
+            if conn.mask != selectors.EVENT_READ or conn.throttled or conn.eof:
+                self._set_interest(conn)  # something changed; else reading simply goes on
 
     def _handle_lines(self, conn, most):
         """Handle up to ``most`` complete lines of conn's input. True if complete lines remain."""
@@ -643,7 +666,7 @@ class Server:
                 self.chat.line_too_long(conn, limit)
             else:
                 self.chat.receive(conn, line)
-            if conn.out_bytes > self.high_water:
+            if conn.queued_bytes() > self.high_water:
                 conn.throttled = True
                 rest = b"\n".join(parts[i + 1:] + [rest])
                 break
@@ -662,9 +685,10 @@ class Server:
 
         A connection whose kernel buffer is full waits for EVENT_WRITE instead; one whose queue
         passed the send-queue limit is disconnected (which may queue more output: loop)."""
-        chat = self.chat
-        while chat.pending:
-            batch, chat.pending = chat.pending, []
+        while True:
+            batch = self.chat.take_pending()
+            if not batch:
+                return
             for conn in batch:
                 conn.pending = False
                 if conn.closed:
@@ -692,20 +716,24 @@ class Server:
             return
         if sent == len(data):
             out.clear()
-            conn.out_bytes = 0
+            conn.out_bytes = conn.counted = 0
             conn.blocked = False
         else:
             out[:] = [memoryview(data)[sent:]]
             conn.out_bytes = len(data) - sent
+            conn.counted = 1
             conn.blocked = True
 
     def _after_send(self, conn):
+        if not conn.out and conn.mask == selectors.EVENT_READ and not (
+                conn.throttled or conn.closing or conn.closed):
+            return  # all written, nothing changes: the common case, kept cheap
         if conn.closed:
             return
-        if conn.out_bytes > self.max_send_queue:
+        if conn.queued_bytes() > self.max_send_queue:
             self._close(conn)  # a reader that stopped reading: its queue may not grow forever
             return
-        if conn.throttled and conn.out_bytes <= self.low_water:
+        if conn.throttled and conn.queued_bytes() <= self.low_water:
             conn.throttled = False
             if b"\n" in conn.inbuf or conn.eof:
                 if not conn.in_backlog:
