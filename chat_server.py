@@ -15,6 +15,7 @@ Standard library only, Python 3.8 or newer: this file is zipped alone into chat_
 
 import argparse
 import errno
+import functools
 import heapq
 import os
 import re
@@ -77,8 +78,8 @@ class Lines:
 CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
-def without_controls(text):
-    return CONTROL_CHARS.sub("", text)
+# without_controls(text): the text with those characters removed (a C-level partial: hot path).
+without_controls = functools.partial(CONTROL_CHARS.sub, "")
 
 
 class Clock:
@@ -88,21 +89,28 @@ class Clock:
         self._now = now
         self._minute = None
         self._prefix = ""
+        self._prefix_bytes = b""
 
     def prefix(self):
         minute = int(self._now() // 60)
         if minute != self._minute:
             self._minute = minute
             self._prefix = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(minute * 60))
+            self._prefix_bytes = self._prefix.encode()
         return self._prefix
+
+    def prefix_bytes(self):
+        self.prefix()
+        return self._prefix_bytes
 
 
 class Peer:
     """What the room knows of a connection: its nickname and its queue of bytes to send."""
-    __slots__ = ("nick", "out", "append", "out_bytes", "counted", "pending")
+    __slots__ = ("nick", "sent_head", "out", "append", "out_bytes", "counted", "pending")
 
     def __init__(self):
         self.nick = None        # set once a nickname is accepted
+        self.sent_head = b""    # "{nick} sent " encoded once, for every message this peer sends
         self.out = []           # bytes objects not yet handed to the kernel (never replaced:
         self.append = self.out.append   # a broadcast calls this bound method, nothing else)
         self.out_bytes = 0      # the size of out[:counted]; the rest is counted when needed
@@ -126,6 +134,14 @@ class Chat:
     output, and whoever owns the sockets writes them out (the Server does it once per loop turn).
     ``log`` takes each logged line as the exact bytes the members received.
     """
+
+    # The hot lines, cut from their templates once: "{nick} sent " + message, and so on.
+    SENT_HEAD, SENT_TAIL = Lines.SENT.split("{message}")
+    ECHO_HEAD, ECHO_TAIL = Lines.ECHO.split("{message}")
+    SENT_END = (SENT_TAIL + "\n").encode()
+    ECHO_START = (Lines.OK + "\n").encode()
+    ECHO_MIDDLE = ECHO_HEAD.encode()
+    ECHO_END = (ECHO_TAIL + "\n").encode()
 
     def __init__(self, log, clock=None, max_nick=MAX_NICK_CHARS):
         self.log = log
@@ -194,6 +210,7 @@ class Chat:
 
     def join(self, peer, nick):
         peer.nick = nick
+        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
         prefix = self.clock.prefix()
         self.deliver(peer, (prefix + Lines.OK + "\n").encode())
         announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
@@ -209,12 +226,12 @@ class Chat:
         elif len(self.members) < 2:
             self.notice(peer, Lines.ALONE)
         else:
-            prefix = self.clock.prefix()  # one {ts} for the sender's two lines and the others' one
-            line = (prefix + Lines.SENT.format(nick=peer.nick, message=message) + "\n").encode()
+            ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
+            body = message.encode()
+            line = ts + peer.sent_head + body + self.SENT_END
             self.to_members(line)
             peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
-            self.deliver(peer, (prefix + Lines.OK + "\n" + prefix
-                                + Lines.ECHO.format(message=message) + "\n").encode())
+            self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
             self.log(line)
 
     def leave(self, peer):
@@ -450,6 +467,9 @@ class Server:
         # does not read its replies) and resumes below low water: TCP then slows the sender down.
         self.high_water = max(max_send_queue // 4, 1)
         self.low_water = self.high_water // 4
+        # While a queue holds fewer items than this it cannot be above high water (an item is at
+        # most one line and its prefixes), so the per-line check need not add up its bytes.
+        self._throttle_items = max(1, self.high_water // (2 * max_line_bytes + 128))
         self.join_timeout = join_timeout
         self.conns = {}           # socket -> Conn
         self.backlog = []         # Conns with complete lines not yet handled
@@ -666,7 +686,8 @@ class Server:
                 self.chat.line_too_long(conn, limit)
             else:
                 self.chat.receive(conn, line)
-            if conn.queued_bytes() > self.high_water:
+            if ((conn.blocked or len(conn.out) > self._throttle_items)
+                    and conn.queued_bytes() > self.high_water):
                 conn.throttled = True
                 rest = b"\n".join(parts[i + 1:] + [rest])
                 break
@@ -695,6 +716,9 @@ class Server:
                     continue
                 if not conn.blocked:
                     self._send(conn)
+                    if not conn.out and conn.mask == selectors.EVENT_READ and not (
+                            conn.throttled or conn.closing or conn.closed):
+                        continue  # all written and nothing changes: the common case
                 self._after_send(conn)
 
     def _write(self, conn):
@@ -725,9 +749,6 @@ class Server:
             conn.blocked = True
 
     def _after_send(self, conn):
-        if not conn.out and conn.mask == selectors.EVENT_READ and not (
-                conn.throttled or conn.closing or conn.closed):
-            return  # all written, nothing changes: the common case, kept cheap
         if conn.closed:
             return
         if conn.queued_bytes() > self.max_send_queue:
