@@ -43,6 +43,7 @@ ACCEPTS_PER_TURN = 512     # so a join storm cannot starve the members already c
 LINGER_SECONDS = 2.0       # a closing socket drains its peer's input so close() sends FIN, not RST
 SHUTDOWN_GRACE = 1.5       # how long queued output may take to leave when the server stops
 EMFILE_PAUSE = 0.25        # out of descriptors: stop accepting this long, instead of spinning
+FD_RESERVE = 24            # descriptors kept for the listener, log, selector and "full" answers
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 SYSLOG_IDENT = "chat_server"
@@ -240,6 +241,11 @@ class Chat:
             return
         del self.members[peer.nick.casefold()]
         del self._appends[peer]
+        # A broadcast earlier this turn may have queued lines for it that take_pending() would
+        # no longer find among the members: list it now, so they are written before it closes.
+        if not peer.pending:
+            peer.pending = True
+            self.pending.append(peer)
         announcement = (self.clock.prefix() + Lines.DISCONNECTED.format(nick=peer.nick)
                         + "\n").encode()
         self.to_members(announcement)
@@ -460,7 +466,9 @@ class Server:
         if max_clients is None:
             max_clients = (SELECT_MAX_CLIENTS if isinstance(selector, selectors.SelectSelector)
                            else DEFAULT_MAX_CLIENTS)
-        self.max_clients = max_clients
+        # Each client costs a descriptor: past what the process may open, a newcomer is better
+        # told the chat is full than left waiting in the kernel's backlog.
+        self.max_clients = min(max_clients, descriptors_for_clients())
         self.max_line_bytes = max_line_bytes
         self.max_send_queue = max_send_queue
         # Reading from a connection stops while its own queue is above high water (it sends but
@@ -868,6 +876,18 @@ def tune_socket(sock):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     except OSError:
         pass  # the connection may already be gone; reading it will tell
+
+
+def descriptors_for_clients():
+    """How many clients the descriptor limit leaves room for (POSIX; unbounded elsewhere)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return sys.maxsize
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return max(soft - FD_RESERVE, 1)
 
 
 def raise_fd_limit():

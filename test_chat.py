@@ -12,15 +12,18 @@ import datetime
 import os
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
 import threading
 import time
 import unittest
+from collections import deque
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(HERE, "chat_server.py")
@@ -162,7 +165,8 @@ class LineSocket:
 class ServerProcess:
     """chat_server.py (or a built .pyz) as a subprocess on a free port."""
 
-    def __init__(self, *options, env=None, cwd=None, command=None, log_file=True):
+    def __init__(self, *options, env=None, cwd=None, command=None, log_file=True,
+                 preexec_fn=None):
         self.dir = tempfile.mkdtemp(prefix="chat-test-")
         self.cwd = cwd or self.dir
         self.log_path = os.path.join(self.dir, "chat.log")
@@ -178,7 +182,7 @@ class ServerProcess:
         self.stderr_file = open(os.path.join(self.dir, "stderr"), "w+b")
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
                                      stderr=self.stderr_file, stdin=subprocess.DEVNULL,
-                                     cwd=self.cwd, env=full_env)
+                                     cwd=self.cwd, env=full_env, preexec_fn=preexec_fn)
         self.out = b""
         self.stdout_lines = []
         self.port = None
@@ -563,44 +567,6 @@ class LimitTests(unittest.TestCase):
         stuck.close()
         talker.close()
 
-    def test_sender_that_never_reads_is_slowed_not_disconnected(self):
-        server = start_server(self)
-        flooder = server.client(rcvbuf=4096).join("flooder")
-        watcher = server.client().join("watcher")
-        self.assertEqual(flooder.said(), "watcher connected!")
-        # Send until TCP pushes back (the server stopped reading us), without reading echoes.
-        line_size = len(b"flood 000000\n")
-        stream = b"".join(b"flood %06d\n" % i for i in range(400000))
-        flooder.sock.setblocking(False)
-        offset = 0
-        stalled_since = None
-        while True:
-            try:
-                offset += flooder.sock.send(stream[offset:offset + 65536])
-                stalled_since = None
-            except BlockingIOError:
-                stalled_since = stalled_since or time.monotonic()
-                if time.monotonic() - stalled_since > 0.5:
-                    break
-                time.sleep(0.01)
-            self.assertLess(offset, len(stream) - 65536, "TCP never pushed back")
-        sent_lines = -(-offset // line_size)
-        # Finish the last line from a thread: it can only go through once we read again.
-        flooder.sock.setblocking(True)
-        rest = threading.Thread(target=flooder.sock.sendall,
-                                args=(stream[offset:sent_lines * line_size],))
-        rest.start()
-        self.addCleanup(rest.join)
-        flooder.sock.settimeout(DEADLINE)
-        # The watcher got every line so far, in order, and the flooder was not cut off:
-        # reading again it receives all its echoes.
-        for i in range(sent_lines):
-            self.assertEqual(watcher.said(), "flooder sent flood %06d" % i)
-            self.assertEqual(flooder.said(), OK)
-            self.assertEqual(flooder.said(), "YOU SEND USERS flood %06d" % i)
-        flooder.close()
-        watcher.close()
-
 
 # ---------------------------------------------------------------------------------------------
 # The server as a program: stdout, exit codes, signals, logs.
@@ -795,6 +761,13 @@ class ChatCoreTests(unittest.TestCase):
             peer.out.clear()
         return peer
 
+    def flushed(self):
+        """What the server does each turn: take the pending peers and mark them written."""
+        peers = self.chat.take_pending()
+        for peer in peers:
+            peer.pending = False
+        return peers
+
     def lines(self, peer):
         text = b"".join(peer.out).decode()
         peer.out.clear()
@@ -809,6 +782,16 @@ class ChatCoreTests(unittest.TestCase):
         self.assertEqual(self.lines(bob), [self.ts + "alice sent hi"])
         self.assertEqual(self.lines(alice), [self.ts + OK, self.ts + "YOU SEND USERS hi"])
         self.assertEqual(self.logged[-1], (self.ts + "alice sent hi\n").encode())
+
+    def test_lines_queued_before_leaving_in_the_same_turn_are_still_written(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.flushed()
+        alice.out.clear()
+        bob.out.clear()
+        self.chat.receive(alice, b"bye")    # queues a line for bob...
+        self.chat.leave(bob)                # ...who leaves in the same turn
+        self.assertIn(bob, self.flushed())
+        self.assertEqual(self.lines(bob), [self.ts + "alice sent bye"])
 
     def test_leave_of_a_peer_that_never_joined_is_silent(self):
         alice = self.peer("alice")
@@ -1300,6 +1283,701 @@ class BuildTests(unittest.TestCase):
         if not python38:
             self.skipTest("no Python 3.8 on this machine")
         self.conversation(python38)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: load, faults and hostile input. Each case is a function with its sizes as parameters:
+# the tests below run it small; bench/soak.py runs the same function big and prints its figures.
+# ---------------------------------------------------------------------------------------------
+
+CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def proc_rss(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
+def proc_cpu(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def check_clean_line(raw):
+    """A line any client receives: valid UTF-8 and no control character but TAB."""
+    text = raw.decode("utf-8")  # raises on invalid UTF-8
+    if CONTROLS.search(text):
+        raise AssertionError("control character in a line sent to a client: %r" % text)
+    return text
+
+
+class Member:
+    """One client of a Crowd: a non-blocking socket, its unfinished line, its handler."""
+    __slots__ = ("sock", "nick", "tail", "joined", "eof", "handler", "lines", "state", "tail_line")
+
+    def __init__(self, sock, nick):
+        self.sock = sock
+        self.nick = nick
+        self.tail = b""
+        self.joined = False
+        self.eof = False
+        self.handler = None   # called with (member, bytes of complete lines)
+        self.lines = None     # where the default handler keeps lines, when asked to
+        self.state = None     # whatever a case needs
+        self.tail_line = b""  # the last complete line, where a case asks for it
+
+
+class Crowd:
+    """Many clients on raw sockets in one selectors loop: the load cases' test clients."""
+
+    def __init__(self, port, nicks, rcvbuf=None):
+        self.port = port
+        self.selector = selectors.DefaultSelector()
+        self.members = []
+        for nick in nicks:
+            self.add(nick, rcvbuf)
+        self.pump_until(lambda: all(m.joined for m in self.members), "everyone to join")
+
+    def add(self, nick, rcvbuf=None):
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(("127.0.0.1", self.port))
+        sock.setblocking(False)
+        member = Member(sock, nick)
+        self.selector.register(sock, selectors.EVENT_READ, member)
+        self.members.append(member)
+        if nick is not None:
+            sock.send(nick.encode() + b"\n")
+        return member
+
+    def close(self):
+        for m in self.members:
+            m.sock.close()
+        self.selector.close()
+
+    def pump(self, timeout):
+        """Read what is there (waiting up to ``timeout``); hand complete lines to handlers."""
+        for key, _ in self.selector.select(timeout):
+            member = key.data
+            try:
+                data = member.sock.recv(262144)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                member.eof = True
+                self.selector.unregister(member.sock)
+                continue
+            buf = member.tail + data if member.tail else data
+            cut = buf.rfind(b"\n") + 1
+            member.tail = buf[cut:]
+            if cut:
+                chunk = buf[:cut]
+                if not member.joined and b": Server: ok!\n" in chunk:
+                    member.joined = True
+                if member.handler:
+                    member.handler(member, chunk)
+                elif member.lines is not None:
+                    member.lines.extend(chunk.split(b"\n")[:-1])
+
+    def pump_until(self, condition, what, deadline=60.0):
+        """Pump until condition() holds; AssertionError after ``deadline`` seconds."""
+        end = time.monotonic() + deadline
+        while not condition():
+            if time.monotonic() > end:
+                raise AssertionError("timed out waiting for " + what)
+            self.pump(0.05)
+
+    def drain(self, quiet=0.2):
+        """Read until nothing has come for ``quiet`` seconds."""
+        while self.selector.get_map() and self.selector.select(quiet):
+            self.pump(0)
+
+
+class FuzzLines:
+    """Seeded hostile lines (bytes without \\n) and what the protocol says to each."""
+
+    def __init__(self, seed, max_line=4096):
+        import random
+        self.rng = random.Random(seed)
+        self.max_line = max_line
+
+    def line(self):
+        rng = self.rng
+        kind = rng.random()
+        if kind < 0.25:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 120)))
+        elif kind < 0.45:
+            pieces = ["héllo", "мир", "🙂", "\x1b[31m", "\x1b]0;title\x07", "\x00", "\t", "\r",
+                      "\x7f", "\u009b", " ", "word", "\u202e", "\ufeff"]
+            data = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 20))).encode()
+        elif kind < 0.60:
+            good = "text ünïcode ".encode() * rng.randrange(1, 5)
+            cut = rng.randrange(len(good) + 1)
+            data = good[:cut] + rng.choice([b"\xff", b"\xc3", b"\xe2\x82", b"\xf0\x9f\x99",
+                                            b"\xed\xa0\x80", b"\xc0\xaf"]) + good[cut:]
+        elif kind < 0.70:
+            data = rng.choice([b"", b" ", b"\t", b"   \t ", b"\r", b"\x00", b"\x1b", b"\x7f"])
+        elif kind < 0.73:
+            size = rng.choice([self.max_line - 1, self.max_line, self.max_line + 1,
+                               rng.randrange(self.max_line + 2, self.max_line * 3)])
+            data = bytes(rng.randrange(32, 127) for _ in range(size))
+        else:
+            data = ("message %d" % rng.randrange(10 ** 6)).encode()
+        data = data.replace(b"\n", b" ")
+        if rng.random() < 0.2:
+            data += b"\r"  # a telnet line end
+        return data
+
+    def junk_nick(self):
+        """A nickname attempt that is certainly refused, and never a valid one."""
+        choice = self.rng.random()
+        if choice < 0.4:
+            return self.line().replace(b"\r", b"") + b" !"
+        if choice < 0.7:
+            return b"x" * self.rng.randrange(33, 60)  # letters only, too long
+        return self.rng.choice([b"", b"  ", b"bad nick", b"\x1b[2Jevil", b"a-b", b"\xff\xfe"])
+
+    def replies(self, data, nick):
+        """What the protocol answers ``data`` from a client joined as ``nick`` (None: not yet
+        joined): (lines to the sender after '{ts}: ', line the others see or None)."""
+        if data.endswith(b"\r"):
+            data = data[:-1]
+        if len(data) > self.max_line:
+            return [too_long_line(self.max_line)], None
+        text = data.decode("utf-8", "replace")
+        if nick is None:
+            attempt = text.strip()
+            shown = CONTROLS.sub("", attempt)
+            if not attempt.isalnum():
+                return [invalid_nick(shown)], None
+            if len(attempt) > 32:
+                return [too_long_nick(shown[:32])], None
+            return [OK], None
+        message = CONTROLS.sub("", text)
+        if not message.strip():
+            return [NOTHING], None
+        return [OK, "YOU SEND USERS " + message], "%s sent %s" % (nick, message)
+
+
+def fuzz_case(port, clients=4, lines_per_client=2500, seed=7):
+    """Case 1: seeded hostile input from several clients, before and after joining, split at
+    random byte boundaries. Every client gets exactly the protocol's answers; a watching client
+    gets only clean lines, every other client's messages in order."""
+    import random
+    rng = random.Random(seed)
+    crowd = Crowd(port, ["watcher"])
+    watcher = crowd.members[0]
+    watcher.lines = []
+    try:
+        expected = {}
+        counts = {}
+        for i in range(clients):
+            fuzz = FuzzLines(seed * 1000 + i)
+            nick = "fuzz%d" % i
+            script, answers, seen = [], [], ["%s connected!" % nick]
+            for _ in range(rng.randrange(3, 12)):
+                attempt = fuzz.junk_nick()
+                script.append(attempt)
+                answers += fuzz.replies(attempt, None)[0]
+            script.append(nick.encode())
+            answers.append(OK)
+            for _ in range(lines_per_client):
+                data = fuzz.line()
+                script.append(data)
+                mine, theirs = fuzz.replies(data, nick)
+                answers += mine
+                if theirs:
+                    seen.append(theirs)
+            member = crowd.add(None)
+            member.lines = []
+            member.state = b"\n".join(script) + b"\n"
+            expected[member] = (nick, answers, seen)
+            counts[member] = len(script)
+        # Send every client's bytes in random-sized pieces, interleaved, while reading.
+        sending = list(expected)
+        while sending:
+            member = rng.choice(sending)
+            piece = member.state[:rng.randrange(1, 3000)]
+            try:
+                sent = member.sock.send(piece)
+            except BlockingIOError:
+                sent = 0
+            member.state = member.state[sent:]
+            if not member.state:
+                sending.remove(member)
+            crowd.pump(0)
+        total = sum(len(a) for _, a, _ in expected.values())
+        inputs = sum(script_lines for script_lines in counts.values())
+        crowd.pump_until(lambda: all(len(m.lines) >= 1 + len(expected[m][1]) for m in expected)
+                         and len(watcher.lines) >= sum(len(s) for _, _, s in expected.values()),
+                         "every answer", deadline=120)
+        crowd.drain()
+        for member, (nick, answers, seen) in expected.items():
+            got = [check_clean_line(l) for l in member.lines]
+            if got[0] != WELCOME:
+                raise AssertionError("%s: first line %r" % (nick, got[0]))
+            others = re.compile(r"^(fuzz\d+|watcher) ")  # what the other members did
+            got = [t for t in (split_ts(l)[1] for l in got[1:]) if not others.match(t)]
+            if got != answers:
+                first = next(i for i, (a, b) in enumerate(zip(got + [None] * len(answers),
+                                                                answers)) if a != b)
+                raise AssertionError("%s: answer %d is %r, the protocol says %r"
+                                     % (nick, first, got[first:first + 1], answers[first]))
+        watched = [split_ts(check_clean_line(l))[1] for l in watcher.lines]
+        for member, (nick, answers, seen) in expected.items():
+            mine = [t for t in watched if t.startswith(nick + " ")]
+            if mine != seen:
+                raise AssertionError("the watcher's lines from %s differ from what was sent" % nick)
+        return {"clients": clients, "lines_sent": inputs, "answers_checked": total,
+                "watcher_lines": len(watched)}
+    finally:
+        crowd.close()
+
+
+def exactly_once_case(port, clients=20, messages=300):
+    """Case 4: every client pipelines sequence-numbered messages all at once; every client
+    receives every other's exactly once and in order. Counted in full."""
+    nicks = ["seq%d" % i for i in range(clients)]
+    crowd = Crowd(port, nicks)
+    try:
+        crowd.drain()  # the "connected!" lines of the later joiners
+        index = {("%s sent " % n).encode(): i for i, n in enumerate(nicks)}
+        pattern = re.compile(rb": (seq\d+ sent )(\d+)\n")
+
+        def on_lines(member, chunk):
+            expected_next = member.state
+            for head, number in pattern.findall(chunk):
+                sender = index[head]
+                if int(number) != expected_next[sender]:
+                    raise AssertionError("%s got %s%s, expected %d" % (
+                        member.nick, head.decode(), number.decode(), expected_next[sender]))
+                expected_next[sender] += 1
+        for member in crowd.members:
+            member.state = [0] * clients
+            member.handler = on_lines
+            member.state[nicks.index(member.nick)] = messages  # its own: none expected
+        payloads = {m: b"".join(b"%d\n" % i for i in range(messages)) for m in crowd.members}
+        while payloads:
+            for member in list(payloads):
+                try:
+                    sent = member.sock.send(payloads[member])
+                except BlockingIOError:
+                    sent = 0
+                payloads[member] = payloads[member][sent:]
+                if not payloads[member]:
+                    del payloads[member]
+            crowd.pump(0.001)
+        crowd.pump_until(lambda: all(all(n == messages for n in m.state) for m in crowd.members),
+                         "every message everywhere", deadline=300)
+        crowd.drain()
+        return {"clients": clients, "messages_each": messages,
+                "deliveries_checked": clients * (clients - 1) * messages}
+    finally:
+        crowd.close()
+
+
+class ClosedLoop:
+    """Each member keeps one message in flight; its echo's return times the round trip."""
+
+    def __init__(self, crowd, message=b"x" * 60 + b"\n", watch_for=None):
+        self.crowd = crowd
+        self.message = message
+        self.latencies = []
+        self.watch_for = watch_for    # bytes whose arrival at a member is noted in .seen
+        self.seen = set()
+        self.sending = True
+        for member in crowd.members:
+            member.handler = self.on_lines
+            member.state = deque()
+
+    def start(self):
+        now = time.perf_counter()
+        for member in self.crowd.members:
+            self._send(member, 1, now)
+
+    def _send(self, member, count, now):
+        try:
+            member.sock.send(self.message * count)
+            member.state.extend([now] * count)
+        except OSError:
+            pass  # the server is going away; the case checks what the member saw
+
+    def on_lines(self, member, chunk):
+        now = time.perf_counter()
+        if self.watch_for and self.watch_for in chunk:
+            self.seen.add(member)
+        echoes = chunk.count(b": YOU SEND USERS ")
+        for _ in range(echoes):
+            self.latencies.append(now - member.state.popleft())
+        if echoes and self.sending:
+            self._send(member, echoes, now)
+        member.tail_line = chunk.rsplit(b"\n", 2)[-2]
+
+
+
+
+
+def p99(values):
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * 0.99), len(ordered) - 1)] if ordered else 0.0
+
+
+def slow_reader_case(server, talkers=50, send_queue=1024 * 1024, p99_limit=0.05):
+    """Case 2: one client stops reading while the others chat at full speed: it is cut off once
+    its queue passes the limit, the others see it leave, memory stays bounded and the others'
+    round trip stays short."""
+    pid = server.proc.pid
+    baseline = proc_rss(pid)
+    stuck = LineSocket(server.port, rcvbuf=4096).join("stuck")
+    crowd = Crowd(server.port, ["talk%d" % i for i in range(talkers)])
+    try:
+        crowd.drain()
+        loop = ClosedLoop(crowd, message=b"y" * 200 + b"\n", watch_for=b": stuck disconnected!\n")
+        peak = baseline
+        started = time.perf_counter()
+        loop.start()
+        end = time.monotonic() + 120
+        while len(loop.seen) < talkers:
+            crowd.pump(0.05)
+            peak = max(peak, proc_rss(pid))
+            if time.monotonic() > end:
+                raise AssertionError("the stuck reader was never disconnected")
+        cut_off_after = time.perf_counter() - started
+        loop.sending = False
+        crowd.drain()
+        growth = peak - baseline
+        if growth > 2 * send_queue + 20 * 2 ** 20:
+            raise AssertionError("server RSS grew by %d bytes" % growth)
+        if p99(loop.latencies) > p99_limit:
+            raise AssertionError("others' p99 round trip %.1f ms" % (p99(loop.latencies) * 1000))
+        return {"talkers": talkers, "cut_off_after_s": round(cut_off_after, 2),
+                "messages": len(loop.latencies), "rss_growth_mib": round(growth / 2 ** 20, 1),
+                "rtt_p99_ms": round(p99(loop.latencies) * 1000, 2)}
+    finally:
+        stuck.close()
+        crowd.close()
+
+
+def flood_case(server, stream_lines=400000, send_queue=1024 * 1024):
+    """Case 3: a sender that never reads its echoes is slowed by TCP, not disconnected; memory
+    stays bounded; once it reads again it receives everything, and so did a watcher."""
+    pid = server.proc.pid
+    baseline = proc_rss(pid)
+    crowd = Crowd(server.port, ["flooder", "watcher"], rcvbuf=4096)
+    flooder, watcher = crowd.members
+    try:
+        crowd.drain()
+        crowd.selector.unregister(flooder.sock)  # the flooder stops reading
+        watcher.state = [0]
+        pattern = re.compile(rb": flooder sent flood (\d+)\n")
+
+        def watch(member, chunk):
+            for number in pattern.findall(chunk):
+                if int(number) != member.state[0]:
+                    raise AssertionError("watcher got %s, expected %d" % (number, member.state[0]))
+                member.state[0] += 1
+        watcher.handler = watch
+        stream = b"".join(b"flood %d\n" % i for i in range(stream_lines))
+        offset, stalled_since, peak = 0, None, baseline
+        while True:
+            try:
+                offset += flooder.sock.send(stream[offset:offset + 65536])
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 0.5:
+                    break
+            crowd.pump(0.001)
+            peak = max(peak, proc_rss(pid))
+            if offset >= len(stream):
+                raise AssertionError("TCP never pushed back")
+        growth = peak - baseline
+        if growth > 2 * send_queue + 20 * 2 ** 20:
+            raise AssertionError("server RSS grew by %d bytes" % growth)
+        # Finish the last line, then read again: every echo arrives, none is lost.
+        complete = stream.count(b"\n", 0, offset) + (0 if stream[offset - 1:offset] == b"\n"
+                                                      else 1)
+        rest = stream[offset:stream.index(b"\n", offset) + 1] if stream[offset - 1:offset] != b"\n" \
+            else b""
+        flooder.lines = []
+        flooder.state = [0]
+
+        def count_echoes(member, chunk):
+            member.state[0] += chunk.count(b": YOU SEND USERS flood ")
+            if b"disconnected" in chunk and b"flooder" in chunk:
+                raise AssertionError("the flooder was disconnected")
+        flooder.handler = count_echoes
+        crowd.selector.register(flooder.sock, selectors.EVENT_READ, flooder)
+        while rest:
+            try:
+                rest = rest[flooder.sock.send(rest):]
+            except BlockingIOError:
+                pass
+            crowd.pump(0.01)
+        crowd.pump_until(lambda: flooder.state[0] == complete and watcher.state[0] == complete,
+                         "every flood line echoed and watched", deadline=120)
+        if flooder.eof:
+            raise AssertionError("the flooder was disconnected")
+        return {"lines_before_pushback": complete, "rss_growth_mib": round(growth / 2 ** 20, 1)}
+    finally:
+        crowd.close()
+
+
+KILLED_CHILD = r"""
+import socket, sys, time
+port, count, prefix = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for i in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"%s%d\n" % (prefix.encode(), i))
+    socks.append(s)
+for s in socks:
+    buf = b""
+    while b": Server: ok!\n" not in buf:
+        buf += s.recv(65536)
+    s.sendall(b"half a li")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def abrupt_ends_case(server, each=50):
+    """Case 5: clients that reset, that are killed mid-line, that half-close: one
+    "disconnected!" each, every nickname free again, descriptors back to the baseline."""
+    pid = server.proc.pid
+    watch = Crowd(server.port, ["watcher"])
+    watcher = watch.members[0]
+    watcher.lines = []
+    try:
+        watch.drain()
+        baseline_fds = proc_fds(pid)
+        nicks = []
+        # Reset: SO_LINGER 0 makes close() send RST.
+        resets = Crowd(server.port, ["rst%d" % i for i in range(each)])
+        for m in resets.members:
+            m.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            m.sock.send(b"half a li")
+        resets.close()
+        nicks += ["rst%d" % i for i in range(each)]
+        # Killed mid-line: a child process holding the sockets gets SIGKILL.
+        child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(server.port), str(each),
+                                  "kill"], stdout=subprocess.PIPE)
+        try:
+            if child.stdout.readline() != b"ready\n":
+                raise AssertionError("the child did not join")
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+        nicks += ["kill%d" % i for i in range(each)]
+        # Half-close: a partial line, then FIN; the server closes after its last lines.
+        halves = Crowd(server.port, ["half%d" % i for i in range(each)])
+        for m in halves.members:
+            m.sock.send(b"half a li")
+            m.sock.shutdown(socket.SHUT_WR)
+        halves.pump_until(lambda: all(m.eof for m in halves.members), "the server to close")
+        halves.close()
+        nicks += ["half%d" % i for i in range(each)]
+        expected = sorted("%s disconnected!" % n for n in nicks)
+
+        def departures():
+            texts = [split_ts(check_clean_line(l))[1] for l in watcher.lines]
+            return sorted(t for t in texts if t.endswith(" disconnected!"))
+        watch.pump_until(lambda: len(departures()) >= len(expected), "every departure")
+        watch.drain()
+        if departures() != expected:
+            raise AssertionError("departures seen: %d, expected %d, once each"
+                                 % (len(departures()), len(expected)))
+        if any(b" sent half a li" in l for l in watcher.lines):
+            raise AssertionError("an unfinished line was delivered")
+        # Every nickname is free again.
+        again = Crowd(server.port, nicks)
+        again.close()
+        wait_until(lambda: proc_fds(pid) <= baseline_fds, "descriptors back to the baseline",
+                   deadline=30)
+        return {"clients": len(nicks), "fds_after": proc_fds(pid), "fds_baseline": baseline_fds}
+    finally:
+        watch.close()
+
+
+def limit_descriptors(limit):
+    def set_limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return set_limit
+
+
+def descriptor_case(test, attempts=200, limit=64):
+    """Case 6: a server with few descriptors keeps serving its members, answers the rest
+    ("full") without a busy loop, and accepts again once descriptors free up."""
+    server = start_server(test, preexec_fn=limit_descriptors(limit))
+    pid = server.proc.pid
+    members = Crowd(server.port, ["fd%d" % i for i in range(5)])
+    extras = Crowd(server.port, [])
+    try:
+        members.drain()
+        for _ in range(attempts):
+            extras.add(None).lines = []
+        # Saturated: nobody reads the extras. The server must not spin meanwhile.
+        cpu0, t0 = proc_cpu(pid), time.monotonic()
+        members.members[0].sock.send(b"still served\n")
+        others = members.members[1:]
+        for m in others:
+            m.lines = []
+        members.pump_until(lambda: all(any(b"fd0 sent still served" in l for l in m.lines)
+                                       for m in others), "the members to be served")
+        while time.monotonic() - t0 < 1.0:
+            members.pump(0.1)
+        busy = (proc_cpu(pid) - cpu0) / (time.monotonic() - t0)
+        if busy > 0.5:
+            raise AssertionError("server used %.0f%% CPU while saturated" % (busy * 100))
+
+        # Now read the extras: each is welcomed or told the chat is full, then closed.
+        def answered():
+            for m in extras.members:
+                if m.eof:
+                    m.sock.close()  # closing twice is harmless; it frees the server's side
+            return all(m.lines and (m.lines[0] == WELCOME.encode() or m.eof)
+                       for m in extras.members)
+        extras.pump_until(answered, "every attempt answered", deadline=60)
+        full = [m for m in extras.members if m.lines[0] != WELCOME.encode()]
+        for m in full:
+            if [split_ts(l.decode())[1] for l in m.lines] != [FULL]:
+                raise AssertionError("a refused attempt got %r" % m.lines)
+        welcomed = len(extras.members) - len(full)
+        # Free descriptors: a newcomer is accepted again.
+        extras.close()
+        extras = Crowd(server.port, [])
+
+        def newcomer_joins():
+            newcomer = LineSocket(server.port)
+            try:
+                first = newcomer.line()
+                if first != WELCOME:
+                    return False  # still full: the server has not seen the closes yet
+                newcomer.send("again\n")
+                return newcomer.said() == OK
+            finally:
+                newcomer.close()
+        wait_until(newcomer_joins, "a newcomer to be accepted again", interval=0.05)
+        return {"attempts": attempts, "welcomed": welcomed, "told_full": len(full),
+                "cpu_while_saturated": round(busy, 3)}
+    finally:
+        members.close()
+        extras.close()
+
+
+def sigterm_under_load_case(server, clients=100):
+    """Case 8: SIGTERM while everyone chats: each client gets the notice as its last line,
+    then EOF; the server exits 0 within 2 s."""
+    crowd = Crowd(server.port, ["load%d" % i for i in range(clients)])
+    try:
+        crowd.drain()
+        loop = ClosedLoop(crowd)
+        loop.start()
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            crowd.pump(0.05)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        crowd.pump_until(lambda: all(m.eof for m in crowd.members), "every client's EOF",
+                         deadline=30)
+        status = server.proc.wait(30)
+        took = time.monotonic() - signalled
+        last = [split_ts(m.tail_line.decode())[1] for m in crowd.members]
+        if last != [SHUTTING_DOWN] * clients:
+            raise AssertionError("last lines: %r" % sorted(set(last)))
+        if status != 0 or took > 2.0:
+            raise AssertionError("exit %s after %.2f s" % (status, took))
+        return {"clients": clients, "exit_after_s": round(took, 2)}
+    finally:
+        crowd.close()
+
+
+def join_timeout_case(server, silent=200):
+    """Case 9: connections that never choose a nickname are closed after the timeout with the
+    notice; the members chatting meanwhile notice nothing."""
+    crowd = Crowd(server.port, ["ann", "ben"])
+    ann, ben = crowd.members
+    try:
+        crowd.drain()
+        ann.lines, ben.lines = [], []
+        mute = [crowd.add(None) for _ in range(silent)]
+        for m in mute:
+            m.lines = []
+        count = 0
+        while not all(m.eof for m in mute):
+            ann.sock.send(b"during %d\n" % count)
+            count += 1
+            crowd.pump_until(lambda: len(ben.lines) >= count, "ben to get ann's line")
+            crowd.pump(0.05)
+            if count > 5000:
+                raise AssertionError("the silent connections were never closed")
+        crowd.drain()
+        for m in mute:
+            if [l.decode() for l in m.lines[:1]] != [WELCOME] or \
+                    [split_ts(l.decode())[1] for l in m.lines[1:]] != [JOIN_TIMEOUT]:
+                raise AssertionError("a silent connection got %r" % m.lines)
+        if [split_ts(l.decode())[1] for l in ben.lines] != \
+                ["ann sent during %d" % i for i in range(count)]:
+            raise AssertionError("ben saw more than ann's lines")
+        echoes = []
+        for i in range(count):
+            echoes += [OK, "YOU SEND USERS during %d" % i]
+        if [split_ts(l.decode())[1] for l in ann.lines] != echoes:
+            raise AssertionError("ann saw more than her echoes")
+        return {"silent": silent, "messages_meanwhile": count}
+    finally:
+        crowd.close()
+
+
+class HardeningTests(unittest.TestCase):
+    """Quick versions of the hardening cases (bench/soak.py runs them big)."""
+
+    def test_fuzz_every_line_answered_as_the_protocol_says(self):
+        server = start_server(self)
+        figures = fuzz_case(server.port, clients=4, lines_per_client=2500)
+        self.assertGreaterEqual(figures["lines_sent"], 10000)
+        self.assertIsNone(server.proc.poll())
+
+    def test_exactly_once_in_order(self):
+        server = start_server(self)
+        exactly_once_case(server.port, clients=20, messages=300)
+
+    def test_slow_reader_is_cut_off_memory_bounded(self):
+        server = start_server(self)
+        # A generous round-trip bound here: it catches a stalled loop, not a slow machine.
+        slow_reader_case(server, talkers=20, p99_limit=0.5)
+
+    def test_flood_sender_is_slowed_not_disconnected(self):
+        server = start_server(self)
+        flood_case(server)
+
+    def test_abrupt_ends(self):
+        server = start_server(self)
+        abrupt_ends_case(server, each=40)
+
+    def test_descriptor_exhaustion(self):
+        descriptor_case(self, attempts=150, limit=64)
+
+    def test_sigterm_under_load(self):
+        server = start_server(self)
+        sigterm_under_load_case(server, clients=100)
+
+    def test_join_timeout_for_many(self):
+        server = start_server(self, "--join-timeout", "1")
+        join_timeout_case(server, silent=200)
 
 
 def readme_version():
