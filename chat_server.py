@@ -329,6 +329,7 @@ class SyslogLog:
     def __init__(self, address, ident=SYSLOG_IDENT, now=time.monotonic):
         self.address = address
         self.dropped = 0
+        self._full = False      # the socket refused a record this loop turn: don't ask again
         self._now = now
         self._sock = None
         self._retry_at = 0.0
@@ -359,7 +360,8 @@ class SyslogLog:
             self._sock.send(datagram)
             return True
         except (BlockingIOError, InterruptedError):
-            return False  # the daemon is not reading right now
+            self._full = True  # the daemon is not reading right now
+            return False
         except OSError:
             self._sock.close()  # the daemon went away; reconnect later
             self._sock = None
@@ -367,6 +369,9 @@ class SyslogLog:
             return False
 
     def __call__(self, line):
+        if self._full:  # refused already this turn: drop without a failing syscall
+            self.dropped += 1
+            return
         if self.dropped and not self._report_dropped():
             self.dropped += 1
             return
@@ -381,7 +386,7 @@ class SyslogLog:
         return False
 
     def flush(self):
-        pass
+        self._full = False  # once per loop turn: try the socket again
 
     def close(self):
         if self._sock is not None:

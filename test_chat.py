@@ -1375,8 +1375,9 @@ class Crowd:
             except ConnectionResetError:
                 data = b""
             if not data:
-                member.eof = True
+                member.eof = True  # and close, as nc or chat_client would
                 self.selector.unregister(member.sock)
+                member.sock.close()
                 continue
             buf = member.tail + data if member.tail else data
             cut = buf.rfind(b"\n") + 1
