@@ -36,7 +36,8 @@ from collections import deque
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(os.path.dirname(HERE), "chat_server.py")
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+sys.path.insert(0, os.path.dirname(HERE))
+from test_chat import free_port, proc_cpu, proc_rss  # noqa: E402  (one copy of the helpers)
 
 SENT = b" sent "
 ECHO = b"YOU SEND USERS"
@@ -47,14 +48,6 @@ MESSAGE = b"the quick brown fox jumps over the lazy dog\n"  # 44 bytes, a typica
 # ---------------------------------------------------------------------------------------------
 # The server under test.
 # ---------------------------------------------------------------------------------------------
-
-def free_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
 
 class Server:
     """A server subprocess: ours (``command`` None) or another, given as "COMMAND {port}"."""
@@ -86,16 +79,10 @@ class Server:
         raise RuntimeError("server did not listen on port %d" % self.port)
 
     def cpu_seconds(self):
-        with open("/proc/%d/stat" % self.proc.pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        return proc_cpu(self.proc.pid)
 
     def rss_bytes(self):
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return proc_rss(self.proc.pid)
 
     def stop(self):
         self.proc.terminate()
