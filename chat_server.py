@@ -385,6 +385,9 @@ class SyslogLog:
             return True
         return False
 
+    def connected(self):
+        return self._sock is not None
+
     def flush(self):
         self._full = False  # once per loop turn: try the socket again
 
@@ -409,21 +412,29 @@ def default_syslog_address():
 
 
 def open_log(mode, log_file, syslog_address, warn):
-    """The sink ``--log`` asks for. ``auto``: syslog where its socket exists, else the file."""
-    if mode == "auto":
-        if platform_name() == "windows":
-            mode = "file"
-        else:
-            syslog_address = syslog_address or default_syslog_address()
-            if syslog_address:
-                mode = "syslog"
-            else:
-                warn("no syslog socket (/dev/log) on this machine; logging to %s" % log_file)
-                mode = "file"
+    """The sink ``--log`` asks for. ``auto``: syslog where its socket answers, else the file."""
+    if mode == "auto" and platform_name() == "windows":
+        mode = "file"
+    elif mode == "auto":
+        syslog_address = syslog_address or default_syslog_address()
+        if not syslog_address:
+            warn("no syslog socket (/dev/log) on this machine; logging to %s" % log_file)
+            return FileLog(log_file)
+        sink = SyslogLog(syslog_address)
+        if sink.connected():
+            return sink
+        # A socket file left by a stopped daemon: logging there would lose every record.
+        warn("the syslog socket %s does not answer; logging to %s" % (syslog_address, log_file))
+        return FileLog(log_file)
     if mode == "syslog":
         if not hasattr(socket, "AF_UNIX"):
             raise OSError("syslog logging needs Unix sockets; use --log file")
-        return SyslogLog(syslog_address or default_syslog_address() or "/dev/log")
+        address = syslog_address or default_syslog_address() or "/dev/log"
+        sink = SyslogLog(address)
+        if not sink.connected():
+            warn("the syslog socket %s does not answer yet; records are dropped until it does"
+                 % address)
+        return sink
     if mode == "file":
         return FileLog(log_file)
     if mode == "stderr":

@@ -710,6 +710,17 @@ class SyslogTests(unittest.TestCase):
         alice.close()
         bob.close()
 
+    def test_auto_falls_back_to_chat_log_when_the_syslog_socket_is_dead(self):
+        self.syslog.close()  # the socket file stays, nobody listens: a stopped daemon
+        server = start_server(self, "--log", "auto", "--syslog-address", self.path,
+                              log_file=False)
+        server.client().join("dead").close()
+        self.assertEqual(server.stop()[0], 0)
+        with open(os.path.join(server.cwd, "chat.log"), encoding="utf-8") as f:
+            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1], "dead connected!")
+        self.assertEqual(server.stderr(), "chat_server: the syslog socket %s does not answer;"
+                                          " logging to chat.log\n" % self.path)
+
     def test_syslog_that_never_reads_does_not_stop_the_chat(self):
         server = start_server(self, "--log", "syslog", "--syslog-address", self.path,
                               log_file=False)
