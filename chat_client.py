@@ -235,6 +235,7 @@ class SelectClient:
         self.incoming = LineSplitter()
         self.unsent = b""
         self.input_done = False       # stdin ended: the socket is (or will be) half-closed
+        self.last_input_byte = b"\n"  # a piped last line without \n gets one at the end
         self.stdin_watched = False
         self.sock_mask = 0
 
@@ -334,11 +335,11 @@ class SelectClient:
             return
         if data:
             self._queue(data)
-            self._last_input_byte = data[-1:]
+            self.last_input_byte = data[-1:]
             return
         # End of input: finish the last line, half-close once everything is sent.
         self.input_done = True
-        if getattr(self, "_last_input_byte", b"\n") != b"\n":
+        if self.last_input_byte != b"\n":
             self.unsent += b"\n"
         if not self.unsent:
             self._half_close()
@@ -357,7 +358,6 @@ class ThreadedClient:
         self.stdin = stdin or sys.stdin
         self.screen = PlainScreen()
         self.input_done = threading.Event()
-        self.failure = None
 
     def _pump_stdin(self):
         try:
@@ -365,8 +365,8 @@ class ThreadedClient:
                 if not line.endswith("\n"):
                     line += "\n"
                 self.sock.sendall(line.encode("utf-8", "replace"))
-        except (OSError, ValueError) as exc:  # the main thread closed the socket, or stdin
-            self.failure = exc
+        except (OSError, ValueError):  # the main thread closed the socket, or stdin: just stop
+            pass
         finally:
             self.input_done.set()
             try:

@@ -1168,14 +1168,9 @@ class TerminalClientTests(unittest.TestCase):
 
 def find_python38():
     """A Python 3.8 interpreter, to run the archives on the oldest version supported, if any."""
-    candidates = [shutil.which("python3.8"),
-                  os.path.expanduser("~/.pyenv/versions/3.8.18/bin/python3.8")]
-    candidates += sorted(
-        os.path.join(root, "bin", "python3.8")
-        for root in [os.path.join(os.path.expanduser("~/.pyenv/versions"), v)
-                     for v in (os.listdir(os.path.expanduser("~/.pyenv/versions"))
-                               if os.path.isdir(os.path.expanduser("~/.pyenv/versions")) else [])
-                     if v.startswith("3.8.")])
+    import glob
+    candidates = [shutil.which("python3.8")]  # (a pyenv shim may refuse to run: probed below)
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8.*/bin/python3.8")))
     for path in candidates:
         if path and os.path.exists(path):
             probe = subprocess.run([path, "-c", "import sys; print(sys.version_info[:2])"],
