@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import unittest
 from collections import deque
 
@@ -32,6 +33,7 @@ DEADLINE = 15.0          # seconds any single wait may take before the test fail
 TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d): ")
 
 WELCOME = "Wellcome! Please enter your nickname"
+PASSWORD_PROMPT = "This chat is protected. Please enter the password"
 OK = "Server: ok!"
 NOTHING = "Sorry! You send nothing."
 ALONE = "Server: there are no other users!"
@@ -57,6 +59,13 @@ def busy(nick):
 
 def too_long_line(limit):
     return "Sorry! Your message is too long (more than %d bytes)." % limit
+
+
+def unknown_command(name):
+    return 'Sorry! Unknown command "/%s". Type /help for the list.' % name
+
+
+REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit")
 
 
 def wait_until(condition, what, deadline=DEADLINE, interval=0.01):
@@ -102,6 +111,9 @@ class LineSocket:
         self.buf = b""
         self.eof = False
         self.nick = None
+        # This end's address as the server's log names it: "127.0.0.1:51234".
+        host, port = self.sock.getsockname()[:2]
+        self.address = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
     def send(self, data):
         if isinstance(data, str):
@@ -274,14 +286,20 @@ def fresh_nick(base="user"):
 # The protocol, row by row, over real sockets.
 # ---------------------------------------------------------------------------------------------
 
+# Version 2 with no history and no flood control is version 1, to the byte, for any client that
+# sends no line beginning with "/": the version 1 tests run the server so.
+VERSION_1_OPTIONS = ("--history", "0", "--rate-limit", "0")
+
+
 class ProtocolTests(unittest.TestCase):
-    """Every row of PROTOCOL.md's table, as the exact lines a client receives."""
+    """Every row of PROTOCOL.md's version 1 table, as the exact lines a client receives."""
 
     env = {}
+    options = VERSION_1_OPTIONS
 
     @classmethod
     def setUpClass(cls):
-        cls.server = ServerProcess(env=cls.env).start()
+        cls.server = ServerProcess(*cls.options, env=cls.env).start()
 
     @classmethod
     def tearDownClass(cls):
@@ -633,7 +651,9 @@ class ServerProgramTests(unittest.TestCase):
                               capture_output=True, text=True, timeout=DEADLINE)
         self.assertEqual(proc.returncode, 0)
         for option in ("--host", "--port", "--log", "--log-file", "--syslog-address",
-                       "--max-clients", "--max-line-bytes", "--max-send-queue", "--join-timeout"):
+                       "--max-clients", "--max-line-bytes", "--max-send-queue", "--join-timeout",
+                       "--history", "--rate-limit", "--rate-burst", "--password-file",
+                       "--tls-cert", "--tls-key"):
             self.assertIn(option, proc.stdout)
 
     def test_log_file_holds_joins_messages_and_leaves_as_delivered(self):
@@ -650,30 +670,41 @@ class ServerProgramTests(unittest.TestCase):
         self.assertEqual(split_ts(left)[1], "bob disconnected!")
         status, _ = server.stop()
         self.assertEqual(status, 0)
-        self.assertEqual(server.log_lines()[:4],
-                         [server.log_lines()[0], joined, sent, left])
-        self.assertEqual(split_ts(server.log_lines()[0])[1], "alice connected!")
+        log = server.log_lines()
+        self.assertEqual([split_ts(line)[1] for line in log[:2]],
+                         ["Server started on 127.0.0.1:%d" % server.port,
+                          "alice connected! [from %s]" % alice.address])
+        self.assertEqual(log[2:5], [joined + " [from %s]" % bob.address, sent,
+                                    left + " [closed]"])
         self.assertEqual(split_ts(sent)[1], "alice sent hello [1mthere")
+        self.assertEqual([split_ts(line)[1] for line in log[5:]],
+                         ["alice disconnected! [shutdown]", "Server stopped"])
         alice.close()
 
     def test_log_auto_without_syslog_socket_uses_chat_log_and_says_so(self):
         if os.path.exists("/dev/log") or os.path.exists("/var/run/syslog"):
             self.skipTest("this machine has a syslog socket")
         server = start_server(self, "--log", "auto", log_file=False)
-        server.client().join("auto").close()
+        auto = server.client().join("auto")
+        auto.close()
         wait_until(lambda: server.stop()[0] == 0, "server exit")
         with open(os.path.join(server.cwd, "chat.log"), encoding="utf-8") as f:
-            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1], "auto connected!")
+            f.readline()  # Server started on ...
+            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1],
+                             "auto connected! [from %s]" % auto.address)
         self.assertEqual(server.stderr(), "chat_server: no syslog socket (/dev/log) on this"
                                           " machine; logging to chat.log\n")
 
     def test_log_auto_on_windows_is_chat_log_without_notice(self):
         server = start_server(self, "--log", "auto", log_file=False,
                               env={"CHAT_PLATFORM": "windows"})
-        server.client().join("win").close()
+        win = server.client().join("win")
+        win.close()
         self.assertEqual(server.stop()[0], 0)
         with open(os.path.join(server.cwd, "chat.log"), encoding="utf-8") as f:
-            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1], "win connected!")
+            f.readline()  # Server started on ...
+            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1],
+                             "win connected! [from %s]" % win.address)
         self.assertEqual(server.stderr(), "")
 
 
@@ -704,8 +735,11 @@ class SyslogTests(unittest.TestCase):
         bob.send("hi there\n")
         sent = alice.line()
         prefix = "<30>chat_server[%d]: " % pid  # facility daemon (3) * 8 + info (6)
-        self.assertEqual(self.record(), prefix + split_ts(joined)[0] + ": alice connected!")
-        self.assertEqual(self.record(), prefix + joined)
+        self.assertEqual(self.record(), prefix + split_ts(joined)[0]
+                         + ": Server started on 127.0.0.1:%d" % server.port)
+        self.assertEqual(self.record(), prefix + split_ts(joined)[0]
+                         + ": alice connected! [from %s]" % alice.address)
+        self.assertEqual(self.record(), prefix + joined + " [from %s]" % bob.address)
         self.assertEqual(self.record(), prefix + sent)
         alice.close()
         bob.close()
@@ -714,16 +748,19 @@ class SyslogTests(unittest.TestCase):
         self.syslog.close()  # the socket file stays, nobody listens: a stopped daemon
         server = start_server(self, "--log", "auto", "--syslog-address", self.path,
                               log_file=False)
-        server.client().join("dead").close()
+        dead = server.client().join("dead")
+        dead.close()
         self.assertEqual(server.stop()[0], 0)
         with open(os.path.join(server.cwd, "chat.log"), encoding="utf-8") as f:
-            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1], "dead connected!")
+            f.readline()  # Server started on ...
+            self.assertEqual(split_ts(f.readline().rstrip("\n"))[1],
+                             "dead connected! [from %s]" % dead.address)
         self.assertEqual(server.stderr(), "chat_server: the syslog socket %s does not answer;"
                                           " logging to chat.log\n" % self.path)
 
     def test_syslog_that_never_reads_does_not_stop_the_chat(self):
         server = start_server(self, "--log", "syslog", "--syslog-address", self.path,
-                              log_file=False)
+                              "--rate-limit", "0", log_file=False)
         alice = server.client().join("alice")
         bob = server.client().join("bob")
         self.assertEqual(alice.said(), "bob connected!")
@@ -746,7 +783,7 @@ class SyslogTests(unittest.TestCase):
         match = re.match(r"^<28>chat_server\[\d+\]: (\d+) log records were dropped while syslog"
                          r" was not accepting them$", note)
         self.assertIsNotNone(match, note)
-        self.assertEqual(int(match.group(1)) + queued, 2 + 2000)
+        self.assertEqual(int(match.group(1)) + queued, 3 + 2000)  # started, 2 joins
         self.assertTrue(self.record().endswith(": bob sent after"))
         alice.close()
         bob.close()
@@ -755,40 +792,73 @@ class SyslogTests(unittest.TestCase):
 class ChatCoreTests(unittest.TestCase):
     """The sans-I/O room, without sockets: the rules in microseconds."""
 
-    def setUp(self):
-        sys.path.insert(0, HERE)
-        self.addCleanup(sys.path.remove, HERE)
-        import chat_server
-        self.mod = chat_server
-        self.logged = []
-        clock = chat_server.Clock(now=lambda: 0)  # 1970-01-01 00:00 UTC, local time here
-        self.ts = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(0))
-        self.chat = chat_server.Chat(self.logged.append, clock)
+    history = 0
 
-    def peer(self, nick=None):
-        peer = self.mod.Peer()
+    def setUp(self):
+        self.mod = import_module("chat_server")
+        self.logged = []
+        self.clock_time = [0.0]
+        clock = self.mod.Clock(now=lambda: 0)  # 1970-01-01 00:00 UTC, local time here
+        self.ts = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(0))
+        self.chat = self.mod.Chat(self.logged.append, clock, history=self.history,
+                                  now=lambda: self.clock_time[0])
+        self._ports = iter(range(40000, 50000))
+        self.phases = {}  # peer -> the phase the room last moved it to (the loop keeps this)
+
+    def peer(self, nick=None, host="127.0.0.1"):
+        """A connection greeted by the room; joined as ``nick`` if given (its output cleared)."""
+        port = next(self._ports)
+        peer = self.mod.Peer("%s:%d" % (host, port), host)
+        self.phases[peer] = self.chat.greet(peer)
         if nick:
-            self.chat.receive(peer, nick.encode())
-            peer.out.clear()
+            self.assertEqual(self.send(peer, nick), self.mod.Phase.MEMBER)
+            self.lines(peer)
         return peer
 
+    def send(self, peer, line):
+        """What the loop does with a line: hand it to the phase's handler; returns the phase
+        the room moves the connection to (None: stays), and remembers it."""
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        Phase = self.mod.Phase
+        handler = {Phase.PASSWORD: self.chat.password_line,
+                   Phase.NICKNAME: self.chat.nickname_line,
+                   Phase.MEMBER: self.chat.member_line}[self.phases[peer]]
+        phase = handler(peer, line)
+        if phase is not None:
+            self.phases[peer] = phase
+        return phase
+
     def flushed(self):
-        """What the server does each turn: take the pending peers and mark them written."""
-        peers = self.chat.take_pending()
-        for peer in peers:
-            peer.pending = False
-        return peers
+        """What the server does each turn: take the pending peers (it then writes them)."""
+        return self.chat.take_pending()
 
     def lines(self, peer):
         text = b"".join(peer.out).decode()
         peer.out.clear()
         return text.splitlines()
 
+    def said(self, peer):
+        """The peer's new lines, each without its '{ts}: ' (which must be there)."""
+        out = []
+        for line in self.lines(peer):
+            if line in (WELCOME, PASSWORD_PROMPT):
+                out.append(line)
+            else:
+                self.assertTrue(line.startswith(self.ts), line)
+                out.append(line[len(self.ts):])
+        return out
+
+    def logged_text(self):
+        out = [line.decode() for line in self.logged]
+        del self.logged[:]
+        return [line[len(self.ts):].rstrip("\n") for line in out]
+
     def test_broadcast_shares_one_bytes_object(self):
         alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
         for p in (alice, bob, carol):
             p.out.clear()
-        self.chat.receive(alice, b"hi")
+        self.send(alice, "hi")
         self.assertIs(bob.out[0], carol.out[0])
         self.assertEqual(self.lines(bob), [self.ts + "alice sent hi"])
         self.assertEqual(self.lines(alice), [self.ts + OK, self.ts + "YOU SEND USERS hi"])
@@ -797,18 +867,59 @@ class ChatCoreTests(unittest.TestCase):
     def test_lines_queued_before_leaving_in_the_same_turn_are_still_written(self):
         alice, bob = self.peer("alice"), self.peer("bob")
         self.flushed()
-        alice.out.clear()
-        bob.out.clear()
-        self.chat.receive(alice, b"bye")    # queues a line for bob...
-        self.chat.leave(bob)                # ...who leaves in the same turn
+        self.send(alice, "bye")             # queues a line for bob...
+        self.chat.leave(bob, "closed")      # ...who leaves in the same turn
         self.assertIn(bob, self.flushed())
         self.assertEqual(self.lines(bob), [self.ts + "alice sent bye"])
 
     def test_leave_of_a_peer_that_never_joined_is_silent(self):
         alice = self.peer("alice")
         stranger = self.peer()
-        self.chat.leave(stranger)
+        self.chat.leave(stranger, "closed")
         self.assertEqual(alice.out, [])
+
+    def test_a_peer_that_left_is_ignored_not_an_error(self):
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.chat.leave(alice, "reset")
+        self.lines(bob)
+        for line in ("late words", "/me waves", "/users", "/nick alicia", "/quit"):
+            self.assertIsNone(self.chat.member_line(alice, line.encode()))
+        self.chat.leave(alice, "closed")  # twice: still nothing
+        self.assertEqual(self.lines(bob), [])
+        self.send(bob, "/users")
+        self.assertEqual(self.said(bob), ["Users (1): bob"])
+
+    def test_take_pending_lists_each_peer_once(self):
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        self.flushed()
+        self.send(alice, "one")
+        self.send(alice, "/msg bob two")
+        newcomer = self.peer()
+        pending = self.flushed()
+        self.assertEqual(sorted(map(id, pending)), sorted(map(id, [alice, bob, carol, newcomer])))
+        self.assertEqual(self.flushed(), [])
+
+    def test_output_and_sent_keep_the_bytes_and_their_count(self):
+        peer = self.mod.Peer("127.0.0.1:1", "127.0.0.1")
+        for data in (b"abc", b"de", b"fghij"):
+            peer.append(data)
+        self.assertEqual(peer.queued_bytes(), 10)
+        data = peer.output()
+        self.assertEqual(bytes(data), b"abcdefghij")
+        peer.append(b"KL")        # queued while a (TLS) write waits to be retried
+        self.assertIs(peer.first_output(), data)
+        peer.sent(4)
+        self.assertEqual(peer.queued_bytes(), 8)
+        self.assertEqual(bytes(peer.output()), b"efghijKL")
+        peer.sent(8)
+        self.assertEqual((peer.out, peer.queued_bytes()), ([], 0))
+
+
+def import_module(name):
+    """One of the project's modules, imported from this folder."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    return __import__(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1420,13 +1531,38 @@ class FuzzLines:
         self.max_line = max_line
 
     def line(self):
+        """A hostile line; never a real command (their answers depend on the room), but often
+        an unknown one, or a // line."""
+        while True:
+            data = self._line()
+            if not self.is_real_command(data):
+                return data
+
+    @staticmethod
+    def command_name(data):
+        """The command a member's line names (text after "/" up to whitespace), or None."""
+        text = CONTROLS.sub("", data.rstrip(b"\r").decode("utf-8", "replace"))
+        if text[:1] != "/" or text[:2] == "//":
+            return None
+        name = ""
+        for char in text[1:]:
+            if char.isspace():
+                break
+            name += char
+        return name
+
+    def is_real_command(self, data):
+        name = self.command_name(data)
+        return name is not None and name.lower() in REAL_COMMANDS
+
+    def _line(self):
         rng = self.rng
         kind = rng.random()
         if kind < 0.25:
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 120)))
         elif kind < 0.45:
             pieces = ["héllo", "мир", "🙂", "\x1b[31m", "\x1b]0;title\x07", "\x00", "\t", "\r",
-                      "\x7f", "\u009b", " ", "word", "\u202e", "\ufeff"]
+                      "\x7f", "\u009b", " ", "word", "\u202e", "\ufeff", "/", "//"]
             data = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 20))).encode()
         elif kind < 0.60:
             good = "text ünïcode ".encode() * rng.randrange(1, 5)
@@ -1464,14 +1600,19 @@ class FuzzLines:
             return [too_long_line(self.max_line)], None
         text = data.decode("utf-8", "replace")
         if nick is None:
-            attempt = text.strip()
+            attempt = unicodedata.normalize("NFKC", text.strip())
             shown = CONTROLS.sub("", attempt)
             if not attempt.isalnum():
                 return [invalid_nick(shown)], None
             if len(attempt) > 32:
                 return [too_long_nick(shown[:32])], None
             return [OK], None
+        name = self.command_name(data)
+        if name is not None:
+            return [unknown_command(name)], None
         message = CONTROLS.sub("", text)
+        if message.startswith("//"):
+            message = message[1:]
         if not message.strip():
             return [NOTHING], None
         return [OK, "YOU SEND USERS " + message], "%s sent %s" % (nick, message)
@@ -1950,25 +2091,28 @@ def join_timeout_case(server, silent=200):
 
 
 class HardeningTests(unittest.TestCase):
-    """Quick versions of the hardening cases (bench/soak.py runs them big)."""
+    """Quick versions of the hardening cases (bench/soak.py runs them big). The cases that push
+    lines as fast as TCP carries them run with --rate-limit 0: they test the loop's own limits
+    (send queue, TCP backpressure, fairness), which flood control would otherwise hide. The fuzz
+    case also runs without history, so its model needs no memory of the room."""
 
     def test_fuzz_every_line_answered_as_the_protocol_says(self):
-        server = start_server(self)
+        server = start_server(self, *VERSION_1_OPTIONS)
         figures = fuzz_case(server.port, clients=4, lines_per_client=2500)
         self.assertGreaterEqual(figures["lines_sent"], 10000)
         self.assertIsNone(server.proc.poll())
 
     def test_exactly_once_in_order(self):
-        server = start_server(self)
+        server = start_server(self, "--rate-limit", "0")
         exactly_once_case(server.port, clients=20, messages=300)
 
     def test_slow_reader_is_cut_off_memory_bounded(self):
-        server = start_server(self)
+        server = start_server(self, "--rate-limit", "0")
         # A generous round-trip bound here: it catches a stalled loop, not a slow machine.
         slow_reader_case(server, talkers=20, p99_limit=0.5)
 
     def test_flood_sender_is_slowed_not_disconnected(self):
-        server = start_server(self)
+        server = start_server(self, "--rate-limit", "0")
         flood_case(server)
 
     def test_abrupt_ends(self):
@@ -1979,11 +2123,11 @@ class HardeningTests(unittest.TestCase):
         descriptor_case(self, attempts=150, limit=64)
 
     def test_sigterm_under_load(self):
-        server = start_server(self)
+        server = start_server(self, "--rate-limit", "0")
         sigterm_under_load_case(server, clients=100)
 
     def test_join_timeout_for_many(self):
-        server = start_server(self, "--join-timeout", "1")
+        server = start_server(self, "--join-timeout", "1", "--rate-limit", "0")
         join_timeout_case(server, silent=200)
 
 
