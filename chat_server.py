@@ -187,25 +187,29 @@ SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATA
 # Scripts that one language writes together: Japanese, Korean.
 SCRIPT_FAMILIES = (frozenset({"HAN", "HIRAGANA", "KATAKANA"}), frozenset({"HAN", "HANGUL"}))
 
-# Letters of Cyrillic and Greek that look like Latin ones (from Unicode TR #39's confusables),
-# upper and lower case: the busy check compares nicknames with these mapped to the Latin letter.
-CONFUSABLE_LETTERS = {
-    # Cyrillic capitals
+# Letters of Cyrillic and Greek that look like Latin ones (from Unicode TR #39's confusables).
+# Capitals and small letters apart, because a letter can look Latin in one case only: Cyrillic
+# "В" looks like "B" but "в" does not look like "b"; Greek "Ν" looks like "N" but "ν" like "v".
+LOOK_ALIKE_CAPITALS = {
+    # Cyrillic
     "А": "A", "В": "B", "Е": "E", "Ѐ": "È", "Ё": "Ë", "Ѕ": "S", "І": "I", "Ї": "Ï", "Ј": "J",
     "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X",
-    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԁ": "D", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö",
-    # Cyrillic small letters
-    "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
-    "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
-    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ", "ԍ": "g", "ɡ": "g",
-    # Greek capitals
+    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö",
+    # Greek
     "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï", "Κ": "K", "Μ": "M",
     "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X", "Ϲ": "C", "Ϳ": "J",
-    # Greek small letters
+}
+LOOK_ALIKE_SMALL = {
+    # Cyrillic
+    "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
+    "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
+    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ",
+    # Greek
     "α": "a", "γ": "y", "ι": "i", "ϊ": "ï", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
     "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
 }
-_CONFUSABLES = str.maketrans(CONFUSABLE_LETTERS)
+_CAPITALS = str.maketrans(LOOK_ALIKE_CAPITALS)
+_SMALL = str.maketrans(LOOK_ALIKE_SMALL)
 
 
 def is_invisible(char):
@@ -233,10 +237,15 @@ def normalise_nickname(text):
     return unicodedata.normalize("NFKC", text.strip())
 
 
-def nickname_key(nick):
-    """What the busy check compares: the nickname with look-alike letters mapped to Latin ones,
-    case-folded. Two members never share a key."""
-    return nick.translate(_CONFUSABLES).casefold().translate(_CONFUSABLES)
+def nickname_keys(nick):
+    """What the busy check compares: the nickname's skeletons, case-free strings in which letters
+    that look Latin are Latin. One from its small letters, one from its capitals, since a name is
+    the same name in any case (its owner may /nick to another case): "асе" -> "ace",
+    "ВОВ" (and so "вов") -> "bob". Two nicknames that share a skeleton look alike; no two
+    members ever share one."""
+    small = nick.casefold().translate(_SMALL)
+    capital = nick.upper().translate(_CAPITALS).casefold()
+    return (small,) if small == capital else (small, capital)
 
 
 def nickname_problem(nick, max_chars=MAX_NICK_CHARS):
@@ -284,7 +293,7 @@ class Peer:
     The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
     queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
     owner's handle for the connection; the room never looks at it."""
-    __slots__ = ("address", "host", "owner", "nick", "key", "away", "member", "sent_head",
+    __slots__ = ("address", "host", "owner", "nick", "keys", "away", "member", "sent_head",
                  "out", "append", "pending", "_bytes", "_counted")
 
     def __init__(self, address="", host="", owner=None):
@@ -292,7 +301,7 @@ class Peer:
         self.host = host        # what the password lockout counts by
         self.owner = owner
         self.nick = None        # set once a nickname is accepted
-        self.key = None         # nickname_key(nick)
+        self.keys = ()          # nickname_keys(nick)
         self.away = None        # None, or the /away text ("" without one)
         self.member = False     # joined and not yet left
         self.sent_head = b""    # "{nick} sent " encoded once, for every message this peer sends
@@ -382,7 +391,7 @@ class Chat:
         self.max_nick = max_nick
         self.password = password.encode("utf-8") if password is not None else None
         self.now = now
-        self.members = {}       # nickname_key -> Peer
+        self.members = {}       # each of a member's nickname_keys -> that member
         # Peer -> its out.append, for every member, in order of joining: the broadcast loop
         # iterates these bound methods directly (24 ns a recipient, against 35 ns through
         # members' attributes), and /users lists its keys.
@@ -494,9 +503,17 @@ class Chat:
         problem = nickname_problem(nick, self.max_nick)
         if problem:
             return problem
-        holder = self.members.get(nickname_key(nick))
+        holder = self.member_named(nick)
         if holder is not None and holder is not peer:
             return Lines.NICK_BUSY.format(nick=nick)
+        return None
+
+    def member_named(self, nick):
+        """The member whose nickname looks like ``nick`` (normalised), or None."""
+        for key in nickname_keys(nick):
+            member = self.members.get(key)
+            if member is not None:
+                return member
         return None
 
     def join(self, peer, nick):
@@ -509,15 +526,23 @@ class Chat:
             peer.out.extend(self.history)  # the very bytes the members got: no re-encoding
         announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
         self.to_members(announcement)  # before joining: the newcomer is not told of itself
-        self.members[peer.key] = peer
+        self._add_keys(peer)
         self._appends[peer] = peer.append
         peer.member = True
         self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
 
     def _name(self, peer, nick):
         peer.nick = nick
-        peer.key = nickname_key(nick)
+        peer.keys = nickname_keys(nick)
         peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
+
+    def _add_keys(self, peer):
+        for key in peer.keys:
+            self.members[key] = peer
+
+    def _remove_keys(self, peer):
+        for key in peer.keys:
+            del self.members[key]
 
     # -- members --------------------------------------------------------------------------------
     def member_line(self, peer, line):
@@ -576,7 +601,7 @@ class Chat:
         if not wanted or not text or text.isspace():
             self.notice(peer, Lines.NOTHING)
             return
-        target = self.members.get(nickname_key(normalise_nickname(wanted)))
+        target = self.member_named(normalise_nickname(wanted))
         if target is peer:
             self.notice(peer, Lines.PRIVATE_TO_SELF)
             return
@@ -611,9 +636,9 @@ class Chat:
             self.notice(peer, problem)
             return
         old = peer.nick
-        del self.members[peer.key]
+        self._remove_keys(peer)
         self._name(peer, nick)
-        self.members[peer.key] = peer
+        self._add_keys(peer)
         self.notice(peer, Lines.OK)
         line = self.line(Lines.RENAMED.format(old=old, new=nick))
         self.to_members(line)
@@ -638,7 +663,7 @@ class Chat:
         if not peer.member:
             return
         peer.member = False
-        del self.members[peer.key]
+        self._remove_keys(peer)
         del self._appends[peer]
         # A broadcast earlier this turn may have queued lines for it that take_pending() would
         # no longer find among the members: list it now, so they are written before it closes.
@@ -1076,12 +1101,19 @@ class Server:
             pass
 
     def _fail(self, conn):
-        """An unexpected error while handling ``conn``: it alone is closed, the loop goes on."""
+        """An unexpected error while handling ``conn``: it alone is closed, the loop goes on.
+
+        It leaves the room at once and its input is no longer handled, but the lines already
+        queued for it are still written (CLOSING); a second error while closing closes it now."""
         sys.stderr.write("chat_server: error on %r, closing it:\n" % (conn,))
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         try:
-            self._close(conn, Reason.ERROR)
+            if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
+                self._close(conn, Reason.ERROR)
+            else:
+                self.chat.leave(conn.peer, Reason.ERROR)
+                self._close_after_flush(conn)
         except Exception:
             traceback.print_exc(file=sys.stderr)
             self._forget(conn)
