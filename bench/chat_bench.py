@@ -288,7 +288,7 @@ class LoadGen:
             c.sock.close()
         self.selector.close()
 
-    def _connect(self, count):
+    def connect(self, count):
         """Connect ``count`` sockets; each says its hello at once (after its TLS handshake)."""
         fresh = []
         for _ in range(count):
@@ -399,7 +399,7 @@ class LoadGen:
         while len(self.clients) < target:
             size = min(batch, target - len(self.clients))
             waiting[0] += size
-            self._connect(size)
+            self.connect(size)
             while waiting[0]:
                 self.pump(0.5, on_lines)
                 if time.monotonic() > end:
@@ -544,10 +544,9 @@ def fill_history(server, messages=HISTORY_MESSAGES):
         for i in range(messages):
             setup.send(sender, b"history %d\n" % i)
         wait_echoes(messages)
-        setup.join(1)
-        newcomer = setup.clients[-1]
+        # The newcomer is read from its first byte: its history comes with its "Server: ok!".
+        newcomer = setup.connect(1)[0]
         seen = []
-        setup.send(sender, b"history %d\n" % messages)
         live = b" sent history %d\n" % messages
 
         def collect(client, lines):
@@ -555,6 +554,12 @@ def fill_history(server, messages=HISTORY_MESSAGES):
             if client is newcomer:
                 seen.append(lines)
         end = time.monotonic() + 30
+        while CHAT.joined not in b"".join(seen):
+            setup.pump(0.5, collect)
+            if time.monotonic() > end:
+                raise RuntimeError("the newcomer did not join")
+        # Sent once the newcomer is a member: it arrives live, after any history.
+        setup.send(sender, b"history %d\n" % messages)
         while live not in b"".join(seen):
             setup.pump(0.5, collect)
             if time.monotonic() > end:
