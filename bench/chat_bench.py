@@ -2,7 +2,8 @@
 """Benchmark of the chat server's fan-out against the C reference and miniircd; standard library.
 
     python3 bench/chat_bench.py                          # every scenario, 3 runs each
-    python3 bench/chat_bench.py --vs "/tmp/limit_server {port}" --peer miniircd
+    python3 bench/chat_bench.py --vs "/tmp/limit_server {port}" \
+        --peer miniircd --peer miniircd-nodelay            # with the C reference and miniircd
     python3 bench/chat_bench.py --only fanout-100-w1 --runs 5
     python3 bench/chat_bench.py --only fanout-10-w1 --runs 1 --duration 1 --warmup 0.3  # smoke
 
@@ -12,9 +13,12 @@ loop below sends as fast as the server answers, which flood control would slow b
 that with ``--server-args``; ``--server`` picks another chat_server.py. Each run starts a fresh
 server. With ``--vs`` the scenarios also run against another server (the C reference: ``gcc -O2 -o
 /tmp/limit_server ../shared/bench/limit_server.c``) and with ``--peer miniircd`` against miniircd
-2.3, a select-based Python IRC server (``pip install --user miniircd==2.3``; bench only). The
-servers alternate run by run, the table shows the medians and the ratios chat_server / other from
-the same run. The servers' CPU time and RSS come from /proc (Linux).
+2.3, a select-based Python IRC server (``pip install --user miniircd==2.3``, or a venv and
+``--miniircd``; bench only), as shipped, or with TCP_NODELAY (``--peer miniircd-nodelay``; see the
+comment at MINIIRCD_BACKLOG). The servers alternate run by run, the table shows the medians and
+the ratios chat_server / other from the same run. A failed run is reported and left out, and the
+command then exits 1. The servers' CPU time and RSS come from /proc (Linux); bench/RESULTS.md,
+"Method for version 2", says how to read them.
 
 Scenarios:
   fanout-N-wW        N clients joined; each keeps W messages in flight (closed loop: a message is
@@ -175,8 +179,9 @@ class Server:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError("%r did not listen on port %d; stderr: %s"
-                                       % (command, self.port, self.stderr_text()))
+                    raise RuntimeError("%s did not listen on port %d (exit %s); stderr: %s"
+                                       % (describe(argv), self.port, self.proc.poll(),
+                                          self.stderr_text()))
                 time.sleep(0.05)
 
     def stderr_text(self):
@@ -773,26 +778,41 @@ def miniircd_version(python):
 
 def run(names, runs, setup):
     """Every scenario ``runs`` times per contender, a fresh server each run; the contenders
-    alternate run by run, starting one further each round so none always goes first."""
-    results = {}
+    alternate run by run, starting one further each round so none always goes first. A run that
+    fails is reported and left out; the others go on (a full run takes many minutes).
+    Returns ({scenario: {label: [metrics]}}, {scenario: {label: [errors]}})."""
+    results, failures = {}, {}
     plan = [(name, setup.contenders(SCENARIOS[name])) for name in names]  # fail before running
     for name, contenders in plan:
         by_label = results.setdefault(name, {c.label: [] for c in contenders})
         for attempt in range(runs):
             turn = attempt % len(contenders)
             for contender in contenders[turn:] + contenders[:turn]:
-                server = contender.start()
                 try:
-                    metrics = SCENARIOS[name].measure(server)
-                finally:
-                    server.stop()
+                    metrics = measure_once(SCENARIOS[name], contender)
+                except (RuntimeError, OSError, ssl.SSLError) as exc:
+                    error = "%s: %s" % (type(exc).__name__, exc)
+                    failures.setdefault(name, {}).setdefault(contender.label, []).append(error)
+                    print("  %s run %d %s: FAILED %s" % (name, attempt + 1, contender.label,
+                                                        error), file=sys.stderr, flush=True)
+                    continue
                 by_label[contender.label].append(metrics)
                 print("  %s run %d %s: %s" % (name, attempt + 1, contender.label, json.dumps(
                     {k: round(v, 3) for k, v in metrics.items()})), file=sys.stderr, flush=True)
-    return results
+    return results, failures
+
+
+def measure_once(scenario, contender):
+    server = contender.start()
+    try:
+        return scenario.measure(server)
+    finally:
+        server.stop()
 
 
 def medians(samples):
+    if not samples:
+        return {}
     return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
 
 
@@ -800,7 +820,7 @@ def ratio(ours, theirs):
     return ours / theirs if theirs else float("nan")
 
 
-def report(results, runs, setup, command_line):
+def report(results, failures, runs, setup, command_line):
     print("# chat_bench: %s" % command_line)
     print("# machine: %d cores, %s, Python %s; medians of %d runs"
           % (os.cpu_count(), platform.platform(), platform.python_version(), runs))
@@ -812,21 +832,29 @@ def report(results, runs, setup, command_line):
         for label, argv in setup.peers:
             print("# %s: %s" % (label, describe(argv)))
     print("# ratio = first column / that column, from the medians of the same run")
+    nan = float("nan")
     for name, by_label in results.items():
         labels = list(by_label)
         table = {label: medians(samples) for label, samples in by_label.items()}
+        keys = list(next((t for t in table.values() if t), {}))
         first = table[labels[0]]
         print("\n%-24s %14s" % (name, labels[0])
               + "".join("   %14s  ratio" % label for label in labels[1:]))
-        for key, value in first.items():
+        for key in keys:
+            value = first.get(key, nan)
             line = "  %-22s %14.3f" % (key, value)
             for label in labels[1:]:
-                line += "   %14.3f %6.2f" % (table[label][key], ratio(value, table[label][key]))
+                theirs = table[label].get(key, nan)
+                line += "   %14.3f %6.2f" % (theirs, ratio(value, theirs))
             print(line)
+        for label, errors in failures.get(name, {}).items():
+            print("  FAILED %s: %d of %d runs; first: %s" % (label, len(errors), runs, errors[0]))
         record = {"scenario": name, "runs": runs, "order": labels}
         record.update(table)
-        record["ratios"] = {label: {key: ratio(value, table[label][key])
-                                    for key, value in first.items()} for label in labels[1:]}
+        record["ratios"] = {label: {key: ratio(first.get(key, nan), table[label].get(key, nan))
+                                    for key in keys} for label in labels[1:]}
+        if name in failures:
+            record["failed"] = failures[name]
         if "vs" in table:
             record["vs_command"] = setup.vs
         print("JSON " + json.dumps(record, sort_keys=True))
@@ -876,13 +904,14 @@ def main(argv=None):
             else:
                 names.append(name)
     try:
-        results = run(names, args.runs, setup)
-        report(results, args.runs, setup, " ".join(
+        results, failures = run(names, args.runs, setup)
+        report(results, failures, args.runs, setup, " ".join(
             ["python3", "bench/chat_bench.py"]
             + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])]))
     finally:
         setup.close()
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
