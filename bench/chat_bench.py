@@ -46,6 +46,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import select
 import selectors
 import shlex
@@ -219,7 +220,9 @@ def server_knows(option, server_path=SERVER):
         _help_texts[server_path] = subprocess.run(
             [sys.executable, server_path, "--help"], stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, timeout=60).stdout.decode()
-    return option in _help_texts[server_path].split()
+    # The option as a word of its own: "--rate-limit N", "--rate-limit," (aliases); not a prefix.
+    return re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(option),
+                     _help_texts[server_path]) is not None
 
 
 def default_server_args(server_path=SERVER):
