@@ -536,6 +536,7 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(first.said(), "two connected!")
         for c in (first, second, third):
             c.close()
+        self.assertIn("%s [from %s]" % (FULL, third.address), logged(server))
 
     def test_join_timeout_closes_silent_newcomers_only(self):
         server = start_server(self, "--join-timeout", "0.5")
@@ -546,6 +547,7 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(slow.said(), invalid_nick("bad nick"))
         self.assertEqual(slow.said(), JOIN_TIMEOUT)
         slow.expect_eof()
+        self.assertIn("%s [from %s]" % (JOIN_TIMEOUT, slow.address), logged(server))
         # The member is still there and still served.
         other = server.client().join("other")
         self.assertEqual(member.said(), "other connected!")
@@ -563,7 +565,7 @@ class LimitTests(unittest.TestCase):
         client.close()
 
     def test_reader_that_never_reads_is_disconnected(self):
-        server = start_server(self, "--max-send-queue", "65536")
+        server = start_server(self, "--max-send-queue", "65536", "--rate-limit", "0")
         stuck = server.client(rcvbuf=4096).join("stuck")
         talker = server.client().join("talker")
         self.assertEqual(stuck.said(), "talker connected!")
@@ -585,6 +587,468 @@ class LimitTests(unittest.TestCase):
             self.assertLess(sent + 16, 100000)
         stuck.close()
         talker.close()
+        self.assertIn("stuck disconnected! [send queue full]", logged(server))
+
+
+def logged(server, deadline=DEADLINE):
+    """The server's log file so far, each record without its '{ts}: ' (flushed once a turn:
+    waits until the file stops growing for a moment)."""
+    previous = None
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        lines = server.log_lines()
+        if lines == previous:
+            break
+        previous = lines
+        time.sleep(0.05)
+    return [split_ts(line)[1] for line in previous or []]
+
+
+HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back, /quit,"
+        " /help. Start a line with // to send a line that begins with /.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Version 2: commands, history, log records.
+# ---------------------------------------------------------------------------------------------
+
+class CommandTests(unittest.TestCase):
+    """Every row of the commands table, as raw sockets (nc) see it, on one shared server without
+    history (so joining shows no earlier test's lines)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess("--history", "0").start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def room(self, *bases):
+        """Fresh members, each having seen the later ones join."""
+        clients = []
+        for base in bases:
+            nick = fresh_nick(base)
+            newcomer = self.server.client().join(nick)
+            self.addCleanup(newcomer.close)
+            for other in clients:
+                self.assertEqual(other.said(), "%s connected!" % nick)
+            clients.append(newcomer)
+        return clients
+
+    def quiet(self, *clients):
+        """Nothing more arrives for these clients: a marker line sent now is the next thing
+        each of them sees."""
+        marker = self.room("marker")[0]
+        for client in clients:
+            self.assertEqual(client.said(), "%s connected!" % marker.nick)
+
+    def test_help(self):
+        alice, = self.room("alice")
+        alice.send("/help\n")
+        self.assertEqual(alice.said(), HELP)
+
+    def test_users_in_order_of_joining_with_away_marks(self):
+        alice, bob, carol = self.room("alice", "bob", "carol")
+        bob.send("/away\n")
+        carol.send("/away gone fishing\n")
+        self.assertEqual([bob.said(), carol.said()], [OK, OK])
+        for command in ("/users", "/who", "/names", "/USERS", "/Who extra words"):
+            alice.send(command + "\n")
+            text = alice.said()
+            self.assertRegex(text, r"^Users \(\d+\): ")
+            names = text.split(": ", 1)[1].split(", ")
+            mine = [n for n in names if n.split(" ")[0] in (alice.nick, bob.nick, carol.nick)]
+            self.assertEqual(mine, [alice.nick, "%s (away)" % bob.nick,
+                                    "%s (away: gone fishing)" % carol.nick], command)
+            self.assertEqual(int(text[len("Users ("):text.index(")")]), len(names))
+        bob.send("/back\n")
+        self.assertEqual(bob.said(), OK)
+        bob.send("/users\n")
+        self.assertIn(", %s, %s (away: gone fishing)" % (bob.nick, carol.nick), bob.said())
+
+    def test_private_message_reaches_one_member_only(self):
+        alice, bob, carol = self.room("alice", "bob", "carol")
+        alice.send("/msg %s  psst,  just you \n" % bob.nick.upper())
+        self.assertEqual(bob.said(), "[private] %s sent psst,  just you " % alice.nick)
+        self.assertEqual([alice.said(), alice.said()],
+                         [OK, "[private] YOU SEND %s psst,  just you " % bob.nick])
+        self.quiet(alice, bob, carol)   # carol saw nothing of it
+        self.assertNotIn(" sent a message to ", " ".join(logged(self.server)[-3:-2]))
+        self.assertIn("[private] %s sent a message to %s" % (alice.nick, bob.nick),
+                      logged(self.server))
+        self.assertFalse(any("psst" in line for line in logged(self.server)))
+
+    def test_private_message_to_an_away_member(self):
+        alice, bob, carol = self.room("alice", "bob", "carol")
+        bob.send("/away\n")
+        carol.send("/away at lunch\n")
+        self.assertEqual([bob.said(), carol.said()], [OK, OK])
+        alice.send("/msg %s hi\n/msg %s hi\n" % (bob.nick, carol.nick))
+        self.assertEqual([alice.said() for _ in range(6)],
+                         [OK, "[private] YOU SEND %s hi" % bob.nick, "%s is away." % bob.nick,
+                          OK, "[private] YOU SEND %s hi" % carol.nick,
+                          "%s is away: at lunch" % carol.nick])
+        self.assertEqual(bob.said(), "[private] %s sent hi" % alice.nick)
+        self.assertEqual(carol.said(), "[private] %s sent hi" % alice.nick)
+
+    def test_private_message_refusals(self):
+        alice, bob = self.room("alice", "bob")
+        for line, answer in (("/msg nobody%d hello" % os.getpid(),
+                              'Sorry! There is no user "nobody%d".' % os.getpid()),
+                             ("/msg %s hello" % alice.nick,
+                              "Sorry! You can't send a private message to yourself."),
+                             ("/msg %s" % bob.nick, NOTHING),
+                             ("/msg %s    " % bob.nick, NOTHING),
+                             ("/msg", NOTHING)):
+            alice.send(line + "\n")
+            self.assertEqual(alice.said(), answer, line)
+        self.quiet(alice, bob)
+
+    def test_me(self):
+        alice, bob = self.room("alice", "bob")
+        alice.send("/me waves at \x1b[31meveryone\n")
+        self.assertEqual(bob.said(), "* %s waves at [31meveryone" % alice.nick)
+        self.assertEqual([alice.said(), alice.said()],
+                         [OK, "* %s waves at [31meveryone" % alice.nick])
+        alice.send("/me\n/me   \n")
+        self.assertEqual([alice.said(), alice.said()], [NOTHING, NOTHING])
+        self.assertIn("* %s waves at [31meveryone" % alice.nick, logged(self.server))
+
+    def test_me_alone(self):
+        server = start_server(self)
+        alone = server.client().join("alone")
+        alone.send("/me is lonely\n")
+        self.assertEqual(alone.said(), ALONE)
+
+    def test_nick_renames_for_everyone_and_msg_follows(self):
+        alice, bob = self.room("alice", "bob")
+        new = fresh_nick("alicia")
+        alice.send("/nick %s\n" % new)
+        self.assertEqual(alice.said(), OK)
+        self.assertEqual(alice.said(), "%s is now known as %s" % (alice.nick, new))
+        self.assertEqual(bob.said(), "%s is now known as %s" % (alice.nick, new))
+        alice.send("after\n")
+        self.assertEqual(bob.said(), "%s sent after" % new)
+        self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS after"])
+        bob.send("/msg %s to the new name\n/msg %s to the old name\n" % (new, alice.nick))
+        self.assertEqual(alice.said(), "[private] %s sent to the new name" % bob.nick)
+        self.assertEqual([bob.said() for _ in range(3)],
+                         [OK, "[private] YOU SEND %s to the new name" % new,
+                          'Sorry! There is no user "%s".' % alice.nick])
+        self.assertIn("%s is now known as %s" % (alice.nick, new), logged(self.server))
+        # The old nickname is free again.
+        again = self.server.client().join(alice.nick)
+        self.addCleanup(again.close)
+
+    def test_nick_refused_keeps_the_old_nickname(self):
+        alice, bob = self.room("alice", "bob")
+        for attempt, answer in (("bad nick", invalid_nick("bad nick")),
+                                ("", invalid_nick("")),
+                                ("x" * 40, too_long_nick("x" * 32)),
+                                (bob.nick.upper(), busy(bob.nick.upper())),
+                                ("аlice", 'Your nickname must use a single alphabet. "аlice"'
+                                          ' mixes several.')):
+            alice.send("/nick %s\n" % attempt)
+            self.assertEqual(alice.said(), answer, attempt)
+        alice.send("still me\n")
+        self.assertEqual(bob.said(), "%s sent still me" % alice.nick)
+
+    def test_nick_may_change_only_the_case(self):
+        alice, bob = self.room("alice", "bob")
+        alice.send("/nick %s\n" % alice.nick.upper())
+        self.assertEqual(alice.said(), OK)
+        self.assertEqual(bob.said(), "%s is now known as %s" % (alice.nick, alice.nick.upper()))
+
+    def test_quit(self):
+        alice, bob = self.room("alice", "bob")
+        alice.send("/QUIT now\nnever handled\n")
+        self.assertEqual(alice.said(), "Goodbye!")
+        alice.expect_eof()
+        self.assertEqual(bob.said(), "%s disconnected!" % alice.nick)
+        self.quiet(bob)
+        self.assertIn("%s disconnected! [quit]" % alice.nick, logged(self.server))
+
+    def test_unknown_commands_and_double_slash(self):
+        alice, bob = self.room("alice", "bob")
+        alice.send("/frobnicate the thing\n/\n/ spaced\n//etc/passwd\n")
+        self.assertEqual([alice.said() for _ in range(5)],
+                         [unknown_command("frobnicate"), unknown_command(""),
+                          unknown_command(""), OK, "YOU SEND USERS /etc/passwd"])
+        self.assertEqual(bob.said(), "%s sent /etc/passwd" % alice.nick)
+
+    def test_a_command_after_control_characters_is_still_a_command(self):
+        alice, = self.room("alice")
+        alice.send("\x1b/help\n")
+        self.assertEqual(alice.said(), HELP)
+
+    def test_slash_lines_before_joining_are_nickname_attempts(self):
+        newcomer = self.server.client()
+        self.addCleanup(newcomer.close)
+        self.assertEqual(newcomer.line(), WELCOME)
+        newcomer.send("/quit\n/help\n")
+        self.assertEqual([newcomer.said(), newcomer.said()],
+                         [invalid_nick("/quit"), invalid_nick("/help")])
+
+    def test_commands_pipelined_with_messages_keep_their_order(self):
+        alice, bob = self.room("alice", "bob")
+        alice.send("one\n/me two\n/msg %s three\nfour\n/users\nfive\n" % bob.nick)
+        self.assertEqual([bob.said() for _ in range(5)],
+                         ["%s sent one" % alice.nick, "* %s two" % alice.nick,
+                          "[private] %s sent three" % alice.nick, "%s sent four" % alice.nick,
+                          "%s sent five" % alice.nick])
+        got = [alice.said() for _ in range(10)]
+        self.assertEqual(got[:8], [OK, "YOU SEND USERS one", OK, "* %s two" % alice.nick,
+                                   OK, "[private] YOU SEND %s three" % bob.nick,
+                                   OK, "YOU SEND USERS four"])
+        self.assertRegex(got[8], r"^Users \(\d+\): ")
+        alice.send("x\n")
+        self.assertEqual(got[9], OK)
+
+
+class HistoryTests(unittest.TestCase):
+    """What a newcomer is shown of what was said before it came."""
+
+    def test_no_history_yet_means_no_header(self):
+        server = start_server(self)
+        first = server.client().join("first")
+        second = server.client().join("second")
+        self.assertEqual(first.said(), "second connected!")
+        second.send("hi\n")
+        self.assertEqual(second.said(), OK)  # right after "Server: ok!" came nothing else
+
+    def test_newcomer_gets_the_last_lines_as_the_members_got_them(self):
+        server = start_server(self, "--history", "3", "--rate-limit", "0")
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        for line in ("one", "/me two", "/msg alice private", "three", "/nick bobby", "four"):
+            bob.send(line + "\n")
+        received = [alice.line() for _ in range(6)]
+        self.assertEqual([split_ts(l)[1] for l in received],
+                         ["bob sent one", "* bob two", "[private] bob sent private",
+                          "bob sent three", "bob is now known as bobby", "bobby sent four"])
+        kept = [received[i] for i in (0, 1, 3, 5)]  # room lines; no private line, no rename
+        carol = server.client()
+        self.assertEqual(carol.line(), WELCOME)
+        carol.send("carol\n")
+        self.assertEqual(carol.said(), OK)
+        self.assertEqual(carol.said(), "Recent messages (3):")
+        # The very lines alice received, timestamps and all, the last three, oldest first.
+        self.assertEqual([carol.line() for _ in range(3)], kept[1:])
+        self.assertEqual(alice.said(), "carol connected!")
+
+    def test_fewer_lines_than_the_history_holds(self):
+        server = start_server(self, "--history", "20")
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        bob.send("only line\n")
+        line = alice.line()
+        self.assertEqual(split_ts(line)[1], "bob sent only line")
+        carol = server.client().join("carol")
+        self.assertEqual(carol.said(), "Recent messages (1):")
+        self.assertEqual(carol.line(), line)
+
+    def test_history_0_keeps_nothing(self):
+        server = start_server(self, "--history", "0")
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        bob.send("said before\n")
+        self.assertEqual(alice.said(), "bob sent said before")
+        carol = server.client().join("carol")
+        carol.send("/users\n")
+        self.assertEqual(carol.said(), "Users (3): alice, bob, carol")
+
+
+def mixes(nick):
+    return 'Your nickname must use a single alphabet. "%s" mixes several.' % nick
+
+
+# Letters that look alike across scripts, as this test knows them (Unicode TR #39): each pair is
+# a Cyrillic or Greek letter and the Latin letter it passes for, in the case it does.
+LOOK_ALIKES = [
+    ("а", "a"), ("е", "e"), ("о", "o"), ("р", "p"), ("с", "c"), ("у", "y"), ("х", "x"),
+    ("і", "i"), ("ј", "j"), ("ѕ", "s"), ("һ", "h"), ("ԁ", "d"), ("ԛ", "q"), ("ԝ", "w"),
+    ("ο", "o"), ("α", "a"), ("ν", "v"), ("ι", "i"), ("κ", "k"), ("ρ", "p"), ("τ", "t"),
+    ("υ", "u"), ("χ", "x"), ("γ", "y"), ("ω", "w"),
+    ("А", "A"), ("В", "B"), ("Е", "E"), ("К", "K"), ("М", "M"), ("Н", "H"), ("О", "O"),
+    ("Р", "P"), ("С", "C"), ("Т", "T"), ("Х", "X"), ("У", "Y"), ("І", "I"), ("Ј", "J"),
+    ("Ѕ", "S"), ("Α", "A"), ("Β", "B"), ("Ε", "E"), ("Ζ", "Z"), ("Η", "H"), ("Ι", "I"),
+    ("Κ", "K"), ("Μ", "M"), ("Ν", "N"), ("Ο", "O"), ("Ρ", "P"), ("Τ", "T"), ("Υ", "Y"),
+    ("Χ", "X"),
+]
+
+
+class NicknameTests(unittest.TestCase):
+    """Nicknames nobody can imitate: the examples of the issue, over real sockets."""
+
+    def setUp(self):
+        self.server = start_server(self, *VERSION_1_OPTIONS)
+        self.alice = self.server.client().join("alice")
+        self.addCleanup(self.alice.close)
+
+    def attempt(self, nick):
+        client = self.server.client()
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), WELCOME)
+        client.send(nick + "\n")
+        return client, client.said()
+
+    def test_impostors_of_alice_are_refused(self):
+        for attempt, answer in (("аlice", mixes("аlice")),                   # Cyrillic а
+                                ("ａｌｉｃｅ", busy("alice")),                   # fullwidth
+                                ("ＡＬＩＣＥ", busy("ALICE")),
+                                ("Alice", busy("Alice")),
+                                ("αlice", mixes("αlice")),                   # Greek alpha
+                                ("\u3164", invalid_nick("\u1160")),          # Hangul filler
+                                ("ali\u200bce", invalid_nick("ali\u200bce")),  # zero width
+                                ("alice\u3164", invalid_nick("alice\u1160"))):
+            self.assertEqual(self.attempt(attempt)[1], answer, repr(attempt))
+        self.assertEqual(logged(self.server)[1:], ["alice connected! [from %s]"
+                                                    % self.alice.address])
+
+    def test_all_cyrillic_look_alike_is_busy(self):
+        ace = self.server.client().join("ace")
+        self.addCleanup(ace.close)
+        self.assertEqual(self.attempt("асе")[1], busy("асе"))
+        self.assertEqual(self.attempt("АСЕ")[1], busy("АСЕ"))
+        self.assertEqual(self.attempt("Ace")[1], busy("Ace"))
+
+    def test_names_in_one_alphabet_are_welcome(self):
+        for nick, shown in (("Pe\u0301tr", "Pétr"), ("山田たろう", "山田たろう"),
+                            ("김철수", "김철수"), ("金哲洙", "金哲洙"), ("김哲수", "김哲수"),
+                            ("Αλέξης", "Αλέξης"), ("Пётр", "Пётр"), ("Jürgen2", "Jürgen2"),
+                            ("カタカナ", "カタカナ"), ("ラーメン好き", "ラーメン好き"),
+                            ("佐々木", "佐々木"), ("user42", "user42"), ("٣٤", "٣٤")):
+            client, answer = self.attempt(nick)
+            self.assertEqual(answer, OK, nick)
+            self.assertEqual(self.alice.said(), "%s connected!" % shown)
+
+    def test_scripts_that_do_not_go_together_are_refused(self):
+        for nick in ("ПетрPetr", "たろうИван", "김たろう", "Ελενα1Elena"):
+            self.assertEqual(self.attempt(nick)[1], mixes(nick), nick)
+
+
+class FloodControlTests(unittest.TestCase):
+    """--rate-limit and --rate-burst: slowed, never dropped, nobody else slowed."""
+
+    def flood(self, server, lines, sender="flooder"):
+        flooder = server.client().join(sender)
+        self.addCleanup(flooder.close)
+        flooder.send("".join(line + "\n" for line in lines))
+        return flooder
+
+    def test_a_paste_of_50_lines_goes_through_at_once(self):
+        server = start_server(self)  # the defaults: 10 a second, bursts of 50
+        watcher = server.client().join("watcher")
+        started = time.monotonic()
+        self.flood(server, ["pasted %d" % i for i in range(50)], "paster")
+        self.assertEqual(watcher.said(), "paster connected!")
+        self.assertEqual([watcher.said() for _ in range(50)],
+                         ["paster sent pasted %d" % i for i in range(50)])
+        # At 10 lines a second the paste would take 5 s; the burst lets it through at once.
+        self.assertLess(time.monotonic() - started, 3.0)
+
+    def test_a_flood_arrives_complete_in_order_at_the_rate_and_nobody_else_waits(self):
+        server = start_server(self, "--rate-limit", "100", "--rate-burst", "50")
+        watcher = server.client().join("watcher")
+        bob = server.client().join("bob")
+        self.assertEqual(watcher.said(), "bob connected!")
+        lines = ["flood %d" % i for i in range(500)]
+        lines[250] = "/me takes a breath"
+        lines[300] = "/msg bob in the middle"
+        started = time.monotonic()
+        flooder = self.flood(server, lines)
+        self.assertEqual([watcher.said(), bob.said()], ["flooder connected!"] * 2)
+        # Meanwhile bob's own messages come back at once.
+        round_trips = []
+        for i in range(5):
+            sent = time.monotonic()
+            bob.send("ping %d\n" % i)
+            while bob.said() != "YOU SEND USERS ping %d" % i:
+                pass
+            round_trips.append(time.monotonic() - sent)
+        expected = ["flooder sent flood %d" % i for i in range(500)]
+        expected[250] = "* flooder takes a breath"
+        del expected[300]
+        got = [t for t in (watcher.said() for _ in range(499 + 5)) if not t.startswith("bob ")]
+        took = time.monotonic() - started
+        self.assertEqual(got, expected)
+        # 450 lines past the burst at 100 a second: at least 4.5 s, and not much more.
+        self.assertGreater(took, 4.0)
+        self.assertLess(took, 20.0)
+        self.assertLess(max(round_trips), 1.0, round_trips)
+        self.assertNotIn("disconnected", " ".join(logged(server)))
+
+    def test_a_waiting_flooder_costs_no_cpu(self):
+        server = start_server(self, "--rate-limit", "2", "--rate-burst", "1")
+        flooder = self.flood(server, ["slow %d" % i for i in range(100)])
+        self.assertEqual(flooder.said(), ALONE)     # the first line, of the burst
+        self.assertEqual(flooder.said(), ALONE)     # the next, half a second later
+        cpu, started = proc_cpu(server.proc.pid), time.monotonic()
+        for _ in range(4):
+            self.assertEqual(flooder.said(), ALONE)
+        busy_share = (proc_cpu(server.proc.pid) - cpu) / (time.monotonic() - started)
+        self.assertLess(busy_share, 0.2)          # timers, not polling
+
+    def test_nickname_attempts_count_too(self):
+        server = start_server(self, "--rate-limit", "4", "--rate-burst", "2")
+        client = server.client()
+        self.assertEqual(client.line(), WELCOME)
+        started = time.monotonic()
+        client.send("bad nick\n" * 6)
+        for _ in range(6):
+            self.assertEqual(client.said(), invalid_nick("bad nick"))
+        self.assertGreater(time.monotonic() - started, 0.8)  # 4 past the burst at 4 a second
+        client.close()
+
+    def test_a_flooder_that_stops_reading_is_still_cut_off_at_the_send_queue(self):
+        server = start_server(self, "--max-send-queue", "65536", "--rate-limit", "1000",
+                              "--rate-burst", "1000")
+        stuck = server.client(rcvbuf=4096).join("stuck")
+        self.addCleanup(stuck.close)
+        stuck.send("never reading\n" * 2000)
+        talker = server.client().join("talker")
+        message = "m" * 4000
+        cut_off = False
+        for _ in range(5000):   # the kernel buffers hold a few MiB: about a thousand of these
+            talker.send(message + "\n")
+            line = None
+            while line != "YOU SEND USERS " + message and not cut_off:
+                line = talker.said()
+                cut_off = line == "stuck disconnected!"
+            if cut_off:
+                break
+        self.assertTrue(cut_off)
+        self.assertIn("stuck disconnected! [send queue full]", logged(server))
+
+    def test_rate_limit_0_turns_it_off(self):
+        server = start_server(self, "--rate-limit", "0")
+        started = time.monotonic()
+        flooder = self.flood(server, ["x"] * 3000)
+        for _ in range(3000):
+            self.assertEqual(flooder.said(), ALONE)
+        self.assertLess(time.monotonic() - started, 10.0)  # at 10 a second: 5 minutes
+
+
+class LogRecordTests(unittest.TestCase):
+    """Every version 2 record, in the file (and, below, in syslog)."""
+
+    def test_reset_and_closed_and_refusals(self):
+        server = start_server(self, "--max-clients", "3")
+        alice = server.client().join("alice")
+        rude = server.client().join("rude")
+        rude.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rude.close()  # RST
+        self.assertEqual([alice.said(), alice.said()], ["rude connected!", "rude disconnected!"])
+        polite = server.client().join("polite")
+        polite.close()
+        self.assertEqual([alice.said(), alice.said()],
+                         ["polite connected!", "polite disconnected!"])
+        wait_until(lambda: "polite disconnected! [closed]" in logged(server), "the record")
+        self.assertIn("rude disconnected! [reset]", logged(server))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,6 +1208,30 @@ class SyslogTests(unittest.TestCase):
         self.assertEqual(self.record(), prefix + sent)
         alice.close()
         bob.close()
+
+    def test_version_2_records_reach_syslog(self):
+        server = start_server(self, "--log", "syslog", "--syslog-address", self.path,
+                              log_file=False)
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        bob.send("/me waves\n/msg alice secret words\n/nick bobby\n/quit\n")
+        self.assertEqual([alice.said() for _ in range(4)],
+                         ["* bob waves", "[private] bob sent secret words",
+                          "bob is now known as bobby", "bobby disconnected!"])
+        records = []
+        while len(records) < 7:
+            records.append(split_ts(self.record().split("]: ", 1)[1])[1])
+        self.assertEqual(records, ["Server started on 127.0.0.1:%d" % server.port,
+                                   "alice connected! [from %s]" % alice.address,
+                                   "bob connected! [from %s]" % bob.address,
+                                   "* bob waves", "[private] bob sent a message to alice",
+                                   "bob is now known as bobby", "bobby disconnected! [quit]"])
+        self.assertEqual(server.stop()[0], 0)
+        self.assertEqual(split_ts(self.record().split("]: ", 1)[1])[1],
+                         "alice disconnected! [shutdown]")
+        self.assertEqual(split_ts(self.record().split("]: ", 1)[1])[1], "Server stopped")
+        alice.close()
 
     def test_auto_falls_back_to_chat_log_when_the_syslog_socket_is_dead(self):
         self.syslog.close()  # the socket file stays, nobody listens: a stopped daemon
@@ -1201,6 +1689,50 @@ class RoomModelTests(ChatCoreTests):
     def test_room_against_its_model_without_history(self):
         self.history = 0
         self.run_seed(1000, steps=2000)
+
+
+class LookAlikeTests(ChatCoreTests):
+    """The look-alike letters, letter by letter, and the rule they keep, in memory."""
+
+    def test_each_look_alike_letter_is_busy_with_its_latin_letter(self):
+        for other, latin in LOOK_ALIKES:
+            for first, second in ((latin, other), (other, latin)):
+                self.setUp()
+                self.peer(first + first + "1")
+                newcomer = self.peer()
+                self.assertIsNone(self.send(newcomer, second + second + "1"), (first, second))
+                self.assertEqual(self.said(newcomer)[1:], [busy(second + second + "1")])
+
+    def test_letters_that_do_not_look_latin_are_not_busy(self):
+        for latin, other in (("b", "б"), ("g", "г"), ("n", "п"), ("d", "δ"), ("l", "λ")):
+            self.setUp()
+            self.peer(latin * 2)
+            self.peer(other * 2)  # joins (raises if refused)
+
+    def test_no_two_members_ever_look_alike(self):
+        import random
+        rng = random.Random(11)
+        latin_of = dict(LOOK_ALIKES)
+        scripts = {"latin": "abceijkmnopqstuvwxyzABCEHIJKMNOPSTXYZ",
+                   "cyrillic": "аеорсухіјѕһԁԛԝАВЕКМНОРСТХУІЈЅбгп",
+                   "greek": "οανικρτυχγωΑΒΕΖΗΙΚΜΝΟΡΤΥΧδλ"}
+
+        def forms(nick):
+            """What the nickname looks like in small letters and in capitals, in Latin."""
+            small = "".join(latin_of.get(c, c) for c in nick.lower()).lower()
+            capital = "".join(latin_of.get(c, c) for c in nick.upper()).lower()
+            return {small, capital}
+        joined = []
+        for _ in range(3000):
+            letters = scripts[rng.choice(list(scripts))]
+            nick = "".join(rng.choice(letters) for _ in range(rng.randrange(1, 4)))
+            peer = self.peer()
+            if self.send(peer, nick) is not None:
+                joined.append(nick)
+        self.assertGreater(len(joined), 100)
+        for i, a in enumerate(joined):
+            for b in joined[i + 1:]:
+                self.assertFalse(forms(a) & forms(b), "%r and %r look alike" % (a, b))
 
 
 def import_module(name):
