@@ -102,13 +102,17 @@ def split_ts(line):
 class LineSocket:
     """A test client on a real socket: sends bytes, receives whole lines with a deadline."""
 
-    def __init__(self, port, host="127.0.0.1", rcvbuf=None):
+    def __init__(self, port, host="127.0.0.1", rcvbuf=None, tls=None, source=None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source:
+            self.sock.bind((source, 0))
         self.sock.settimeout(DEADLINE)
         self.sock.connect((host, port))
+        if tls is not None:  # an ssl.SSLContext that trusts the test certificate
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
         self.eof = False
         self.nick = None
@@ -179,11 +183,17 @@ class ServerProcess:
     """chat_server.py (or a built .pyz) as a subprocess on a free port."""
 
     def __init__(self, *options, env=None, cwd=None, command=None, log_file=True,
-                 preexec_fn=None):
+                 preexec_fn=None, tls=False):
         self.dir = tempfile.mkdtemp(prefix="chat-test-")
         self.cwd = cwd or self.dir
         self.log_path = os.path.join(self.dir, "chat.log")
         args = list(options)
+        self.tls = None      # with tls=True: the client context that trusts the server
+        self.fingerprint = None
+        if tls:
+            cert, key, _ = test_certificate()
+            args += ["--tls-cert", cert, "--tls-key", key]
+            self.tls = client_tls_context()
         if log_file and "--log" not in args:
             args += ["--log", "file", "--log-file", self.log_path]
         if "--port" not in args:
@@ -209,6 +219,9 @@ class ServerProcess:
         self.host = match.group(1).strip("[]")
         self.port = int(match.group(2))
         second = self.stdout_line()
+        if second.startswith("TLS certificate SHA-256 fingerprint: "):
+            self.fingerprint = second.split(": ", 1)[1]
+            second = self.stdout_line()
         if second != READY:
             raise AssertionError("unexpected second line %r" % second)
         return self
@@ -237,6 +250,8 @@ class ServerProcess:
             return f.read().decode("utf-8", "replace")
 
     def client(self, **kwargs):
+        """A LineSocket to this server; over TLS if the server speaks it."""
+        kwargs.setdefault("tls", self.tls)
         return LineSocket(self.port, **kwargs)
 
     def log_lines(self):
@@ -284,6 +299,73 @@ def fresh_nick(base="user"):
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS: a certificate for the tests, and the context that trusts it.
+# ---------------------------------------------------------------------------------------------
+
+# Used where the openssl command is missing: a self-signed EC P-256 certificate for localhost,
+# 127.0.0.1 and ::1, valid until 2126, made with
+#   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500
+#     -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1
+FIXED_TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBrzCCAVSgAwIBAgIUGtlerTSzktzXSCfTvXH84+oZmGcwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNDE2NTYxM1oYDzIxMjYxMDMx
+MTY1NjEzWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAQbZCktlgp1TriHZ6ONnDs/LVslrB/Iy2we6Fma6BQemCOEchgMUuYX
+BbxH01O9jhGsvTf9VmrLiQBNhvUPXghKo4GBMH8wHQYDVR0OBBYEFF7BKAE5q+Bm
+B0g/VVJlU/8dyNK1MB8GA1UdIwQYMBaAFF7BKAE5q+BmB0g/VVJlU/8dyNK1MA8G
+A1UdEwEB/wQFMAMBAf8wLAYDVR0RBCUwI4IJbG9jYWxob3N0hwR/AAABhxAAAAAA
+AAAAAAAAAAAAAAABMAoGCCqGSM49BAMCA0kAMEYCIQCfLQqXrOpSWv7WGW7rMyoS
+kqgSyzA8WPg2BQGE6oxG3gIhAIiRH4x0GbM0/eYWshUAhwRbNWZFMHgJBfNtl+rY
+Ulq7
+-----END CERTIFICATE-----
+"""
+FIXED_TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgxJJ/m5/YvtLSFdi4
+05xXpySWXzsjQmGl3ZD+53nslDChRANCAAQbZCktlgp1TriHZ6ONnDs/LVslrB/I
+y2we6Fma6BQemCOEchgMUuYXBbxH01O9jhGsvTf9VmrLiQBNhvUPXghK
+-----END PRIVATE KEY-----
+"""
+FIXED_TEST_FINGERPRINT = ("D6:D3:92:B7:06:5E:1B:2F:CD:45:2E:9C:5C:4E:58:38:"
+                          "63:1D:A4:5A:24:CA:39:30:C1:C1:E3:8F:9D:B4:F9:54")
+_certificates = {}
+
+
+def test_certificate(name="server"):
+    """(certificate path, key path, SHA-256 fingerprint) of a self-signed certificate for
+    localhost: made by the openssl command where it is installed (one per name, per run), else
+    the fixed one above. The fingerprint is what openssl itself prints."""
+    if name in _certificates:
+        return _certificates[name]
+    folder = tempfile.mkdtemp(prefix="chat-cert-")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    openssl = shutil.which("openssl")
+    if openssl:
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        "/CN=localhost", "-addext",
+                        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        printed = subprocess.run([openssl, "x509", "-noout", "-fingerprint", "-sha256", "-in",
+                                  cert], check=True, capture_output=True, text=True).stdout
+        fingerprint = printed.strip().split("=", 1)[1]
+    else:
+        with open(cert, "w") as f:
+            f.write(FIXED_TEST_CERT)
+        with open(key, "w") as f:
+            f.write(FIXED_TEST_KEY)
+        fingerprint = FIXED_TEST_FINGERPRINT
+    _certificates[name] = (cert, key, fingerprint)
+    return _certificates[name]
+
+
+def client_tls_context(name="server"):
+    """A client context that trusts the test certificate ``name`` and checks the host name."""
+    import ssl
+    context = ssl.create_default_context(cafile=test_certificate(name)[0])
+    return context
+
+
+# ---------------------------------------------------------------------------------------------
 # The protocol, row by row, over real sockets.
 # ---------------------------------------------------------------------------------------------
 
@@ -297,10 +379,11 @@ class ProtocolTests(unittest.TestCase):
 
     env = {}
     options = VERSION_1_OPTIONS
+    tls = False
 
     @classmethod
     def setUpClass(cls):
-        cls.server = ServerProcess(*cls.options, env=cls.env).start()
+        cls.server = ServerProcess(*cls.options, env=cls.env, tls=cls.tls).start()
 
     @classmethod
     def tearDownClass(cls):
@@ -404,7 +487,7 @@ class ProtocolTests(unittest.TestCase):
 
     def test_message_alone(self):
         # a room of one: a private server, so other tests' members do not count
-        server = start_server(self, env=self.env)
+        server = start_server(self, env=self.env, tls=self.tls)
         alone = server.client().join("alone")
         self.addCleanup(alone.close)
         alone.send("anybody?\n")
@@ -505,11 +588,16 @@ class ProtocolTests(unittest.TestCase):
             probe.close()
         except OSError:
             self.skipTest("no ::1 on this host")
-        server = start_server(self, "--host", "::1", env=self.env)
+        server = start_server(self, "--host", "::1", env=self.env, tls=self.tls)
         self.assertRegex(server.stdout_lines[0], r"^Listening on \[::1\]:\d+$")
-        client = LineSocket(server.port, host="::1")
+        client = server.client(host="::1")
         self.addCleanup(client.close)
         client.join("six")
+
+
+class ProtocolTestsOverTLS(ProtocolTests):
+    """Every row again, inside TLS: the protocol is the same."""
+    tls = True
 
 
 class ProtocolTestsWindowsPaths(ProtocolTests):
@@ -1033,6 +1121,284 @@ class FloodControlTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 10.0)  # at 10 a second: 5 minutes
 
 
+class InProcessServer:
+    """chat_server.Server run by a thread of this process, for what a subprocess can't show:
+    the loop with one of its constants changed. ``stop()`` ends it cleanly."""
+
+    def __init__(self, test, **options):
+        self.mod = import_module("chat_server")
+        self.server = self.mod.Server(port=0, **options)
+        self.port = self.server.listen()[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.server.stopping = True
+            self.server._wakeup_w.send(b"x")  # what a signal would do: wake the select()
+            self.thread.join(DEADLINE)
+        self.server.close()
+
+
+def raw_tls_handshake_byte_by_byte(port, context):
+    """A TLS client that sends every byte of its handshake in a packet of its own; returns
+    (socket, SSLObject, its incoming BIO) once the handshake is done."""
+    import ssl
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        for byte in outgoing.read():
+            sock.sendall(bytes([byte]))
+            time.sleep(0.001)
+        if done:
+            return sock, tls, incoming
+        incoming.write(sock.recv(65536))
+
+
+def read_tls_line(sock, tls, incoming):
+    """The first line through a memory-BIO TLS object, reading the socket as needed."""
+    import ssl
+    received = b""
+    while b"\n" not in received:
+        try:
+            received += tls.read(65536)
+        except ssl.SSLWantReadError:
+            data = sock.recv(65536)
+            if not data:
+                raise AssertionError("closed after %r" % received)
+            incoming.write(data)
+    return received
+
+
+class TLSTests(unittest.TestCase):
+    """What only TLS has: the handshake in the loop, plain-text clients, pending() bytes."""
+
+    def test_fingerprint_line_is_openssls(self):
+        server = start_server(self, tls=True)
+        self.assertEqual(server.stdout_lines[1],
+                         "TLS certificate SHA-256 fingerprint: %s" % test_certificate()[2])
+        self.assertRegex(server.fingerprint, r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
+        server.client().join("secure").close()
+
+    def test_key_in_the_certificate_file(self):
+        cert, key, fingerprint = test_certificate()
+        both = os.path.join(tempfile.mkdtemp(prefix="chat-pem-"), "both.pem")
+        self.addCleanup(shutil.rmtree, os.path.dirname(both), True)
+        with open(both, "w") as out:
+            for path in (key, cert):
+                with open(path) as f:
+                    out.write(f.read())
+        server = start_server(self, "--tls-cert", both)
+        self.assertEqual(server.fingerprint, fingerprint)
+        LineSocket(server.port, tls=client_tls_context()).join("combined").close()
+
+    def test_plain_text_client_on_the_tls_port_is_closed_and_others_go_on(self):
+        server = start_server(self, tls=True)
+        alice = server.client().join("alice")
+        plain = LineSocket(server.port)
+        plain.send("mallory\nhello\n")
+        try:
+            while not plain.eof:
+                plain._fill(time.monotonic() + DEADLINE)
+        except ConnectionResetError:
+            pass  # closed with unread input: a reset is a close too
+        self.assertNotIn(b"Wellcome", plain.buf)
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        bob.send("hi\n")
+        self.assertEqual(alice.said(), "bob sent hi")
+
+    def test_silent_tcp_client_blocks_nobody_and_is_closed_at_the_join_timeout(self):
+        server = start_server(self, "--join-timeout", "1", tls=True)
+        silent = LineSocket(server.port)   # TCP only: never says hello
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        bob.send("while it waits\n")
+        self.assertEqual([alice.said(), alice.said()], ["bob connected!", "bob sent while it waits"])
+        silent.expect_eof()  # closed without a word: it never spoke TLS
+
+    def test_handshake_one_byte_at_a_time_blocks_nobody(self):
+        server = start_server(self, tls=True)
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        done = []
+
+        def slowly():
+            done.append(raw_tls_handshake_byte_by_byte(server.port, client_tls_context()))
+        thread = threading.Thread(target=slowly)
+        thread.start()
+        for i in range(20):  # the room is served all the while
+            bob.send("line %d\n" % i)
+            self.assertEqual(alice.said(), "bob sent line %d" % i)
+        thread.join(DEADLINE)
+        sock, tls, incoming = done[0]
+        self.addCleanup(sock.close)
+        self.assertEqual(read_tls_line(sock, tls, incoming), (WELCOME + "\n").encode())
+
+    def test_a_burst_that_ends_inside_one_tls_record_is_handled_at_once(self):
+        # The read size cut to 64 bytes, so most of each TLS record stays decrypted inside the
+        # SSL object, where select() can't see it: the loop must read it anyway.
+        server = InProcessServer(self, tls=tls_server_context(), rate_limit=0, history=0)
+        self.addCleanup(setattr, server.mod, "READ_SIZE", server.mod.READ_SIZE)
+        server.mod.READ_SIZE = 64
+        alice = LineSocket(server.port, tls=client_tls_context()).join("alice")
+        bob = LineSocket(server.port, tls=client_tls_context()).join("bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        self.assertEqual(alice.said(), "bob connected!")
+        burst = "".join("burst line %d\n" % i for i in range(100))  # 1.5 KB: one TLS record
+        bob.sock.sendall(burst.encode())
+        self.assertEqual([alice.said() for _ in range(100)],
+                         ["bob sent burst line %d" % i for i in range(100)])
+
+    def test_tls_below_1_2_is_refused(self):
+        import ssl
+        server = start_server(self, tls=True)
+        context = client_tls_context()
+        try:
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        except (ValueError, AttributeError):
+            self.skipTest("this Python can't even ask for TLS 1.1")
+        with self.assertRaises((ssl.SSLError, OSError)):
+            LineSocket(server.port, tls=context)
+
+    def test_bad_certificate_file_is_one_line_and_exit_1(self):
+        missing = os.path.join(tempfile.gettempdir(), "no-such-cert-%d.pem" % os.getpid())
+        proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off",
+                               "--tls-cert", missing], capture_output=True, text=True,
+                              timeout=DEADLINE)
+        self.assertEqual((proc.returncode, proc.stdout), (1, ""))
+        self.assertEqual(proc.stderr, "chat_server: --tls-cert: cannot use %s: No such file or"
+                                      " directory\n" % missing)
+
+    def test_python_without_ssl_names_the_option(self):
+        script = ("import sys; sys.modules['ssl'] = None; sys.path.insert(0, %r);"
+                  " import chat_server; sys.exit(chat_server.main(sys.argv[1:]))" % HERE)
+        cert, key, _ = test_certificate()
+        proc = subprocess.run([sys.executable, "-c", script, "--port", "0", "--log", "off",
+                               "--tls-cert", cert, "--tls-key", key],
+                              capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual((proc.returncode, proc.stdout), (1, ""))
+        self.assertEqual(proc.stderr, "chat_server: --tls-cert needs Python's ssl module, which"
+                                      " this Python lacks\n")
+
+    def test_listening_beyond_loopback_unprotected_is_warned_about(self):
+        open_server = start_server(self, "--host", "0.0.0.0")
+        LineSocket(open_server.port).join("lan").close()
+        self.assertIn("chat_server: warning: listening on 0.0.0.0:%d with neither a password nor"
+                      " TLS: anyone who can reach this address can join and read the chat"
+                      % open_server.port, open_server.stderr())
+        protected = start_server(self, "--host", "0.0.0.0", env={"CHAT_PASSWORD": "s3cret"})
+        loopback = start_server(self)
+        for server in (protected, loopback):
+            LineSocket(server.port).close()
+            self.assertNotIn("warning", server.stderr())
+
+
+def tls_server_context():
+    chat_server = import_module("chat_server")
+    cert, key, _ = test_certificate()
+    return chat_server.tls_context(cert, key)
+
+
+class PasswordTests(unittest.TestCase):
+    """--password-file and CHAT_PASSWORD: the prompt, right and wrong, the lockout."""
+
+    def server_with_password(self, *options, password="open sesame", tls=False):
+        folder = tempfile.mkdtemp(prefix="chat-pw-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "password")
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(password + "\r\nsecond line is ignored\n")
+        return start_server(self, "--password-file", path, *options, tls=tls)
+
+    def enter(self, server, password, **kwargs):
+        client = server.client(**kwargs)
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), PASSWORD_PROMPT)
+        client.send(password + "\n")
+        return client
+
+    def test_right_password_then_the_usual_protocol(self):
+        server = self.server_with_password()
+        alice = self.enter(server, "open sesame")
+        self.assertEqual(alice.line(), WELCOME)
+        alice.send("alice\n")
+        self.assertEqual(alice.said(), OK)
+
+    def test_wrong_password_is_answered_closed_and_logged_without_it(self):
+        server = self.server_with_password()
+        mallory = self.enter(server, "open sesame!")
+        self.assertEqual(mallory.said(), "Sorry! Wrong password.")
+        mallory.expect_eof()
+        alice = self.enter(server, "open sesame")
+        self.assertEqual(alice.line(), WELCOME)
+        log = logged(server)
+        self.assertIn("Sorry! Wrong password. [from %s]" % mallory.address, log)
+        self.assertFalse(any("sesame" in line for line in log))
+
+    def test_environment_variable_and_tls_together(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "пароль"}, tls=True)
+        alice = self.enter(server, "пароль")
+        self.assertEqual(alice.line(), WELCOME)
+        alice.send("alice\n")
+        self.assertEqual(alice.said(), OK)
+
+    def test_five_wrong_passwords_lock_the_address_out(self):
+        server = self.server_with_password()
+        for _ in range(5):
+            self.assertEqual(self.enter(server, "guess").said(), "Sorry! Wrong password.")
+        locked = server.client()
+        self.addCleanup(locked.close)
+        self.assertEqual(locked.said(), "Sorry! Too many wrong passwords. Try again later.")
+        locked.expect_eof()
+        self.assertIn("Sorry! Too many wrong passwords. Try again later. [from %s]"
+                      % locked.address, logged(server))
+        # Another address is not locked out (127.0.0.2 is loopback too, on Linux).
+        try:
+            other = self.enter(server, "open sesame", source="127.0.0.2")
+        except OSError:
+            self.skipTest("no 127.0.0.2 here")
+        self.assertEqual(other.line(), WELCOME)
+
+    def test_the_join_timeout_covers_the_password(self):
+        server = self.server_with_password("--join-timeout", "0.5")
+        slow = server.client()
+        self.addCleanup(slow.close)
+        self.assertEqual(slow.line(), PASSWORD_PROMPT)
+        self.assertEqual(slow.said(), JOIN_TIMEOUT)
+        slow.expect_eof()
+
+    def test_empty_or_missing_password_file_is_one_line_and_exit_1(self):
+        folder = tempfile.mkdtemp(prefix="chat-pw-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        empty = os.path.join(folder, "empty")
+        open(empty, "w").close()
+        missing = os.path.join(folder, "missing")
+        env = dict(os.environ)
+        env.pop("CHAT_PASSWORD", None)
+        for args, message in ((["--password-file", empty],
+                               "--password-file: %s is empty: give a password, or none at all"
+                               % empty),
+                              (["--password-file", missing],
+                               "--password-file: cannot read %s: No such file or directory"
+                               % missing)):
+            proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off"] + args,
+                                  capture_output=True, text=True, timeout=DEADLINE, env=env)
+            self.assertEqual((proc.returncode, proc.stdout, proc.stderr),
+                             (1, "", "chat_server: %s\n" % message))
+
+
 class LogRecordTests(unittest.TestCase):
     """Every version 2 record, in the file (and, below, in syslog)."""
 
@@ -1278,8 +1644,9 @@ class SyslogTests(unittest.TestCase):
         bob.close()
 
 
-class ChatCoreTests(unittest.TestCase):
-    """The sans-I/O room, without sockets: the rules in microseconds."""
+class RoomTestCase(unittest.TestCase):
+    """Tests of the sans-I/O room, without sockets: a Chat at a fixed time, peers, and what the
+    loop would do with their lines."""
 
     history = 0
 
@@ -1342,6 +1709,11 @@ class ChatCoreTests(unittest.TestCase):
         out = [line.decode() for line in self.logged]
         del self.logged[:]
         return [line[len(self.ts):].rstrip("\n") for line in out]
+
+
+
+class ChatCoreTests(RoomTestCase):
+    """The room's bookkeeping, in microseconds."""
 
     def test_broadcast_shares_one_bytes_object(self):
         alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
@@ -1619,7 +1991,7 @@ def random_member_line(rng):
         "/back", "/quit", "/bogus", "/", "//" + text])
 
 
-class RoomModelTests(ChatCoreTests):
+class RoomModelTests(RoomTestCase):
     """The room against its model, thousands of random actions over many seeds (h11's way of
     testing a state machine): every peer's every line, and the log, must be the model's."""
 
@@ -1691,7 +2063,7 @@ class RoomModelTests(ChatCoreTests):
         self.run_seed(1000, steps=2000)
 
 
-class LookAlikeTests(ChatCoreTests):
+class LookAlikeTests(RoomTestCase):
     """The look-alike letters, letter by letter, and the rule they keep, in memory."""
 
     def test_each_look_alike_letter_is_busy_with_its_latin_letter(self):
@@ -1733,6 +2105,50 @@ class LookAlikeTests(ChatCoreTests):
         for i, a in enumerate(joined):
             for b in joined[i + 1:]:
                 self.assertFalse(forms(a) & forms(b), "%r and %r look alike" % (a, b))
+
+
+class PasswordLockoutTests(RoomTestCase):
+    """The lockout's clock, in memory: 5 wrong within 60 s lock out until 60 s after the last."""
+
+    def setUp(self):
+        RoomTestCase.setUp(self)
+        self.chat = self.mod.Chat(self.logged.append, self.mod.Clock(now=lambda: 0), history=0,
+                                  password="right", now=lambda: self.clock_time[0])
+
+    def wrong_at(self, when, host="10.0.0.7"):
+        self.clock_time[0] = when
+        peer = self.peer(host=host)
+        self.assertEqual(self.said(peer), [PASSWORD_PROMPT])
+        self.assertEqual(self.send(peer, "wrong"), self.mod.Phase.CLOSING)
+
+    def greeting_at(self, when, host="10.0.0.7"):
+        self.clock_time[0] = when
+        return self.said(self.peer(host=host))
+
+    def test_locked_until_60_seconds_after_the_last_wrong_password(self):
+        for when in (0, 10, 20, 30, 40):
+            self.wrong_at(when)
+        locked = ["Sorry! Too many wrong passwords. Try again later."]
+        self.assertEqual(self.greeting_at(41), locked)
+        self.assertEqual(self.greeting_at(99.9), locked)      # 60 s after the first: still
+        self.assertEqual(self.greeting_at(100.1), [PASSWORD_PROMPT])
+        self.assertEqual(self.greeting_at(41, host="10.0.0.8"), [PASSWORD_PROMPT])
+
+    def test_wrong_passwords_spread_over_more_than_a_minute_do_not_lock(self):
+        for when in (0, 20, 40, 61, 80):
+            self.wrong_at(when)
+        self.assertEqual(self.greeting_at(81), [PASSWORD_PROMPT])
+
+    def test_right_password_is_compared_exactly(self):
+        for attempt in ("right ", " right", "Right", "righ", "right\t"):
+            self.setUp()
+            peer = self.peer()
+            self.lines(peer)
+            self.assertEqual(self.send(peer, attempt), self.mod.Phase.CLOSING, repr(attempt))
+        peer = self.peer()
+        self.lines(peer)
+        self.assertEqual(self.send(peer, "right"), self.mod.Phase.NICKNAME)
+        self.assertEqual(self.said(peer), [WELCOME])
 
 
 def import_module(name):
