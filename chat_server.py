@@ -698,42 +698,81 @@ class Chat:
 class FileLog:
     """Appends lines to a file, rotating it at ``max_bytes`` (keeps ``backups`` old files).
 
-    Writes are buffered and flushed once per loop turn, like the sockets."""
+    Writes are buffered and flushed once per loop turn, like the sockets. A file that can't be
+    written (disk full, a rename Windows refuses) never stops the chat: the failure is said once
+    on standard error and the chat goes on."""
 
-    def __init__(self, path, max_bytes=LOG_FILE_MAX_BYTES, backups=LOG_FILE_BACKUPS):
+    def __init__(self, path, max_bytes=LOG_FILE_MAX_BYTES, backups=LOG_FILE_BACKUPS,
+                 warn=None):
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
+        self.warn = warn or (lambda message: None)
+        self._failing = False   # said so already: stay quiet until a write works again
         self._file = open(path, "ab")
         self._size = self._file.tell()
 
     def __call__(self, line):
-        self._file.write(line)
+        try:
+            self._file.write(line)
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+            return
         self._size += len(line)
         if self._size >= self.max_bytes:
             self._rotate()
 
     def _rotate(self):
-        self._file.close()
-        for n in range(self.backups - 1, 0, -1):
-            older = "%s.%d" % (self.path, n)
-            if os.path.exists(older):
-                os.replace(older, "%s.%d" % (self.path, n + 1))
-        if self.backups:
-            os.replace(self.path, self.path + ".1")
-        else:
-            os.remove(self.path)
-        self._file = open(self.path, "ab")
+        try:
+            self._file.close()
+            for n in range(self.backups - 1, 0, -1):
+                older = "%s.%d" % (self.path, n)
+                if os.path.exists(older):
+                    os.replace(older, "%s.%d" % (self.path, n + 1))
+            if self.backups:
+                os.replace(self.path, self.path + ".1")
+            else:
+                os.remove(self.path)
+        except OSError:
+            # Windows refuses to rename a file another program holds open (a viewer, a backup
+            # tool, a virus scanner): keep appending, and try again after another max_bytes.
+            pass
+        try:
+            self._file = open(self.path, "ab")
+        except OSError as exc:
+            self._failed(exc)
         self._size = 0
 
+    def _failed(self, exc):
+        if not self._failing:
+            self._failing = True
+            self.warn("cannot write the log file %s: %s; records are lost until it can"
+                      % (self.path, getattr(exc, "strerror", None) or exc))
+
     def flush(self):
-        self._file.flush()
+        try:
+            self._file.flush()
+            self._failing = False
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
 
     def close(self):
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 class StderrLog:
+    def __init__(self):
+        # The records are UTF-8, as in chat.log. Redirected on Windows, standard error would use
+        # the ANSI code page and turn Cyrillic into \u escapes; a console keeps its own I/O.
+        if not sys.stderr.isatty():
+            try:
+                sys.stderr.reconfigure(encoding="utf-8", errors="replace")
+            except (AttributeError, ValueError):
+                pass
+
     def __call__(self, line):
         sys.stderr.write(line.decode("utf-8", "replace"))
 
@@ -854,7 +893,7 @@ def open_file_log(path, warn, fall_back):
     """The log file; where it can't be opened, standard error if ``fall_back`` (with a notice
     saying why), else the error, naming the file."""
     try:
-        return FileLog(path)
+        return FileLog(path, warn=warn)
     except OSError as exc:
         reason = "cannot open the log file %s: %s" % (os.path.abspath(path), exc.strerror or exc)
         if not fall_back:

@@ -1512,6 +1512,23 @@ class ServerProgramTests(unittest.TestCase):
                          ["alice disconnected! [shutdown]", "Server stopped"])
         alice.close()
 
+    def test_a_log_file_that_cannot_be_written_does_not_stop_the_chat(self):
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full here")
+        server = start_server(self, "--log", "file", "--log-file", "/dev/full",
+                              *VERSION_1_OPTIONS, log_file=False)
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        for i in range(50):
+            bob.send("message %d\n" % i)
+        self.assertEqual(alice.said(), "bob connected!")
+        self.assertEqual([alice.said() for _ in range(50)],
+                         ["bob sent message %d" % i for i in range(50)])
+        self.assertEqual(server.stop()[0], 0)
+        self.assertEqual(server.stderr(), "chat_server: cannot write the log file /dev/full: No"
+                                          " space left on device; records are lost until it"
+                                          " can\n")
+
     def test_log_auto_without_syslog_socket_uses_chat_log_and_says_so(self):
         if os.path.exists("/dev/log") or os.path.exists("/var/run/syslog"):
             self.skipTest("this machine has a syslog socket")
