@@ -25,7 +25,6 @@ import collections
 import errno
 import functools
 import heapq
-import hmac
 import math
 import os
 import re
@@ -35,13 +34,11 @@ import signal
 import socket
 import sys
 import time
-import traceback
 import unicodedata
 
-try:
-    import ssl
-except ImportError:  # some minimal builds have no ssl; only --tls-cert needs it
-    ssl = None
+# ssl and hmac are imported only when TLS or a password is used: each loads OpenSSL, about
+# 5 MiB of memory that a plain chat does without.
+ssl = None
 
 VERSION = "2.0.0"
 
@@ -253,6 +250,8 @@ def nickname_keys(nick):
     "ВОВ" (and so "вов") -> "bob". Two nicknames that share a skeleton look alike; no two
     members ever share one."""
     small = nick.casefold().translate(_SMALL)
+    if small == nick:
+        small = nick  # the same string: a member's key then costs no memory of its own
     capital = nick.upper().translate(_CAPITALS).casefold()
     return (small,) if small == capital else (small, capital)
 
@@ -308,15 +307,13 @@ class Peer:
     The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
     queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
     owner's handle for the connection; the room never looks at it."""
-    __slots__ = ("address", "host", "owner", "nick", "keys", "away", "member", "sent_head",
+    __slots__ = ("address", "owner", "nick", "away", "member", "sent_head",
                  "out", "append", "pending", "_bytes", "_counted")
 
-    def __init__(self, address="", host="", owner=None):
-        self.address = address  # "host:port", for the log
-        self.host = host        # what the password lockout counts by
+    def __init__(self, address="", owner=None):
+        self.address = address  # "host:port" ("[::1]:port"), for the log and the lockout
         self.owner = owner
         self.nick = None        # set once a nickname is accepted
-        self.keys = ()          # nickname_keys(nick)
         self.away = None        # None, or the /away text ("" without one)
         self.member = False     # joined and not yet left
         self.sent_head = b""    # "{nick} sent " encoded once, for every message this peer sends
@@ -325,6 +322,11 @@ class Peer:
         self.pending = False    # listed in Chat.pending
         self._bytes = 0         # the size of out[:_counted]; the rest is counted when needed
         self._counted = 0
+
+    @property
+    def host(self):
+        """What the password lockout counts by: the address without its port."""
+        return self.address.rpartition(":")[0]
 
     def queued_bytes(self):
         """Bytes waiting in ``out``. Appends are counted here, lazily, so that a broadcast costs
@@ -405,6 +407,9 @@ class Chat:
         self.clock = clock or Clock()
         self.max_nick = max_nick
         self.password = password.encode("utf-8") if password is not None else None
+        if password is not None:
+            import hmac
+            self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
         self.now = now
         self.members = {}       # each of a member's nickname_keys -> that member
         # Peer -> its out.append, for every member, in order of joining: the broadcast loop
@@ -473,7 +478,7 @@ class Chat:
         return Phase.CLOSING
 
     def password_line(self, peer, line):
-        if hmac.compare_digest(line, self.password):
+        if self._same_secret(line, self.password):
             self.deliver(peer, (Lines.WELCOME + "\n").encode())
             return Phase.NICKNAME
         self._count_wrong_password(peer.host)
@@ -548,15 +553,14 @@ class Chat:
 
     def _name(self, peer, nick):
         peer.nick = nick
-        peer.keys = nickname_keys(nick)
         peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
 
     def _add_keys(self, peer):
-        for key in peer.keys:
+        for key in nickname_keys(peer.nick):
             self.members[key] = peer
 
     def _remove_keys(self, peer):
-        for key in peer.keys:
+        for key in nickname_keys(peer.nick):
             del self.members[key]
 
     # -- members --------------------------------------------------------------------------------
@@ -985,23 +989,31 @@ def open_log(mode, log_file, syslog_address, warn):
 # TLS.
 # ---------------------------------------------------------------------------------------------
 
-if ssl is not None:
-    # A TLS socket's "try again when it is readable/writable", as distinct from a real error.
-    TLS_WANTS_READ = ssl.SSLWantReadError
-    TLS_WANTS_WRITE = ssl.SSLWantWriteError
-else:
-    class TLS_WANTS_READ(Exception):
-        pass
+class _NotRaised(Exception):
+    """Stands for ssl's exceptions in the loop's except clauses until TLS is used."""
 
-    class TLS_WANTS_WRITE(Exception):
-        pass
+
+# A TLS socket's "try again when it is readable/writable", as distinct from a real error.
+# (An except clause's names are looked up only when an exception is being matched.)
+TLS_WANTS_READ = TLS_WANTS_WRITE = _NotRaised
+
+
+def load_ssl():
+    """Import ssl for TLS; RuntimeError if this Python has none (some minimal builds)."""
+    global ssl, TLS_WANTS_READ, TLS_WANTS_WRITE
+    try:
+        import ssl as module
+    except ImportError:
+        raise RuntimeError("--tls-cert needs Python's ssl module, which this Python lacks")
+    ssl = module
+    TLS_WANTS_READ, TLS_WANTS_WRITE = ssl.SSLWantReadError, ssl.SSLWantWriteError
+    return ssl
 
 
 def tls_context(cert_file, key_file):
     """A server context for the certificate (TLS 1.2 or newer); OSError or ssl.SSLError if the
     files are wrong, RuntimeError if this Python has no ssl module."""
-    if ssl is None:
-        raise RuntimeError("--tls-cert needs Python's ssl module, which this Python lacks")
+    ssl = load_ssl()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
@@ -1011,6 +1023,7 @@ def tls_context(cert_file, key_file):
 def certificate_fingerprint(cert_file):
     """SHA-256 of the (first) certificate in the PEM file, as ``AA:BB:...`` (openssl's form)."""
     import hashlib
+    ssl = load_ssl()
     with open(cert_file, encoding="ascii", errors="replace") as f:
         pem = f.read()
     match = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem, re.DOTALL)
@@ -1111,8 +1124,8 @@ class Conn:
     """One connection as the loop sees it: its socket, its phase, and the conditions that decide
     whether it is read or written. The room's side of it is ``peer``."""
     __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp",
-                 "write_blocked", "tls_retry", "over_high_water", "over_rate", "input_ended",
-                 "skipping_long_line", "in_backlog")
+                 "join_deadline", "write_blocked", "tls_retry", "over_high_water", "over_rate",
+                 "input_ended", "skipping_long_line", "in_backlog")
 
     def __init__(self, sock, peer, tls=False, burst=float("inf")):
         self.sock = sock
@@ -1122,7 +1135,8 @@ class Conn:
         self.inbuf = b""          # received bytes not yet handled as lines
         self.mask = 0             # the events the selector watches for this socket now
         self.tokens = burst       # flood control: lines it may send before the clock is read
-        self.stamp = 0.0          # when tokens were last topped up
+        self.stamp = 0.0          # when tokens were last topped up (at first: when it arrived)
+        self.join_deadline = 0.0  # when it must have joined, if there is a join timeout
         # The conditions, independent of the phase:
         self.write_blocked = False      # the kernel's send buffer is full: wait for EVENT_WRITE
         self.tls_retry = False          # a TLS write must be retried with the same bytes
@@ -1178,6 +1192,9 @@ class Server:
         self.backlog = []         # Conns with complete lines not yet handled
         self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
         self.timers = []          # heap of (when, sequence, action, conn)
+        # Join deadlines all have the same length, so they come due in the order of arrival: a
+        # queue of connections, each with its deadline, instead of a heap entry per connection.
+        self.joining = collections.deque()
         self._share = LINES_PER_TURN  # lines each connection read this turn may handle at once
         self._timer_seq = 0
         self.listener = None
@@ -1280,8 +1297,10 @@ class Server:
         if self.backlog or self.tls_buffered:
             return 0
         wait = timeout
-        if self.timers:
-            until = max(self.timers[0][0] - time.monotonic(), 0)
+        if self.timers or self.joining:
+            first = min(self.timers[0][0] if self.timers else float("inf"),
+                        self.joining[0].join_deadline if self.joining else float("inf"))
+            until = max(first - time.monotonic(), 0)
             wait = until if wait is None else min(wait, until)
         return wait
 
@@ -1298,7 +1317,7 @@ class Server:
         It leaves the room at once and its input is no longer handled, but the lines already
         queued for it are still written (CLOSING); a second error while closing closes it now."""
         sys.stderr.write("chat_server: error on %r, closing it:\n" % (conn,))
-        traceback.print_exc(file=sys.stderr)
+        print_traceback()
         sys.stderr.flush()
         try:
             if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
@@ -1307,7 +1326,7 @@ class Server:
                 self.chat.leave(conn.peer, Reason.ERROR)
                 self._close_after_flush(conn)
         except Exception:
-            traceback.print_exc(file=sys.stderr)
+            print_traceback()
             self._forget(conn)
 
     # -- timers ---------------------------------------------------------------------------------
@@ -1317,6 +1336,13 @@ class Server:
 
     def _run_timers(self):
         now = time.monotonic()
+        joining = self.joining
+        while joining and joining[0].join_deadline <= now:
+            conn = joining.popleft()
+            try:
+                self._join_expired(conn)
+            except Exception:
+                self._fail(conn)
         while self.timers and self.timers[0][0] <= now:
             _, _, action, conn = heapq.heappop(self.timers)
             if conn is None:
@@ -1330,6 +1356,7 @@ class Server:
                 self._fail(conn)
 
     def _join_expired(self, conn):
+        """Its join timeout has come: if it has not joined by now, it is refused."""
         if conn.phase is Phase.HANDSHAKE:
             self._close(conn, Reason.JOIN_TIMEOUT)  # no TLS yet, so nothing can be said
         elif conn.phase is Phase.PASSWORD or conn.phase is Phase.NICKNAME:
@@ -1386,7 +1413,7 @@ class Server:
             try:
                 self._admit(sock, address)
             except Exception:
-                traceback.print_exc(file=sys.stderr)
+                print_traceback()
                 sock.close()
 
     def _pause_accepting(self):
@@ -1400,9 +1427,8 @@ class Server:
     def _admit(self, sock, address):
         sock.setblocking(False)
         tune_socket(sock)
-        host = address[0] if isinstance(address, tuple) else str(address)
-        peer = Peer(format_address(host, address[1]) if isinstance(address, tuple) else host,
-                    host)
+        peer = Peer(format_address(address[0], address[1]) if isinstance(address, tuple)
+                    else str(address))
         if self.tls is not None:
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         conn = Conn(sock, peer, tls=self.tls is not None, burst=self.rate_burst)
@@ -1416,7 +1442,8 @@ class Server:
             self._enter(conn, self.chat.refuse(peer, Lines.FULL))
             return
         if self.join_timeout:
-            self._after(self.join_timeout, self._join_expired, conn)
+            conn.join_deadline = conn.stamp + self.join_timeout
+            self.joining.append(conn)
         if conn.tls:
             self._set_interest(conn)  # the handshake starts when the client's hello arrives
         else:
@@ -1793,6 +1820,7 @@ class Server:
             else:
                 self._close_after_flush(conn)
         self.timers = []
+        self.joining.clear()
         self._after(grace, lambda _: None, None)  # bounds the wait below
         deadline = time.monotonic() + grace
         self._flush_pending()
@@ -1812,6 +1840,12 @@ class Server:
                 sock.close()
         self.poller.close()
         self.log.close()
+
+
+def print_traceback():
+    """The exception being handled, on standard error (traceback is imported only then)."""
+    import traceback
+    traceback.print_exc(file=sys.stderr)
 
 
 def tune_socket(sock):

@@ -1681,7 +1681,7 @@ class RoomTestCase(unittest.TestCase):
     def peer(self, nick=None, host="127.0.0.1"):
         """A connection greeted by the room; joined as ``nick`` if given (its output cleared)."""
         port = next(self._ports)
-        peer = self.mod.Peer("%s:%d" % (host, port), host)
+        peer = self.mod.Peer("%s:%d" % (host, port))
         self.phases[peer] = self.chat.greet(peer)
         if nick:
             self.assertEqual(self.send(peer, nick), self.mod.Phase.MEMBER)
@@ -1779,7 +1779,7 @@ class ChatCoreTests(RoomTestCase):
         self.assertEqual(self.flushed(), [])
 
     def test_output_and_sent_keep_the_bytes_and_their_count(self):
-        peer = self.mod.Peer("127.0.0.1:1", "127.0.0.1")
+        peer = self.mod.Peer("127.0.0.1:1")
         for data in (b"abc", b"de", b"fghij"):
             peer.append(data)
         self.assertEqual(peer.queued_bytes(), 10)
@@ -1800,7 +1800,7 @@ class ChatCoreTests(RoomTestCase):
     def test_sent_counts_whatever_was_counted_before(self):
         import random
         rng = random.Random(5)
-        peer = self.mod.Peer("127.0.0.1:1", "127.0.0.1")
+        peer = self.mod.Peer("127.0.0.1:1")
         expected = b""
         for _ in range(3000):
             if rng.random() < 0.5:
@@ -2100,7 +2100,8 @@ class RoomModelTests(RoomTestCase):
                 model.seen[peer] = []
             self.assertEqual(self.logged_text(), model.log, "seed %d step %d" % (seed, step))
             model.log = []
-            keys = [key for p in set(self.chat.members.values()) for key in p.keys]
+            keys = [key for p in set(self.chat.members.values())
+                    for key in self.mod.nickname_keys(p.nick)]
             self.assertEqual(len(keys), len(set(keys)))  # no two members share a skeleton
             self.assertEqual(sorted(map(id, set(self.chat.members.values()))),
                              sorted(map(id, members)))
@@ -2289,7 +2290,7 @@ class FaultIsolationTests(unittest.TestCase):
 
     def test_conn_repr_says_which_connection(self):
         chat_server = import_module("chat_server")
-        peer = chat_server.Peer("127.0.0.1:5555", "127.0.0.1")
+        peer = chat_server.Peer("127.0.0.1:5555")
         conn = chat_server.Conn(None, peer)
         conn.phase = chat_server.Phase.NICKNAME
         peer.append(b"12345")
