@@ -900,7 +900,9 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(err, "Cannot connect to 127.0.0.1:%d: Connection refused."
                               " Is the server running?\n" % port)
 
-    def test_server_shutdown_is_shown(self):
+    def test_server_shutdown_is_shown_and_exits_1(self):
+        # The user did not end it: status 1, the server's reason on stderr (the line itself
+        # also reaches stdout, as every line of the server does in a pipe).
         server = start_server(self)
         client = self.client(server.port)
         client.type("dave\n")
@@ -908,9 +910,9 @@ class ClientTests(unittest.TestCase):
         wait_until(lambda: "dave" in server_members(server, watcher), "dave to join")
         self.assertEqual(server.stop()[0], 0)
         status, lines, err = client.finish()
-        self.assertEqual(status, 0)
+        self.assertEqual(status, 1)
         self.assertEqual(split_ts(lines[-1])[1], SHUTTING_DOWN)
-        self.assertEqual(err, "Connection closed by the server.\n")
+        self.assertEqual(err, SHUTTING_DOWN + "\n")
 
     def test_hostile_bytes_are_printed_harmless(self):
         fake = socket.socket()
@@ -962,19 +964,74 @@ class ClientTestsWindowsPaths(ClientTests):
     env = {"CHAT_PLATFORM": "windows"}
 
 
-class Screen:
-    """Just enough of a terminal to replay what readline writes: the rows a person would see."""
+def cell_width(ch):
+    """Columns a character takes in the Screen below: 2 for East Asian wide, 0 for marks."""
+    import unicodedata
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
-    def __init__(self, width=200):
-        self.pending = ""   # an escape sequence cut in two by the pty read
-        self.rows = [""]
-        self.row = self.col = 0
+
+class Screen:
+    """Just enough of a terminal to replay what the client writes: the rows a person would see
+    and the attributes (SGR) of each character, a width with autowrap (DECAWM turns it off),
+    wide characters, bells, and a resize that reflows soft-wrapped rows as tmux does (or, with
+    ``reflow=False``, cuts them as xterm does). Rows are never scrolled away: the list of rows
+    is the scrollback and the screen together."""
+
+    def __init__(self, width=200, reflow=True):
         self.width = width
+        self.reflow = reflow
+        self.pending = ""       # an escape sequence cut in two by the pty read
+        self.lines = [[]]       # rows of cells [char, attrs]; a wide char's right half is ""
+        self.soft = [False]     # soft[i]: row i continues row i - 1 (the terminal wrapped it)
+        self.row = self.col = 0
+        self.wrap_next = False  # the last column was written: the next character wraps
+        self.autowrap = True
+        self.attrs = frozenset()
+        self.bells = 0
+
+    # -- writing --------------------------------------------------------------------------
+    def _line(self, row, length=0):
+        while len(self.lines) <= row:
+            self.lines.append([])
+            self.soft.append(False)
+        line = self.lines[row]
+        while len(line) < length:
+            line.append([" ", frozenset()])
+        return line
+
+    def _down(self, soft=False):
+        self.row += 1
+        self._line(self.row)
+        self.soft[self.row] = soft
+        self.wrap_next = False
 
     def _put(self, ch):
-        line = self.rows[self.row].ljust(self.col)
-        self.rows[self.row] = line[:self.col] + ch + line[self.col + 1:]
-        self.col += 1
+        w = cell_width(ch)
+        if w == 0:
+            line = self._line(self.row)
+            if 0 < self.col <= len(line):
+                line[self.col - 1][0] += ch
+            return
+        if self.wrap_next and self.autowrap:
+            self._down(soft=True)
+            self.col = 0
+        self.wrap_next = False
+        if self.col + w > self.width:
+            if self.autowrap:
+                self._down(soft=True)
+                self.col = 0
+            else:
+                self.col = self.width - w
+        line = self._line(self.row, self.col + w)
+        line[self.col] = [ch, self.attrs]
+        if w == 2:
+            line[self.col + 1] = ["", self.attrs]
+        self.col += w
+        if self.col >= self.width:
+            self.col = self.width - 1
+            self.wrap_next = True
 
     def feed(self, text):
         text, self.pending = self.pending + text, ""
@@ -982,26 +1039,27 @@ class Screen:
         while i < len(text):
             ch = text[i]
             if ch == "\x1b":
-                match = re.match(r"\x1b(\[[?]?([0-9;]*)([A-Za-z@])|\][^\x07]*\x07|[=>])", text[i:])
+                match = re.match(r"\x1b(\[([?]?)([0-9;]*)([A-Za-z@])|\][^\x07]*\x07|[=>])",
+                                 text[i:])
                 if not match and re.match(r"^\x1b(\[[?]?[0-9;]*|\][^\x07]*)?$", text[i:]):
                     self.pending = text[i:]
                     return
                 if not match:
                     raise AssertionError("unknown escape %r" % text[i:i + 10])
-                if match.group(3):
-                    self._csi(match.group(2), match.group(3), match.group(1).startswith("[?"))
+                if match.group(4):
+                    self._csi(match.group(3), match.group(4), match.group(2) == "?")
                 i += match.end()
                 continue
             if ch == "\r":
                 self.col = 0
+                self.wrap_next = False
             elif ch == "\n":
-                self.row += 1
-                if self.row == len(self.rows):
-                    self.rows.append("")
+                self._down()
             elif ch == "\b":
                 self.col = max(self.col - 1, 0)
+                self.wrap_next = False
             elif ch == "\x07":
-                pass
+                self.bells += 1
             elif ch >= " ":
                 self._put(ch)
             else:
@@ -1010,41 +1068,134 @@ class Screen:
 
     def _csi(self, params, final, private):
         if private:
-            return  # modes (keypad, bracketed paste): nothing to draw
+            if params == "7" and final in "hl":
+                self.autowrap = final == "h"   # DECAWM
+            return  # other modes (keypad, bracketed paste): nothing to draw
+        if final == "m":
+            self._sgr(params)
+            return
         n = int(params.split(";")[0] or 1)
-        line = self.rows[self.row]
+        self.wrap_next = False
+        line = self._line(self.row)
         if final == "C":
-            self.col += n
+            self.col = min(self.col + n, self.width - 1)
         elif final == "D":
             self.col = max(self.col - n, 0)
         elif final == "A":
             self.row = max(self.row - n, 0)
         elif final == "B":
-            self.row += n
-            while len(self.rows) <= self.row:
-                self.rows.append("")
+            for _ in range(n):
+                self._down()
         elif final == "K":
             mode = int(params or 0)
             if mode == 0:
-                self.rows[self.row] = line[:self.col]
+                del line[self.col:]
             elif mode == 2:
-                self.rows[self.row] = ""
+                del line[:]
             else:
-                self.rows[self.row] = " " * self.col + line[self.col:]
+                for cell in line[:self.col + 1]:
+                    cell[:] = [" ", frozenset()]
         elif final == "J":
-            self.rows[self.row] = line[:self.col]
-            del self.rows[self.row + 1:]
+            del line[self.col:]
+            del self.lines[self.row + 1:]
+            del self.soft[self.row + 1:]
         elif final == "P":
-            self.rows[self.row] = line[:self.col] + line[self.col + n:]
+            del line[self.col:self.col + n]
         elif final == "@":
-            self.rows[self.row] = line[:self.col] + " " * n + line[self.col:]
-        elif final in "mh l":
-            pass
+            line[self.col:self.col] = [[" ", frozenset()] for _ in range(n)]
+            del line[self.width:]
         else:
             raise AssertionError("unhandled CSI %r%r" % (params, final))
 
+    def _sgr(self, params):
+        attrs = set(self.attrs)
+        for code in [int(p or 0) for p in params.split(";")]:
+            if code == 0:
+                attrs = set()
+            elif code in (1, 2, 7):
+                attrs.add({1: "bold", 2: "dim", 7: "reverse"}[code])
+            elif code == 22:
+                attrs -= {"bold", "dim"}
+            elif code == 27:
+                attrs.discard("reverse")
+            elif 30 <= code <= 37 or 90 <= code <= 97 or code == 39:
+                attrs = {a for a in attrs if not a.startswith("fg:")}
+                if code != 39:
+                    attrs.add("fg:%d" % code)
+            elif 40 <= code <= 47 or 100 <= code <= 107 or code == 49:
+                attrs = {a for a in attrs if not a.startswith("bg:")}
+                if code != 49:
+                    attrs.add("bg:%d" % code)
+            else:
+                attrs.add("sgr:%d" % code)
+        self.attrs = frozenset(attrs)
+
+    # -- a new width ------------------------------------------------------------------------
+    def resize(self, width):
+        """The terminal gets ``width`` columns. Reflowing: soft-wrapped rows are joined into
+        their line and the lines wrapped again, the cursor staying on its character. Not
+        reflowing: rows are cut at the new width, the cursor stays where it is."""
+        old, self.width = self.width, width
+        self.wrap_next = False
+        if not self.reflow:
+            for line in self.lines:
+                del line[width:]
+            self.col = min(self.col, width - 1)
+            return
+        groups = []   # rows joined by soft wraps: each group is one line of text
+        for i in range(len(self.lines)):
+            if i > 0 and self.soft[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        lines, soft = [], []
+        cursor = (self.row, self.col)
+        for group in groups:
+            cells, at = [], None
+            for k, i in enumerate(group):
+                if i == self.row:
+                    at = len(cells) + self.col
+                cells.extend(self.lines[i])
+                if k < len(group) - 1:   # a row that wrapped was full: pad what was never drawn
+                    cells.extend([" ", frozenset()] for _ in range(old - len(self.lines[i])))
+            if at is None:
+                while cells and cells[-1] == [" ", frozenset()]:
+                    cells.pop()
+            rows, col = [[]], 0
+            for position, cell in enumerate(cells):
+                if cell[0] == "":          # the right half of a wide character
+                    rows[-1].append(cell)
+                    continue
+                w = cell_width(cell[0][0])
+                if col + w > width:
+                    rows.append([])
+                    col = 0
+                if position == at:
+                    cursor = (len(lines) + len(rows) - 1, col)
+                rows[-1].append(cell)
+                col += w
+            if at is not None and at >= len(cells):   # the cursor stands after the text
+                extra = col + at - len(cells)
+                cursor = (len(lines) + len(rows) - 1 + extra // width, extra % width)
+            for k, row in enumerate(rows):
+                lines.append(row)
+                soft.append(k > 0)
+        self.lines, self.soft = lines, soft
+        self.row, self.col = cursor
+        self._line(self.row)
+
+    # -- reading --------------------------------------------------------------------------
     def visible(self):
-        return [row.rstrip() for row in self.rows]
+        return ["".join(cell[0] for cell in line).rstrip() for line in self.lines]
+
+    def attrs_of(self, text):
+        """The attributes of the first character of the last row that contains ``text``."""
+        for line in reversed(self.lines):
+            chars = "".join(cell[0] or "\0" for cell in line)
+            at = chars.find(text)
+            if at >= 0:
+                return line[at][1]
+        raise AssertionError("%r is not on the screen: %r" % (text, self.visible()))
 
 
 def _controlling_terminal():
@@ -1056,25 +1207,37 @@ def _controlling_terminal():
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
-class TerminalClientTests(unittest.TestCase):
-    """chat_client.py under a pseudo-terminal, typed into as a person would."""
+def set_terminal_size(fd, width, height):
+    import fcntl
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
-    def setUp(self):
+
+class PtyClient:
+    """chat_client.py (or ``command``) on a pseudo-terminal of ``width`` columns, typed into as
+    a person would; what it writes is replayed on a Screen."""
+
+    def __init__(self, test, args, env=None, width=100, height=30, reflow=True, command=None):
+        import codecs
         import pty
-        self.server = start_server(self)
         self.master, slave = pty.openpty()
-        env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
-        env.pop("CHAT_PLATFORM", None)
-        self.proc = subprocess.Popen([sys.executable, CLIENT, "--port", str(self.server.port)],
-                                     stdin=slave, stdout=slave, stderr=slave, env=env,
+        set_terminal_size(slave, width, height)
+        self.height = height
+        full_env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
+        for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD"):
+            full_env.pop(name, None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + list(args),
+                                     stdin=slave, stdout=slave, stderr=slave, env=full_env,
                                      close_fds=True, preexec_fn=_controlling_terminal)
         os.close(slave)
-        self.addCleanup(self._stop)
+        test.addCleanup(self.close)
         self.output = b""
-        self.screen = Screen()
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.screen = Screen(width, reflow=reflow)
+        self.closed = False
 
-    def _stop(self):
+    def close(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -1083,83 +1246,122 @@ class TerminalClientTests(unittest.TestCase):
     def type(self, keys):
         os.write(self.master, keys.encode("utf-8") if isinstance(keys, str) else keys)
 
-    def read_until(self, condition, what):
-        """Read the terminal until condition(visible rows) holds."""
-        end = time.monotonic() + DEADLINE
-        while not condition(self.screen.visible()):
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("timed out waiting for %s; screen %r"
-                                     % (what, self.screen.visible()))
-            ready, _, _ = select.select([self.master], [], [], remaining)
-            if ready:
-                try:
-                    chunk = os.read(self.master, 65536)
-                except OSError:  # EIO: the client exited and the terminal closed
-                    chunk = b""
-                if not chunk:
-                    if condition(self.screen.visible()):
-                        return
-                    raise AssertionError("terminal closed waiting for %s; screen %r"
-                                         % (what, self.screen.visible()))
-                self.output += chunk
-                self.screen.feed(chunk.decode("utf-8", "replace"))
+    def rows(self):
+        return self.screen.visible()
 
     def rows_after_ts(self):
         return [TS.sub("", row) for row in self.screen.visible()]
 
-    def join_as(self, nick):
+    def read_until(self, condition, what, deadline=DEADLINE):
+        """Read the terminal until condition(visible rows) holds."""
+        end = time.monotonic() + deadline
+        while not condition(self.screen.visible()):
+            remaining = end - time.monotonic()
+            if remaining <= 0 or self.closed:
+                raise AssertionError("%s waiting for %s; screen %r"
+                                     % ("terminal closed" if self.closed else "timed out",
+                                        what, self.screen.visible()))
+            self.read_some(remaining)
+
+    def read_some(self, timeout):
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: the client exited and the terminal closed
+            chunk = b""
+        if not chunk:
+            self.closed = True
+            return
+        self.output += chunk
+        self.screen.feed(self.decoder.decode(chunk))
+
+    def settle(self, quiet=0.3):
+        """Read until nothing has come for ``quiet`` seconds (only where nothing is awaited:
+        to see that something does NOT happen)."""
+        end = time.monotonic() + DEADLINE
+        before = None
+        while before != len(self.output) and time.monotonic() < end:
+            before = len(self.output)
+            self.read_some(quiet)
+
+    def join(self, nick):
         self.read_until(lambda rows: WELCOME in rows, "the welcome")
         self.type(nick + "\r")
-        self.read_until(lambda rows: OK in self.rows_after_ts(), "Server: ok!")
+        self.read_until(lambda rows: rows[-1] == nick + ">", "the prompt %s>" % nick)
+
+    def resize(self, width, height=None):
+        """A new window size; the kernel sends SIGWINCH to the client."""
+        self.settle(0.1)
+        self.screen.resize(width)
+        set_terminal_size(self.master, width, height or self.height)
+
+    def wait(self, deadline=DEADLINE):
+        status = self.proc.wait(deadline)
+        self.settle(0.05)
+        return status
+
+    def termios_lflag(self):
+        import termios
+        return termios.tcgetattr(self.master)[3]
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalClientTests(unittest.TestCase):
+    """chat_client.py under a pseudo-terminal, typed into as a person would."""
+
+    def setUp(self):
+        self.server = start_server(self)
+        self.term = PtyClient(self, ["--port", str(self.server.port)])
 
     def test_incoming_line_keeps_the_half_typed_input(self):
-        self.join_as("carol")
+        term = self.term
+        term.join("carol")
         alice = self.server.client().join("alice")
-        self.read_until(lambda rows: "alice connected!" in self.rows_after_ts(), "alice joins")
-        self.type("half typ")
-        self.read_until(lambda rows: rows[-1] == "> half typ", "the typed text echoed")
+        term.read_until(lambda rows: "alice connected!" in term.rows_after_ts(), "alice joins")
+        term.type("half typ")
+        term.read_until(lambda rows: rows[-1] == "carol> half typ", "the typed text echoed")
         alice.send("incoming\n")
         # The message gets a row of its own, and below it, last, the prompt with the
         # half-typed text, redrawn intact.
-        self.read_until(lambda rows: self.rows_after_ts()[-2:] == ["alice sent incoming",
-                                                                  "> half typ"],
+        term.read_until(lambda rows: term.rows_after_ts()[-2:] == ["alice sent incoming",
+                                                                  "carol> half typ"],
                         "alice's line above the redrawn input")
-        self.assertEqual(self.rows_after_ts().count("alice sent incoming"), 1)
+        self.assertEqual(term.rows_after_ts().count("alice sent incoming"), 1)
         # Finish the line with editing keys (two Lefts, then typing) and send it whole.
         self.assertEqual(alice.said(), OK)
         self.assertEqual(alice.said(), "YOU SEND USERS incoming")
-        self.type("\x1b[D\x1b[Ded\r")
+        term.type("\x1b[D\x1b[Ded\r")
         self.assertEqual(alice.said(), "carol sent half tedyp")
-        self.read_until(lambda rows: "YOU SEND USERS half tedyp" in self.rows_after_ts(),
+        term.read_until(lambda rows: "YOU SEND USERS half tedyp" in term.rows_after_ts(),
                         "the echo")
         alice.close()
 
     def test_history_and_ctrl_d_leave_cleanly(self):
         import termios
-        self.join_as("erin")
-        before = termios.tcgetattr(self.master)
+        term = self.term
+        term.join("erin")
+        before = term.termios_lflag()
         alice = self.server.client().join("alice")
-        self.type("first\r")
+        term.type("first\r")
         self.assertEqual(alice.said(), "erin sent first")
-        self.type("\x1b[A again\r")  # Up brings "first" back
+        term.type("\x1b[A again\r")  # Up brings "first" back
         self.assertEqual(alice.said(), "erin sent first again")
-        self.type("\x04")  # Ctrl-D on an empty line
-        self.assertEqual(self.proc.wait(DEADLINE), 0)
+        term.type("\x04")  # Ctrl-D on an empty line
+        self.assertEqual(term.wait(), 0)
         self.assertEqual(alice.said(), "erin disconnected!")
-        after = termios.tcgetattr(self.master)
-        self.assertEqual(after[3] & (termios.ICANON | termios.ECHO),
-                         termios.ICANON | termios.ECHO)
-        self.assertEqual(before[3] & (termios.ICANON | termios.ECHO), 0)  # readline's raw mode
-        self.assertNotIn(b"Traceback", self.output)
+        after = term.termios_lflag()
+        self.assertEqual(after & (termios.ICANON | termios.ECHO), termios.ICANON | termios.ECHO)
+        self.assertEqual(before & (termios.ICANON | termios.ECHO), 0)  # readline's raw mode
+        self.assertNotIn(b"Traceback", term.output)
         alice.close()
 
     def test_ctrl_c_leaves_quietly(self):
-        self.join_as("frank")
-        self.type("\x03")
-        self.assertEqual(self.proc.wait(DEADLINE), 0)
-        self.read_until(lambda rows: True, "nothing")
-        self.assertNotIn(b"Traceback", self.output)
+        self.term.join("frank")
+        self.term.type("\x03")
+        self.assertEqual(self.term.wait(), 0)
+        self.assertNotIn(b"Traceback", self.term.output)
 
 
 # ---------------------------------------------------------------------------------------------
