@@ -2014,7 +2014,7 @@ def parse_args(argv):
     parser.add_argument("--known-servers", metavar="PATH",
                         help="the file of trusted certificate fingerprints (default %s)"
                              % default_known_servers().replace("%", "%%"))
-    parser.add_argument("--color", "--colour", dest="color", default="auto",
+    parser.add_argument("--color", default="auto",
                         choices=("auto", "always", "never"),
                         help="colours: auto (a terminal, NO_COLOR unset), always, never")
     parser.add_argument("--no-bell", action="store_true",

@@ -827,11 +827,13 @@ def free_port():
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
-    def __init__(self, port, env=None, command=None):
+    def __init__(self, port, env=None, command=None, args=()):
         full_env = dict(os.environ)
         full_env.pop("CHAT_PLATFORM", None)
+        full_env.pop("CHAT_PASSWORD", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)],
+        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)]
+                                     + list(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env)
 
@@ -941,8 +943,78 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((proc.returncode, proc.stdout), (0, "chat_client %s\n" % readme_version()))
         proc = subprocess.run([sys.executable, CLIENT, "--port", "x"],
                               capture_output=True, text=True, timeout=DEADLINE)
-        self.assertEqual(proc.returncode, 2)
-        self.assertEqual(len(proc.stderr.splitlines()), 1)
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (2, "chat_client: --port: 'x' is not a port number (1 to 65535)\n"))
+
+    def test_usage_errors_are_one_line_naming_the_option_and_exit_2(self):
+        missing = os.path.join(tempfile.gettempdir(), "no-such-file-%d" % os.getpid())
+        cases = [
+            (["--port", "0"], "chat_client: --port: '0' is not a port number (1 to 65535)"),
+            (["--color", "pink"], "chat_client: --color: invalid choice: 'pink' "
+                                  "(choose from 'auto', 'always', 'never')"),
+            (["--tls-fingerprint", "AB:CD"], "chat_client: --tls-fingerprint: 'AB:CD' is not a "
+                                             "SHA-256 fingerprint (64 hex digits, colons allowed)"),
+            (["--nick", ""], "chat_client: --nick: '' is not a nickname (letters and digits)"),
+            (["--password-file", missing], "chat_client: --password-file: cannot read %s: "
+                                           "No such file or directory" % missing),
+            (["--tls-ca", missing], "chat_client: --tls-ca: cannot load %s: "
+                                    "No such file or directory" % missing),
+            (["--bogus"], "chat_client: unrecognized arguments: --bogus"),
+        ]
+        for args, message in cases:
+            proc = subprocess.run([sys.executable, CLIENT] + args, capture_output=True,
+                                  text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL)
+            self.assertEqual((proc.returncode, proc.stdout, proc.stderr), (2, "", message + "\n"))
+
+    def test_refusals_exit_1_with_the_reason_on_stderr(self):
+        server = start_server(self, "--max-clients", "1")
+        holder = server.client()
+        self.assertEqual(holder.line(), WELCOME)
+        status, lines, err = self.client(server.port).finish()
+        self.assertEqual((status, [split_ts(line)[1] for line in lines], err),
+                         (1, [FULL], FULL + "\n"))
+        holder.close()
+        server = start_server(self, "--join-timeout", "1")
+        client = self.client(server.port)           # says nothing, keeps its stdin open
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], JOIN_TIMEOUT)
+        status, lines, err = client.finish()
+        self.assertEqual((status, lines, err), (1, [], JOIN_TIMEOUT + "\n"))
+
+    def test_refused_nickname_in_a_pipe_exits_1_and_sends_nothing_more(self):
+        server = start_server(self)
+        alice = server.client().join("alice")
+        client = self.client(server.port)
+        client.type("ALICE\nhello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (1, busy("ALICE") + "\n"))
+        self.assertEqual([WELCOME, busy("ALICE")],
+                         [lines[0]] + [split_ts(line)[1] for line in lines[1:]])
+        alice.send("anyone?\n")
+        self.assertEqual(alice.said(), ALONE)   # "hello" never became a nickname
+        alice.close()
+
+    def test_nick_option_in_a_pipe(self):
+        server = start_server(self)
+        alice = server.client().join("alice")
+        client = self.client(server.port, args=["--nick", "robot"])
+        client.type("the build is green\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(alice.said(), "robot connected!")
+        self.assertEqual(alice.said(), "robot sent the build is green")
+        status, lines, err = self.client(server.port, args=["--nick", "Alice"]).finish()
+        self.assertEqual((status, err), (1, busy("Alice") + "\n"))
+        alice.close()
+
+    def test_killed_server_exits_1(self):
+        server = start_server(self)
+        client = self.client(server.port, args=["--nick", "paul"])
+        watcher = server.client().join("watcher")
+        wait_until(lambda: "paul" in server_members(server, watcher), "paul to join")
+        server.stop(signal.SIGKILL)
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (1, "Connection closed by the server.\n"))
 
 
 def server_members(server, watcher):
@@ -1362,6 +1434,609 @@ class TerminalClientTests(unittest.TestCase):
         self.term.type("\x03")
         self.assertEqual(self.term.wait(), 0)
         self.assertNotIn(b"Traceback", self.term.output)
+
+
+# Version 2's lines that only the client's tests need (docs/PROTOCOL.md), written out here on
+# purpose, like the ones at the top.
+PASSWORD_PROMPT = "This chat is protected. Please enter the password"
+GOODBYE = "Goodbye!"
+WRONG_PASSWORD = "Sorry! Wrong password."
+TOO_MANY_PASSWORDS = "Sorry! Too many wrong passwords. Try again later."
+
+
+def load_client_module():
+    """chat_client.py as a module, for the tests that drive its parts in memory."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("chat_client_under_test", CLIENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RecordingUi:
+    """What a Session asks of the client, written down."""
+
+    def __init__(self):
+        self.session = None
+        self.sent, self.shown, self.notes, self.prompts = [], [], [], []
+        self.password_asked = self.half_closed = self.joins = 0
+
+    def send(self, text):
+        self.sent.append(text)
+
+    def show(self, line):
+        self.shown.append(line)
+
+    def note(self, text, style=None):
+        self.notes.append(text)
+
+    def prompt_changed(self):
+        self.prompts.append(self.session.prompt())
+
+    def ask_password(self):
+        self.password_asked += 1
+
+    def half_close(self):
+        self.half_closed += 1
+
+    def joined(self):
+        self.joins += 1
+
+    def shown_texts(self):
+        return [line.text for line in self.shown]
+
+
+T0 = "2026-11-24 14:05: "
+
+
+class SessionTests(unittest.TestCase):
+    """The client's phases, driven in memory with the server's lines (docs/PROTOCOL.md)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_client_module()
+
+    def session(self, **options):
+        ui = RecordingUi()
+        session = self.chat.Session(ui, **options)
+        ui.session = session
+        session.connected()
+        return session, ui
+
+    def joined(self, nick="alice", **options):
+        session, ui = self.session(**options)
+        session.server_line(WELCOME)
+        session.typed(nick)
+        session.server_line(T0 + OK)
+        del ui.sent[:], ui.shown[:], ui.notes[:]
+        return session, ui
+
+    def test_pipe_lines_wait_for_the_greeting_then_one_nickname_attempt_at_a_time(self):
+        session, ui = self.session()
+        session.typed("robot")
+        session.typed("the build is green")
+        self.assertEqual(ui.sent, [])                      # nothing before the greeting
+        session.server_line(WELCOME)
+        self.assertEqual((ui.sent, session.phase), (["robot"], "joining"))
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["robot", "the build is green"])
+        self.assertEqual((session.phase, session.nick), ("member", "robot"))
+
+    def test_pipe_refused_nickname_ends_with_status_1_and_sends_nothing_more(self):
+        session, ui = self.session()
+        session.typed("robot")
+        session.typed("hello")
+        session.server_line(WELCOME)
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + busy("robot"))
+        self.assertEqual((done.exception.status, done.exception.message), (1, busy("robot")))
+        self.assertEqual(ui.sent, ["robot"])   # "hello" never became a nickname
+        self.assertEqual(ui.shown_texts()[-1], T0 + busy("robot"))  # stdout: the line as is
+
+    def test_terminal_refused_nickname_asks_again_and_drops_lines_typed_meanwhile(self):
+        session, ui = self.session(interactive=True)
+        session.server_line(WELCOME)
+        self.assertEqual(session.prompt(), "nickname> ")
+        session.typed("alice")
+        session.typed("hello")                          # typed before the answer came
+        session.server_line(T0 + busy("alice"))
+        self.assertEqual((session.phase, session.prompt()), ("nickname", "nickname> "))
+        self.assertEqual(ui.notes, ["Not sent, you have not joined yet: hello"])
+        self.assertEqual(ui.sent, ["alice"])
+        session.typed("alice2")
+        session.server_line(T0 + OK)
+        self.assertEqual((session.nick, session.prompt()), ("alice2", "alice2> "))
+        self.assertEqual(ui.sent, ["alice", "alice2"])
+
+    def test_nick_option_is_sent_when_greeted(self):
+        session, ui = self.session(nick="bot")
+        session.input_ended()                       # an empty pipe: still join first
+        self.assertEqual(ui.half_closed, 0)
+        session.server_line(WELCOME)
+        self.assertEqual((ui.sent, ui.half_closed), (["bot"], 1))
+
+    def test_nickname_as_the_server_normalises_it(self):
+        session, ui = self.session(interactive=True)
+        session.server_line(WELCOME)
+        session.typed("  \uff41\uff4c\uff49\uff43\uff45 ")   # fullwidth alice, padded
+        session.server_line(T0 + OK)
+        self.assertEqual(session.prompt(), "alice> ")
+
+    def test_own_message_is_one_line_set_apart(self):
+        session, ui = self.joined(interactive=True)
+        self.assertTrue(session.replaces_echo("hello bob"))
+        session.typed("hello bob")
+        session.server_line(T0 + OK)                      # left out: the repeat says it all
+        session.server_line(T0 + "YOU SEND USERS hello bob")
+        self.assertEqual(ui.shown_texts(), [T0 + "YOU SEND USERS hello bob"])
+        self.assertTrue(ui.shown[0].own)
+
+    def test_ok_alone_is_shown_for_away_and_refusals_are_shown(self):
+        session, ui = self.joined(interactive=True)
+        self.assertFalse(session.replaces_echo("/away lunch"))
+        session.typed("/away lunch")
+        session.typed("hi")
+        session.server_line(T0 + OK)                      # answers /away: shown
+        session.server_line(T0 + "Server: there are no other users!")   # answers hi
+        session.typed("/msg bob hi")
+        session.server_line(T0 + 'Sorry! There is no user "bob".')
+        session.typed("//etc")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "YOU SEND USERS /etc")
+        self.assertEqual(ui.shown_texts(), [T0 + OK, T0 + "Server: there are no other users!",
+                                            T0 + 'Sorry! There is no user "bob".',
+                                            T0 + "YOU SEND USERS /etc"])
+
+    def test_pipe_shows_every_line_as_it_is(self):
+        session, ui = self.joined()
+        session.typed("hello")
+        for line in (OK, "YOU SEND USERS hello", "bob sent hi alice"):
+            session.server_line(T0 + line)
+        self.assertEqual(ui.shown_texts(), [T0 + OK, T0 + "YOU SEND USERS hello",
+                                            T0 + "bob sent hi alice"])
+        self.assertFalse(session.replaces_echo("x"))   # and no echo to replace
+
+    def test_quiet_users_on_joining_teaches_the_nicknames(self):
+        session, ui = self.session(interactive=True, list_users=True)
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice", "/users"])
+        session.server_line(T0 + "Users (4): bob, alice, Carol (away), dave (away: a, b (c), x)")
+        self.assertEqual(ui.shown_texts(), [WELCOME, T0 + OK])   # the list itself is not shown
+        self.assertEqual(session.completions("", False), ["bob", "Carol", "dave"])
+        session.server_line(T0 + "erin connected!")
+        session.server_line(T0 + "bob disconnected!")
+        session.server_line(T0 + "dave is now known as david")
+        self.assertEqual(session.completions("", False), ["Carol", "david", "erin"])
+        self.assertEqual(session.completions("c", False), ["Carol"])
+        self.assertEqual(session.completions("/m", True), ["/msg", "/me"])
+        session.typed("/users")                             # typed by the user: shown
+        session.server_line(T0 + "Users (2): alice, erin")
+        self.assertEqual(ui.shown_texts()[-1], T0 + "Users (2): alice, erin")
+
+    def test_prompt_follows_nick(self):
+        session, ui = self.joined(interactive=True)
+        session.typed("/nick alicia")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as alicia")
+        self.assertEqual((session.nick, session.prompt()), ("alicia", "alicia> "))
+        self.assertTrue(ui.shown[-1].own)
+        session.server_line(T0 + "bob is now known as bobby")   # somebody else's
+        self.assertEqual(session.prompt(), "alicia> ")
+
+    def test_mentions_ring_once_history_does_not(self):
+        session, ui = self.joined(interactive=True)
+        session.server_line(T0 + "Recent messages (2):")
+        session.server_line(T0 + "bob sent ALICE are you there")
+        session.server_line(T0 + "* bob waves at alice")
+        session.server_line(T0 + "bob sent alice: now?")
+        session.server_line(T0 + "bob sent malice aforethought")
+        session.server_line(T0 + "[private] bob sent psst")
+        marks = [(line.mention, line.bell) for line in ui.shown]
+        self.assertEqual(marks, [(False, False), (True, False), (True, False), (True, True),
+                                 (False, False), (False, True)])
+
+    def test_password_from_the_option_from_a_pipe_and_asked_on_a_terminal(self):
+        session, ui = self.session(password="s3cret", nick="bob")
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual((ui.sent, session.phase), (["s3cret"], "checking password"))
+        session.server_line(WELCOME)
+        self.assertEqual(ui.sent, ["s3cret", "bob"])
+        session, ui = self.session()
+        session.typed("pipe secret")
+        session.typed("bob")
+        session.server_line(PASSWORD_PROMPT)
+        session.server_line(WELCOME)
+        self.assertEqual(ui.sent, ["pipe secret", "bob"])
+        session, ui = self.session(interactive=True)
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual((ui.password_asked, session.prompt()), (1, "password> "))
+        session.typed("typed secret")
+        self.assertEqual(ui.sent, ["typed secret"])
+
+    def test_final_refusals_end_with_status_1(self):
+        for line in (FULL, JOIN_TIMEOUT, WRONG_PASSWORD, TOO_MANY_PASSWORDS):
+            session, ui = self.session(interactive=True)
+            with self.assertRaises(self.chat.ClientExit) as done:
+                session.server_line(T0 + line)
+            self.assertEqual((done.exception.status, done.exception.message), (1, line))
+            self.assertEqual(ui.shown, [])   # a terminal sees it once, as the closing message
+
+    def test_how_a_connection_ends(self):
+        ClientExit = self.chat.ClientExit
+        session, ui = self.joined()
+        session.typed("/quit")
+        session.server_line(T0 + GOODBYE)
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed()
+        self.assertEqual((done.exception.status, done.exception.message), (0, None))
+        session, ui = self.joined()
+        session.input_ended()
+        self.assertEqual(ui.half_closed, 1)
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed()
+        self.assertEqual(done.exception.status, 0)
+        session, ui = self.joined()
+        session.server_line(T0 + SHUTTING_DOWN)
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed()
+        self.assertEqual((done.exception.status, done.exception.message), (1, SHUTTING_DOWN))
+        session, ui = self.joined()
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed("Connection lost: Connection reset by peer.")
+        self.assertEqual(done.exception.message, "Connection lost: Connection reset by peer.")
+
+    def test_terminal_reconnects_and_rejoins_with_the_same_nickname(self):
+        session, ui = self.joined(interactive=True, reconnect=True, password="pw")
+        session.typed("/nick alicia")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as alicia")
+        session.server_line(T0 + SHUTTING_DOWN)
+        session.connection_closed()
+        self.assertEqual((session.phase, session.prompt()), ("offline", "(offline) alicia> "))
+        session.typed("lost words")
+        self.assertIn("lost words", ui.notes[-1])
+        del ui.sent[:]
+        session.connected()
+        session.server_line(PASSWORD_PROMPT)
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["pw", "alicia"])
+        self.assertEqual(ui.notes[-1], "Reconnected as alicia.")
+        self.assertEqual(session.prompt(), "alicia> ")
+
+    def test_no_reconnect_before_joining_or_with_no_reconnect(self):
+        session, ui = self.session(interactive=True, reconnect=True)
+        with self.assertRaises(self.chat.ClientExit):
+            session.connection_closed()
+        session, ui = self.joined(interactive=True, reconnect=False)
+        with self.assertRaises(self.chat.ClientExit):
+            session.connection_closed()
+
+
+class PresenterTests(unittest.TestCase):
+    """How lines look on a terminal: wrapping that can't forge a line, colours, mentions."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_client_module()
+
+    def rows(self, text, width, **options):
+        presenter = self.chat.Presenter(width=lambda: width, **options)
+        out = presenter.line(self.chat.ServerLine(text))
+        return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out).split("\n")
+
+    def test_padded_message_cannot_start_a_row_with_a_timestamp(self):
+        fake = T0 + "bob disconnected!"
+        for width in (20, 40, 61, 80, 132):
+            for pad in range(0, width + 2):
+                rows = self.rows(T0 + "bob sent hi" + " " * pad + fake, width)
+                self.assertTrue(rows[0].startswith(T0.rstrip()), rows)
+                for row in rows[1:]:
+                    self.assertTrue(row.startswith(" "), rows)
+                    self.assertLessEqual(cell_width_of(row), width - 1, rows)
+
+    def test_wide_characters_count_two_columns_and_never_straddle(self):
+        rows = self.rows(T0 + "bob sent " + "\u4e2d" * 40 + "e\u0301" * 5, 30)
+        for row in rows:
+            self.assertLessEqual(cell_width_of(row), 29, rows)
+        self.assertEqual("".join(row.strip() for row in rows).count("\u4e2d"), 40)
+        self.assertIn("e\u0301" * 5, rows[-1])
+
+    def test_a_pipe_gets_the_line_as_it_is(self):
+        presenter = self.chat.Presenter()
+        text = T0 + "bob sent \t tabs and " + "x" * 300
+        self.assertEqual(presenter.line(self.chat.ServerLine(text)), text)
+
+    def test_nick_colours_are_stable_and_shared(self):
+        palette = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96")
+        for nick in ("bob", "Bob", "алиса", "ｂｏｂ"):
+            expected = palette[zlib_crc32(nick.casefold().encode("utf-8")) % len(palette)]
+            self.assertEqual(self.chat.nick_colour(nick), expected)
+        presenter = self.chat.Presenter(colour=True)
+        out = presenter.line(self.chat.ServerLine(T0 + "bob sent hi"))
+        self.assertIn("\x1b[1;%sm%s\x1b[0m" % (self.chat.nick_colour("bob"), "bob"), out)
+
+    def test_colour_auto_needs_a_terminal_and_no_no_color(self):
+        wanted = self.chat.colour_wanted
+
+        class Tty:
+            def isatty(self):
+                return True
+        self.assertTrue(wanted("auto", Tty(), {"TERM": "xterm"}))
+        self.assertTrue(wanted("auto", Tty(), {"TERM": "xterm", "NO_COLOR": ""}))
+        self.assertFalse(wanted("auto", Tty(), {"TERM": "xterm", "NO_COLOR": "1"}))
+        self.assertFalse(wanted("auto", Tty(), {"TERM": "dumb"}))
+        self.assertFalse(wanted("auto", io_string(), {"TERM": "xterm"}))
+        self.assertTrue(wanted("always", io_string(), {}))
+        self.assertFalse(wanted("never", Tty(), {}))
+
+
+def cell_width_of(text):
+    return sum(cell_width(ch) for ch in text)
+
+
+def zlib_crc32(data):
+    import zlib
+    return zlib.crc32(data)
+
+
+def io_string():
+    import io
+    return io.StringIO()
+
+
+def wrapped(text, width):
+    """ASCII ``text`` cut into rows of ``width``: how a terminal shows an input line."""
+    return [text[i:i + width].rstrip() for i in range(0, len(text), width)] or [""]
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalLayoutTests(unittest.TestCase):
+    """What a person sees: resizes, wrapping that can't forge a line, colours, mentions."""
+
+    def setUp(self):
+        self.server = start_server(self)
+
+    def term(self, *args, **kwargs):
+        return PtyClient(self, ["--port", str(self.server.port)] + list(args), **kwargs)
+
+    def assert_input_rows(self, term, text, width):
+        """The last rows are the prompt and input laid out at ``width``, and the row above
+        them is a line of the conversation: nothing stale in between."""
+        expected = wrapped(text, width)
+
+        def shown(rows):   # the rows down to the last one written (blank ones below: nothing)
+            while rows and not rows[-1]:
+                rows = rows[:-1]
+            return rows
+        term.read_until(lambda rows: shown(rows)[-len(expected):] == expected,
+                        "the input laid out at %d columns" % width)
+        rows = shown(term.rows())
+        whole = "".join(expected)
+        for row in rows[:-len(expected)]:
+            self.assertFalse(len(row) >= 5 and (row in whole or row.startswith("carol>")),
+                             "stale row %r above the input in %r" % (row, rows))
+
+    def resize_keeps_the_input(self, reflow):
+        env = {} if reflow else {"XTERM_VERSION": "XTerm(388)"}
+        term = self.term(width=40, reflow=reflow, env=env)
+        term.join("carol")
+        alice = self.server.client().join("alice")
+        term.read_until(lambda rows: "alice connected!" in term.rows_after_ts(), "alice")
+        typed = "the quick brown fox jumps over the lazy dog, then naps a while"
+        term.type(typed)
+        self.assert_input_rows(term, "carol> " + typed, 40)
+        for width in (25, 33, 60, 17):
+            term.resize(width)
+            self.assert_input_rows(term, "carol> " + typed, width)
+            alice.send("now %d\n" % width)
+            self.assertEqual(alice.said(), OK)
+            self.assertEqual(alice.said(), "YOU SEND USERS now %d" % width)
+            term.read_until(lambda rows: any(row.endswith("now %d" % width) for row in rows),
+                            "alice's line")
+            self.assert_input_rows(term, "carol> " + typed, width)
+        term.type("!\r")
+        self.assertEqual(alice.said(), "carol sent " + typed + "!")
+        alice.close()
+
+    def test_resize_with_a_wrapped_half_typed_line_reflowing_terminal(self):
+        self.resize_keeps_the_input(reflow=True)      # tmux, VTE, kitty, Windows Terminal
+
+    def test_resize_with_a_wrapped_half_typed_line_xterm(self):
+        self.resize_keeps_the_input(reflow=False)     # cuts rows, never rewraps them
+
+    def test_padded_message_cannot_produce_a_row_starting_with_a_timestamp(self):
+        term = self.term(width=61)
+        term.join("dave")
+        bob = self.server.client().join("bob")
+        forged = "2026-11-24 14:05: bob disconnected!"
+        for pad in (26, 27, 29, 30, 31, 59, 60, 61, 62, 100):
+            bob.send("hi" + " " * pad + forged + "\n")
+            self.assertEqual(bob.said(), OK)
+            bob.said()
+        bob.send("done\n")
+        term.read_until(lambda rows: any(row.endswith("bob sent done") for row in rows), "done")
+        rows = term.rows()
+        for row in rows:
+            if TS.match(row):   # every row that starts with a time is a real line
+                self.assertTrue(TS.sub("", row).startswith(("bob sent", "Server:", "bob con")),
+                                "forged row %r in %r" % (row, rows))
+        bob.close()
+
+    def test_own_message_costs_one_line_and_is_set_apart(self):
+        term = self.term()
+        term.join("erin")
+        bob = self.server.client().join("bob")
+        term.read_until(lambda rows: rows[-2].endswith("bob connected!"), "bob")
+        term.type("hello bob\r")
+        self.assertEqual(bob.said(), "erin sent hello bob")
+        term.read_until(lambda rows: rows[-2:] == [rows[-2][:18] + "YOU SEND USERS hello bob",
+                                                   "erin>"], "the one own line")
+        rows = term.rows_after_ts()
+        self.assertEqual(rows.count("YOU SEND USERS hello bob"), 1)
+        self.assertNotIn("erin> hello bob", rows)          # readline's echo is gone
+        self.assertEqual(rows[-3], "bob connected!")         # and so is the ok before it
+        self.assertIn("bold", term.screen.attrs_of("hello bob"))
+        bob.close()
+
+    def test_colours_mention_and_bell(self):
+        term = self.term()
+        term.join("frank")
+        bob = self.server.client().join("bob")
+        bob.send("time for food?\n")
+        bob.send("FRANK, lunch?\n")
+        bob.send("frankly no\n")
+        term.read_until(lambda rows: rows[-2].endswith("bob sent frankly no"), "bob's lines")
+        screen = term.screen
+        colour = "fg:" + NICK_COLOURS[zlib_crc32(b"bob") % len(NICK_COLOURS)]
+        self.assertEqual(screen.attrs_of("bob sent time"), {"bold", colour})
+        self.assertEqual(screen.attrs_of("2026"[:2]), {"fg:90"})         # the time in grey
+        self.assertNotIn("reverse", screen.attrs_of("time for food?"))
+        self.assertIn("reverse", screen.attrs_of("FRANK, lunch?"))      # the mention
+        self.assertNotIn("reverse", screen.attrs_of("frankly no"))      # not a word of its own
+        self.assertEqual(screen.bells, 1)
+        self.assertEqual(term.output.count(b"\a"), 1)
+        bob.close()
+
+    def test_no_bell_option(self):
+        term = self.term("--no-bell")
+        term.join("gina")
+        bob = self.server.client().join("bob")
+        bob.send("gina: ping\n")
+        term.read_until(lambda rows: rows[-2].endswith("bob sent gina: ping"), "the mention")
+        self.assertIn("reverse", term.screen.attrs_of("gina: ping"))
+        self.assertEqual(term.screen.bells, 0)
+        bob.close()
+
+    def test_no_color_and_color_never_mean_no_escape_for_colour(self):
+        for args, env in (((), {"NO_COLOR": "1"}), (("--color", "never"), {})):
+            term = self.term(*args, env=env)
+            term.join(fresh_nick("hank"))
+            bob = self.server.client().join(fresh_nick("bob"))
+            bob.send("hank: hi\n")
+            term.read_until(lambda rows: any("sent hank: hi" in row for row in rows), "hi")
+            self.assertNotRegex(term.output.decode("utf-8", "replace"), r"\x1b\[[0-9;]*m")
+            bob.close()
+
+
+NICK_COLOURS = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96")
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalSessionTests(unittest.TestCase):
+    """The phases as a person meets them: nickname refused, stopped and continued, the
+    server gone and back, and how the client ends."""
+
+    def test_refused_nickname_then_retry_sends_nothing_by_surprise(self):
+        server = start_server(self)
+        taken = server.client().join("ivan")
+        term = PtyClient(self, ["--port", str(server.port)])
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("Ivan\r")
+        term.read_until(lambda rows: rows[-2].endswith(busy("Ivan"))
+                        and rows[-1] == "nickname>", "the refusal, and still asking")
+        term.type("ivan2\r")
+        term.read_until(lambda rows: rows[-1] == "ivan2>", "joined")
+        self.assertEqual(taken.said(), "ivan2 connected!")
+        taken.close()
+
+    def test_nick_option_joins_and_asks_again_only_when_refused(self):
+        server = start_server(self)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "judy"])
+        term.read_until(lambda rows: rows[-1] == "judy>", "joined as judy")
+        term2 = PtyClient(self, ["--port", str(server.port), "--nick", "JUDY"])
+        term2.read_until(lambda rows: len(rows) > 2 and rows[-1] == "nickname>"
+                         and rows[-2].endswith(busy("JUDY")), "asked again")
+
+    def test_ctrl_z_and_fg_under_job_control_restore_raw_mode(self):
+        if not shutil.which("bash"):
+            self.skipTest("needs bash for job control")
+        server = start_server(self)
+        alice = server.client().join("alice")
+        shell = PtyClient(self, ["--norc", "--noprofile", "-i"], command=["bash"], width=200,
+                          env={"PS1": "$ ", "HISTFILE": "/dev/null"})
+        shell.read_until(lambda rows: rows[-1] == "$", "the shell's prompt")
+        shell.type("%s %s --port %d --nick kate\r" % (sys.executable, CLIENT, server.port))
+        shell.read_until(lambda rows: rows[-1] == "kate>", "the client")
+        shell.type("abcdef")
+        shell.read_until(lambda rows: rows[-1] == "kate> abcdef", "typed")
+        shell.type("\x1a")                                    # Ctrl-Z
+        shell.read_until(lambda rows: any("Stopped" in row for row in rows[-3:])
+                         and rows[-1] == "$", "stopped")
+        shell.type("fg\r")
+        shell.read_until(lambda rows: rows[-1] == "kate> abcdef", "continued, input kept")
+        shell.type("\x1b[D\x1b[DX\r")        # arrows work: raw mode, readline editing again
+        self.assertEqual(alice.said(), "kate connected!")
+        self.assertEqual(alice.said(), "kate sent abcdXef")
+        shell.type("\x04")
+        shell.read_until(lambda rows: rows[-1] == "$", "the shell again")
+        alice.close()
+
+    def test_sigstop_then_sigcont_after_the_shell_reset_the_terminal(self):
+        import termios
+        server = start_server(self)
+        alice = server.client().join("alice")
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "liam"])
+        term.read_until(lambda rows: rows[-1] == "liam>", "joined")
+        term.proc.send_signal(signal.SIGSTOP)
+        cooked = termios.tcgetattr(term.master)
+        cooked[3] |= termios.ICANON | termios.ECHO
+        termios.tcsetattr(term.master, termios.TCSANOW, cooked)   # what a shell does
+        term.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: term.termios_lflag() & termios.ICANON == 0, "raw mode again")
+        term.type("abcdef\x1b[D\x1b[DX\r")
+        self.assertEqual(alice.said(), "liam connected!")
+        self.assertEqual(alice.said(), "liam sent abcdXef")
+        alice.close()
+
+    def test_reconnect_after_the_server_restarts_keeps_the_half_typed_input(self):
+        first = start_server(self)
+        port = first.port
+        term = PtyClient(self, ["--port", str(port)])
+        term.join("mia")
+        term.type("half typed")
+        term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
+        self.assertEqual(first.stop()[0], 0)
+        term.read_until(lambda rows: rows[-2] == "Connection lost. Reconnecting in 1 s "
+                        "(Ctrl-C to quit)..." and rows[-1] == "(offline) mia> half typed",
+                        "waiting to reconnect")
+        self.assertTrue(term.rows()[-3].endswith(SHUTTING_DOWN))
+        second = start_server(self, "--port", str(port))
+        watcher = second.client().join("watcher")
+        term.read_until(lambda rows: rows[-2] == "Reconnected as mia."
+                        and rows[-1] == "mia> half typed", "rejoined")
+        self.assertEqual(watcher.said(), "mia connected!")
+        term.type(", sent after\r")
+        self.assertEqual(watcher.said(), "mia sent half typed, sent after")
+        watcher.close()
+
+    def test_ctrl_c_while_waiting_to_reconnect_exits_0(self):
+        server = start_server(self)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "nina"])
+        term.read_until(lambda rows: rows[-1] == "nina>", "joined")
+        server.stop(signal.SIGKILL)
+        term.read_until(lambda rows: rows[-1] == "(offline) nina>", "offline")
+        term.type("\x03")
+        self.assertEqual(term.wait(), 0)
+
+    def test_exit_status_1_with_the_reason_once(self):
+        server = start_server(self, "--max-clients", "1")
+        holder = server.client()
+        self.assertEqual(holder.line(), WELCOME)
+        term = PtyClient(self, ["--port", str(server.port)])
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row], [FULL])
+        holder.close()
+        server2 = start_server(self)
+        term = PtyClient(self, ["--port", str(server2.port), "--nick", "omar", "--no-reconnect"])
+        term.read_until(lambda rows: rows[-1] == "omar>", "joined")
+        server2.stop()
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row][-1], SHUTTING_DOWN)  # stderr
+        self.assertEqual(term.rows_after_ts().count(SHUTTING_DOWN), 1)
+        self.assertNotIn(b"Traceback", term.output)
 
 
 # ---------------------------------------------------------------------------------------------
