@@ -432,12 +432,13 @@ class Session:
 
     def completions(self, text, first_word):
         """Tab completion: command names for a first word that starts with '/', else the
-        nicknames of the members present."""
+        nicknames of the members present. Each ends with the space that comes next (Python's
+        readline module tells readline to append nothing)."""
         if first_word and text.startswith("/"):
-            return [name for name in Lines.COMMANDS if name.startswith(text.lower())]
+            return [name + " " for name in Lines.COMMANDS if name.startswith(text.lower())]
         folded = text.casefold()
-        return sorted((nick for key, nick in self.members.items() if key.startswith(folded)),
-                      key=str.casefold)
+        return sorted((nick + " " for key, nick in self.members.items()
+                       if key.startswith(folded)), key=str.casefold)
 
     # -- phases -------------------------------------------------------------------------------
     def _enter(self, phase):
@@ -548,8 +549,7 @@ class Session:
             if head == Reply.ECHOED:
                 self.awaiting.popleft()
             if line.kind == Kind.RENAMED:
-                self.nick = line.other
-                self.ui.prompt_changed()
+                self.nick = line.other   # the prompt follows, once the line is shown
         elif line.kind == Kind.USERS:
             if head is not None:
                 self.awaiting.popleft()
@@ -565,6 +565,8 @@ class Session:
         self._learn_members(line)
         self._mark_mention(line)
         self.ui.show(line)
+        if line.own and line.kind == Kind.RENAMED:
+            self.ui.prompt_changed()
 
     def _is_own(self, line):
         if line.kind in (Kind.OWN_MESSAGE, Kind.OWN_PRIVATE):

@@ -1007,6 +1007,16 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((status, err), (1, busy("Alice") + "\n"))
         alice.close()
 
+    def test_quit_in_a_pipe_exits_0_after_goodbye(self):
+        server = start_server(self)
+        client = self.client(server.port, args=["--nick", "sam"])
+        client.type("/quit\n")
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], OK)
+        self.assertEqual(split_ts(client.line())[1], GOODBYE)
+        status, lines, err = client.finish()   # stdin still open: Goodbye and EOF end it
+        self.assertEqual((status, lines, err), (0, [], ""))
+
     def test_killed_server_exits_1(self):
         server = start_server(self)
         client = self.client(server.port, args=["--nick", "paul"])
@@ -1604,13 +1614,13 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(ui.sent, ["alice", "/users"])
         session.server_line(T0 + "Users (4): bob, alice, Carol (away), dave (away: a, b (c), x)")
         self.assertEqual(ui.shown_texts(), [WELCOME, T0 + OK])   # the list itself is not shown
-        self.assertEqual(session.completions("", False), ["bob", "Carol", "dave"])
+        self.assertEqual(session.completions("", False), ["bob ", "Carol ", "dave "])
         session.server_line(T0 + "erin connected!")
         session.server_line(T0 + "bob disconnected!")
         session.server_line(T0 + "dave is now known as david")
-        self.assertEqual(session.completions("", False), ["Carol", "david", "erin"])
-        self.assertEqual(session.completions("c", False), ["Carol"])
-        self.assertEqual(session.completions("/m", True), ["/msg", "/me"])
+        self.assertEqual(session.completions("", False), ["Carol ", "david ", "erin "])
+        self.assertEqual(session.completions("c", False), ["Carol "])
+        self.assertEqual(session.completions("/m", True), ["/msg ", "/me "])
         session.typed("/users")                             # typed by the user: shown
         session.server_line(T0 + "Users (2): alice, erin")
         self.assertEqual(ui.shown_texts()[-1], T0 + "Users (2): alice, erin")
@@ -2010,6 +2020,43 @@ class TerminalSessionTests(unittest.TestCase):
         self.assertEqual(watcher.said(), "mia connected!")
         term.type(", sent after\r")
         self.assertEqual(watcher.said(), "mia sent half typed, sent after")
+        watcher.close()
+
+    def test_tab_completes_commands_and_a_nickname_that_joined_earlier(self):
+        server = start_server(self)
+        bob = server.client().join("bobby")          # here before the client: /users says so
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "quinn"])
+        term.read_until(lambda rows: rows[-1] == "quinn>", "joined")
+        self.assertEqual(bob.said(), "quinn connected!")
+        term.settle(0.2)                     # the quiet /users answered (and not shown)
+        self.assertFalse(any("Users (" in row for row in term.rows()), term.rows())
+        term.type("/ms\tb\t")
+        term.read_until(lambda rows: rows[-1] == "quinn> /msg bobby", "completed")  # + a space
+        term.type("psst\r")
+        self.assertEqual(bob.said(), "[private] quinn sent psst")
+        term.read_until(lambda rows: rows[-1] == "quinn>" and
+                        rows[-2].endswith("[private] YOU SEND bobby psst"), "one own line")
+        carl = server.client().join("carl")   # joins later: learned from 'connected!'
+        term.read_until(lambda rows: rows[-2].endswith("carl connected!"), "carl")
+        term.type("ca\t")
+        term.read_until(lambda rows: rows[-1] == "quinn> carl", "completed carl")
+        bob.close()
+        carl.close()
+
+    def test_prompt_follows_nick_and_quit_exits_0(self):
+        server = start_server(self)
+        watcher = server.client().join("watcher")
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "rosa"])
+        term.read_until(lambda rows: rows[-1] == "rosa>", "joined")
+        term.type("/nick rosalind\r")
+        term.read_until(lambda rows: rows[-1] == "rosalind>" and
+                        rows[-2].endswith("rosa is now known as rosalind"), "the new prompt")
+        self.assertEqual(watcher.said(), "rosa connected!")
+        self.assertEqual(watcher.said(), "rosa is now known as rosalind")
+        term.type("/quit\r")
+        self.assertEqual(term.wait(), 0)
+        self.assertEqual(watcher.said(), "rosalind disconnected!")
+        self.assertEqual(term.rows_after_ts()[-2:], [GOODBYE, ""])
         watcher.close()
 
     def test_ctrl_c_while_waiting_to_reconnect_exits_0(self):
