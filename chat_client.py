@@ -1400,8 +1400,15 @@ class Connection:
 
     States: CONNECTING (TCP, each address in turn), HANDSHAKING (TLS), OPEN, CLOSED.
     ``events()`` says what to wait for; ``ready(mask)`` makes progress and returns what
-    happened: 'open', bytes received, or b'' for the end. TLS may need the other direction
-    to go on (a read that must write, a write that must read): those are waited for too."""
+    happened: 'open', bytes received, or b'' for the end.
+
+    The socket stays plain and non-blocking; TLS runs in an ssl.SSLObject between two memory
+    BIOs, and this class alone carries bytes between them and the socket. Every step is then
+    explicit: TLS wanting more bytes (SSLWantReadError) means 'wait until readable'; all that
+    TLS can decrypt is read out after each receive, so nothing waits inside it unseen by
+    select; and a half-close sends close_notify without TLS reading the socket behind our
+    back (SSLSocket.unwrap() does, and throws away application data already there: the
+    server's last lines)."""
 
     CONNECTING, HANDSHAKING, OPEN, CLOSED = "connecting", "handshaking", "open", "closed"
 
@@ -1411,15 +1418,14 @@ class Connection:
         self.tls_context = tls_context
         self.state = self.CONNECTING
         self.sock = None
-        self.out = b""
+        self.tls = None                # the SSLObject, once TCP is up
+        self.plain_out = b""           # TLS: bytes to encrypt
+        self.raw_out = b""             # bytes for the kernel (encrypted, with TLS)
         self.reading = True            # False while the user decides whether to trust TLS
         self.received_any = False
         self.write_shut = False        # half-close asked; done once everything is sent
         self._shut_done = False
-        self._handshake_wants = selectors.EVENT_WRITE
-        self._read_wants_write = False
-        self._write_wants_read = False
-        self._retry_len = 0            # a TLS write to retry with the same bytes
+        self._peer_done = False        # TLS: the server's close_notify came first
         try:
             self._candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
@@ -1428,11 +1434,16 @@ class Connection:
         self._try_next_address()
 
     def __repr__(self):
-        return "<Connection %s %s out=%d>" % (self.address, self.state, len(self.out))
+        return "<Connection %s %s out=%d>" % (self.address, self.state,
+                                              len(self.plain_out) + len(self.raw_out))
 
     @property
-    def tls(self):
+    def is_tls(self):
         return self.tls_context is not None
+
+    @property
+    def unsent(self):
+        return len(self.plain_out) + len(self.raw_out)
 
     def _try_next_address(self):
         while self._candidates:
@@ -1456,28 +1467,20 @@ class Connection:
     def events(self):
         if self.state == self.CONNECTING:
             return selectors.EVENT_WRITE
-        if self.state == self.HANDSHAKING:
-            return self._handshake_wants
-        if self.state != self.OPEN:
+        if self.state == self.CLOSED:
             return 0
-        mask = selectors.EVENT_READ if self.reading or self._write_wants_read else 0
-        if (self.out and not self._write_wants_read) or self._read_wants_write:
-            mask |= selectors.EVENT_WRITE
-        return mask
+        reading = self.reading or self.state == self.HANDSHAKING
+        return ((selectors.EVENT_READ if reading else 0)
+                | (selectors.EVENT_WRITE if self.raw_out else 0))
 
     def ready(self, mask):
         if self.state == self.CONNECTING:
             return self._connected()
-        if self.state == self.HANDSHAKING:
-            return self._handshake()
-        events = []
-        if mask & selectors.EVENT_WRITE or (self._write_wants_read and
-                                             mask & selectors.EVENT_READ):
-            self.flush()
-        if (self.reading and mask & selectors.EVENT_READ) or (
-                self._read_wants_write and mask & selectors.EVENT_WRITE):
-            events.extend(self._receive())
-        return events
+        if mask & selectors.EVENT_WRITE:
+            self._send_raw()
+        if mask & selectors.EVENT_READ:
+            return self._receive()
+        return []
 
     def _connected(self):
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -1490,22 +1493,20 @@ class Connection:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        if not self.tls:
+        if not self.is_tls:
             self.state = self.OPEN
             return ["open"]
-        self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.host,
-                                                 do_handshake_on_connect=False)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.tls_context.wrap_bio(self.incoming, self.outgoing,
+                                             server_hostname=self.host)
         self.state = self.HANDSHAKING
         return self._handshake()
 
     def _handshake(self):
         try:
-            self.sock.do_handshake()
+            self.tls.do_handshake()
         except ssl.SSLWantReadError:
-            self._handshake_wants = selectors.EVENT_READ
-            return []
-        except ssl.SSLWantWriteError:
-            self._handshake_wants = selectors.EVENT_WRITE
+            self._move_tls_output()
             return []
         except ssl.SSLCertVerificationError as exc:
             raise ClientExit(1, Notes.TLS_NOT_VERIFIED.format(
@@ -1514,77 +1515,130 @@ class Connection:
             if exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
                               "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
                 raise ClientExit(1, Notes.NOT_TLS.format(address=self.address))
-            raise ClientExit(1, Notes.TLS_FAILED.format(address=self.address,
-                                                       reason=exc.reason or exc))
-        except OSError as exc:
-            raise ClientExit(1, Notes.TLS_FAILED.format(
-                address=self.address, reason=exc.strerror or exc or "connection closed"))
+            reason = exc.reason or ("connection closed" if isinstance(exc, ssl.SSLEOFError)
+                                    else exc)
+            raise ClientExit(1, Notes.TLS_FAILED.format(address=self.address, reason=reason))
+        self._move_tls_output()
         self.state = self.OPEN
-        return ["open"]
+        # The server's first line may have come with the handshake's last bytes.
+        return ["open"] + self._decrypt()
 
     def fingerprint(self):
-        return format_fingerprint(hashlib.sha256(self.sock.getpeercert(binary_form=True))
+        return format_fingerprint(hashlib.sha256(self.tls.getpeercert(binary_form=True))
                                   .digest())
 
     def _receive(self):
-        self._read_wants_write = False
+        if self._peer_done:
+            return [b""]
         try:
             data = self.sock.recv(READ_SIZE)
-            # TLS: records already decrypted wait inside the SSLSocket, where select can't
-            # see them; take them now or the chat stalls until the next packet.
-            while data and self.tls and self.sock.pending():
-                data += self.sock.recv(self.sock.pending())
         except (BlockingIOError, InterruptedError):
             return []
         except OSError as exc:
-            if ssl is not None and isinstance(exc, ssl.SSLWantReadError):
-                return []
-            if ssl is not None and isinstance(exc, ssl.SSLWantWriteError):
-                self._read_wants_write = True
-                return []
-            raise ConnectionLost(exc.strerror or str(exc) or type(exc).__name__)
-        if data and not self.received_any and not self.tls and data[:1] in (b"\x15", b"\x16") \
-                and data[1:2] == b"\x03":
-            raise ClientExit(1, Notes.EXPECTS_TLS.format(address=self.address))
-        self.received_any = self.received_any or bool(data)
-        return [data]
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if self.state == self.HANDSHAKING:
+                raise ClientExit(1, Notes.TLS_FAILED.format(address=self.address,
+                                                           reason=reason))
+            raise ConnectionLost(reason)
+        if self.tls is None:
+            if data and not self.received_any and data[:1] in (b"\x15", b"\x16") \
+                    and data[1:2] == b"\x03":   # a TLS record: the server expects TLS
+                raise ClientExit(1, Notes.EXPECTS_TLS.format(address=self.address))
+            self.received_any = self.received_any or bool(data)
+            return [data]
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+        if self.state == self.HANDSHAKING:
+            return self._handshake()
+        return self._decrypt()
+
+    def _decrypt(self):
+        """All that TLS can decrypt now: [bytes] and b'' last for the end."""
+        data, ended = [], False
+        while True:
+            try:
+                chunk = self.tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                ended = True            # close_notify, or a bare FIN
+                break
+            except ssl.SSLError as exc:
+                raise ConnectionLost(exc.reason or str(exc))
+            if not chunk:
+                ended = True
+                break
+            data.append(chunk)
+        self._encrypt()                 # TLS may have a write of its own (key updates)
+        events = [b"".join(data)] if data else []
+        if data:
+            self.received_any = True
+        return events + ([b""] if ended else [])
 
     def send(self, data):
-        self.out += data
-        if self.state == self.OPEN:
-            self.flush()
+        if self.is_tls:
+            self.plain_out += data
+            if self.state == self.OPEN:
+                self._encrypt()
+        else:
+            self.raw_out += data
+            if self.state == self.OPEN:
+                self._send_raw()
 
-    def flush(self):
-        self._write_wants_read = False
-        while self.out:
-            chunk = self.out[:self._retry_len or READ_SIZE]
+    def _encrypt(self):
+        if self.plain_out:
             try:
-                sent = self.sock.send(chunk)
+                written = self.tls.write(self.plain_out)
+            except ssl.SSLWantReadError:   # TLS 1.2 renegotiating: after the next read
+                written = 0
+            except ssl.SSLError as exc:
+                raise ConnectionLost(exc.reason or str(exc))
+            self.plain_out = self.plain_out[written:]
+        self._move_tls_output()
+
+    def _move_tls_output(self):
+        self.raw_out += self.outgoing.read()
+        self._send_raw()
+
+    def _send_raw(self):
+        while self.raw_out:
+            try:
+                sent = self.sock.send(self.raw_out)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if ssl is not None and isinstance(exc, (ssl.SSLWantWriteError,
-                                                        ssl.SSLWantReadError)):
-                    # TLS wants the very same bytes again when it can go on
-                    self._retry_len = len(chunk)
-                    self._write_wants_read = isinstance(exc, ssl.SSLWantReadError)
-                    return
                 raise ConnectionLost(exc.strerror or str(exc) or type(exc).__name__)
-            self._retry_len = 0
-            self.out = self.out[sent:]
-        if self.write_shut and not self._shut_done:
-            self._shut_done = True
+            self.raw_out = self.raw_out[sent:]
+        if self.write_shut and not self._shut_done and not self.plain_out:
+            self._shut_write()
+
+    def _shut_write(self):
+        """Half-close, keeping the reading side for the server's last lines: TCP's FIN, or
+        with TLS its close_notify (a bare FIN makes an OpenSSL server answer at once with a
+        fatal alert, and its last lines are lost)."""
+        self._shut_done = True
+        if not self.is_tls:
             try:
-                # The plain socket's shutdown: SSLSocket.shutdown() would drop the TLS layer
-                # that must still read the server's last lines.
-                socket.socket.shutdown(self.sock, socket.SHUT_WR)
+                self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+            return
+        try:
+            self.tls.unwrap()   # close_notify, then 'wait for the server's': SSLWantReadError
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            pass
+        else:
+            self._peer_done = True
+        self._move_tls_output()
 
     def half_close(self):
         self.write_shut = True
         if self.state == self.OPEN:
-            self.flush()
+            self._send_raw()
 
     def close(self):
         self.state = self.CLOSED
@@ -1733,7 +1787,7 @@ class Client:
             return True   # its socketpair: answers to requests, and the end of input
         if self.input.ended:
             return False
-        unsent = len(self.connection.out) if self.connection is not None else 0
+        unsent = self.connection.unsent if self.connection is not None else 0
         return unsent + sum(len(line) for line in self.session.held) < MAX_UNSENT
 
     def _timeout(self):
@@ -1832,7 +1886,7 @@ class Client:
 
     def _opened(self):
         self.connect_deadline = None
-        if self.connection.tls:
+        if self.connection.is_tls:
             self._check_certificate()
         else:
             self.probe_at = time.monotonic() + PLAIN_PROBE_AFTER
@@ -1840,7 +1894,7 @@ class Client:
 
     def _lost(self, reason):
         conn = self.connection
-        if reason is None and conn is not None and not conn.tls and not conn.received_any:
+        if reason is None and conn is not None and not conn.is_tls and not conn.received_any:
             reason = Notes.EXPECTS_TLS.format(address=conn.address)
         self._drop_connection()
         self.session.connection_closed(reason)   # raises ClientExit unless reconnecting

@@ -2086,6 +2086,390 @@ class TerminalSessionTests(unittest.TestCase):
         self.assertNotIn(b"Traceback", term.output)
 
 
+def now_ts():
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M: ")
+
+
+class FakePeer:
+    """The server's end of one connection in a FakeServer script."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(DEADLINE)
+        self.buf = b""
+
+    def send(self, *lines):
+        self.sock.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
+
+    def line(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError("the client closed; partial %r" % self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode("utf-8")
+
+    def expect(self, text):
+        got = self.line()
+        if got != text:
+            raise AssertionError("expected %r from the client, got %r" % (text, got))
+
+    def expect_eof(self):
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return
+            self.buf += chunk
+            if self.buf.strip(b"\r"):
+                raise AssertionError("expected the end, got %r" % self.buf)
+
+
+class FakeServer:
+    """A server that follows ``script(peer)`` for each of ``connections`` connections, in a
+    thread: for protocol rows the real server does not have yet, and for misbehaviour it
+    never shows. ``tls``: an SSLContext for the server side. An exception in the script
+    fails the test when it is cleaned up."""
+
+    def __init__(self, test, script, tls=None, connections=1, handshake_may_fail=False):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.errors = []
+        self.handshake_may_fail = handshake_may_fail
+        self.thread = threading.Thread(target=self._serve, args=(script, tls, connections),
+                                       daemon=True)
+        self.thread.start()
+        test.addCleanup(self._finish, test)
+
+    def _serve(self, script, tls, connections):
+        for _ in range(connections):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as exc:
+                self.errors.append(exc)
+                return
+            try:
+                conn.settimeout(DEADLINE)
+                if tls is not None:
+                    try:
+                        conn = tls.wrap_socket(conn, server_side=True)
+                    except OSError:
+                        if self.handshake_may_fail:
+                            continue
+                        raise
+                script(FakePeer(conn))
+            except Exception as exc:  # noqa: BLE001 -- reported by _finish
+                self.errors.append(exc)
+            finally:
+                conn.close()
+
+    def _finish(self, test):
+        self.listener.close()
+        self.thread.join(DEADLINE)
+        if self.errors:
+            raise self.errors[0]
+
+
+def make_certificate(directory, name="server"):
+    """A self-signed certificate for 127.0.0.1 made with openssl: (cert, key, fingerprint as
+    openssl prints it). Skips the test where openssl is missing."""
+    if not shutil.which("openssl"):
+        raise unittest.SkipTest("needs the openssl command to make a test certificate")
+    cert, key = os.path.join(directory, name + ".pem"), os.path.join(directory, name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=DEADLINE)
+    out = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", cert],
+                         check=True, capture_output=True, text=True, timeout=DEADLINE).stdout
+    return cert, key, out.strip().split("=", 1)[1]
+
+
+def server_tls_context(cert, key):
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def fake_member(nick, messages=()):
+    """A script: greet, accept ``nick``, answer each message as the protocol does, then expect
+    the client's end of input."""
+    def script(peer):
+        peer.send(WELCOME)
+        peer.expect(nick)
+        peer.send(now_ts() + OK)
+        for message in messages:
+            peer.expect(message)
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS " + message)
+        peer.expect_eof()
+    return script
+
+
+class ClientSecurityTests(unittest.TestCase):
+    """Passwords and TLS from the client's side, in a pipe and on a terminal."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-tls-")
+        cls.cert, cls.key, cls.fingerprint = make_certificate(cls.dir)
+        cls.other_cert, _, cls.other_fingerprint = make_certificate(cls.dir, "other")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    env = {}
+
+    def client(self, port, args=(), env=None):
+        client = PipedClient(port, env=dict(self.env, **(env or {})), args=args)
+        self.addCleanup(client.kill)
+        return client
+
+    def known_servers(self, *lines):
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "known_servers")
+        if lines:
+            with open(path, "w") as f:
+                f.write("".join(line + "\n" for line in lines))
+        return path
+
+    # -- passwords --------------------------------------------------------------------------
+    def password_script(self, password, nick="bob"):
+        def script(peer):
+            peer.send(PASSWORD_PROMPT)
+            peer.expect(password)
+            fake_member(nick, ["hi"])(peer)
+        return script
+
+    def test_password_from_a_file_from_the_environment_and_from_the_pipe(self):
+        path = os.path.join(self.dir, "password")
+        with open(path, "w") as f:
+            f.write("from file\nsecond line ignored\n")
+        runs = ((["--password-file", path, "--nick", "bob"], {}, "hi\n", "from file"),
+                (["--nick", "bob"], {"CHAT_PASSWORD": "from env"}, "hi\n", "from env"),
+                ([], {}, "from pipe\nbob\nhi\n", "from pipe"))
+        for args, env, typed, password in runs:
+            server = FakeServer(self, self.password_script(password))
+            client = self.client(server.port, args, env)
+            client.type(typed)
+            status, lines, err = client.finish()
+            self.assertEqual((status, err), (0, ""))
+            self.assertEqual(lines[:2], [PASSWORD_PROMPT, WELCOME])
+
+    def test_wrong_password_and_lockout_exit_1(self):
+        for answer in ([WRONG_PASSWORD], [TOO_MANY_PASSWORDS]):
+            def script(peer, answer=answer):
+                if answer == [WRONG_PASSWORD]:
+                    peer.send(PASSWORD_PROMPT)
+                    peer.expect("guess")
+                peer.send(now_ts() + answer[0])
+            server = FakeServer(self, script)
+            client = self.client(server.port, ["--nick", "bob"], {"CHAT_PASSWORD": "guess"})
+            status, lines, err = client.finish()
+            self.assertEqual((status, err), (1, answer[0] + "\n"))
+            self.assertEqual(split_ts(lines[-1])[1], answer[0])
+
+    # -- TLS --------------------------------------------------------------------------------
+    def tls_server(self, script=None, handshake_may_fail=False):
+        return FakeServer(self, script or fake_member("tess", ["over tls"]),
+                          tls=server_tls_context(self.cert, self.key),
+                          handshake_may_fail=handshake_may_fail)
+
+    def run_tls_client(self, server, *args):
+        client = self.client(server.port, ["--tls", "--nick", "tess"] + list(args))
+        client.type("over tls\n")
+        return client.finish()
+
+    def test_pinned_fingerprint_any_spelling(self):
+        pin = self.fingerprint.lower().replace(":", "")
+        server = self.tls_server()
+        status, lines, err = self.run_tls_client(server, "--tls-fingerprint", pin)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, OK, "YOU SEND USERS over tls"])
+
+    def test_pinned_fingerprint_mismatch_exits_1(self):
+        server = self.tls_server(script=lambda peer: peer.expect_eof())
+        status, lines, err = self.run_tls_client(server, "--tls-fingerprint",
+                                                 self.other_fingerprint)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "The TLS certificate of 127.0.0.1:%d has the SHA-256 fingerprint "
+                              "%s, not the one --tls-fingerprint gives (%s). Not connected.\n"
+                         % (server.port, self.fingerprint, self.other_fingerprint))
+
+    def test_ca_verification(self):
+        server = self.tls_server()
+        status, lines, err = self.run_tls_client(server, "--tls-ca", self.cert)
+        self.assertEqual((status, err), (0, ""))
+        server = self.tls_server(script=lambda peer: None, handshake_may_fail=True)
+        status, lines, err = self.run_tls_client(server, "--tls-ca", self.other_cert)
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("The TLS certificate of 127.0.0.1:%d failed the "
+                                       "--tls-ca check: " % server.port), err)
+
+    def test_unknown_server_in_a_pipe_is_refused_then_known_is_accepted(self):
+        path = self.known_servers()
+        server = self.tls_server(script=lambda peer: peer.expect_eof())
+        status, lines, err = self.run_tls_client(server, "--known-servers", path)
+        self.assertEqual((status, lines), (1, []))
+        self.assertIn("(SHA-256 %s)" % self.fingerprint, err)
+        self.assertFalse(os.path.exists(path))
+        server = self.tls_server()
+        path = self.known_servers("# comment", "127.0.0.1:%d %s" % (server.port, self.fingerprint))
+        status, lines, err = self.run_tls_client(server, "--known-servers", path)
+        self.assertEqual((status, err), (0, ""))
+
+    def test_changed_certificate_is_refused_naming_file_and_line(self):
+        server = self.tls_server(script=lambda peer: peer.expect_eof())
+        path = self.known_servers("127.0.0.1:1 %s" % self.fingerprint,
+                                  "127.0.0.1:%d %s" % (server.port, self.other_fingerprint))
+        status, lines, err = self.run_tls_client(server, "--known-servers", path)
+        self.assertEqual(status, 1)
+        self.assertIn("HAS CHANGED", err)
+        self.assertIn("  known:  %s\n  now:    %s\n" % (self.other_fingerprint,
+                                                       self.fingerprint), err)
+        self.assertIn("remove line 2 of %s and connect again." % path, err)
+
+    def test_tls_to_a_plain_server_and_plain_to_a_tls_server(self):
+        plain = start_server(self)
+        status, lines, err = self.run_tls_client(plain)
+        self.assertEqual((status, lines, err), (1, [], "127.0.0.1:%d does not speak TLS (it "
+                                                "answered in plain text): leave out --tls.\n"
+                                                % plain.port))
+        server = FakeServer(self, lambda peer: None, handshake_may_fail=True,
+                            tls=server_tls_context(self.cert, self.key))
+        client = self.client(server.port, ["--nick", "tess"])
+        status, lines, err = client.finish()   # stdin open: nothing but the probe goes out
+        self.assertEqual((status, lines, err), (1, [], "127.0.0.1:%d closed the connection "
+                                                "without a greeting in plain text: it expects "
+                                                "TLS, add --tls.\n" % server.port))
+
+    def test_decrypted_bytes_waiting_inside_tls_are_not_left_behind(self):
+        # A read smaller than a TLS record leaves the rest decrypted inside the SSLSocket,
+        # where select can't see it: the client must drain pending() after each read.
+        chat = load_client_module()
+        chat.READ_SIZE = 64
+        burst = ["%s line %03d of the burst, all in one record" % (now_ts(), i)
+                 for i in range(40)]
+
+        def script(peer):
+            peer.send(*burst)                    # one sendall: one TLS record
+            peer.expect_eof()
+        server = self.tls_server(script=script)
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = chat.Connection("127.0.0.1", server.port, context)
+        selector = selectors.DefaultSelector()
+        received = b""
+        end = time.monotonic() + DEADLINE
+        while received.count(b"\n") < len(burst) and time.monotonic() < end:
+            if conn.events():
+                selector.register(conn.sock, conn.events())
+                ready = selector.select(end - time.monotonic())
+                selector.unregister(conn.sock)
+                for _, mask in ready:
+                    received += b"".join(e for e in conn.ready(mask) if e != "open")
+        # (The socket is read 64 bytes at a time, so the record arrives whole only after a
+        # few reads; then TLS holds 2.6 KB that select knows nothing of.)
+        self.assertEqual(received.decode().splitlines(), burst)
+        conn.half_close()
+        conn.close()
+
+
+class ClientSecurityTestsWindowsPaths(ClientSecurityTests):
+    """The same through the threaded-stdin path Windows uses."""
+    env = {"CHAT_PLATFORM": "windows"}
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalSecurityTests(unittest.TestCase):
+    """A password typed on a terminal, and trusting a certificate on first use."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-tls-")
+        cls.cert, cls.key, cls.fingerprint = make_certificate(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    @staticmethod
+    def member_until_the_end(nick, password=None):
+        def script(peer):
+            if password is not None:
+                peer.send(PASSWORD_PROMPT)
+                peer.expect(password)
+            peer.send(WELCOME)
+            peer.expect(nick)
+            peer.send(now_ts() + OK)
+            peer.expect("/users")          # the client's quiet /users, for completion
+            peer.send(now_ts() + "Users (1): " + nick)
+            peer.expect_eof()
+        return script
+
+    def test_password_is_never_on_screen_nor_in_the_history(self):
+        server = FakeServer(self, self.member_until_the_end("vic", "hunter2 \u00e9t\u00e9"))
+        term = PtyClient(self, ["--port", str(server.port)])
+        term.read_until(lambda rows: rows[-1] == "password>", "the password prompt")
+        term.type("hunter3\x7f2 \u00e9t\u00e9\x1b[D\r")   # a typo, Backspace, an arrow key
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("vic\r")
+        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        term.type("\x1b[A")                                # Up: the nickname, nothing older
+        term.read_until(lambda rows: rows[-1] == "vic> vic", "history")
+        term.type("\x1b[A")
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "vic> vic")
+        term.type("\x15\x04")                              # Ctrl-U, Ctrl-D: leave
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(b"hunter", term.output)
+
+    def test_trust_on_first_use_asks_remembers_and_then_trusts(self):
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "sub", "known_servers")
+        context = server_tls_context(self.cert, self.key)
+        server = FakeServer(self, self.member_until_the_end("tess"), tls=context)
+        args = ["--port", str(server.port), "--tls", "--nick", "tess", "--known-servers", path]
+        term = PtyClient(self, args)
+        term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
+        shown = "".join(term.rows()).replace(" ", "")
+        self.assertIn(self.fingerprint, shown)
+        self.assertIn("TheTLScertificateof127.0.0.1:%disnotknownyet." % server.port, shown)
+        term.type("y\r")
+        term.read_until(lambda rows: rows[-1] == "tess>", "joined")
+        with open(path) as f:
+            self.assertEqual(f.read(), "127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        # Known now: a pipe goes straight in.
+        server = FakeServer(self, fake_member("tess", ["again"]), tls=context)
+        with open(path, "w") as f:
+            f.write("127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
+        client = PipedClient(server.port, args=["--tls", "--nick", "tess", "--known-servers",
+                                                path])
+        self.addCleanup(client.kill)
+        client.type("again\n")
+        self.assertEqual(client.finish()[0], 0)
+
+    def test_not_trusting_exits_1(self):
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "known_servers")
+        context = server_tls_context(self.cert, self.key)
+        server = FakeServer(self, lambda peer: peer.expect_eof(), tls=context)
+        term = PtyClient(self, ["--port", str(server.port), "--tls", "--known-servers", path])
+        term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
+        term.type("\r")
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row][-1],
+                         "Not connected: the certificate of 127.0.0.1:%d was not trusted."
+                         % server.port)
+        self.assertFalse(os.path.exists(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped files: build.sh's zipapps, run alone from an empty directory.
 # ---------------------------------------------------------------------------------------------
