@@ -449,9 +449,11 @@ class Session:
         return self.reconnect and self.joined_once
 
     def _line_before_joining(self, line):
-        self.ui.show(line)
         if line.kind != Kind.GREETING:
+            self.ui.show(line)
             return
+        if not self.rejoining:   # rejoining, the client answers it: 'Reconnected as' says all
+            self.ui.show(line)
         if line.body == Lines.WELCOME:
             self._enter(Phase.NICKNAME)
             self._try_nickname()

@@ -1714,6 +1714,7 @@ class SessionTests(unittest.TestCase):
         session.server_line(T0 + OK)
         self.assertEqual(ui.sent, ["pw", "alicia"])
         self.assertEqual(ui.notes[-1], "Reconnected as alicia.")
+        self.assertEqual(ui.shown_texts()[-1], T0 + SHUTTING_DOWN)   # greetings: answered
         self.assertEqual(session.prompt(), "alicia> ")
 
     def test_no_reconnect_before_joining_or_with_no_reconnect(self):
@@ -2017,6 +2018,7 @@ class TerminalSessionTests(unittest.TestCase):
         watcher = second.client().join("watcher")
         term.read_until(lambda rows: rows[-2] == "Reconnected as mia."
                         and rows[-1] == "mia> half typed", "rejoined")
+        self.assertEqual(term.rows().count(WELCOME), 1)
         self.assertEqual(watcher.said(), "mia connected!")
         term.type(", sent after\r")
         self.assertEqual(watcher.said(), "mia sent half typed, sent after")
