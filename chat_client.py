@@ -629,10 +629,6 @@ def char_width(ch):
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
-def text_width(text):
-    return sum(char_width(ch) for ch in text)
-
-
 class Style:
     """SGR parameters."""
     TIME = "90"          # grey
