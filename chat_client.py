@@ -1988,10 +1988,19 @@ class Client:
             self.connection.send(encode_line(text))
 
     def show(self, line):
+        self._signals_first()
         self.output.write(self.presenter.line(line))
 
     def note(self, text, style=Style.NOTICE):
+        self._signals_first()
         self.output.write(self.presenter.note(text, style))
+
+    def _signals_first(self):
+        """A resize that came with this line must be handled before it is printed: the
+        terminal has already rewrapped the input rows, and readline's idea of them must match
+        before it clears them to print above."""
+        if self.signals is not None:
+            self._on_signals(selectors.EVENT_READ)
 
     def prompt_changed(self):
         if self.question is None:
