@@ -4007,6 +4007,96 @@ class TerminalSecurityTests(unittest.TestCase):
         self.assertFalse(os.path.exists(path))
 
 
+class ClientWithProtectedServerTests(unittest.TestCase):
+    """The client against the real server's password and TLS, in a pipe (both platform paths
+    in the subclass) and on a terminal."""
+
+    env = {}
+
+    def client(self, port, args=(), env=None):
+        client = PipedClient(port, env=dict(self.env, **(env or {})), args=args)
+        self.addCleanup(client.kill)
+        return client
+
+    def test_tls_and_password_in_a_pipe(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "s3cret"}, tls=True)
+        alice = server.client()
+        self.assertEqual(alice.line(), PASSWORD_PROMPT)
+        alice.send("s3cret\n")
+        alice.join("alice")
+        client = self.client(server.port, ["--tls-fingerprint", server.fingerprint, "--nick",
+                                           "bob"], env={"CHAT_PASSWORD": "s3cret"})
+        client.type("hello alice, over TLS\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(lines[:2], [PASSWORD_PROMPT, WELCOME])
+        self.assertEqual([split_ts(line)[1] for line in lines[2:]],
+                         [OK, OK, "YOU SEND USERS hello alice, over TLS"])
+        self.assertEqual(alice.said(), "bob connected!")
+        self.assertEqual(alice.said(), "bob sent hello alice, over TLS")
+        self.assertEqual(alice.said(), "bob disconnected!")
+        alice.close()
+
+    def test_wrong_password_exits_1(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "s3cret"})
+        client = self.client(server.port, ["--nick", "bob"], env={"CHAT_PASSWORD": "guess"})
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (1, WRONG_PASSWORD + "\n"))
+        self.assertEqual(lines[0], PASSWORD_PROMPT)
+        self.assertEqual(split_ts(lines[1])[1], WRONG_PASSWORD)
+
+    def test_plain_client_to_a_tls_server_says_so(self):
+        server = start_server(self, tls=True)
+        status, lines, err = self.client(server.port, ["--nick", "bob"]).finish()
+        self.assertEqual((status, lines, err), (1, [], "127.0.0.1:%d closed the connection "
+                                                "without a greeting in plain text: it expects "
+                                                "TLS, add --tls.\n" % server.port))
+
+
+class ClientWithProtectedServerTestsWindowsPaths(ClientWithProtectedServerTests):
+    """The same through the threaded-stdin path Windows uses."""
+    env = {"CHAT_PLATFORM": "windows"}
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalWithProtectedServerTests(unittest.TestCase):
+    """A person joining a password-protected TLS server, then the server restarting."""
+
+    def test_trust_password_then_reconnect_with_both(self):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        known = os.path.join(folder, "known_servers")
+        env = {"CHAT_PASSWORD": "s3cret"}
+        server = start_server(self, env=env, tls=True)
+        port = server.port
+        term = PtyClient(self, ["--port", str(port), "--tls", "--known-servers", known])
+        term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
+        self.assertIn(server.fingerprint, "".join(term.rows()).replace(" ", ""))
+        term.type("y\r")
+        term.read_until(lambda rows: rows[-1] == "password>", "the password prompt")
+        term.type("s3cret\r")
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("uma\r")
+        term.read_until(lambda rows: rows[-1] == "uma>", "joined")
+        self.assertNotIn(b"s3cret", term.output)
+        with open(known) as f:
+            self.assertEqual(f.read(), "127.0.0.1:%d %s\n" % (port, server.fingerprint))
+        term.type("still here")
+        server.stop()
+        term.read_until(lambda rows: rows[-1] == "(offline) uma> still here", "offline")
+        second = start_server(self, "--port", str(port), env=env, tls=True)
+        term.read_until(lambda rows: rows[-2:] == ["Reconnected as uma.", "uma> still here"],
+                        "rejoined: trusted, password and nickname sent again")
+        watcher = second.client()
+        self.assertEqual(watcher.line(), PASSWORD_PROMPT)
+        watcher.send("s3cret\n")
+        watcher.join("watcher")
+        term.type("!\r")
+        self.assertEqual(watcher.said(), "uma sent still here!")
+        self.assertEqual(term.rows().count("Trust it? [y/N]"), 0)
+        watcher.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped files: build.sh's zipapps, run alone from an empty directory.
 # ---------------------------------------------------------------------------------------------
