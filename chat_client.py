@@ -419,6 +419,10 @@ class Session:
             return Notes.PASSWORD_PROMPT
         return ""
 
+    def waits_for_nickname(self):
+        """Greeted, and no nickname to send by itself (--nick, rejoining, typed ahead)."""
+        return self.phase == Phase.NICKNAME and self.next_nick is None and not self.held
+
     def wants_input(self):
         """Would a typed line be used now rather than held? (Input read on demand asks.)"""
         return self.phase in (Phase.NICKNAME, Phase.MEMBER, Phase.OFFLINE) or (
@@ -861,9 +865,6 @@ class LineOutput:
     def write(self, text):
         self.stream.write(text + "\n")
         self.stream.flush()
-
-    def set_prompt(self, prompt):
-        pass
 
     def ask(self, question):
         self.stream.write(question)
@@ -2003,8 +2004,15 @@ class Client:
             self._on_signals(selectors.EVENT_READ)
 
     def prompt_changed(self):
-        if self.question is None:
-            self.output.set_prompt(self.session.prompt())
+        if self.question is not None:
+            return
+        if self.readline is None:
+            # Without readline there is no prompt line to keep drawn under the output, but a
+            # terminal must still say when it wants a nickname (the password: getpass says it).
+            if self.interactive and self.session.waits_for_nickname():
+                self.output.ask(Notes.NICKNAME_PROMPT)
+            return
+        self.output.set_prompt(self.session.prompt())
 
     def ask_password(self):
         self.input.begin_secret(Notes.PASSWORD_PROMPT)

@@ -3555,10 +3555,11 @@ class TerminalSessionTests(unittest.TestCase):
         term.type("half typed")
         term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
         self.assertEqual(first.stop()[0], 0)
-        term.read_until(lambda rows: rows[-2] == "Connection lost. Reconnecting in 1 s "
-                        "(Ctrl-C to quit)..." and rows[-1] == "(offline) mia> half typed",
+        note = "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+        term.read_until(lambda rows: note in rows and rows[-1] == "(offline) mia> half typed",
                         "waiting to reconnect")
-        self.assertTrue(term.rows()[-3].endswith(SHUTTING_DOWN))
+        rows = term.rows()
+        self.assertTrue(rows[rows.index(note) - 1].endswith(SHUTTING_DOWN))
         second = start_server(self, "--port", str(port))
         watcher = second.client().join("watcher")
         term.read_until(lambda rows: rows[-2] == "Reconnected as mia."
@@ -4005,6 +4006,41 @@ class TerminalSecurityTests(unittest.TestCase):
                          "Not connected: the certificate of 127.0.0.1:%d was not trusted."
                          % server.port)
         self.assertFalse(os.path.exists(path))
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalWindowsPathTests(unittest.TestCase):
+    """A terminal on the Windows path (a thread reads the console's lines, no readline): it
+    still asks for a nickname, sets own lines apart and reconnects."""
+
+    def test_nickname_prompt_refusal_own_line_and_reconnect(self):
+        server = start_server(self)
+        port = server.port
+        taken = server.client().join("vera")
+        term = PtyClient(self, ["--port", str(port)], env={"CHAT_PLATFORM": "windows"})
+        term.read_until(lambda rows: rows[-1] == "nickname>", "asked for a nickname")
+        term.type("Vera\r")
+        term.read_until(lambda rows: rows[-2].endswith(busy("Vera")) and
+                        rows[-1] == "nickname>", "refused, and asked again")
+        term.type("wanda\r")
+        self.assertEqual(taken.said(), "wanda connected!")
+        term.type("hello vera\r")
+        self.assertEqual(taken.said(), "wanda sent hello vera")
+        term.read_until(lambda rows: rows[-2:] == [rows[-2][:18] + "YOU SEND USERS hello vera",
+                                                   ""], "own line (below the console's echo)")
+        self.assertIn("bold", term.screen.attrs_of("hello vera"))      # colours: VT mode
+        self.assertEqual(term.rows_after_ts().count(OK), 1)           # the join's, no other
+        server.stop()
+        term.read_until(lambda rows: "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+                        in rows, "offline")
+        second = start_server(self, "--port", str(port))
+        watcher = second.client().join("watcher")
+        term.read_until(lambda rows: rows[-2] == "Reconnected as wanda.", "rejoined")
+        self.assertEqual(watcher.said(), "wanda connected!")
+        term.type("back again\r")
+        self.assertEqual(watcher.said(), "wanda sent back again")
+        taken.close()
+        watcher.close()
 
 
 class ClientWithProtectedServerTests(unittest.TestCase):
