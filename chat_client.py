@@ -1300,12 +1300,20 @@ class ReadlineTerminal:
         sys.stdout.flush()
 
 
-class TerminalSignals:
-    """SIGWINCH, SIGTSTP and SIGCONT reach the select loop as bytes on a socketpair
-    (signal.set_wakeup_fd): a Python handler may run in the middle of a redisplay, so the
-    handlers do nothing and the loop acts between two events."""
+class KilledBySignal(Exception):
+    """SIGTERM or SIGHUP: the terminal is put back as it was, then the process dies of it."""
 
-    NAMES = ("SIGWINCH", "SIGTSTP", "SIGCONT")
+    def __init__(self, signum):
+        Exception.__init__(self, signum)
+        self.signum = signum
+
+
+class TerminalSignals:
+    """SIGWINCH, SIGTSTP, SIGCONT, SIGTERM and SIGHUP reach the select loop as bytes on a
+    socketpair (signal.set_wakeup_fd): a Python handler may run in the middle of a redisplay,
+    so the handlers do nothing and the loop acts between two events."""
+
+    NAMES = ("SIGWINCH", "SIGTSTP", "SIGCONT", "SIGTERM", "SIGHUP")
 
     def __init__(self):
         self.reader, self.writer = socket.socketpair()
@@ -1982,6 +1990,8 @@ class Client:
                 # cooked mode meanwhile. Set readline's mode again.
                 self.readline.suspend(0)
                 self.readline.resume(on_fresh_row=False)
+            elif number in (signal.SIGTERM, signal.SIGHUP):
+                raise KilledBySignal(number)
 
     # -- what the session asks ------------------------------------------------------------
     def send(self, text):
@@ -2198,6 +2208,10 @@ def main(argv=None):
         return done.status
     except KeyboardInterrupt:
         return 0  # Ctrl-C: leave quietly
+    except KilledBySignal as killed:
+        # The terminal is restored (run() cleaned up): now die of the signal, as without us.
+        signal.signal(killed.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), killed.signum)
     return 0
 
 

@@ -3607,6 +3607,18 @@ class TerminalSessionTests(unittest.TestCase):
         self.assertEqual(term.rows_after_ts()[-2:], [GOODBYE, ""])
         watcher.close()
 
+    def test_sigterm_restores_the_terminal_and_kills_as_sigterm_does(self):
+        import termios
+        server = start_server(self)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "xena"])
+        term.read_until(lambda rows: rows[-1] == "xena>", "joined")
+        self.assertEqual(term.termios_lflag() & termios.ICANON, 0)   # readline's raw mode
+        term.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(term.wait(), -signal.SIGTERM)
+        self.assertEqual(term.termios_lflag() & (termios.ICANON | termios.ECHO),
+                         termios.ICANON | termios.ECHO)
+        self.assertNotIn(b"Traceback", term.output)
+
     def test_ctrl_c_while_waiting_to_reconnect_exits_0(self):
         server = start_server(self)
         term = PtyClient(self, ["--port", str(server.port), "--nick", "nina"])
