@@ -1433,6 +1433,9 @@ class Connection:
         self.write_shut = False        # half-close asked; done once everything is sent
         self._shut_done = False
         self._peer_done = False        # TLS: the server's close_notify came first
+        # Why sending failed. A send happens while the user's line is handled, where a loss
+        # must not be raised: the loop takes it from here between two events.
+        self.error = None
         try:
             self._candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
@@ -1481,6 +1484,8 @@ class Connection:
                 | (selectors.EVENT_WRITE if self.raw_out else 0))
 
     def ready(self, mask):
+        if self.error:
+            raise ConnectionLost(self.error)
         if self.state == self.CONNECTING:
             return self._connected()
         if mask & selectors.EVENT_WRITE:
@@ -1601,7 +1606,8 @@ class Connection:
             except ssl.SSLWantReadError:   # TLS 1.2 renegotiating: after the next read
                 written = 0
             except ssl.SSLError as exc:
-                raise ConnectionLost(exc.reason or str(exc))
+                self.error = exc.reason or str(exc)
+                return
             self.plain_out = self.plain_out[written:]
         self._move_tls_output()
 
@@ -1616,7 +1622,9 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                raise ConnectionLost(exc.strerror or str(exc) or type(exc).__name__)
+                self.error = exc.strerror or str(exc) or type(exc).__name__
+                self.raw_out = b""
+                return
             self.raw_out = self.raw_out[sent:]
         if self.write_shut and not self._shut_done and not self.plain_out:
             self._shut_write()
@@ -1760,6 +1768,8 @@ class Client:
                 self._watch()
                 for key, mask in self.selector.select(self._timeout()):
                     key.data(mask)
+                if self.connection is not None and self.connection.error:
+                    self._lost(Notes.CONNECTION_LOST.format(reason=self.connection.error))
                 self._run_timers()
         finally:
             self._close()
@@ -1868,6 +1878,8 @@ class Client:
 
     def _on_connection(self, mask):
         conn = self.connection
+        if conn is None:   # dropped by an earlier event of the same turn
+            return
         try:
             events = conn.ready(mask)
         except ConnectFailed as failure:

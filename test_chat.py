@@ -2563,6 +2563,28 @@ class ClientTests(unittest.TestCase):
         status, lines, err = client.finish()   # stdin still open: Goodbye and EOF end it
         self.assertEqual((status, lines, err), (0, [], ""))
 
+    def test_reset_while_sending_is_one_line_and_exits_1(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("ria")
+            peer.send(now_ts() + OK)
+            peer.expect("first")
+            peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server = FakeServer(self, script)      # closing with linger 0: a reset
+        client = self.client(server.port, args=["--nick", "ria"])
+        client.type("first\n")
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], OK)
+        server.thread.join(DEADLINE)
+        for i in range(50):                    # sends that meet the reset
+            try:
+                client.type("more %d\n" % i)
+            except BrokenPipeError:
+                break                          # the client already ended
+        status, lines, err = client.finish()
+        self.assertEqual(status, 1)
+        self.assertRegex(err, r"^Connection lost: (Connection reset by peer|Broken pipe)\.\n$")
+
     def test_killed_server_exits_1(self):
         server = start_server(self)
         client = self.client(server.port, args=["--nick", "paul"])
@@ -3929,6 +3951,31 @@ class ClientSecurityTests(unittest.TestCase):
         self.assertEqual(received.decode().splitlines(), burst)
         conn.half_close()
         conn.close()
+
+
+class ConnectionTests(unittest.TestCase):
+    """The client's Connection on real sockets."""
+
+    def test_a_failed_send_never_raises_the_loss_comes_out_of_ready(self):
+        # Sending happens while a typed line is handled: raising there would be a traceback.
+        chat = load_client_module()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        conn = chat.Connection("127.0.0.1", listener.getsockname()[1])
+        self.addCleanup(conn.close)
+        wait_until(lambda: select.select([], [conn.sock], [], 0)[1], "the connection")
+        self.assertEqual(conn.ready(selectors.EVENT_WRITE), ["open"])
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()                                      # a reset
+        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "the reset")
+        for _ in range(3):
+            conn.send(b"x" * 1000 + b"\n")                  # EPIPE or ECONNRESET: kept
+        self.assertTrue(conn.error)
+        with self.assertRaises(chat.ConnectionLost):
+            conn.ready(selectors.EVENT_READ | selectors.EVENT_WRITE)
 
 
 class ClientSecurityTestsWindowsPaths(ClientSecurityTests):
