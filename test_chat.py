@@ -2409,11 +2409,13 @@ def free_port():
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
-    def __init__(self, port, env=None, command=None):
+    def __init__(self, port, env=None, command=None, args=()):
         full_env = dict(os.environ)
         full_env.pop("CHAT_PLATFORM", None)
+        full_env.pop("CHAT_PASSWORD", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)],
+        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)]
+                                     + list(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env)
 
@@ -2482,7 +2484,9 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(err, "Cannot connect to 127.0.0.1:%d: Connection refused."
                               " Is the server running?\n" % port)
 
-    def test_server_shutdown_is_shown(self):
+    def test_server_shutdown_is_shown_and_exits_1(self):
+        # The user did not end it: status 1, the server's reason on stderr (the line itself
+        # also reaches stdout, as every line of the server does in a pipe).
         server = start_server(self)
         client = self.client(server.port)
         client.type("dave\n")
@@ -2490,9 +2494,9 @@ class ClientTests(unittest.TestCase):
         wait_until(lambda: "dave" in server_members(server, watcher), "dave to join")
         self.assertEqual(server.stop()[0], 0)
         status, lines, err = client.finish()
-        self.assertEqual(status, 0)
+        self.assertEqual(status, 1)
         self.assertEqual(split_ts(lines[-1])[1], SHUTTING_DOWN)
-        self.assertEqual(err, "Connection closed by the server.\n")
+        self.assertEqual(err, SHUTTING_DOWN + "\n")
 
     def test_hostile_bytes_are_printed_harmless(self):
         fake = socket.socket()
@@ -2521,8 +2525,110 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((proc.returncode, proc.stdout), (0, "chat_client %s\n" % readme_version()))
         proc = subprocess.run([sys.executable, CLIENT, "--port", "x"],
                               capture_output=True, text=True, timeout=DEADLINE)
-        self.assertEqual(proc.returncode, 2)
-        self.assertEqual(len(proc.stderr.splitlines()), 1)
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (2, "chat_client: --port: 'x' is not a port number (1 to 65535)\n"))
+
+    def test_usage_errors_are_one_line_naming_the_option_and_exit_2(self):
+        missing = os.path.join(tempfile.gettempdir(), "no-such-file-%d" % os.getpid())
+        cases = [
+            (["--port", "0"], "chat_client: --port: '0' is not a port number (1 to 65535)"),
+            (["--color", "pink"], "chat_client: --color: invalid choice: 'pink' "
+                                  "(choose from 'auto', 'always', 'never')"),
+            (["--tls-fingerprint", "AB:CD"], "chat_client: --tls-fingerprint: 'AB:CD' is not a "
+                                             "SHA-256 fingerprint (64 hex digits, colons allowed)"),
+            (["--nick", ""], "chat_client: --nick: '' is not a nickname (letters and digits)"),
+            (["--password-file", missing], "chat_client: --password-file: cannot read %s: "
+                                           "No such file or directory" % missing),
+            (["--tls-ca", missing], "chat_client: --tls-ca: cannot load %s: "
+                                    "No such file or directory" % missing),
+            (["--bogus"], "chat_client: unrecognized arguments: --bogus"),
+        ]
+        for args, message in cases:
+            proc = subprocess.run([sys.executable, CLIENT] + args, capture_output=True,
+                                  text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL)
+            self.assertEqual((proc.returncode, proc.stdout, proc.stderr), (2, "", message + "\n"))
+
+    def test_refusals_exit_1_with_the_reason_on_stderr(self):
+        server = start_server(self, "--max-clients", "1")
+        holder = server.client()
+        self.assertEqual(holder.line(), WELCOME)
+        status, lines, err = self.client(server.port).finish()
+        self.assertEqual((status, [split_ts(line)[1] for line in lines], err),
+                         (1, [FULL], FULL + "\n"))
+        holder.close()
+        server = start_server(self, "--join-timeout", "1")
+        client = self.client(server.port)           # says nothing, keeps its stdin open
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], JOIN_TIMEOUT)
+        status, lines, err = client.finish()
+        self.assertEqual((status, lines, err), (1, [], JOIN_TIMEOUT + "\n"))
+
+    def test_refused_nickname_in_a_pipe_exits_1_and_sends_nothing_more(self):
+        server = start_server(self)
+        alice = server.client().join("alice")
+        client = self.client(server.port)
+        client.type("ALICE\nhello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (1, busy("ALICE") + "\n"))
+        self.assertEqual([WELCOME, busy("ALICE")],
+                         [lines[0]] + [split_ts(line)[1] for line in lines[1:]])
+        alice.send("anyone?\n")
+        self.assertEqual(alice.said(), ALONE)   # "hello" never became a nickname
+        alice.close()
+
+    def test_nick_option_in_a_pipe(self):
+        server = start_server(self)
+        alice = server.client().join("alice")
+        client = self.client(server.port, args=["--nick", "robot"])
+        client.type("the build is green\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(alice.said(), "robot connected!")
+        self.assertEqual(alice.said(), "robot sent the build is green")
+        status, lines, err = self.client(server.port, args=["--nick", "Alice"]).finish()
+        self.assertEqual((status, err), (1, busy("Alice") + "\n"))
+        alice.close()
+
+    def test_quit_in_a_pipe_exits_0_after_goodbye(self):
+        server = start_server(self)
+        client = self.client(server.port, args=["--nick", "sam"])
+        client.type("/quit\n")
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], OK)
+        self.assertEqual(split_ts(client.line())[1], GOODBYE)
+        status, lines, err = client.finish()   # stdin still open: Goodbye and EOF end it
+        self.assertEqual((status, lines, err), (0, [], ""))
+
+    def test_reset_while_sending_is_one_line_and_exits_1(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("ria")
+            peer.send(now_ts() + OK)
+            peer.expect("first")
+            peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server = FakeServer(self, script)      # closing with linger 0: a reset
+        client = self.client(server.port, args=["--nick", "ria"])
+        client.type("first\n")
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], OK)
+        server.thread.join(DEADLINE)
+        for i in range(50):                    # sends that meet the reset
+            try:
+                client.type("more %d\n" % i)
+            except BrokenPipeError:
+                break                          # the client already ended
+        status, lines, err = client.finish()
+        self.assertEqual(status, 1)
+        self.assertRegex(err, r"^Connection lost: (Connection reset by peer|Broken pipe)\.\n$")
+
+    def test_killed_server_exits_1(self):
+        server = start_server(self)
+        client = self.client(server.port, args=["--nick", "paul"])
+        watcher = server.client().join("watcher")
+        wait_until(lambda: "paul" in server_members(server, watcher), "paul to join")
+        server.stop(signal.SIGKILL)
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (1, "Connection closed by the server.\n"))
 
 
 def server_members(server, watcher):
@@ -2544,19 +2650,74 @@ class ClientTestsWindowsPaths(ClientTests):
     env = {"CHAT_PLATFORM": "windows"}
 
 
-class Screen:
-    """Just enough of a terminal to replay what readline writes: the rows a person would see."""
+def cell_width(ch):
+    """Columns a character takes in the Screen below: 2 for East Asian wide, 0 for marks."""
+    import unicodedata
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
-    def __init__(self, width=200):
-        self.pending = ""   # an escape sequence cut in two by the pty read
-        self.rows = [""]
-        self.row = self.col = 0
+
+class Screen:
+    """Just enough of a terminal to replay what the client writes: the rows a person would see
+    and the attributes (SGR) of each character, a width with autowrap (DECAWM turns it off),
+    wide characters, bells, and a resize that reflows soft-wrapped rows as tmux does (or, with
+    ``reflow=False``, cuts them as xterm does). Rows are never scrolled away: the list of rows
+    is the scrollback and the screen together."""
+
+    def __init__(self, width=200, reflow=True):
         self.width = width
+        self.reflow = reflow
+        self.pending = ""       # an escape sequence cut in two by the pty read
+        self.lines = [[]]       # rows of cells [char, attrs]; a wide char's right half is ""
+        self.soft = [False]     # soft[i]: row i continues row i - 1 (the terminal wrapped it)
+        self.row = self.col = 0
+        self.wrap_next = False  # the last column was written: the next character wraps
+        self.autowrap = True
+        self.attrs = frozenset()
+        self.bells = 0
+
+    # -- writing --------------------------------------------------------------------------
+    def _line(self, row, length=0):
+        while len(self.lines) <= row:
+            self.lines.append([])
+            self.soft.append(False)
+        line = self.lines[row]
+        while len(line) < length:
+            line.append([" ", frozenset()])
+        return line
+
+    def _down(self, soft=False):
+        self.row += 1
+        self._line(self.row)
+        self.soft[self.row] = soft
+        self.wrap_next = False
 
     def _put(self, ch):
-        line = self.rows[self.row].ljust(self.col)
-        self.rows[self.row] = line[:self.col] + ch + line[self.col + 1:]
-        self.col += 1
+        w = cell_width(ch)
+        if w == 0:
+            line = self._line(self.row)
+            if 0 < self.col <= len(line):
+                line[self.col - 1][0] += ch
+            return
+        if self.wrap_next and self.autowrap:
+            self._down(soft=True)
+            self.col = 0
+        self.wrap_next = False
+        if self.col + w > self.width:
+            if self.autowrap:
+                self._down(soft=True)
+                self.col = 0
+            else:
+                self.col = self.width - w
+        line = self._line(self.row, self.col + w)
+        line[self.col] = [ch, self.attrs]
+        if w == 2:
+            line[self.col + 1] = ["", self.attrs]
+        self.col += w
+        if self.col >= self.width:
+            self.col = self.width - 1
+            self.wrap_next = True
 
     def feed(self, text):
         text, self.pending = self.pending + text, ""
@@ -2564,26 +2725,27 @@ class Screen:
         while i < len(text):
             ch = text[i]
             if ch == "\x1b":
-                match = re.match(r"\x1b(\[[?]?([0-9;]*)([A-Za-z@])|\][^\x07]*\x07|[=>])", text[i:])
+                match = re.match(r"\x1b(\[([?]?)([0-9;]*)([A-Za-z@])|\][^\x07]*\x07|[=>])",
+                                 text[i:])
                 if not match and re.match(r"^\x1b(\[[?]?[0-9;]*|\][^\x07]*)?$", text[i:]):
                     self.pending = text[i:]
                     return
                 if not match:
                     raise AssertionError("unknown escape %r" % text[i:i + 10])
-                if match.group(3):
-                    self._csi(match.group(2), match.group(3), match.group(1).startswith("[?"))
+                if match.group(4):
+                    self._csi(match.group(3), match.group(4), match.group(2) == "?")
                 i += match.end()
                 continue
             if ch == "\r":
                 self.col = 0
+                self.wrap_next = False
             elif ch == "\n":
-                self.row += 1
-                if self.row == len(self.rows):
-                    self.rows.append("")
+                self._down()
             elif ch == "\b":
                 self.col = max(self.col - 1, 0)
+                self.wrap_next = False
             elif ch == "\x07":
-                pass
+                self.bells += 1
             elif ch >= " ":
                 self._put(ch)
             else:
@@ -2592,41 +2754,134 @@ class Screen:
 
     def _csi(self, params, final, private):
         if private:
-            return  # modes (keypad, bracketed paste): nothing to draw
+            if params == "7" and final in "hl":
+                self.autowrap = final == "h"   # DECAWM
+            return  # other modes (keypad, bracketed paste): nothing to draw
+        if final == "m":
+            self._sgr(params)
+            return
         n = int(params.split(";")[0] or 1)
-        line = self.rows[self.row]
+        self.wrap_next = False
+        line = self._line(self.row)
         if final == "C":
-            self.col += n
+            self.col = min(self.col + n, self.width - 1)
         elif final == "D":
             self.col = max(self.col - n, 0)
         elif final == "A":
             self.row = max(self.row - n, 0)
         elif final == "B":
-            self.row += n
-            while len(self.rows) <= self.row:
-                self.rows.append("")
+            for _ in range(n):
+                self._down()
         elif final == "K":
             mode = int(params or 0)
             if mode == 0:
-                self.rows[self.row] = line[:self.col]
+                del line[self.col:]
             elif mode == 2:
-                self.rows[self.row] = ""
+                del line[:]
             else:
-                self.rows[self.row] = " " * self.col + line[self.col:]
+                for cell in line[:self.col + 1]:
+                    cell[:] = [" ", frozenset()]
         elif final == "J":
-            self.rows[self.row] = line[:self.col]
-            del self.rows[self.row + 1:]
+            del line[self.col:]
+            del self.lines[self.row + 1:]
+            del self.soft[self.row + 1:]
         elif final == "P":
-            self.rows[self.row] = line[:self.col] + line[self.col + n:]
+            del line[self.col:self.col + n]
         elif final == "@":
-            self.rows[self.row] = line[:self.col] + " " * n + line[self.col:]
-        elif final in "mh l":
-            pass
+            line[self.col:self.col] = [[" ", frozenset()] for _ in range(n)]
+            del line[self.width:]
         else:
             raise AssertionError("unhandled CSI %r%r" % (params, final))
 
+    def _sgr(self, params):
+        attrs = set(self.attrs)
+        for code in [int(p or 0) for p in params.split(";")]:
+            if code == 0:
+                attrs = set()
+            elif code in (1, 2, 7):
+                attrs.add({1: "bold", 2: "dim", 7: "reverse"}[code])
+            elif code == 22:
+                attrs -= {"bold", "dim"}
+            elif code == 27:
+                attrs.discard("reverse")
+            elif 30 <= code <= 37 or 90 <= code <= 97 or code == 39:
+                attrs = {a for a in attrs if not a.startswith("fg:")}
+                if code != 39:
+                    attrs.add("fg:%d" % code)
+            elif 40 <= code <= 47 or 100 <= code <= 107 or code == 49:
+                attrs = {a for a in attrs if not a.startswith("bg:")}
+                if code != 49:
+                    attrs.add("bg:%d" % code)
+            else:
+                attrs.add("sgr:%d" % code)
+        self.attrs = frozenset(attrs)
+
+    # -- a new width ------------------------------------------------------------------------
+    def resize(self, width):
+        """The terminal gets ``width`` columns. Reflowing: soft-wrapped rows are joined into
+        their line and the lines wrapped again, the cursor staying on its character. Not
+        reflowing: rows are cut at the new width, the cursor stays where it is."""
+        old, self.width = self.width, width
+        self.wrap_next = False
+        if not self.reflow:
+            for line in self.lines:
+                del line[width:]
+            self.col = min(self.col, width - 1)
+            return
+        groups = []   # rows joined by soft wraps: each group is one line of text
+        for i in range(len(self.lines)):
+            if i > 0 and self.soft[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        lines, soft = [], []
+        cursor = (self.row, self.col)
+        for group in groups:
+            cells, at = [], None
+            for k, i in enumerate(group):
+                if i == self.row:
+                    at = len(cells) + self.col
+                cells.extend(self.lines[i])
+                if k < len(group) - 1:   # a row that wrapped was full: pad what was never drawn
+                    cells.extend([" ", frozenset()] for _ in range(old - len(self.lines[i])))
+            if at is None:
+                while cells and cells[-1] == [" ", frozenset()]:
+                    cells.pop()
+            rows, col = [[]], 0
+            for position, cell in enumerate(cells):
+                if cell[0] == "":          # the right half of a wide character
+                    rows[-1].append(cell)
+                    continue
+                w = cell_width(cell[0][0])
+                if col + w > width:
+                    rows.append([])
+                    col = 0
+                if position == at:
+                    cursor = (len(lines) + len(rows) - 1, col)
+                rows[-1].append(cell)
+                col += w
+            if at is not None and at >= len(cells):   # the cursor stands after the text
+                extra = col + at - len(cells)
+                cursor = (len(lines) + len(rows) - 1 + extra // width, extra % width)
+            for k, row in enumerate(rows):
+                lines.append(row)
+                soft.append(k > 0)
+        self.lines, self.soft = lines, soft
+        self.row, self.col = cursor
+        self._line(self.row)
+
+    # -- reading --------------------------------------------------------------------------
     def visible(self):
-        return [row.rstrip() for row in self.rows]
+        return ["".join(cell[0] for cell in line).rstrip() for line in self.lines]
+
+    def attrs_of(self, text):
+        """The attributes of the first character of the last row that contains ``text``."""
+        for line in reversed(self.lines):
+            chars = "".join(cell[0] or "\0" for cell in line)
+            at = chars.find(text)
+            if at >= 0:
+                return line[at][1]
+        raise AssertionError("%r is not on the screen: %r" % (text, self.visible()))
 
 
 def _controlling_terminal():
@@ -2638,25 +2893,37 @@ def _controlling_terminal():
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
-class TerminalClientTests(unittest.TestCase):
-    """chat_client.py under a pseudo-terminal, typed into as a person would."""
+def set_terminal_size(fd, width, height):
+    import fcntl
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
-    def setUp(self):
+
+class PtyClient:
+    """chat_client.py (or ``command``) on a pseudo-terminal of ``width`` columns, typed into as
+    a person would; what it writes is replayed on a Screen."""
+
+    def __init__(self, test, args, env=None, width=100, height=30, reflow=True, command=None):
+        import codecs
         import pty
-        self.server = start_server(self)
         self.master, slave = pty.openpty()
-        env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
-        env.pop("CHAT_PLATFORM", None)
-        self.proc = subprocess.Popen([sys.executable, CLIENT, "--port", str(self.server.port)],
-                                     stdin=slave, stdout=slave, stderr=slave, env=env,
+        set_terminal_size(slave, width, height)
+        self.height = height
+        full_env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
+        for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD"):
+            full_env.pop(name, None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + list(args),
+                                     stdin=slave, stdout=slave, stderr=slave, env=full_env,
                                      close_fds=True, preexec_fn=_controlling_terminal)
         os.close(slave)
-        self.addCleanup(self._stop)
+        test.addCleanup(self.close)
         self.output = b""
-        self.screen = Screen()
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.screen = Screen(width, reflow=reflow)
+        self.closed = False
 
-    def _stop(self):
+    def close(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -2665,83 +2932,1300 @@ class TerminalClientTests(unittest.TestCase):
     def type(self, keys):
         os.write(self.master, keys.encode("utf-8") if isinstance(keys, str) else keys)
 
-    def read_until(self, condition, what):
-        """Read the terminal until condition(visible rows) holds."""
-        end = time.monotonic() + DEADLINE
-        while not condition(self.screen.visible()):
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("timed out waiting for %s; screen %r"
-                                     % (what, self.screen.visible()))
-            ready, _, _ = select.select([self.master], [], [], remaining)
-            if ready:
-                try:
-                    chunk = os.read(self.master, 65536)
-                except OSError:  # EIO: the client exited and the terminal closed
-                    chunk = b""
-                if not chunk:
-                    if condition(self.screen.visible()):
-                        return
-                    raise AssertionError("terminal closed waiting for %s; screen %r"
-                                         % (what, self.screen.visible()))
-                self.output += chunk
-                self.screen.feed(chunk.decode("utf-8", "replace"))
+    def rows(self):
+        return self.screen.visible()
 
     def rows_after_ts(self):
         return [TS.sub("", row) for row in self.screen.visible()]
 
-    def join_as(self, nick):
+    def read_until(self, condition, what, deadline=DEADLINE):
+        """Read the terminal until condition(visible rows) holds."""
+        end = time.monotonic() + deadline
+        while not condition(self.screen.visible()):
+            remaining = end - time.monotonic()
+            if remaining <= 0 or self.closed:
+                raise AssertionError("%s waiting for %s; screen %r"
+                                     % ("terminal closed" if self.closed else "timed out",
+                                        what, self.screen.visible()))
+            self.read_some(remaining)
+
+    def read_some(self, timeout):
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: the client exited and the terminal closed
+            chunk = b""
+        if not chunk:
+            self.closed = True
+            return
+        self.output += chunk
+        self.screen.feed(self.decoder.decode(chunk))
+
+    def settle(self, quiet=0.3):
+        """Read until nothing has come for ``quiet`` seconds (only where nothing is awaited:
+        to see that something does NOT happen)."""
+        end = time.monotonic() + DEADLINE
+        before = None
+        while before != len(self.output) and time.monotonic() < end:
+            before = len(self.output)
+            self.read_some(quiet)
+
+    def join(self, nick):
         self.read_until(lambda rows: WELCOME in rows, "the welcome")
         self.type(nick + "\r")
-        self.read_until(lambda rows: OK in self.rows_after_ts(), "Server: ok!")
+        self.read_until(lambda rows: rows[-1] == nick + ">", "the prompt %s>" % nick)
+
+    def resize(self, width, height=None):
+        """A new window size; the kernel sends SIGWINCH to the client."""
+        self.settle(0.1)
+        self.screen.resize(width)
+        set_terminal_size(self.master, width, height or self.height)
+
+    def wait(self, deadline=DEADLINE):
+        status = self.proc.wait(deadline)
+        self.settle(0.05)
+        return status
+
+    def termios_lflag(self):
+        import termios
+        return termios.tcgetattr(self.master)[3]
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalClientTests(unittest.TestCase):
+    """chat_client.py under a pseudo-terminal, typed into as a person would."""
+
+    def setUp(self):
+        self.server = start_server(self)
+        self.term = PtyClient(self, ["--port", str(self.server.port)])
 
     def test_incoming_line_keeps_the_half_typed_input(self):
-        self.join_as("carol")
+        term = self.term
+        term.join("carol")
         alice = self.server.client().join("alice")
-        self.read_until(lambda rows: "alice connected!" in self.rows_after_ts(), "alice joins")
-        self.type("half typ")
-        self.read_until(lambda rows: rows[-1] == "> half typ", "the typed text echoed")
+        term.read_until(lambda rows: "alice connected!" in term.rows_after_ts(), "alice joins")
+        term.type("half typ")
+        term.read_until(lambda rows: rows[-1] == "carol> half typ", "the typed text echoed")
         alice.send("incoming\n")
         # The message gets a row of its own, and below it, last, the prompt with the
         # half-typed text, redrawn intact.
-        self.read_until(lambda rows: self.rows_after_ts()[-2:] == ["alice sent incoming",
-                                                                  "> half typ"],
+        term.read_until(lambda rows: term.rows_after_ts()[-2:] == ["alice sent incoming",
+                                                                  "carol> half typ"],
                         "alice's line above the redrawn input")
-        self.assertEqual(self.rows_after_ts().count("alice sent incoming"), 1)
+        self.assertEqual(term.rows_after_ts().count("alice sent incoming"), 1)
         # Finish the line with editing keys (two Lefts, then typing) and send it whole.
         self.assertEqual(alice.said(), OK)
         self.assertEqual(alice.said(), "YOU SEND USERS incoming")
-        self.type("\x1b[D\x1b[Ded\r")
+        term.type("\x1b[D\x1b[Ded\r")
         self.assertEqual(alice.said(), "carol sent half tedyp")
-        self.read_until(lambda rows: "YOU SEND USERS half tedyp" in self.rows_after_ts(),
+        term.read_until(lambda rows: "YOU SEND USERS half tedyp" in term.rows_after_ts(),
                         "the echo")
         alice.close()
 
     def test_history_and_ctrl_d_leave_cleanly(self):
         import termios
-        self.join_as("erin")
-        before = termios.tcgetattr(self.master)
+        term = self.term
+        term.join("erin")
+        before = term.termios_lflag()
         alice = self.server.client().join("alice")
-        self.type("first\r")
+        term.type("first\r")
         self.assertEqual(alice.said(), "erin sent first")
-        self.type("\x1b[A again\r")  # Up brings "first" back
+        term.type("\x1b[A again\r")  # Up brings "first" back
         self.assertEqual(alice.said(), "erin sent first again")
-        self.type("\x04")  # Ctrl-D on an empty line
-        self.assertEqual(self.proc.wait(DEADLINE), 0)
+        term.type("\x04")  # Ctrl-D on an empty line
+        self.assertEqual(term.wait(), 0)
         self.assertEqual(alice.said(), "erin disconnected!")
-        after = termios.tcgetattr(self.master)
-        self.assertEqual(after[3] & (termios.ICANON | termios.ECHO),
-                         termios.ICANON | termios.ECHO)
-        self.assertEqual(before[3] & (termios.ICANON | termios.ECHO), 0)  # readline's raw mode
-        self.assertNotIn(b"Traceback", self.output)
+        after = term.termios_lflag()
+        self.assertEqual(after & (termios.ICANON | termios.ECHO), termios.ICANON | termios.ECHO)
+        self.assertEqual(before & (termios.ICANON | termios.ECHO), 0)  # readline's raw mode
+        self.assertNotIn(b"Traceback", term.output)
         alice.close()
 
     def test_ctrl_c_leaves_quietly(self):
-        self.join_as("frank")
-        self.type("\x03")
-        self.assertEqual(self.proc.wait(DEADLINE), 0)
-        self.read_until(lambda rows: True, "nothing")
-        self.assertNotIn(b"Traceback", self.output)
+        self.term.join("frank")
+        self.term.type("\x03")
+        self.assertEqual(self.term.wait(), 0)
+        self.assertNotIn(b"Traceback", self.term.output)
+
+
+# Version 2's lines that only the client's tests need (docs/PROTOCOL.md), written out here on
+# purpose, like the ones at the top.
+GOODBYE = "Goodbye!"
+WRONG_PASSWORD = "Sorry! Wrong password."
+TOO_MANY_PASSWORDS = "Sorry! Too many wrong passwords. Try again later."
+
+
+def load_client_module():
+    """chat_client.py as a module, for the tests that drive its parts in memory."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("chat_client_under_test", CLIENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RecordingUi:
+    """What a Session asks of the client, written down."""
+
+    def __init__(self):
+        self.session = None
+        self.sent, self.shown, self.notes, self.prompts = [], [], [], []
+        self.password_asked = self.half_closed = self.joins = 0
+
+    def send(self, text):
+        self.sent.append(text)
+
+    def show(self, line):
+        self.shown.append(line)
+
+    def note(self, text, style=None):
+        self.notes.append(text)
+
+    def prompt_changed(self):
+        self.prompts.append(self.session.prompt())
+
+    def ask_password(self):
+        self.password_asked += 1
+
+    def half_close(self):
+        self.half_closed += 1
+
+    def joined(self):
+        self.joins += 1
+
+    def shown_texts(self):
+        return [line.text for line in self.shown]
+
+
+T0 = "2026-11-24 14:05: "
+
+
+class SessionTests(unittest.TestCase):
+    """The client's phases, driven in memory with the server's lines (docs/PROTOCOL.md)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_client_module()
+
+    def session(self, **options):
+        ui = RecordingUi()
+        session = self.chat.Session(ui, **options)
+        ui.session = session
+        session.connected()
+        return session, ui
+
+    def joined(self, nick="alice", **options):
+        session, ui = self.session(**options)
+        session.server_line(WELCOME)
+        session.typed(nick)
+        session.server_line(T0 + OK)
+        del ui.sent[:], ui.shown[:], ui.notes[:]
+        return session, ui
+
+    def test_pipe_lines_wait_for_the_greeting_then_one_nickname_attempt_at_a_time(self):
+        session, ui = self.session()
+        session.typed("robot")
+        session.typed("the build is green")
+        self.assertEqual(ui.sent, [])                      # nothing before the greeting
+        session.server_line(WELCOME)
+        self.assertEqual((ui.sent, session.phase), (["robot"], "joining"))
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["robot", "the build is green"])
+        self.assertEqual((session.phase, session.nick), ("member", "robot"))
+
+    def test_pipe_refused_nickname_ends_with_status_1_and_sends_nothing_more(self):
+        session, ui = self.session()
+        session.typed("robot")
+        session.typed("hello")
+        session.server_line(WELCOME)
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + busy("robot"))
+        self.assertEqual((done.exception.status, done.exception.message), (1, busy("robot")))
+        self.assertEqual(ui.sent, ["robot"])   # "hello" never became a nickname
+        self.assertEqual(ui.shown_texts()[-1], T0 + busy("robot"))  # stdout: the line as is
+
+    def test_terminal_refused_nickname_asks_again_and_drops_lines_typed_meanwhile(self):
+        session, ui = self.session(interactive=True)
+        session.server_line(WELCOME)
+        self.assertEqual(session.prompt(), "nickname> ")
+        session.typed("alice")
+        session.typed("hello")                          # typed before the answer came
+        session.server_line(T0 + busy("alice"))
+        self.assertEqual((session.phase, session.prompt()), ("nickname", "nickname> "))
+        self.assertEqual(ui.notes, ["Not sent, you have not joined yet: hello"])
+        self.assertEqual(ui.sent, ["alice"])
+        session.typed("alice2")
+        session.server_line(T0 + OK)
+        self.assertEqual((session.nick, session.prompt()), ("alice2", "alice2> "))
+        self.assertEqual(ui.sent, ["alice", "alice2"])
+
+    def test_nick_option_is_sent_when_greeted(self):
+        session, ui = self.session(nick="bot")
+        session.input_ended()                       # an empty pipe: still join first
+        self.assertEqual(ui.half_closed, 0)
+        session.server_line(WELCOME)
+        self.assertEqual((ui.sent, ui.half_closed), (["bot"], 1))
+
+    def test_nickname_as_the_server_normalises_it(self):
+        session, ui = self.session(interactive=True)
+        session.server_line(WELCOME)
+        session.typed("  \uff41\uff4c\uff49\uff43\uff45 ")   # fullwidth alice, padded
+        session.server_line(T0 + OK)
+        self.assertEqual(session.prompt(), "alice> ")
+
+    def test_own_message_is_one_line_set_apart(self):
+        session, ui = self.joined(interactive=True)
+        self.assertTrue(session.replaces_echo("hello bob"))
+        session.typed("hello bob")
+        session.server_line(T0 + OK)                      # left out: the repeat says it all
+        session.server_line(T0 + "YOU SEND USERS hello bob")
+        self.assertEqual(ui.shown_texts(), [T0 + "YOU SEND USERS hello bob"])
+        self.assertTrue(ui.shown[0].own)
+
+    def test_ok_alone_is_shown_for_away_and_refusals_are_shown(self):
+        session, ui = self.joined(interactive=True)
+        self.assertFalse(session.replaces_echo("/away lunch"))
+        session.typed("/away lunch")
+        session.typed("hi")
+        session.server_line(T0 + OK)                      # answers /away: shown
+        session.server_line(T0 + "Server: there are no other users!")   # answers hi
+        session.typed("/msg bob hi")
+        session.server_line(T0 + 'Sorry! There is no user "bob".')
+        session.typed("//etc")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "YOU SEND USERS /etc")
+        self.assertEqual(ui.shown_texts(), [T0 + OK, T0 + "Server: there are no other users!",
+                                            T0 + 'Sorry! There is no user "bob".',
+                                            T0 + "YOU SEND USERS /etc"])
+
+    def test_pipe_shows_every_line_as_it_is(self):
+        session, ui = self.joined()
+        session.typed("hello")
+        for line in (OK, "YOU SEND USERS hello", "bob sent hi alice"):
+            session.server_line(T0 + line)
+        self.assertEqual(ui.shown_texts(), [T0 + OK, T0 + "YOU SEND USERS hello",
+                                            T0 + "bob sent hi alice"])
+        self.assertFalse(session.replaces_echo("x"))   # and no echo to replace
+
+    def test_quiet_users_on_joining_teaches_the_nicknames(self):
+        session, ui = self.session(interactive=True, list_users=True)
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice", "/users"])
+        session.server_line(T0 + "Users (4): bob, alice, Carol (away), dave (away: a, b (c), x)")
+        self.assertEqual(ui.shown_texts(), [WELCOME, T0 + OK])   # the list itself is not shown
+        self.assertEqual(session.completions("", False), ["bob ", "Carol ", "dave "])
+        session.server_line(T0 + "erin connected!")
+        session.server_line(T0 + "bob disconnected!")
+        session.server_line(T0 + "dave is now known as david")
+        self.assertEqual(session.completions("", False), ["Carol ", "david ", "erin "])
+        self.assertEqual(session.completions("c", False), ["Carol "])
+        self.assertEqual(session.completions("/m", True), ["/msg ", "/me "])
+        session.typed("/users")                             # typed by the user: shown
+        session.server_line(T0 + "Users (2): alice, erin")
+        self.assertEqual(ui.shown_texts()[-1], T0 + "Users (2): alice, erin")
+
+    def test_prompt_follows_nick(self):
+        session, ui = self.joined(interactive=True)
+        session.typed("/nick alicia")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as alicia")
+        self.assertEqual((session.nick, session.prompt()), ("alicia", "alicia> "))
+        self.assertTrue(ui.shown[-1].own)
+        session.server_line(T0 + "bob is now known as bobby")   # somebody else's
+        self.assertEqual(session.prompt(), "alicia> ")
+
+    def test_mentions_ring_once_history_does_not(self):
+        session, ui = self.joined(interactive=True)
+        session.server_line(T0 + "Recent messages (2):")
+        session.server_line(T0 + "bob sent ALICE are you there")
+        session.server_line(T0 + "* bob waves at alice")
+        session.server_line(T0 + "bob sent alice: now?")
+        session.server_line(T0 + "bob sent malice aforethought")
+        session.server_line(T0 + "[private] bob sent psst")
+        marks = [(line.mention, line.bell) for line in ui.shown]
+        self.assertEqual(marks, [(False, False), (True, False), (True, False), (True, True),
+                                 (False, False), (False, True)])
+
+    def test_password_from_the_option_from_a_pipe_and_asked_on_a_terminal(self):
+        session, ui = self.session(password="s3cret", nick="bob")
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual((ui.sent, session.phase), (["s3cret"], "checking password"))
+        session.server_line(WELCOME)
+        self.assertEqual(ui.sent, ["s3cret", "bob"])
+        session, ui = self.session()
+        session.typed("pipe secret")
+        session.typed("bob")
+        session.server_line(PASSWORD_PROMPT)
+        session.server_line(WELCOME)
+        self.assertEqual(ui.sent, ["pipe secret", "bob"])
+        session, ui = self.session(interactive=True)
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual((ui.password_asked, session.prompt()), (1, "password> "))
+        session.typed("typed secret")
+        self.assertEqual(ui.sent, ["typed secret"])
+
+    def test_final_refusals_end_with_status_1(self):
+        for line in (FULL, JOIN_TIMEOUT, WRONG_PASSWORD, TOO_MANY_PASSWORDS):
+            session, ui = self.session(interactive=True)
+            with self.assertRaises(self.chat.ClientExit) as done:
+                session.server_line(T0 + line)
+            self.assertEqual((done.exception.status, done.exception.message), (1, line))
+            self.assertEqual(ui.shown, [])   # a terminal sees it once, as the closing message
+
+    def test_how_a_connection_ends(self):
+        ClientExit = self.chat.ClientExit
+        session, ui = self.joined()
+        session.typed("/quit")
+        session.server_line(T0 + GOODBYE)
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed()
+        self.assertEqual((done.exception.status, done.exception.message), (0, None))
+        session, ui = self.joined()
+        session.input_ended()
+        self.assertEqual(ui.half_closed, 1)
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed()
+        self.assertEqual(done.exception.status, 0)
+        session, ui = self.joined()
+        session.server_line(T0 + SHUTTING_DOWN)
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed()
+        self.assertEqual((done.exception.status, done.exception.message), (1, SHUTTING_DOWN))
+        session, ui = self.joined()
+        with self.assertRaises(ClientExit) as done:
+            session.connection_closed("Connection lost: Connection reset by peer.")
+        self.assertEqual(done.exception.message, "Connection lost: Connection reset by peer.")
+
+    def test_terminal_reconnects_and_rejoins_with_the_same_nickname(self):
+        session, ui = self.joined(interactive=True, reconnect=True, password="pw")
+        session.typed("/nick alicia")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as alicia")
+        session.server_line(T0 + SHUTTING_DOWN)
+        session.connection_closed()
+        self.assertEqual((session.phase, session.prompt()), ("offline", "(offline) alicia> "))
+        session.typed("lost words")
+        self.assertIn("lost words", ui.notes[-1])
+        del ui.sent[:]
+        session.connected()
+        session.server_line(PASSWORD_PROMPT)
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["pw", "alicia"])
+        self.assertEqual(ui.notes[-1], "Reconnected as alicia.")
+        self.assertEqual(ui.shown_texts()[-1], T0 + SHUTTING_DOWN)   # greetings: answered
+        self.assertEqual(session.prompt(), "alicia> ")
+
+    def test_no_reconnect_before_joining_or_with_no_reconnect(self):
+        session, ui = self.session(interactive=True, reconnect=True)
+        with self.assertRaises(self.chat.ClientExit):
+            session.connection_closed()
+        session, ui = self.joined(interactive=True, reconnect=False)
+        with self.assertRaises(self.chat.ClientExit):
+            session.connection_closed()
+
+
+class PresenterTests(unittest.TestCase):
+    """How lines look on a terminal: wrapping that can't forge a line, colours, mentions."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_client_module()
+
+    def rows(self, text, width, **options):
+        presenter = self.chat.Presenter(width=lambda: width, **options)
+        out = presenter.line(self.chat.ServerLine(text))
+        return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out).split("\n")
+
+    def test_padded_message_cannot_start_a_row_with_a_timestamp(self):
+        fake = T0 + "bob disconnected!"
+        for width in (20, 40, 61, 80, 132):
+            for pad in range(0, width + 2):
+                rows = self.rows(T0 + "bob sent hi" + " " * pad + fake, width)
+                self.assertTrue(rows[0].startswith(T0.rstrip()), rows)
+                for row in rows[1:]:
+                    self.assertTrue(row.startswith(" "), rows)
+                    self.assertLessEqual(cell_width_of(row), width - 1, rows)
+
+    def test_wide_characters_count_two_columns_and_never_straddle(self):
+        rows = self.rows(T0 + "bob sent " + "\u4e2d" * 40 + "e\u0301" * 5, 30)
+        for row in rows:
+            self.assertLessEqual(cell_width_of(row), 29, rows)
+        self.assertEqual("".join(row.strip() for row in rows).count("\u4e2d"), 40)
+        self.assertIn("e\u0301" * 5, rows[-1])
+
+    def test_a_pipe_gets_the_line_as_it_is(self):
+        presenter = self.chat.Presenter()
+        text = T0 + "bob sent \t tabs and " + "x" * 300
+        self.assertEqual(presenter.line(self.chat.ServerLine(text)), text)
+
+    def test_nick_colours_are_stable_and_shared(self):
+        palette = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96")
+        for nick in ("bob", "Bob", "алиса", "ｂｏｂ"):
+            expected = palette[zlib_crc32(nick.casefold().encode("utf-8")) % len(palette)]
+            self.assertEqual(self.chat.nick_colour(nick), expected)
+        presenter = self.chat.Presenter(colour=True)
+        out = presenter.line(self.chat.ServerLine(T0 + "bob sent hi"))
+        self.assertIn("\x1b[1;%sm%s\x1b[0m" % (self.chat.nick_colour("bob"), "bob"), out)
+
+    def test_colour_auto_needs_a_terminal_and_no_no_color(self):
+        wanted = self.chat.colour_wanted
+
+        class Tty:
+            def isatty(self):
+                return True
+        self.assertTrue(wanted("auto", Tty(), {"TERM": "xterm"}))
+        self.assertTrue(wanted("auto", Tty(), {"TERM": "xterm", "NO_COLOR": ""}))
+        self.assertFalse(wanted("auto", Tty(), {"TERM": "xterm", "NO_COLOR": "1"}))
+        self.assertFalse(wanted("auto", Tty(), {"TERM": "dumb"}))
+        self.assertFalse(wanted("auto", io_string(), {"TERM": "xterm"}))
+        self.assertTrue(wanted("always", io_string(), {}))
+        self.assertFalse(wanted("never", Tty(), {}))
+
+
+def cell_width_of(text):
+    return sum(cell_width(ch) for ch in text)
+
+
+def zlib_crc32(data):
+    import zlib
+    return zlib.crc32(data)
+
+
+def io_string():
+    import io
+    return io.StringIO()
+
+
+def wrapped(text, width):
+    """ASCII ``text`` cut into rows of ``width``: how a terminal shows an input line."""
+    return [text[i:i + width].rstrip() for i in range(0, len(text), width)] or [""]
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalLayoutTests(unittest.TestCase):
+    """What a person sees: resizes, wrapping that can't forge a line, colours, mentions."""
+
+    def setUp(self):
+        self.server = start_server(self)
+
+    def term(self, *args, **kwargs):
+        return PtyClient(self, ["--port", str(self.server.port)] + list(args), **kwargs)
+
+    def assert_input_rows(self, term, text, width):
+        """The last rows are the prompt and input laid out at ``width``, and the row above
+        them is a line of the conversation: nothing stale in between."""
+        expected = wrapped(text, width)
+
+        def shown(rows):   # the rows down to the last one written (blank ones below: nothing)
+            while rows and not rows[-1]:
+                rows = rows[:-1]
+            return rows
+        term.read_until(lambda rows: shown(rows)[-len(expected):] == expected,
+                        "the input laid out at %d columns" % width)
+        rows = shown(term.rows())
+        whole = "".join(expected)
+        for row in rows[:-len(expected)]:
+            self.assertFalse(len(row) >= 5 and (row in whole or row.startswith("carol>")),
+                             "stale row %r above the input in %r" % (row, rows))
+
+    def resize_keeps_the_input(self, reflow):
+        env = {} if reflow else {"XTERM_VERSION": "XTerm(388)"}
+        term = self.term(width=40, reflow=reflow, env=env)
+        term.join("carol")
+        alice = self.server.client().join("alice")
+        term.read_until(lambda rows: "alice connected!" in term.rows_after_ts(), "alice")
+        typed = "the quick brown fox jumps over the lazy dog, then naps a while"
+        term.type(typed)
+        self.assert_input_rows(term, "carol> " + typed, 40)
+        for width in (25, 33, 60, 17):
+            term.resize(width)
+            self.assert_input_rows(term, "carol> " + typed, width)
+            alice.send("now %d\n" % width)
+            self.assertEqual(alice.said(), OK)
+            self.assertEqual(alice.said(), "YOU SEND USERS now %d" % width)
+            term.read_until(lambda rows: any(row.endswith("now %d" % width) for row in rows),
+                            "alice's line")
+            self.assert_input_rows(term, "carol> " + typed, width)
+        term.type("!\r")
+        self.assertEqual(alice.said(), "carol sent " + typed + "!")
+        alice.close()
+
+    def test_resize_with_a_wrapped_half_typed_line_reflowing_terminal(self):
+        self.resize_keeps_the_input(reflow=True)      # tmux, VTE, kitty, Windows Terminal
+
+    def test_resize_with_a_wrapped_half_typed_line_xterm(self):
+        self.resize_keeps_the_input(reflow=False)     # cuts rows, never rewraps them
+
+    def test_padded_message_cannot_produce_a_row_starting_with_a_timestamp(self):
+        term = self.term(width=61)
+        term.join("dave")
+        bob = self.server.client().join("bob")
+        forged = "2026-11-24 14:05: bob disconnected!"
+        for pad in (26, 27, 29, 30, 31, 59, 60, 61, 62, 100):
+            bob.send("hi" + " " * pad + forged + "\n")
+            self.assertEqual(bob.said(), OK)
+            bob.said()
+        bob.send("done\n")
+        term.read_until(lambda rows: any(row.endswith("bob sent done") for row in rows), "done")
+        rows = term.rows()
+        for row in rows:
+            if TS.match(row):   # every row that starts with a time is a real line
+                self.assertTrue(TS.sub("", row).startswith(("bob sent", "Server:", "bob con")),
+                                "forged row %r in %r" % (row, rows))
+        bob.close()
+
+    def test_own_message_costs_one_line_and_is_set_apart(self):
+        term = self.term()
+        term.join("erin")
+        bob = self.server.client().join("bob")
+        term.read_until(lambda rows: rows[-2].endswith("bob connected!"), "bob")
+        term.type("hello bob\r")
+        self.assertEqual(bob.said(), "erin sent hello bob")
+        term.read_until(lambda rows: rows[-2:] == [rows[-2][:18] + "YOU SEND USERS hello bob",
+                                                   "erin>"], "the one own line")
+        rows = term.rows_after_ts()
+        self.assertEqual(rows.count("YOU SEND USERS hello bob"), 1)
+        self.assertNotIn("erin> hello bob", rows)          # readline's echo is gone
+        self.assertEqual(rows[-3], "bob connected!")         # and so is the ok before it
+        self.assertIn("bold", term.screen.attrs_of("hello bob"))
+        bob.close()
+
+    def test_colours_mention_and_bell(self):
+        term = self.term()
+        term.join("frank")
+        bob = self.server.client().join("bob")
+        bob.send("time for food?\n")
+        bob.send("FRANK, lunch?\n")
+        bob.send("frankly no\n")
+        term.read_until(lambda rows: any(row.endswith("bob sent frankly no") for row in rows), "bob's lines")
+        screen = term.screen
+        colour = "fg:" + NICK_COLOURS[zlib_crc32(b"bob") % len(NICK_COLOURS)]
+        self.assertEqual(screen.attrs_of("bob sent time"), {"bold", colour})
+        self.assertEqual(screen.attrs_of("2026"[:2]), {"fg:90"})         # the time in grey
+        self.assertNotIn("reverse", screen.attrs_of("time for food?"))
+        self.assertIn("reverse", screen.attrs_of("FRANK, lunch?"))      # the mention
+        self.assertNotIn("reverse", screen.attrs_of("frankly no"))      # not a word of its own
+        self.assertEqual(screen.bells, 1)
+        self.assertEqual(term.output.count(b"\a"), 1)
+        bob.close()
+
+    def test_no_bell_option(self):
+        term = self.term("--no-bell")
+        term.join("gina")
+        bob = self.server.client().join("bob")
+        bob.send("gina: ping\n")
+        term.read_until(lambda rows: any(row.endswith("bob sent gina: ping") for row in rows), "the mention")
+        self.assertIn("reverse", term.screen.attrs_of("gina: ping"))
+        self.assertEqual(term.screen.bells, 0)
+        bob.close()
+
+    def test_no_color_and_color_never_mean_no_escape_for_colour(self):
+        for args, env in (((), {"NO_COLOR": "1"}), (("--color", "never"), {})):
+            term = self.term(*args, env=env)
+            term.join(fresh_nick("hank"))
+            bob = self.server.client().join(fresh_nick("bob"))
+            bob.send("hank: hi\n")
+            term.read_until(lambda rows: any("sent hank: hi" in row for row in rows), "hi")
+            self.assertNotRegex(term.output.decode("utf-8", "replace"), r"\x1b\[[0-9;]*m")
+            bob.close()
+
+
+NICK_COLOURS = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96")
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalSessionTests(unittest.TestCase):
+    """The phases as a person meets them: nickname refused, stopped and continued, the
+    server gone and back, and how the client ends."""
+
+    def test_refused_nickname_then_retry_sends_nothing_by_surprise(self):
+        server = start_server(self)
+        taken = server.client().join("ivan")
+        term = PtyClient(self, ["--port", str(server.port)])
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("Ivan\r")
+        term.read_until(lambda rows: rows[-2].endswith(busy("Ivan"))
+                        and rows[-1] == "nickname>", "the refusal, and still asking")
+        term.type("ivan2\r")
+        term.read_until(lambda rows: rows[-1] == "ivan2>", "joined")
+        self.assertEqual(taken.said(), "ivan2 connected!")
+        taken.close()
+
+    def test_nick_option_joins_and_asks_again_only_when_refused(self):
+        server = start_server(self)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "judy"])
+        term.read_until(lambda rows: rows[-1] == "judy>", "joined as judy")
+        term2 = PtyClient(self, ["--port", str(server.port), "--nick", "JUDY"])
+        term2.read_until(lambda rows: len(rows) > 2 and rows[-1] == "nickname>"
+                         and rows[-2].endswith(busy("JUDY")), "asked again")
+
+    def test_ctrl_z_and_fg_under_job_control_restore_raw_mode(self):
+        if not shutil.which("bash"):
+            self.skipTest("needs bash for job control")
+        server = start_server(self)
+        alice = server.client().join("alice")
+        shell = PtyClient(self, ["--norc", "--noprofile", "-i"], command=["bash"], width=200,
+                          env={"PS1": "$ ", "HISTFILE": "/dev/null"})
+        shell.read_until(lambda rows: rows[-1] == "$", "the shell's prompt")
+        shell.type("%s %s --port %d --nick kate\r" % (sys.executable, CLIENT, server.port))
+        shell.read_until(lambda rows: rows[-1] == "kate>", "the client")
+        shell.type("abcdef")
+        shell.read_until(lambda rows: rows[-1] == "kate> abcdef", "typed")
+        shell.type("\x1a")                                    # Ctrl-Z
+        shell.read_until(lambda rows: any("Stopped" in row for row in rows[-3:])
+                         and rows[-1] == "$", "stopped")
+        shell.type("fg\r")
+        shell.read_until(lambda rows: rows[-1] == "kate> abcdef", "continued, input kept")
+        shell.type("\x1b[D\x1b[DX\r")        # arrows work: raw mode, readline editing again
+        self.assertEqual(alice.said(), "kate connected!")
+        self.assertEqual(alice.said(), "kate sent abcdXef")
+        shell.type("\x04")
+        shell.read_until(lambda rows: rows[-1] == "$", "the shell again")
+        alice.close()
+
+    def test_sigstop_then_sigcont_after_the_shell_reset_the_terminal(self):
+        import termios
+        server = start_server(self)
+        alice = server.client().join("alice")
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "liam"])
+        term.read_until(lambda rows: rows[-1] == "liam>", "joined")
+        term.proc.send_signal(signal.SIGSTOP)
+        cooked = termios.tcgetattr(term.master)
+        cooked[3] |= termios.ICANON | termios.ECHO
+        termios.tcsetattr(term.master, termios.TCSANOW, cooked)   # what a shell does
+        term.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: term.termios_lflag() & termios.ICANON == 0, "raw mode again")
+        term.type("abcdef\x1b[D\x1b[DX\r")
+        self.assertEqual(alice.said(), "liam connected!")
+        self.assertEqual(alice.said(), "liam sent abcdXef")
+        alice.close()
+
+    def test_reconnect_after_the_server_restarts_keeps_the_half_typed_input(self):
+        first = start_server(self)
+        port = first.port
+        term = PtyClient(self, ["--port", str(port)])
+        term.join("mia")
+        term.type("half typed")
+        term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
+        self.assertEqual(first.stop()[0], 0)
+        note = "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+        term.read_until(lambda rows: note in rows and rows[-1] == "(offline) mia> half typed",
+                        "waiting to reconnect")
+        rows = term.rows()
+        self.assertTrue(rows[rows.index(note) - 1].endswith(SHUTTING_DOWN))
+        second = start_server(self, "--port", str(port))
+        watcher = second.client().join("watcher")
+        term.read_until(lambda rows: rows[-2] == "Reconnected as mia."
+                        and rows[-1] == "mia> half typed", "rejoined")
+        self.assertEqual(term.rows().count(WELCOME), 1)
+        self.assertEqual(watcher.said(), "mia connected!")
+        term.type(", sent after\r")
+        self.assertEqual(watcher.said(), "mia sent half typed, sent after")
+        watcher.close()
+
+    def test_tab_completes_commands_and_a_nickname_that_joined_earlier(self):
+        server = start_server(self)
+        bob = server.client().join("bobby")          # here before the client: /users says so
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "quinn"])
+        term.read_until(lambda rows: rows[-1] == "quinn>", "joined")
+        self.assertEqual(bob.said(), "quinn connected!")
+        term.settle(0.2)                     # the quiet /users answered (and not shown)
+        self.assertFalse(any("Users (" in row for row in term.rows()), term.rows())
+        term.type("/ms\tb\t")
+        term.read_until(lambda rows: rows[-1] == "quinn> /msg bobby", "completed")  # + a space
+        term.type("psst\r")
+        self.assertEqual(bob.said(), "[private] quinn sent psst")
+        term.read_until(lambda rows: rows[-1] == "quinn>" and
+                        rows[-2].endswith("[private] YOU SEND bobby psst"), "one own line")
+        carl = server.client().join("carl")   # joins later: learned from 'connected!'
+        term.read_until(lambda rows: any(row.endswith("carl connected!") for row in rows), "carl")
+        term.type("ca\t")
+        term.read_until(lambda rows: rows[-1] == "quinn> carl", "completed carl")
+        bob.close()
+        carl.close()
+
+    def test_prompt_follows_nick_and_quit_exits_0(self):
+        server = start_server(self)
+        watcher = server.client().join("watcher")
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "rosa"])
+        term.read_until(lambda rows: rows[-1] == "rosa>", "joined")
+        term.type("/nick rosalind\r")
+        term.read_until(lambda rows: rows[-1] == "rosalind>" and
+                        rows[-2].endswith("rosa is now known as rosalind"), "the new prompt")
+        self.assertEqual(watcher.said(), "rosa connected!")
+        self.assertEqual(watcher.said(), "rosa is now known as rosalind")
+        term.type("/quit\r")
+        self.assertEqual(term.wait(), 0)
+        self.assertEqual(watcher.said(), "rosalind disconnected!")
+        self.assertEqual(term.rows_after_ts()[-2:], [GOODBYE, ""])
+        watcher.close()
+
+    def test_sigterm_restores_the_terminal_and_kills_as_sigterm_does(self):
+        import termios
+        server = start_server(self)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "xena"])
+        term.read_until(lambda rows: rows[-1] == "xena>", "joined")
+        self.assertEqual(term.termios_lflag() & termios.ICANON, 0)   # readline's raw mode
+        term.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(term.wait(), -signal.SIGTERM)
+        self.assertEqual(term.termios_lflag() & (termios.ICANON | termios.ECHO),
+                         termios.ICANON | termios.ECHO)
+        self.assertNotIn(b"Traceback", term.output)
+
+    def test_ctrl_c_while_waiting_to_reconnect_exits_0(self):
+        server = start_server(self)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "nina"])
+        term.read_until(lambda rows: rows[-1] == "nina>", "joined")
+        server.stop(signal.SIGKILL)
+        term.read_until(lambda rows: rows[-1] == "(offline) nina>", "offline")
+        term.type("\x03")
+        self.assertEqual(term.wait(), 0)
+
+    def test_exit_status_1_with_the_reason_once(self):
+        server = start_server(self, "--max-clients", "1")
+        holder = server.client()
+        self.assertEqual(holder.line(), WELCOME)
+        term = PtyClient(self, ["--port", str(server.port)])
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row], [FULL])
+        holder.close()
+        server2 = start_server(self)
+        term = PtyClient(self, ["--port", str(server2.port), "--nick", "omar", "--no-reconnect"])
+        term.read_until(lambda rows: rows[-1] == "omar>", "joined")
+        server2.stop()
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row][-1], SHUTTING_DOWN)  # stderr
+        self.assertEqual(term.rows_after_ts().count(SHUTTING_DOWN), 1)
+        self.assertNotIn(b"Traceback", term.output)
+
+
+def now_ts():
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M: ")
+
+
+class FakePeer:
+    """The server's end of one connection in a FakeServer script."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(DEADLINE)
+        self.buf = b""
+
+    def send(self, *lines):
+        self.sock.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
+
+    def line(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError("the client closed; partial %r" % self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode("utf-8")
+
+    def expect(self, text):
+        got = self.line()
+        if got != text:
+            raise AssertionError("expected %r from the client, got %r" % (text, got))
+
+    def expect_eof(self):
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:   # closed with TLS session tickets unread: also an end
+                return
+            if not chunk:
+                return
+            self.buf += chunk
+            if self.buf.strip(b"\r"):
+                raise AssertionError("expected the end, got %r" % self.buf)
+
+
+class FakeServer:
+    """A server that follows ``script(peer)`` for each of ``connections`` connections, in a
+    thread: for protocol rows the real server does not have yet, and for misbehaviour it
+    never shows. ``tls``: an SSLContext for the server side. An exception in the script
+    fails the test when it is cleaned up."""
+
+    def __init__(self, test, script, tls=None, connections=1, handshake_may_fail=False):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.errors = []
+        self.handshake_may_fail = handshake_may_fail
+        self.thread = threading.Thread(target=self._serve, args=(script, tls, connections),
+                                       daemon=True)
+        self.thread.start()
+        test.addCleanup(self._finish, test)
+
+    def _serve(self, script, tls, connections):
+        for _ in range(connections):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as exc:
+                self.errors.append(exc)
+                return
+            try:
+                conn.settimeout(DEADLINE)
+                if tls is not None:
+                    try:
+                        conn = tls.wrap_socket(conn, server_side=True)
+                    except OSError:
+                        if self.handshake_may_fail:
+                            continue
+                        raise
+                script(FakePeer(conn))
+            except Exception as exc:  # noqa: BLE001 -- reported by _finish
+                self.errors.append(exc)
+            finally:
+                conn.close()
+
+    def _finish(self, test):
+        self.listener.close()
+        self.thread.join(DEADLINE)
+        if self.errors:
+            raise self.errors[0]
+
+
+def server_tls_context(cert, key):
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def fake_member(nick, messages=()):
+    """A script: greet, accept ``nick``, answer each message as the protocol does, then expect
+    the client's end of input."""
+    def script(peer):
+        peer.send(WELCOME)
+        peer.expect(nick)
+        peer.send(now_ts() + OK)
+        for message in messages:
+            peer.expect(message)
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS " + message)
+        peer.expect_eof()
+    return script
+
+
+class ClientSecurityTests(unittest.TestCase):
+    """Passwords and TLS from the client's side, in a pipe and on a terminal."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-tls-")
+        cls.cert, cls.key, cls.fingerprint = test_certificate()
+        cls.other_cert = test_certificate("other")[0]   # the same one where openssl is missing
+        cls.other_fingerprint = ":".join(["AB"] * 32)   # somebody else's certificate
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    env = {}
+
+    def client(self, port, args=(), env=None):
+        client = PipedClient(port, env=dict(self.env, **(env or {})), args=args)
+        self.addCleanup(client.kill)
+        return client
+
+    def known_servers(self, *lines):
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "known_servers")
+        if lines:
+            with open(path, "w") as f:
+                f.write("".join(line + "\n" for line in lines))
+        return path
+
+    # -- passwords --------------------------------------------------------------------------
+    def password_script(self, password, nick="bob"):
+        def script(peer):
+            peer.send(PASSWORD_PROMPT)
+            peer.expect(password)
+            fake_member(nick, ["hi"])(peer)
+        return script
+
+    def test_password_from_a_file_from_the_environment_and_from_the_pipe(self):
+        path = os.path.join(self.dir, "password")
+        with open(path, "w") as f:
+            f.write("from file\nsecond line ignored\n")
+        runs = ((["--password-file", path, "--nick", "bob"], {}, "hi\n", "from file"),
+                (["--nick", "bob"], {"CHAT_PASSWORD": "from env"}, "hi\n", "from env"),
+                ([], {}, "from pipe\nbob\nhi\n", "from pipe"))
+        for args, env, typed, password in runs:
+            server = FakeServer(self, self.password_script(password))
+            client = self.client(server.port, args, env)
+            client.type(typed)
+            status, lines, err = client.finish()
+            self.assertEqual((status, err), (0, ""))
+            self.assertEqual(lines[:2], [PASSWORD_PROMPT, WELCOME])
+
+    def test_wrong_password_and_lockout_exit_1(self):
+        for answer in ([WRONG_PASSWORD], [TOO_MANY_PASSWORDS]):
+            def script(peer, answer=answer):
+                if answer == [WRONG_PASSWORD]:
+                    peer.send(PASSWORD_PROMPT)
+                    peer.expect("guess")
+                peer.send(now_ts() + answer[0])
+            server = FakeServer(self, script)
+            client = self.client(server.port, ["--nick", "bob"], {"CHAT_PASSWORD": "guess"})
+            status, lines, err = client.finish()
+            self.assertEqual((status, err), (1, answer[0] + "\n"))
+            self.assertEqual(split_ts(lines[-1])[1], answer[0])
+
+    # -- TLS --------------------------------------------------------------------------------
+    def tls_server(self, script=None, handshake_may_fail=False):
+        return FakeServer(self, script or fake_member("tess", ["over tls"]),
+                          tls=server_tls_context(self.cert, self.key),
+                          handshake_may_fail=handshake_may_fail)
+
+    def run_tls_client(self, server, *args):
+        client = self.client(server.port, ["--tls", "--nick", "tess"] + list(args))
+        client.type("over tls\n")
+        return client.finish()
+
+    def test_pinned_fingerprint_any_spelling(self):
+        pin = self.fingerprint.lower().replace(":", "")
+        server = self.tls_server()
+        status, lines, err = self.run_tls_client(server, "--tls-fingerprint", pin)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, OK, "YOU SEND USERS over tls"])
+
+    def test_pinned_fingerprint_mismatch_exits_1(self):
+        server = self.tls_server(script=lambda peer: peer.expect_eof())
+        status, lines, err = self.run_tls_client(server, "--tls-fingerprint",
+                                                 self.other_fingerprint)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "The TLS certificate of 127.0.0.1:%d has the SHA-256 fingerprint "
+                              "%s, not the one --tls-fingerprint gives (%s). Not connected.\n"
+                         % (server.port, self.fingerprint, self.other_fingerprint))
+
+    def test_ca_verification(self):
+        server = self.tls_server()
+        status, lines, err = self.run_tls_client(server, "--tls-ca", self.cert)
+        self.assertEqual((status, err), (0, ""))
+        if test_certificate("other")[2] == self.fingerprint:
+            return   # no openssl: no second certificate to fail the check with
+        server = self.tls_server(script=lambda peer: None, handshake_may_fail=True)
+        status, lines, err = self.run_tls_client(server, "--tls-ca", self.other_cert)
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("The TLS certificate of 127.0.0.1:%d failed the "
+                                       "--tls-ca check: " % server.port), err)
+
+    def test_unknown_server_in_a_pipe_is_refused_then_known_is_accepted(self):
+        path = self.known_servers()
+        server = self.tls_server(script=lambda peer: peer.expect_eof())
+        status, lines, err = self.run_tls_client(server, "--known-servers", path)
+        self.assertEqual((status, lines), (1, []))
+        self.assertIn("(SHA-256 %s)" % self.fingerprint, err)
+        self.assertFalse(os.path.exists(path))
+        server = self.tls_server()
+        path = self.known_servers("# comment", "127.0.0.1:%d %s" % (server.port, self.fingerprint))
+        status, lines, err = self.run_tls_client(server, "--known-servers", path)
+        self.assertEqual((status, err), (0, ""))
+
+    def test_changed_certificate_is_refused_naming_file_and_line(self):
+        server = self.tls_server(script=lambda peer: peer.expect_eof())
+        path = self.known_servers("127.0.0.1:1 %s" % self.fingerprint,
+                                  "127.0.0.1:%d %s" % (server.port, self.other_fingerprint))
+        status, lines, err = self.run_tls_client(server, "--known-servers", path)
+        self.assertEqual(status, 1)
+        self.assertIn("HAS CHANGED", err)
+        self.assertIn("  known:  %s\n  now:    %s\n" % (self.other_fingerprint,
+                                                       self.fingerprint), err)
+        self.assertIn("remove line 2 of %s and connect again." % path, err)
+
+    def test_tls_to_a_plain_server_and_plain_to_a_tls_server(self):
+        plain = start_server(self)
+        status, lines, err = self.run_tls_client(plain)
+        self.assertEqual((status, lines, err), (1, [], "127.0.0.1:%d does not speak TLS (it "
+                                                "answered in plain text): leave out --tls.\n"
+                                                % plain.port))
+        server = FakeServer(self, lambda peer: None, handshake_may_fail=True,
+                            tls=server_tls_context(self.cert, self.key))
+        client = self.client(server.port, ["--nick", "tess"])
+        status, lines, err = client.finish()   # stdin open: nothing but the probe goes out
+        self.assertEqual((status, lines, err), (1, [], "127.0.0.1:%d closed the connection "
+                                                "without a greeting in plain text: it expects "
+                                                "TLS, add --tls.\n" % server.port))
+
+    def test_decrypted_bytes_waiting_inside_tls_are_not_left_behind(self):
+        # A read smaller than a TLS record leaves the rest decrypted inside the SSLSocket,
+        # where select can't see it: the client must drain pending() after each read.
+        chat = load_client_module()
+        chat.READ_SIZE = 64
+        burst = ["%s line %03d of the burst, all in one record" % (now_ts(), i)
+                 for i in range(40)]
+
+        def script(peer):
+            peer.send(*burst)                    # one sendall: one TLS record
+            peer.expect_eof()
+        server = self.tls_server(script=script)
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = chat.Connection("127.0.0.1", server.port, context)
+        selector = selectors.DefaultSelector()
+        received = b""
+        end = time.monotonic() + DEADLINE
+        while received.count(b"\n") < len(burst) and time.monotonic() < end:
+            if conn.events():
+                selector.register(conn.sock, conn.events())
+                ready = selector.select(end - time.monotonic())
+                selector.unregister(conn.sock)
+                for _, mask in ready:
+                    received += b"".join(e for e in conn.ready(mask) if e != "open")
+        # (The socket is read 64 bytes at a time, so the record arrives whole only after a
+        # few reads; then TLS holds 2.6 KB that select knows nothing of.)
+        self.assertEqual(received.decode().splitlines(), burst)
+        conn.half_close()
+        conn.close()
+
+
+class ConnectionTests(unittest.TestCase):
+    """The client's Connection on real sockets."""
+
+    def test_a_failed_send_never_raises_the_loss_comes_out_of_ready(self):
+        # Sending happens while a typed line is handled: raising there would be a traceback.
+        chat = load_client_module()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        conn = chat.Connection("127.0.0.1", listener.getsockname()[1])
+        self.addCleanup(conn.close)
+        wait_until(lambda: select.select([], [conn.sock], [], 0)[1], "the connection")
+        self.assertEqual(conn.ready(selectors.EVENT_WRITE), ["open"])
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()                                      # a reset
+        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "the reset")
+        for _ in range(3):
+            conn.send(b"x" * 1000 + b"\n")                  # EPIPE or ECONNRESET: kept
+        self.assertTrue(conn.error)
+        with self.assertRaises(chat.ConnectionLost):
+            conn.ready(selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+
+class ClientSecurityTestsWindowsPaths(ClientSecurityTests):
+    """The same through the threaded-stdin path Windows uses."""
+    env = {"CHAT_PLATFORM": "windows"}
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalSecurityTests(unittest.TestCase):
+    """A password typed on a terminal, and trusting a certificate on first use."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-tls-")
+        cls.cert, cls.key, cls.fingerprint = test_certificate()
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    @staticmethod
+    def member_until_the_end(nick, password=None):
+        def script(peer):
+            if password is not None:
+                peer.send(PASSWORD_PROMPT)
+                peer.expect(password)
+            peer.send(WELCOME)
+            peer.expect(nick)
+            peer.send(now_ts() + OK)
+            peer.expect("/users")          # the client's quiet /users, for completion
+            peer.send(now_ts() + "Users (1): " + nick)
+            peer.expect_eof()
+        return script
+
+    def test_password_is_never_on_screen_nor_in_the_history(self):
+        server = FakeServer(self, self.member_until_the_end("vic", "hunter2 \u00e9t\u00e9"))
+        term = PtyClient(self, ["--port", str(server.port)])
+        term.read_until(lambda rows: rows[-1] == "password>", "the password prompt")
+        term.type("hunter3\x7f2 \u00e9t\u00e9\x1b[D\r")   # a typo, Backspace, an arrow key
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("vic\r")
+        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        term.type("\x1b[A")                                # Up: the nickname, nothing older
+        term.read_until(lambda rows: rows[-1] == "vic> vic", "history")
+        term.type("\x1b[A")
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "vic> vic")
+        term.type("\x15\x04")                              # Ctrl-U, Ctrl-D: leave
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(b"hunter", term.output)
+
+    def test_trust_on_first_use_asks_remembers_and_then_trusts(self):
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "sub", "known_servers")
+        context = server_tls_context(self.cert, self.key)
+        server = FakeServer(self, self.member_until_the_end("tess"), tls=context)
+        args = ["--port", str(server.port), "--tls", "--nick", "tess", "--known-servers", path]
+        term = PtyClient(self, args)
+        term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
+        shown = "".join(term.rows()).replace(" ", "")
+        self.assertIn(self.fingerprint, shown)
+        self.assertIn("TheTLScertificateof127.0.0.1:%disnotknownyet." % server.port, shown)
+        term.type("y\r")
+        term.read_until(lambda rows: rows[-1] == "tess>", "joined")
+        with open(path) as f:
+            self.assertEqual(f.read(), "127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        # Known now: a pipe goes straight in.
+        server = FakeServer(self, fake_member("tess", ["again"]), tls=context)
+        with open(path, "w") as f:
+            f.write("127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
+        client = PipedClient(server.port, args=["--tls", "--nick", "tess", "--known-servers",
+                                                path])
+        self.addCleanup(client.kill)
+        client.type("again\n")
+        self.assertEqual(client.finish()[0], 0)
+
+    def test_not_trusting_exits_1(self):
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "known_servers")
+        context = server_tls_context(self.cert, self.key)
+        server = FakeServer(self, lambda peer: peer.expect_eof(), tls=context)
+        term = PtyClient(self, ["--port", str(server.port), "--tls", "--known-servers", path])
+        term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
+        term.type("\r")
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row][-1],
+                         "Not connected: the certificate of 127.0.0.1:%d was not trusted."
+                         % server.port)
+        self.assertFalse(os.path.exists(path))
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalWindowsPathTests(unittest.TestCase):
+    """A terminal on the Windows path (a thread reads the console's lines, no readline): it
+    still asks for a nickname, sets own lines apart and reconnects."""
+
+    def test_nickname_prompt_refusal_own_line_and_reconnect(self):
+        server = start_server(self)
+        port = server.port
+        taken = server.client().join("vera")
+        term = PtyClient(self, ["--port", str(port)], env={"CHAT_PLATFORM": "windows"})
+        term.read_until(lambda rows: rows[-1] == "nickname>", "asked for a nickname")
+        term.type("Vera\r")
+        term.read_until(lambda rows: rows[-2].endswith(busy("Vera")) and
+                        rows[-1] == "nickname>", "refused, and asked again")
+        term.type("wanda\r")
+        self.assertEqual(taken.said(), "wanda connected!")
+        term.type("hello vera\r")
+        self.assertEqual(taken.said(), "wanda sent hello vera")
+        term.read_until(lambda rows: rows[-2:] == [rows[-2][:18] + "YOU SEND USERS hello vera",
+                                                   ""], "own line (below the console's echo)")
+        self.assertIn("bold", term.screen.attrs_of("hello vera"))      # colours: VT mode
+        self.assertEqual(term.rows_after_ts().count(OK), 1)           # the join's, no other
+        server.stop()
+        term.read_until(lambda rows: "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+                        in rows, "offline")
+        second = start_server(self, "--port", str(port))
+        watcher = second.client().join("watcher")
+        term.read_until(lambda rows: rows[-2] == "Reconnected as wanda.", "rejoined")
+        self.assertEqual(watcher.said(), "wanda connected!")
+        term.type("back again\r")
+        self.assertEqual(watcher.said(), "wanda sent back again")
+        taken.close()
+        watcher.close()
+
+
+class ClientWithProtectedServerTests(unittest.TestCase):
+    """The client against the real server's password and TLS, in a pipe (both platform paths
+    in the subclass) and on a terminal."""
+
+    env = {}
+
+    def client(self, port, args=(), env=None):
+        client = PipedClient(port, env=dict(self.env, **(env or {})), args=args)
+        self.addCleanup(client.kill)
+        return client
+
+    def test_tls_and_password_in_a_pipe(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "s3cret"}, tls=True)
+        alice = server.client()
+        self.assertEqual(alice.line(), PASSWORD_PROMPT)
+        alice.send("s3cret\n")
+        alice.join("alice")
+        client = self.client(server.port, ["--tls-fingerprint", server.fingerprint, "--nick",
+                                           "bob"], env={"CHAT_PASSWORD": "s3cret"})
+        client.type("hello alice, over TLS\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(lines[:2], [PASSWORD_PROMPT, WELCOME])
+        self.assertEqual([split_ts(line)[1] for line in lines[2:]],
+                         [OK, OK, "YOU SEND USERS hello alice, over TLS"])
+        self.assertEqual(alice.said(), "bob connected!")
+        self.assertEqual(alice.said(), "bob sent hello alice, over TLS")
+        self.assertEqual(alice.said(), "bob disconnected!")
+        alice.close()
+
+    def test_wrong_password_exits_1(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "s3cret"})
+        client = self.client(server.port, ["--nick", "bob"], env={"CHAT_PASSWORD": "guess"})
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (1, WRONG_PASSWORD + "\n"))
+        self.assertEqual(lines[0], PASSWORD_PROMPT)
+        self.assertEqual(split_ts(lines[1])[1], WRONG_PASSWORD)
+
+    def test_plain_client_to_a_tls_server_says_so(self):
+        server = start_server(self, tls=True)
+        status, lines, err = self.client(server.port, ["--nick", "bob"]).finish()
+        self.assertEqual((status, lines, err), (1, [], "127.0.0.1:%d closed the connection "
+                                                "without a greeting in plain text: it expects "
+                                                "TLS, add --tls.\n" % server.port))
+
+
+class ClientWithProtectedServerTestsWindowsPaths(ClientWithProtectedServerTests):
+    """The same through the threaded-stdin path Windows uses."""
+    env = {"CHAT_PLATFORM": "windows"}
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalWithProtectedServerTests(unittest.TestCase):
+    """A person joining a password-protected TLS server, then the server restarting."""
+
+    def test_trust_password_then_reconnect_with_both(self):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        known = os.path.join(folder, "known_servers")
+        env = {"CHAT_PASSWORD": "s3cret"}
+        server = start_server(self, env=env, tls=True)
+        port = server.port
+        term = PtyClient(self, ["--port", str(port), "--tls", "--known-servers", known])
+        term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
+        self.assertIn(server.fingerprint, "".join(term.rows()).replace(" ", ""))
+        term.type("y\r")
+        term.read_until(lambda rows: rows[-1] == "password>", "the password prompt")
+        term.type("s3cret\r")
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("uma\r")
+        term.read_until(lambda rows: rows[-1] == "uma>", "joined")
+        self.assertNotIn(b"s3cret", term.output)
+        with open(known) as f:
+            self.assertEqual(f.read(), "127.0.0.1:%d %s\n" % (port, server.fingerprint))
+        term.type("still here")
+        server.stop()
+        term.read_until(lambda rows: rows[-1] == "(offline) uma> still here", "offline")
+        second = start_server(self, "--port", str(port), env=env, tls=True)
+        term.read_until(lambda rows: rows[-2:] == ["Reconnected as uma.", "uma> still here"],
+                        "rejoined: trusted, password and nickname sent again")
+        watcher = second.client()
+        self.assertEqual(watcher.line(), PASSWORD_PROMPT)
+        watcher.send("s3cret\n")
+        watcher.join("watcher")
+        term.type("!\r")
+        self.assertEqual(watcher.said(), "uma sent still here!")
+        self.assertEqual(term.rows().count("Trust it? [y/N]"), 0)
+        watcher.close()
 
 
 # ---------------------------------------------------------------------------------------------
