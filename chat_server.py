@@ -406,7 +406,10 @@ class Chat:
         self.log = log
         self.clock = clock or Clock()
         self.max_nick = max_nick
-        self.password = password.encode("utf-8") if password is not None else None
+        # Control characters aside, as on the attempts: a client's stray \r (telnet's, or a
+        # client probing for TLS) is no part of what the person typed.
+        self.password = (password.encode("utf-8").translate(None, CONTROL_BYTES)
+                         if password is not None else None)
         if password is not None:
             import hmac
             self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
@@ -478,7 +481,7 @@ class Chat:
         return Phase.CLOSING
 
     def password_line(self, peer, line):
-        if self._same_secret(line, self.password):
+        if self._same_secret(line.translate(None, CONTROL_BYTES), self.password):
             self.deliver(peer, (Lines.WELCOME + "\n").encode())
             return Phase.NICKNAME
         self._count_wrong_password(peer.host)

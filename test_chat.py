@@ -1064,6 +1064,14 @@ class FloodControlTests(unittest.TestCase):
         got = [t for t in (watcher.said() for _ in range(499 + 5)) if not t.startswith("bob ")]
         took = time.monotonic() - started
         self.assertEqual(got, expected)
+        # The flooder's own answers, complete and in order, the commands in their places.
+        answers = []
+        for i in range(500):
+            answers += [OK, "YOU SEND USERS flood %d" % i]
+        answers[500:502] = [OK, "* flooder takes a breath"]
+        answers[600:602] = [OK, "[private] YOU SEND bob in the middle"]
+        echoed = [t for t in (flooder.said() for _ in range(1000 + 5)) if not t.startswith("bob ")]
+        self.assertEqual(echoed, answers)
         # 450 lines past the burst at 100 a second: at least 4.5 s, and not much more.
         self.assertGreater(took, 4.0)
         self.assertLess(took, 20.0)
@@ -2193,6 +2201,9 @@ class PasswordLockoutTests(RoomTestCase):
         self.assertEqual(self.greeting_at(81), [PASSWORD_PROMPT])
 
     def test_right_password_is_compared_exactly(self):
+        peer = self.peer()
+        self.lines(peer)
+        self.assertEqual(self.send(peer, "\r\rright\r"), self.mod.Phase.NICKNAME)  # (CRs aside)
         for attempt in ("right ", " right", "Right", "righ", "right\t"):
             self.setUp()
             peer = self.peer()
@@ -5106,7 +5117,9 @@ def main(argv):
              else loader.loadTestsFromModule(module))
     verbosity = 2 if "-v" in argv else 1
     result = unittest.TextTestRunner(verbosity=verbosity).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    # A test whose cleanup also fails is listed twice: count each failing test once.
+    failed = len({test.id() for test, _ in result.failures + result.errors}
+                 | {test.id() for test in result.unexpectedSuccesses})
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print("tests: %d passed, %d failed, %d skipped" % (passed, failed, skipped))
