@@ -165,6 +165,10 @@ class LineSocket:
 class ServerProcess:
     """chat_server.py (or a built .pyz) as a subprocess on a free port."""
 
+    default_command = None  # None: [sys.executable, SERVER]; the Windows leg swaps it per class
+    stderr_pipe = False     # True: stderr reaches its file through a pipe (Wine's Windows Python
+                            # cannot start with stdout or stderr on a regular file)
+
     def __init__(self, *options, env=None, cwd=None, command=None, log_file=True,
                  preexec_fn=None):
         self.dir = tempfile.mkdtemp(prefix="chat-test-")
@@ -175,14 +179,20 @@ class ServerProcess:
             args += ["--log", "file", "--log-file", self.log_path]
         if "--port" not in args:
             args += ["--port", "0"]
-        self.command = (command or [sys.executable, SERVER]) + args
+        self.command = (command or self.default_command or [sys.executable, SERVER]) + args
         full_env = dict(os.environ)
         full_env.pop("CHAT_PLATFORM", None)
         full_env.update(env or {})
         self.stderr_file = open(os.path.join(self.dir, "stderr"), "w+b")
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
-                                     stderr=self.stderr_file, stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE if self.stderr_pipe
+                                     else self.stderr_file,
+                                     stdin=subprocess.DEVNULL,
                                      cwd=self.cwd, env=full_env, preexec_fn=preexec_fn)
+        self.stderr_copier = None
+        if self.stderr_pipe:
+            self.stderr_copier = threading.Thread(target=self._copy_stderr, daemon=True)
+            self.stderr_copier.start()
         self.out = b""
         self.stdout_lines = []
         self.port = None
@@ -214,11 +224,18 @@ class ServerProcess:
                                      % (self.proc.poll(), self.stderr()))
             self.out += chunk
         line, self.out = self.out.split(b"\n", 1)
-        text = line.decode("utf-8")
+        text = line.rstrip(b"\r").decode("utf-8")  # (a Windows server ends lines with \r\n)
         self.stdout_lines.append(text)
         return text
 
+    def _copy_stderr(self):
+        for chunk in iter(lambda: os.read(self.proc.stderr.fileno(), 4096), b""):
+            self.stderr_file.write(chunk)
+            self.stderr_file.flush()
+
     def stderr(self):
+        if self.stderr_copier and self.proc.poll() is not None:
+            self.stderr_copier.join(DEADLINE)  # the exited server's last words are in the file
         self.stderr_file.flush()
         with open(self.stderr_file.name, "rb") as f:
             return f.read().decode("utf-8", "replace")
@@ -251,6 +268,9 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        if self.stderr_copier:
+            self.stderr_copier.join(DEADLINE)
+            self.proc.stderr.close()
         self.stderr_file.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -827,11 +847,14 @@ def free_port():
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
+    default_command = None  # None: [sys.executable, CLIENT]; the Windows leg swaps it per class
+
     def __init__(self, port, env=None, command=None):
         full_env = dict(os.environ)
         full_env.pop("CHAT_PLATFORM", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)],
+        command = command or self.default_command or [sys.executable, CLIENT]
+        self.proc = subprocess.Popen(command + ["--port", str(port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env)
 
@@ -851,13 +874,14 @@ class PipedClient:
                 raise AssertionError("no line from the client; have %r" % buf)
             buf += chunk
         line, self._buf = buf.split(b"\n", 1)
-        return line.decode("utf-8")
+        return line.rstrip(b"\r").decode("utf-8")  # (a Windows client ends lines with \r\n)
 
     def finish(self, deadline=DEADLINE):
         """Close stdin and wait: (exit status, stdout lines, stderr)."""
         out, err = self.proc.communicate(timeout=deadline)
         out = getattr(self, "_buf", b"") + out  # what line() read ahead comes first
-        return self.proc.returncode, out.decode("utf-8").splitlines(), err.decode("utf-8")
+        err = err.decode("utf-8").replace("\r\n", "\n")  # (Windows ends lines with \r\n)
+        return self.proc.returncode, out.decode("utf-8").splitlines(), err
 
     def kill(self):
         if self.proc.poll() is None:
