@@ -1316,6 +1316,410 @@ class BuildTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# Windows for real: the official Windows CPython, named by CHAT_WINDOWS_PYTHON (in CI: Wine and
+# the embeddable 3.8 and 3.13 that .ci/run installs). Whole classes above run again with the
+# Windows server or client; the tests below cover what only Windows has.
+# ---------------------------------------------------------------------------------------------
+
+WINDOWS_PYTHON_VARIABLE = "CHAT_WINDOWS_PYTHON"   # e.g. "wine ~/.cache/chat-ci/cp313/python.exe"
+WINDOWS_REQUIRED_VARIABLE = "CHAT_WINDOWS_REQUIRED"  # "1" (.ci/run): a missing one fails
+
+
+def windows_python():
+    """The Windows interpreter's command as a list; skips the test where none is named (fails
+    instead under CHAT_WINDOWS_REQUIRED=1, so that CI can never pass by skipping the leg)."""
+    import shlex
+    command = [os.path.expanduser(word)
+               for word in shlex.split(os.environ.get(WINDOWS_PYTHON_VARIABLE, ""))]
+    if command:
+        return command
+    reason = ("no Windows Python: set %s to its command, as .ci/run does"
+              ' (e.g. "wine ~/.cache/chat-ci/cp313/python.exe")' % WINDOWS_PYTHON_VARIABLE)
+    if os.environ.get(WINDOWS_REQUIRED_VARIABLE) == "1":
+        raise AssertionError(reason + "; %s=1 makes this a failure" % WINDOWS_REQUIRED_VARIABLE)
+    raise unittest.SkipTest(reason)
+
+
+def wine_parts(python):
+    """(launcher, folder of python.exe), e.g. (["wine"], "/root/.cache/chat-ci/cp313"): to run
+    other Windows programs (cmd) the same way. Skips where the command is not of that form."""
+    if len(python) < 2 or not python[-1].lower().endswith("python.exe"):
+        raise unittest.SkipTest("%s is not 'LAUNCHER... path/python.exe'" % WINDOWS_PYTHON_VARIABLE)
+    return python[:-1], os.path.dirname(python[-1])
+
+
+def windows_path(path):
+    """A Unix path as Windows programs under Wine see it: drive Z: is the root."""
+    return "Z:" + os.path.abspath(path).replace("/", "\\")
+
+
+class WindowsLeg:
+    """Mixin: every server (``windows_server``) and piped client (``windows_client``) that a test
+    of the class starts is the Windows Python one. Put it first: ``class X(WindowsLeg, Tests)``."""
+
+    windows_server = True
+    windows_client = False
+    missing = None   # why there is no Windows Python: each test then skips (or fails) with it
+
+    @classmethod
+    def setUpClass(cls):
+        # Not a class-level skip: each test reports it, so the closing counts stay true.
+        try:
+            cls.python = windows_python()
+        except (unittest.SkipTest, AssertionError) as exc:
+            cls.missing = exc
+            return
+        saved = (ServerProcess.default_command, ServerProcess.stderr_pipe,
+                 PipedClient.default_command)
+        cls.addClassCleanup(cls._restore, saved)
+        if cls.windows_server:
+            ServerProcess.default_command = cls.python + [cls.windows_server_script()]
+            ServerProcess.stderr_pipe = True
+        if cls.windows_client:
+            PipedClient.default_command = cls.python + [CLIENT]
+        super().setUpClass()
+
+    @classmethod
+    def windows_server_script(cls):
+        return SERVER
+
+    @staticmethod
+    def _restore(saved):
+        (ServerProcess.default_command, ServerProcess.stderr_pipe,
+         PipedClient.default_command) = saved
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.missing is None:
+            super().tearDownClass()
+
+    def setUp(self):
+        if self.missing is not None:
+            raise type(self.missing)(*self.missing.args)
+        super().setUp()
+
+    def run_windows(self, *args, **kwargs):
+        """subprocess.run of the Windows Python with pipes (Wine's cannot write to a file)."""
+        return subprocess.run(self.python + list(args), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=DEADLINE, **kwargs)
+
+
+class WindowsProtocolTests(WindowsLeg, ProtocolTests):
+    """Every protocol row against chat_server.py on Windows Python (select(), Windows sockets)."""
+
+
+class WindowsPyzProtocolTests(WindowsLeg, ProtocolTests):
+    """Every protocol row against the built chat_server.pyz on Windows Python."""
+
+    @classmethod
+    def windows_server_script(cls):
+        build_dir = tempfile.mkdtemp(prefix="chat-win-pyz-")
+        cls.addClassCleanup(shutil.rmtree, build_dir, True)
+        run_build(build_dir)
+        return os.path.join(build_dir, "chat_server.pyz")
+
+
+# Runs the server in a Windows Python whose second thread raises SIGBREAK (what Ctrl-Break
+# delivers) once the file argv[1] exists: Wine cannot send a console Ctrl-Break from outside.
+CTRL_BREAK_RUNNER = r"""
+import os, runpy, signal, sys, threading, time
+flag = sys.argv.pop(1)
+def press_ctrl_break():
+    end = time.monotonic() + 30
+    while not os.path.exists(flag) and time.monotonic() < end:
+        time.sleep(0.02)
+    signal.raise_signal(signal.SIGBREAK)
+threading.Thread(target=press_ctrl_break, daemon=True).start()
+del sys.argv[0]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class WindowsServerTests(WindowsLeg, unittest.TestCase):
+    """What only the Windows server has: chat.log by default, exclusive ports, select()'s cap,
+    Ctrl-C and Ctrl-Break."""
+
+    def test_version(self):
+        proc = self.run_windows(SERVER, "--version")
+        self.assertEqual((proc.returncode, proc.stdout), (0, b"chat_server %s\r\n"
+                                                          % readme_version().encode()))
+
+    def test_log_auto_is_a_utf8_chat_log_in_the_server_folder(self):
+        # As a Windows user starts it: the server file in a folder of its own, run from there.
+        folder = tempfile.mkdtemp(prefix="chat-win-folder-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        shutil.copy(SERVER, folder)
+        server = start_server(self, "--log", "auto", log_file=False, cwd=folder,
+                              command=self.python + ["chat_server.py"])
+        vasya = server.client().join("Вася")
+        petr = server.client().join("Пётр")
+        joined = vasya.line()
+        petr.send("Привет, Вася! ёЁ\n")
+        sent = vasya.line()
+        petr.close()
+        left = vasya.line()
+        vasya.close()
+        self.assertEqual(split_ts(sent)[1], "Пётр sent Привет, Вася! ёЁ")
+        wait_until(lambda: len(self.log_lines(folder)) >= 5, "five records in chat.log")
+        status, rest = server.stop(signal.SIGINT)
+        self.assertEqual((status, rest), (0, [STOPPED]))
+        self.assertEqual(server.stderr(), "")  # no syslog notice: chat.log is Windows' default
+        records = self.log_lines(folder)
+        self.assertEqual(split_ts(records[0])[1], "Вася connected!")
+        self.assertEqual(records[1:4], [joined, sent, left])
+        self.assertEqual(split_ts(records[4])[1], "Вася disconnected!")
+
+    @staticmethod
+    def log_lines(folder):
+        path = os.path.join(folder, "chat.log")
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8").splitlines()  # strict: UTF-8, not the ANSI page
+
+    def test_port_in_use_is_one_line_and_exit_1(self):
+        # Windows lets a socket with SO_REUSEADDR take a port another one listens on; the server
+        # asks for SO_EXCLUSIVEADDRUSE so that a second server fails instead of sharing the port.
+        first = start_server(self)
+        proc = self.run_windows(SERVER, "--port", str(first.port), "--log", "off")
+        self.assertEqual((proc.returncode, proc.stdout), (1, b""))
+        self.assertRegex(proc.stderr.decode("utf-8"),
+                         r"\Achat_server: cannot listen on 127\.0\.0\.1:%d: [^\r\n]+\r\n\Z"
+                         % first.port)
+        first.client().join("still")  # and the first one still serves
+
+    def test_select_cap_answers_the_501st_with_full(self):
+        server = start_server(self)
+        crowd = [server.client() for _ in range(500)]
+        self.addCleanup(lambda: [c.close() for c in crowd])
+        for member in crowd:
+            self.assertEqual(member.line(), WELCOME)
+        extra = server.client()
+        self.addCleanup(extra.close)
+        self.assertEqual(extra.said(), FULL)
+        extra.expect_eof()
+        crowd.pop().close()  # a place frees up: the next newcomer is welcome again
+        wait_until(lambda: self.welcomed(server), "a welcome once a place is free")
+
+    def welcomed(self, server):
+        """A newcomer gets the welcome (the freed place may take a moment to be seen)."""
+        client = server.client()
+        try:
+            first = client.line()
+            if first == WELCOME:
+                return True
+            self.assertEqual(split_ts(first)[1], FULL)
+            return False
+        finally:
+            client.close()
+
+    def test_ctrl_c_notifies_everyone_and_exits_0(self):
+        # Wine turns SIGINT into the console's CTRL_C_EVENT: what pressing Ctrl-C does.
+        ServerProgramTests.check_shutdown(self, signal.SIGINT)
+
+    def test_ctrl_break_notifies_everyone_and_exits_0(self):
+        flag = os.path.join(tempfile.mkdtemp(prefix="chat-win-break-"), "now")
+        self.addCleanup(shutil.rmtree, os.path.dirname(flag), True)
+        server = start_server(self, command=self.python + ["-c", CTRL_BREAK_RUNNER,
+                                                           windows_path(flag), SERVER])
+        alice = server.client().join("alice")
+        self.addCleanup(alice.close)
+        open(flag, "w").close()
+        self.assertEqual(alice.said(), SHUTTING_DOWN)
+        alice.expect_eof()
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+        self.assertEqual(server.stop(), (0, [STOPPED]))
+        self.assertNotIn("Traceback", server.stderr())
+
+
+class WindowsClientTests(WindowsLeg, ClientTests):
+    """The client's conversations through pipes on Windows Python (its stdin thread), against
+    the POSIX server: the client is what is under test here."""
+
+    windows_server = False
+    windows_client = True
+
+    def test_connection_refused(self):
+        port = free_port()
+        status, lines, err = self.client(port).finish()
+        self.assertEqual((status, lines), (1, []))
+        # The reason is Windows' own text (WSAECONNREFUSED), in whatever words it has.
+        self.assertRegex(err, r"\ACannot connect to 127\.0\.0\.1:%d: [^\r\n]+\."
+                              r" Is the server running\?\n\Z" % port)
+
+    def test_version_and_bad_option(self):
+        proc = self.run_windows(CLIENT, "--version")
+        self.assertEqual((proc.returncode, proc.stdout),
+                         (0, b"chat_client %s\r\n" % readme_version().encode()))
+        proc = self.run_windows(CLIENT, "--port", "x")
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(len(proc.stderr.splitlines()), 1)
+
+    def test_non_ascii_both_ways_through_pipes(self):
+        # Windows gives a pipe the ANSI code page: this was mojibake one way and '????' the other.
+        server = start_server(self)
+        anna = server.client().join("Анна")
+        client = self.client(server.port)
+        client.type("Борис\n")
+        self.assertEqual(anna.said(), "Борис connected!")
+        client.type("здравствуй, Анна ✓\n")
+        self.assertEqual(anna.said(), "Борис sent здравствуй, Анна ✓")
+        anna.send("привет, Борис 🙂\n")
+        self.assertEqual(anna.said(), OK)
+        self.assertEqual(anna.said(), "YOU SEND USERS привет, Борис 🙂")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, OK, "YOU SEND USERS здравствуй, Анна ✓",
+                          "Анна sent привет, Борис 🙂"])
+        anna.close()
+
+
+class TmuxConsole:
+    """A program in a console: a tmux pane of its own tmux server, typed into with send-keys and
+    read with capture-pane, as a person at a Windows console would see it (Wine draws its
+    console on the pane's terminal)."""
+
+    def __init__(self, command, width=120, height=30):
+        self.socket_name = "chat-test-%d-%d" % (os.getpid(), id(self))
+        # The pane stays a while after the program ends, showing its last lines and exit status;
+        # Ctrl-C there reaches the program, and the shell only waits for it (trap).
+        keep = 'trap : INT; "$@"; echo "[exit $?]"; sleep %d' % (DEADLINE * 4)
+        self.tmux("new-session", "-d", "-x", str(width), "-y", str(height),
+                  "sh", "-c", keep, "sh", *command)
+
+    def tmux(self, *args):
+        proc = subprocess.run(["tmux", "-L", self.socket_name, "-f", os.devnull] + list(args),
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+        if proc.returncode != 0:
+            raise AssertionError("tmux %s failed: %s" % (args[0], proc.stderr.decode()))
+        return proc.stdout.decode("utf-8", "replace")
+
+    def rows(self):
+        return [row.rstrip() for row in self.tmux("capture-pane", "-p", "-J").splitlines()]
+
+    def wait_for(self, condition, what):
+        """Wait until condition(rows) holds; returns the rows."""
+        rows = []
+
+        def check():
+            rows[:] = self.rows()
+            return condition(rows)
+        try:
+            wait_until(check, what, interval=0.05)
+        except AssertionError:
+            raise AssertionError("timed out waiting for %s; console %r" % (what, rows))
+        return rows
+
+    def type(self, text):
+        self.tmux("send-keys", "-l", text)
+
+    def press(self, key):
+        self.tmux("send-keys", key)
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.socket_name, "kill-server"], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=DEADLINE)
+
+
+@unittest.skipUnless(shutil.which("tmux"), "needs tmux (.ci/run installs it)")
+class WindowsConsoleTests(WindowsLeg, unittest.TestCase):
+    """The client and the server at a console: Windows Python's console I/O, not pipes."""
+
+    windows_server = False
+
+    def console(self, *args):
+        console = TmuxConsole(self.python + list(args))
+        self.addCleanup(console.close)
+        return console
+
+    def test_typing_a_line_and_seeing_the_others(self):
+        server = start_server(self)
+        console = self.console(CLIENT, "--port", str(server.port))
+        console.wait_for(lambda rows: WELCOME in rows, "the welcome")
+        console.type("Зоя")
+        console.press("Enter")
+        console.wait_for(lambda rows: any(row.endswith(": " + OK) for row in rows), "Server: ok!")
+        alice = server.client().join("alice")
+        self.addCleanup(alice.close)
+        console.wait_for(lambda rows: any(row.endswith(": alice connected!") for row in rows),
+                         "alice's arrival on the console")
+        alice.send("привет, Зоя\n")
+        self.assertEqual(alice.said(), OK)
+        self.assertEqual(alice.said(), "YOU SEND USERS привет, Зоя")
+        console.wait_for(lambda rows: any(row.endswith(": alice sent привет, Зоя")
+                                          for row in rows), "alice's line on the console")
+        console.type("здравствуй, alice")
+        console.press("Enter")
+        self.assertEqual(alice.said(), "Зоя sent здравствуй, alice")
+        console.press("C-c")
+        console.wait_for(lambda rows: "[exit 0]" in rows, "the client to leave with status 0")
+
+    def test_ctrl_c_typed_at_the_server_console(self):
+        console = self.console(SERVER, "--port", "0", "--log", "off")
+        rows = console.wait_for(lambda rows: READY in rows, "the server to be ready")
+        port = int([row for row in rows if row.startswith("Listening on ")][0].split(":")[-1])
+        alice = LineSocket(port).join("alice")
+        self.addCleanup(alice.close)
+        console.press("C-c")
+        self.assertEqual(alice.said(), SHUTTING_DOWN)
+        alice.expect_eof()
+        # The console echoes the key as ^C, then the server's last line and its exit status.
+        console.wait_for(lambda rows: rows[rows.index(READY) + 1:rows.index(READY) + 3]
+                         == ["^C" + STOPPED, "[exit 0]"], "'Server stopped.' and status 0")
+
+
+class WindowsBuildTests(WindowsLeg, unittest.TestCase):
+    """build.bat under Wine's cmd, with only the embeddable python.exe on the PATH (no py)."""
+
+    windows_server = False
+
+    def build_bat(self, out_dir, path):
+        launcher, _ = wine_parts(self.python)
+        env = dict(os.environ, WINEPATH=path)
+        build_bat = windows_path(os.path.join(HERE, "build.bat"))
+        return subprocess.run(launcher + ["cmd", "/c", build_bat, windows_path(out_dir)],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                              timeout=120)
+
+    def test_build_bat_builds_the_bytes_build_sh_builds(self):
+        folder = tempfile.mkdtemp(prefix="chat-win-build-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        posix_lines = run_build(os.path.join(folder, "sh"))
+        proc = self.build_bat(os.path.join(folder, "bat"),
+                              windows_path(wine_parts(self.python)[1]))
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode("utf-8", "replace"))
+        bat_lines = proc.stdout.decode("utf-8").splitlines()
+        self.assertEqual(len(bat_lines), 2, bat_lines)
+        for posix_line, bat_line, name in zip(posix_lines, bat_lines,
+                                              ("chat_server.pyz", "chat_client.pyz")):
+            # "built PATH  N bytes  sha256 HEX": the same size and digest, each its own path
+            self.assertEqual(bat_line.split("  ", 1)[1], posix_line.split("  ", 1)[1])
+            with open(os.path.join(folder, "sh", name), "rb") as a, \
+                    open(os.path.join(folder, "bat", name), "rb") as b:
+                self.assertEqual(a.read(), b.read())
+
+    def test_build_bat_without_python_says_so_and_exits_1(self):
+        folder = tempfile.mkdtemp(prefix="chat-win-build-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        proc = self.build_bat(folder, windows_path(folder))  # a PATH with no Python on it
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.decode(), "build.bat: Python 3.8 or newer not found"
+                         " (tried py -3, python, python3); install it from python.org\r\n")
+        self.assertEqual(os.listdir(folder), [])
+
+
+def windows_leg():
+    """The Windows classes alone: ``python3 test_chat.py windows_leg`` (what .ci/run runs
+    once for each Windows Python)."""
+    loader = unittest.TestLoader()
+    return unittest.TestSuite(loader.loadTestsFromTestCase(case) for case in (
+        WindowsProtocolTests, WindowsPyzProtocolTests, WindowsServerTests, WindowsClientTests,
+        WindowsConsoleTests, WindowsBuildTests))
+
+
+# ---------------------------------------------------------------------------------------------
 # Hardening: load, faults and hostile input. Each case is a function with its sizes as parameters:
 # the tests below run it small; bench/soak.py runs the same function big and prints its figures.
 # ---------------------------------------------------------------------------------------------
