@@ -1490,6 +1490,16 @@ class WindowsServerTests(WindowsLeg, unittest.TestCase):
                          % first.port)
         first.client().join("still")  # and the first one still serves
 
+    def test_listening_socket_is_exclusive(self):
+        # Under Wine a second bind fails even with SO_REUSEADDR (Linux rules), so the test above
+        # would pass without SO_EXCLUSIVEADDRUSE too: ask the listening socket itself.
+        probe = ("import socket, sys; sys.path.insert(0, sys.argv[1]); import chat_server;"
+                 " server = chat_server.Server('127.0.0.1', 0); server.listen();"
+                 " print(server.listener.getsockopt(socket.SOL_SOCKET,"
+                 " socket.SO_EXCLUSIVEADDRUSE)); server.close()")
+        proc = self.run_windows("-c", probe, windows_path(HERE))
+        self.assertEqual((proc.stdout, proc.stderr), (b"1\r\n", b""))
+
     def test_select_cap_answers_the_501st_with_full(self):
         server = start_server(self)
         crowd = [server.client() for _ in range(500)]
