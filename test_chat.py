@@ -168,6 +168,7 @@ class ServerProcess:
     default_command = None  # None: [sys.executable, SERVER]; the Windows leg swaps it per class
     stderr_pipe = False     # True: stderr reaches its file through a pipe (Wine's Windows Python
                             # cannot start with stdout or stderr on a regular file)
+    stop_signal = signal.SIGTERM  # what stop() sends by default (Windows: SIGINT, its Ctrl-C)
 
     def __init__(self, *options, env=None, cwd=None, command=None, log_file=True,
                  preexec_fn=None):
@@ -249,10 +250,10 @@ class ServerProcess:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8").splitlines()
 
-    def stop(self, sig=signal.SIGTERM, deadline=DEADLINE):
+    def stop(self, sig=None, deadline=DEADLINE):
         """Send ``sig`` and wait for exit; returns (exit status, rest of stdout as lines)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self.proc.send_signal(sig or self.stop_signal)
         try:
             self.proc.wait(deadline)
         except subprocess.TimeoutExpired:
@@ -1371,11 +1372,13 @@ class WindowsLeg:
             return
         os.environ.setdefault("WINEDEBUG", "-all")  # else Wine's notes would mix with stderr
         saved = (ServerProcess.default_command, ServerProcess.stderr_pipe,
-                 PipedClient.default_command)
+                 ServerProcess.stop_signal, PipedClient.default_command)
         cls.addClassCleanup(cls._restore, saved)
         if cls.windows_server:
             ServerProcess.default_command = cls.python + [cls.windows_server_script()]
             ServerProcess.stderr_pipe = True
+            # Wine ends a process at SIGTERM, as TerminateProcess would; SIGINT is Ctrl-C.
+            ServerProcess.stop_signal = signal.SIGINT
         if cls.windows_client:
             PipedClient.default_command = cls.python + [CLIENT]
         super().setUpClass()
@@ -1387,7 +1390,7 @@ class WindowsLeg:
     @staticmethod
     def _restore(saved):
         (ServerProcess.default_command, ServerProcess.stderr_pipe,
-         PipedClient.default_command) = saved
+         ServerProcess.stop_signal, PipedClient.default_command) = saved
 
     @classmethod
     def tearDownClass(cls):
