@@ -64,8 +64,11 @@ out_dir = sys.argv[1]
 os.makedirs(out_dir, exist_ok=True)
 for module in ("chat_server", "chat_client"):
     target = os.path.join(out_dir, module + ".pyz")
-    # zipapp adds the #! line and, on POSIX, the executable bit.
+    # zipapp adds the #! line and, on POSIX, the owner's executable bit only: everyone may
+    # run ./chat_server.pyz, as with any installed program.
     zipapp.create_archive(archive_bytes(module), target, interpreter=INTERPRETER)
+    if os.name == "posix":
+        os.chmod(target, 0o755)
     with open(target, "rb") as f:
         data = f.read()
     print("built %s  %d bytes  sha256 %s" % (target, len(data), hashlib.sha256(data).hexdigest()))

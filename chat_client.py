@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

@@ -1,22 +1,31 @@
 #!/usr/bin/env python3
 """Console chat server: one thread, one non-blocking selectors loop, a line protocol.
 
-The protocol is ../shared/PROTOCOL.md (summarised in README.md). The file has three layers:
+The protocol is docs/PROTOCOL.md. The file has four layers:
 
-* the protocol's lines, spelled once (``Lines``);
-* ``Chat``, the room: bytes of one line in, queued bytes for each member out. It never touches a
-  socket (the shape of h11), so its rules are testable without a network;
-* ``Server``, the loop: accepts, reads, frames lines, flushes every connection with new output once
-  per turn just before it sleeps in ``select`` (the shape of Redis's beforeSleep), and enforces the
-  limits.
+* the protocol's lines, spelled once (``Lines``), and the rules for text and nicknames;
+* ``Chat``, the room: a line from a connection in, queued bytes for each connection out, and the
+  phase the connection moves to. It never touches a socket (the shape of h11), so its rules are
+  testable without a network;
+* ``Conn`` and ``Server``, the loop: accepts, runs TLS handshakes, reads, frames lines, enforces
+  the limits (line length, send queue, flood control), and writes every connection with new output
+  once per turn just before it sleeps in ``select`` (the shape of Redis's beforeSleep);
+* the command line.
+
+A connection lives through explicit phases (``Phase``), each entered in one place:
+
+    HANDSHAKE (TLS only) -> PASSWORD (with a password only) -> NICKNAME -> MEMBER
+                                  \\___________________\\_____________\\_____> CLOSING -> LINGERING -> CLOSED
 
 Standard library only, Python 3.8 or newer: this file is zipped alone into chat_server.pyz.
 """
 
 import argparse
+import collections
 import errno
 import functools
 import heapq
+import hmac
 import os
 import re
 import selectors
@@ -24,8 +33,15 @@ import signal
 import socket
 import sys
 import time
+import traceback
+import unicodedata
 
-VERSION = "1.0.0"
+try:
+    import ssl
+except ImportError:  # some minimal builds have no ssl; only --tls-cert needs it
+    ssl = None
+
+VERSION = "2.0.0"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -35,12 +51,19 @@ SELECT_MAX_CLIENTS = 500
 DEFAULT_MAX_LINE_BYTES = 4096
 DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
 DEFAULT_JOIN_TIMEOUT = 60.0
+DEFAULT_HISTORY = 20
+DEFAULT_RATE_LIMIT = 10.0   # lines a second, on average, per connection
+DEFAULT_RATE_BURST = 50     # lines at once
 MAX_NICK_CHARS = 32
+PASSWORD_ATTEMPTS = 5       # wrong passwords from one address within PASSWORD_WINDOW...
+PASSWORD_WINDOW = 60.0      # ...lock it out until this long after its last wrong one
+MAX_LOCKOUT_ENTRIES = 100000  # addresses remembered for the lockout, at most (memory bound)
 
 READ_SIZE = 64 * 1024
 LINES_PER_TURN = 1024      # lines handled per loop turn, shared fairly by the connections ready
 ACCEPTS_PER_TURN = 512     # so a join storm cannot starve the members already chatting
 LINGER_SECONDS = 2.0       # a closing socket drains its peer's input so close() sends FIN, not RST
+CLOSING_SECONDS = 10.0     # a closing connection whose last lines can't leave is closed anyway
 SHUTDOWN_GRACE = 1.5       # how long queued output may take to leave when the server stops
 EMFILE_PAUSE = 0.25        # out of descriptors: stop accepting this long, instead of spinning
 FD_RESERVE = 24            # descriptors kept for the listener, log, selector and "full" answers
@@ -52,35 +75,190 @@ SYSLOG_RETRY_SECONDS = 1.0
 
 class Lines:
     """Every line of the protocol, spelled once. Strings marked seed are kept to the letter."""
+    # Before joining
+    PASSWORD_PROMPT = "This chat is protected. Please enter the password"  # without a timestamp
+    WRONG_PASSWORD = "Sorry! Wrong password."
+    LOCKED_OUT = "Sorry! Too many wrong passwords. Try again later."
     WELCOME = "Wellcome! Please enter your nickname"  # seed, sent without a timestamp
     NICK_INVALID = ('Your nickname must contain only letters and numbers, at least one character.'
                     ' "{nick}" is an incorrect nickname.')  # seed
     NICK_TOO_LONG = 'Your nickname must be at most {max} characters. "{nick}..." is too long.'
+    NICK_MIXED = 'Your nickname must use a single alphabet. "{nick}" mixes several.'
     NICK_BUSY = '"{nick}" is already busy.'  # seed
     OK = "Server: ok!"  # seed
+    HISTORY = "Recent messages ({count}):"
     CONNECTED = "{nick} connected!"  # seed
+    # Messages
     NOTHING = "Sorry! You send nothing."  # seed
     ECHO = "YOU SEND USERS {message}"  # seed
     SENT = "{nick} sent {message}"  # seed
     ALONE = "Server: there are no other users!"  # seed
     DISCONNECTED = "{nick} disconnected!"  # seed
     TOO_LONG = "Sorry! Your message is too long (more than {limit} bytes)."
+    # Commands
+    HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
+            " /quit, /help. Start a line with // to send a line that begins with /.")
+    USERS = "Users ({count}): {nicks}"
+    USER_AWAY = "{nick} (away)"
+    USER_AWAY_TEXT = "{nick} (away: {text})"
+    PRIVATE_SENT = "[private] {nick} sent {text}"
+    PRIVATE_ECHO = "[private] YOU SEND {target} {text}"
+    IS_AWAY = "{target} is away."
+    IS_AWAY_TEXT = "{target} is away: {text}"
+    NO_SUCH_USER = 'Sorry! There is no user "{nick}".'
+    PRIVATE_TO_SELF = "Sorry! You can't send a private message to yourself."
+    ACTION = "* {nick} {text}"
+    RENAMED = "{old} is now known as {new}"
+    GOODBYE = "Goodbye!"
+    UNKNOWN_COMMAND = 'Sorry! Unknown command "/{name}". Type /help for the list.'
+    # Refusals and the end
     FULL = "Sorry! The chat is full."
     JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
     SHUTTING_DOWN = "Server is shutting down."
-    # standard output
+    # Log records: the line the members received, and where it came from or why it ended
+    LOG_FROM = " [from {address}]"
+    LOG_REASON = " [{reason}]"
+    LOG_PRIVATE = "[private] {nick} sent a message to {target}"
+    LOG_STARTED = "Server started on {address}"
+    LOG_STOPPED = "Server stopped"
+    # Standard output and error
     LISTENING = "Listening on {address}"
+    FINGERPRINT = "TLS certificate SHA-256 fingerprint: {fingerprint}"
     READY = "Server is ready for work!"  # seed
     STOPPED = "Server stopped."
+    OPEN_TO_ALL = ("warning: listening on {address} with neither a password nor TLS: anyone who"
+                   " can reach this address can join and read the chat (see --password-file and"
+                   " --tls-cert)")
 
+
+class Reason:
+    """Why a connection ended, as its log record says."""
+    QUIT = "quit"
+    CLOSED = "closed"
+    RESET = "reset"
+    SEND_QUEUE_FULL = "send queue full"
+    JOIN_TIMEOUT = "join timeout"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+
+
+class Phase:
+    """Where a connection is in its life. Each is entered in one place (see the module doc)."""
+    HANDSHAKE = "handshake"   # TLS handshake under way
+    PASSWORD = "password"     # the password is asked for
+    NICKNAME = "nickname"     # the nickname is asked for
+    MEMBER = "member"         # joined: lines are messages and commands
+    CLOSING = "closing"       # no more input handled; the last lines are being written
+    LINGERING = "lingering"   # written and FIN sent; draining input until EOF, then close
+    CLOSED = "closed"
+
+
+# Phases in which a line from the connection is handled (by the room).
+TALKING = (Phase.PASSWORD, Phase.NICKNAME, Phase.MEMBER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: control characters, nicknames.
+# ---------------------------------------------------------------------------------------------
 
 # C0 controls except TAB, DEL and C1 controls: removed so that no client can put terminal escape
 # sequences on another's screen. A regex, because its C loop costs almost nothing on clean text.
 CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
-
 # without_controls(text): the text with those characters removed (a C-level partial: hot path).
 without_controls = functools.partial(CONTROL_CHARS.sub, "")
+
+# "/name rest": a command's name runs to the first whitespace; its text is the rest of the line.
+COMMAND = re.compile(r"/(\S*)\s*(.*)", re.DOTALL)
+TARGET_AND_TEXT = re.compile(r"(\S*)\s*(.*)", re.DOTALL)
+
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt): invisible when rendered. The
+# letters among them (the Hangul fillers) pass str.isalnum() and would make an invisible nickname.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+
+# A letter's script is the first word of its Unicode name ("CYRILLIC SMALL LETTER A"); these
+# words name the same script differently. (The standard library has no Script property.)
+SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA"}
+# Scripts that one language writes together: Japanese, Korean.
+SCRIPT_FAMILIES = (frozenset({"HAN", "HIRAGANA", "KATAKANA"}), frozenset({"HAN", "HANGUL"}))
+
+# Letters of Cyrillic and Greek that look like Latin ones (from Unicode TR #39's confusables).
+# Capitals and small letters apart, because a letter can look Latin in one case only: Cyrillic
+# "В" looks like "B" but "в" does not look like "b"; Greek "Ν" looks like "N" but "ν" like "v".
+LOOK_ALIKE_CAPITALS = {
+    # Cyrillic
+    "А": "A", "В": "B", "Е": "E", "Ѐ": "È", "Ё": "Ë", "Ѕ": "S", "І": "I", "Ї": "Ï", "Ј": "J",
+    "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X",
+    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö",
+    # Greek
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï", "Κ": "K", "Μ": "M",
+    "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X", "Ϲ": "C", "Ϳ": "J",
+}
+LOOK_ALIKE_SMALL = {
+    # Cyrillic
+    "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
+    "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
+    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ",
+    # Greek
+    "α": "a", "γ": "y", "ι": "i", "ϊ": "ï", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
+    "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
+}
+_CAPITALS = str.maketrans(LOOK_ALIKE_CAPITALS)
+_SMALL = str.maketrans(LOOK_ALIKE_SMALL)
+
+
+def is_invisible(char):
+    code = ord(char)
+    return any(low <= code <= high for low, high in DEFAULT_IGNORABLE)
+
+
+def script_of(char):
+    """The script of a letter of a nickname; None for a digit, which goes with any script."""
+    if char.isnumeric():
+        return None
+    word = unicodedata.name(char, "").split(" ", 1)[0]
+    return SCRIPT_ALIASES.get(word, word)
+
+
+def mixes_scripts(nick):
+    scripts = {script_of(char) for char in nick}
+    scripts.discard(None)
+    return len(scripts) > 1 and not any(scripts <= family for family in SCRIPT_FAMILIES)
+
+
+def normalise_nickname(text):
+    """A nickname attempt as the protocol reads it: stripped, then NFKC (fullwidth letters become
+    ASCII, a decomposed accent composes)."""
+    return unicodedata.normalize("NFKC", text.strip())
+
+
+def nickname_keys(nick):
+    """What the busy check compares: the nickname's skeletons, case-free strings in which letters
+    that look Latin are Latin. One from its small letters, one from its capitals, since a name is
+    the same name in any case (its owner may /nick to another case): "асе" -> "ace",
+    "ВОВ" (and so "вов") -> "bob". Two nicknames that share a skeleton look alike; no two
+    members ever share one."""
+    small = nick.casefold().translate(_SMALL)
+    capital = nick.upper().translate(_CAPITALS).casefold()
+    return (small,) if small == capital else (small, capital)
+
+
+def nickname_problem(nick, max_chars=MAX_NICK_CHARS):
+    """The line that refuses a (normalised) nickname for what it is, or None if it may be used;
+    whether it is taken is the room's question."""
+    shown = without_controls(nick)
+    if not nick.isalnum() or any(is_invisible(char) for char in nick):
+        return Lines.NICK_INVALID.format(nick=shown)
+    if len(nick) > max_chars:
+        return Lines.NICK_TOO_LONG.format(max=max_chars, nick=shown[:max_chars])
+    if mixes_scripts(nick):
+        return Lines.NICK_MIXED.format(nick=shown)
+    return None
 
 
 class Clock:
@@ -105,35 +283,85 @@ class Clock:
         return self._prefix_bytes
 
 
-class Peer:
-    """What the room knows of a connection: its nickname and its queue of bytes to send."""
-    __slots__ = ("nick", "sent_head", "out", "append", "out_bytes", "counted", "pending")
+# ---------------------------------------------------------------------------------------------
+# The room: who is here, what goes to whom. No sockets.
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self):
+class Peer:
+    """A connection as the room sees it: who it is and the bytes queued for it.
+
+    The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
+    queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
+    owner's handle for the connection; the room never looks at it."""
+    __slots__ = ("address", "host", "owner", "nick", "keys", "away", "member", "sent_head",
+                 "out", "append", "pending", "_bytes", "_counted")
+
+    def __init__(self, address="", host="", owner=None):
+        self.address = address  # "host:port", for the log
+        self.host = host        # what the password lockout counts by
+        self.owner = owner
         self.nick = None        # set once a nickname is accepted
+        self.keys = ()          # nickname_keys(nick)
+        self.away = None        # None, or the /away text ("" without one)
+        self.member = False     # joined and not yet left
         self.sent_head = b""    # "{nick} sent " encoded once, for every message this peer sends
         self.out = []           # bytes objects not yet handed to the kernel (never replaced:
         self.append = self.out.append   # a broadcast calls this bound method, nothing else)
-        self.out_bytes = 0      # the size of out[:counted]; the rest is counted when needed
-        self.counted = 0
-        self.pending = False    # already listed in Chat.pending
+        self.pending = False    # listed in Chat.pending
+        self._bytes = 0         # the size of out[:_counted]; the rest is counted when needed
+        self._counted = 0
 
     def queued_bytes(self):
         """Bytes waiting in ``out``. Appends are counted here, lazily, so that a broadcast costs
         one call per recipient."""
         out = self.out
-        if len(out) > self.counted:
-            self.out_bytes += sum(map(len, out[self.counted:]))
-            self.counted = len(out)
-        return self.out_bytes
+        if len(out) > self._counted:
+            self._bytes += sum(map(len, out[self._counted:]))
+            self._counted = len(out)
+        return self._bytes
+
+    def output(self):
+        """Everything queued, as one bytes-like object that stays first in the queue until
+        ``sent()`` says the kernel took it (so a TLS write can be retried with the same bytes)."""
+        out = self.out
+        if len(out) > 1:
+            self.queued_bytes()
+            out[:] = [b"".join(out)]
+            self._counted = 1
+        return out[0]
+
+    def first_output(self):
+        """The bytes a retried write must send again: the first object in the queue."""
+        return self.out[0]
+
+    def sent(self, count):
+        """The kernel took ``count`` bytes from the front of the queue (from ``output()``)."""
+        out = self.out
+        first = out[0]
+        if count >= len(first):
+            if len(out) == 1:
+                out.clear()
+                self._bytes = self._counted = 0
+                return
+            del out[0]
+            if self._counted:
+                self._counted -= 1
+                self._bytes -= len(first)
+        elif count:
+            out[0] = memoryview(first)[count:]
+            if self._counted:
+                self._bytes -= count
+            # else: first was not counted yet; queued_bytes() counts the shorter view later
 
 
 class Chat:
     """The room. Decides which line goes to whom; never touches a socket.
 
-    Output is appended to each peer's ``out`` queue; ``take_pending()`` lists the peers with new
-    output, and whoever owns the sockets writes them out (the Server does it once per loop turn).
-    ``log`` takes each logged line as the exact bytes the members received.
+    Each ``*_line`` method takes one complete line (bytes, without its ending) from a peer in the
+    matching phase and returns the phase the connection moves to, or None to stay. Output is
+    appended to each peer's ``out``; ``take_pending()`` lists the peers with new output, and
+    whoever owns the sockets writes them (the Server does it once per loop turn). ``log`` takes
+    each logged line as bytes.
     """
 
     # The hot lines, cut from their templates once: "{nick} sent " + message, and so on.
@@ -144,16 +372,35 @@ class Chat:
     ECHO_MIDDLE = ECHO_HEAD.encode()
     ECHO_END = (ECHO_TAIL + "\n").encode()
 
-    def __init__(self, log, clock=None, max_nick=MAX_NICK_CHARS):
+    # Command name -> method name: adding a command is one entry and one method.
+    COMMANDS = {
+        "help": "cmd_help",
+        "users": "cmd_users", "who": "cmd_users", "names": "cmd_users",
+        "msg": "cmd_msg",
+        "me": "cmd_me",
+        "nick": "cmd_nick",
+        "away": "cmd_away",
+        "back": "cmd_back",
+        "quit": "cmd_quit",
+    }
+
+    def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
+                 now=time.monotonic, max_nick=MAX_NICK_CHARS):
         self.log = log
         self.clock = clock or Clock()
         self.max_nick = max_nick
-        self.members = {}       # casefolded nickname -> Peer, in order of joining
-        # Peer -> its out.append, for every member: the broadcast loop iterates these bound
-        # methods directly (24 ns a recipient, against 35 ns through members' attributes).
+        self.password = password.encode("utf-8") if password is not None else None
+        self.now = now
+        self.members = {}       # each of a member's nickname_keys -> that member
+        # Peer -> its out.append, for every member, in order of joining: the broadcast loop
+        # iterates these bound methods directly (24 ns a recipient, against 35 ns through
+        # members' attributes), and /users lists its keys.
         self._appends = {}
-        self.pending = []       # peers given a private line since the last take_pending()
+        self.history = collections.deque(maxlen=history)  # room lines as the members got them
+        self.pending = []       # peers given a line of their own since the last take_pending()
         self._broadcasted = False   # every member has new output since the last take_pending()
+        self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
+        self.commands = {name: getattr(self, method) for name, method in self.COMMANDS.items()}
 
     # -- delivery -------------------------------------------------------------------------------
     def deliver(self, peer, data):
@@ -169,89 +416,279 @@ class Chat:
             append(data)
         self._broadcasted = True
 
+    def to_others(self, peer, data):
+        """To every member but ``peer`` (a member): the broadcast, then the sender's copy taken
+        back, which is cheaper than a comparison per recipient."""
+        self.to_members(data)
+        peer.out.pop()
+
     def take_pending(self):
         """The peers with output queued since the last call, each once."""
-        pending, self.pending = self.pending, []
-        if self._broadcasted:
-            self._broadcasted = False
-            for peer in self.members.values():
-                if not peer.pending:
-                    peer.pending = True
-                    pending.append(peer)
-        return pending
+        listed, self.pending = self.pending, []
+        for peer in listed:
+            peer.pending = False
+        if not self._broadcasted:
+            return listed
+        self._broadcasted = False
+        return list(self._appends) + [peer for peer in listed if not peer.member]
+
+    def line(self, text):
+        """``{ts}: text`` and the line end, encoded."""
+        return (self.clock.prefix() + text + "\n").encode()
 
     def notice(self, peer, text):
-        self.deliver(peer, (self.clock.prefix() + text + "\n").encode())
+        self.deliver(peer, self.line(text))
 
-    # -- what a connection does -----------------------------------------------------------------
+    # -- before joining -------------------------------------------------------------------------
     def greet(self, peer):
-        self.deliver(peer, (Lines.WELCOME + "\n").encode())
+        """A new connection, ready to talk: returns its first phase."""
+        if self.password is None:
+            self.deliver(peer, (Lines.WELCOME + "\n").encode())
+            return Phase.NICKNAME
+        if self._locked_out(peer.host):
+            return self.refuse(peer, Lines.LOCKED_OUT)
+        self.deliver(peer, (Lines.PASSWORD_PROMPT + "\n").encode())
+        return Phase.PASSWORD
 
-    def receive(self, peer, line):
-        """One complete line from ``peer`` (bytes, without the line ending)."""
-        text = line.decode("utf-8", "replace")
-        if peer.nick is None:
-            self.try_nickname(peer, text)
-        else:
-            self.say(peer, text)
+    def refuse(self, peer, text):
+        """Tell a connection that never joined why it is being closed, and log it."""
+        line = self.line(text)
+        self.deliver(peer, line)
+        self._log_with(line, Lines.LOG_FROM.format(address=peer.address))
+        return Phase.CLOSING
 
-    def line_too_long(self, peer, limit):
-        self.notice(peer, Lines.TOO_LONG.format(limit=limit))
+    def password_line(self, peer, line):
+        if hmac.compare_digest(line, self.password):
+            self.deliver(peer, (Lines.WELCOME + "\n").encode())
+            return Phase.NICKNAME
+        self._count_wrong_password(peer.host)
+        return self.refuse(peer, Lines.WRONG_PASSWORD)
 
-    def try_nickname(self, peer, text):
-        nick = text.strip()
-        shown = without_controls(nick)
-        if not nick.isalnum():
-            self.notice(peer, Lines.NICK_INVALID.format(nick=shown))
-        elif len(nick) > self.max_nick:
-            self.notice(peer, Lines.NICK_TOO_LONG.format(max=self.max_nick,
-                                                         nick=shown[:self.max_nick]))
-        elif nick.casefold() in self.members:
-            self.notice(peer, Lines.NICK_BUSY.format(nick=shown))
-        else:
-            self.join(peer, nick)
+    def _locked_out(self, host):
+        entry = self._wrong_passwords.get(host)
+        if entry is None:
+            return False
+        if self.now() >= entry[1]:
+            del self._wrong_passwords[host]
+            return False
+        return len(entry[0]) >= PASSWORD_ATTEMPTS
+
+    def _count_wrong_password(self, host):
+        now = self.now()
+        table = self._wrong_passwords
+        if host not in table and len(table) >= MAX_LOCKOUT_ENTRIES:
+            self._forget_expired_lockouts(now)
+        times, _ = table.get(host) or ([], 0)
+        times = [t for t in times if now - t < PASSWORD_WINDOW][-(PASSWORD_ATTEMPTS - 1):]
+        times.append(now)
+        table[host] = [times, now + PASSWORD_WINDOW]
+
+    def _forget_expired_lockouts(self, now):
+        for host in [h for h, (_, until) in self._wrong_passwords.items() if until <= now]:
+            del self._wrong_passwords[host]
+        while len(self._wrong_passwords) >= MAX_LOCKOUT_ENTRIES:  # still full: oldest first
+            del self._wrong_passwords[next(iter(self._wrong_passwords))]
+
+    def nickname_line(self, peer, line):
+        nick = normalise_nickname(line.decode("utf-8", "replace"))
+        problem = self.nickname_refusal(nick, peer)
+        if problem:
+            self.notice(peer, problem)
+            return None
+        self.join(peer, nick)
+        return Phase.MEMBER
+
+    def nickname_refusal(self, nick, peer):
+        """Why ``peer`` may not be called ``nick`` (normalised), or None."""
+        problem = nickname_problem(nick, self.max_nick)
+        if problem:
+            return problem
+        holder = self.member_named(nick)
+        if holder is not None and holder is not peer:
+            return Lines.NICK_BUSY.format(nick=nick)
+        return None
+
+    def member_named(self, nick):
+        """The member whose nickname looks like ``nick`` (normalised), or None."""
+        for key in nickname_keys(nick):
+            member = self.members.get(key)
+            if member is not None:
+                return member
+        return None
 
     def join(self, peer, nick):
-        peer.nick = nick
-        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
+        self._name(peer, nick)
         prefix = self.clock.prefix()
         self.deliver(peer, (prefix + Lines.OK + "\n").encode())
+        if self.history:
+            self.deliver(peer, (prefix + Lines.HISTORY.format(count=len(self.history))
+                                + "\n").encode())
+            peer.out.extend(self.history)  # the very bytes the members got: no re-encoding
         announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
         self.to_members(announcement)  # before joining: the newcomer is not told of itself
-        self.members[nick.casefold()] = peer
+        self._add_keys(peer)
         self._appends[peer] = peer.append
-        self.log(announcement)
+        peer.member = True
+        self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
 
-    def say(self, peer, text):
-        message = without_controls(text)
-        if not message.strip():
+    def _name(self, peer, nick):
+        peer.nick = nick
+        peer.keys = nickname_keys(nick)
+        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
+
+    def _add_keys(self, peer):
+        for key in peer.keys:
+            self.members[key] = peer
+
+    def _remove_keys(self, peer):
+        for key in peer.keys:
+            del self.members[key]
+
+    # -- members --------------------------------------------------------------------------------
+    def member_line(self, peer, line):
+        """A message or a command from a member."""
+        if not peer.member:
+            return None  # it left (or was never here): nothing it says reaches anyone
+        text = without_controls(line.decode("utf-8", "replace"))
+        if text[:1] == "/":
+            if text[:2] != "//":
+                return self.command(peer, text)
+            text = text[1:]
+        self.say(peer, text)
+        return None
+
+    def say(self, peer, message):
+        if not message or message.isspace():
             self.notice(peer, Lines.NOTHING)
-        elif len(self.members) < 2:
+        elif len(self._appends) < 2:
             self.notice(peer, Lines.ALONE)
         else:
             ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
             body = message.encode()
             line = ts + peer.sent_head + body + self.SENT_END
-            self.to_members(line)
-            peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
+            self.to_others(peer, line)
             self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
+            self.history.append(line)
             self.log(line)
 
-    def leave(self, peer):
-        """``peer`` is gone, for whatever reason. Safe to call for a peer that never joined."""
-        if peer.nick is None or self.members.get(peer.nick.casefold()) is not peer:
+    def line_too_long(self, peer, limit):
+        self.notice(peer, Lines.TOO_LONG.format(limit=limit))
+
+    def command(self, peer, text):
+        name, rest = COMMAND.match(text).groups()
+        handler = self.commands.get(name.lower())
+        if handler is None:
+            self.notice(peer, Lines.UNKNOWN_COMMAND.format(name=name))
+            return None
+        return handler(peer, rest)
+
+    def cmd_help(self, peer, rest):
+        self.notice(peer, Lines.HELP)
+
+    def cmd_users(self, peer, rest):
+        names = []
+        for member in self._appends:
+            if member.away is None:
+                names.append(member.nick)
+            elif member.away:
+                names.append(Lines.USER_AWAY_TEXT.format(nick=member.nick, text=member.away))
+            else:
+                names.append(Lines.USER_AWAY.format(nick=member.nick))
+        self.notice(peer, Lines.USERS.format(count=len(names), nicks=", ".join(names)))
+
+    def cmd_msg(self, peer, rest):
+        wanted, text = TARGET_AND_TEXT.match(rest).groups()
+        if not wanted or not text or text.isspace():
+            self.notice(peer, Lines.NOTHING)
             return
-        del self.members[peer.nick.casefold()]
+        target = self.member_named(normalise_nickname(wanted))
+        if target is peer:
+            self.notice(peer, Lines.PRIVATE_TO_SELF)
+            return
+        if target is None:
+            self.notice(peer, Lines.NO_SUCH_USER.format(nick=wanted))
+            return
+        self.notice(target, Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
+        self.notice(peer, Lines.OK)
+        self.notice(peer, Lines.PRIVATE_ECHO.format(target=target.nick, text=text))
+        if target.away is not None:
+            self.notice(peer, Lines.IS_AWAY_TEXT.format(target=target.nick, text=target.away)
+                        if target.away else Lines.IS_AWAY.format(target=target.nick))
+        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=target.nick)))
+
+    def cmd_me(self, peer, rest):
+        if not rest or rest.isspace():
+            self.notice(peer, Lines.NOTHING)
+        elif len(self._appends) < 2:
+            self.notice(peer, Lines.ALONE)
+        else:
+            line = self.line(Lines.ACTION.format(nick=peer.nick, text=rest))
+            self.to_others(peer, line)
+            self.notice(peer, Lines.OK)
+            self.deliver(peer, line)
+            self.history.append(line)
+            self.log(line)
+
+    def cmd_nick(self, peer, rest):
+        nick = normalise_nickname(rest)
+        problem = self.nickname_refusal(nick, peer)
+        if problem:
+            self.notice(peer, problem)
+            return
+        old = peer.nick
+        self._remove_keys(peer)
+        self._name(peer, nick)
+        self._add_keys(peer)
+        self.notice(peer, Lines.OK)
+        line = self.line(Lines.RENAMED.format(old=old, new=nick))
+        self.to_members(line)
+        self.log(line)
+
+    def cmd_away(self, peer, rest):
+        peer.away = rest
+        self.notice(peer, Lines.OK)
+
+    def cmd_back(self, peer, rest):
+        peer.away = None
+        self.notice(peer, Lines.OK)
+
+    def cmd_quit(self, peer, rest):
+        self.notice(peer, Lines.GOODBYE)
+        self.leave(peer, Reason.QUIT)
+        return Phase.CLOSING
+
+    # -- leaving --------------------------------------------------------------------------------
+    def leave(self, peer, reason):
+        """``peer`` is gone, for ``reason``. Safe to call for a peer that never joined or left."""
+        if not peer.member:
+            return
+        peer.member = False
+        self._remove_keys(peer)
         del self._appends[peer]
         # A broadcast earlier this turn may have queued lines for it that take_pending() would
         # no longer find among the members: list it now, so they are written before it closes.
         if not peer.pending:
             peer.pending = True
             self.pending.append(peer)
-        announcement = (self.clock.prefix() + Lines.DISCONNECTED.format(nick=peer.nick)
-                        + "\n").encode()
+        announcement = self.line(Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_members(announcement)
-        self.log(announcement)
+        self._log_with(announcement, Lines.LOG_REASON.format(reason=reason))
+
+    def shut_down(self):
+        """The server stops: every member is told, and logged as leaving; nobody is told of the
+        others leaving, since everyone is."""
+        notice = self.line(Lines.SHUTTING_DOWN)
+        for peer in list(self._appends):
+            self.deliver(peer, notice)
+            peer.member = False
+            self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
+                           Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
+        self.members.clear()
+        self._appends.clear()
+
+    def _log_with(self, line, suffix):
+        """Log a delivered line with a note for the operator before its line end."""
+        self.log(line[:-1] + suffix.encode() + b"\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,42 +698,81 @@ class Chat:
 class FileLog:
     """Appends lines to a file, rotating it at ``max_bytes`` (keeps ``backups`` old files).
 
-    Writes are buffered and flushed once per loop turn, like the sockets."""
+    Writes are buffered and flushed once per loop turn, like the sockets. A file that can't be
+    written (disk full, a rename Windows refuses) never stops the chat: the failure is said once
+    on standard error and the chat goes on."""
 
-    def __init__(self, path, max_bytes=LOG_FILE_MAX_BYTES, backups=LOG_FILE_BACKUPS):
+    def __init__(self, path, max_bytes=LOG_FILE_MAX_BYTES, backups=LOG_FILE_BACKUPS,
+                 warn=None):
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
+        self.warn = warn or (lambda message: None)
+        self._failing = False   # said so already: stay quiet until a write works again
         self._file = open(path, "ab")
         self._size = self._file.tell()
 
     def __call__(self, line):
-        self._file.write(line)
+        try:
+            self._file.write(line)
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+            return
         self._size += len(line)
         if self._size >= self.max_bytes:
             self._rotate()
 
     def _rotate(self):
-        self._file.close()
-        for n in range(self.backups - 1, 0, -1):
-            older = "%s.%d" % (self.path, n)
-            if os.path.exists(older):
-                os.replace(older, "%s.%d" % (self.path, n + 1))
-        if self.backups:
-            os.replace(self.path, self.path + ".1")
-        else:
-            os.remove(self.path)
-        self._file = open(self.path, "ab")
+        try:
+            self._file.close()
+            for n in range(self.backups - 1, 0, -1):
+                older = "%s.%d" % (self.path, n)
+                if os.path.exists(older):
+                    os.replace(older, "%s.%d" % (self.path, n + 1))
+            if self.backups:
+                os.replace(self.path, self.path + ".1")
+            else:
+                os.remove(self.path)
+        except OSError:
+            # Windows refuses to rename a file another program holds open (a viewer, a backup
+            # tool, a virus scanner): keep appending, and try again after another max_bytes.
+            pass
+        try:
+            self._file = open(self.path, "ab")
+        except OSError as exc:
+            self._failed(exc)
         self._size = 0
 
+    def _failed(self, exc):
+        if not self._failing:
+            self._failing = True
+            self.warn("cannot write the log file %s: %s; records are lost until it can"
+                      % (self.path, getattr(exc, "strerror", None) or exc))
+
     def flush(self):
-        self._file.flush()
+        try:
+            self._file.flush()
+            self._failing = False
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
 
     def close(self):
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 class StderrLog:
+    def __init__(self):
+        # The records are UTF-8, as in chat.log. Redirected on Windows, standard error would use
+        # the ANSI code page and turn Cyrillic into \u escapes; a console keeps its own I/O.
+        if not sys.stderr.isatty():
+            try:
+                sys.stderr.reconfigure(encoding="utf-8", errors="replace")
+            except (AttributeError, ValueError):
+                pass
+
     def __call__(self, line):
         sys.stderr.write(line.decode("utf-8", "replace"))
 
@@ -413,21 +889,35 @@ def default_syslog_address():
     return None
 
 
+def open_file_log(path, warn, fall_back):
+    """The log file; where it can't be opened, standard error if ``fall_back`` (with a notice
+    saying why), else the error, naming the file."""
+    try:
+        return FileLog(path, warn=warn)
+    except OSError as exc:
+        reason = "cannot open the log file %s: %s" % (os.path.abspath(path), exc.strerror or exc)
+        if not fall_back:
+            raise OSError(reason)
+        warn("%s; logging to standard error" % reason)
+        return StderrLog()
+
+
 def open_log(mode, log_file, syslog_address, warn):
-    """The sink ``--log`` asks for. ``auto``: syslog where its socket answers, else the file."""
+    """The sink ``--log`` asks for. ``auto``: syslog where its socket answers, else the file,
+    else standard error."""
     if mode == "auto" and platform_name() == "windows":
-        mode = "file"
-    elif mode == "auto":
+        return open_file_log(log_file, warn, fall_back=True)
+    if mode == "auto":
         syslog_address = syslog_address or default_syslog_address()
         if not syslog_address:
             warn("no syslog socket (/dev/log) on this machine; logging to %s" % log_file)
-            return FileLog(log_file)
+            return open_file_log(log_file, warn, fall_back=True)
         sink = SyslogLog(syslog_address)
         if sink.connected():
             return sink
         # A socket file left by a stopped daemon: logging there would lose every record.
         warn("the syslog socket %s does not answer; logging to %s" % (syslog_address, log_file))
-        return FileLog(log_file)
+        return open_file_log(log_file, warn, fall_back=True)
     if mode == "syslog":
         if not hasattr(socket, "AF_UNIX"):
             raise OSError("syslog logging needs Unix sockets; use --log file")
@@ -438,45 +928,95 @@ def open_log(mode, log_file, syslog_address, warn):
                  % address)
         return sink
     if mode == "file":
-        return FileLog(log_file)
+        return open_file_log(log_file, warn, fall_back=False)
     if mode == "stderr":
         return StderrLog()
     return NullLog()
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS.
+# ---------------------------------------------------------------------------------------------
+
+if ssl is not None:
+    # A TLS socket's "try again when it is readable/writable", as distinct from a real error.
+    TLS_WANTS_READ = ssl.SSLWantReadError
+    TLS_WANTS_WRITE = ssl.SSLWantWriteError
+else:
+    class TLS_WANTS_READ(Exception):
+        pass
+
+    class TLS_WANTS_WRITE(Exception):
+        pass
+
+
+def tls_context(cert_file, key_file):
+    """A server context for the certificate (TLS 1.2 or newer); OSError or ssl.SSLError if the
+    files are wrong, RuntimeError if this Python has no ssl module."""
+    if ssl is None:
+        raise RuntimeError("--tls-cert needs Python's ssl module, which this Python lacks")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def certificate_fingerprint(cert_file):
+    """SHA-256 of the (first) certificate in the PEM file, as ``AA:BB:...`` (openssl's form)."""
+    import hashlib
+    with open(cert_file, encoding="ascii", errors="replace") as f:
+        pem = f.read()
+    match = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem, re.DOTALL)
+    if not match:
+        raise ValueError("no certificate in %s" % cert_file)
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group())).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
-class Conn(Peer):
-    """A connection: the room's Peer plus its socket and the loop's bookkeeping."""
-    __slots__ = ("sock", "inbuf", "discarding", "mask", "blocked", "throttled", "in_backlog",
-                 "eof", "closing", "lingering", "closed")
+class Conn:
+    """One connection as the loop sees it: its socket, its phase, and the conditions that decide
+    whether it is read or written. The room's side of it is ``peer``."""
+    __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp",
+                 "write_blocked", "tls_retry", "over_high_water", "over_rate", "input_ended",
+                 "skipping_long_line", "in_backlog")
 
-    def __init__(self, sock):
-        Peer.__init__(self)
+    def __init__(self, sock, peer, tls=False, burst=float("inf")):
         self.sock = sock
+        self.peer = peer
+        self.phase = Phase.HANDSHAKE if tls else None  # None: until the room greets it
+        self.tls = tls
         self.inbuf = b""          # received bytes not yet handled as lines
-        self.discarding = False   # skipping the rest of an over-long line, up to its \n
         self.mask = 0             # the events the selector watches for this socket now
-        self.blocked = False      # the kernel's send buffer is full: wait for EVENT_WRITE
-        self.throttled = False    # own output queue above the high-water mark: stop reading
-        self.in_backlog = False   # has complete lines waiting for their turn
-        self.eof = False          # the peer will send no more
-        self.closing = False      # close once the queued output is written
-        self.lingering = False    # output written and FIN sent: draining input until EOF
-        self.closed = False
+        self.tokens = burst       # flood control: lines it may send before the clock is read
+        self.stamp = 0.0          # when tokens were last topped up
+        # The conditions, independent of the phase:
+        self.write_blocked = False      # the kernel's send buffer is full: wait for EVENT_WRITE
+        self.tls_retry = False          # a TLS write must be retried with the same bytes
+        self.over_high_water = False    # own output queue above high water: stop reading
+        self.over_rate = False          # sent faster than the flood limit: stop reading
+        self.input_ended = False        # the peer will send no more
+        self.skipping_long_line = False  # dropping the rest of an over-long line, up to its \n
+        self.in_backlog = False         # listed in Server.backlog (complete lines wait)
+
+    def __repr__(self):
+        return "<Conn %s %s nick=%r queued=%d>" % (self.phase, self.peer.address, self.peer.nick,
+                                                   self.peer.queued_bytes())
 
 
 class Server:
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, log=None,
                  max_clients=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
                  max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
-                 selector=None):
+                 history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
+                 rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None):
         self.host = host
         self.port = port
         self.log = log or NullLog()
-        self.chat = Chat(self.log)
+        self.chat = Chat(self.log, history=history, password=password)
         if selector is None:
             selector = (selectors.SelectSelector() if platform_name() == "windows"
                         else selectors.DefaultSelector())
@@ -497,8 +1037,14 @@ class Server:
         # most one line and its prefixes), so the per-line check need not add up its bytes.
         self._throttle_items = max(1, self.high_water // (2 * max_line_bytes + 128))
         self.join_timeout = join_timeout
+        # Flood control: a token bucket per connection. Off is an endless bucket, so the check
+        # per batch of lines is the same one comparison either way.
+        self.rate_limit = rate_limit
+        self.rate_burst = float(rate_burst) if rate_limit else float("inf")
+        self.tls = tls            # an ssl.SSLContext, or None for plain TCP
         self.conns = {}           # socket -> Conn
         self.backlog = []         # Conns with complete lines not yet handled
+        self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
         self.timers = []          # heap of (when, sequence, action, conn)
         self._timer_seq = 0
         self.listener = None
@@ -556,25 +1102,29 @@ class Server:
 
     def run_once(self, timeout=None):
         """One loop turn: wait for events, handle them, then write what the turn queued."""
-        wait = self._next_wait(timeout)
-        for key, events in self.selector.select(wait):
-            what = key.data
-            if what == "accept":
+        if self.tls_buffered:
+            self._read_tls_buffered()
+        for key, events in self.selector.select(self._next_wait(timeout)):
+            conn = key.data
+            if conn == "accept":
                 self._accept()
-            elif what == "wakeup":
+            elif conn == "wakeup":
                 self._drain_wakeup()
             else:
-                if events & selectors.EVENT_WRITE:
-                    self._write(what)
-                if events & selectors.EVENT_READ and not what.closed:
-                    self._read(what)
+                try:
+                    if events & selectors.EVENT_WRITE:
+                        self._on_writable(conn)
+                    if events & selectors.EVENT_READ and conn.phase is not Phase.CLOSED:
+                        self._on_readable(conn)
+                except Exception:
+                    self._fail(conn)
         self._handle_backlog()
         self._run_timers()
         self._flush_pending()
         self.log.flush()
 
     def _next_wait(self, timeout):
-        if self.backlog:
+        if self.backlog or self.tls_buffered:
             return 0
         wait = timeout
         if self.timers:
@@ -589,6 +1139,24 @@ class Server:
         except OSError:
             pass
 
+    def _fail(self, conn):
+        """An unexpected error while handling ``conn``: it alone is closed, the loop goes on.
+
+        It leaves the room at once and its input is no longer handled, but the lines already
+        queued for it are still written (CLOSING); a second error while closing closes it now."""
+        sys.stderr.write("chat_server: error on %r, closing it:\n" % (conn,))
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        try:
+            if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
+                self._close(conn, Reason.ERROR)
+            else:
+                self.chat.leave(conn.peer, Reason.ERROR)
+                self._close_after_flush(conn)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self._forget(conn)
+
     # -- timers ---------------------------------------------------------------------------------
     def _after(self, seconds, action, conn):
         self._timer_seq += 1
@@ -598,33 +1166,75 @@ class Server:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             _, _, action, conn = heapq.heappop(self.timers)
-            action(conn)
+            if conn is None:
+                action(conn)
+                continue
+            if conn.phase is Phase.CLOSED:
+                continue
+            try:
+                action(conn)
+            except Exception:
+                self._fail(conn)
 
     def _join_expired(self, conn):
-        if not conn.closed and not conn.closing and conn.nick is None:
-            self.chat.notice(conn, Lines.JOIN_TIMEOUT)
-            self._close_after_flush(conn)
+        if conn.phase is Phase.HANDSHAKE:
+            self._close(conn, Reason.JOIN_TIMEOUT)  # no TLS yet, so nothing can be said
+        elif conn.phase is Phase.PASSWORD or conn.phase is Phase.NICKNAME:
+            self._enter(conn, self.chat.refuse(conn.peer, Lines.JOIN_TIMEOUT))
+
+    def _closing_expired(self, conn):
+        if conn.phase is Phase.CLOSING:
+            self._close(conn, Reason.CLOSED)
 
     def _linger_expired(self, conn):
-        self._close(conn)
+        self._close(conn, Reason.CLOSED)
+
+    def _rate_allows(self, conn):
+        conn.over_rate = False
+        if conn.phase in TALKING:
+            self._queue_lines(conn)
+            self._set_interest(conn)
 
     def _resume_accepting(self, _):
         if self.accept_paused and self.listener is not None:
             self.accept_paused = False
             self.selector.register(self.listener, selectors.EVENT_READ, "accept")
 
+    # -- phases ---------------------------------------------------------------------------------
+    def _enter(self, conn, phase):
+        """Move ``conn`` to the phase the room decided (None: stay)."""
+        if phase is None or phase is conn.phase:
+            return
+        if phase is Phase.CLOSING:
+            self._close_after_flush(conn)
+        else:
+            conn.phase = phase
+
+    def _open(self, conn):
+        """Transport ready (TCP accepted, or TLS handshake done): the room greets it."""
+        phase = self.chat.greet(conn.peer)
+        if phase is Phase.CLOSING:
+            self._close_after_flush(conn)
+        else:
+            conn.phase = phase
+            self._set_interest(conn)
+
     # -- accepting ------------------------------------------------------------------------------
     def _accept(self):
         for _ in range(ACCEPTS_PER_TURN):
             try:
-                sock, _ = self.listener.accept()
+                sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accepting()
                 return  # ECONNABORTED and the like: that one connection is gone
-            self._admit(sock)
+            try:
+                self._admit(sock, address)
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+                sock.close()
 
     def _pause_accepting(self):
         """Out of descriptors: the pending connection stays in the backlog. Stop watching the
@@ -634,45 +1244,119 @@ class Server:
             self.selector.unregister(self.listener)
             self._after(EMFILE_PAUSE, self._resume_accepting, None)
 
-    def _admit(self, sock):
+    def _admit(self, sock, address):
         sock.setblocking(False)
         tune_socket(sock)
-        conn = Conn(sock)
+        host = address[0] if isinstance(address, tuple) else str(address)
+        peer = Peer(format_address(host, address[1]) if isinstance(address, tuple) else host,
+                    host)
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        conn = Conn(sock, peer, tls=self.tls is not None, burst=self.rate_burst)
+        conn.stamp = time.monotonic()
+        peer.owner = conn
         self.conns[sock] = conn
-        self._set_interest(conn)
         if len(self.conns) > self.max_clients:
-            self.chat.notice(conn, Lines.FULL)
-            self._close_after_flush(conn)
+            if conn.tls:
+                self._forget(conn)       # no handshake wasted on a connection refused anyway
+                return
+            self._enter(conn, self.chat.refuse(peer, Lines.FULL))
             return
-        self.chat.greet(conn)
         if self.join_timeout:
             self._after(self.join_timeout, self._join_expired, conn)
+        if conn.tls:
+            self._set_interest(conn)  # the handshake starts when the client's hello arrives
+        else:
+            self._open(conn)
+
+    # -- TLS handshake --------------------------------------------------------------------------
+    def _handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except TLS_WANTS_READ:
+            conn.write_blocked = False
+        except TLS_WANTS_WRITE:
+            conn.write_blocked = True
+        except (OSError, ValueError):  # not TLS (a plain-text client), or gone: nothing to say
+            self._close(conn, Reason.CLOSED)
+            return
+        else:
+            conn.write_blocked = False
+            self._open(conn)
+            if conn.sock.pending():
+                self.tls_buffered.append(conn)
+            return
+        self._set_interest(conn)
 
     # -- reading --------------------------------------------------------------------------------
+    def _on_readable(self, conn):
+        if conn.phase is Phase.HANDSHAKE:
+            self._handshake(conn)
+        else:
+            self._read(conn)
+
     def _read(self, conn):
         try:
             data = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, TLS_WANTS_READ):
             return
+        except TLS_WANTS_WRITE:
+            return  # (TLS renegotiation) the write side is watched anyway when blocked
         except OSError:
-            self._close(conn)
+            self._close(conn, Reason.RESET)
             return
+        if conn.tls and data:
+            data = self._read_tls_rest(conn, data)
         if not data:
-            conn.eof = True
-        if conn.lingering or self.stopping:
+            conn.input_ended = True
+        if conn.phase is Phase.LINGERING or conn.phase is Phase.CLOSING:
             # Being closed: its input no longer matters, only that our last lines get out.
-            if conn.eof and (conn.lingering or not conn.out):
-                self._close(conn)
+            if conn.input_ended and (conn.phase is Phase.LINGERING or not conn.peer.out):
+                self._close(conn, Reason.CLOSED)
             else:
                 self._set_interest(conn)
             return
         if data:
             conn.inbuf = conn.inbuf + data if conn.inbuf else data
+        self._queue_lines(conn)
+        if conn.input_ended or len(conn.inbuf) >= READ_SIZE:
+            self._set_interest(conn)  # stop reading: at its end, or enough is waiting
+
+    def _read_tls_rest(self, conn, data):
+        """What the TLS layer already decrypted is invisible to select(): take it now, up to the
+        read size; if more is left, come back for it next turn without waiting for select."""
+        sock = conn.sock
+        chunks = [data]
+        size = len(data)
+        while size < READ_SIZE and sock.pending():
+            try:
+                chunk = sock.recv(READ_SIZE - size)
+            except (TLS_WANTS_READ, TLS_WANTS_WRITE):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if sock.pending():
+            self.tls_buffered.append(conn)
+        return b"".join(chunks) if len(chunks) > 1 else data
+
+    def _read_tls_buffered(self):
+        """Read the TLS connections holding decrypted input. One that is not being read now
+        (paused) is dropped from the list: _set_interest lists it again when reading resumes."""
+        waiting, self.tls_buffered = self.tls_buffered, []
+        for conn in waiting:
+            if conn.mask & selectors.EVENT_READ and conn.phase is not Phase.CLOSED:
+                try:
+                    self._on_readable(conn)
+                except Exception:
+                    self._fail(conn)
+
+    def _queue_lines(self, conn):
+        """Give ``conn``'s input a turn: its complete lines, an over-long tail, its end."""
         if not conn.in_backlog:
             conn.in_backlog = True
             self.backlog.append(conn)
-        if conn.eof or len(conn.inbuf) >= READ_SIZE:
-            self._set_interest(conn)  # stop reading: at its end, or enough is waiting
 
     def _handle_backlog(self):
         """Handle queued lines, at most about LINES_PER_TURN in all, shared fairly; what is left
@@ -683,48 +1367,102 @@ class Server:
         share = max(1, LINES_PER_TURN // len(ready))
         for conn in ready:
             conn.in_backlog = False
-            if conn.closed or conn.closing:
+            if conn.phase not in TALKING or conn.over_rate or conn.over_high_water:
                 continue
-            more = self._handle_lines(conn, share)
-            if conn.closed or conn.closing:
-                continue
-            if more and not conn.throttled:
-                conn.in_backlog = True
+            try:
+                self._handle_input(conn, share)
+            except Exception:
+                self._fail(conn)
+
+    def _handle_input(self, conn, share):
+        more = self._handle_lines(conn, share)
+        if conn.phase not in TALKING:
+            return
+        if more:
+            if not (conn.over_high_water or conn.over_rate):
+                conn.in_backlog = True   # its share is used up: the rest next turn
                 self.backlog.append(conn)
-            elif conn.eof and not more:
-                self.chat.leave(conn)
-                self._close_after_flush(conn)
-            if conn.mask != selectors.EVENT_READ or conn.throttled or conn.eof:
-                self._set_interest(conn)  # something changed; else reading simply goes on
+        elif conn.input_ended:
+            self.chat.leave(conn.peer, Reason.CLOSED)
+            self._close_after_flush(conn)
+            return
+        if conn.mask != selectors.EVENT_READ or conn.over_high_water or conn.over_rate or \
+                conn.input_ended:
+            self._set_interest(conn)  # something changed; else reading simply goes on
 
     def _handle_lines(self, conn, most):
-        """Handle up to ``most`` complete lines of conn's input. True if complete lines remain."""
+        """Handle up to ``most`` complete lines of conn's input, as far as the flood limit and
+        its own output queue allow. True if complete lines remain."""
         parts = conn.inbuf.split(b"\n", most)
         rest = parts.pop()
+        over_rate = False
+        if len(parts) > conn.tokens:   # the one comparison flood control costs while not hit
+            allowed = self._top_up(conn)
+            if len(parts) > allowed:
+                rest = b"\n".join(parts[allowed:] + [rest])
+                del parts[allowed:]
+                over_rate = True
+        peer = conn.peer
+        handle = self._line_handler(conn)
         limit = self.max_line_bytes
-        for i, line in enumerate(parts):
-            if conn.discarding:       # the tail of a line already answered as too long
-                conn.discarding = False
+        handled = 0
+        for line in parts:
+            handled += 1
+            if conn.skipping_long_line:   # the tail of a line already answered as too long
+                conn.skipping_long_line = False
                 continue
             if line[-1:] == b"\r":
                 line = line[:-1]
             if len(line) > limit:
-                self.chat.line_too_long(conn, limit)
-            else:
-                self.chat.receive(conn, line)
-            if ((conn.blocked or len(conn.out) > self._throttle_items)
-                    and conn.queued_bytes() > self.high_water):
-                conn.throttled = True
-                rest = b"\n".join(parts[i + 1:] + [rest])
+                self.chat.line_too_long(peer, limit)
+                continue
+            phase = handle(peer, line)
+            if phase is not None:
+                self._enter(conn, phase)
+                if conn.phase not in TALKING:
+                    conn.tokens -= handled
+                    conn.inbuf = b""
+                    return False
+                handle = self._line_handler(conn)
+            if ((conn.write_blocked or len(peer.out) > self._throttle_items)
+                    and peer.queued_bytes() > self.high_water):
+                conn.over_high_water = True
+                rest = b"\n".join(parts[handled:] + [rest])
                 break
+        conn.tokens -= handled
         more = b"\n" in rest
         if not more and len(rest) > limit + 1:  # +1: the \r of a \r\n still on its way
-            if not conn.discarding:
-                self.chat.line_too_long(conn, limit)
-                conn.discarding = True
+            if not conn.skipping_long_line:
+                self.chat.line_too_long(peer, limit)
+                conn.tokens -= 1
+                conn.skipping_long_line = True
             rest = b""
         conn.inbuf = rest
+        if over_rate:
+            self._wait_for_rate(conn)
         return more
+
+    def _line_handler(self, conn):
+        phase = conn.phase
+        if phase is Phase.MEMBER:
+            return self.chat.member_line
+        if phase is Phase.NICKNAME:
+            return self.chat.nickname_line
+        return self.chat.password_line
+
+    def _top_up(self, conn):
+        """Flood control's arithmetic, done only near the limit: the tokens earned since the
+        last top-up, at most a burst. Returns the whole lines allowed now."""
+        now = time.monotonic()
+        conn.tokens = min(self.rate_burst, conn.tokens + (now - conn.stamp) * self.rate_limit)
+        conn.stamp = now
+        return max(int(conn.tokens), 0)
+
+    def _wait_for_rate(self, conn):
+        """Over the limit: stop reading until the next line is allowed (TCP holds the rest);
+        a timer, not polling, so a flooder that waits costs nothing."""
+        conn.over_rate = True
+        self._after(max(1.0 - conn.tokens, 0.0) / self.rate_limit, self._rate_allows, conn)
 
     # -- writing --------------------------------------------------------------------------------
     def _flush_pending(self):
@@ -736,69 +1474,79 @@ class Server:
             batch = self.chat.take_pending()
             if not batch:
                 return
-            for conn in batch:
-                conn.pending = False
-                if conn.closed:
+            for peer in batch:
+                conn = peer.owner
+                if conn is None or conn.phase is Phase.CLOSED:
                     continue
-                if not conn.blocked:
-                    self._send(conn)
-                    if not conn.out and conn.mask == selectors.EVENT_READ and not (
-                            conn.throttled or conn.closing or conn.closed):
-                        continue  # all written and nothing changes: the common case
-                self._after_send(conn)
+                try:
+                    if not conn.write_blocked:
+                        self._send(conn)
+                        if not peer.out and conn.mask == selectors.EVENT_READ and not (
+                                conn.over_high_water or conn.phase is Phase.CLOSING
+                                or conn.phase is Phase.CLOSED):
+                            continue  # all written and nothing changes: the common case
+                    self._after_send(conn)
+                except Exception:
+                    self._fail(conn)
 
-    def _write(self, conn):
+    def _on_writable(self, conn):
+        if conn.phase is Phase.HANDSHAKE:
+            self._handshake(conn)
+            return
         self._send(conn)
-        if not conn.closed:
+        if conn.phase is not Phase.CLOSED:
             self._after_send(conn)
 
     def _send(self, conn):
-        out = conn.out
-        if not out:
+        peer = conn.peer
+        if not peer.out:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = peer.first_output() if conn.tls_retry else peer.output()
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            self._close(conn)
+        except (TLS_WANTS_WRITE, TLS_WANTS_READ):
+            conn.tls_retry = True  # OpenSSL wants this very buffer again
+            conn.write_blocked = True
             return
-        if sent == len(data):
-            out.clear()
-            conn.out_bytes = conn.counted = 0
-            conn.blocked = False
-        else:
-            out[:] = [memoryview(data)[sent:]]
-            conn.out_bytes = len(data) - sent
-            conn.counted = 1
-            conn.blocked = True
+        except OSError:
+            self._close(conn, Reason.RESET)
+            return
+        conn.tls_retry = False
+        peer.sent(sent)
+        conn.write_blocked = bool(peer.out)
 
     def _after_send(self, conn):
-        if conn.closed:
+        if conn.phase is Phase.CLOSED:
             return
-        if conn.queued_bytes() > self.max_send_queue:
-            self._close(conn)  # a reader that stopped reading: its queue may not grow forever
+        peer = conn.peer
+        if peer.queued_bytes() > self.max_send_queue:
+            self._close(conn, Reason.SEND_QUEUE_FULL)  # a reader that stopped reading
             return
-        if conn.throttled and conn.queued_bytes() <= self.low_water:
-            conn.throttled = False
-            if b"\n" in conn.inbuf or conn.eof:
-                if not conn.in_backlog:
-                    conn.in_backlog = True
-                    self.backlog.append(conn)
-        if conn.closing and not conn.out:
+        if conn.over_high_water and peer.queued_bytes() <= self.low_water:
+            conn.over_high_water = False
+            if conn.phase in TALKING:
+                self._queue_lines(conn)
+        if conn.phase is Phase.CLOSING and not peer.out:
             self._start_lingering(conn)
         self._set_interest(conn)
 
     def _set_interest(self, conn):
         """Tell the selector what this connection waits for now; no syscall when unchanged."""
-        if conn.closed:
+        phase = conn.phase
+        if phase is Phase.CLOSED:
             return
         mask = 0
-        if conn.lingering or (not conn.closing and not conn.eof and not conn.throttled
-                              and len(conn.inbuf) < READ_SIZE):
+        if phase is Phase.LINGERING or phase is Phase.HANDSHAKE or (
+                phase in TALKING and not (conn.input_ended or conn.over_high_water
+                                          or conn.over_rate or self.stopping)
+                and len(conn.inbuf) < READ_SIZE):
             mask |= selectors.EVENT_READ
-        if conn.blocked:
+            if conn.tls and not conn.mask & selectors.EVENT_READ and phase in TALKING \
+                    and conn.sock.pending():
+                self.tls_buffered.append(conn)  # reading resumes: what TLS holds comes first
+        if conn.write_blocked:
             mask |= selectors.EVENT_WRITE
         if mask == conn.mask:
             return
@@ -812,41 +1560,65 @@ class Server:
 
     # -- closing --------------------------------------------------------------------------------
     def _close_after_flush(self, conn):
-        conn.closing = True
-        if not conn.out:
+        """CLOSING: no more input is handled; close once the queued lines are written."""
+        if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
+            return
+        conn.phase = Phase.CLOSING
+        if not conn.peer.out:
             self._start_lingering(conn)
-        self._set_interest(conn)
+        else:
+            self._after(CLOSING_SECONDS, self._closing_expired, conn)
+            self._set_interest(conn)
 
     def _start_lingering(self, conn):
-        """All output written: send FIN, then read until the peer closes (or a short while), so
-        that close() does not answer unread input with a RST that could destroy our last lines."""
-        if conn.lingering:
-            return
-        conn.lingering = True
+        """LINGERING: all output written: send FIN, then read until the peer closes (or a short
+        while), so that close() does not answer unread input with a RST that could destroy our
+        last lines."""
+        conn.phase = Phase.LINGERING
         try:
+            if conn.tls:
+                self._send_close_notify(conn)
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(conn)
+            self._close(conn, Reason.CLOSED)
             return
-        if conn.eof:
-            self._close(conn)
+        if conn.input_ended:
+            self._close(conn, Reason.CLOSED)
             return
         self._after(LINGER_SECONDS, self._linger_expired, conn)
         self._set_interest(conn)
 
-    def _close(self, conn):
-        """Close one connection now, whatever its state; tell the room if it had joined."""
-        if conn.closed:
+    @staticmethod
+    def _send_close_notify(conn):
+        """TLS's own end of the conversation; the peer's answer is not waited for."""
+        try:
+            conn.sock.unwrap()
+        except (TLS_WANTS_READ, TLS_WANTS_WRITE, OSError, ValueError):
+            pass
+
+    def _close(self, conn, reason):
+        """CLOSED: close one connection now, whatever its phase; tell the room if it had joined."""
+        if conn.phase is Phase.CLOSED:
             return
-        conn.closed = True
+        conn.phase = Phase.CLOSED
         if conn.mask:
             self.selector.unregister(conn.sock)
             conn.mask = 0
         conn.sock.close()
         del self.conns[conn.sock]
-        self.chat.leave(conn)
+        self.chat.leave(conn.peer, reason)
         if self.accept_paused:
             self._resume_accepting(None)  # a descriptor just came free
+
+    def _forget(self, conn):
+        """Last resort after an error in _close itself: drop every reference to ``conn``."""
+        conn.phase = Phase.CLOSED
+        for step in (lambda: self.selector.unregister(conn.sock), conn.sock.close,
+                     lambda: self.conns.pop(conn.sock, None)):
+            try:
+                step()
+            except Exception:
+                pass
 
     # -- stopping -------------------------------------------------------------------------------
     def shutdown(self, grace=SHUTDOWN_GRACE):
@@ -858,9 +1630,13 @@ class Server:
             self.listener.close()
             self.listener = None
         self.backlog = []
+        self.chat.shut_down()
         for conn in list(self.conns.values()):
-            if not conn.closing:
-                self.chat.notice(conn, Lines.SHUTTING_DOWN)
+            if conn.phase in (Phase.PASSWORD, Phase.NICKNAME):
+                self.chat.notice(conn.peer, Lines.SHUTTING_DOWN)
+            if conn.phase is Phase.HANDSHAKE:
+                self._close(conn, Reason.SHUTDOWN)
+            else:
                 self._close_after_flush(conn)
         self.timers = []
         self._after(grace, lambda _: None, None)  # bounds the wait below
@@ -869,12 +1645,12 @@ class Server:
         while self.conns and time.monotonic() < deadline:
             self.run_once(timeout=max(deadline - time.monotonic(), 0))
         for conn in list(self.conns.values()):
-            self._close(conn)
+            self._close(conn, Reason.SHUTDOWN)
         self.log.flush()
 
     def close(self):
         for conn in list(self.conns.values()):
-            self._close(conn)
+            self._close(conn, Reason.SHUTDOWN)
         if self.listener is not None:
             self.listener.close()
         for sock in (self._wakeup_r, self._wakeup_w):
@@ -927,36 +1703,55 @@ def format_address(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def is_loopback(host):
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    import ipaddress
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit status 2."""
+    """Usage errors as one line on stderr naming the option, exit status 2."""
 
     def error(self, message):
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def typed(description, convert, valid):
+    """An argparse type: ``convert`` the text, check ``valid``; else "'x' is not {description}"."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, description))
+        return value
+    parse.__name__ = description  # what argparse would name in its own messages
+    return parse
 
 
-def port_number(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be 0 to 65535")
-    return value
+port_number = typed("a port number (0 to 65535)", int, lambda v: 0 <= v <= 65535)
+positive_int = typed("a whole number of at least 1", int, lambda v: v >= 1)
+count = typed("a whole number of 0 or more", int, lambda v: v >= 0)
+seconds = typed("a number of seconds (0 or more)", float, lambda v: v >= 0 and v != float("inf"))
+rate = typed("a number of lines a second (0 or more)", float,
+             lambda v: v >= 0 and v != float("inf"))
 
 
-def seconds(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
+def host_name(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an address is needed, such as 127.0.0.1, 0.0.0.0 or ::1")
+    return text
 
 
 def parse_args(argv):
@@ -964,7 +1759,7 @@ def parse_args(argv):
         prog="chat_server",
         description="Console chat server: people join with chat_client, nc or telnet.")
     parser.add_argument("--version", action="version", version="chat_server " + VERSION)
-    parser.add_argument("--host", default=DEFAULT_HOST,
+    parser.add_argument("--host", type=host_name, default=DEFAULT_HOST,
                         help="address to listen on (default %(default)s; IPv6 such as ::1 works)")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="TCP port (default %(default)s; 0 picks a free one and prints it)")
@@ -986,8 +1781,44 @@ def parse_args(argv):
                         help="bytes queued for a client that does not read before it is"
                              " disconnected (default %(default)s)")
     parser.add_argument("--join-timeout", type=seconds, default=DEFAULT_JOIN_TIMEOUT,
-                        help="seconds to choose a nickname, 0 for no limit (default 60)")
-    return parser.parse_args(argv)
+                        help="seconds to give the password and choose a nickname, 0 for no"
+                             " limit (default 60)")
+    parser.add_argument("--history", type=count, default=DEFAULT_HISTORY, metavar="N",
+                        help="room lines a newcomer is shown on joining, 0 for none"
+                             " (default %(default)s)")
+    parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
+                        help="lines a second each connection may send on average, 0 for no"
+                             " limit (default 10)")
+    parser.add_argument("--rate-burst", type=positive_int, default=DEFAULT_RATE_BURST,
+                        metavar="N", help="lines a connection may send at once (default 50)")
+    parser.add_argument("--password-file", metavar="PATH",
+                        help="ask newcomers for the password on this file's first line (or set"
+                             " the environment variable CHAT_PASSWORD)")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="speak TLS with this certificate (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM",
+                        help="the certificate's private key (default: in the --tls-cert file)")
+    args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key: needs --tls-cert")
+    return args
+
+
+def read_password(path, environ):
+    """The password: the file's first line without its line ending, else CHAT_PASSWORD, else
+    None. ValueError for an empty one (it would let anyone in while looking protected)."""
+    if path:
+        with open(path, encoding="utf-8-sig") as f:
+            password = f.readline().rstrip("\r\n")
+        source = "--password-file: %s" % path
+    else:
+        password = environ.get("CHAT_PASSWORD")
+        source = "CHAT_PASSWORD"
+        if password is None:
+            return None
+    if not password:
+        raise ValueError("%s is empty: give a password, or none at all" % source)
+    return password
 
 
 def say(line):
@@ -1005,15 +1836,41 @@ def warn(message):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        password = read_password(args.password_file, os.environ)
+    except OSError as exc:
+        warn("--password-file: cannot read %s: %s" % (args.password_file, exc.strerror or exc))
+        return 1
+    except UnicodeDecodeError:
+        warn("--password-file: %s is not UTF-8 text" % args.password_file)
+        return 1
+    except ValueError as exc:
+        warn(str(exc))
+        return 1
+    tls = fingerprint = None
+    if args.tls_cert:
+        try:
+            tls = tls_context(args.tls_cert, args.tls_key)
+            fingerprint = certificate_fingerprint(args.tls_cert)
+        except RuntimeError as exc:
+            warn(str(exc))
+            return 1
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            warn("--tls-cert: cannot use %s%s: %s" % (
+                args.tls_cert, " and " + args.tls_key if args.tls_key else "",
+                getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc))
+            return 1
     raise_fd_limit()
     try:
         log = open_log(args.log, args.log_file, args.syslog_address, warn)
     except OSError as exc:
-        warn("cannot open the log: %s" % (exc.strerror or exc))
+        warn(str(exc))
         return 1
     server = Server(args.host, args.port, log, max_clients=args.max_clients,
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
-                    join_timeout=args.join_timeout)
+                    join_timeout=args.join_timeout, history=args.history,
+                    rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+                    password=password, tls=tls)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:
@@ -1022,11 +1879,19 @@ def main(argv=None):
         server.close()
         return 1
     server.install_signal_handlers()
-    say(Lines.LISTENING.format(address=format_address(host, port)))
+    address = format_address(host, port)
+    say(Lines.LISTENING.format(address=address))
+    if fingerprint:
+        say(Lines.FINGERPRINT.format(fingerprint=fingerprint))
     say(Lines.READY)
+    if password is None and tls is None and not is_loopback(args.host):
+        warn(Lines.OPEN_TO_ALL.format(address=address))
+    log((server.chat.line(Lines.LOG_STARTED.format(address=address))))
+    log.flush()
     try:
         server.serve_forever()
     finally:
+        log(server.chat.line(Lines.LOG_STOPPED))
         server.close()
     say(Lines.STOPPED)
     return 0

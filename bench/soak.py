@@ -7,6 +7,12 @@
 The cases are the functions test_chat.py runs small in CI (one definition each); here they run
 with the sizes of the hardening issue, and each prints what it measured. A case that breaks a
 guarantee raises and the run exits 1. Standard library only; Linux (/proc) for the figures.
+
+Flood control is off (--rate-limit 0) in the cases that measure raw speed (RAW_SPEED_CASES, named
+in the output's header): they send as fast as the server answers, thousands of lines a second per
+connection, which the default limit of 10 a second would slow by design (fuzz's 25,000 lines per
+client would take 40 minutes). The limit itself is tested in test_chat.py. The other cases run
+with every default limit in force.
 """
 
 import json
@@ -20,7 +26,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import test_chat as t  # noqa: E402  (the cases live with the tests)
+from chat_bench import default_server_args  # noqa: E402  (one place knows the option)
+
+RAW_SPEED_CASES = ("fuzz", "slow", "flood", "exactly-once", "syslog", "sigterm")
+
+
+def raw_speed():
+    """The options of a raw-speed case: --rate-limit 0 where the server has flood control (one
+    without it has none to turn off). Asked when a case runs, not at import."""
+    return default_server_args(t.SERVER)
 
 
 class Scope:
@@ -38,15 +54,16 @@ class Scope:
             function(*args)
 
 
-def with_server(case, *options, **kwargs):
+def with_server(case, *options, raw_speed_case=False, **kwargs):
     def run(scope):
-        server = t.start_server(scope, *options)
+        extra = raw_speed() if raw_speed_case else []
+        server = t.start_server(scope, *(list(options) + extra))
         return case(server, **kwargs)
     return run
 
 
 def fuzz(scope):
-    server = t.start_server(scope)
+    server = t.start_server(scope, *raw_speed())
     figures = {}
     for seed in (1, 2, 3):
         result = t.fuzz_case(server.port, clients=8, lines_per_client=25000, seed=seed)
@@ -57,7 +74,7 @@ def fuzz(scope):
 
 
 def exactly_once(scope):
-    server = t.start_server(scope)
+    server = t.start_server(scope, *raw_speed())
     return t.exactly_once_case(server.port, clients=50, messages=2000)
 
 
@@ -80,7 +97,7 @@ def stalled_syslog(scope, messages=60000, rounds=3):
         daemon.setblocking(False)
         scope.addCleanup(daemon.close)
         server = t.start_server(scope, "--log", "syslog", "--syslog-address", path,
-                                log_file=False)
+                                *raw_speed(), log_file=False)
         crowd = t.Crowd(server.port, ["s1", "s2", "s3", "s4"])
         scope.addCleanup(crowd.close)
         crowd.drain()
@@ -124,13 +141,13 @@ def stalled_syslog(scope, messages=60000, rounds=3):
 
 CASES = [
     ("fuzz", fuzz),
-    ("slow", with_server(t.slow_reader_case, talkers=50, p99_limit=0.05)),
-    ("flood", with_server(t.flood_case, stream_lines=2000000)),
+    ("slow", with_server(t.slow_reader_case, raw_speed_case=True, talkers=50, p99_limit=0.05)),
+    ("flood", with_server(t.flood_case, raw_speed_case=True, stream_lines=2000000)),
     ("exactly-once", exactly_once),
     ("abrupt", with_server(t.abrupt_ends_case, each=300)),
     ("descriptors", descriptors),
     ("syslog", stalled_syslog),
-    ("sigterm", with_server(t.sigterm_under_load_case, clients=100)),
+    ("sigterm", with_server(t.sigterm_under_load_case, raw_speed_case=True, clients=100)),
     ("join-timeout", with_server(t.join_timeout_case, "--join-timeout", "2", silent=1000)),
 ]
 
@@ -140,6 +157,9 @@ def main(argv):
     print("# soak: python3 bench/soak.py %s" % " ".join(argv))
     print("# machine: %d cores, %s, Python %s" % (os.cpu_count(), platform.platform(),
                                                  platform.python_version()))
+    print("# raw speed, with %s: %s; every default limit in the others"
+          % (" ".join(raw_speed()) or "no flood control in this server",
+             ", ".join(RAW_SPEED_CASES)))
     failed = 0
     for name, case in chosen:
         scope = Scope()
