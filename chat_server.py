@@ -26,8 +26,10 @@ import errno
 import functools
 import heapq
 import hmac
+import math
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -153,8 +155,12 @@ class Phase:
     CLOSED = "closed"
 
 
-# Phases in which a line from the connection is handled (by the room).
-TALKING = (Phase.PASSWORD, Phase.NICKNAME, Phase.MEMBER)
+# Phases in which a line from the connection is handled (by the room), the commonest first.
+TALKING = (Phase.MEMBER, Phase.NICKNAME, Phase.PASSWORD)
+# The same names as module globals, for the loop's hot paths (one lookup instead of two).
+MEMBER, CLOSING, LINGERING, CLOSED = Phase.MEMBER, Phase.CLOSING, Phase.LINGERING, Phase.CLOSED
+HANDSHAKE = Phase.HANDSHAKE
+EVENT_READ, EVENT_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +173,9 @@ CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 # without_controls(text): the text with those characters removed (a C-level partial: hot path).
 without_controls = functools.partial(CONTROL_CHARS.sub, "")
+# The same for a line that is all ASCII, on its bytes (C1 can't occur there): bytes.translate
+# deletes them without decoding, which most chat lines then never need.
+CONTROL_BYTES = bytes(range(0x00, 0x09)) + bytes(range(0x0a, 0x20)) + b"\x7f"
 
 # "/name rest": a command's name runs to the first whitespace; its text is the rest of the line.
 COMMAND = re.compile(r"/(\S*)\s*(.*)", re.DOTALL)
@@ -266,20 +275,26 @@ class Clock:
 
     def __init__(self, now=time.time):
         self._now = now
-        self._minute = None
+        self._minute_ends = float("-inf")   # when the cached prefix stops being right
         self._prefix = ""
         self._prefix_bytes = b""
 
+    def _refresh(self, now):
+        minute = int(now // 60)
+        self._minute_ends = (minute + 1) * 60
+        self._prefix = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(minute * 60))
+        self._prefix_bytes = self._prefix.encode()
+
     def prefix(self):
-        minute = int(self._now() // 60)
-        if minute != self._minute:
-            self._minute = minute
-            self._prefix = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(minute * 60))
-            self._prefix_bytes = self._prefix.encode()
+        now = self._now()
+        if now >= self._minute_ends or now < self._minute_ends - 60:  # (or the clock went back)
+            self._refresh(now)
         return self._prefix
 
     def prefix_bytes(self):
-        self.prefix()
+        now = self._now()
+        if now >= self._minute_ends or now < self._minute_ends - 60:
+            self._refresh(now)
         return self._prefix_bytes
 
 
@@ -321,37 +336,37 @@ class Peer:
         return self._bytes
 
     def output(self):
-        """Everything queued, as one bytes-like object that stays first in the queue until
-        ``sent()`` says the kernel took it (so a TLS write can be retried with the same bytes)."""
+        """Everything queued, as one bytes-like object; the queue keeps it until ``sent()``."""
         out = self.out
-        if len(out) > 1:
-            self.queued_bytes()
-            out[:] = [b"".join(out)]
-            self._counted = 1
-        return out[0]
+        return out[0] if len(out) == 1 else b"".join(out)
 
-    def first_output(self):
-        """The bytes a retried write must send again: the first object in the queue."""
-        return self.out[0]
+    def hold(self, data):
+        """A write of ``data`` (from ``output()``, just now) must be retried with these very
+        bytes (TLS): keep them as one object at the head of the queue."""
+        self.out[:] = [data]
+        self._bytes = len(data)
+        self._counted = 1
 
-    def sent(self, count):
-        """The kernel took ``count`` bytes from the front of the queue (from ``output()``)."""
+    def sent(self, data, count):
+        """The kernel took ``count`` bytes of ``data``: what ``output()`` returned just now, or
+        what ``hold()`` kept. Lines queued after that stay queued."""
         out = self.out
-        first = out[0]
-        if count >= len(first):
-            if len(out) == 1:
-                out.clear()
-                self._bytes = self._counted = 0
-                return
-            del out[0]
-            if self._counted:
-                self._counted -= 1
-                self._bytes -= len(first)
-        elif count:
-            out[0] = memoryview(first)[count:]
-            if self._counted:
-                self._bytes -= count
-            # else: first was not counted yet; queued_bytes() counts the shorter view later
+        items = 1 if out[0] is data else len(out)   # held, or all of the queue then
+        if count >= len(data) and items == len(out):
+            out.clear()                            # the common case: everything went
+            self._bytes = self._counted = 0
+            return
+        counted = self._counted
+        if count >= len(data):
+            del out[:items]
+        else:
+            out[:items] = [memoryview(data)[count:]]
+            items -= 1                             # the rest of data is still here
+        if counted > items:
+            self._bytes -= count
+            self._counted = counted - items
+        else:
+            self._bytes = self._counted = 0        # what is left is counted when needed
 
 
 class Chat:
@@ -549,24 +564,32 @@ class Chat:
         """A message or a command from a member."""
         if not peer.member:
             return None  # it left (or was never here): nothing it says reaches anyone
+        if line.isascii():  # most lines: the same rules, applied to the bytes
+            body = line.translate(None, CONTROL_BYTES)
+            if body[:1] != b"/":
+                self.say(peer, body)
+                return None
         text = without_controls(line.decode("utf-8", "replace"))
         if text[:1] == "/":
             if text[:2] != "//":
                 return self.command(peer, text)
             text = text[1:]
-        self.say(peer, text)
+        if text.isspace():  # Unicode spaces too (U+00A0, U+3000), which bytes don't know
+            text = ""
+        self.say(peer, text.encode())
         return None
 
-    def say(self, peer, message):
-        if not message or message.isspace():
+    def say(self, peer, body):
+        """A message (its UTF-8 bytes, control characters already removed) from a member."""
+        if not body or body.isspace():  # (only spaces and TABs can be left: the same test)
             self.notice(peer, Lines.NOTHING)
         elif len(self._appends) < 2:
             self.notice(peer, Lines.ALONE)
         else:
             ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
-            body = message.encode()
             line = ts + peer.sent_head + body + self.SENT_END
-            self.to_others(peer, line)
+            self.to_members(line)
+            peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
             self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
             self.history.append(line)
             self.log(line)
@@ -692,7 +715,9 @@ class Chat:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging: the seed's "log successful messages". Each sink takes the delivered line's bytes.
+# Logging: the seed's "log successful messages". Each sink's ``record`` takes a delivered line's
+# bytes; it is a list's append (no Python call per record), and ``flush()``, once per loop turn
+# like the sockets, writes what the turn recorded.
 # ---------------------------------------------------------------------------------------------
 
 class FileLog:
@@ -711,14 +736,20 @@ class FileLog:
         self._failing = False   # said so already: stay quiet until a write works again
         self._file = open(path, "ab")
         self._size = self._file.tell()
+        self._lines = []
+        self.record = self._lines.append
+        self._unflushed = False   # written to the file object, not yet to the file
 
-    def __call__(self, line):
+    def _write(self):
+        data = b"".join(self._lines)
+        self._lines.clear()
         try:
-            self._file.write(line)
+            self._file.write(data)
         except (OSError, ValueError) as exc:
             self._failed(exc)
             return
-        self._size += len(line)
+        self._unflushed = True
+        self._size += len(data)
         if self._size >= self.max_bytes:
             self._rotate()
 
@@ -750,6 +781,11 @@ class FileLog:
                       % (self.path, getattr(exc, "strerror", None) or exc))
 
     def flush(self):
+        if self._lines:
+            self._write()
+        if not self._unflushed:
+            return
+        self._unflushed = False
         try:
             self._file.flush()
             self._failing = False
@@ -757,6 +793,7 @@ class FileLog:
             self._failed(exc)
 
     def close(self):
+        self.flush()
         try:
             self._file.close()
         except OSError:
@@ -772,23 +809,26 @@ class StderrLog:
                 sys.stderr.reconfigure(encoding="utf-8", errors="replace")
             except (AttributeError, ValueError):
                 pass
-
-    def __call__(self, line):
-        sys.stderr.write(line.decode("utf-8", "replace"))
+        self._lines = []
+        self.record = self._lines.append
 
     def flush(self):
+        if self._lines:
+            sys.stderr.write(b"".join(self._lines).decode("utf-8", "replace"))
+            self._lines.clear()
         sys.stderr.flush()
 
     def close(self):
-        pass
+        self.flush()
 
 
 class NullLog:
-    def __call__(self, line):
-        pass
+    def __init__(self):
+        self._lines = []
+        self.record = self._lines.append
 
     def flush(self):
-        pass
+        self._lines.clear()
 
     def close(self):
         pass
@@ -813,6 +853,8 @@ class SyslogLog:
         self._retry_at = 0.0
         self._header = self._make_header(self.SEVERITY_INFO, ident)
         self._warning_header = self._make_header(self.SEVERITY_WARNING, ident)
+        self._lines = []
+        self.record = self._lines.append
         self._connect()
 
     def _make_header(self, severity, ident):
@@ -846,7 +888,7 @@ class SyslogLog:
             self._retry_at = self._now() + SYSLOG_RETRY_SECONDS
             return False
 
-    def __call__(self, line):
+    def _emit(self, line):
         if self._full:  # refused already this turn: drop without a failing syscall
             self.dropped += 1
             return
@@ -867,9 +909,14 @@ class SyslogLog:
         return self._sock is not None
 
     def flush(self):
+        lines = self._lines[:]
+        self._lines.clear()   # (the same list: record is its bound append)
+        for line in lines:    # one datagram a record, as syslog expects
+            self._emit(line)
         self._full = False  # once per loop turn: try the socket again
 
     def close(self):
+        self.flush()
         if self._sock is not None:
             self._sock.close()
 
@@ -977,6 +1024,89 @@ def certificate_fingerprint(cert_file):
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
+class SelectorPoller:
+    """What the loop asks of its selector: register a socket for EVENT_READ and EVENT_WRITE with
+    its data, and ``poll()`` -> [(data, events)], where the bits ``readable`` and ``writable`` of
+    events say which. This one is the selectors module's (select on Windows, kqueue on macOS)."""
+
+    readable, writable = EVENT_READ, EVENT_WRITE
+
+    def __init__(self, selector):
+        self.selector = selector
+
+    def register(self, sock, events, data):
+        self.selector.register(sock, events, data)
+
+    def modify(self, sock, events, data):
+        self.selector.modify(sock, events, data)
+
+    def unregister(self, sock):
+        self.selector.unregister(sock)
+
+    def poll(self, timeout):
+        return [(key.data, events) for key, events in self.selector.select(timeout)]
+
+    def close(self):
+        self.selector.close()
+
+
+class EpollPoller:
+    """Linux: select.epoll itself. The selectors module looks up a key and rebuilds the event
+    mask for every event, which is a measurable share of a busy small room's time; here an event
+    is one dict lookup. Errors and hang-ups count as readable and writable, as in selectors."""
+
+    readable = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") \
+        else 0
+    writable = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") \
+        else 0
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._data = {}   # descriptor -> the data it was registered with
+
+    @staticmethod
+    def _bits(events):
+        return ((select.EPOLLIN if events & EVENT_READ else 0)
+                | (select.EPOLLOUT if events & EVENT_WRITE else 0))
+
+    def register(self, sock, events, data):
+        fd = sock.fileno()
+        self._epoll.register(fd, self._bits(events))
+        self._data[fd] = data
+
+    def modify(self, sock, events, data):
+        fd = sock.fileno()
+        self._epoll.modify(fd, self._bits(events))
+        self._data[fd] = data
+
+    def unregister(self, sock):
+        fd = sock.fileno()
+        self._epoll.unregister(fd)
+        del self._data[fd]
+
+    def poll(self, timeout):
+        if timeout is None:
+            timeout = -1
+        elif timeout > 0:
+            timeout = math.ceil(timeout * 1e3) * 1e-3  # (as selectors: never a busy 0 ms wait)
+        data = self._data
+        return [(data[fd], events)
+                for fd, events in self._epoll.poll(timeout, max(len(data), 1))]
+
+    def close(self):
+        self._epoll.close()
+
+
+def make_poller(selector=None):
+    """epoll where there is one (and the Windows paths are not being forced), else selectors'."""
+    if selector is None and hasattr(select, "epoll") and platform_name() != "windows":
+        return EpollPoller()
+    if selector is None:
+        selector = (selectors.SelectSelector() if platform_name() == "windows"
+                    else selectors.DefaultSelector())
+    return SelectorPoller(selector)
+
+
 class Conn:
     """One connection as the loop sees it: its socket, its phase, and the conditions that decide
     whether it is read or written. The room's side of it is ``peer``."""
@@ -1016,14 +1146,16 @@ class Server:
         self.host = host
         self.port = port
         self.log = log or NullLog()
-        self.chat = Chat(self.log, history=history, password=password)
-        if selector is None:
-            selector = (selectors.SelectSelector() if platform_name() == "windows"
-                        else selectors.DefaultSelector())
-        self.selector = selector
+        self.chat = Chat(self.log.record, history=history, password=password)
+        # What handles a line in each phase the room reads lines in.
+        self._line_handlers = {Phase.MEMBER: self.chat.member_line,
+                               Phase.NICKNAME: self.chat.nickname_line,
+                               Phase.PASSWORD: self.chat.password_line}
+        self.poller = make_poller(selector)
         if max_clients is None:
-            max_clients = (SELECT_MAX_CLIENTS if isinstance(selector, selectors.SelectSelector)
-                           else DEFAULT_MAX_CLIENTS)
+            selecting = isinstance(getattr(self.poller, "selector", None),
+                                   selectors.SelectSelector)
+            max_clients = SELECT_MAX_CLIENTS if selecting else DEFAULT_MAX_CLIENTS
         # Each client costs a descriptor: past what the process may open, a newcomer is better
         # told the chat is full than left waiting in the kernel's backlog.
         self.max_clients = min(max_clients, descriptors_for_clients())
@@ -1046,6 +1178,7 @@ class Server:
         self.backlog = []         # Conns with complete lines not yet handled
         self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
         self.timers = []          # heap of (when, sequence, action, conn)
+        self._share = LINES_PER_TURN  # lines each connection read this turn may handle at once
         self._timer_seq = 0
         self.listener = None
         self.accept_paused = False
@@ -1073,7 +1206,7 @@ class Server:
                 continue
             sock.setblocking(False)
             self.listener = sock
-            self.selector.register(sock, selectors.EVENT_READ, "accept")
+            self.poller.register(sock, EVENT_READ, "accept")
             self._install_wakeup()
             return sock.getsockname()[:2]
         raise error
@@ -1083,7 +1216,7 @@ class Server:
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         for sock in (self._wakeup_r, self._wakeup_w):
             sock.setblocking(False)
-        self.selector.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
+        self.poller.register(self._wakeup_r, EVENT_READ, "wakeup")
 
     def install_signal_handlers(self):
         signal.set_wakeup_fd(self._wakeup_w.fileno())
@@ -1102,26 +1235,46 @@ class Server:
 
     def run_once(self, timeout=None):
         """One loop turn: wait for events, handle them, then write what the turn queued."""
-        if self.tls_buffered:
+        self._handle_events(self.poller.poll(self._next_wait(timeout)))
+        # Input that arrived meanwhile joins this turn's writes: one send per recipient carries
+        # more lines (the writes of a turn cost the same however many lines they carry).
+        more = self.poller.poll(0)
+        if more:
+            self._handle_events(more)
+        if self.tls_buffered:  # (decrypted already, so select() never reports it)
             self._read_tls_buffered()
-        for key, events in self.selector.select(self._next_wait(timeout)):
-            conn = key.data
-            if conn == "accept":
-                self._accept()
-            elif conn == "wakeup":
-                self._drain_wakeup()
-            else:
-                try:
-                    if events & selectors.EVENT_WRITE:
-                        self._on_writable(conn)
-                    if events & selectors.EVENT_READ and conn.phase is not Phase.CLOSED:
-                        self._on_readable(conn)
-                except Exception:
-                    self._fail(conn)
         self._handle_backlog()
         self._run_timers()
+        self.log.flush()       # first: what a client has seen is logged already
         self._flush_pending()
-        self.log.flush()
+        self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
+
+    def _handle_events(self, ready):
+        if not ready:
+            return  # a timer's time came, or a signal
+        readable, writable = self.poller.readable, self.poller.writable
+        # Each connection read now handles its share of the turn's lines at once (the rest
+        # waits in the backlog), so one turn never queues unbounded output before a flush.
+        self._share = max(1, LINES_PER_TURN // len(ready))
+        for conn, events in ready:
+            if conn.__class__ is not Conn:
+                if conn == "accept":
+                    self._accept()
+                else:
+                    self._drain_wakeup()
+                continue
+            if conn.phase is CLOSED:
+                continue  # closed by an earlier event of this turn
+            try:
+                if events & writable:
+                    self._on_writable(conn)
+                if events & readable and conn.phase is not CLOSED:
+                    if conn.phase is HANDSHAKE:
+                        self._handshake(conn)
+                    else:
+                        self._read(conn)
+            except Exception:
+                self._fail(conn)
 
     def _next_wait(self, timeout):
         if self.backlog or self.tls_buffered:
@@ -1198,7 +1351,7 @@ class Server:
     def _resume_accepting(self, _):
         if self.accept_paused and self.listener is not None:
             self.accept_paused = False
-            self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+            self.poller.register(self.listener, EVENT_READ, "accept")
 
     # -- phases ---------------------------------------------------------------------------------
     def _enter(self, conn, phase):
@@ -1241,7 +1394,7 @@ class Server:
         listener (it would report readable forever) until a descriptor frees up or a while."""
         if not self.accept_paused:
             self.accept_paused = True
-            self.selector.unregister(self.listener)
+            self.poller.unregister(self.listener)
             self._after(EMFILE_PAUSE, self._resume_accepting, None)
 
     def _admit(self, sock, address):
@@ -1290,7 +1443,7 @@ class Server:
 
     # -- reading --------------------------------------------------------------------------------
     def _on_readable(self, conn):
-        if conn.phase is Phase.HANDSHAKE:
+        if conn.phase is HANDSHAKE:
             self._handshake(conn)
         else:
             self._read(conn)
@@ -1305,22 +1458,28 @@ class Server:
         except OSError:
             self._close(conn, Reason.RESET)
             return
-        if conn.tls and data:
-            data = self._read_tls_rest(conn, data)
-        if not data:
+        if data:
+            if conn.tls:
+                data = self._read_tls_rest(conn, data)
+        else:
             conn.input_ended = True
-        if conn.phase is Phase.LINGERING or conn.phase is Phase.CLOSING:
+        phase = conn.phase
+        if phase is LINGERING or phase is CLOSING:
             # Being closed: its input no longer matters, only that our last lines get out.
-            if conn.input_ended and (conn.phase is Phase.LINGERING or not conn.peer.out):
+            if conn.input_ended and (phase is LINGERING or not conn.peer.out):
                 self._close(conn, Reason.CLOSED)
             else:
                 self._set_interest(conn)
             return
         if data:
             conn.inbuf = conn.inbuf + data if conn.inbuf else data
-        self._queue_lines(conn)
-        if conn.input_ended or len(conn.inbuf) >= READ_SIZE:
-            self._set_interest(conn)  # stop reading: at its end, or enough is waiting
+        if conn.in_backlog or conn.over_rate or conn.over_high_water:
+            # Lines of its own wait already (handled in order after this turn's reads), or it
+            # is paused: the new input waits with them.
+            if conn.input_ended or len(conn.inbuf) >= READ_SIZE:
+                self._set_interest(conn)
+            return
+        self._take_turn(conn, self._share)
 
     def _read_tls_rest(self, conn, data):
         """What the TLS layer already decrypted is invisible to select(): take it now, up to the
@@ -1346,7 +1505,7 @@ class Server:
         (paused) is dropped from the list: _set_interest lists it again when reading resumes."""
         waiting, self.tls_buffered = self.tls_buffered, []
         for conn in waiting:
-            if conn.mask & selectors.EVENT_READ and conn.phase is not Phase.CLOSED:
+            if conn.mask & EVENT_READ and conn.phase is not CLOSED:
                 try:
                     self._on_readable(conn)
                 except Exception:
@@ -1370,24 +1529,26 @@ class Server:
             if conn.phase not in TALKING or conn.over_rate or conn.over_high_water:
                 continue
             try:
-                self._handle_input(conn, share)
+                self._take_turn(conn, share)
             except Exception:
                 self._fail(conn)
 
-    def _handle_input(self, conn, share):
+    def _take_turn(self, conn, share):
+        """Handle up to ``share`` of conn's complete lines now; what is left waits in the
+        backlog for the next turn. At the end of its input, it leaves."""
         more = self._handle_lines(conn, share)
         if conn.phase not in TALKING:
             return
         if more:
-            if not (conn.over_high_water or conn.over_rate):
-                conn.in_backlog = True   # its share is used up: the rest next turn
+            if not (conn.over_high_water or conn.over_rate or conn.in_backlog):
+                conn.in_backlog = True
                 self.backlog.append(conn)
         elif conn.input_ended:
             self.chat.leave(conn.peer, Reason.CLOSED)
             self._close_after_flush(conn)
             return
-        if conn.mask != selectors.EVENT_READ or conn.over_high_water or conn.over_rate or \
-                conn.input_ended:
+        if conn.mask != EVENT_READ or conn.over_high_water or conn.over_rate or \
+                conn.input_ended or len(conn.inbuf) >= READ_SIZE:
             self._set_interest(conn)  # something changed; else reading simply goes on
 
     def _handle_lines(self, conn, most):
@@ -1403,7 +1564,7 @@ class Server:
                 del parts[allowed:]
                 over_rate = True
         peer = conn.peer
-        handle = self._line_handler(conn)
+        handle = self._line_handlers[conn.phase]
         limit = self.max_line_bytes
         handled = 0
         for line in parts:
@@ -1423,7 +1584,7 @@ class Server:
                     conn.tokens -= handled
                     conn.inbuf = b""
                     return False
-                handle = self._line_handler(conn)
+                handle = self._line_handlers[conn.phase]
             if ((conn.write_blocked or len(peer.out) > self._throttle_items)
                     and peer.queued_bytes() > self.high_water):
                 conn.over_high_water = True
@@ -1441,14 +1602,6 @@ class Server:
         if over_rate:
             self._wait_for_rate(conn)
         return more
-
-    def _line_handler(self, conn):
-        phase = conn.phase
-        if phase is Phase.MEMBER:
-            return self.chat.member_line
-        if phase is Phase.NICKNAME:
-            return self.chat.nickname_line
-        return self.chat.password_line
 
     def _top_up(self, conn):
         """Flood control's arithmetic, done only near the limit: the tokens earned since the
@@ -1476,14 +1629,13 @@ class Server:
                 return
             for peer in batch:
                 conn = peer.owner
-                if conn is None or conn.phase is Phase.CLOSED:
+                if conn is None or conn.phase is CLOSED:
                     continue
                 try:
                     if not conn.write_blocked:
                         self._send(conn)
-                        if not peer.out and conn.mask == selectors.EVENT_READ and not (
-                                conn.over_high_water or conn.phase is Phase.CLOSING
-                                or conn.phase is Phase.CLOSED):
+                        if not peer.out and conn.mask == EVENT_READ and \
+                                conn.phase in TALKING and not conn.over_high_water:
                             continue  # all written and nothing changes: the common case
                     self._after_send(conn)
                 except Exception:
@@ -1501,20 +1653,22 @@ class Server:
         peer = conn.peer
         if not peer.out:
             return
-        data = peer.first_output() if conn.tls_retry else peer.output()
+        data = peer.out[0] if conn.tls_retry else peer.output()  # (held by hold())
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except (TLS_WANTS_WRITE, TLS_WANTS_READ):
-            conn.tls_retry = True  # OpenSSL wants this very buffer again
+            if not conn.tls_retry:
+                peer.hold(data)    # OpenSSL wants this very buffer again
+                conn.tls_retry = True
             conn.write_blocked = True
             return
         except OSError:
             self._close(conn, Reason.RESET)
             return
         conn.tls_retry = False
-        peer.sent(sent)
+        peer.sent(data, sent)
         conn.write_blocked = bool(peer.out)
 
     def _after_send(self, conn):
@@ -1542,20 +1696,20 @@ class Server:
                 phase in TALKING and not (conn.input_ended or conn.over_high_water
                                           or conn.over_rate or self.stopping)
                 and len(conn.inbuf) < READ_SIZE):
-            mask |= selectors.EVENT_READ
-            if conn.tls and not conn.mask & selectors.EVENT_READ and phase in TALKING \
+            mask |= EVENT_READ
+            if conn.tls and not conn.mask & EVENT_READ and phase in TALKING \
                     and conn.sock.pending():
                 self.tls_buffered.append(conn)  # reading resumes: what TLS holds comes first
         if conn.write_blocked:
-            mask |= selectors.EVENT_WRITE
+            mask |= EVENT_WRITE
         if mask == conn.mask:
             return
         if conn.mask == 0:
-            self.selector.register(conn.sock, mask, conn)
+            self.poller.register(conn.sock, mask, conn)
         elif mask == 0:
-            self.selector.unregister(conn.sock)
+            self.poller.unregister(conn.sock)
         else:
-            self.selector.modify(conn.sock, mask, conn)
+            self.poller.modify(conn.sock, mask, conn)
         conn.mask = mask
 
     # -- closing --------------------------------------------------------------------------------
@@ -1602,7 +1756,7 @@ class Server:
             return
         conn.phase = Phase.CLOSED
         if conn.mask:
-            self.selector.unregister(conn.sock)
+            self.poller.unregister(conn.sock)
             conn.mask = 0
         conn.sock.close()
         del self.conns[conn.sock]
@@ -1613,7 +1767,7 @@ class Server:
     def _forget(self, conn):
         """Last resort after an error in _close itself: drop every reference to ``conn``."""
         conn.phase = Phase.CLOSED
-        for step in (lambda: self.selector.unregister(conn.sock), conn.sock.close,
+        for step in (lambda: self.poller.unregister(conn.sock), conn.sock.close,
                      lambda: self.conns.pop(conn.sock, None)):
             try:
                 step()
@@ -1626,7 +1780,7 @@ class Server:
         self.stopping = True
         if self.listener is not None:
             if not self.accept_paused:
-                self.selector.unregister(self.listener)
+                self.poller.unregister(self.listener)
             self.listener.close()
             self.listener = None
         self.backlog = []
@@ -1656,7 +1810,7 @@ class Server:
         for sock in (self._wakeup_r, self._wakeup_w):
             if sock is not None:
                 sock.close()
-        self.selector.close()
+        self.poller.close()
         self.log.close()
 
 
@@ -1886,12 +2040,12 @@ def main(argv=None):
     say(Lines.READY)
     if password is None and tls is None and not is_loopback(args.host):
         warn(Lines.OPEN_TO_ALL.format(address=address))
-    log((server.chat.line(Lines.LOG_STARTED.format(address=address))))
+    log.record(server.chat.line(Lines.LOG_STARTED.format(address=address)))
     log.flush()
     try:
         server.serve_forever()
     finally:
-        log(server.chat.line(Lines.LOG_STOPPED))
+        log.record(server.chat.line(Lines.LOG_STOPPED))
         server.close()
     say(Lines.STOPPED)
     return 0

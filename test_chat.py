@@ -1728,9 +1728,10 @@ class RoomTestCase(unittest.TestCase):
         return self.chat.take_pending()
 
     def lines(self, peer):
+        """The peer's queued lines (split at \\n only: U+2028 may be inside a message)."""
         text = b"".join(peer.out).decode()
         peer.out.clear()
-        return text.splitlines()
+        return text.split("\n")[:-1]
 
     def said(self, peer):
         """The peer's new lines, each without its '{ts}: ' (which must be there)."""
@@ -1805,13 +1806,46 @@ class ChatCoreTests(RoomTestCase):
         self.assertEqual(peer.queued_bytes(), 10)
         data = peer.output()
         self.assertEqual(bytes(data), b"abcdefghij")
-        peer.append(b"KL")        # queued while a (TLS) write waits to be retried
-        self.assertIs(peer.first_output(), data)
-        peer.sent(4)
-        self.assertEqual(peer.queued_bytes(), 8)
-        self.assertEqual(bytes(peer.output()), b"efghijKL")
-        peer.sent(8)
+        peer.sent(data, 3)        # a partial write
+        self.assertEqual(peer.queued_bytes(), 7)
+        data = peer.output()
+        peer.hold(data)           # a TLS write to be retried with these very bytes...
+        peer.append(b"KL")        # ...while more is queued
+        self.assertIs(peer.output() if len(peer.out) == 1 else peer.out[0], data)
+        peer.sent(data, 7)
+        self.assertEqual((peer.out, peer.queued_bytes()), ([b"KL"], 2))
+        data = peer.output()
+        peer.sent(data, 2)
         self.assertEqual((peer.out, peer.queued_bytes()), ([], 0))
+
+    def test_sent_counts_whatever_was_counted_before(self):
+        import random
+        rng = random.Random(5)
+        peer = self.mod.Peer("127.0.0.1:1", "127.0.0.1")
+        expected = b""
+        for _ in range(3000):
+            if rng.random() < 0.5:
+                data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20)))
+                peer.append(data)
+                expected += data
+            if rng.random() < 0.3:
+                self.assertEqual(peer.queued_bytes(), len(expected))
+            if peer.out and rng.random() < 0.4:
+                data = peer.output()
+                self.assertEqual(bytes(data), expected)
+                if rng.random() < 0.3:
+                    peer.hold(data)
+                    extra = b"+" * rng.randrange(1, 5)
+                    peer.append(extra)
+                    count = rng.randrange(len(data) + 1)
+                    peer.sent(data, count)
+                    expected = expected[count:] + extra
+                else:
+                    count = rng.randrange(len(data) + 1)
+                    peer.sent(data, count)
+                    expected = expected[count:]
+            self.assertEqual(b"".join(bytes(x) for x in peer.out), expected)
+        self.assertEqual(peer.queued_bytes(), len(expected))
 
 
 # Nickname attempts the room model knows the answer to, written out by hand (the model does not
@@ -1852,7 +1886,8 @@ def model_nick(text):
     return None
 MODEL_TARGETS = list(MODEL_NICKS) + ["nobody", "ALICE", "аlice"]
 MODEL_TEXTS = ["hello", "  spaced  out ", "", "   ", "\t", "héllo мир 🙂", "a\x1b[31mred",
-               "\x00\x07", "/", "//", "//slashes", "/bogus thing", "/ spaced", "x" * 30]
+               "\x00\x07", "/", "//", "//slashes", "/bogus thing", "/ spaced", "x" * 30,
+               "\u00a0\u3000", "\u00a0x", "\x85\u2028", "é\x9b", "// \u3000"]
 
 
 class RoomModel:
