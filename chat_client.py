@@ -2205,12 +2205,28 @@ def make_client(options, environ):
     return Client(options, output, user_input, presenter, interactive)
 
 
+def configure_stdio():
+    """UTF-8 on standard input and output unless they are a console, as on the wire.
+
+    A pipe or a file on Windows uses the ANSI code page (cp1252 and the like), so piped Cyrillic
+    was sent as mojibake and printed as '????'. A console (or a POSIX terminal) keeps the
+    encoding Python chose for it: on Windows that is the console's own Unicode I/O. A character
+    that cannot be shown becomes '?' instead of ending the client; invalid UTF-8 piped in, U+FFFD.
+    """
+    for stream in (sys.stdin, sys.stdout):
+        try:
+            if stream.isatty():
+                if stream is sys.stdout:
+                    stream.reconfigure(errors="replace")
+            else:
+                stream.reconfigure(encoding="utf-8", errors="replace")
+        except (AttributeError, ValueError, OSError):
+            pass  # no such stream (pythonw), or one replaced by something that is not text I/O
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        sys.stdout.reconfigure(errors="replace")  # a console that can't show a character: '?'
-    except AttributeError:
-        pass
+    configure_stdio()
     try:
         make_client(Options(args, os.environ), os.environ).run()
     except ClientExit as done:

@@ -1204,6 +1204,7 @@ class Server:
         self.accept_paused = False
         self.stopping = False
         self._wakeup_r = self._wakeup_w = None
+        self._wakeup_installed = False
 
     # -- setup ----------------------------------------------------------------------------------
     def listen(self):
@@ -1240,6 +1241,7 @@ class Server:
 
     def install_signal_handlers(self):
         signal.set_wakeup_fd(self._wakeup_w.fileno())
+        self._wakeup_installed = True
         for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self._on_signal)
@@ -1838,6 +1840,12 @@ class Server:
             self._close(conn, Reason.SHUTDOWN)
         if self.listener is not None:
             self.listener.close()
+        if self._wakeup_installed:
+            # First, so that no signal handler writes to a closed socket: on Windows Ctrl-C is
+            # handled in a thread of its own, which may not have written yet when the loop,
+            # woken by something else, has already seen the signal and stopped.
+            signal.set_wakeup_fd(-1)
+            self._wakeup_installed = False
         for sock in (self._wakeup_r, self._wakeup_w):
             if sock is not None:
                 sock.close()

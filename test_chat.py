@@ -182,6 +182,11 @@ class LineSocket:
 class ServerProcess:
     """chat_server.py (or a built .pyz) as a subprocess on a free port."""
 
+    default_command = None  # None: [sys.executable, SERVER]; the Windows leg swaps it per class
+    stderr_pipe = False     # True: stderr reaches its file through a pipe (Wine's Windows Python
+                            # cannot start with stdout or stderr on a regular file)
+    stop_signal = signal.SIGTERM  # what stop() sends by default (Windows: SIGINT, its Ctrl-C)
+
     def __init__(self, *options, env=None, cwd=None, command=None, log_file=True,
                  preexec_fn=None, tls=False):
         self.dir = tempfile.mkdtemp(prefix="chat-test-")
@@ -198,14 +203,20 @@ class ServerProcess:
             args += ["--log", "file", "--log-file", self.log_path]
         if "--port" not in args:
             args += ["--port", "0"]
-        self.command = (command or [sys.executable, SERVER]) + args
+        self.command = (command or self.default_command or [sys.executable, SERVER]) + args
         full_env = dict(os.environ)
         full_env.pop("CHAT_PLATFORM", None)
         full_env.update(env or {})
         self.stderr_file = open(os.path.join(self.dir, "stderr"), "w+b")
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
-                                     stderr=self.stderr_file, stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE if self.stderr_pipe
+                                     else self.stderr_file,
+                                     stdin=subprocess.DEVNULL,
                                      cwd=self.cwd, env=full_env, preexec_fn=preexec_fn)
+        self.stderr_copier = None
+        if self.stderr_pipe:
+            self.stderr_copier = threading.Thread(target=self._copy_stderr, daemon=True)
+            self.stderr_copier.start()
         self.out = b""
         self.stdout_lines = []
         self.port = None
@@ -240,11 +251,18 @@ class ServerProcess:
                                      % (self.proc.poll(), self.stderr()))
             self.out += chunk
         line, self.out = self.out.split(b"\n", 1)
-        text = line.decode("utf-8")
+        text = line.rstrip(b"\r").decode("utf-8")  # (a Windows server ends lines with \r\n)
         self.stdout_lines.append(text)
         return text
 
+    def _copy_stderr(self):
+        for chunk in iter(lambda: os.read(self.proc.stderr.fileno(), 4096), b""):
+            self.stderr_file.write(chunk)
+            self.stderr_file.flush()
+
     def stderr(self):
+        if self.stderr_copier and self.proc.poll() is not None:
+            self.stderr_copier.join(DEADLINE)  # the exited server's last words are in the file
         self.stderr_file.flush()
         with open(self.stderr_file.name, "rb") as f:
             return f.read().decode("utf-8", "replace")
@@ -260,10 +278,10 @@ class ServerProcess:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8").splitlines()
 
-    def stop(self, sig=signal.SIGTERM, deadline=DEADLINE):
+    def stop(self, sig=None, deadline=DEADLINE):
         """Send ``sig`` and wait for exit; returns (exit status, rest of stdout as lines)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self.proc.send_signal(sig or self.stop_signal)
         try:
             self.proc.wait(deadline)
         except subprocess.TimeoutExpired:
@@ -279,6 +297,9 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        if self.stderr_copier:
+            self.stderr_copier.join(DEADLINE)
+            self.proc.stderr.close()
         self.stderr_file.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -374,7 +395,29 @@ def client_tls_context(name="server"):
 VERSION_1_OPTIONS = ("--history", "0", "--rate-limit", "0")
 
 
-class ProtocolTests(unittest.TestCase):
+class SharedServerTests(unittest.TestCase):
+    """Tests that share one server (``cls.server``): each test's departures are settled before
+    the next test joins, so no test sees another's members leave."""
+
+    def setUp(self):
+        self.addCleanup(self.settle_shared_server)  # first in, so it runs last
+
+    def settle_shared_server(self):
+        """Wait until the class's shared server has seen this test's members leave, so that the
+        next test's members are not told of it. A slow server (seen under Wine) can still be
+        handling those closes when the next test joins ('alice92 disconnected!' as the answer
+        to /help). A newcomer that gets an answer to a nickname has taken two loop turns, and
+        every close made before it connected has been handled by then; it leaves silently."""
+        probe = self.server.client()
+        try:
+            self.assertEqual(probe.line(), WELCOME)
+            probe.send("-\n")
+            self.assertEqual(probe.said(), invalid_nick("-"))
+        finally:
+            probe.close()
+
+
+class ProtocolTests(SharedServerTests):
     """Every row of PROTOCOL.md's version 1 table, as the exact lines a client receives."""
 
     env = {}
@@ -700,7 +743,7 @@ HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT]
 # Version 2: commands, history, log records.
 # ---------------------------------------------------------------------------------------------
 
-class CommandTests(unittest.TestCase):
+class CommandTests(SharedServerTests):
     """Every row of the commands table, as raw sockets (nc) see it, on one shared server without
     history (so joining shows no earlier test's lines)."""
 
@@ -2420,13 +2463,15 @@ def free_port():
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
+    default_command = None  # None: [sys.executable, CLIENT]; the Windows leg swaps it per class
+
     def __init__(self, port, env=None, command=None, args=()):
         full_env = dict(os.environ)
         full_env.pop("CHAT_PLATFORM", None)
         full_env.pop("CHAT_PASSWORD", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + ["--port", str(port)]
-                                     + list(args),
+        command = command or self.default_command or [sys.executable, CLIENT]
+        self.proc = subprocess.Popen(command + ["--port", str(port)] + list(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env)
 
@@ -2446,13 +2491,14 @@ class PipedClient:
                 raise AssertionError("no line from the client; have %r" % buf)
             buf += chunk
         line, self._buf = buf.split(b"\n", 1)
-        return line.decode("utf-8")
+        return line.rstrip(b"\r").decode("utf-8")  # (a Windows client ends lines with \r\n)
 
     def finish(self, deadline=DEADLINE):
         """Close stdin and wait: (exit status, stdout lines, stderr)."""
         out, err = self.proc.communicate(timeout=deadline)
         out = getattr(self, "_buf", b"") + out  # what line() read ahead comes first
-        return self.proc.returncode, out.decode("utf-8").splitlines(), err.decode("utf-8")
+        err = err.decode("utf-8").replace("\r\n", "\n")  # (Windows ends lines with \r\n)
+        return self.proc.returncode, out.decode("utf-8").splitlines(), err
 
     def kill(self):
         if self.proc.poll() is None:
@@ -2630,7 +2676,9 @@ class ClientTests(unittest.TestCase):
                 break                          # the client already ended
         status, lines, err = client.finish()
         self.assertEqual(status, 1)
-        self.assertRegex(err, r"^Connection lost: (Connection reset by peer|Broken pipe)\.\n$")
+        self.assertRegex(err, getattr(self, "expected_reset",
+                                      r"^Connection lost: (Connection reset by peer|Broken pipe)"
+                                      r"\.\n$"))
 
     def test_killed_server_exits_1(self):
         server = start_server(self)
@@ -4366,6 +4414,547 @@ class BuildTests(unittest.TestCase):
         if not python38:
             self.skipTest("no Python 3.8 on this machine")
         self.conversation(python38)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows for real: the official Windows CPython, named by CHAT_WINDOWS_PYTHON (in CI: Wine and
+# the embeddable 3.8 and 3.13 that .ci/run installs). Whole classes above run again with the
+# Windows server or client; the tests below cover what only Windows has.
+# ---------------------------------------------------------------------------------------------
+
+WINDOWS_PYTHON_VARIABLE = "CHAT_WINDOWS_PYTHON"   # e.g. "wine ~/.cache/chat-ci/cp313/python.exe"
+WINDOWS_REQUIRED_VARIABLE = "CHAT_WINDOWS_REQUIRED"  # "1" (.ci/run): a missing one fails
+
+
+def windows_python():
+    """The Windows interpreter's command as a list; skips the test where none is named (fails
+    instead under CHAT_WINDOWS_REQUIRED=1, so that CI can never pass by skipping the leg)."""
+    import shlex
+    command = [os.path.expanduser(word)
+               for word in shlex.split(os.environ.get(WINDOWS_PYTHON_VARIABLE, ""))]
+    if command:
+        return command
+    reason = ("no Windows Python: set %s to its command, as .ci/run does"
+              ' (e.g. "wine ~/.cache/chat-ci/cp313/python.exe")' % WINDOWS_PYTHON_VARIABLE)
+    if os.environ.get(WINDOWS_REQUIRED_VARIABLE) == "1":
+        raise AssertionError(reason + "; %s=1 makes this a failure" % WINDOWS_REQUIRED_VARIABLE)
+    raise unittest.SkipTest(reason)
+
+
+def wine_parts(python):
+    """(launcher, folder of python.exe), e.g. (["wine"], "/root/.cache/chat-ci/cp313"): to run
+    other Windows programs (cmd) the same way. Skips where the command is not of that form."""
+    if len(python) < 2 or not python[-1].lower().endswith("python.exe"):
+        raise unittest.SkipTest("%s is not 'LAUNCHER... path/python.exe'" % WINDOWS_PYTHON_VARIABLE)
+    return python[:-1], os.path.dirname(python[-1])
+
+
+def windows_path(path):
+    """A Unix path as Windows programs under Wine see it: drive Z: is the root."""
+    return "Z:" + os.path.abspath(path).replace("/", "\\")
+
+
+class WindowsLeg:
+    """Mixin: every server (``windows_server``) and piped client (``windows_client``) that a test
+    of the class starts is the Windows Python one. Put it first: ``class X(WindowsLeg, Tests)``."""
+
+    windows_server = True
+    windows_client = False
+    missing = None   # why there is no Windows Python: each test then skips (or fails) with it
+
+    @classmethod
+    def setUpClass(cls):
+        # Not a class-level skip: each test reports it, so the closing counts stay true.
+        try:
+            cls.python = windows_python()
+        except (unittest.SkipTest, AssertionError) as exc:
+            cls.missing = exc
+            return
+        os.environ.setdefault("WINEDEBUG", "-all")  # else Wine's notes would mix with stderr
+        # Wine starts its background services with the first Windows process, and they inherit
+        # its standard streams: started from a test's pipes, they would hold them open for
+        # seconds after that process ended, and every read to end of file would wait for them.
+        # Start them here with none (where they already run, this costs a tenth of a second).
+        subprocess.run(cls.python + ["-c", "pass"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        saved = (ServerProcess.default_command, ServerProcess.stderr_pipe,
+                 ServerProcess.stop_signal, PipedClient.default_command)
+        cls.addClassCleanup(cls._restore, saved)
+        if cls.windows_server:
+            ServerProcess.default_command = cls.python + [cls.windows_server_script()]
+            ServerProcess.stderr_pipe = True
+            # Wine ends a process at SIGTERM, as TerminateProcess would; SIGINT is Ctrl-C.
+            ServerProcess.stop_signal = signal.SIGINT
+        if cls.windows_client:
+            PipedClient.default_command = cls.python + [CLIENT]
+        super().setUpClass()
+
+    @classmethod
+    def windows_server_script(cls):
+        return SERVER
+
+    @staticmethod
+    def _restore(saved):
+        (ServerProcess.default_command, ServerProcess.stderr_pipe,
+         ServerProcess.stop_signal, PipedClient.default_command) = saved
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.missing is None:
+            super().tearDownClass()
+
+    def setUp(self):
+        if self.missing is not None:
+            raise type(self.missing)(*self.missing.args)
+        super().setUp()
+
+    def run_windows(self, *args, **kwargs):
+        """subprocess.run of the Windows Python with pipes (Wine's cannot write to a file)."""
+        return subprocess.run(self.python + list(args), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=DEADLINE, **kwargs)
+
+
+class WindowsProtocolTests(WindowsLeg, ProtocolTests):
+    """Every protocol row against chat_server.py on Windows Python (select(), Windows sockets)."""
+
+
+class WindowsPyzProtocolTests(WindowsLeg, ProtocolTests):
+    """Every protocol row against the built chat_server.pyz on Windows Python."""
+
+    @classmethod
+    def windows_server_script(cls):
+        build_dir = tempfile.mkdtemp(prefix="chat-win-pyz-")
+        cls.addClassCleanup(shutil.rmtree, build_dir, True)
+        run_build(build_dir)
+        return os.path.join(build_dir, "chat_server.pyz")
+
+
+# Version 2 on Windows Python: the same classes, their servers on Windows. (Not LogRecordTests:
+# Wine reports a peer's reset as an orderly close, recv() returning b"" where Windows raises
+# WSAECONNRESET, so its "[reset]" record cannot be seen under Wine.)
+
+class WindowsProtocolTestsOverTLS(WindowsLeg, ProtocolTestsOverTLS):
+    """Every protocol row inside TLS, with the ssl module (OpenSSL) of the Windows build."""
+
+
+class WindowsTLSTests(WindowsLeg, TLSTests):
+    pass
+
+
+class WindowsPasswordTests(WindowsLeg, PasswordTests):
+    pass
+
+
+class WindowsCommandTests(WindowsLeg, CommandTests):
+    pass
+
+
+class WindowsHistoryTests(WindowsLeg, HistoryTests):
+    pass
+
+
+class WindowsNicknameTests(WindowsLeg, NicknameTests):
+    pass
+
+
+class WindowsFloodControlTests(WindowsLeg, FloodControlTests):
+    pass
+
+
+class WindowsLimitTests(WindowsLeg, LimitTests):
+    pass
+
+
+# Runs the server in a Windows Python whose second thread raises SIGBREAK (what Ctrl-Break
+# delivers) once the file argv[1] exists: Wine cannot send a console Ctrl-Break from outside.
+CTRL_BREAK_RUNNER = r"""
+import os, runpy, signal, sys, threading, time
+flag = sys.argv.pop(1)
+def press_ctrl_break():
+    end = time.monotonic() + 30
+    while not os.path.exists(flag) and time.monotonic() < end:
+        time.sleep(0.02)
+    signal.raise_signal(signal.SIGBREAK)
+threading.Thread(target=press_ctrl_break, daemon=True).start()
+del sys.argv[0]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class WindowsServerTests(WindowsLeg, unittest.TestCase):
+    """What only the Windows server has: chat.log by default, exclusive ports, select()'s cap,
+    Ctrl-C and Ctrl-Break."""
+
+    def test_version(self):
+        proc = self.run_windows(SERVER, "--version")
+        self.assertEqual((proc.returncode, proc.stdout), (0, b"chat_server %s\r\n"
+                                                          % readme_version().encode()))
+
+    def test_log_auto_is_a_utf8_chat_log_in_the_server_folder(self):
+        # As a Windows user starts it: the server file in a folder of its own, run from there.
+        folder = tempfile.mkdtemp(prefix="chat-win-folder-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        shutil.copy(SERVER, folder)
+        server = start_server(self, "--log", "auto", log_file=False, cwd=folder,
+                              command=self.python + ["chat_server.py"])
+        vasya = server.client().join("Вася")
+        petr = server.client().join("Пётр")
+        joined = vasya.line()
+        petr.send("Привет, Вася! ёЁ\n")
+        sent = vasya.line()
+        petr.close()
+        left = vasya.line()
+        vasya.close()
+        self.assertEqual(split_ts(sent)[1], "Пётр sent Привет, Вася! ёЁ")
+        wait_until(lambda: len(self.log_lines(folder)) >= 6, "six records in chat.log")
+        status, rest = server.stop(signal.SIGINT)
+        self.assertEqual((status, rest), (0, [STOPPED]))
+        self.assertEqual(server.stderr(), "")  # no syslog notice: chat.log is Windows' default
+        records = self.log_lines(folder)
+        texts = [split_ts(record)[1] for record in records]
+        # The records of version 2: start and stop, joins with their address, leaves with why.
+        self.assertEqual(texts[0], "Server started on 127.0.0.1:%d" % server.port)
+        self.assertRegex(texts[1], r"^Вася connected! \[from 127\.0\.0\.1:\d+\]$")
+        self.assertRegex(records[2], "^" + re.escape(joined) + r" \[from 127\.0\.0\.1:\d+\]$")
+        self.assertEqual(records[3:5], [sent, left + " [closed]"])
+        self.assertEqual(texts[5:], ["Вася disconnected! [closed]", "Server stopped"])
+
+    def test_log_auto_falls_back_to_stderr_where_chat_log_cannot_be_opened(self):
+        # Started from a folder it may not write to (C:\Program Files, for a user), the server
+        # goes on and logs to standard error. A folder named chat.log stands for that here.
+        folder = tempfile.mkdtemp(prefix="chat-win-folder-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.mkdir(os.path.join(folder, "chat.log"))
+        server = start_server(self, "--log", "auto", log_file=False, cwd=folder)
+        server.client().join("Алиса").close()
+        wait_until(lambda: "Алиса disconnected! [closed]" in server.stderr(), "the leave record")
+        self.assertRegex(server.stderr().splitlines()[0],
+                         "^chat_server: cannot open the log file %s: [^;]+;"
+                         " logging to standard error$"
+                         % re.escape(windows_path(folder) + "\\chat.log"))
+        self.assertEqual(server.stop()[0], 0)
+
+    @staticmethod
+    def log_lines(folder):
+        path = os.path.join(folder, "chat.log")
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8").splitlines()  # strict: UTF-8, not the ANSI page
+
+    def test_log_rotation_while_another_program_has_chat_log_open(self):
+        # Windows cannot rename a file another program holds open without FILE_SHARE_DELETE (a
+        # viewer, a backup tool, a virus scanner): rotating at 10 MiB must not stop the chat.
+        server = start_server(self, "--rate-limit", "0")  # 2,800 lines at once: no flood control
+        holder = subprocess.Popen(
+            self.python + ["-c", "import sys; f = open(sys.argv[1], 'rb'); print('open');"
+                           " sys.stdout.flush(); sys.stdin.read()", windows_path(server.log_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(holder.communicate, timeout=DEADLINE)
+        self.assertEqual(holder.stdout.readline(), b"open\r\n")
+        alice = server.client().join("alice")
+        self.addCleanup(alice.close)
+        bob = server.client().join("bob")
+        self.addCleanup(bob.close)
+        self.assertEqual(alice.said(), "bob connected!")
+        text = "r" * 4000
+        logged = 0
+        while logged <= 11 * 1024 * 1024:  # past LOG_FILE_MAX_BYTES (10 MiB), in 4 KB lines
+            bob.send((text + "\n") * 64)
+            for _ in range(64):
+                self.assertEqual(alice.said(), "bob sent " + text)
+                self.assertEqual(bob.said(), OK)
+                self.assertEqual(bob.said(), "YOU SEND USERS " + text)
+            logged += 64 * len(text)
+        self.assertIsNone(server.proc.poll())
+        self.assertEqual(server.stop(), (0, [STOPPED]))
+        self.assertNotIn("Traceback", server.stderr())
+
+    def test_log_stderr_redirected_is_utf8(self):
+        # "--log stderr 2>> chat.txt", or a service wrapper that keeps standard error: Windows
+        # gives a redirected stream the ANSI code page, and Python writes Cyrillic as \u escapes.
+        server = start_server(self, "--log", "stderr", log_file=False)
+        vasya = server.client().join("Вася")
+        vasya.close()
+        # (Stopping only once the leave is logged: a Ctrl-C that meets another event can still
+        # leave a line on stderr today, windows-server-bugs.md 3.)
+        wait_until(lambda: "disconnected! [closed]" in server.stderr(), "the leave record")
+        self.assertEqual(server.stop(), (0, [STOPPED]))
+        records = server.stderr().replace("\r\n", "\n").splitlines()
+        texts = [split_ts(record)[1] for record in records]
+        self.assertEqual(texts[0], "Server started on 127.0.0.1:%d" % server.port)
+        self.assertRegex(texts[1], r"^Вася connected! \[from 127\.0\.0\.1:\d+\]$")
+        self.assertEqual(texts[2:], ["Вася disconnected! [closed]", "Server stopped"])
+
+    def test_port_in_use_is_one_line_and_exit_1(self):
+        # Windows lets a socket with SO_REUSEADDR take a port another one listens on; the server
+        # asks for SO_EXCLUSIVEADDRUSE so that a second server fails instead of sharing the port.
+        first = start_server(self)
+        proc = self.run_windows(SERVER, "--port", str(first.port), "--log", "off")
+        self.assertEqual((proc.returncode, proc.stdout), (1, b""))
+        self.assertRegex(proc.stderr.decode("utf-8"),
+                         r"\Achat_server: cannot listen on 127\.0\.0\.1:%d: [^\r\n]+\r\n\Z"
+                         % first.port)
+        first.client().join("still")  # and the first one still serves
+
+    def test_listening_socket_is_exclusive(self):
+        # Under Wine a second bind fails even with SO_REUSEADDR (Linux rules), so the test above
+        # would pass without SO_EXCLUSIVEADDRUSE too: ask the listening socket itself.
+        probe = ("import socket, sys; sys.path.insert(0, sys.argv[1]); import chat_server;"
+                 " server = chat_server.Server('127.0.0.1', 0); server.listen();"
+                 " print(server.listener.getsockopt(socket.SOL_SOCKET,"
+                 " socket.SO_EXCLUSIVEADDRUSE)); server.close()")
+        proc = self.run_windows("-c", probe, windows_path(HERE))
+        self.assertEqual((proc.stdout, proc.stderr), (b"1\r\n", b""))
+
+    def test_select_cap_answers_the_501st_with_full(self):
+        server = start_server(self)
+        crowd = [server.client() for _ in range(500)]
+        self.addCleanup(lambda: [c.close() for c in crowd])
+        for member in crowd:
+            self.assertEqual(member.line(), WELCOME)
+        extra = server.client()
+        self.addCleanup(extra.close)
+        self.assertEqual(extra.said(), FULL)
+        extra.expect_eof()
+        crowd.pop().close()  # a place frees up: the next newcomer is welcome again
+        wait_until(lambda: self.welcomed(server), "a welcome once a place is free")
+
+    def welcomed(self, server):
+        """A newcomer gets the welcome (the freed place may take a moment to be seen)."""
+        client = server.client()
+        try:
+            first = client.line()
+            if first == WELCOME:
+                return True
+            self.assertEqual(split_ts(first)[1], FULL)
+            return False
+        finally:
+            client.close()
+
+    def test_ctrl_c_notifies_everyone_and_exits_0(self):
+        # Wine turns SIGINT into the console's CTRL_C_EVENT: what pressing Ctrl-C does.
+        ServerProgramTests.check_shutdown(self, signal.SIGINT)
+
+    def test_ctrl_break_notifies_everyone_and_exits_0(self):
+        flag = os.path.join(tempfile.mkdtemp(prefix="chat-win-break-"), "now")
+        self.addCleanup(shutil.rmtree, os.path.dirname(flag), True)
+        server = start_server(self, command=self.python + ["-c", CTRL_BREAK_RUNNER,
+                                                           windows_path(flag), SERVER])
+        alice = server.client().join("alice")
+        self.addCleanup(alice.close)
+        open(flag, "w").close()
+        self.assertEqual(alice.said(), SHUTTING_DOWN)
+        alice.expect_eof()
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+        self.assertEqual(server.stop(), (0, [STOPPED]))
+        self.assertNotIn("Traceback", server.stderr())
+
+
+class WindowsClientTests(WindowsLeg, ClientTests):
+    """The client's conversations through pipes on Windows Python (its stdin thread), against
+    the POSIX server: the client is what is under test here."""
+
+    windows_server = False
+    windows_client = True
+
+    def test_connection_refused(self):
+        port = free_port()
+        status, lines, err = self.client(port).finish()
+        self.assertEqual((status, lines), (1, []))
+        # The reason is Windows' own text (WSAECONNREFUSED), in whatever words it has.
+        self.assertRegex(err, r"\ACannot connect to 127\.0\.0\.1:%d: [^\r\n]+\."
+                              r" Is the server running\?\n\Z" % port)
+
+    def test_version_and_bad_option(self):
+        proc = self.run_windows(CLIENT, "--version")
+        self.assertEqual((proc.returncode, proc.stdout),
+                         (0, b"chat_client %s\r\n" % readme_version().encode()))
+        proc = self.run_windows(CLIENT, "--port", "x")
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(len(proc.stderr.splitlines()), 1)
+
+    def test_reset_while_sending_is_one_line_and_exits_1(self):
+        # Under Wine recv() after a reset returns b"" (real Windows raises WSAECONNRESET), so the
+        # client may say the server closed; either way one line and exit 1.
+        self.expected_reset = r"^Connection (lost: [^\n]+|closed by the server)\.\n$"
+        super().test_reset_while_sending_is_one_line_and_exits_1()
+
+    def test_non_ascii_both_ways_through_pipes(self):
+        # Windows gives a pipe the ANSI code page: this was mojibake one way and '????' the other.
+        server = start_server(self)
+        anna = server.client().join("Анна")
+        client = self.client(server.port)
+        client.type("Борис\n")
+        self.assertEqual(anna.said(), "Борис connected!")
+        client.type("здравствуй, Анна ✓\n")
+        self.assertEqual(anna.said(), "Борис sent здравствуй, Анна ✓")
+        anna.send("привет, Борис 🙂\n")
+        self.assertEqual(anna.said(), OK)
+        self.assertEqual(anna.said(), "YOU SEND USERS привет, Борис 🙂")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, OK, "YOU SEND USERS здравствуй, Анна ✓",
+                          "Анна sent привет, Борис 🙂"])
+        anna.close()
+
+
+class TmuxConsole:
+    """A program in a console: a tmux pane of its own tmux server, typed into with send-keys and
+    read with capture-pane, as a person at a Windows console would see it (Wine draws its
+    console on the pane's terminal, with a cursor of its own: typed text may be echoed over
+    another row, so tests look for whole lines, not for where they are)."""
+
+    def __init__(self, command, width=120, height=30):
+        self.socket_name = "chat-test-%d-%d" % (os.getpid(), id(self))
+        self.dir = tempfile.mkdtemp(prefix="chat-console-")
+        self.status_path = os.path.join(self.dir, "status")
+        # The pane stays a while after the program ends, so its last lines can be read; its exit
+        # status goes to a file. Ctrl-C there reaches the program; the shell only waits (trap).
+        keep = 'trap : INT; "$@"; echo $? > %s; sleep %d' % (self.status_path, DEADLINE * 4)
+        self.tmux("new-session", "-d", "-x", str(width), "-y", str(height),
+                  "sh", "-c", keep, "sh", *command)
+
+    def tmux(self, *args):
+        proc = subprocess.run(["tmux", "-L", self.socket_name, "-f", os.devnull] + list(args),
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+        if proc.returncode != 0:
+            raise AssertionError("tmux %s failed: %s" % (args[0], proc.stderr.decode()))
+        return proc.stdout.decode("utf-8", "replace")
+
+    def rows(self):
+        return [row.rstrip() for row in self.tmux("capture-pane", "-p", "-J").splitlines()]
+
+    def wait_for(self, condition, what):
+        """Wait until condition(rows) holds; returns the rows."""
+        rows = []
+
+        def check():
+            rows[:] = self.rows()
+            return condition(rows)
+        try:
+            wait_until(check, what, interval=0.05)
+        except AssertionError:
+            raise AssertionError("timed out waiting for %s; console %r" % (what, rows))
+        return rows
+
+    def type(self, text):
+        self.tmux("send-keys", "-l", text)
+
+    def press(self, key):
+        self.tmux("send-keys", key)
+
+    def exit_status(self):
+        """Wait for the program to end; its exit status."""
+        def status():
+            if os.path.exists(self.status_path):
+                with open(self.status_path) as f:
+                    return f.read().strip()
+        return int(wait_until(status, "the program in the console to end"))
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.socket_name, "kill-server"], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=DEADLINE)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@unittest.skipUnless(shutil.which("tmux"), "needs tmux (.ci/run installs it)")
+class WindowsConsoleTests(WindowsLeg, unittest.TestCase):
+    """The client and the server at a console: Windows Python's console I/O, not pipes."""
+
+    windows_server = False
+
+    def console(self, *args):
+        console = TmuxConsole(self.python + list(args))
+        self.addCleanup(console.close)
+        return console
+
+    def test_typing_a_line_and_seeing_the_others(self):
+        server = start_server(self)
+        console = self.console(CLIENT, "--port", str(server.port))
+        console.wait_for(lambda rows: WELCOME in rows, "the welcome")
+        console.type("Зоя")
+        console.press("Enter")
+        console.wait_for(lambda rows: any(row.endswith(": " + OK) for row in rows), "Server: ok!")
+        alice = server.client().join("alice")
+        self.addCleanup(alice.close)
+        console.wait_for(lambda rows: any(row.endswith(": alice connected!") for row in rows),
+                         "alice's arrival on the console")
+        alice.send("привет, Зоя\n")
+        self.assertEqual(alice.said(), OK)
+        self.assertEqual(alice.said(), "YOU SEND USERS привет, Зоя")
+        console.wait_for(lambda rows: any(row.endswith(": alice sent привет, Зоя")
+                                          for row in rows), "alice's line on the console")
+        console.type("здравствуй, alice")
+        console.press("Enter")
+        self.assertEqual(alice.said(), "Зоя sent здравствуй, alice")
+        console.press("C-c")
+        self.assertEqual(console.exit_status(), 0)
+        self.assertEqual(alice.said(), "Зоя disconnected!")
+
+    def test_ctrl_c_typed_at_the_server_console(self):
+        console = self.console(SERVER, "--port", "0", "--log", "off")
+        rows = console.wait_for(lambda rows: READY in rows, "the server to be ready")
+        port = int([row for row in rows if row.startswith("Listening on ")][0].split(":")[-1])
+        alice = LineSocket(port).join("alice")
+        self.addCleanup(alice.close)
+        console.press("C-c")
+        self.assertEqual(alice.said(), SHUTTING_DOWN)
+        alice.expect_eof()
+        self.assertEqual(console.exit_status(), 0)
+        console.wait_for(lambda rows: any(row.endswith(STOPPED) for row in rows),
+                         "'Server stopped.' (after the ^C the console echoes)")
+
+
+class WindowsBuildTests(WindowsLeg, unittest.TestCase):
+    """build.bat under Wine's cmd, with only the embeddable python.exe on the PATH (no py)."""
+
+    windows_server = False
+
+    def build_bat(self, out_dir, path):
+        launcher, _ = wine_parts(self.python)
+        env = dict(os.environ, WINEPATH=path)
+        build_bat = windows_path(os.path.join(HERE, "build.bat"))
+        return subprocess.run(launcher + ["cmd", "/c", build_bat, windows_path(out_dir)],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                              timeout=120)
+
+    def test_build_bat_builds_the_bytes_build_sh_builds(self):
+        folder = tempfile.mkdtemp(prefix="chat-win-build-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        posix_lines = run_build(os.path.join(folder, "sh"))
+        proc = self.build_bat(os.path.join(folder, "bat"),
+                              windows_path(wine_parts(self.python)[1]))
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode("utf-8", "replace"))
+        bat_lines = proc.stdout.decode("utf-8").splitlines()
+        self.assertEqual(len(bat_lines), 2, bat_lines)
+        for posix_line, bat_line, name in zip(posix_lines, bat_lines,
+                                              ("chat_server.pyz", "chat_client.pyz")):
+            # "built PATH  N bytes  sha256 HEX": the same size and digest, each its own path
+            self.assertEqual(bat_line.split("  ", 1)[1], posix_line.split("  ", 1)[1])
+            with open(os.path.join(folder, "sh", name), "rb") as a, \
+                    open(os.path.join(folder, "bat", name), "rb") as b:
+                self.assertEqual(a.read(), b.read())
+
+    def test_build_bat_without_python_says_so_and_exits_1(self):
+        folder = tempfile.mkdtemp(prefix="chat-win-build-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        proc = self.build_bat(folder, windows_path(folder))  # a PATH with no Python on it
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.decode(), "build.bat: Python 3.8 or newer not found"
+                         " (tried py -3, python, python3); install it from python.org\r\n")
+        self.assertEqual(os.listdir(folder), [])
+
+
+def windows_leg():
+    """The Windows classes alone, every WindowsLeg test class in the order written:
+    ``python3 test_chat.py windows_leg`` (what .ci/run runs once for each Windows Python)."""
+    loader = unittest.TestLoader()
+    cases = [case for case in globals().values() if isinstance(case, type)
+             and issubclass(case, WindowsLeg) and issubclass(case, unittest.TestCase)]
+    return unittest.TestSuite(loader.loadTestsFromTestCase(case) for case in cases)
 
 
 # ---------------------------------------------------------------------------------------------
