@@ -2541,6 +2541,24 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(err, "Cannot connect to 127.0.0.1:%d: Connection refused."
                               " Is the server running?\n" % port)
 
+    def test_commands_through_a_pipe(self):
+        # Commands are lines: a script pipes them and reads the server's answers as they are.
+        server = start_server(self)
+        alice = server.client().join("alice")
+        bob = self.client(server.port, args=["--nick", "bob"])
+        self.assertEqual(alice.said(), "bob connected!")
+        bob.type("/users\n/me waves\n/msg alice psst\n/away lunch\n/nick bobby\n/quit\n")
+        self.assertEqual([alice.said() for _ in range(4)],
+                         ["* bob waves", "[private] bob sent psst", "bob is now known as bobby",
+                          "bobby disconnected!"])
+        status, lines, err = bob.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(lines[0], WELCOME)
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, "Users (2): alice, bob", OK, "* bob waves",
+                          OK, "[private] YOU SEND alice psst", OK, OK,
+                          "bob is now known as bobby", "Goodbye!"])
+
     def test_server_shutdown_is_shown_and_exits_1(self):
         # The user did not end it: status 1, the server's reason on stderr (the line itself
         # also reaches stdout, as every line of the server does in a pipe).
