@@ -200,7 +200,7 @@ LOOK_ALIKE_CAPITALS = {
     # Cyrillic
     "А": "A", "В": "B", "Е": "E", "Ѐ": "È", "Ё": "Ë", "Ѕ": "S", "І": "I", "Ї": "Ï", "Ј": "J",
     "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X",
-    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö",
+    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö", "Ь": "B",
     # Greek
     "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï", "Κ": "K", "Μ": "M",
     "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X", "Ϲ": "C", "Ϳ": "J",
@@ -209,13 +209,19 @@ LOOK_ALIKE_SMALL = {
     # Cyrillic
     "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
     "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
-    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ",
+    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ", "ь": "b",
+    # Digits that pass for letters (digits go with any alphabet)
+    "0": "o", "1": "l",
     # Greek
     "α": "a", "γ": "y", "ι": "i", "ϊ": "ï", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
     "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
 }
+# A capital I passes for a small l in most fonts: a skeleton of the name as written, before
+# case is folded, catches "aIice" for "alice".
+LOOK_ALIKE_AS_WRITTEN = {"I": "l", "Ӏ": "l", "Ι": "l"}
 _CAPITALS = str.maketrans(LOOK_ALIKE_CAPITALS)
 _SMALL = str.maketrans(LOOK_ALIKE_SMALL)
+_AS_WRITTEN = str.maketrans(LOOK_ALIKE_AS_WRITTEN)
 
 
 def is_invisible(char):
@@ -245,15 +251,21 @@ def normalise_nickname(text):
 
 def nickname_keys(nick):
     """What the busy check compares: the nickname's skeletons, case-free strings in which letters
-    that look Latin are Latin. One from its small letters, one from its capitals, since a name is
-    the same name in any case (its owner may /nick to another case): "асе" -> "ace",
-    "ВОВ" (and so "вов") -> "bob". Two nicknames that share a skeleton look alike; no two
-    members ever share one."""
+    (and digits) that look Latin are Latin. One from its small letters, one from its capitals,
+    since a name is the same name in any case (its owner may /nick to another case), and one
+    from the name as written: "асе" -> "ace", "ВОВ" (and so "вов") -> "bob", "b0b" -> "bob",
+    "aIice" -> "alice". Two nicknames that share a skeleton look alike; no two members ever
+    share one."""
     small = nick.casefold().translate(_SMALL)
     if small == nick:
         small = nick  # the same string: a member's key then costs no memory of its own
-    capital = nick.upper().translate(_CAPITALS).casefold()
-    return (small,) if small == capital else (small, capital)
+    capital = nick.upper().translate(_CAPITALS).casefold().translate(_SMALL)
+    written = nick.translate(_AS_WRITTEN).casefold().translate(_SMALL)
+    keys = (small,)
+    for key in (capital, written):
+        if key not in keys:
+            keys += (key,)
+    return keys
 
 
 def nickname_problem(nick, max_chars=MAX_NICK_CHARS):
@@ -1021,6 +1033,24 @@ def tls_context(cert_file, key_file):
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+def describe_tls_file_error(exc, cert_file, key_file):
+    """What is wrong with the certificate or key, in words (OpenSSL's are "PEM lib")."""
+    reason = getattr(exc, "reason", None) or ("PEM_LIB" if "PEM lib" in str(exc) else None)
+    if reason == "KEY_VALUES_MISMATCH":
+        return "the key does not belong to the certificate"
+    if reason in ("PEM_LIB", "NO_START_LINE", "BAD_END_LINE"):
+        try:
+            with open(key_file or cert_file, encoding="ascii", errors="replace") as f:
+                has_key = "PRIVATE KEY-----" in f.read()
+        except OSError:
+            has_key = True
+        if not has_key:
+            return ("no private key in %s (give it with --tls-key)" % cert_file if not key_file
+                    else "no private key in %s" % key_file)
+        return "not a PEM certificate and key"
+    return getattr(exc, "strerror", None) or reason or str(exc)
 
 
 def certificate_fingerprint(cert_file):
@@ -2057,7 +2087,7 @@ def main(argv=None):
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             warn("--tls-cert: cannot use %s%s: %s" % (
                 args.tls_cert, " and " + args.tls_key if args.tls_key else "",
-                getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc))
+                describe_tls_file_error(exc, args.tls_cert, args.tls_key)))
             return 1
     raise_fd_limit()
     try:
@@ -2092,7 +2122,8 @@ def main(argv=None):
     finally:
         log.record(server.chat.line(Lines.LOG_STOPPED))
         server.close()
-    say(Lines.STOPPED)
+    # On a terminal, Ctrl-C left "^C" where the line would begin: start it over.
+    say(("\r" if sys.stdout.isatty() else "") + Lines.STOPPED)
     return 0
 
 

@@ -1314,10 +1314,13 @@ class TLSTests(unittest.TestCase):
     def test_tls_below_1_2_is_refused(self):
         import ssl
         server = start_server(self, tls=True)
+        import warnings
         context = client_tls_context()
         try:
-            context.minimum_version = ssl.TLSVersion.TLSv1
-            context.maximum_version = ssl.TLSVersion.TLSv1_1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # (that is the point)
+                context.minimum_version = ssl.TLSVersion.TLSv1
+                context.maximum_version = ssl.TLSVersion.TLSv1_1
         except (ValueError, AttributeError):
             self.skipTest("this Python can't even ask for TLS 1.1")
         with self.assertRaises((ssl.SSLError, OSError)):
@@ -1331,6 +1334,19 @@ class TLSTests(unittest.TestCase):
         self.assertEqual((proc.returncode, proc.stdout), (1, ""))
         self.assertEqual(proc.stderr, "chat_server: --tls-cert: cannot use %s: No such file or"
                                       " directory\n" % missing)
+
+    def test_certificate_without_its_key_says_so(self):
+        cert, key, _ = test_certificate()
+        other = test_certificate("other")
+        for args, reason in (
+                (["--tls-cert", cert], "no private key in %s (give it with --tls-key)" % cert),
+                (["--tls-cert", cert, "--tls-key", other[1]],
+                 "the key does not belong to the certificate")):
+            proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off"] + args,
+                                  capture_output=True, text=True, timeout=DEADLINE)
+            self.assertEqual((proc.returncode, proc.stdout), (1, ""))
+            self.assertEqual(proc.stderr, "chat_server: --tls-cert: cannot use %s: %s\n"
+                             % (" and ".join(args[1::2]), reason))
 
     def test_python_without_ssl_names_the_option(self):
         script = ("import sys; sys.modules['ssl'] = None; sys.path.insert(0, %r);"
@@ -2178,6 +2194,16 @@ class LookAlikeTests(RoomTestCase):
                 newcomer = self.peer()
                 self.assertIsNone(self.send(newcomer, second + second + "1"), (first, second))
                 self.assertEqual(self.said(newcomer)[1:], [busy(second + second + "1")])
+
+    def test_digits_and_capitals_that_pass_for_letters_are_busy(self):
+        for member, impostor in (("bob", "b0b"), ("bob", "B0B"), ("alice", "aIice"),
+                                 ("bob", "ЬоЬ"), ("bob", "ьоь"), ("userl", "user1"),
+                                 ("lvan", "Ivan"), ("b0b", "bob")):
+            self.setUp()
+            self.peer(member)
+            newcomer = self.peer()
+            self.assertIsNone(self.send(newcomer, impostor), (member, impostor))
+            self.assertEqual(self.said(newcomer)[1:], [busy(impostor)])
 
     def test_letters_that_do_not_look_latin_are_not_busy(self):
         for latin, other in (("b", "б"), ("g", "г"), ("n", "п"), ("d", "δ"), ("l", "λ")):

@@ -12,7 +12,7 @@ every limit in force), logging to a file (``--log file``), except ``--rate-limit
 loop below sends as fast as the server answers, which flood control would slow by design. Change
 that with ``--server-args``; ``--server`` picks another chat_server.py. Each run starts a fresh
 server. With ``--vs`` the scenarios also run against another server (the C reference: ``gcc -O2 -o
-/tmp/limit_server ../shared/bench/limit_server.c``) and with ``--peer miniircd`` against miniircd
+/tmp/limit_server bench/limit_server.c``) and with ``--peer miniircd`` against miniircd
 2.3, a select-based Python IRC server (``pip install --user miniircd==2.3``, or a venv and
 ``--miniircd``; bench only), as shipped, or with TCP_NODELAY (``--peer miniircd-nodelay``; see the
 comment at MINIIRCD_BACKLOG). The servers alternate run by run, the table shows the medians and
