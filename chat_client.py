@@ -1038,9 +1038,7 @@ class Readline:
               "rl_callback_handler_remove", "rl_save_prompt", "rl_restore_prompt",
               "rl_replace_line", "rl_redisplay", "rl_forced_update_display", "rl_set_prompt",
               "rl_resize_terminal", "rl_get_screen_size", "rl_set_screen_size",
-              "rl_cleanup_after_signal",
-              "rl_reset_after_signal", "rl_echo_signal_char", "rl_deprep_terminal",
-              "rl_prep_terminal")
+              "rl_cleanup_after_signal", "rl_reset_after_signal", "rl_echo_signal_char")
 
     @classmethod
     def load(cls):
@@ -1062,7 +1060,6 @@ class Readline:
         lib.rl_replace_line.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.rl_set_prompt.argtypes = [ctypes.c_char_p]
         lib.rl_echo_signal_char.argtypes = [ctypes.c_int]
-        lib.rl_prep_terminal.argtypes = [ctypes.c_int]
         lib.rl_get_screen_size.argtypes = [ctypes.POINTER(ctypes.c_int)] * 2
         lib.rl_set_screen_size.argtypes = [ctypes.c_int, ctypes.c_int]
         self.point = ctypes.c_int.in_dll(lib, "rl_point")

@@ -4117,6 +4117,19 @@ class ConnectionTests(unittest.TestCase):
             conn.ready(selectors.EVENT_READ | selectors.EVENT_WRITE)
 
 
+class ReadlineBindingTests(unittest.TestCase):
+    """The ctypes binding of GNU readline asks only for what the client uses."""
+
+    def test_every_function_the_binding_requires_is_called(self):
+        # A function in NEEDED that nothing calls makes the client fall back to plain lines,
+        # for nothing, wherever a readline lacks it.
+        chat = load_client_module()
+        with open(CLIENT, encoding="utf-8") as f:
+            source = f.read()
+        for name in chat.Readline.NEEDED:
+            self.assertTrue("lib.%s(" % name in source, "%s is never called" % name)
+
+
 class ClientSecurityTestsWindowsPaths(ClientSecurityTests):
     """The same through the threaded-stdin path Windows uses."""
     env = {"CHAT_PLATFORM": "windows"}
