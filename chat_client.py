@@ -324,7 +324,9 @@ class Session:
         self.password = password          # --password-file or CHAT_PASSWORD, then as sent
         self.attempt = None               # the nickname attempt in flight
         self.held = deque()               # typed lines waiting for the phase that takes them
-        self.awaiting = deque(maxlen=1000)  # Reply kinds of the lines sent, oldest first
+        # Reply kinds of the lines sent, oldest first. Not bounded: a paste of any size held
+        # back by flood control is answered in full later, and a bound would forget the oldest.
+        self.awaiting = deque()
         self.members = {}                 # casefolded nickname -> nickname, others only
         self.joined_once = False
         self.rejoining = False

@@ -3287,6 +3287,17 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(ui.shown_texts(), [T0 + "YOU SEND USERS hello bob"])
         self.assertTrue(ui.shown[0].own)
 
+    def test_a_paste_of_any_size_has_every_ok_left_out(self):
+        # Flood control holds a long paste back: the answers come long after the lines went.
+        session, ui = self.joined(interactive=True)
+        pasted = ["line %d" % i for i in range(2500)]
+        for text in pasted:
+            session.typed(text)
+        for text in pasted:
+            session.server_line(T0 + OK)
+            session.server_line(T0 + "YOU SEND USERS " + text)
+        self.assertEqual(ui.shown_texts(), [T0 + "YOU SEND USERS " + text for text in pasted])
+
     def test_ok_alone_is_shown_for_away_and_refusals_are_shown(self):
         session, ui = self.joined(interactive=True)
         self.assertFalse(session.replaces_echo("/away lunch"))
