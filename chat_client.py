@@ -27,6 +27,7 @@ terminal. Standard library only, Python 3.8 or newer: zipped alone into chat_cli
 """
 
 import argparse
+import codecs
 import errno
 import hashlib
 import os
@@ -2146,6 +2147,10 @@ class Options:
         except OSError as exc:
             raise ClientExit(2, "chat_client: --password-file: cannot read %s: %s"
                              % (path, exc.strerror or exc))
+        # A UTF-8 byte order mark is not part of the password: PowerShell 5 writes one
+        # (Set-Content -Encoding UTF8), and the server reads the same file as utf-8-sig.
+        if first.startswith(codecs.BOM_UTF8):
+            first = first[len(codecs.BOM_UTF8):]
         return decode_input(first.rstrip(b"\r\n"))
 
     @staticmethod

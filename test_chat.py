@@ -4303,6 +4303,27 @@ class ClientWithProtectedServerTests(unittest.TestCase):
         self.assertEqual(lines[0], PASSWORD_PROMPT)
         self.assertEqual(split_ts(lines[1])[1], WRONG_PASSWORD)
 
+    def test_password_file_saved_with_a_byte_order_mark(self):
+        # PowerShell 5's Set-Content -Encoding UTF8 starts the file with a BOM: both programs
+        # read the same file, so both must leave it out.
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "password.txt")
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbfs3cret\r\n")
+        server = start_server(self, "--password-file", path)
+        alice = server.client()
+        self.assertEqual(alice.line(), PASSWORD_PROMPT)
+        alice.send("s3cret\n")
+        alice.join("alice")
+        client = self.client(server.port, ["--password-file", path, "--nick", "bob"])
+        client.type("hi\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(lines[:2], [PASSWORD_PROMPT, WELCOME])
+        self.assertEqual(alice.said(), "bob connected!")
+        alice.close()
+
     def test_plain_client_to_a_tls_server_says_so(self):
         server = start_server(self, tls=True)
         status, lines, err = self.client(server.port, ["--nick", "bob"]).finish()
