@@ -2052,12 +2052,12 @@ class Client:
 # ---------------------------------------------------------------------------------------------
 
 class OneLineParser(argparse.ArgumentParser):
-    """Errors as one line that names the option: '--port: 'abc' is not a port number ...'."""
+    """Usage errors as one line on stderr naming the option, exit status 2, in the server's
+    form: "chat_client: error: --port: 'abc' is not a port number (1 to 65535) (see --help)"."""
 
     def error(self, message):
-        if message.startswith("argument "):
-            message = message[len("argument "):]
-        self.exit(2, "%s: %s\n" % (self.prog, message))
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
 def port_number(text):
@@ -2144,8 +2144,8 @@ class Options:
         try:
             with open(path, "rb") as f:
                 first = f.readline()
-        except OSError as exc:
-            raise ClientExit(2, "chat_client: --password-file: cannot read %s: %s"
+        except OSError as exc:   # not a usage error: the option was right, the file is not
+            raise ClientExit(1, "chat_client: --password-file: cannot read %s: %s"
                              % (path, exc.strerror or exc))
         # A UTF-8 byte order mark is not part of the password: PowerShell 5 writes one
         # (Set-Content -Encoding UTF8), and the server reads the same file as utf-8-sig.
@@ -2162,14 +2162,23 @@ class Options:
         if ca_file:
             try:
                 context.load_verify_locations(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ClientExit(2, "chat_client: --tls-ca: cannot load %s: %s"
-                                 % (ca_file, getattr(exc, "strerror", None) or exc))
+            except (OSError, ssl.SSLError) as exc:   # ssl.SSLError: no certificate in it
+                raise ClientExit(1, "chat_client: --tls-ca: cannot load %s: %s"
+                                 % (ca_file, os_error_text(exc)))
         else:
             # Checked by fingerprint instead (pinned, or trusted on first use).
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def os_error_text(exc):
+    """An OSError (ssl.SSLError included) as words: 'No such file or directory', 'no
+    certificate or crl found', without the library's codes and source lines."""
+    if isinstance(exc, ssl.SSLError) if ssl is not None else False:
+        text = str(exc.args[1] if len(exc.args) > 1 else exc)
+        return re.sub(r" \(_ssl\.c:\d+\)\Z", "", re.sub(r"\A\[[^\]]*\] ", "", text))
+    return exc.strerror or str(exc)
 
 
 def stdin_is_selectable():
