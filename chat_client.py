@@ -1914,7 +1914,9 @@ class Client:
     def _lost(self, reason):
         conn = self.connection
         if reason is None and conn is not None and not conn.is_tls and not conn.received_any:
-            reason = Notes.EXPECTS_TLS.format(address=conn.address)
+            # Closed without a word in plain text: a TLS server refusing us. A verdict, not a
+            # loss, even when reconnecting: every attempt would meet the same server.
+            raise ClientExit(1, Notes.EXPECTS_TLS.format(address=conn.address))
         self._drop_connection()
         self.session.connection_closed(reason)   # raises ClientExit unless reconnecting
         self._schedule_reconnect()

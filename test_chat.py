@@ -4400,6 +4400,37 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         watcher.close()
 
 
+    def test_server_back_with_tls_ends_a_plain_client_with_the_diagnosis(self):
+        # Reconnecting must reach the same verdict as a fresh start, not retry forever.
+        first = start_server(self)
+        port = first.port
+        term = PtyClient(self, ["--port", str(port), "--nick", "una"])
+        term.read_until(lambda rows: rows[-1] == "una>", "joined")
+        first.stop()
+        start_server(self, "--port", str(port), tls=True)
+        self.assertEqual(term.wait(), 1)
+        diagnosis = ("127.0.0.1:%d closed the connection without a greeting in plain text: it "
+                     "expects TLS, add --tls." % port)
+        shown = " ".join(row.strip() for row in term.rows() if row)   # (rows may wrap)
+        self.assertTrue(shown.endswith(diagnosis), shown)
+        self.assertEqual(shown.count("it expects TLS"), 1)
+        self.assertNotIn(b"Traceback", term.output)
+
+    def test_server_back_in_plain_text_ends_a_tls_client_with_the_diagnosis(self):
+        first = start_server(self, tls=True)
+        port = first.port
+        term = PtyClient(self, ["--port", str(port), "--nick", "vic", "--tls-fingerprint",
+                                first.fingerprint])
+        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        first.stop()
+        start_server(self, "--port", str(port))
+        self.assertEqual(term.wait(), 1)
+        shown = " ".join(row.strip() for row in term.rows() if row)
+        self.assertTrue(shown.endswith("127.0.0.1:%d does not speak TLS (it answered in plain "
+                                       "text): leave out --tls." % port), shown)
+        self.assertNotIn(b"Traceback", term.output)
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped files: build.sh's zipapps, run alone from an empty directory.
 # ---------------------------------------------------------------------------------------------
