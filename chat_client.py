@@ -289,6 +289,22 @@ class Reply:
     QUIET = "quiet"          # the /users the client sends itself on joining: not shown
 
 
+class Awaited:
+    """A line a member sent, until its answer comes: the Reply it is owed, and ``typed``: the
+    input line as it stood on screen (prompt and text) when the terminal erased it for the
+    server's echo. A refusal instead of the echo shows it again, so that the user sees what
+    was refused."""
+
+    __slots__ = ("reply", "typed")
+
+    def __init__(self, reply, typed=None):
+        self.reply = reply
+        self.typed = typed
+
+    def __repr__(self):
+        return "<Awaited %s %r>" % (self.reply, self.typed)
+
+
 def expected_reply(text):
     text = CONTROL_CHARS.sub("", text)   # the server removes them before it looks for a '/'
     if not text.startswith("/") or text.startswith("//"):
@@ -306,17 +322,18 @@ class Session:
     """The client's side of the protocol, without sockets or a terminal.
 
     ``ui`` is told what to do: ``send(text)``, ``show(line)``, ``note(text)``,
-    ``prompt_changed()``, ``ask_password()``, ``half_close()``, ``joined()``. The end of the
-    client is a ClientExit raised from here.
+    ``show_typed(text)``, ``prompt_changed()``, ``ask_password()``, ``half_close()``,
+    ``joined()``. The end of the client is a ClientExit raised from here.
 
     On a terminal (``interactive``) a refused nickname asks again and the lines typed while an
     attempt was in flight are not sent; in a pipe a refused nickname ends the client (status 1),
     since nobody reads the refusal and the next line would become a nickname by surprise."""
 
     def __init__(self, ui, nick=None, password=None, interactive=False, reconnect=False,
-                 list_users=False):
+                 list_users=False, erases_echo=False):
         self.ui = ui
         self.interactive = interactive
+        self.erases_echo = erases_echo    # the terminal can take a sent line off the screen
         self.reconnect = reconnect        # reconnect after a loss, once joined (terminal only)
         self.list_users = list_users      # send /users quietly on joining (for completion)
         self.phase = Phase.CONNECTING
@@ -325,8 +342,8 @@ class Session:
         self.password = password          # --password-file or CHAT_PASSWORD, then as sent
         self.attempt = None               # the nickname attempt in flight
         self.held = deque()               # typed lines waiting for the phase that takes them
-        # Reply kinds of the lines sent, oldest first. Not bounded: a paste of any size held
-        # back by flood control is answered in full later, and a bound would forget the oldest.
+        # Awaited answers to the lines sent, oldest first. Not bounded: a paste of any size
+        # held back by flood control is answered in full later; a bound would forget the oldest.
         self.awaiting = deque()
         self.members = {}                 # casefolded nickname -> nickname, others only
         self.joined_once = False
@@ -377,7 +394,8 @@ class Session:
         if self.interactive and not text.strip() and phase in (Phase.NICKNAME, Phase.MEMBER):
             return   # Enter on an empty line: nothing worth an error from the server
         if phase == Phase.MEMBER:
-            self._send_member_line(text)
+            erased = self.prompt() + text if self.replaces_echo(text) else None
+            self._send_member_line(text, typed=erased)
         elif phase == Phase.NICKNAME:
             self._send_attempt(text)
         elif phase == Phase.PASSWORD:
@@ -433,8 +451,9 @@ class Session:
 
     def replaces_echo(self, text):
         """On a terminal, will the server repeat this line as our own styled line? Then the
-        input line readline left on the screen can go: a message costs one line."""
-        return (self.interactive and self.phase == Phase.MEMBER and bool(text.strip())
+        input line readline left on the screen can go: a message costs one line. (If a
+        refusal comes instead, the line is shown again above it.)"""
+        return (self.erases_echo and self.phase == Phase.MEMBER and bool(text.strip())
                 and expected_reply(text) == Reply.ECHOED)
 
     def completions(self, text, first_word):
@@ -532,9 +551,9 @@ class Session:
             self._send_member_line(self.held.popleft())
         self._maybe_half_close()
 
-    def _send_member_line(self, text, reply=None):
+    def _send_member_line(self, text, reply=None, typed=None):
         if self.interactive:
-            self.awaiting.append(reply or expected_reply(text))
+            self.awaiting.append(Awaited(reply or expected_reply(text), typed))
         self.ui.send(text)
 
     def _maybe_half_close(self):
@@ -548,14 +567,15 @@ class Session:
     # -- a member's lines ---------------------------------------------------------------------
     def _member_line(self, line):
         head = self.awaiting[0] if self.awaiting else None
+        expected = head.reply if head is not None else None
         if line.kind == Kind.OK:
-            if head == Reply.ECHOED:
+            if expected == Reply.ECHOED:
                 return   # the line repeating our message follows, set apart: that says it all
-            if head == Reply.CONFIRMED:
+            if expected == Reply.CONFIRMED:
                 self.awaiting.popleft()
         elif self._is_own(line):
             line.own = True
-            if head == Reply.ECHOED:
+            if expected == Reply.ECHOED:
                 self.awaiting.popleft()
             if line.kind == Kind.RENAMED:
                 self.nick = line.other   # the prompt follows, once the line is shown
@@ -563,12 +583,14 @@ class Session:
             if head is not None:
                 self.awaiting.popleft()
             self._learn_users(line)
-            if head == Reply.QUIET:
+            if expected == Reply.QUIET:
                 return
         elif (line.kind == Kind.ERROR or line.body in (Lines.ALONE, Lines.GOODBYE)
               or line.body.startswith(Lines.COMMANDS_PREFIX)):
             if head is not None:
                 self.awaiting.popleft()
+                if head.typed is not None:
+                    self.ui.show_typed(head.typed)   # refused: what was it?
         if line.body == Lines.GOODBYE:
             self.goodbye = True
         self._learn_members(line)
@@ -1746,7 +1768,8 @@ class Client:
         self.session = Session(self, nick=options.nick, password=options.password,
                                interactive=interactive,
                                reconnect=interactive and options.reconnect,
-                               list_users=self.readline is not None)
+                               list_users=self.readline is not None,
+                               erases_echo=self.readline is not None)
         self.selector = selectors.DefaultSelector()
         self.watched = {}              # fd -> (mask, handler)
         self.connection = None
@@ -2019,6 +2042,11 @@ class Client:
     def note(self, text, style=Style.NOTICE):
         self._signals_first()
         self.output.write(self.presenter.note(text, style))
+
+    def show_typed(self, text):
+        """An input line the terminal erased, shown again as it stood: the server refused it
+        instead of repeating it."""
+        self.note(CONTROL_CHARS.sub(_visible, text), style="")
 
     def _signals_first(self):
         """A resize that came with this line must be handled before it is printed: the

@@ -3199,6 +3199,7 @@ class RecordingUi:
     def __init__(self):
         self.session = None
         self.sent, self.shown, self.notes, self.prompts = [], [], [], []
+        self.typed_again = []
         self.password_asked = self.half_closed = self.joins = 0
 
     def send(self, text):
@@ -3213,6 +3214,10 @@ class RecordingUi:
     def prompt_changed(self):
         self.prompts.append(self.session.prompt())
 
+    def show_typed(self, text):
+        self.typed_again.append(text)
+        self.shown.append(text)   # in its place among the lines shown
+
     def ask_password(self):
         self.password_asked += 1
 
@@ -3223,7 +3228,7 @@ class RecordingUi:
         self.joins += 1
 
     def shown_texts(self):
-        return [line.text for line in self.shown]
+        return [line if isinstance(line, str) else line.text for line in self.shown]
 
 
 T0 = "2026-11-24 14:05: "
@@ -3303,7 +3308,7 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(session.prompt(), "alice> ")
 
     def test_own_message_is_one_line_set_apart(self):
-        session, ui = self.joined(interactive=True)
+        session, ui = self.joined(interactive=True, erases_echo=True)
         self.assertTrue(session.replaces_echo("hello bob"))
         session.typed("hello bob")
         session.server_line(T0 + OK)                      # left out: the repeat says it all
@@ -3323,7 +3328,7 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(ui.shown_texts(), [T0 + "YOU SEND USERS " + text for text in pasted])
 
     def test_ok_alone_is_shown_for_away_and_refusals_are_shown(self):
-        session, ui = self.joined(interactive=True)
+        session, ui = self.joined(interactive=True, erases_echo=True)
         self.assertFalse(session.replaces_echo("/away lunch"))
         session.typed("/away lunch")
         session.typed("hi")
@@ -3334,9 +3339,32 @@ class SessionTests(unittest.TestCase):
         session.typed("//etc")
         session.server_line(T0 + OK)
         session.server_line(T0 + "YOU SEND USERS /etc")
-        self.assertEqual(ui.shown_texts(), [T0 + OK, T0 + "Server: there are no other users!",
+        # The terminal erased 'hi' and '/msg bob hi' for an echo that never came: the lines
+        # are shown again above their refusals.
+        self.assertEqual(ui.shown_texts(), [T0 + OK,
+                                            "alice> hi", T0 + "Server: there are no other users!",
+                                            "alice> /msg bob hi",
                                             T0 + 'Sorry! There is no user "bob".',
                                             T0 + "YOU SEND USERS /etc"])
+
+    def test_a_refused_line_is_shown_again_only_where_the_terminal_erased_it(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("/nick x_y")                       # erased, then refused: shown again
+        session.typed("/help")                           # never erased: its answer is enough
+        session.typed("/me")                             # /me without text: refused
+        session.typed("hello")                           # echoed: nothing shown again
+        session.server_line(T0 + invalid_nick("x_y"))
+        session.server_line(T0 + "Commands: /users, /msg NICK TEXT")
+        session.server_line(T0 + NOTHING)
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "YOU SEND USERS hello")
+        self.assertEqual(ui.typed_again, ["alice> /nick x_y", "alice> /me"])
+        self.assertEqual(ui.shown_texts()[:3], ["alice> /nick x_y", T0 + invalid_nick("x_y"),
+                                                T0 + "Commands: /users, /msg NICK TEXT"])
+        session, ui = self.joined(interactive=True)      # a console: its echo stays
+        session.typed("/msg nobody hi")
+        session.server_line(T0 + 'Sorry! There is no user "nobody".')
+        self.assertEqual(ui.typed_again, [])
 
     def test_pipe_shows_every_line_as_it_is(self):
         session, ui = self.joined()
@@ -3631,6 +3659,27 @@ class TerminalLayoutTests(unittest.TestCase):
         self.assertNotIn("erin> hello bob", rows)          # readline's echo is gone
         self.assertEqual(rows[-3], "bob connected!")         # and so is the ok before it
         self.assertIn("bold", term.screen.attrs_of("hello bob"))
+        bob.close()
+
+    def test_a_refused_command_stays_on_screen_above_its_refusal(self):
+        # The input line is erased for the server's echo; a refusal is no echo, and the user
+        # must see what was refused. (Up still brings it back too.)
+        term = self.term()
+        term.join("erin")
+        bob = self.server.client().join("bob")
+        term.read_until(lambda rows: rows[-2].endswith("bob connected!"), "bob")
+        term.type("/msg bbo are we still on for lunch?\r")
+        term.read_until(lambda rows: rows[-1] == "erin>" and rows[-2].endswith(
+            'Sorry! There is no user "bbo".'), "the refusal")
+        self.assertEqual(term.rows()[-3], "erin> /msg bbo are we still on for lunch?")
+        term.type("/msg bob are we still on for lunch?\r")
+        self.assertEqual(bob.said(), "[private] erin sent are we still on for lunch?")
+        term.read_until(lambda rows: rows[-1] == "erin>" and rows[-2].endswith(
+            "[private] YOU SEND bob are we still on for lunch?"), "the one own line")
+        self.assertFalse(term.rows()[-3].startswith("erin> /msg bob"), term.rows())
+        term.type("\x1b[A\x1b[A")                      # Up, Up: the refused line is there
+        term.read_until(lambda rows: rows[-1] == "erin> /msg bbo are we still on for lunch?",
+                        "history")
         bob.close()
 
     def test_colours_mention_and_bell(self):
