@@ -389,10 +389,10 @@ class Session:
             self._line_before_joining(line)
 
     def typed(self, text):
-        """A line the user typed (or a pipe gave), without its line end."""
+        """A line the user typed (or a pipe gave), without its line end. An empty line is
+        sent too: the server's answer ('Sorry! You send nothing.', or an incorrect nickname)
+        says what became of it, where dropping it said nothing."""
         phase = self.phase
-        if self.interactive and not text.strip() and phase in (Phase.NICKNAME, Phase.MEMBER):
-            return   # Enter on an empty line: nothing worth an error from the server
         if phase == Phase.MEMBER:
             erased = self.prompt() + text if self.replaces_echo(text) else None
             self._send_member_line(text, typed=erased)
@@ -401,7 +401,8 @@ class Session:
         elif phase == Phase.PASSWORD:
             self._send_password(text)
         elif phase == Phase.OFFLINE:
-            self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=text))
+            if text.strip():   # (an empty line loses nothing: the prompt says offline)
+                self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=text))
         else:
             self.held.append(text)   # CONNECTING, CHECKING_PASSWORD, JOINING: not yet
 

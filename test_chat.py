@@ -3347,6 +3347,24 @@ class SessionTests(unittest.TestCase):
                                             T0 + 'Sorry! There is no user "bob".',
                                             T0 + "YOU SEND USERS /etc"])
 
+    def test_an_empty_line_is_sent_and_its_answer_shown(self):
+        for interactive in (True, False):
+            session, ui = self.session(interactive=interactive, erases_echo=interactive)
+            session.server_line(WELCOME)
+            session.typed("")                            # an empty nickname: refused
+            if interactive:
+                session.server_line(T0 + invalid_nick(""))
+                session.typed("alice")
+            session.server_line(T0 + OK)
+            session.typed("")
+            session.typed("   ")
+            session.server_line(T0 + NOTHING)
+            session.server_line(T0 + NOTHING)
+            self.assertEqual(ui.sent, ["", "alice", "", "   "] if interactive
+                             else ["", "", "   "])
+            self.assertEqual(ui.shown_texts()[-2:], [T0 + NOTHING, T0 + NOTHING])
+            self.assertEqual(ui.typed_again, [])         # nothing was erased: nothing again
+
     def test_a_refused_line_is_shown_again_only_where_the_terminal_erased_it(self):
         session, ui = self.joined(interactive=True, erases_echo=True)
         session.typed("/nick x_y")                       # erased, then refused: shown again
@@ -3681,6 +3699,14 @@ class TerminalLayoutTests(unittest.TestCase):
         term.read_until(lambda rows: rows[-1] == "erin> /msg bbo are we still on for lunch?",
                         "history")
         bob.close()
+
+    def test_an_empty_line_is_sent_and_answered(self):
+        term = self.term()
+        term.join("erin")
+        term.type("\r")
+        term.read_until(lambda rows: rows[-1] == "erin>" and rows[-2].endswith(NOTHING),
+                        "the server's answer")
+        self.assertTrue(term.rows()[-3].endswith(OK), term.rows())   # no row left by Enter
 
     def test_colours_mention_and_bell(self):
         term = self.term()
