@@ -346,6 +346,9 @@ class Session:
         # held back by flood control is answered in full later; a bound would forget the oldest.
         self.awaiting = deque()
         self.members = {}                 # casefolded nickname -> nickname, others only
+        # False once the server answered our quiet /users as a message: a version 1 server,
+        # which has no commands, so every line is a message to it (this connection only).
+        self.server_has_commands = True
         self.joined_once = False
         self.rejoining = False
         self.farewell = None              # 'Server is shutting down.' when the server said it
@@ -367,6 +370,7 @@ class Session:
         self.attempt = None
         self.awaiting.clear()
         self.members.clear()
+        self.server_has_commands = True
         self.history_left = 0
         self._enter(Phase.CONNECTING)
 
@@ -455,7 +459,7 @@ class Session:
         input line readline left on the screen can go: a message costs one line. (If a
         refusal comes instead, the line is shown again above it.)"""
         return (self.erases_echo and self.phase == Phase.MEMBER and bool(text.strip())
-                and expected_reply(text) == Reply.ECHOED)
+                and self._expected_reply(text) == Reply.ECHOED)
 
     def completions(self, text, first_word):
         """Tab completion: command names for a first word that starts with '/', else the
@@ -554,8 +558,11 @@ class Session:
 
     def _send_member_line(self, text, reply=None, typed=None):
         if self.interactive:
-            self.awaiting.append(Awaited(reply or expected_reply(text), typed))
+            self.awaiting.append(Awaited(reply or self._expected_reply(text), typed))
         self.ui.send(text)
+
+    def _expected_reply(self, text):
+        return expected_reply(text) if self.server_has_commands else Reply.ECHOED
 
     def _maybe_half_close(self):
         if not self.input_done or self.half_closed or self.held:
@@ -569,6 +576,8 @@ class Session:
     def _member_line(self, line):
         head = self.awaiting[0] if self.awaiting else None
         expected = head.reply if head is not None else None
+        if expected == Reply.QUIET and self._answers_quiet_users(line):
+            return
         if line.kind == Kind.OK:
             if expected == Reply.ECHOED:
                 return   # the line repeating our message follows, set apart: that says it all
@@ -584,8 +593,6 @@ class Session:
             if head is not None:
                 self.awaiting.popleft()
             self._learn_users(line)
-            if expected == Reply.QUIET:
-                return
         elif (line.kind == Kind.ERROR or line.body in (Lines.ALONE, Lines.GOODBYE)
               or line.body.startswith(Lines.COMMANDS_PREFIX)):
             if head is not None:
@@ -599,6 +606,25 @@ class Session:
         self.ui.show(line)
         if line.own and line.kind == Kind.RENAMED:
             self.ui.prompt_changed()
+
+    def _answers_quiet_users(self, line):
+        """Is this (part of) the answer to the /users the client sent by itself on joining?
+        Then it is not shown. A version 1 server answers it as a message: 'Server: ok!' and
+        'YOU SEND USERS /users', or 'Server: there are no other users!' when alone."""
+        if line.kind == Kind.USERS:
+            self.awaiting.popleft()
+            self._learn_users(line)
+            return True
+        if line.kind == Kind.OK:
+            return True   # version 1: the repeat of '/users' follows
+        if (line.kind == Kind.OWN_MESSAGE and line.said == Lines.USERS_COMMAND
+                or line.body == Lines.ALONE):
+            self.awaiting.popleft()
+            self.server_has_commands = False
+            for waiting in self.awaiting:   # commands typed meanwhile are messages there too
+                waiting.reply = Reply.ECHOED
+            return True
+        return False
 
     def _is_own(self, line):
         if line.kind in (Kind.OWN_MESSAGE, Kind.OWN_PRIVATE):

@@ -3412,6 +3412,39 @@ class SessionTests(unittest.TestCase):
         session.server_line(T0 + "Users (2): alice, erin")
         self.assertEqual(ui.shown_texts()[-1], T0 + "Users (2): alice, erin")
 
+    def test_version_1_server_answers_the_quiet_users_as_a_message(self):
+        # No commands there: '/users' is a message. Its answer is left out, and every later
+        # line is expected to be answered as a message, so each 'Server: ok!' stays left out.
+        for others in (True, False):
+            session, ui = self.session(interactive=True, list_users=True, erases_echo=True)
+            session.server_line(WELCOME)
+            session.typed("alice")
+            session.server_line(T0 + OK)
+            session.typed("/away lunch")                   # a message too, for version 1
+            session.typed("hello")
+            if others:
+                for text in ("/users", "/away lunch", "hello"):
+                    session.server_line(T0 + OK)
+                    session.server_line(T0 + "YOU SEND USERS " + text)
+            else:
+                for _ in range(3):
+                    session.server_line(T0 + ALONE)
+            session.typed("again")
+            if others:
+                session.server_line(T0 + OK)
+                session.server_line(T0 + "YOU SEND USERS again")
+            shown = ui.shown_texts()[2:]                   # after the welcome and the join
+            if others:
+                self.assertEqual(shown, [T0 + "YOU SEND USERS /away lunch",
+                                         T0 + "YOU SEND USERS hello",
+                                         T0 + "YOU SEND USERS again"])
+            else:
+                # ('/away lunch' was typed as a command: its input row was never erased)
+                self.assertEqual(shown, [T0 + ALONE, "alice> hello", T0 + ALONE])
+            self.assertEqual(len(session.awaiting), 1 if not others else 0)
+            session.connected()                            # a new connection: ask again
+            self.assertTrue(session.server_has_commands)
+
     def test_prompt_follows_nick(self):
         session, ui = self.joined(interactive=True)
         session.typed("/nick alicia")
@@ -4504,6 +4537,59 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         self.assertTrue(shown.endswith("127.0.0.1:%d does not speak TLS (it answered in plain "
                                        "text): leave out --tls." % port), shown)
         self.assertNotIn(b"Traceback", term.output)
+
+
+def version_1_server():
+    """chat_server.py as version 1 shipped it (no commands), from this repository's history;
+    None where git or the history is missing (an exported tree)."""
+    path = os.path.join(tempfile.gettempdir(), "chat_server_v1_%d.py" % os.getpid())
+    if not os.path.exists(path):
+        try:
+            proc = subprocess.run(["git", "-C", HERE, "show", "04e43d2:chat_server.py"],
+                                  capture_output=True, timeout=DEADLINE)
+        except OSError:
+            return None
+        if proc.returncode != 0:
+            return None
+        with open(path, "wb") as f:
+            f.write(proc.stdout)
+    return path
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalWithVersion1ServerTests(unittest.TestCase):
+    """A version 2 client on a terminal against a version 1 server, which has no commands."""
+
+    def setUp(self):
+        path = version_1_server()
+        if path is None:
+            self.skipTest("no version 1 server: needs git and this repository's history")
+        self.server = start_server(self, command=[sys.executable, path])
+
+    def test_the_quiet_users_is_answered_as_a_message_and_left_out(self):
+        bob = self.server.client().join("bob")
+        term = PtyClient(self, ["--port", str(self.server.port), "--nick", "carol"])
+        term.read_until(lambda rows: rows[-1] == "carol>", "joined")
+        self.assertEqual(bob.said(), "carol connected!")
+        self.assertEqual(bob.said(), "carol sent /users")   # it can't be helped
+        term.type("hello\r")
+        self.assertEqual(bob.said(), "carol sent hello")
+        term.type("/away lunch\r")                          # a message to this server
+        self.assertEqual(bob.said(), "carol sent /away lunch")
+        term.read_until(lambda rows: rows[-1] == "carol>" and
+                        rows[-2].endswith("YOU SEND USERS /away lunch"), "the last own line")
+        self.assertEqual(term.rows_after_ts()[-4:], [OK, "YOU SEND USERS hello",
+                                                     "YOU SEND USERS /away lunch", "carol>"])
+        self.assertEqual(term.rows_after_ts().count(OK), 1)        # the join's
+        bob.close()
+
+    def test_alone_the_quiet_users_is_left_out_too(self):
+        term = PtyClient(self, ["--port", str(self.server.port), "--nick", "dora"])
+        term.read_until(lambda rows: rows[-1] == "dora>", "joined")
+        term.type("anyone?\r")
+        term.read_until(lambda rows: rows[-1] == "dora>" and rows[-2].endswith(ALONE),
+                        "the answer to anyone?")
+        self.assertEqual(term.rows_after_ts()[-4:], [OK, "dora> anyone?", ALONE, "dora>"])
 
 
 # ---------------------------------------------------------------------------------------------
