@@ -404,6 +404,8 @@ class Session:
             self._send_attempt(text)
         elif phase == Phase.PASSWORD:
             self._send_password(text)
+        elif phase == Phase.CHECKING_PASSWORD and self.interactive:
+            pass   # perhaps the password again: never shown, kept, or sent as a nickname
         elif phase == Phase.OFFLINE:
             if text.strip():   # (an empty line loses nothing: the prompt says offline)
                 self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=text))
@@ -444,6 +446,11 @@ class Session:
         if self.phase in (Phase.PASSWORD, Phase.CHECKING_PASSWORD):
             return Notes.PASSWORD_PROMPT
         return ""
+
+    def hides_input(self):
+        """Is what the user types now hidden (no echo, no history)? While the password is
+        asked for and while it is checked, on a terminal."""
+        return self.interactive and self.phase in (Phase.PASSWORD, Phase.CHECKING_PASSWORD)
 
     def waits_for_nickname(self):
         """Greeted, and no nickname to send by itself (--nick, rejoining, typed ahead)."""
@@ -976,15 +983,17 @@ class FdInput:
         except (BlockingIOError, InterruptedError):
             return []
         if not data:
-            self._end_secret()
+            self.end_secret()
             return [decode_input(line) for line in self.splitter.rest()] + [None]
         lines = [decode_input(line) for line in self.splitter.feed(data)]
-        if lines:
-            self._end_secret()
+        if lines and self.saved_mode is not None:
+            self.output.ask("\n")   # Enter was not echoed either
         return lines
 
     def begin_secret(self, prompt):
-        if not self.tty:
+        """Echo off until end_secret(): the password, and whatever is typed while the server
+        checks it."""
+        if not self.tty or self.saved_mode is not None:
             return
         import termios
         self.saved_mode = termios.tcgetattr(self.fd)
@@ -993,15 +1002,14 @@ class FdInput:
         termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
         self.output.ask(prompt)
 
-    def _end_secret(self):
+    def end_secret(self):
         if self.saved_mode is not None:
             import termios
             termios.tcsetattr(self.fd, termios.TCSANOW, self.saved_mode)
             self.saved_mode = None
-            self.output.ask("\n")
 
     def close(self):
-        self._end_secret()
+        self.end_secret()
 
 
 class ThreadedInput:
@@ -1031,6 +1039,9 @@ class ThreadedInput:
 
     def begin_secret(self, prompt):
         self.request(prompt if self.console else None)
+
+    def end_secret(self):
+        pass   # getpass read the password alone, echo already back on
 
     def _serve(self):
         import getpass
@@ -1304,8 +1315,12 @@ class ReadlineTerminal:
         self.rl.set_prompt(question)
 
     # -- a password: readline stays installed (its raw mode echoes nothing) but does not get
-    #    the keys, so the password is never on screen nor in the history.
+    #    the keys, so the password is never on screen nor in the history. So it stays until
+    #    end_secret(), after the server has checked the password: what is typed meanwhile
+    #    (the password again, perhaps) is not shown either.
     def begin_secret(self, prompt):
+        if self.secret is not None:
+            return
         self.secret_saved = self.rl.current_input()
         self.secret = bytearray()
         self.rl.set_prompt(prompt, line=b"")
@@ -1317,6 +1332,7 @@ class ReadlineTerminal:
             return []
         if not data:
             return [None]
+        lines = []
         for byte in data:
             if self._escape:
                 self._escape = not (0x40 <= byte <= 0x7e and byte != ord("["))
@@ -1324,24 +1340,27 @@ class ReadlineTerminal:
             if byte == 0x1b:
                 self._escape = True
             elif byte in (0x0d, 0x0a):                  # Enter
-                return [self._end_secret()]
+                lines.append(bytes(self.secret).decode("utf-8", "replace"))
+                del self.secret[:]
             elif byte in (0x7f, 0x08):                  # Backspace: one character off
                 while self.secret and (self.secret.pop() & 0xc0) == 0x80:
                     pass
             elif byte == 0x15:                          # Ctrl-U
                 del self.secret[:]
             elif byte == 0x04 and not self.secret:      # Ctrl-D on nothing: leave
-                return [None]
+                return lines + [None]
             elif byte >= 0x20:
                 self.secret.append(byte)
-        return []
+        return lines
 
-    def _end_secret(self):
-        password = bytes(self.secret).decode("utf-8", "replace")
+    def end_secret(self):
+        """Back to readline, with the input line as it was before the password."""
+        if self.secret is None:
+            return
+        del self.secret[:]
         self.secret = None
         saved, self.secret_saved = self.secret_saved, None
         self.rl.set_prompt(self.rl.prompt, line=saved[0])
-        return password
 
     def close(self):
         self.rl.remove()
@@ -2085,6 +2104,8 @@ class Client:
     def prompt_changed(self):
         if self.question is not None:
             return
+        if not self.session.hides_input():
+            self.input.end_secret()   # the password is checked: typing shows again
         if self.readline is None:
             # Without readline there is no prompt line to keep drawn under the output, but a
             # terminal must still say when it wants a nickname (the password: getpass says it).

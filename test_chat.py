@@ -3485,6 +3485,22 @@ class SessionTests(unittest.TestCase):
         session.typed("typed secret")
         self.assertEqual(ui.sent, ["typed secret"])
 
+    def test_lines_typed_while_the_password_is_checked_are_dropped_on_a_terminal(self):
+        session, ui = self.session(interactive=True)
+        session.server_line(PASSWORD_PROMPT)
+        session.typed("typed secret")
+        self.assertTrue(session.hides_input())
+        session.typed("typed secret again")              # no answer yet
+        session.server_line(WELCOME)
+        self.assertFalse(session.hides_input())
+        self.assertEqual((ui.sent, session.phase, ui.notes), (["typed secret"], "nickname", []))
+        session, ui = self.session()                     # a pipe: its next line is the nickname
+        session.server_line(PASSWORD_PROMPT)
+        session.typed("pipe secret")
+        session.typed("bob")
+        session.server_line(WELCOME)
+        self.assertEqual(ui.sent, ["pipe secret", "bob"])
+
     def test_final_refusals_end_with_status_1(self):
         for line in (FULL, JOIN_TIMEOUT, WRONG_PASSWORD, TOO_MANY_PASSWORDS):
             session, ui = self.session(interactive=True)
@@ -4321,6 +4337,38 @@ class TerminalSecurityTests(unittest.TestCase):
         term.type("\x15\x04")                              # Ctrl-U, Ctrl-D: leave
         self.assertEqual(term.wait(), 0)
         self.assertNotIn(b"hunter", term.output)
+
+    def test_what_is_typed_while_the_password_is_checked_is_hidden_and_dropped(self):
+        # A slow server: the user types on (the password again, perhaps) before the answer.
+        checked = threading.Event()
+        typed_meanwhile = threading.Event()
+
+        def script(peer):
+            peer.send(PASSWORD_PROMPT)
+            peer.expect("hunter2")
+            checked.set()
+            typed_meanwhile.wait(DEADLINE)
+            self.member_until_the_end("vic")(peer)   # its next line must be 'vic'
+        server = FakeServer(self, script)
+        term = PtyClient(self, ["--port", str(server.port)])
+        term.read_until(lambda rows: rows[-1] == "password>", "the password prompt")
+        term.type("hunter2\r")
+        wait_until(checked.is_set, "the password at the server")
+        term.type("hunter3\rsneaky")
+        term.settle(0.2)
+        typed_meanwhile.set()
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("vic\r")
+        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        term.type("\x1b[A")                           # Up: the nickname, nothing older
+        term.read_until(lambda rows: rows[-1] == "vic> vic", "history")
+        term.type("\x1b[A")
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "vic> vic")
+        for secret in (b"hunter", b"sneaky"):
+            self.assertNotIn(secret, term.output)
+        term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
 
     def test_trust_on_first_use_asks_remembers_and_then_trusts(self):
         path = os.path.join(tempfile.mkdtemp(dir=self.dir), "sub", "known_servers")
