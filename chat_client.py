@@ -862,8 +862,9 @@ def cursor_row(text, width):
 
 def terminal_reflows(environ):
     """Does the terminal rewrap its rows when its width changes? Most do now (tmux, VTE,
-    kitty, iTerm2, Windows Terminal); xterm (XTERM_VERSION) and the Linux console don't."""
-    return not environ.get("XTERM_VERSION") and environ.get("TERM") != "linux"
+    kitty, iTerm2, Windows Terminal); xterm (XTERM_VERSION), the Linux console and a dumb
+    terminal (which moves no cursor for us anyway) don't."""
+    return not environ.get("XTERM_VERSION") and environ.get("TERM") not in ("linux", "dumb")
 
 
 def colour_wanted(choice, stream, environ):
@@ -1282,11 +1283,16 @@ class Readline:
 
 class ReadlineTerminal:
     """A POSIX terminal with readline: output printed above the input line, the input line
-    edited by readline, a password read without any echo, and the signals a terminal sends."""
+    edited by readline, a password read without any echo, and the signals a terminal sends.
 
-    def __init__(self, readline, fd):
+    ``vt``: the terminal understands escape sequences. A dumb one (TERM=dumb: Emacs' shell,
+    some IDE consoles) gets none from us: readline itself draws there with carriage returns
+    and spaces only, on one row that scrolls sideways, and nothing is erased upwards."""
+
+    def __init__(self, readline, fd, vt=True):
         self.rl = readline
         self.fd = fd
+        self.vt = vt
         self.secret = None          # bytes of a password being typed
         self.secret_saved = None    # the input line to give back after the password
         self._escape = False        # skipping an escape sequence (arrow keys) in a password
@@ -1364,7 +1370,10 @@ class ReadlineTerminal:
 
     def close(self):
         self.rl.remove()
-        sys.stdout.write("\r\x1b[K")  # wipe the prompt readline redrew; the shell's comes next
+        # Wipe the prompt readline redrew: the shell's comes next. (A dumb terminal: spaces
+        # over the one row readline draws on.)
+        sys.stdout.write("\r\x1b[K" if self.vt else "\r%s\r" % (" " * (self.rl.screen_width()
+                                                                         - 1)))
         sys.stdout.flush()
 
 
@@ -1815,7 +1824,7 @@ class Client:
                                interactive=interactive,
                                reconnect=interactive and options.reconnect,
                                list_users=self.readline is not None,
-                               erases_echo=self.readline is not None)
+                               erases_echo=self.readline is not None and presenter.vt)
         self.selector = selectors.DefaultSelector()
         self.watched = {}              # fd -> (mask, handler)
         self.connection = None
@@ -2284,9 +2293,9 @@ def make_client(options, environ):
     presenter = Presenter(colour=colour, width=terminal_width(sys.stdout) if stdout_tty else None,
                           vt=vt, bell=stdout_tty and options.bell)
     selectable = stdin_is_selectable()
-    readline = Readline.load() if interactive and selectable and vt else None
+    readline = Readline.load() if interactive and selectable else None
     if readline is not None:
-        terminal = ReadlineTerminal(readline, sys.stdin.fileno())
+        terminal = ReadlineTerminal(readline, sys.stdin.fileno(), vt=vt)
         return Client(options, terminal, terminal, presenter, interactive, TerminalSignals())
     output = LineOutput()
     if selectable:

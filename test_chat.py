@@ -3757,6 +3757,31 @@ class TerminalLayoutTests(unittest.TestCase):
                         "the server's answer")
         self.assertTrue(term.rows()[-3].endswith(OK), term.rows())   # no row left by Enter
 
+    def test_a_dumb_terminal_has_a_prompt_and_gets_no_escape_sequence(self):
+        # TERM=dumb (Emacs' shell, some IDE consoles): readline draws with carriage returns and
+        # spaces; the client adds no cursor movement, no colour, and erases nothing upwards.
+        term = self.term(env={"TERM": "dumb"})
+        term.join("dan")                                  # waits for the prompt 'dan>'
+        bob = self.server.client().join("bob")
+        term.read_until(lambda rows: rows[-2].endswith("bob connected!"), "bob")
+        term.type("half typed")
+        term.read_until(lambda rows: rows[-1] == "dan> half typed", "the input")
+        bob.send("hi dan\n")
+        term.read_until(lambda rows: rows[-2:] == [rows[-2][:18] + "bob sent hi dan",
+                                                   "dan> half typed"], "above the input")
+        term.type(", done\r")
+        self.assertEqual(bob.said(), OK)
+        self.assertEqual(bob.said(), "YOU SEND USERS hi dan")
+        self.assertEqual(bob.said(), "dan sent half typed, done")
+        term.read_until(lambda rows: rows[-1] == "dan>" and
+                        rows[-2].endswith("YOU SEND USERS half typed, done"), "the own line")
+        self.assertEqual(term.rows()[-3], "dan> half typed, done")   # kept: nothing erased
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(b"\x1b", term.output)
+        self.assertEqual(term.rows()[-1].strip(), "")      # the prompt wiped for the shell
+        bob.close()
+
     def test_colours_mention_and_bell(self):
         term = self.term()
         term.join("frank")
