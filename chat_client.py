@@ -1503,8 +1503,10 @@ class Connection:
         self.state = self.CONNECTING
         self.sock = None
         self.tls = None                # the SSLObject, once TCP is up
-        self.plain_out = b""           # TLS: bytes to encrypt
-        self.raw_out = b""             # bytes for the kernel (encrypted, with TLS)
+        # Bytearrays: appending is amortised O(1), and so is deleting what was sent from the
+        # front. (bytes made each append copy all that was waiting: quadratic in a big pipe.)
+        self.plain_out = bytearray()   # TLS: bytes to encrypt
+        self.raw_out = bytearray()     # bytes for the kernel (encrypted, with TLS)
         self.reading = True            # False while the user decides whether to trust TLS
         self.received_any = False
         self.write_shut = False        # half-close asked; done once everything is sent
@@ -1685,7 +1687,7 @@ class Connection:
             except ssl.SSLError as exc:
                 self.error = exc.reason or str(exc)
                 return
-            self.plain_out = self.plain_out[written:]
+            del self.plain_out[:written]
         self._move_tls_output()
 
     def _move_tls_output(self):
@@ -1700,9 +1702,9 @@ class Connection:
                 return
             except OSError as exc:
                 self.error = exc.strerror or str(exc) or type(exc).__name__
-                self.raw_out = b""
+                del self.raw_out[:]
                 return
-            self.raw_out = self.raw_out[sent:]
+            del self.raw_out[:sent]
         if self.write_shut and not self._shut_done and not self.plain_out:
             self._shut_write()
 
@@ -1876,14 +1878,18 @@ class Client:
             self.watched[fd] = (mask, handler, owner)
 
     def _input_welcome(self):
+        """Should standard input be read now? Not while MAX_UNSENT bytes of it wait to be sent:
+        a pipe faster than the server then waits in the pipe, not in our memory."""
         if isinstance(self.input, ThreadedInput):
-            if self.question is not None or self.session.wants_input():
+            if self.question is not None or (self.session.wants_input()
+                                             and not self._input_backlogged()):
                 self.input.request()
             return True   # its socketpair: answers to requests, and the end of input
-        if self.input.ended:
-            return False
+        return not self.input.ended and not self._input_backlogged()
+
+    def _input_backlogged(self):
         unsent = self.connection.unsent if self.connection is not None else 0
-        return unsent + sum(len(line) for line in self.session.held) < MAX_UNSENT
+        return unsent + sum(len(line) for line in self.session.held) >= MAX_UNSENT
 
     def _timeout(self):
         deadlines = [t for t in (self.connect_deadline, self.probe_at, self.reconnect_at)

@@ -4301,6 +4301,83 @@ class ConnectionTests(unittest.TestCase):
             conn.ready(selectors.EVENT_READ | selectors.EVENT_WRITE)
 
 
+class PipedInputBackpressureTests(unittest.TestCase):
+    """A pipe faster than the server waits in the pipe, not in the client's memory: the client
+    stops reading standard input while MAX_UNSENT bytes of it are unsent (both input paths)."""
+
+    env = {}
+    LINE = "x" * 999 + "\n"
+    LINES = 24000          # 24 MB: many times what the pipe, the limit and the sockets hold
+
+    def test_input_waits_while_the_server_does_not_read(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)   # (accepted: same)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        drain = threading.Event()
+        received = []
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(DEADLINE)
+                conn.sendall((WELCOME + "\n").encode())
+                data = b""
+                while b"\n" not in data:
+                    data += conn.recv(100)
+                conn.sendall((now_ts() + OK + "\n").encode())
+                drain.wait(DEADLINE)           # meanwhile reads nothing
+                rest = data.split(b"\n", 1)[1]
+                count = rest.count(b"\n")
+                while True:
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    count += chunk.count(b"\n")
+                received.append(count)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        client = PipedClient(listener.getsockname()[1], env=self.env, args=["--nick", "pat"])
+        self.addCleanup(client.kill)
+        written = [0]
+
+        def feed():
+            try:
+                for _ in range(self.LINES):
+                    client.proc.stdin.write(self.LINE.encode())
+                    written[0] += len(self.LINE)
+                client.proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        # The feeder stops when the client stops reading: wait until it stalls (no progress
+        # for a second) or has written everything.
+        last, still_since = -1, time.monotonic()
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and feeder.is_alive():
+            if written[0] != last:
+                last, still_since = written[0], time.monotonic()
+            elif time.monotonic() - still_since > 1.0:
+                break
+            time.sleep(0.05)
+        total = self.LINES * len(self.LINE)
+        self.assertLess(written[0], total // 3, "the client read the pipe while the server "
+                                                "read nothing")
+        drain.set()
+        feeder.join(DEADLINE * 2)
+        status, lines, err = client.finish(DEADLINE * 2)
+        server.join(DEADLINE)
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual(received, [self.LINES])    # and nothing was lost
+
+
+class PipedInputBackpressureTestsWindowsPaths(PipedInputBackpressureTests):
+    """The stdin thread of Windows asks for a line only when there is room."""
+    env = {"CHAT_PLATFORM": "windows"}
+
+
 class ReadlineBindingTests(unittest.TestCase):
     """The ctypes binding of GNU readline asks only for what the client uses."""
 
