@@ -237,9 +237,11 @@ class Notes:
     TLS_NOT_VERIFIED = "The TLS certificate of {address} failed the --tls-ca check: {reason}."
     TLS_PIN_MISMATCH = ("The TLS certificate of {address} has the SHA-256 fingerprint {actual}, "
                         "not the one --tls-fingerprint gives ({pinned}). Not connected.")
-    TLS_FIRST_USE = ("The TLS certificate of {address} is not known yet. Its SHA-256 "
-                     "fingerprint is {actual}: compare it with the one the server printed "
-                     "(\"TLS certificate SHA-256 fingerprint: ...\").")
+    # The fingerprint on a line of its own: no punctuation of the sentence sticks to it.
+    TLS_FIRST_USE = ("The TLS certificate of {address} is not known yet. Compare its SHA-256 "
+                     "fingerprint with the one the server printed (\"TLS certificate SHA-256 "
+                     "fingerprint: ...\"):\n"
+                     "  {actual}")
     TLS_UNKNOWN_IN_PIPE = ("The TLS certificate of {address} is not known (SHA-256 {actual}). "
                            "Not connected: check the fingerprint with the person who runs the "
                            "server, then pin it with --tls-fingerprint, or connect once from a "
@@ -254,6 +256,12 @@ class Notes:
     TLS_REMEMBERED = "Trusted: remembered in {path}."
     TLS_NOT_TRUSTED = "Not connected: the certificate of {address} was not trusted."
     NO_SSL = "--tls: this Python has no ssl module"
+
+
+def clause(reason):
+    """A reason from elsewhere (the OS, OpenSSL) to go inside a sentence of ours, which has
+    its own full stop: 'is not valid for '127.0.0.1'.' would end in two."""
+    return str(reason).strip().rstrip(".")
 
 
 class ClientExit(Exception):
@@ -735,7 +743,11 @@ class Presenter:
         return text
 
     def note(self, text, style=Style.NOTICE):
-        return self._lay_out([(text, style if self.colour else "")], 2)
+        """The client's own words. Each line of ``text`` is laid out by itself, its rows
+        indented two more than the line itself is (the fingerprints of a warning)."""
+        style = style if self.colour else ""
+        return "\n".join(self._lay_out([(part, style)], len(part) - len(part.lstrip(" ")) + 2)
+                         for part in text.split("\n"))
 
     def _spans(self, line):
         spans = [(line.text[:line.prefix_len], Style.TIME)] if line.prefix_len else []
@@ -800,25 +812,32 @@ class Presenter:
 
 
 def wrap_cells(spans, width, indent):
-    """Lay styled text out in rows of at most ``width`` columns: break after the last space
-    of the row when the word after it fits on the next row, else anywhere; wide characters
-    never straddle a row end. Every row after the first starts with ``indent`` spaces (a
-    hanging indent), so text that continues a line can never start at column 0 and pose as a
-    line of its own. Tabs become spaces to the next multiple of 8. Returns rows as lists of
-    (character, style)."""
+    """Lay styled text out in rows of at most ``width`` columns: break at the last space of
+    the row when the word after it fits on the next row, else after the last colon when what
+    follows it fits (a fingerprint 'AA:BB:...' breaks between its pairs), else anywhere; wide
+    characters never straddle a row end. Every row after the first starts with ``indent``
+    spaces (a hanging indent), so text that continues a line can never start at column 0 and
+    pose as a line of its own. Tabs become spaces to the next multiple of 8. Returns rows as
+    lists of (character, style)."""
     indent = max(1, min(indent, width // 3))
     rows, row, col = [], [], 0
     start = 0   # where the row's own text begins: after the indent, on continuation rows
 
-    def break_before(next_width):
-        nonlocal row, col, start
-        cut, carried = len(row), []   # no space to break at: break right here
+    def last_break(breaker, next_width):
+        """Where to cut the row at its last ``breaker`` (the space goes, a colon stays), and
+        what moves down; None if there is none, or what follows it would not fit."""
         for i in range(len(row) - 1, start, -1):
-            if row[i][0] == " ":
+            if row[i][0] == breaker:
                 tail = row[i + 1:]
                 if indent + sum(char_width(ch) for ch, _ in tail) + next_width <= width:
-                    cut, carried = i, tail
-                break
+                    return (i if breaker == " " else i + 1), tail
+                return None
+        return None
+
+    def break_before(next_width):
+        nonlocal row, col, start
+        cut, carried = (last_break(" ", next_width) or last_break(":", next_width)
+                        or (len(row), []))   # nowhere to break: break right here
         rows.append(row[:cut])
         row = [(" ", "")] * indent + carried
         col = indent + sum(char_width(ch) for ch, _ in carried)
@@ -1601,14 +1620,15 @@ class Connection:
             return []
         except ssl.SSLCertVerificationError as exc:
             raise ClientExit(1, Notes.TLS_NOT_VERIFIED.format(
-                address=self.address, reason=exc.verify_message or exc.reason))
+                address=self.address, reason=clause(exc.verify_message or exc.reason)))
         except ssl.SSLError as exc:
             if exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
                               "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
                 raise ClientExit(1, Notes.NOT_TLS.format(address=self.address))
             reason = exc.reason or ("connection closed" if isinstance(exc, ssl.SSLEOFError)
                                     else exc)
-            raise ClientExit(1, Notes.TLS_FAILED.format(address=self.address, reason=reason))
+            raise ClientExit(1, Notes.TLS_FAILED.format(address=self.address,
+                                                        reason=clause(reason)))
         self._move_tls_output()
         self.state = self.OPEN
         # The server's first line may have come with the handshake's last bytes.
@@ -1629,7 +1649,7 @@ class Connection:
             reason = exc.strerror or str(exc) or type(exc).__name__
             if self.state == self.HANDSHAKING:
                 raise ClientExit(1, Notes.TLS_FAILED.format(address=self.address,
-                                                           reason=reason))
+                                                           reason=clause(reason)))
             raise ConnectionLost(reason)
         if self.tls is None:
             if data and not self.received_any and data[:1] in (b"\x15", b"\x16") \
@@ -1849,7 +1869,8 @@ class Client:
                 for key, mask in self.selector.select(self._timeout()):
                     key.data(mask)
                 if self.connection is not None and self.connection.error:
-                    self._lost(Notes.CONNECTION_LOST.format(reason=self.connection.error))
+                    self._lost(Notes.CONNECTION_LOST.format(
+                        reason=clause(self.connection.error)))
                 self._run_timers()
         finally:
             self._close()
@@ -1952,7 +1973,7 @@ class Client:
         if self.session.phase == Phase.OFFLINE:
             self._schedule_reconnect()
             return
-        message = Notes.CANNOT_CONNECT.format(address=address, reason=failure.reason)
+        message = Notes.CANNOT_CONNECT.format(address=address, reason=clause(failure.reason))
         raise ClientExit(1, message + (Notes.REFUSED_HINT if failure.refused else ""))
 
     def _schedule_reconnect(self):
@@ -1970,7 +1991,7 @@ class Client:
             self._connect_failed(failure)
             return
         except ConnectionLost as lost:
-            self._lost(Notes.CONNECTION_LOST.format(reason=lost))
+            self._lost(Notes.CONNECTION_LOST.format(reason=clause(lost)))
             return
         for event in events:
             if event == "open":
@@ -2330,6 +2351,14 @@ def configure_stdio():
             pass  # no such stream (pythonw), or one replaced by something that is not text I/O
 
 
+def last_words(message):
+    """Why the client ends, for standard error: on a terminal wrapped to its width at spaces
+    (a fingerprint between its pairs), as a note is; elsewhere as it is."""
+    if not stream_is_tty(sys.stderr):
+        return message
+    return Presenter(width=terminal_width(sys.stderr)).note(message)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_stdio()
@@ -2337,7 +2366,7 @@ def main(argv=None):
         make_client(Options(args, os.environ), os.environ).run()
     except ClientExit as done:
         if done.message:
-            sys.stderr.write(done.message + "\n")
+            sys.stderr.write(last_words(done.message) + "\n")
             sys.stderr.flush()
         return done.status
     except KeyboardInterrupt:

@@ -3591,6 +3591,17 @@ class PresenterTests(unittest.TestCase):
         self.assertEqual("".join(row.strip() for row in rows).count("\u4e2d"), 40)
         self.assertIn("e\u0301" * 5, rows[-1])
 
+    def test_a_note_keeps_its_lines_and_breaks_a_fingerprint_between_pairs(self):
+        fingerprint = ":".join("%02X" % i for i in range(32))
+        presenter = self.chat.Presenter(width=lambda: 40)
+        rows = presenter.note("Compare it:\n  " + fingerprint).split("\n")
+        self.assertEqual(rows[0], "Compare it:")
+        for row in rows[1:]:
+            self.assertRegex(row, r"\A {2,4}(?:[0-9A-F]{2}:)*[0-9A-F]{2}:?\Z")   # indented
+            self.assertLessEqual(len(row), 39)
+        self.assertEqual("".join(row.strip() for row in rows[1:]), fingerprint)
+        self.assertEqual(self.chat.Presenter().note("a\n  b"), "a\n  b")        # a pipe
+
     def test_a_pipe_gets_the_line_as_it_is(self):
         presenter = self.chat.Presenter()
         text = T0 + "bob sent \t tabs and " + "x" * 300
@@ -4206,6 +4217,17 @@ class ClientSecurityTests(unittest.TestCase):
         self.assertTrue(err.startswith("The TLS certificate of 127.0.0.1:%d failed the "
                                        "--tls-ca check: " % server.port), err)
 
+    def test_ca_check_failure_is_one_sentence(self):
+        # OpenSSL's reason ends with its own full stop: ours must not add a second one.
+        cert, key = certificate_for_another_host()
+        server = FakeServer(self, lambda peer: None, handshake_may_fail=True,
+                            tls=server_tls_context(cert, key))
+        status, lines, err = self.run_tls_client(server, "--tls-ca", cert)
+        self.assertEqual((status, lines), (1, []))
+        self.assertRegex(err, r"\AThe TLS certificate of 127\.0\.0\.1:%d failed the --tls-ca "
+                              r"check: (Hostname|IP address) mismatch, certificate is not valid "
+                              r"for '127\.0\.0\.1'\.\n\Z" % server.port)
+
     def test_unknown_server_in_a_pipe_is_refused_then_known_is_accepted(self):
         path = self.known_servers()
         server = self.tls_server(script=lambda peer: peer.expect_eof())
@@ -4391,6 +4413,21 @@ class ReadlineBindingTests(unittest.TestCase):
             self.assertTrue("lib.%s(" % name in source, "%s is never called" % name)
 
 
+def certificate_for_another_host():
+    """(certificate, key) of a self-signed certificate for elsewhere.example only; skips the
+    test where the openssl command is missing."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise unittest.SkipTest("needs the openssl command")
+    folder = tempfile.mkdtemp(prefix="chat-cert-")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=elsewhere.example", "-addext", "subjectAltName=DNS:elsewhere.example",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
 class ClientSecurityTestsWindowsPaths(ClientSecurityTests):
     """The same through the threaded-stdin path Windows uses."""
     env = {"CHAT_PLATFORM": "windows"}
@@ -4480,8 +4517,8 @@ class TerminalSecurityTests(unittest.TestCase):
         term = PtyClient(self, args)
         term.read_until(lambda rows: rows[-1] == "Trust it? [y/N]", "the question")
         shown = "".join(term.rows()).replace(" ", "")
-        self.assertIn(self.fingerprint, shown)
         self.assertIn("TheTLScertificateof127.0.0.1:%disnotknownyet." % server.port, shown)
+        self.assertEqual(term.rows()[-2], "  " + self.fingerprint)   # alone: nothing after it
         term.type("y\r")
         term.read_until(lambda rows: rows[-1] == "tess>", "joined")
         with open(path) as f:
@@ -4497,6 +4534,32 @@ class TerminalSecurityTests(unittest.TestCase):
         self.addCleanup(client.kill)
         client.type("again\n")
         self.assertEqual(client.finish()[0], 0)
+
+    def test_changed_certificate_warning_is_wrapped_to_the_terminal(self):
+        # Words whole, a fingerprint broken between its pairs only, each row within the width.
+        path = os.path.join(tempfile.mkdtemp(dir=self.dir), "known_servers")
+        other = ":".join(["AB"] * 32)
+        context = server_tls_context(self.cert, self.key)
+        server = FakeServer(self, lambda peer: peer.expect_eof(), tls=context)
+        with open(path, "w") as f:
+            f.write("127.0.0.1:%d %s\n" % (server.port, other))
+        width = 60
+        term = PtyClient(self, ["--port", str(server.port), "--tls", "--known-servers", path],
+                         width=width)
+        self.assertEqual(term.wait(), 1)
+        rows = [row for row in term.rows() if row]
+        self.assertTrue(rows[0].startswith("WARNING: THE TLS CERTIFICATE OF"), rows)
+        self.assertTrue(all(cell_width_of(row) < width for row in rows), rows)
+        expected = ("WARNING: THE TLS CERTIFICATE OF 127.0.0.1:%d HAS CHANGED. Someone may be "
+                    "posing as the server, or it has a new certificate. known: %s now: %s Not "
+                    "connected. Ask the person who runs the server which fingerprint it prints; "
+                    "if it is the new one, remove line 1 of %s and connect again."
+                    % (server.port, other, self.fingerprint, path)).split()
+        pieces = " ".join(rows).split()
+        self.assertEqual("".join(pieces), "".join(expected))   # the text, nothing else
+        for piece in pieces:
+            if piece not in expected:   # cut in two: only a fingerprint, between two pairs
+                self.assertRegex(piece, r"\A(?:[0-9A-F]{2}:)*[0-9A-F]{2}:?\Z", rows)
 
     def test_not_trusting_exits_1(self):
         path = os.path.join(tempfile.mkdtemp(dir=self.dir), "known_servers")
