@@ -223,6 +223,8 @@ class Notes:
     REFUSED_HINT = " Is the server running?"
     CONNECTION_LOST = "Connection lost: {reason}."
     RECONNECTING = "Connection lost. Reconnecting in {delay} s (Ctrl-C to quit)..."
+    # After 'Server is shutting down.', which says why already:
+    RECONNECTING_AFTER_SHUTDOWN = "Reconnecting in {delay} s (Ctrl-C to quit)..."
     RECONNECTED = "Reconnected as {nick}."
     NOT_SENT_OFFLINE = "Not sent, the connection is down (Up brings the line back): {text}"
     NOT_SENT_NOT_JOINED = "Not sent, you have not joined yet: {text}"
@@ -938,6 +940,8 @@ class LineOutput:
     """Prints lines as they come: a pipe, or a terminal without readline (a Windows console,
     a POSIX terminal whose Python has no GNU readline)."""
 
+    can_rewrite = False   # what is printed stays: the console's own echo may be below it
+
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
 
@@ -1240,9 +1244,12 @@ class Readline:
         self.point.value = point
         self.lib.rl_forced_update_display()   # prompt and input again, cursor where it was
 
-    def print_above(self, text):
-        """Print text above the prompt and redraw the prompt with the half-typed input."""
+    def print_above(self, text, replacing=0):
+        """Print text above the prompt and redraw the prompt with the half-typed input. With
+        ``replacing``, the text takes the place of that many rows right above the input."""
         saved = self._blank_input()
+        if replacing:
+            sys.stdout.write("\x1b[%dA\r\x1b[J" % replacing)
         sys.stdout.write("\r" + text + "\n")
         sys.stdout.flush()
         self._put_back(saved)
@@ -1312,6 +1319,7 @@ class ReadlineTerminal:
         self.rl = readline
         self.fd = fd
         self.vt = vt
+        self.can_rewrite = vt   # the rows printed last can be printed over
         self.secret = None          # bytes of a password being typed
         self.secret_saved = None    # the input line to give back after the password
         self._escape = False        # skipping an escape sequence (arrow keys) in a password
@@ -1331,6 +1339,10 @@ class ReadlineTerminal:
 
     def write(self, text):
         self.rl.print_above(text)
+
+    def rewrite(self, text, rows):
+        """Print ``text`` over the last ``rows`` rows printed (nothing came after them)."""
+        self.rl.print_above(text, replacing=rows)
 
     def set_prompt(self, prompt):
         if self.secret is None:
@@ -1854,6 +1866,9 @@ class Client:
         self.backoff = Backoff()
         self.connect_deadline = self.probe_at = self.reconnect_at = None
         self.question = None           # answers the next typed line (trusting a certificate)
+        # Rows of the reconnect status while it is the last thing printed above the input
+        # (0: it is not): the next attempt's status then takes its place.
+        self.status_rows = 0
         self.known = KnownServers(options.known_servers)
 
     # -- the loop -------------------------------------------------------------------------
@@ -1979,8 +1994,23 @@ class Client:
     def _schedule_reconnect(self):
         delay = self.backoff.next()
         self.reconnect_at = time.monotonic() + delay
-        self.note(Notes.RECONNECTING.format(delay=delay))
+        self._show_reconnecting(delay)
 
+    def _show_reconnecting(self, delay):
+        """One status line per outage, not one per attempt: where the terminal can, each
+        attempt's status replaces the last one's (while nothing came below it); elsewhere
+        the first attempt's is all that is said."""
+        template = (Notes.RECONNECTING_AFTER_SHUTDOWN if self.session.farewell
+                    else Notes.RECONNECTING)
+        text = self.presenter.note(template.format(delay=delay))
+        self._signals_first()   # (a resize forgets the status's rows)
+        if self.status_rows and self.output.can_rewrite:
+            self.output.rewrite(text, self.status_rows)
+        elif self.backoff.attempt == 1 or self.output.can_rewrite:
+            self.output.write(text)
+        else:
+            return
+        self.status_rows = text.count("\n") + 1
     def _on_connection(self, mask):
         conn = self.connection
         if conn is None:   # dropped by an earlier event of the same turn
@@ -2095,6 +2125,8 @@ class Client:
     # -- signals (POSIX terminal) -------------------------------------------------------------
     def _on_signals(self, mask):
         pending = self.signals.received()
+        if pending:
+            self.status_rows = 0   # rows may have moved (a resize, the shell's lines after ^Z)
         while pending:
             number = pending.pop(0)
             if number == signal.SIGWINCH:
@@ -2120,10 +2152,12 @@ class Client:
     def show(self, line):
         self._signals_first()
         self.output.write(self.presenter.line(line))
+        self.status_rows = 0
 
     def note(self, text, style=Style.NOTICE):
         self._signals_first()
         self.output.write(self.presenter.note(text, style))
+        self.status_rows = 0
 
     def show_typed(self, text):
         """An input line the terminal erased, shown again as it stood: the server refused it

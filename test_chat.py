@@ -3911,11 +3911,17 @@ class TerminalSessionTests(unittest.TestCase):
         term.type("half typed")
         term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
         self.assertEqual(first.stop()[0], 0)
-        note = "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+        note = "Reconnecting in 1 s (Ctrl-C to quit)..."   # the line above says why
         term.read_until(lambda rows: note in rows and rows[-1] == "(offline) mia> half typed",
                         "waiting to reconnect")
         rows = term.rows()
         self.assertTrue(rows[rows.index(note) - 1].endswith(SHUTTING_DOWN))
+        # The first attempt fails: its status takes the place of the first one's.
+        note2 = "Reconnecting in 2 s (Ctrl-C to quit)..."
+        term.read_until(lambda rows: rows[-2:] == [note2, "(offline) mia> half typed"],
+                        "the second attempt's status")
+        self.assertEqual([row for row in term.rows() if "Reconnecting" in row], [note2])
+        self.assertTrue(term.rows()[-3].endswith(SHUTTING_DOWN))
         second = start_server(self, "--port", str(port))
         watcher = second.client().join("watcher")
         term.read_until(lambda rows: rows[-2] == "Reconnected as mia."
@@ -3981,6 +3987,8 @@ class TerminalSessionTests(unittest.TestCase):
         term.read_until(lambda rows: rows[-1] == "nina>", "joined")
         server.stop(signal.SIGKILL)
         term.read_until(lambda rows: rows[-1] == "(offline) nina>", "offline")
+        self.assertEqual(term.rows()[-2], "Connection lost. Reconnecting in 1 s (Ctrl-C to "
+                                          "quit)...")   # no shutdown was announced
         term.type("\x03")
         self.assertEqual(term.wait(), 0)
 
@@ -4598,8 +4606,10 @@ class TerminalWindowsPathTests(unittest.TestCase):
         self.assertIn("bold", term.screen.attrs_of("hello vera"))      # colours: VT mode
         self.assertEqual(term.rows_after_ts().count(OK), 1)           # the join's, no other
         server.stop()
-        term.read_until(lambda rows: "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
-                        in rows, "offline")
+        term.read_until(lambda rows: "Reconnecting in 1 s (Ctrl-C to quit)..." in rows,
+                        "offline")
+        term.settle(2.5)                      # the first attempt fails after 1 s: said once
+        self.assertEqual(len([row for row in term.rows() if "Reconnecting" in row]), 1)
         second = start_server(self, "--port", str(port))
         watcher = second.client().join("watcher")
         term.read_until(lambda rows: rows[-2] == "Reconnected as wanda.", "rejoined")
