@@ -27,6 +27,7 @@ terminal. Standard library only, Python 3.8 or newer: zipped alone into chat_cli
 """
 
 import argparse
+import bisect
 import codecs
 import errno
 import hashlib
@@ -184,16 +185,97 @@ class ServerLine:
         return "<ServerLine %s %r>" % (self.kind, self.text)
 
 
-def users_listed(text):
-    """The nicknames in the list of 'Users ({n}): a, b (away), c (away: text)'. An away text
-    may hold anything, commas too: a piece counts only when it starts with a nickname that is
-    alone or followed by ' (away'."""
-    nicks = []
-    for piece in text.split(", "):
-        match = re.match(r"%s(?: \(away[:)]|\Z)" % _NICK, piece)
-        if match:
-            nicks.append(match.group(1))
+_MEMBER = re.compile(r"%s(?: \(away\)| \(away: .*\))?\Z" % _NICK, re.DOTALL)
+_NICK_RUN = re.compile(_NICK)
+_AWAY_TEXT = " (away: "
+USERS_PARSE_BUDGET = 20000   # steps spent counting the readings of a tangled list
+
+
+def users_listed(text, count):
+    """The nicknames in the list of 'Users ({n}): a, b (away), c (away: text)', which has
+    ``count`` entries. An away text may hold anything, ', ' and ')' too, so '/away x), mallory,
+    eve' could pose as more members: only nicknames that are entries in every reading of the
+    list as ``count`` entries are trusted (the true list is one of those readings)."""
+    pieces = text.split(", ") if text else []
+    if len(pieces) == count and all(_MEMBER.match(piece) for piece in pieces):
+        # Every ', ' ends an entry: no away text holds one, and no other reading has as many.
+        return [_NICK_RUN.match(piece).group() for piece in pieces]
+    only = _only_reading(text, count)
+    return only if only is not None else _certain_entries(pieces)
+
+
+def _certain_entries(pieces):
+    """The nicknames that begin the list up to its first away text (where each entry must
+    end is known until then), and those after the last piece that ends with ')' (no away
+    text can reach past that)."""
+    first = []
+    for piece in pieces:
+        match = _MEMBER.match(piece)
+        nick = _NICK_RUN.match(piece)
+        if nick and piece.startswith(_AWAY_TEXT, nick.end()):
+            first.append(nick.group())   # its entry begins here; where it ends, who knows
+            break
+        if not match:
+            return first
+        first.append(nick.group())
+    else:
+        return first
+    last = []
+    for piece in reversed(pieces[len(first):]):
+        if piece.endswith(")") or not _NICK_RUN.fullmatch(piece):
+            break
+        last.append(piece)
+    return first + last[::-1]
+
+
+def _only_reading(text, count):
+    """The nicknames of the one reading of ``text`` as ``count`` entries, where some away
+    text holds a ', ': the readings are counted (up to two) from the end backwards. None
+    when there are more, or counting them would take too long."""
+    ends = [m.start() for m in re.finditer(", ", text)] + [len(text)]
+    closing = [end for end in ends if text[end - 1:end] == ")"]   # where an away text may end
+    starts = [0] + [end + 2 for end in ends[:-1]]
+    # ways[start][left]: readings of text[start:] as exactly ``left`` entries (2: 'more').
+    ways = {len(text) + 2: {0: 1}}
+    budget = USERS_PARSE_BUDGET
+    for start in reversed(starts):
+        counts = {}
+        for end, _ in _entries_from(text, start, ends, closing):
+            after = ways[end + 2]
+            budget -= 1 + len(after)
+            if budget < 0:
+                return None
+            for left, n in after.items():
+                if left < count:
+                    counts[left + 1] = min(2, counts.get(left + 1, 0) + n)
+        ways[start] = counts
+    if ways[0].get(count) != 1:
+        return None if ways[0].get(count) else []   # more than one reading; none: not a list
+    nicks, start = [], 0
+    for left in range(count, 0, -1):   # follow the one reading, entry by entry
+        for end, nick in _entries_from(text, start, ends, closing):
+            if ways[end + 2].get(left - 1):
+                nicks.append(nick)
+                start = end + 2
+                break
     return nicks
+
+
+def _entries_from(text, start, ends, closing):
+    """(end, nickname) of each entry that can start at ``start`` and end at one of ``ends``
+    (before a ', ', or the end of ``text``). Only an entry with an away text can reach past
+    a ', ': to any of the ``closing`` ones, after a ')'."""
+    nick = _NICK_RUN.match(text, start)
+    if nick is None:
+        return
+    if not text.startswith(_AWAY_TEXT, nick.end()):
+        end = ends[bisect.bisect_left(ends, nick.end())]
+        if _MEMBER.match(text, start, end):
+            yield end, nick.group()
+        return
+    earliest = nick.end() + len(_AWAY_TEXT) + 1   # just after the shortest text's ')'
+    for i in range(bisect.bisect_left(closing, earliest), len(closing)):
+        yield closing[i], nick.group()
 
 
 def same_nick(a, b):
@@ -661,7 +743,7 @@ class Session:
             self.history_left = line.other
 
     def _learn_users(self, line):
-        self.members = {nick.casefold(): nick for nick in users_listed(line.said)
+        self.members = {nick.casefold(): nick for nick in users_listed(line.said, line.other)
                         if not same_nick(nick, self.nick)}
 
     def _mark_mention(self, line):

@@ -3445,6 +3445,28 @@ class SessionTests(unittest.TestCase):
             session.connected()                            # a new connection: ask again
             self.assertTrue(session.server_has_commands)
 
+    def test_an_away_text_cannot_pose_as_members_for_completion(self):
+        listed = self.chat.users_listed
+        # mallory's away text is 'x), eve, zed': the list of 2 reads one way only.
+        self.assertEqual(listed("alice, mallory (away: x), eve, zed)", 2), ["alice", "mallory"])
+        self.assertEqual(listed("alice, bob (away), carol (away: a, b (c), x)", 3),
+                         ["alice", "bob", "carol"])
+        self.assertEqual(listed("a (away: ), evil (away: ), b)", 2), ["a", "evil"])
+        self.assertEqual(listed("a (away: p), b (away: q), c (away: r, d)", 3), ["a", "b", "c"])
+        # Two readings as 2 entries (b's or c's away text was made up by the other): only
+        # what every reading has is trusted.
+        self.assertEqual(listed("a (away: x), b (away: y), c (away: z)", 2), ["a"])
+        self.assertEqual(listed("a, b (away: x), c (away: y), d (away: z), e, f", 4),
+                         ["a", "b", "e", "f"])
+        self.assertEqual(listed("a, m (away: ), x (away: ), y), z", 3), ["a", "m", "z"])
+        self.assertEqual(listed("alice, bob", 3), [])           # not a list of 3 at all
+        session, ui = self.session(interactive=True, list_users=True)
+        session.server_line(WELCOME)
+        session.typed("carol")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "Users (3): alice, mallory (away: x), eve, zed), carol")
+        self.assertEqual(session.completions("", False), ["alice ", "mallory "])
+
     def test_prompt_follows_nick(self):
         session, ui = self.joined(interactive=True)
         session.typed("/nick alicia")
@@ -3952,6 +3974,22 @@ class TerminalSessionTests(unittest.TestCase):
         term.read_until(lambda rows: rows[-1] == "quinn> carl", "completed carl")
         bob.close()
         carl.close()
+
+    def test_tab_offers_no_nickname_made_up_by_an_away_text(self):
+        server = start_server(self)
+        mallory = server.client().join("mallory")
+        mallory.send("/away x), eve, zed\n")
+        self.assertEqual(mallory.said(), OK)
+        term = PtyClient(self, ["--port", str(server.port), "--nick", "quinn"])
+        term.read_until(lambda rows: rows[-1] == "quinn>", "joined")
+        self.assertEqual(mallory.said(), "quinn connected!")
+        term.settle(0.2)                     # the quiet /users answered
+        term.type("/msg e\t")
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "quinn> /msg e")         # no 'eve' to offer
+        term.type("\x15/msg m\t")
+        term.read_until(lambda rows: rows[-1] == "quinn> /msg mallory", "a real one")
+        mallory.close()
 
     def test_prompt_follows_nick_and_quit_exits_0(self):
         server = start_server(self)
