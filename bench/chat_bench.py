@@ -805,10 +805,30 @@ def run(names, runs, setup):
     return results, failures
 
 
+def cpu_times():
+    """The machine's CPU time so far, in clock ticks: (all of it, the part stolen by the
+    hypervisor), from /proc/stat; None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields[:8]), steal
+
+
 def measure_once(scenario, contender):
+    """One run of a scenario on a fresh server. On a virtual machine another tenant can take the
+    CPU away (steal time): the share it took during the run is reported with the run's figures,
+    so that a bad run can be told from a slow server."""
     server = contender.start()
     try:
-        return scenario.measure(server)
+        before = cpu_times()
+        metrics = scenario.measure(server)
+        after = cpu_times()
+        if before and after and after[0] > before[0]:
+            metrics["machine_steal_share"] = (after[1] - before[1]) / (after[0] - before[0])
+        return metrics
     finally:
         server.stop()
 
