@@ -65,6 +65,7 @@ LINGER_SECONDS = 2.0       # a closing socket drains its peer's input so close()
 CLOSING_SECONDS = 10.0     # a closing connection whose last lines can't leave is closed anyway
 SHUTDOWN_GRACE = 1.5       # how long queued output may take to leave when the server stops
 EMFILE_PAUSE = 0.25        # out of descriptors: stop accepting this long, instead of spinning
+MAX_WAIT = 3600.0          # the longest select() wait (a huge --join-timeout must not overflow)
 FD_RESERVE = 24            # descriptors kept for the listener, log, selector and "full" answers
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
@@ -136,7 +137,6 @@ class Reason:
     CLOSED = "closed"
     RESET = "reset"
     SEND_QUEUE_FULL = "send queue full"
-    JOIN_TIMEOUT = "join timeout"
     SHUTDOWN = "shutdown"
     ERROR = "error"
 
@@ -189,7 +189,9 @@ DEFAULT_IGNORABLE = (
 
 # A letter's script is the first word of its Unicode name ("CYRILLIC SMALL LETTER A"); these
 # words name the same script differently. (The standard library has no Script property.)
-SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA"}
+# Modifier letters belong to no alphabet of their own (the Hawaiian ʻokina in "Hawaiʻi").
+SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA",
+                  "MODIFIER": None}
 # Scripts that one language writes together: Japanese, Korean.
 SCRIPT_FAMILIES = (frozenset({"HAN", "HIRAGANA", "KATAKANA"}), frozenset({"HAN", "HANGUL"}))
 
@@ -200,16 +202,18 @@ LOOK_ALIKE_CAPITALS = {
     # Cyrillic
     "А": "A", "В": "B", "Е": "E", "Ѐ": "È", "Ё": "Ë", "Ѕ": "S", "І": "I", "Ї": "Ï", "Ј": "J",
     "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X",
-    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö", "Ь": "B",
+    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö", "Ь": "B", "Ѵ": "V",
+    "Ԍ": "G",
     # Greek
-    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï", "Κ": "K", "Μ": "M",
+    "Ϝ": "F", "Ϻ": "M", "ϒ": "Y", "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï", "Κ": "K", "Μ": "M",
     "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X", "Ϲ": "C", "Ϳ": "J",
 }
 LOOK_ALIKE_SMALL = {
     # Cyrillic
     "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
     "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
-    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ", "ь": "b",
+    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ", "ь": "b", "г": "r", "ѵ": "v", "ѡ": "w", "ҽ": "e",
+    "ꙇ": "i",
     # Digits that pass for letters (digits go with any alphabet)
     "0": "o", "1": "l",
     # Greek
@@ -234,7 +238,7 @@ def script_of(char):
     if char.isnumeric():
         return None
     word = unicodedata.name(char, "").split(" ", 1)[0]
-    return SCRIPT_ALIASES.get(word, word)
+    return SCRIPT_ALIASES.get(word, word)  # (None for a modifier letter: any alphabet)
 
 
 def mixes_scripts(nick):
@@ -297,14 +301,12 @@ class Clock:
         self._prefix_bytes = self._prefix.encode()
 
     def prefix(self):
-        now = self._now()
-        if now >= self._minute_ends or now < self._minute_ends - 60:  # (or the clock went back)
-            self._refresh(now)
+        self.prefix_bytes()
         return self._prefix
 
     def prefix_bytes(self):
         now = self._now()
-        if now >= self._minute_ends or now < self._minute_ends - 60:
+        if now >= self._minute_ends or now < self._minute_ends - 60:  # (or the clock went back)
             self._refresh(now)
         return self._prefix_bytes
 
@@ -440,6 +442,9 @@ class Chat:
     # -- delivery -------------------------------------------------------------------------------
     def deliver(self, peer, data):
         peer.out.append(data)
+        self._list_pending(peer)
+
+    def _list_pending(self, peer):
         if not peer.pending:
             peer.pending = True
             self.pending.append(peer)
@@ -493,6 +498,8 @@ class Chat:
         return Phase.CLOSING
 
     def password_line(self, peer, line):
+        if self._locked_out(peer.host):  # (locked out meanwhile, by another connection's tries)
+            return self.refuse(peer, Lines.LOCKED_OUT)
         if self._same_secret(line.translate(None, CONTROL_BYTES), self.password):
             self.deliver(peer, (Lines.WELCOME + "\n").encode())
             return Phase.NICKNAME
@@ -709,9 +716,7 @@ class Chat:
         del self._appends[peer]
         # A broadcast earlier this turn may have queued lines for it that take_pending() would
         # no longer find among the members: list it now, so they are written before it closes.
-        if not peer.pending:
-            peer.pending = True
-            self.pending.append(peer)
+        self._list_pending(peer)
         announcement = self.line(Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_members(announcement)
         self._log_with(announcement, Lines.LOG_REASON.format(reason=reason))
@@ -1070,6 +1075,44 @@ def certificate_fingerprint(cert_file):
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
+class Deadlines:
+    """Connections that must be done with something within a fixed time (joining, closing,
+    lingering). All of one kind have the same length, so they come due in the order they were
+    set: an ordered dict, which a connection leaves as soon as the deadline no longer applies
+    (a heap entry would keep a closed connection, and what it held, until it came due)."""
+
+    def __init__(self, seconds, expired):
+        self.seconds = seconds
+        self.expired = expired   # called with each connection whose time has come
+        self._due = collections.OrderedDict()   # connection -> when
+
+    def __len__(self):
+        return len(self._due)
+
+    def add(self, conn, now):
+        self._due[conn] = now + self.seconds
+
+    def discard(self, conn):
+        self._due.pop(conn, None)
+
+    def next_due(self):
+        return next(iter(self._due.values())) if self._due else float("inf")
+
+    def take_due(self, now):
+        """The connections whose time has come, removed, earliest first."""
+        due = []
+        while self._due:
+            conn, when = next(iter(self._due.items()))
+            if when > now:
+                break
+            del self._due[conn]
+            due.append(conn)
+        return due
+
+    def clear(self):
+        self._due.clear()
+
+
 class SelectorPoller:
     """What the loop asks of its selector: register a socket for EVENT_READ and EVENT_WRITE with
     its data, and ``poll()`` -> [(data, events)], where the bits ``readable`` and ``writable`` of
@@ -1156,9 +1199,9 @@ def make_poller(selector=None):
 class Conn:
     """One connection as the loop sees it: its socket, its phase, and the conditions that decide
     whether it is read or written. The room's side of it is ``peer``."""
-    __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp",
-                 "join_deadline", "write_blocked", "tls_retry", "over_high_water", "over_rate",
-                 "input_ended", "skipping_long_line", "in_backlog")
+    __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp", "refusal",
+                 "write_blocked", "tls_retry", "over_high_water", "over_rate", "input_ended",
+                 "skipping_long_line", "in_backlog")
 
     def __init__(self, sock, peer, tls=False, burst=float("inf")):
         self.sock = sock
@@ -1169,7 +1212,7 @@ class Conn:
         self.mask = 0             # the events the selector watches for this socket now
         self.tokens = burst       # flood control: lines it may send before the clock is read
         self.stamp = 0.0          # when tokens were last topped up (at first: when it arrived)
-        self.join_deadline = 0.0  # when it must have joined, if there is a join timeout
+        self.refusal = None       # the line it gets once its TLS handshake is done (full)
         # The conditions, independent of the phase:
         self.write_blocked = False      # the kernel's send buffer is full: wait for EVENT_WRITE
         self.tls_retry = False          # a TLS write must be retried with the same bytes
@@ -1215,6 +1258,9 @@ class Server:
         # While a queue holds fewer items than this it cannot be above high water (an item is at
         # most one line and its prefixes), so the per-line check need not add up its bytes.
         self._throttle_items = max(1, self.high_water // (2 * max_line_bytes + 128))
+        # Reading a connection pauses while this much unhandled input waits: at least one read,
+        # and room for a whole line of the longest kind, or such a line could never complete.
+        self.input_limit = max(READ_SIZE, max_line_bytes + 2)
         self.join_timeout = join_timeout
         # Flood control: a token bucket per connection. Off is an endless bucket, so the check
         # per batch of lines is the same one comparison either way.
@@ -1225,9 +1271,12 @@ class Server:
         self.backlog = []         # Conns with complete lines not yet handled
         self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
         self.timers = []          # heap of (when, sequence, action, conn)
-        # Join deadlines all have the same length, so they come due in the order of arrival: a
-        # queue of connections, each with its deadline, instead of a heap entry per connection.
-        self.joining = collections.deque()
+        # Fixed-length timeouts, one ordered dict each (see Deadlines); the heap above is for
+        # the rest (flood control's waits, the accept pause, the shutdown's grace).
+        self.joining = Deadlines(join_timeout, self._join_expired)
+        self.closing = Deadlines(CLOSING_SECONDS, self._closing_expired)
+        self.lingering = Deadlines(LINGER_SECONDS, self._linger_expired)
+        self.deadlines = (self.joining, self.closing, self.lingering)
         self._share = LINES_PER_TURN  # lines each connection read this turn may handle at once
         self._timer_seq = 0
         self.listener = None
@@ -1321,10 +1370,7 @@ class Server:
                 if events & writable:
                     self._on_writable(conn)
                 if events & readable and conn.phase is not CLOSED:
-                    if conn.phase is HANDSHAKE:
-                        self._handshake(conn)
-                    else:
-                        self._read(conn)
+                    self._on_readable(conn)
             except Exception:
                 self._fail(conn)
 
@@ -1332,10 +1378,10 @@ class Server:
         if self.backlog or self.tls_buffered:
             return 0
         wait = timeout
-        if self.timers or self.joining:
-            first = min(self.timers[0][0] if self.timers else float("inf"),
-                        self.joining[0].join_deadline if self.joining else float("inf"))
-            until = max(first - time.monotonic(), 0)
+        first = min([self.timers[0][0] if self.timers else float("inf")]
+                    + [deadlines.next_due() for deadlines in self.deadlines])
+        if first != float("inf"):
+            until = min(max(first - time.monotonic(), 0), MAX_WAIT)
             wait = until if wait is None else min(wait, until)
         return wait
 
@@ -1355,7 +1401,9 @@ class Server:
         print_traceback()
         sys.stderr.flush()
         try:
-            if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
+            if conn.phase is CLOSED:
+                self._forget(conn)  # the error was in closing it: let go of it by force
+            elif conn.phase in (Phase.CLOSING, Phase.LINGERING):
                 self._close(conn, Reason.ERROR)
             else:
                 self.chat.leave(conn.peer, Reason.ERROR)
@@ -1371,13 +1419,12 @@ class Server:
 
     def _run_timers(self):
         now = time.monotonic()
-        joining = self.joining
-        while joining and joining[0].join_deadline <= now:
-            conn = joining.popleft()
-            try:
-                self._join_expired(conn)
-            except Exception:
-                self._fail(conn)
+        for deadlines in self.deadlines:
+            for conn in deadlines.take_due(now):
+                try:
+                    deadlines.expired(conn)
+                except Exception:
+                    self._fail(conn)
         while self.timers and self.timers[0][0] <= now:
             _, _, action, conn = heapq.heappop(self.timers)
             if conn is None:
@@ -1393,7 +1440,7 @@ class Server:
     def _join_expired(self, conn):
         """Its join timeout has come: if it has not joined by now, it is refused."""
         if conn.phase is Phase.HANDSHAKE:
-            self._close(conn, Reason.JOIN_TIMEOUT)  # no TLS yet, so nothing can be said
+            self._close(conn, Reason.CLOSED)  # no TLS yet, so nothing can be said
         elif conn.phase is Phase.PASSWORD or conn.phase is Phase.NICKNAME:
             self._enter(conn, self.chat.refuse(conn.peer, Lines.JOIN_TIMEOUT))
 
@@ -1422,17 +1469,19 @@ class Server:
             return
         if phase is Phase.CLOSING:
             self._close_after_flush(conn)
-        else:
-            conn.phase = phase
+            return
+        conn.phase = phase
+        if phase is MEMBER:
+            self.joining.discard(conn)  # joined: its join deadline no longer matters
 
     def _open(self, conn):
-        """Transport ready (TCP accepted, or TLS handshake done): the room greets it."""
-        phase = self.chat.greet(conn.peer)
-        if phase is Phase.CLOSING:
-            self._close_after_flush(conn)
-        else:
-            conn.phase = phase
-            self._set_interest(conn)
+        """Transport ready (TCP accepted, or TLS handshake done): the room greets it, or tells
+        it why not (a full chat, which a TLS client can only be told after its handshake)."""
+        if conn.refusal:
+            self._enter(conn, self.chat.refuse(conn.peer, conn.refusal))
+            return
+        self._enter(conn, self.chat.greet(conn.peer))
+        self._set_interest(conn)
 
     # -- accepting ------------------------------------------------------------------------------
     def _accept(self):
@@ -1471,14 +1520,9 @@ class Server:
         peer.owner = conn
         self.conns[sock] = conn
         if len(self.conns) > self.max_clients:
-            if conn.tls:
-                self._forget(conn)       # no handshake wasted on a connection refused anyway
-                return
-            self._enter(conn, self.chat.refuse(peer, Lines.FULL))
-            return
+            conn.refusal = Lines.FULL  # told at once, or after its TLS handshake
         if self.join_timeout:
-            conn.join_deadline = conn.stamp + self.join_timeout
-            self.joining.append(conn)
+            self.joining.add(conn, conn.stamp)
         if conn.tls:
             self._set_interest(conn)  # the handshake starts when the client's hello arrives
         else:
@@ -1516,13 +1560,18 @@ class Server:
         except (BlockingIOError, InterruptedError, TLS_WANTS_READ):
             return
         except TLS_WANTS_WRITE:
-            return  # (TLS renegotiation) the write side is watched anyway when blocked
+            # TLS must write before it can read on (a renegotiation): wait until it can.
+            conn.write_blocked = True
+            self._set_interest(conn)
+            return
         except OSError:
             self._close(conn, Reason.RESET)
             return
         if data:
             if conn.tls:
                 data = self._read_tls_rest(conn, data)
+                if conn.tls_retry and not conn.write_blocked:
+                    self._send(conn)  # a write that waited for this read (see _send)
         else:
             conn.input_ended = True
         phase = conn.phase
@@ -1538,7 +1587,7 @@ class Server:
         if conn.in_backlog or conn.over_rate or conn.over_high_water:
             # Lines of its own wait already (handled in order after this turn's reads), or it
             # is paused: the new input waits with them.
-            if conn.input_ended or len(conn.inbuf) >= READ_SIZE:
+            if conn.input_ended or len(conn.inbuf) >= self.input_limit:
                 self._set_interest(conn)
             return
         self._take_turn(conn, self._share)
@@ -1610,7 +1659,7 @@ class Server:
             self._close_after_flush(conn)
             return
         if conn.mask != EVENT_READ or conn.over_high_water or conn.over_rate or \
-                conn.input_ended or len(conn.inbuf) >= READ_SIZE:
+                conn.input_ended or len(conn.inbuf) >= self.input_limit:
             self._set_interest(conn)  # something changed; else reading simply goes on
 
     def _handle_lines(self, conn, most):
@@ -1720,11 +1769,13 @@ class Server:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except (TLS_WANTS_WRITE, TLS_WANTS_READ):
+        except (TLS_WANTS_WRITE, TLS_WANTS_READ) as wants:
             if not conn.tls_retry:
                 peer.hold(data)    # OpenSSL wants this very buffer again
                 conn.tls_retry = True
-            conn.write_blocked = True
+            # Retried when the socket is writable, or (TLS must read first, a renegotiation)
+            # after the next read, which _read then follows with the write.
+            conn.write_blocked = isinstance(wants, TLS_WANTS_WRITE)
             return
         except OSError:
             self._close(conn, Reason.RESET)
@@ -1757,7 +1808,7 @@ class Server:
         if phase is Phase.LINGERING or phase is Phase.HANDSHAKE or (
                 phase in TALKING and not (conn.input_ended or conn.over_high_water
                                           or conn.over_rate or self.stopping)
-                and len(conn.inbuf) < READ_SIZE):
+                and len(conn.inbuf) < self.input_limit):
             mask |= EVENT_READ
             if conn.tls and not conn.mask & EVENT_READ and phase in TALKING \
                     and conn.sock.pending():
@@ -1783,7 +1834,7 @@ class Server:
         if not conn.peer.out:
             self._start_lingering(conn)
         else:
-            self._after(CLOSING_SECONDS, self._closing_expired, conn)
+            self.closing.add(conn, time.monotonic())
             self._set_interest(conn)
 
     def _start_lingering(self, conn):
@@ -1791,6 +1842,7 @@ class Server:
         while), so that close() does not answer unread input with a RST that could destroy our
         last lines."""
         conn.phase = Phase.LINGERING
+        self.closing.discard(conn)
         try:
             if conn.tls:
                 self._send_close_notify(conn)
@@ -1801,7 +1853,7 @@ class Server:
         if conn.input_ended:
             self._close(conn, Reason.CLOSED)
             return
-        self._after(LINGER_SECONDS, self._linger_expired, conn)
+        self.lingering.add(conn, time.monotonic())
         self._set_interest(conn)
 
     @staticmethod
@@ -1822,15 +1874,29 @@ class Server:
             conn.mask = 0
         conn.sock.close()
         del self.conns[conn.sock]
+        for deadlines in self.deadlines:
+            deadlines.discard(conn)
         self.chat.leave(conn.peer, reason)
+        self._release(conn)
         if self.accept_paused:
             self._resume_accepting(None)  # a descriptor just came free
+
+    @staticmethod
+    def _release(conn):
+        """Let go of what a closed connection held at once, whoever still refers to it (a timer,
+        the room's pending list): its buffers, and the Conn-Peer cycle that would otherwise
+        wait for the cyclic garbage collector."""
+        conn.inbuf = b""
+        conn.peer.out.clear()
+        conn.peer.owner = None
 
     def _forget(self, conn):
         """Last resort after an error in _close itself: drop every reference to ``conn``."""
         conn.phase = Phase.CLOSED
         for step in (lambda: self.poller.unregister(conn.sock), conn.sock.close,
-                     lambda: self.conns.pop(conn.sock, None)):
+                     lambda: self.conns.pop(conn.sock, None),
+                     lambda: [deadlines.discard(conn) for deadlines in self.deadlines],
+                     lambda: self._release(conn)):
             try:
                 step()
             except Exception:

@@ -687,6 +687,47 @@ class LimitTests(unittest.TestCase):
         for c in (member, slow, other):
             c.close()
 
+    def test_line_limit_above_the_read_size(self):
+        # A line longer than one read (64 KiB) but within the limit must still complete.
+        server = start_server(self, "--max-line-bytes", "100000", *VERSION_1_OPTIONS)
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        alice.send("x" * 70000 + "\nhello\n")
+        self.assertEqual(bob.said(), "alice sent " + "x" * 70000)
+        self.assertEqual(bob.said(), "alice sent hello")
+        alice.send("y" * 100001 + "\nagain\n")
+        self.assertEqual([alice.said() for _ in range(7)][4:],
+                         [too_long_line(100000), OK, "YOU SEND USERS again"])
+
+    def test_huge_timeouts_do_not_stop_the_server(self):
+        for options in (["--join-timeout", "1e10"],
+                        ["--rate-limit", "1e-7", "--rate-burst", "1", "--join-timeout", "0"]):
+            server = start_server(self, *options)
+            alice = server.client().join("alice")
+            alice.send("hello\n")             # (past the burst: its turn comes in ages)
+            bob = server.client().join("bob")  # the server waited, and is still serving
+            carol = server.client().join("carol")
+            self.assertIsNone(server.proc.poll(), server.stderr())
+            for client in (alice, bob, carol):
+                client.close()
+
+    def test_closed_connections_leave_nothing_behind(self):
+        # Connect, send most of a line, close, a thousand times: a closed connection must not
+        # stay in memory until its join timeout (they did, with their unfinished input), nor
+        # wait for the cyclic garbage collector.
+        import gc
+        server = InProcessServer(self, join_timeout=60)
+        for _ in range(1000):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.recv(100)           # the welcome: read, so that closing sends FIN, not RST,
+            sock.sendall(b"z" * 8000)  # and the server reads the unfinished line before EOF
+            sock.close()
+        wait_until(lambda: not server.server.conns, "every connection closed")
+        self.assertEqual(len(server.server.joining), 0)
+        alive = [o for o in gc.get_objects() if isinstance(o, server.mod.Conn)]
+        self.assertEqual(alive, [])
+
     def test_configured_line_limit(self):
         server = start_server(self, "--max-line-bytes", "10")
         client = server.client().join("short")
@@ -1008,7 +1049,8 @@ LOOK_ALIKES = [
     ("Р", "P"), ("С", "C"), ("Т", "T"), ("Х", "X"), ("У", "Y"), ("І", "I"), ("Ј", "J"),
     ("Ѕ", "S"), ("Α", "A"), ("Β", "B"), ("Ε", "E"), ("Ζ", "Z"), ("Η", "H"), ("Ι", "I"),
     ("Κ", "K"), ("Μ", "M"), ("Ν", "N"), ("Ο", "O"), ("Ρ", "P"), ("Τ", "T"), ("Υ", "Y"),
-    ("Χ", "X"),
+    ("Χ", "X"), ("г", "r"), ("ѵ", "v"), ("Ѵ", "V"), ("ѡ", "w"), ("ҽ", "e"), ("Ԍ", "G"),
+    ("Ϝ", "F"), ("Ϻ", "M"), ("ϒ", "Y"), ("ь", "b"),
 ]
 
 
@@ -1052,7 +1094,8 @@ class NicknameTests(unittest.TestCase):
                             ("김철수", "김철수"), ("金哲洙", "金哲洙"), ("김哲수", "김哲수"),
                             ("Αλέξης", "Αλέξης"), ("Пётр", "Пётр"), ("Jürgen2", "Jürgen2"),
                             ("カタカナ", "カタカナ"), ("ラーメン好き", "ラーメン好き"),
-                            ("佐々木", "佐々木"), ("user42", "user42"), ("٣٤", "٣٤")):
+                            ("佐々木", "佐々木"), ("user42", "user42"), ("٣٤", "٣٤"),
+                            ("Hawaiʻi", "Hawaiʻi"), ("Kaʻiulani", "Kaʻiulani")):
             client, answer = self.attempt(nick)
             self.assertEqual(answer, OK, nick)
             self.assertEqual(self.alice.said(), "%s connected!" % shown)
@@ -1311,6 +1354,14 @@ class TLSTests(unittest.TestCase):
         self.assertEqual([alice.said() for _ in range(100)],
                          ["bob sent burst line %d" % i for i in range(100)])
 
+    def test_a_full_tls_chat_says_so(self):
+        server = start_server(self, "--max-clients", "1", tls=True)
+        first = server.client().join("first")
+        second = server.client()   # the handshake completes, then the refusal comes
+        self.assertEqual(second.said(), FULL)
+        second.expect_eof()
+        first.close()
+
     def test_tls_below_1_2_is_refused(self):
         import ssl
         server = start_server(self, tls=True)
@@ -1437,6 +1488,22 @@ class PasswordTests(unittest.TestCase):
         except OSError:
             self.skipTest("no 127.0.0.2 here")
         self.assertEqual(other.line(), WELCOME)
+
+    def test_the_lockout_holds_for_connections_prompted_before_it(self):
+        # Thirty connections opened at once, then guessed on: only five guesses are checked.
+        server = self.server_with_password()
+        waiting = [server.client() for _ in range(30)]
+        for client in waiting:
+            self.addCleanup(client.close)
+            self.assertEqual(client.line(), PASSWORD_PROMPT)
+        answers = []
+        for i, client in enumerate(waiting[:-1]):
+            client.send("guess %d\n" % i)
+            answers.append(client.said())
+        self.assertEqual(answers, ["Sorry! Wrong password."] * 5
+                         + ["Sorry! Too many wrong passwords. Try again later."] * 24)
+        waiting[-1].send("open sesame\n")   # the right one, from a locked-out address
+        self.assertEqual(waiting[-1].said(), "Sorry! Too many wrong passwords. Try again later.")
 
     def test_the_join_timeout_covers_the_password(self):
         server = self.server_with_password("--join-timeout", "0.5")
@@ -2193,7 +2260,8 @@ class LookAlikeTests(RoomTestCase):
                 self.peer(first + first + "1")
                 newcomer = self.peer()
                 self.assertIsNone(self.send(newcomer, second + second + "1"), (first, second))
-                self.assertEqual(self.said(newcomer)[1:], [busy(second + second + "1")])
+                shown = unicodedata.normalize("NFKC", second + second + "1")  # (ϒ is Υ then)
+                self.assertEqual(self.said(newcomer)[1:], [busy(shown)])
 
     def test_digits_and_capitals_that_pass_for_letters_are_busy(self):
         for member, impostor in (("bob", "b0b"), ("bob", "B0B"), ("alice", "aIice"),
