@@ -4092,9 +4092,8 @@ class TerminalSessionTests(unittest.TestCase):
         term = PtyClient(self, ["--port", str(server.port), "--nick", "nina"])
         term.read_until(lambda rows: rows[-1] == "nina>", "joined")
         server.stop(signal.SIGKILL)
-        term.read_until(lambda rows: rows[-1] == "(offline) nina>", "offline")
-        self.assertEqual(term.rows()[-2], "Connection lost. Reconnecting in 1 s (Ctrl-C to "
-                                          "quit)...")   # no shutdown was announced
+        note = "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."   # no shutdown said
+        term.read_until(lambda rows: rows[-2:] == [note, "(offline) nina>"], "offline")
         term.type("\x03")
         self.assertEqual(term.wait(), 0)
 
