@@ -4867,20 +4867,19 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         self.assertNotIn(b"Traceback", term.output)
 
 
-def version_1_server():
-    """chat_server.py as version 1 shipped it (no commands), from this repository's history;
-    None where git or the history is missing (an exported tree)."""
-    path = os.path.join(tempfile.gettempdir(), "chat_server_v1_%d.py" % os.getpid())
-    if not os.path.exists(path):
-        try:
-            proc = subprocess.run(["git", "-C", HERE, "show", "04e43d2:chat_server.py"],
-                                  capture_output=True, timeout=DEADLINE)
-        except OSError:
-            return None
-        if proc.returncode != 0:
-            return None
-        with open(path, "wb") as f:
-            f.write(proc.stdout)
+def version_1_server(folder):
+    """chat_server.py as version 1 shipped it (no commands), from this repository's history,
+    written into ``folder``; None where git or the history is missing (an exported tree)."""
+    try:
+        proc = subprocess.run(["git", "-C", HERE, "show", "04e43d2:chat_server.py"],
+                              capture_output=True, timeout=DEADLINE)
+    except OSError:
+        return None
+    if proc.returncode != 0:
+        return None
+    path = os.path.join(folder, "chat_server_v1.py")
+    with open(path, "wb") as f:
+        f.write(proc.stdout)
     return path
 
 
@@ -4888,11 +4887,19 @@ def version_1_server():
 class TerminalWithVersion1ServerTests(unittest.TestCase):
     """A version 2 client on a terminal against a version 1 server, which has no commands."""
 
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="chat-v1-")
+        cls.v1_server = version_1_server(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
     def setUp(self):
-        path = version_1_server()
-        if path is None:
+        if self.v1_server is None:
             self.skipTest("no version 1 server: needs git and this repository's history")
-        self.server = start_server(self, command=[sys.executable, path])
+        self.server = start_server(self, command=[sys.executable, self.v1_server])
 
     def test_the_quiet_users_is_answered_as_a_message_and_left_out(self):
         bob = self.server.client().join("bob")
