@@ -4332,7 +4332,7 @@ class ClientSecurityTests(unittest.TestCase):
 
     def test_ca_check_failure_is_one_sentence(self):
         # OpenSSL's reason ends with its own full stop: ours must not add a second one.
-        cert, key = certificate_for_another_host()
+        cert, key = certificate_for_another_host(self)
         server = FakeServer(self, lambda peer: None, handshake_may_fail=True,
                             tls=server_tls_context(cert, key))
         status, lines, err = self.run_tls_client(server, "--tls-ca", cert)
@@ -4526,13 +4526,14 @@ class ReadlineBindingTests(unittest.TestCase):
             self.assertTrue("lib.%s(" % name in source, "%s is never called" % name)
 
 
-def certificate_for_another_host():
+def certificate_for_another_host(test):
     """(certificate, key) of a self-signed certificate for elsewhere.example only; skips the
     test where the openssl command is missing."""
     openssl = shutil.which("openssl")
     if not openssl:
         raise unittest.SkipTest("needs the openssl command")
     folder = tempfile.mkdtemp(prefix="chat-cert-")
+    test.addCleanup(shutil.rmtree, folder, True)
     cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
