@@ -210,16 +210,15 @@ def _certain_entries(pieces):
     text can reach past that)."""
     first = []
     for piece in pieces:
-        match = _MEMBER.match(piece)
         nick = _NICK_RUN.match(piece)
         if nick and piece.startswith(_AWAY_TEXT, nick.end()):
             first.append(nick.group())   # its entry begins here; where it ends, who knows
             break
-        if not match:
+        if not _MEMBER.match(piece):
             return first
         first.append(nick.group())
     else:
-        return first
+        return first   # (no away text at all)
     last = []
     for piece in reversed(pieces[len(first):]):
         if piece.endswith(")") or not _NICK_RUN.fullmatch(piece):
