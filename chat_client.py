@@ -2448,17 +2448,18 @@ def make_client(options, environ):
 
 
 def configure_stdio():
-    """UTF-8 on standard input and output unless they are a console, as on the wire.
+    """UTF-8 on standard input, output and error unless they are a console, as on the wire.
 
     A pipe or a file on Windows uses the ANSI code page (cp1252 and the like), so piped Cyrillic
     was sent as mojibake and printed as '????'. A console (or a POSIX terminal) keeps the
     encoding Python chose for it: on Windows that is the console's own Unicode I/O. A character
     that cannot be shown becomes '?' instead of ending the client; invalid UTF-8 piped in, U+FFFD.
+    Standard error too: the last words can hold a nickname, a path or the system's own words.
     """
-    for stream in (sys.stdin, sys.stdout):
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
         try:
             if stream.isatty():
-                if stream is sys.stdout:
+                if stream is not sys.stdin:
                     stream.reconfigure(errors="replace")
             else:
                 stream.reconfigure(encoding="utf-8", errors="replace")

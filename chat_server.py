@@ -205,8 +205,9 @@ LOOK_ALIKE_CAPITALS = {
     "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö", "Ь": "B", "Ѵ": "V",
     "Ԍ": "G",
     # Greek
-    "Ϝ": "F", "Ϻ": "M", "ϒ": "Y", "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï", "Κ": "K", "Μ": "M",
-    "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X", "Ϲ": "C", "Ϳ": "J",
+    "Ϝ": "F", "Ϻ": "M", "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï",
+    "Κ": "K", "Μ": "M",
+    "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X", "Ϳ": "J",
 }
 LOOK_ALIKE_SMALL = {
     # Cyrillic
@@ -218,8 +219,9 @@ LOOK_ALIKE_SMALL = {
     "0": "o", "1": "l",
     # Greek
     "α": "a", "γ": "y", "ι": "i", "ϊ": "ï", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
-    "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
+    "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϳ": "j",
 }
+# (Not here: "ϒ", "ϲ", "Ϲ"; NFKC has made them "Υ", "ς", "Σ" before a skeleton is taken.)
 # A capital I passes for a small l in most fonts: a skeleton of the name as written, before
 # case is folded, catches "aIice" for "alice".
 LOOK_ALIKE_AS_WRITTEN = {"I": "l", "Ӏ": "l", "Ι": "l"}
@@ -963,17 +965,21 @@ def default_syslog_address():
     return None
 
 
-def open_file_log(path, warn, fall_back):
-    """The log file; where it can't be opened, standard error if ``fall_back`` (with a notice
-    saying why), else the error, naming the file."""
+def open_file_log(path, warn, fall_back, why=None):
+    """The log file; where it can't be opened, standard error if ``fall_back``, else the error,
+    naming the file. One notice says where the records go and why, ``why`` (the file instead of
+    syslog) first: never a notice that a second one contradicts."""
     try:
-        return FileLog(path, warn=warn)
+        sink = FileLog(path, warn=warn)
     except OSError as exc:
         reason = "cannot open the log file %s: %s" % (os.path.abspath(path), exc.strerror or exc)
         if not fall_back:
             raise OSError(reason)
-        warn("%s; logging to standard error" % reason)
+        warn("%s; logging to standard error" % "; ".join(filter(None, (why, reason))))
         return StderrLog()
+    if why:
+        warn("%s; logging to %s" % (why, path))
+    return sink
 
 
 def open_log(mode, log_file, syslog_address, warn):
@@ -984,14 +990,14 @@ def open_log(mode, log_file, syslog_address, warn):
     if mode == "auto":
         syslog_address = syslog_address or default_syslog_address()
         if not syslog_address:
-            warn("no syslog socket (/dev/log) on this machine; logging to %s" % log_file)
-            return open_file_log(log_file, warn, fall_back=True)
+            return open_file_log(log_file, warn, fall_back=True,
+                                 why="no syslog socket (/dev/log) on this machine")
         sink = SyslogLog(syslog_address)
         if sink.connected():
             return sink
         # A socket file left by a stopped daemon: logging there would lose every record.
-        warn("the syslog socket %s does not answer; logging to %s" % (syslog_address, log_file))
-        return open_file_log(log_file, warn, fall_back=True)
+        return open_file_log(log_file, warn, fall_back=True,
+                             why="the syslog socket %s does not answer" % syslog_address)
     if mode == "syslog":
         if not hasattr(socket, "AF_UNIX"):
             raise OSError("syslog logging needs Unix sockets; use --log file")

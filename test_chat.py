@@ -8,6 +8,7 @@ The expected lines are those of ../shared/PROTOCOL.md, written out here on purpo
 the server's spelling against the protocol's, not against itself.
 """
 
+import atexit
 import datetime
 import io
 import os
@@ -348,16 +349,43 @@ y2we6Fma6BQemCOEchgMUuYXBbxH01O9jhGsvTf9VmrLiQBNhvUPXghK
 """
 FIXED_TEST_FINGERPRINT = ("D6:D3:92:B7:06:5E:1B:2F:CD:45:2E:9C:5C:4E:58:38:"
                           "63:1D:A4:5A:24:CA:39:30:C1:C1:E3:8F:9D:B4:F9:54")
+# The second certificate ("other": a server the client has not seen), made the same way.
+FIXED_OTHER_CERT = """-----BEGIN CERTIFICATE-----
+MIIBrTCCAVSgAwIBAgIUIWLdBU+taYHl+GWdL8SADCedmy4wCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNDE5MTcyMFoYDzIxMjYxMDMx
+MTkxNzIwWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAASSt5JUMgR3kmkL7PIJpJYrCE+BHOHoDKOa7GWGlwVnxdWDiXwRJwIf
+5o8Mdo8ESRzuyXJeQov19FiKyMPS/SYmo4GBMH8wHQYDVR0OBBYEFP+pTxzKNrhv
+ZXhHv1uBPhAeTgzXMB8GA1UdIwQYMBaAFP+pTxzKNrhvZXhHv1uBPhAeTgzXMA8G
+A1UdEwEB/wQFMAMBAf8wLAYDVR0RBCUwI4IJbG9jYWxob3N0hwR/AAABhxAAAAAA
+AAAAAAAAAAAAAAABMAoGCCqGSM49BAMCA0cAMEQCIC6mC3q9r2u2IGuXjegBb1yZ
+ykaUIBtkdIT6w+6HV5xsAiBd6s1Z+9FW3UKdAhYf3CNvu9A5/UP9E4CwnNxk8+P2
+9g==
+-----END CERTIFICATE-----
+"""
+FIXED_OTHER_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgeOnsWZB2J+C/9snx
+t6zK/JNlg+dql1gPnTUvdvjKGAyhRANCAASSt5JUMgR3kmkL7PIJpJYrCE+BHOHo
+DKOa7GWGlwVnxdWDiXwRJwIf5o8Mdo8ESRzuyXJeQov19FiKyMPS/SYm
+-----END PRIVATE KEY-----
+"""
+FIXED_OTHER_FINGERPRINT = ("1F:E8:A7:CE:22:CD:E2:C4:07:D6:38:C8:B9:9A:73:73:"
+                           "E3:C5:C0:18:97:57:4C:A6:8A:C0:AA:19:A4:8A:4B:D5")
+FIXED_TEST_CERTIFICATES = {
+    "server": (FIXED_TEST_CERT, FIXED_TEST_KEY, FIXED_TEST_FINGERPRINT),
+    "other": (FIXED_OTHER_CERT, FIXED_OTHER_KEY, FIXED_OTHER_FINGERPRINT),
+}
 _certificates = {}
 
 
 def test_certificate(name="server"):
     """(certificate path, key path, SHA-256 fingerprint) of a self-signed certificate for
     localhost: made by the openssl command where it is installed (one per name, per run), else
-    the fixed one above. The fingerprint is what openssl itself prints."""
+    the fixed one of that name above. The fingerprint is what openssl itself prints."""
     if name in _certificates:
         return _certificates[name]
     folder = tempfile.mkdtemp(prefix="chat-cert-")
+    atexit.register(shutil.rmtree, folder, True)  # kept for the whole run, then removed
     cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
     openssl = shutil.which("openssl")
     if openssl:
@@ -370,11 +398,11 @@ def test_certificate(name="server"):
                                   cert], check=True, capture_output=True, text=True).stdout
         fingerprint = printed.strip().split("=", 1)[1]
     else:
+        fixed_cert, fixed_key, fingerprint = FIXED_TEST_CERTIFICATES[name]
         with open(cert, "w") as f:
-            f.write(FIXED_TEST_CERT)
+            f.write(fixed_cert)
         with open(key, "w") as f:
-            f.write(FIXED_TEST_KEY)
-        fingerprint = FIXED_TEST_FINGERPRINT
+            f.write(fixed_key)
     _certificates[name] = (cert, key, fingerprint)
     return _certificates[name]
 
@@ -1051,6 +1079,11 @@ LOOK_ALIKES = [
     ("Κ", "K"), ("Μ", "M"), ("Ν", "N"), ("Ο", "O"), ("Ρ", "P"), ("Τ", "T"), ("Υ", "Y"),
     ("Χ", "X"), ("г", "r"), ("ѵ", "v"), ("Ѵ", "V"), ("ѡ", "w"), ("ҽ", "e"), ("Ԍ", "G"),
     ("Ϝ", "F"), ("Ϻ", "M"), ("ϒ", "Y"), ("ь", "b"),
+    # with marks, and the rarer ones
+    ("Ѐ", "È"), ("Ё", "Ë"), ("Ї", "Ï"), ("ѐ", "è"), ("ё", "ë"), ("ї", "ï"), ("Ӓ", "Ä"),
+    ("ӓ", "ä"), ("Ӧ", "Ö"), ("ӧ", "ö"), ("ӱ", "ÿ"), ("Ϊ", "Ï"), ("Ϋ", "Ÿ"), ("ϊ", "ï"),
+    ("ϋ", "ü"), ("Ү", "Y"), ("ү", "y"), ("Һ", "H"), ("Ӏ", "I"), ("ӏ", "l"), ("Ԛ", "Q"),
+    ("Ԝ", "W"), ("ꙇ", "i"), ("σ", "o"), ("ϳ", "j"), ("Ϳ", "J"),
 ]
 
 
@@ -1186,6 +1219,18 @@ class FloodControlTests(unittest.TestCase):
         self.assertGreater(time.monotonic() - started, 0.8)  # 4 past the burst at 4 a second
         client.close()
 
+    def test_commands_and_over_long_lines_count_too(self):
+        server = start_server(self, "--rate-limit", "4", "--rate-burst", "2",
+                              "--max-line-bytes", "10")
+        counter = server.client().join("counter")
+        self.addCleanup(counter.close)
+        started = time.monotonic()
+        counter.send("/help\n/users\n%s\n/users\n%s\n/help\n" % ("x" * 50, "y" * 50))
+        answers = [counter.said() for _ in range(6)]
+        self.assertEqual(answers, [HELP, "Users (1): counter", too_long_line(10),
+                                   "Users (1): counter", too_long_line(10), HELP])
+        self.assertGreater(time.monotonic() - started, 0.8)  # 4 past the burst at 4 a second
+
     def test_a_flooder_that_stops_reading_is_still_cut_off_at_the_send_queue(self):
         server = start_server(self, "--max-send-queue", "65536", "--rate-limit", "1000",
                               "--rate-burst", "1000")
@@ -1274,6 +1319,23 @@ def read_tls_line(sock, tls, incoming):
 
 class TLSTests(unittest.TestCase):
     """What only TLS has: the handshake in the loop, plain-text clients, pending() bytes."""
+
+    def test_fixed_certificates_for_machines_without_openssl_are_sound(self):
+        """The fallback of test_certificate: two distinct key pairs, fingerprints as stated."""
+        import hashlib
+        import ssl
+        folder = tempfile.mkdtemp(prefix="chat-cert-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        for name, (cert, key, fingerprint) in FIXED_TEST_CERTIFICATES.items():
+            cert_path, key_path = (os.path.join(folder, name + ext) for ext in (".crt", ".key"))
+            for path, text in ((cert_path, cert), (key_path, key)):
+                with open(path, "w") as f:
+                    f.write(text)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_path,
+                                                                               key_path)
+            digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert)).hexdigest().upper()
+            self.assertEqual(":".join(digest[i:i + 2] for i in range(0, 64, 2)), fingerprint)
+        self.assertEqual(len({fixed[2] for fixed in FIXED_TEST_CERTIFICATES.values()}), 2)
 
     def test_fingerprint_line_is_openssls(self):
         server = start_server(self, tls=True)
@@ -1763,6 +1825,23 @@ class SyslogTests(unittest.TestCase):
                              "dead connected! [from %s]" % dead.address)
         self.assertEqual(server.stderr(), "chat_server: the syslog socket %s does not answer;"
                                           " logging to chat.log\n" % self.path)
+
+    def test_dead_syslog_and_no_chat_log_give_one_notice_naming_standard_error(self):
+        self.syslog.close()
+        folder = tempfile.mkdtemp(prefix="chat-cwd-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.mkdir(os.path.join(folder, "chat.log"))  # can't be opened as a file, even by root
+        server = start_server(self, "--log", "auto", "--syslog-address", self.path,
+                              log_file=False, cwd=folder)
+        alice = server.client().join("alice")
+        alice.close()
+        wait_until(lambda: "alice disconnected! [closed]" in server.stderr(), "the leave record")
+        notice, started = server.stderr().splitlines()[:2]
+        self.assertEqual(notice, "chat_server: the syslog socket %s does not answer; cannot open"
+                                 " the log file %s: Is a directory; logging to standard error"
+                         % (self.path, os.path.join(os.path.realpath(folder), "chat.log")))
+        self.assertEqual(split_ts(started)[1], "Server started on 127.0.0.1:%d" % server.port)
+        self.assertEqual(server.stop()[0], 0)
 
     def test_syslog_that_never_reads_does_not_stop_the_chat(self):
         server = start_server(self, "--log", "syslog", "--syslog-address", self.path,
@@ -2476,6 +2555,12 @@ class RepositoryTests(unittest.TestCase):
         self.assertEqual(server.CONTROL_CHARS.pattern, client.CONTROL_CHARS.pattern)
         self.assertEqual(server.VERSION, readme_version())
 
+    def test_the_client_completes_exactly_the_commands_the_server_has(self):
+        server, client = import_module("chat_server"), import_module("chat_client")
+        self.assertEqual(sorted(name[1:] for name in client.Lines.COMMANDS),
+                         sorted(server.Chat.COMMANDS))
+        self.assertEqual(sorted(server.Chat.COMMANDS), sorted(REAL_COMMANDS))
+
     def test_the_bench_scripts_import(self):
         # They import helpers from this file: a rename here must not break them silently.
         import importlib.util
@@ -2634,6 +2719,15 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((status, lines), (1, []))
         self.assertEqual(err, "Cannot connect to 127.0.0.1:%d: Connection refused."
                               " Is the server running?\n" % port)
+
+    def test_last_words_on_standard_error_are_utf8(self):
+        # On Windows a redirected stderr used the ANSI code page: a Cyrillic path came out as
+        # \u escapes. (The file does not exist, so the path means the same on either system.)
+        path = os.path.join(tempfile.gettempdir(), "нет-такого-файла", "пароль.txt")
+        status, lines, err = self.client(free_port(), args=["--password-file", path]).finish()
+        self.assertEqual((status, lines), (1, []))
+        self.assertEqual(err, "chat_client: --password-file: cannot read %s: No such file or"
+                              " directory\n" % path)
 
     def test_commands_through_a_pipe(self):
         # Commands are lines: a script pipes them and reads the server's answers as they are.
@@ -4233,7 +4327,7 @@ class ClientSecurityTests(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix="chat-tls-")
         cls.cert, cls.key, cls.fingerprint = test_certificate()
-        cls.other_cert = test_certificate("other")[0]   # the same one where openssl is missing
+        cls.other_cert = test_certificate("other")[0]
         cls.other_fingerprint = ":".join(["AB"] * 32)   # somebody else's certificate
 
     @classmethod
@@ -4322,8 +4416,6 @@ class ClientSecurityTests(unittest.TestCase):
         server = self.tls_server()
         status, lines, err = self.run_tls_client(server, "--tls-ca", self.cert)
         self.assertEqual((status, err), (0, ""))
-        if test_certificate("other")[2] == self.fingerprint:
-            return   # no openssl: no second certificate to fail the check with
         server = self.tls_server(script=lambda peer: None, handshake_may_fail=True)
         status, lines, err = self.run_tls_client(server, "--tls-ca", self.other_cert)
         self.assertEqual(status, 1)
@@ -5318,8 +5410,7 @@ class WindowsServerTests(WindowsLeg, unittest.TestCase):
         server = start_server(self, "--log", "stderr", log_file=False)
         vasya = server.client().join("Вася")
         vasya.close()
-        # (Stopping only once the leave is logged: a Ctrl-C that meets another event can still
-        # leave a line on stderr today, windows-server-bugs.md 3.)
+        # (Stopping only once the leave is logged: else it may be logged as a shutdown.)
         wait_until(lambda: "disconnected! [closed]" in server.stderr(), "the leave record")
         self.assertEqual(server.stop(), (0, [STOPPED]))
         records = server.stderr().replace("\r\n", "\n").splitlines()
