@@ -119,6 +119,7 @@ class Lines:
     LOG_FROM = " [from {address}]"
     LOG_REASON = " [{reason}]"
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
+    LOG_CLOSED = "Connection from {address} closed"  # one that never joined, on an error
     LOG_STARTED = "Server started on {address}"
     LOG_STOPPED = "Server stopped"
     # Standard output and error
@@ -725,6 +726,15 @@ class Chat:
         announcement = self.line(Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_members(announcement)
         self._log_with(announcement, Lines.LOG_REASON.format(reason=reason))
+
+    def failed(self, peer):
+        """An unexpected error ends ``peer``'s connection. A member leaves with ``[error]``; a
+        connection that never joined is logged with its address, so every error is in the log."""
+        if peer.member:
+            self.leave(peer, Reason.ERROR)
+        else:
+            self._log_with(self.line(Lines.LOG_CLOSED.format(address=peer.address)),
+                           Lines.LOG_REASON.format(reason=Reason.ERROR))
 
     def shut_down(self):
         """The server stops: every member is told, and logged as leaving; nobody is told of the
@@ -1415,7 +1425,7 @@ class Server:
             elif conn.phase in (Phase.CLOSING, Phase.LINGERING):
                 self._close(conn, Reason.ERROR)
             else:
-                self.chat.leave(conn.peer, Reason.ERROR)
+                self.chat.failed(conn.peer)
                 self._close_after_flush(conn)
         except Exception:
             print_traceback()

@@ -2515,6 +2515,40 @@ class FaultIsolationTests(unittest.TestCase):
         self.assertIn("RuntimeError: a timer went wrong", errors.getvalue())
         self.assertEqual([c.peer.nick for c in members()], ["alice"])
 
+    def test_an_error_before_joining_is_logged_with_the_address(self):
+        chat_server = import_module("chat_server")
+        records = []
+
+        class ListLog:
+            record = records.append
+
+            def flush(self):
+                pass
+
+            def close(self):
+                pass
+        server = chat_server.Server(port=0, log=ListLog())
+        self.addCleanup(server.close)
+        newcomer = LineSocket(server.listen()[1])
+        self.addCleanup(newcomer.close)
+        turn = lambda: server.run_once(timeout=0.01)  # noqa: E731
+        nickname = chat_server.Phase.NICKNAME
+        wait_until(lambda: turn() or [c.phase for c in server.conns.values()] == [nickname],
+                   "the newcomer greeted")
+        self.assertEqual(newcomer.line(), WELCOME)   # (written in the turn that greeted it)
+        victim, = server.conns.values()
+
+        def boom(conn):
+            raise RuntimeError("a timer went wrong")
+        server._after(0, boom, victim)
+        saved, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            wait_until(lambda: turn() or victim.phase is chat_server.Phase.CLOSED, "closed")
+        finally:
+            sys.stderr = saved
+        self.assertEqual(split_ts(records[-1].decode().rstrip("\n"))[1],
+                         "Connection from %s closed [error]" % newcomer.address)
+
     def test_conn_repr_says_which_connection(self):
         chat_server = import_module("chat_server")
         peer = chat_server.Peer("127.0.0.1:5555")
