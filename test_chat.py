@@ -1320,6 +1320,41 @@ def read_tls_line(sock, tls, incoming):
 class TLSTests(unittest.TestCase):
     """What only TLS has: the handshake in the loop, plain-text clients, pending() bytes."""
 
+    def test_a_write_tls_must_retry_keeps_its_bytes(self):
+        """A TLS member that reads slowly fills its kernel buffer: OpenSSL says 'want write' and
+        must be given the very same bytes again. Everything still arrives, once and in order."""
+        chat_server = import_module("chat_server")
+        holds = []
+        hold = chat_server.Peer.hold
+
+        def counting_hold(peer, data):
+            holds.append(len(data))
+            return hold(peer, data)
+        chat_server.Peer.hold = counting_hold
+        self.addCleanup(setattr, chat_server.Peer, "hold", hold)
+        cert, key, _ = test_certificate()
+        server = chat_server.Server(port=0, rate_limit=0, history=0, max_send_queue=1 << 26,
+                                    tls=chat_server.tls_context(cert, key))
+        port = server.listen()[1]
+        stop = threading.Event()
+        loop = threading.Thread(target=lambda: [server.run_once(timeout=0.05)
+                                                for _ in iter(stop.is_set, True)])
+        loop.start()
+        self.addCleanup(server.close)
+        self.addCleanup(loop.join)
+        self.addCleanup(stop.set)
+        slow = LineSocket(port, rcvbuf=4096, tls=client_tls_context()).join("slow")
+        self.addCleanup(slow.close)
+        talker = LineSocket(port, tls=client_tls_context()).join("talker")
+        self.addCleanup(talker.close)
+        self.assertEqual(slow.said(), "talker connected!")
+        messages = ["%d %s" % (i, "x" * 2000) for i in range(5000)]   # 10 MB: past the kernel's
+        for message in messages:
+            talker.send(message + "\n")
+            self.assertEqual([talker.said(), talker.said()], [OK, "YOU SEND USERS " + message])
+        self.assertTrue(holds, "the slow reader's buffer never filled: nothing was retried")
+        self.assertEqual([slow.said() for _ in messages], ["talker sent " + m for m in messages])
+
     def test_fixed_certificates_for_machines_without_openssl_are_sound(self):
         """The fallback of test_certificate: two distinct key pairs, fingerprints as stated."""
         import hashlib
