@@ -3487,6 +3487,12 @@ class SessionTests(unittest.TestCase):
         del ui.sent[:], ui.shown[:], ui.notes[:]
         return session, ui
 
+    def test_reconnect_delays_grow_to_30_seconds_and_start_again_when_reset(self):
+        backoff = import_module("chat_client").Backoff()
+        self.assertEqual([backoff.next() for _ in range(8)], [1, 2, 4, 8, 16, 30, 30, 30])
+        backoff.reset()
+        self.assertEqual(backoff.next(), 1)
+
     def test_pipe_lines_wait_for_the_greeting_then_one_nickname_attempt_at_a_time(self):
         session, ui = self.session()
         session.typed("robot")
@@ -4513,6 +4519,29 @@ class ClientSecurityTests(unittest.TestCase):
         path = self.known_servers("# comment", "127.0.0.1:%d %s" % (server.port, self.fingerprint))
         status, lines, err = self.run_tls_client(server, "--known-servers", path)
         self.assertEqual((status, err), (0, ""))
+
+    def test_known_servers_live_in_the_users_config_folder_by_default(self):
+        # XDG_CONFIG_HOME on Linux and macOS, APPDATA on Windows (forced here on Linux).
+        for variable, env in (("XDG_CONFIG_HOME", {"CHAT_PLATFORM": "posix"}),
+                              ("APPDATA", {"CHAT_PLATFORM": "windows"})):
+            config = tempfile.mkdtemp(dir=self.dir)
+            env = dict(env, **{variable: config})
+            path = os.path.join(config, "chat_client", "known_servers")
+            os.makedirs(os.path.dirname(path))
+            server = self.tls_server()
+            with open(path, "w") as f:
+                f.write("127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
+            client = self.client(server.port, ["--tls", "--nick", "tess"], env=env)
+            client.type("over tls\n")
+            status, lines, err = client.finish()
+            self.assertEqual((status, err), (0, ""), variable)
+            server = self.tls_server(script=lambda peer: peer.expect_eof())
+            with open(path, "w") as f:   # a file that knows another certificate: refused
+                f.write("127.0.0.1:%d %s\n" % (server.port, self.other_fingerprint))
+            status, lines, err = self.client(server.port, ["--tls", "--nick", "tess"],
+                                             env=env).finish()
+            self.assertEqual(status, 1, variable)
+            self.assertIn("remove line 1 of %s" % path, err)
 
     def test_changed_certificate_is_refused_naming_file_and_line(self):
         server = self.tls_server(script=lambda peer: peer.expect_eof())
