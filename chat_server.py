@@ -119,7 +119,7 @@ class Lines:
     LOG_FROM = " [from {address}]"
     LOG_REASON = " [{reason}]"
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
-    LOG_CLOSED = "Connection from {address} closed"  # one that never joined, on an error
+    LOG_CLOSED = "Connection from {address} closed"  # one that never joined: why, in LOG_REASON
     LOG_STARTED = "Server started on {address}"
     LOG_STOPPED = "Server stopped"
     # Standard output and error
@@ -140,6 +140,7 @@ class Reason:
     SEND_QUEUE_FULL = "send queue full"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    NOT_TLS = "TLS handshake failed"   # (never a member: a plain-text client on the TLS port)
 
 
 class Phase:
@@ -733,8 +734,12 @@ class Chat:
         if peer.member:
             self.leave(peer, Reason.ERROR)
         else:
-            self._log_with(self.line(Lines.LOG_CLOSED.format(address=peer.address)),
-                           Lines.LOG_REASON.format(reason=Reason.ERROR))
+            self.closed_before_joining(peer, Reason.ERROR)
+
+    def closed_before_joining(self, peer, reason):
+        """Log a connection that ends before it could be told anything (it has no leave)."""
+        self._log_with(self.line(Lines.LOG_CLOSED.format(address=peer.address)),
+                       Lines.LOG_REASON.format(reason=reason))
 
     def shut_down(self):
         """The server stops: every member is told, and logged as leaving; nobody is told of the
@@ -1555,7 +1560,11 @@ class Server:
             conn.write_blocked = False
         except TLS_WANTS_WRITE:
             conn.write_blocked = True
-        except (OSError, ValueError):  # not TLS (a plain-text client), or gone: nothing to say
+        except (OSError, ValueError) as exc:
+            # Not TLS (a plain-text client) or gone. Nothing can be said to it, but the operator
+            # is told of the first: "why can't my friend connect?"
+            if isinstance(exc, ssl.SSLError):
+                self.chat.closed_before_joining(conn.peer, Reason.NOT_TLS)
             self._close(conn, Reason.CLOSED)
             return
         else:

@@ -1406,6 +1406,8 @@ class TLSTests(unittest.TestCase):
         self.assertEqual(alice.said(), "bob connected!")
         bob.send("hi\n")
         self.assertEqual(alice.said(), "bob sent hi")
+        self.assertIn("Connection from %s closed [TLS handshake failed]" % plain.address,
+                      logged(server))
 
     def test_silent_tcp_client_blocks_nobody_and_is_closed_at_the_join_timeout(self):
         server = start_server(self, "--join-timeout", "1", tls=True)
