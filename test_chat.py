@@ -4528,8 +4528,8 @@ class ClientSecurityTests(unittest.TestCase):
                               ("APPDATA", {"CHAT_PLATFORM": "windows"})):
             config = tempfile.mkdtemp(dir=self.dir)
             env = dict(env, **{variable: config})
+            os.makedirs(os.path.join(config, "chat_client"))
             path = os.path.join(config, "chat_client", "known_servers")
-            os.makedirs(os.path.dirname(path))
             server = self.tls_server()
             with open(path, "w") as f:
                 f.write("127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
@@ -5693,6 +5693,24 @@ class TmuxConsole:
 
 
 @unittest.skipUnless(shutil.which("tmux"), "needs tmux (.ci/run installs it)")
+class WindowsClientSecurityTests(WindowsLeg, ClientSecurityTests):
+    """TLS through the Windows build's ssl module (pinning, known servers, CA) and the password,
+    in the client on Windows Python, against fake servers."""
+
+    windows_server = False
+    windows_client = True
+    # Not here: Wine sets APPDATA from its own profile, whatever the environment says; the
+    # Windows rule for the default file is checked with CHAT_PLATFORM=windows on Linux.
+    test_known_servers_live_in_the_users_config_folder_by_default = None
+
+
+class WindowsClientWithProtectedServerTests(WindowsLeg, ClientWithProtectedServerTests):
+    """The Windows client against the real server with a password and TLS."""
+
+    windows_server = False
+    windows_client = True
+
+
 class WindowsConsoleTests(WindowsLeg, unittest.TestCase):
     """The client and the server at a console: Windows Python's console I/O, not pipes."""
 
