@@ -3956,9 +3956,29 @@ class TerminalLayoutTests(unittest.TestCase):
             term.read_until(lambda rows: any(row.endswith("now %d" % width) for row in rows),
                             "alice's line")
             self.assert_input_rows(term, "carol> " + typed, width)
+            if width >= 25:   # (narrower, the time itself is wrapped)
+                self.assert_wrapped_at(term, alice, width)
         term.type("!\r")
         self.assertEqual(alice.said(), "carol sent " + typed + "!")
         alice.close()
+
+    def assert_wrapped_at(self, term, alice, width):
+        """A long line arriving after a resize is wrapped for the new width by the client: at
+        spaces, every row within it, each row after the first indented."""
+        words = " ".join("w%d" % i for i in range(12)) + " end%d" % width
+        alice.send(words + "\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS " + words])
+        term.read_until(lambda rows: any(row.rstrip().endswith("end%d" % width) for row in rows),
+                        "the long line")
+        rows = [row.rstrip() for row in term.rows()]
+        last = max(i for i, row in enumerate(rows) if row.endswith("end%d" % width))
+        first = max(i for i in range(last + 1) if TS.match(rows[i]))
+        lines = rows[first:last + 1]
+        self.assertGreater(len(lines), 1, lines)
+        self.assertTrue(all(len(row) < width for row in lines), lines)
+        self.assertTrue(all(row.startswith(" ") for row in lines[1:]), lines)
+        self.assertEqual(" ".join(row.strip() for row in lines).split(": ", 1)[1],
+                         "alice sent " + words)
 
     def test_resize_with_a_wrapped_half_typed_line_reflowing_terminal(self):
         self.resize_keeps_the_input(reflow=True)      # tmux, VTE, kitty, Windows Terminal
@@ -4071,6 +4091,12 @@ class TerminalLayoutTests(unittest.TestCase):
         self.assertNotIn("reverse", screen.attrs_of("frankly no"))      # not a word of its own
         self.assertEqual(screen.bells, 1)
         self.assertEqual(term.output.count(b"\a"), 1)
+        term.type("/help\r")
+        term.read_until(lambda rows: any("Commands: /users" in row for row in rows), "the help")
+        self.assertEqual(term.screen.attrs_of("Commands: /users"), {"fg:33"})   # a notice
+        term.type("/msg nobody hi\r")
+        term.read_until(lambda rows: any('no user "nobody"' in row for row in rows), "refused")
+        self.assertEqual(term.screen.attrs_of("Sorry! There is no user"), {"bold", "fg:31"})
         bob.close()
 
     def test_no_bell_option(self):
