@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-import test_chat as t  # noqa: E402  (the cases live with the tests)
+import test_chat as t  # noqa: E402  (the cases live with the tests: its section 8, Hardening)
 from chat_bench import default_server_args  # noqa: E402  (one place knows the option)
 
 RAW_SPEED_CASES = ("fuzz", "slow", "flood", "exactly-once", "syslog", "sigterm")
