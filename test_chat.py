@@ -489,8 +489,8 @@ import chat_server
 def cmd_boom(self, peer, rest):
     raise ZeroDivisionError("injected by the test")
 
-chat_server.Chat.COMMANDS = dict(chat_server.Chat.COMMANDS, boom="cmd_boom")
 chat_server.Chat.cmd_boom = cmd_boom
+chat_server.COMMANDS += (chat_server.Command("boom", (), "/boom", "cmd_boom"),)
 sys.exit(chat_server.main(sys.argv[2:]))
 """
 
@@ -1261,11 +1261,7 @@ class RoomTestCase(InMemoryTestCase):
         the room moves the connection to (None: stays), and remembers it."""
         if isinstance(line, str):
             line = line.encode("utf-8")
-        Phase = self.mod.Phase
-        handler = {Phase.PASSWORD: self.chat.password_line,
-                   Phase.NICKNAME: self.chat.nickname_line,
-                   Phase.MEMBER: self.chat.member_line}[self.phases[peer]]
-        phase = handler(peer, line)
+        phase = self.chat.line_handlers()[self.phases[peer]](peer, line)
         if phase is not None:
             self.phases[peer] = phase
         return phase
@@ -3310,7 +3306,7 @@ class FaultIsolationTests(unittest.TestCase):
 
         def boom(conn):
             raise RuntimeError("a timer went wrong")
-        server._after(0, boom, victim)
+        server.after(0, boom, victim)
         errors = io.StringIO()
         saved, sys.stderr = sys.stderr, errors
         try:
@@ -3338,7 +3334,7 @@ class FaultIsolationTests(unittest.TestCase):
 
         def boom(conn):
             raise RuntimeError("a timer went wrong")
-        server._after(0, boom, victim)
+        server.after(0, boom, victim)
         saved, sys.stderr = sys.stderr, io.StringIO()
         try:
             wait_until(lambda: turn() or victim.phase is chat_server.Phase.CLOSED, "closed")
@@ -5215,9 +5211,9 @@ class RepositoryTests(InMemoryTestCase):
 
     def test_the_client_completes_exactly_the_commands_the_server_has(self):
         server, client = load_module("chat_server"), load_module("chat_client")
-        self.assertEqual(sorted(name[1:] for name in client.Lines.COMMANDS),
-                         sorted(server.Chat.COMMANDS))
-        self.assertEqual(sorted(server.Chat.COMMANDS), sorted(REAL_COMMANDS))
+        names = [name for command in server.COMMANDS for name in (command.name,) + command.aliases]
+        self.assertEqual(sorted(name[1:] for name in client.Lines.COMMANDS), sorted(names))
+        self.assertEqual(sorted(names), sorted(REAL_COMMANDS))
 
     def test_the_bench_scripts_import(self):
         # They import helpers from this file: a rename here must not break them silently.
