@@ -70,6 +70,8 @@ DEFAULT_KEEP = 10000      # messages kept per room (memory or data file)
 MAIN_ROOM = "#main"
 DEFAULT_RATE_LIMIT = 10.0   # lines a second, on average, per connection
 DEFAULT_RATE_BURST = 50     # lines at once
+DEFAULT_DEAD_PEER = 90.0    # seconds within which a peer that vanished without a word is found
+KEEPALIVE_PROBES = 4        # unanswered keepalive probes after which a peer counts as gone
 MAX_NICK_CHARS = 32
 PASSWORD_ATTEMPTS = 5       # wrong passwords from one address within PASSWORD_WINDOW...
 PASSWORD_WINDOW = 60.0      # ...lock it out until this long after its last wrong one
@@ -127,9 +129,13 @@ class Lines:
     RENAMED = "{old} is now known as {new}"
     GOODBYE = "Goodbye!"
     UNKNOWN_COMMAND = 'Sorry! Unknown command "/{name}". Type /help for the list.'
+    USAGE = "Sorry! Usage: {usage}"
+    SAME_NICK = "Sorry! You are {nick} already."
     # Refusals and the end
     FULL = "Sorry! The chat is full."
     JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
+    PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
+    TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."  # plain
     SHUTTING_DOWN = "Server is shutting down."
     # Log records: the line the members received, and where it came from or why it ended
     LOG_FROM = " [from {address}]"
@@ -146,6 +152,8 @@ class Lines:
     OPEN_TO_ALL = ("warning: listening on {address} with neither a password nor TLS: anyone who"
                    " can reach this address can join and read the chat (see --password-file and"
                    " --tls-cert)")
+    PASSWORD_IN_CLEAR = ("warning: listening on {address} with a password but no TLS: the"
+                         " password and the chat cross the network in clear (see --tls-cert)")
 
 
 class Reason:
@@ -156,7 +164,21 @@ class Reason:
     SEND_QUEUE_FULL = "send queue full"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    TIMEOUT = "timeout"   # the peer vanished without a word: keepalive or unacknowledged data
     NOT_TLS = "TLS handshake failed"   # (never a member: a plain-text client on the TLS port)
+
+
+# What the OS says of a peer that vanished (keepalive unanswered, data never acknowledged, no
+# route any more), as opposed to one that closed or reset the connection.
+VANISHED = frozenset(filter(None, (
+    errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, getattr(errno, "EHOSTDOWN", None),
+    getattr(errno, "WSAETIMEDOUT", None), getattr(errno, "WSAEHOSTUNREACH", None),
+    getattr(errno, "WSAENETUNREACH", None))))
+
+
+def reason_for(error):
+    """The log's reason for a connection the OS ended with ``error``."""
+    return Reason.TIMEOUT if error.errno in VANISHED else Reason.RESET
 
 
 
@@ -417,15 +439,17 @@ class LocalSequencer:
 # holds the two against each other.
 # ---------------------------------------------------------------------------------------------
 
-Command = collections.namedtuple("Command", "name aliases usage handler")
-Command.__doc__ = """A command: its name, other names for it, its usage as /help shows it, and
-the Chat method that handles it (called with the peer and the rest of the line)."""
+Command = collections.namedtuple("Command", "name aliases usage handler needs_words",
+                                 defaults=(False,))
+Command.__doc__ = """A command: its name, other names for it, its usage as /help shows it, the
+Chat method that handles it (called with the peer and the rest of the line), and whether it
+needs words after its name (alone, it gets "Sorry! Usage: ..." with its usage)."""
 
 COMMANDS = (   # in the order /help lists them
     Command("users", ("who", "names"), "/users", "cmd_users"),
-    Command("msg", (), "/msg NICK TEXT", "cmd_msg"),
+    Command("msg", (), "/msg NICK TEXT", "cmd_msg", needs_words=True),
     Command("me", (), "/me TEXT", "cmd_me"),
-    Command("nick", (), "/nick NEWNICK", "cmd_nick"),
+    Command("nick", (), "/nick NEWNICK", "cmd_nick", needs_words=True),
     Command("away", (), "/away [TEXT]", "cmd_away"),
     Command("back", (), "/back", "cmd_back"),
     Command("quit", (), "/quit", "cmd_quit"),
@@ -481,10 +505,10 @@ class Chat:
         self._pending_rooms = []    # rooms whose every member has new output since then
         self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
         commands = COMMANDS if commands is None else commands
-        self.commands = {}      # every name of every command -> its handler
+        self.commands = {}      # every name of every command -> (its handler, its record)
         for command in commands:
             for name in (command.name,) + command.aliases:
-                self.commands[name] = getattr(self, command.handler)
+                self.commands[name] = (getattr(self, command.handler), command)
         self.help = help_line(commands)
         self.append = LocalSequencer(self.apply).append  # the room log: entries in, applied
         self._appliers = {Entry.SAY: self.apply_say, Entry.ACT: self.apply_act,
@@ -671,9 +695,13 @@ class Chat:
 
     def command(self, peer, text):
         name, rest = COMMAND.match(text).groups()
-        handler = self.commands.get(name.lower())
-        if handler is None:
+        known = self.commands.get(name.lower())
+        if known is None:
             self.notice(peer, Lines.UNKNOWN_COMMAND.format(name=name))
+            return None
+        handler, command = known
+        if command.needs_words and not rest.strip():
+            self.notice(peer, Lines.USAGE.format(usage=command.usage))
             return None
         return handler(peer, rest)
 
@@ -721,6 +749,9 @@ class Chat:
 
     def cmd_nick(self, peer, rest):
         nick = normalise_nickname(rest)
+        if nick == peer.nick:
+            self.notice(peer, Lines.SAME_NICK.format(nick=nick))
+            return
         problem = self.nickname_refusal(nick, peer)
         if problem:
             self.notice(peer, problem)
@@ -1130,7 +1161,7 @@ class Conn:
     whether it is read or written. The room's side of it is ``peer``."""
     __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp", "refusal",
                  "holds", "write_blocked", "tls_retry", "input_ended", "skipping_long_line",
-                 "in_backlog")
+                 "in_backlog", "hello_seen")
 
     def __init__(self, sock, peer, tls=False, burst=float("inf")):
         self.sock = sock
@@ -1149,6 +1180,7 @@ class Conn:
         self.input_ended = False        # the peer will send no more
         self.skipping_long_line = False  # dropping the rest of an over-long line, up to its \n
         self.in_backlog = False         # listed in Server.backlog (complete lines wait)
+        self.hello_seen = False         # TLS: the client's first byte opens a TLS handshake
 
     def __repr__(self):
         return "<Conn %s %s nick=%r queued=%d>" % (self.phase, self.peer.address, self.peer.nick,
@@ -1326,7 +1358,7 @@ class Accepting:
 
     def _admit(self, sock, address):
         sock.setblocking(False)
-        tune_socket(sock)
+        tune_socket(sock, self.dead_peer)
         peer = Peer(format_address(address[0], address[1]) if isinstance(address, tuple)
                     else str(address))
         if self.tls is not None:
@@ -1356,9 +1388,17 @@ class Accepting:
 
 
 class Handshaking:
-    """TLS: the handshake, never blocking the loop."""
+    """TLS: the handshake, never blocking the loop; a plain-text client told what to do."""
 
     def _handshake(self, conn):
+        if not conn.hello_seen:
+            first = self._peek(conn)
+            if first is None:
+                return            # (woken for nothing)
+            if first != TLS_HANDSHAKE_RECORD:
+                self._refuse_plain_text(conn, first)
+                return
+            conn.hello_seen = True
         try:
             conn.sock.do_handshake()
         except TLS_WANTS_READ:
@@ -1379,6 +1419,29 @@ class Handshaking:
                 self.tls_buffered.append(conn)
             return
         self._set_interest(conn)
+
+    @staticmethod
+    def _peek(conn):
+        """The first byte the client sent, left in the kernel for OpenSSL to read (b"" at its
+        end, None if nothing came). The plain socket's recv: TLS has not begun."""
+        try:
+            return socket.socket.recv(conn.sock, 1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
+    def _refuse_plain_text(self, conn, first):
+        """A client that speaks first and not TLS (nc, telnet, a chat client without --tls):
+        told so in plain text, since it could read nothing else, and closed."""
+        conn.tls = False   # what follows is plain TCP: no close_notify
+        if first:
+            try:
+                socket.socket.send(conn.sock, (Lines.TLS_HINT + "\n").encode())
+            except OSError:
+                pass
+            self.chat.closed_before_joining(conn.peer, Reason.NOT_TLS)
+        self._close_after_flush(conn)
 
 
 class Reading:
@@ -1401,8 +1464,8 @@ class Reading:
             conn.write_blocked = True
             self._set_interest(conn)
             return
-        except OSError:
-            self._close(conn, Reason.RESET)
+        except OSError as exc:
+            self._close(conn, reason_for(exc))
             return
         if data:
             if conn.tls:
@@ -1624,8 +1687,8 @@ class Writing:
             # after the next read, which _read then follows with the write.
             conn.write_blocked = isinstance(wants, TLS_WANTS_WRITE)
             return
-        except OSError:
-            self._close(conn, Reason.RESET)
+        except OSError as exc:
+            self._close(conn, reason_for(exc))
             return
         conn.tls_retry = False
         peer.sent(data, sent)
@@ -1786,7 +1849,9 @@ class Timers:
         """Its join timeout has come: if it has not joined by now, it is refused."""
         if conn.phase is Phase.HANDSHAKE:
             self._close(conn, Reason.CLOSED)  # no TLS yet, so nothing can be said
-        elif conn.phase is Phase.PASSWORD or conn.phase is Phase.NICKNAME:
+        elif conn.phase is Phase.PASSWORD:
+            self._enter(conn, self.chat.refuse(conn.peer, Lines.PASSWORD_TIMEOUT))
+        elif conn.phase is Phase.NICKNAME:
             self._enter(conn, self.chat.refuse(conn.peer, Lines.JOIN_TIMEOUT))
 
     def _closing_expired(self, conn):
@@ -1864,8 +1929,10 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
                  max_clients=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
                  max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
                  history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
-                 rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None):
+                 rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
+                 dead_peer=DEFAULT_DEAD_PEER):
         self.host = host
+        self.dead_peer = dead_peer
         self.port = port
         self.log = log or NullLog()
         self.chat = Chat(self.log.record, history=history, password=password)
@@ -1930,6 +1997,8 @@ class _NotRaised(Exception):
 # A TLS socket's "try again when it is readable/writable", as distinct from a real error.
 # (An except clause's names are looked up only when an exception is being matched.)
 TLS_WANTS_READ = TLS_WANTS_WRITE = _NotRaised
+
+TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte of every TLS client's first message
 
 
 def load_ssl():
@@ -2005,7 +2074,7 @@ class FileLog:
         self.backups = backups
         self.warn = warn or (lambda message: None)
         self._failing = False   # said so already: stay quiet until a write works again
-        self._file = open(path, "ab")
+        self._file = open_private(path)
         self._size = self._file.tell()
         self._lines = []
         self.record = self._lines.append
@@ -2040,7 +2109,7 @@ class FileLog:
             # tool, a virus scanner): keep appending, and try again after another max_bytes.
             pass
         try:
-            self._file = open(self.path, "ab")
+            self._file = open_private(self.path)
         except OSError as exc:
             self._failed(exc)
         self._size = 0
@@ -2192,6 +2261,15 @@ class SyslogLog:
             self._sock.close()
 
 
+def open_private(path):
+    """``path`` opened to append bytes, created readable by its owner only (0600 on POSIX): a
+    chat's records are nobody else's business. An existing file keeps its mode."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | BINARY, 0o600), "ab")
+
+
+BINARY = getattr(os, "O_BINARY", 0)   # Windows: no newline translation
+
+
 def default_syslog_address():
     for path in ("/dev/log", "/var/run/syslog"):
         if os.path.exists(path):
@@ -2269,14 +2347,30 @@ def print_traceback():
     traceback.print_exc(file=sys.stderr)
 
 
-def tune_socket(sock):
-    """Chat lines are small: no Nagle delay. Keepalive finds peers that vanished silently."""
+def tune_socket(sock, dead_peer=DEFAULT_DEAD_PEER):
+    """Chat lines are small: no Nagle delay. A peer that vanished without a word (a laptop's
+    lid, a pulled cable) is found within ``dead_peer`` seconds: keepalive probes after half of
+    it idle, KEEPALIVE_PROBES of them over the other half; and, on Linux, TCP_USER_TIMEOUT for
+    data sent and never acknowledged, which keepalive does not cover (it waits while any is).
+    macOS gets the idle time (TCP_KEEPALIVE) and its own probe count; Windows gets the idle
+    time and interval (its 10 probes are fixed)."""
+    idle = max(1, int(dead_peer / 2))
+    interval = max(1, int((dead_peer - idle) / KEEPALIVE_PROBES))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if hasattr(socket, "TCP_KEEPIDLE"):   # Linux, Windows 10 1709 and newer
+            for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                                  ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+                if hasattr(socket, option):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        elif hasattr(socket, "TCP_KEEPALIVE"):   # macOS: the idle time's own name
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, idle)
+        elif hasattr(socket, "SIO_KEEPALIVE_VALS"):   # older Windows
+            sock.ioctl(socket.SIO_KEEPALIVE_VALS,
+                       (1, idle * 1000, max(1, (dead_peer - idle) * 100)))
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer * 1000))
     except OSError:
         pass  # the connection may already be gone; reading it will tell
 
@@ -2399,6 +2493,10 @@ def parse_args(argv):
     parser.add_argument("--history", type=count, default=DEFAULT_HISTORY, metavar="N",
                         help="room lines a newcomer is shown on joining, 0 for none"
                              " (default %(default)s)")
+    parser.add_argument("--dead-peer-timeout", type=seconds, default=DEFAULT_DEAD_PEER,
+                        metavar="SECONDS",
+                        help="a client that vanished without a word (a closed laptop, a pulled"
+                             " cable) is found and disconnected within this time (default 90)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
                         help="lines a second each connection may send on average, 0 for no"
                              " limit (default 10)")
@@ -2483,7 +2581,7 @@ def main(argv=None):
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
-                    password=password, tls=tls)
+                    password=password, tls=tls, dead_peer=args.dead_peer_timeout)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:
@@ -2497,8 +2595,9 @@ def main(argv=None):
     if fingerprint:
         print_now(Lines.FINGERPRINT.format(fingerprint=fingerprint))
     print_now(Lines.READY)
-    if password is None and tls is None and not is_loopback(args.host):
-        warn(Lines.OPEN_TO_ALL.format(address=address))
+    if tls is None and not is_loopback(args.host):
+        warn((Lines.OPEN_TO_ALL if password is None else Lines.PASSWORD_IN_CLEAR)
+             .format(address=address))
     log.record(server.chat.line(Lines.LOG_STARTED.format(address=address)))
     log.flush()
     try:

@@ -111,6 +111,8 @@ ALONE = "Server: there are no other users!"
 FULL = "Sorry! The chat is full."
 JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
 SHUTTING_DOWN = "Server is shutting down."
+PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
+TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."
 READY = "Server is ready for work!"
 STOPPED = "Server stopped."
 
@@ -139,6 +141,14 @@ def too_long_line(limit):
 
 def unknown_command(name):
     return 'Sorry! Unknown command "/%s". Type /help for the list.' % name
+
+
+def usage(command):
+    return "Sorry! Usage: %s" % command
+
+
+def same_nick(nick):
+    return "Sorry! You are %s already." % nick
 
 
 REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit")
@@ -461,6 +471,80 @@ class InProcessServer:
             self.server._wakeup_w.send(b"x")  # what a signal would do: wake the select()
             self.thread.join(DEADLINE)
         self.server.close()
+
+
+class NetworkNamespace:
+    """A host of the test's own: a network namespace joined to this one by a veth pair, this end
+    10.231.N.1 and that end 10.231.N.2 (``address``). ``cut()`` makes packets between them
+    vanish, with no FIN or RST, as when a laptop's lid closes. Needs root and iproute2 (Linux):
+    ``NetworkNamespace.unavailable()`` says why not, and the test skips unless
+    CHAT_NETNS_REQUIRED=1 (CI on Linux as root), where it fails instead."""
+
+    _count = 0
+
+    @staticmethod
+    def unavailable():
+        if not sys.platform.startswith("linux") or os.geteuid() != 0:
+            return "network namespaces need root on Linux"
+        if shutil.which("ip") is None:
+            return "network namespaces need the ip command (iproute2)"
+        return None
+
+    @classmethod
+    def skip_unless_available(cls, test):
+        reason = cls.unavailable()
+        if reason and os.environ.get("CHAT_NETNS_REQUIRED") == "1":
+            test.fail(reason + " (CHAT_NETNS_REQUIRED=1)")
+        if reason:
+            test.skipTest(reason)
+
+    def __init__(self, test):
+        NetworkNamespace._count += 1
+        number = (os.getpid() + NetworkNamespace._count) % 250 + 1
+        self.name = "chattest%d_%d" % (os.getpid(), NetworkNamespace._count)
+        self.here, self.there = "ct%da" % number, "ct%db" % number
+        self.local = "10.231.%d.1" % number      # this end: where a server listens
+        self.address = "10.231.%d.2" % number    # the namespace's end
+        for command in (["ip", "netns", "add", self.name],
+                        ["ip", "link", "add", self.here, "type", "veth", "peer", "name",
+                         self.there],
+                        ["ip", "link", "set", self.there, "netns", self.name],
+                        ["ip", "addr", "add", self.local + "/24", "dev", self.here],
+                        ["ip", "link", "set", self.here, "up"],
+                        self.inside("ip", "addr", "add", self.address + "/24", "dev", self.there),
+                        self.inside("ip", "link", "set", self.there, "up"),
+                        self.inside("ip", "link", "set", "lo", "up")):
+            subprocess.run(command, check=True, capture_output=True, timeout=DEADLINE)
+        test.addCleanup(self.remove)
+
+    def inside(self, *argv):
+        """``argv`` to run inside the namespace."""
+        return ["ip", "netns", "exec", self.name] + list(argv)
+
+    def cut(self):
+        """The link goes down at the far end: nothing crosses, and nobody says so."""
+        subprocess.run(self.inside("ip", "link", "set", self.there, "down"), check=True,
+                       timeout=DEADLINE)
+
+    def remove(self):
+        subprocess.run(["ip", "link", "del", self.here], capture_output=True, timeout=DEADLINE)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=DEADLINE)
+
+
+# A member on another host: joins as argv[3] on argv[1]:argv[2], then stays, reading, until it is
+# killed (it never closes the connection on its own).
+MEMBER_ELSEWHERE = r"""
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+sock.sendall(sys.argv[3].encode() + b"\n")
+seen = b""
+while b"Server: ok!" not in seen:
+    seen += sock.recv(4096)
+print("joined", flush=True)
+sock.settimeout(None)
+while sock.recv(4096):
+    pass
+"""
 
 
 def version_1_server(folder):
@@ -1465,7 +1549,9 @@ class RoomModel:
             wanted, message = self.split_word(rest)
             entry = model_nick(wanted)
             target = self.by_label(entry[2]) if entry else None
-            if not wanted or not message.strip():
+            if not rest.strip():
+                seen.append(usage("/msg NICK TEXT"))
+            elif not wanted or not message.strip():
                 seen.append(NOTHING)
             elif target is me:
                 seen.append("Sorry! You can't send a private message to yourself.")
@@ -1490,8 +1576,11 @@ class RoomModel:
                 self.keep(line)
                 self.log.append(line)
         elif name == "nick":
-            problem = self.refusal(rest, peer)
-            if problem:
+            verdict, shown, _ = model_nick(rest) or (None, None, None)
+            problem = self.refusal(rest, peer) if rest.strip() else usage("/nick NEWNICK")
+            if verdict == "ok" and shown == me["nick"]:
+                seen.append(same_nick(shown))
+            elif problem:
                 seen.append(problem)
             else:
                 _, nick, label = model_nick(rest)
@@ -2338,6 +2427,23 @@ class CommandTests(SharedServerTests):
         self.assertEqual(alice.said(), OK)
         self.assertEqual(bob.said(), "%s is now known as %s" % (alice.nick, alice.nick.upper()))
 
+    def test_nick_to_the_very_same_nickname_is_refused_and_nobody_is_told(self):
+        alice, bob = self.room("alice", "bob")
+        alice.send("/nick %s\n" % alice.nick)
+        self.assertEqual(alice.said(), same_nick(alice.nick))
+        alice.send("/nick  %s \n" % alice.nick)   # (stripped like an attempt: the same name)
+        self.assertEqual(alice.said(), same_nick(alice.nick))
+        self.quiet(bob)
+
+    def test_a_command_without_the_words_it_needs_gets_its_usage(self):
+        alice, bob = self.room("alice", "bob")
+        for line, answer in (("/msg", usage("/msg NICK TEXT")), ("/MSG   ", usage("/msg NICK TEXT")),
+                             ("/nick", usage("/nick NEWNICK")), ("/nick \t", usage("/nick NEWNICK")),
+                             ("/msg %s" % bob.nick, NOTHING)):
+            alice.send(line + "\n")
+            self.assertEqual(alice.said(), answer, line)
+        self.quiet(bob)
+
     def test_quit(self):
         alice, bob = self.room("alice", "bob")
         alice.send("/QUIT now\nnever handled\n")
@@ -2687,17 +2793,16 @@ class TLSTests(unittest.TestCase):
         self.assertEqual(server.fingerprint, fingerprint)
         LineSocket(server.port, tls=client_tls_context()).join("combined").close()
 
-    def test_plain_text_client_on_the_tls_port_is_closed_and_others_go_on(self):
+    def test_plain_text_client_on_the_tls_port_is_told_in_plain_text_and_others_go_on(self):
         server = start_server(self, tls=True)
         alice = server.client().join("alice")
         plain = LineSocket(server.port)
         plain.send("mallory\nhello\n")
+        self.assertEqual(plain.line(), TLS_HINT)
         try:
-            while not plain.eof:
-                plain._fill(time.monotonic() + DEADLINE)
+            plain.expect_eof()
         except ConnectionResetError:
             pass  # closed with unread input: a reset is a close too
-        self.assertNotIn(b"Wellcome", plain.buf)
         bob = server.client().join("bob")
         self.assertEqual(alice.said(), "bob connected!")
         bob.send("hi\n")
@@ -2811,8 +2916,16 @@ class TLSTests(unittest.TestCase):
         self.assertIn("chat_server: warning: listening on 0.0.0.0:%d with neither a password nor"
                       " TLS: anyone who can reach this address can join and read the chat"
                       % open_server.port, open_server.stderr())
-        protected = start_server(self, "--host", "0.0.0.0", env={"CHAT_PASSWORD": "s3cret"})
-        loopback = start_server(self)
+        in_clear = start_server(self, "--host", "0.0.0.0", env={"CHAT_PASSWORD": "s3cret"})
+        prompted = LineSocket(in_clear.port)   # (served: the warning was written before)
+        self.assertEqual(prompted.line(), PASSWORD_PROMPT)
+        prompted.close()
+        self.assertIn("chat_server: warning: listening on 0.0.0.0:%d with a password but no TLS:"
+                      " the password and the chat cross the network in clear (see --tls-cert)\n"
+                      % in_clear.port, in_clear.stderr())
+        protected = start_server(self, "--host", "0.0.0.0", env={"CHAT_PASSWORD": "s3cret"},
+                                 tls=True)
+        loopback = start_server(self, env={"CHAT_PASSWORD": "s3cret"})
         for server in (protected, loopback):
             LineSocket(server.port).close()
             self.assertNotIn("warning", server.stderr())
@@ -2894,13 +3007,21 @@ class PasswordTests(unittest.TestCase):
         waiting[-1].send("open sesame\n")   # the right one, from a locked-out address
         self.assertEqual(waiting[-1].said(), "Sorry! Too many wrong passwords. Try again later.")
 
-    def test_the_join_timeout_covers_the_password(self):
+    def test_the_join_timeout_covers_the_password_and_says_so(self):
         server = self.server_with_password("--join-timeout", "0.5")
         slow = server.client()
         self.addCleanup(slow.close)
         self.assertEqual(slow.line(), PASSWORD_PROMPT)
-        self.assertEqual(slow.said(), JOIN_TIMEOUT)
+        self.assertEqual(slow.said(), PASSWORD_TIMEOUT)
         slow.expect_eof()
+        self.assertIn("%s [from %s]" % (PASSWORD_TIMEOUT, slow.address), logged(server))
+        # Past the password, the nickname's own wording:
+        late = server.client()
+        self.addCleanup(late.close)
+        self.assertEqual(late.line(), PASSWORD_PROMPT)
+        late.send("open sesame\n")
+        self.assertEqual(late.line(), WELCOME)
+        self.assertEqual(late.said(), JOIN_TIMEOUT)
 
     def test_empty_or_missing_password_file_is_one_line_and_exit_1(self):
         folder = tempfile.mkdtemp(prefix="chat-pw-")
@@ -3253,6 +3374,95 @@ class SyslogTests(unittest.TestCase):
         self.assertTrue(self.record().endswith(": bob sent after"))
         alice.close()
         bob.close()
+
+
+class VanishedPeerTests(unittest.TestCase):
+    """A member whose host vanishes without a word is found and gone within the dead-peer
+    timeout: a host of the test's own (a network namespace) whose link is cut."""
+
+    def setUp(self):
+        NetworkNamespace.skip_unless_available(self)
+
+    def member_elsewhere(self, host, server, nick):
+        proc = subprocess.Popen(host.inside(sys.executable, "-c", MEMBER_ELSEWHERE, host.local,
+                                            str(server.port), nick),
+                                stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.assertEqual(proc.stdout.readline(), "joined\n")
+        return proc
+
+    def assert_gone_with_a_timeout(self, server, alice, nick, started, limit):
+        self.assertEqual(alice.said(deadline=limit + 10), "%s disconnected!" % nick)
+        self.assertLess(time.monotonic() - started, limit + 3)
+        self.assertIn("%s disconnected! [timeout]" % nick, logged(server))
+        again = server.client(host=alice.sock.getsockname()[0]).join(nick)   # and it is free
+        self.assertEqual(alice.said(), "%s connected!" % again.nick)
+
+    def test_an_idle_member_that_vanished_is_found_by_keepalive(self):
+        host = NetworkNamespace(self)
+        server = start_server(self, "--host", host.local, "--dead-peer-timeout", "6")
+        alice = server.client(host=host.local).join("alice")
+        self.member_elsewhere(host, server, "ghost")
+        self.assertEqual(alice.said(), "ghost connected!")
+        host.cut()
+        started = time.monotonic()
+        self.assert_gone_with_a_timeout(server, alice, "ghost", started, 6)
+
+    def test_a_member_that_vanished_with_lines_unacknowledged_is_found_too(self):
+        host = NetworkNamespace(self)
+        server = start_server(self, "--host", host.local, "--dead-peer-timeout", "6",
+                              "--rate-limit", "0")
+        alice = server.client(host=host.local).join("alice")
+        self.member_elsewhere(host, server, "ghost")
+        self.assertEqual(alice.said(), "ghost connected!")
+        host.cut()
+        started = time.monotonic()
+        for n in range(20):   # lines for the ghost that no one will ever acknowledge
+            alice.send("are you there %d\n" % n)
+            self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS are you there %d" % n])
+        self.assert_gone_with_a_timeout(server, alice, "ghost", started, 6)
+
+
+class PrivateFileTests(unittest.TestCase):
+    """The log is nobody else's business: created readable by its owner only, rotated too."""
+
+    def setUp(self):
+        if os.name != "posix":
+            self.skipTest("file modes are POSIX")
+        self.dir = tempfile.mkdtemp(prefix="chat-private-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        old = os.umask(0o022)   # what most accounts have: new files readable by everyone
+        self.addCleanup(os.umask, old)
+
+    def mode(self, name):
+        return oct(os.stat(os.path.join(self.dir, name)).st_mode & 0o777)
+
+    def test_the_log_file_and_its_rotations_are_created_0600(self):
+        chat_server = load_module("chat_server")
+        log = chat_server.FileLog(os.path.join(self.dir, "chat.log"), max_bytes=100, backups=2)
+        for n in range(30):
+            log.record(b"2026-12-07 10:00: alice sent a line long enough to rotate %d\n" % n)
+            log.flush()
+        log.close()
+        self.assertEqual(sorted(os.listdir(self.dir)), ["chat.log", "chat.log.1", "chat.log.2"])
+        for name in os.listdir(self.dir):
+            self.assertEqual(self.mode(name), "0o600", name)
+
+    def test_the_server_creates_its_log_0600(self):
+        path = os.path.join(self.dir, "chat.log")
+        server = start_server(self, "--log", "file", "--log-file", path)
+        server.client().join("alice")
+        self.assertEqual(self.mode("chat.log"), "0o600")
+
+    def test_an_existing_log_keeps_the_mode_its_owner_gave_it(self):
+        path = os.path.join(self.dir, "chat.log")
+        with open(path, "w"):
+            pass
+        os.chmod(path, 0o640)
+        server = start_server(self, "--log", "file", "--log-file", path)
+        server.client().join("alice")
+        self.assertEqual(self.mode("chat.log"), "0o640")
 
 
 class FaultIsolationTests(unittest.TestCase):
@@ -5191,7 +5401,8 @@ class RepositoryTests(InMemoryTestCase):
                 continue
             for fragment in re.split(r"\{[a-z_]+\}", template):
                 if fragment.strip():
-                    self.assertIn(fragment, doc, "Lines.%s is not in docs/PROTOCOL.md" % name)
+                    self.assertTrue(fragment in doc, "Lines.%s is not in docs/PROTOCOL.md: %r"
+                                    % (name, fragment))
                     checked += 1
         self.assertGreater(checked, 50)
 
