@@ -77,6 +77,7 @@ class Lines:
 
     WELCOME = "Wellcome! Please enter your nickname"
     PASSWORD_PROMPT = "This chat is protected. Please enter the password"
+    TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."  # plain
     OK = "Server: ok!"
     ALONE = "Server: there are no other users!"
     GOODBYE = "Goodbye!"
@@ -1745,8 +1746,9 @@ class Connection:
                                                            reason=clause(reason)))
             raise ConnectionLost(reason)
         if self.tls is None:
-            if data and not self.received_any and data[:1] in (b"\x15", b"\x16") \
-                    and data[1:2] == b"\x03":   # a TLS record: the server expects TLS
+            if data and not self.received_any and (
+                    data[:1] in (b"\x15", b"\x16") and data[1:2] == b"\x03"   # a TLS record
+                    or data.startswith(Lines.TLS_HINT.encode())):   # or a version 3 server's
                 raise ClientExit(1, Notes.EXPECTS_TLS.format(address=self.address))
             self.received_any = self.received_any or bool(data)
             return [data]

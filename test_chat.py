@@ -2367,7 +2367,7 @@ class CommandTests(SharedServerTests):
                               "Sorry! You can't send a private message to yourself."),
                              ("/msg %s" % bob.nick, NOTHING),
                              ("/msg %s    " % bob.nick, NOTHING),
-                             ("/msg", NOTHING)):
+                             ("/msg", usage("/msg NICK TEXT"))):
             alice.send(line + "\n")
             self.assertEqual(alice.said(), answer, line)
         self.quiet(alice, bob)
@@ -2411,7 +2411,7 @@ class CommandTests(SharedServerTests):
     def test_nick_refused_keeps_the_old_nickname(self):
         alice, bob = self.room("alice", "bob")
         for attempt, answer in (("bad nick", invalid_nick("bad nick")),
-                                ("", invalid_nick("")),
+                                ("", usage("/nick NEWNICK")),
                                 ("x" * 40, too_long_nick("x" * 32)),
                                 (bob.nick.upper(), busy(bob.nick.upper())),
                                 ("аlice", 'Your nickname must use a single alphabet. "аlice"'
