@@ -67,7 +67,10 @@ DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
 DEFAULT_JOIN_TIMEOUT = 60.0
 DEFAULT_HISTORY = 20
 DEFAULT_KEEP = 10000      # messages kept per room (memory or data file)
+DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
 MAIN_ROOM = "#main"
+MAX_ROOM_CHARS = 32       # after the "#"
+ROOM_KEY_SALT_BYTES = 16
 DEFAULT_RATE_LIMIT = 10.0   # lines a second, on average, per connection
 DEFAULT_RATE_BURST = 50     # lines at once
 DEFAULT_DEAD_PEER = 90.0    # seconds within which a peer that vanished without a word is found
@@ -131,6 +134,23 @@ class Lines:
     UNKNOWN_COMMAND = 'Sorry! Unknown command "/{name}". Type /help for the list.'
     USAGE = "Sorry! Usage: {usage}"
     SAME_NICK = "Sorry! You are {nick} already."
+    # Rooms
+    ROOM_INVALID = ('Sorry! A room name is # and then letters, digits, - or _ (at most {max}).'
+                    ' "{name}" is not a room name.')
+    IN_ROOM_NOW = "You are in {room} now ({count} users)."
+    LEFT_FOR = "{nick} left for {room}."
+    JOINED_ROOM = "{nick} joined {room}."
+    IN_ROOM_ALREADY = "Sorry! You are in {room} already."
+    NEEDS_KEY = "Sorry! {room} needs its key: /join {room} KEY"
+    TOO_MANY_ROOMS = "Sorry! There are too many rooms (at most {max})."
+    ROOMS = "Rooms ({count}): {rooms}"
+    ROOM_ENTRY = "{room} ({count})"
+    ROOM_ENTRY_KEY = "{room} ({count}, key)"
+    TOPIC = "Topic of {room}: {topic}"
+    NO_TOPIC = "{room} has no topic."
+    TOPIC_SET = "{nick} set the topic of {room}: {topic}"
+    TOPIC_CLEARED = "{nick} cleared the topic of {room}."
+    OPERATORS_ONLY = "Sorry! Only operators can do that."
     # Refusals and the end
     FULL = "Sorry! The chat is full."
     JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
@@ -140,6 +160,7 @@ class Lines:
     # Log records: the line the members received, and where it came from or why it ended
     LOG_FROM = " [from {address}]"
     LOG_REASON = " [{reason}]"
+    LOG_IN_ROOM = " [in {room}]"      # after a room line of a room other than #main
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
     LOG_CLOSED = "Connection from {address} closed"  # one that never joined: why, in LOG_REASON
     LOG_STARTED = "Server started on {address}"
@@ -292,6 +313,43 @@ def nickname_problem(nick, max_chars=MAX_NICK_CHARS):
     return None
 
 
+# What a room name may hold after its "#", besides letters and digits.
+ROOM_PUNCTUATION = str.maketrans("", "", "-_")
+
+
+def room_name_problem(name):
+    """The line that refuses a (normalised) room name, or None if it is one: "#", then 1 to
+    MAX_ROOM_CHARS letters, digits, "-" or "_", the letters of one script (the nickname rule)."""
+    letters = name[1:].translate(ROOM_PUNCTUATION)
+    if name[:1] != "#" or not 1 <= len(name) - 1 <= MAX_ROOM_CHARS \
+            or (letters and not letters.isalnum()) or INVISIBLE.search(name) \
+            or mixes_scripts(letters):
+        return Lines.ROOM_INVALID.format(max=MAX_ROOM_CHARS, name=without_controls(name))
+    return None
+
+
+def room_keys(name):
+    """What room names are compared by: their look-alike skeletons, as for nicknames, so that
+    "#OPS" and an all-Cyrillic "#орѕ" name one room."""
+    return nickname_keys(name)
+
+
+def hash_room_key(key):
+    """A room's key as kept: salted SHA-256. A room key guards a room, not an account, and is
+    checked on every /join: a fast hash is enough (an account's password gets a slow one)."""
+    import hashlib
+    salt = os.urandom(ROOM_KEY_SALT_BYTES)
+    return salt.hex() + "$" + hashlib.sha256(salt + key.encode("utf-8")).hexdigest()
+
+
+def room_key_matches(kept, key):
+    import hashlib
+    import hmac
+    salt, _, digest = kept.partition("$")
+    given = hashlib.sha256(bytes.fromhex(salt) + key.encode("utf-8")).hexdigest()
+    return hmac.compare_digest(given, digest)
+
+
 class Clock:
     """The ``{ts}: `` prefix, local time to the minute, recomputed only when the minute changes."""
 
@@ -394,17 +452,25 @@ class Peer:
 
 
 class Room:
-    """A room: its members in the order they came in, and the lines a newcomer is shown."""
-    __slots__ = ("name", "members", "history", "pending")
+    """A room: its members in the order they came in, the lines a newcomer is shown, its topic
+    and key. One other than #main lasts while it has a member, a topic or a kept message."""
+    __slots__ = ("name", "key", "members", "history", "pending", "topic", "key_hash", "kept")
 
-    def __init__(self, name, history):
-        self.name = name
+    def __init__(self, name, history, topic=None, key_hash=None):
+        self.name = name        # as first spelled
+        self.key = room_keys(name)[0]   # what the store knows it by
         # Peer -> its out.append, in order of arrival: the broadcast iterates these bound
         # methods directly (24 ns a recipient, against 35 ns through members' attributes), and
         # /users lists its keys.
         self.members = {}
         self.history = collections.deque(maxlen=history)  # room lines as the members got them
         self.pending = False    # every member has new output since the last take_pending()
+        self.topic = topic
+        self.key_hash = key_hash   # the /join key, salted and hashed (never kept in clear)
+        self.kept = False       # it has messages in the store
+
+    def record(self):
+        return RoomRecord(self.key, self.name, self.topic, self.key_hash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +489,8 @@ class Entry:
     JOIN = "join"       # the peer joined the chat, into this room: None
     LEAVE = "leave"     # the peer left the chat: the Reason
     RENAME = "rename"   # the peer is now known as peer.nick: its old nickname
+    MOVE = "move"       # the peer came into this room: the Room it left
+    TOPIC = "topic"     # the peer set this room's topic: the text (None: cleared)
 
 
 class LocalSequencer:
@@ -452,6 +520,10 @@ COMMANDS = (   # in the order /help lists them
     Command("nick", (), "/nick NEWNICK", "cmd_nick", needs_words=True),
     Command("away", (), "/away [TEXT]", "cmd_away"),
     Command("back", (), "/back", "cmd_back"),
+    Command("join", (), "/join #room [KEY]", "cmd_join", needs_words=True),
+    Command("part", ("leave",), "/part", "cmd_part"),
+    Command("rooms", (), "/rooms", "cmd_rooms"),
+    Command("topic", (), "/topic [TEXT]", "cmd_topic"),
     Command("quit", (), "/quit", "cmd_quit"),
     Command("help", (), "/help", "cmd_help"),
 )
@@ -486,7 +558,8 @@ class Chat:
                      Phase.PASSWORD: "password_line"}
 
     def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
-                 now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None):
+                 now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
+                 max_rooms=DEFAULT_MAX_ROOMS):
         self.log = log
         self.clock = clock or Clock()
         self.max_nick = max_nick
@@ -500,7 +573,12 @@ class Chat:
             self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
         self.now = now
         self.members = {}       # each of a member's nickname_keys -> that member
-        self.main = Room(MAIN_ROOM, history)
+        self.history_size = history
+        self.max_rooms = max_rooms
+        self.rooms = {}         # each of a room's room_keys -> that room
+        self.room_list = []     # every room once, #main first
+        self.main = self._add_room(Room(MAIN_ROOM, history))
+        self._load_rooms()
         self.pending = []       # peers given a line of their own since the last take_pending()
         self._pending_rooms = []    # rooms whose every member has new output since then
         self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
@@ -513,11 +591,56 @@ class Chat:
         self.append = LocalSequencer(self.apply).append  # the room log: entries in, applied
         self._appliers = {Entry.SAY: self.apply_say, Entry.ACT: self.apply_act,
                           Entry.JOIN: self.apply_join, Entry.LEAVE: self.apply_leave,
-                          Entry.RENAME: self.apply_rename}
+                          Entry.RENAME: self.apply_rename, Entry.MOVE: self.apply_move,
+                          Entry.TOPIC: self.apply_topic}
 
     def line_handlers(self):
         """Phase -> the method that handles a line from a connection in that phase."""
         return {phase: getattr(self, name) for phase, name in self.LINE_HANDLERS.items()}
+
+    # -- rooms ----------------------------------------------------------------------------------
+    def _load_rooms(self):
+        """The rooms the store kept (a restart), with the lines a newcomer is shown."""
+        for record in self.store.rooms():
+            room = self.room_named(record.name)
+            if room is None:
+                room = self._add_room(Room(record.name, self.history_size))
+            room.topic, room.key_hash = record.topic, record.key_hash
+            room.kept = self.store.has_messages(room.key)
+            room.history.extend(self.store.recent(room.key, self.history_size))
+
+    def _add_room(self, room):
+        for key in room_keys(room.name):
+            self.rooms[key] = room
+        self.room_list.append(room)
+        return room
+
+    def room_named(self, name):
+        """The room whose name looks like ``name`` (normalised), or None."""
+        for key in room_keys(name):
+            room = self.rooms.get(key)
+            if room is not None:
+                return room
+        return None
+
+    def _forget_if_unused(self, room):
+        """A room other than #main ends when it has no member, topic or kept message."""
+        if room is self.main or room.members or room.topic or room.kept:
+            return
+        for key in room_keys(room.name):
+            del self.rooms[key]
+        self.room_list.remove(room)
+        self.store.drop_room(room.key)
+
+    def _log_room_line(self, room, line):
+        """A room line as its members received it; "[in #room]" after it outside #main."""
+        if room is self.main:
+            self.log(line)
+        else:
+            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
+
+    def is_operator(self, peer):
+        return False   # (operators come with accounts)
 
     # -- delivery -------------------------------------------------------------------------------
     def deliver(self, peer, data):
@@ -770,6 +893,53 @@ class Chat:
         peer.away = None
         self.notice(peer, Lines.OK)
 
+    def cmd_join(self, peer, rest):
+        wanted, key = TARGET_AND_TEXT.match(rest).groups()
+        name = normalise_nickname(wanted)
+        problem = room_name_problem(name)
+        if problem:
+            self.notice(peer, problem)
+            return
+        key = key.strip()
+        room = self.room_named(name)
+        if room is peer.room:
+            self.notice(peer, Lines.IN_ROOM_ALREADY.format(room=room.name))
+        elif room is None and len(self.room_list) >= self.max_rooms:
+            self.notice(peer, Lines.TOO_MANY_ROOMS.format(max=self.max_rooms))
+        elif room is not None and room.key_hash and not room_key_matches(room.key_hash, key):
+            self.notice(peer, Lines.NEEDS_KEY.format(room=room.name))
+        else:
+            if room is None:
+                room = self._add_room(Room(name, self.history_size,
+                                           key_hash=hash_room_key(key) if key else None))
+                if room.key_hash:
+                    self.store.save_room(room.record())
+            self.append((Entry.MOVE, room, peer, peer.room))
+
+    def cmd_part(self, peer, rest):
+        if peer.room is self.main:
+            self.notice(peer, Lines.IN_ROOM_ALREADY.format(room=self.main.name))
+        else:
+            self.append((Entry.MOVE, self.main, peer, peer.room))
+
+    def cmd_rooms(self, peer, rest):
+        others = sorted(self.room_list[1:], key=lambda room: (-len(room.members), room.key))
+        entries = [(Lines.ROOM_ENTRY_KEY if room.key_hash else Lines.ROOM_ENTRY)
+                   .format(room=room.name, count=len(room.members))
+                   for room in [self.main] + others]
+        self.notice(peer, Lines.ROOMS.format(count=len(entries), rooms=", ".join(entries)))
+
+    def cmd_topic(self, peer, rest):
+        room = peer.room
+        text = rest.strip()
+        if not text:
+            self.notice(peer, Lines.TOPIC.format(room=room.name, topic=room.topic) if room.topic
+                        else Lines.NO_TOPIC.format(room=room.name))
+        elif room is self.main and not self.is_operator(peer):
+            self.notice(peer, Lines.OPERATORS_ONLY)
+        else:
+            self.append((Entry.TOPIC, room, peer, None if text == "-" else text))
+
     def cmd_quit(self, peer, rest):
         self.notice(peer, Lines.GOODBYE)
         self.leave(peer, Reason.QUIT)
@@ -801,13 +971,14 @@ class Chat:
         """The server stops: every member is told, and logged as leaving; nobody is told of the
         others leaving, since everyone is."""
         notice = self.line(Lines.SHUTTING_DOWN)
-        for peer in list(self.main.members):
-            self.deliver(peer, notice)
-            peer.member = False
-            self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
-                           Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
+        for room in self.room_list:
+            for peer in list(room.members):
+                self.deliver(peer, notice)
+                peer.member = False
+                self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
+                               Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
+            room.members.clear()
         self.members.clear()
-        self.main.members.clear()
 
     def _log_with(self, line, suffix):
         """Log a delivered line with a note for the operator before its line end."""
@@ -824,8 +995,7 @@ class Chat:
         self.to_room(room, line)
         peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
         self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
-        room.history.append(line)
-        self.log(line)
+        self._keep(room, line, body)
 
     def apply_act(self, entry):
         _, room, peer, text = entry
@@ -833,22 +1003,35 @@ class Chat:
         self.to_others(peer, line)
         self.notice(peer, Lines.OK)
         self.deliver(peer, line)
+        self._keep(room, line, text.encode())
+
+    def _keep(self, room, line, text):
+        """A message or /me line: in the room's history, the store, and the log."""
         room.history.append(line)
-        self.log(line)
+        self.store.keep(room.key, line, text)
+        room.kept = True
+        self._log_room_line(room, line)
 
     def apply_join(self, entry):
         _, room, peer, _ = entry
         prefix = self.clock.prefix()
         self.deliver(peer, (prefix + Lines.OK + "\n").encode())
-        if room.history:
-            self.deliver(peer, (prefix + Lines.HISTORY.format(count=len(room.history))
-                                + "\n").encode())
-            peer.out.extend(room.history)  # the very bytes the members got: no re-encoding
+        self._show_room(peer, room, prefix)
         announcement = (prefix + Lines.CONNECTED.format(nick=peer.nick) + "\n").encode()
         self.to_room(room, announcement)  # before joining: the newcomer is not told of itself
         room.members[peer] = peer.append
         peer.room = room
         self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
+
+    def _show_room(self, peer, room, prefix):
+        """What a member coming into a room is shown: its topic, then its history."""
+        if room.topic:
+            self.deliver(peer, (prefix + Lines.TOPIC.format(room=room.name, topic=room.topic)
+                                + "\n").encode())
+        if room.history:
+            self.deliver(peer, (prefix + Lines.HISTORY.format(count=len(room.history))
+                                + "\n").encode())
+            peer.out.extend(room.history)  # the very bytes the members got: no re-encoding
 
     def apply_leave(self, entry):
         _, room, peer, reason = entry
@@ -859,14 +1042,48 @@ class Chat:
         self._list_pending(peer)
         announcement = self.line(Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_room(room, announcement)
-        self._log_with(announcement, Lines.LOG_REASON.format(reason=reason))
+        self._log_room_line(room, announcement[:-1] + Lines.LOG_REASON.format(
+            reason=reason).encode() + b"\n")
+        self._forget_if_unused(room)
 
     def apply_rename(self, entry):
         _, room, peer, old = entry
         self.notice(peer, Lines.OK)
         line = self.line(Lines.RENAMED.format(old=old, new=peer.nick))
         self.to_room(room, line)
-        self.log(line)
+        self._log_room_line(room, line)
+
+    def apply_move(self, entry):
+        _, room, peer, old = entry
+        del old.members[peer]
+        self._list_pending(peer)   # (lines the old room queued for it this turn: see leave)
+        left = self.line(Lines.LEFT_FOR.format(nick=peer.nick, room=room.name))
+        self.to_room(old, left)
+        self._log_room_line(old, left)
+        prefix = self.clock.prefix()
+        self.deliver(peer, (prefix + Lines.OK + "\n").encode())
+        self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
+            room=room.name, count=len(room.members) + 1) + "\n").encode())
+        self._show_room(peer, room, prefix)
+        joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=room.name)
+                  + "\n").encode()
+        self.to_room(room, joined)   # before joining: the newcomer is not told of itself
+        room.members[peer] = peer.append
+        peer.room = room
+        self._log_room_line(room, joined)
+        self._forget_if_unused(old)
+
+    def apply_topic(self, entry):
+        _, room, peer, topic = entry
+        room.topic = topic
+        self.store.save_room(room.record())
+        self.notice(peer, Lines.OK)
+        line = self.line(Lines.TOPIC_SET.format(nick=peer.nick, room=room.name, topic=topic)
+                         if topic else Lines.TOPIC_CLEARED.format(nick=peer.nick,
+                                                                  room=room.name))
+        self.to_room(room, line)
+        self._log_room_line(room, line)
+        self._forget_if_unused(room)
 
 
 # =============================================================================================
@@ -1930,12 +2147,13 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
                  max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
                  history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
                  rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
-                 dead_peer=DEFAULT_DEAD_PEER):
+                 dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS):
         self.host = host
         self.dead_peer = dead_peer
         self.port = port
         self.log = log or NullLog()
-        self.chat = Chat(self.log.record, history=history, password=password)
+        self.chat = Chat(self.log.record, history=history, password=password,
+                         max_rooms=max_rooms)
         self._line_handlers = self.chat.line_handlers()
         self.poller = make_poller(selector)
         if max_clients is None:
@@ -2497,6 +2715,8 @@ def parse_args(argv):
                         metavar="SECONDS",
                         help="a client that vanished without a word (a closed laptop, a pulled"
                              " cable) is found and disconnected within this time (default 90)")
+    parser.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
+                        help="rooms at once, #main included (default %(default)s)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
                         help="lines a second each connection may send on average, 0 for no"
                              " limit (default 10)")
@@ -2581,7 +2801,8 @@ def main(argv=None):
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
-                    password=password, tls=tls, dead_peer=args.dead_peer_timeout)
+                    password=password, tls=tls, dead_peer=args.dead_peer_timeout,
+                    max_rooms=args.max_rooms)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:

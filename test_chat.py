@@ -151,9 +151,27 @@ def same_nick(nick):
     return "Sorry! You are %s already." % nick
 
 
-REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit")
-HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back, /quit,"
-        " /help. Start a line with // to send a line that begins with /.")
+REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit",
+                 "join", "part", "leave", "rooms", "topic")
+HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
+        " /join #room [KEY], /part, /rooms, /topic [TEXT], /quit, /help."
+        " Start a line with // to send a line that begins with /.")
+
+
+def not_a_room(name):
+    return ('Sorry! A room name is # and then letters, digits, - or _ (at most 32). "%s" is not'
+            ' a room name.' % name)
+
+
+def in_room_now(room, count):
+    return "You are in %s now (%d users)." % (room, count)
+
+
+def needs_key(room):
+    return "Sorry! %s needs its key: /join %s KEY" % (room, room)
+
+
+OPERATORS_ONLY = "Sorry! Only operators can do that."
 
 
 # Version 2 with no history and no flood control is version 1, to the byte, for any client that
@@ -1441,6 +1459,27 @@ def model_nick(text):
 
 
 MODEL_TARGETS = list(MODEL_NICKS) + ["nobody", "ALICE", "аlice"]
+
+# Room names the model knows the answer to, by hand as above: attempt -> (verdict, name as the
+# protocol shows it, a label that two names share exactly when they name one room, and that
+# sorts as the server sorts names in /rooms).
+MODEL_ROOMS = {
+    "#ops": ("ok", "#ops", "ops"),
+    "#OPS": ("ok", "#OPS", "ops"),
+    "#орѕ": ("ok", "#орѕ", "ops"),                 # all Cyrillic, looks like "#ops"
+    "#random": ("ok", "#random", "random"),
+    "#a-b_c": ("ok", "#a-b_c", "a-b_c"),
+    "#main": ("ok", "#main", "main"),
+    "#MAIN": ("ok", "#MAIN", "main"),
+    "#Пётр": ("ok", "#Пётр", "пётр"),
+    "#оps": ("invalid", "#оps", None),             # Cyrillic о + Latin ps: mixes alphabets
+    "#": ("invalid", "#", None),
+    "ops": ("invalid", "ops", None),
+    "#a.b": ("invalid", "#a.b", None),
+    "#" + "r" * 33: ("invalid", "#" + "r" * 33, None),
+    "#" + "r" * 32: ("ok", "#" + "r" * 32, "r" * 32),
+}
+MODEL_KEYS = ["", "s3cret", "other key", "s3cret"]
 MODEL_TEXTS = ["hello", "  spaced  out ", "", "   ", "\t", "héllo мир 🙂", "a\x1b[31mred",
                "\x00\x07", "/", "//", "//slashes", "/bogus thing", "/ spaced", "x" * 30,
                "\u00a0\u3000", "\u00a0x", "\x85\u2028", "é\x9b", "// \u3000"]
@@ -1451,12 +1490,32 @@ class RoomModel:
 
     Lines are kept without their '{ts}: ' (the tests run the room at one fixed time)."""
 
-    def __init__(self, history):
+    def __init__(self, history, max_rooms=1000):
         self.history_size = history
-        self.history = []
-        self.members = []       # dicts in order of joining: peer, nick, label, away
+        self.max_rooms = max_rooms
+        self.members = []       # dicts: peer, nick, label, away, room (its label)
         self.seen = {}          # peer -> lines it received
         self.log = []
+        # label -> name (as first spelled), members (in order of arrival), history, topic,
+        # key (in clear: this is a model), kept (any message ever); #main first.
+        self.rooms = {}
+        self.add_room("main", "#main", None)
+
+    def add_room(self, label, name, key):
+        self.rooms[label] = {"name": name, "members": [], "history": [], "topic": None,
+                             "key": key or None, "kept": False}
+
+    def room_of(self, me):
+        return self.rooms[me["room"]]
+
+    def room_line(self, room, line):
+        """A line logged as its room's members got it."""
+        self.log.append(line if room["name"] == "#main" else "%s [in %s]" % (line, room["name"]))
+
+    def forget_if_unused(self, label):
+        room = self.rooms[label]
+        if label != "main" and not (room["members"] or room["topic"] or room["kept"]):
+            del self.rooms[label]
 
     def connect(self, peer):
         self.seen[peer] = [WELCOME]
@@ -1467,10 +1526,19 @@ class RoomModel:
     def by_label(self, label):
         return next((m for m in self.members if m["label"] == label), None)
 
-    def to_others(self, peer, line):
-        for m in self.members:
+    def to_others(self, peer, line, room=None):
+        """To every member of ``peer``'s room (or ``room``) but ``peer``."""
+        room = room or self.room_of(self.member(peer))
+        for m in room["members"]:
             if m["peer"] is not peer:
                 self.seen[m["peer"]].append(line)
+
+    def show_room(self, peer, room):
+        if room["topic"]:
+            self.seen[peer].append("Topic of %s: %s" % (room["name"], room["topic"]))
+        if room["history"]:
+            self.seen[peer].append("Recent messages (%d):" % len(room["history"]))
+            self.seen[peer].extend(room["history"])
 
     def refusal(self, attempt, peer):
         verdict, shown, label = model_nick(attempt)
@@ -1492,17 +1560,21 @@ class RoomModel:
             self.seen[peer].append(problem)
             return False
         _, nick, label = model_nick(attempt)
+        main = self.rooms["main"]
         self.seen[peer].append(OK)
-        if self.history:
-            self.seen[peer].append("Recent messages (%d):" % len(self.history))
-            self.seen[peer].extend(self.history)
-        self.to_others(peer, "%s connected!" % nick)
-        self.members.append({"peer": peer, "nick": nick, "label": label, "away": None})
+        self.show_room(peer, main)
+        self.to_others(peer, "%s connected!" % nick, main)
+        me = {"peer": peer, "nick": nick, "label": label, "away": None, "room": "main"}
+        self.members.append(me)
+        main["members"].append(me)
         self.log.append("%s connected! [from %s]" % (nick, peer.address))
         return True
 
-    def keep(self, line):
-        self.history = (self.history + [line])[-self.history_size:] if self.history_size else []
+    def keep(self, room, line):
+        room["history"] = (room["history"] + [line])[-self.history_size:] \
+            if self.history_size else []
+        room["kept"] = True
+        self.room_line(room, line)
 
     def line(self, peer, raw):
         """A line from a member; returns False if it quit."""
@@ -1512,16 +1584,16 @@ class RoomModel:
             return self.command(me, text)
         if text.startswith("//"):
             text = text[1:]
+        room = self.room_of(me)
         if not text.strip():
             self.seen[peer].append(NOTHING)
-        elif len(self.members) < 2:
+        elif len(room["members"]) < 2:
             self.seen[peer].append(ALONE)
         else:
             line = "%s sent %s" % (me["nick"], text)
             self.to_others(peer, line)
             self.seen[peer] += [OK, "YOU SEND USERS " + text]
-            self.keep(line)
-            self.log.append(line)
+            self.keep(room, line)
         return True
 
     @staticmethod
@@ -1537,13 +1609,12 @@ class RoomModel:
         peer, seen = me["peer"], self.seen[me["peer"]]
         name, rest = self.split_word(text[1:])
         name = name.lower() if name.lower() in REAL_COMMANDS else name
+        room = self.room_of(me)
         if name == "help":
-            seen.append("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT],"
-                        " /back, /quit, /help. Start a line with // to send a line that begins"
-                        " with /.")
+            seen.append(HELP)
         elif name in ("users", "who", "names"):
             names = [m["nick"] if m["away"] is None else "%s (away)" % m["nick"] if not m["away"]
-                     else "%s (away: %s)" % (m["nick"], m["away"]) for m in self.members]
+                     else "%s (away: %s)" % (m["nick"], m["away"]) for m in room["members"]]
             seen.append("Users (%d): %s" % (len(names), ", ".join(names)))
         elif name == "msg":
             wanted, message = self.split_word(rest)
@@ -1567,14 +1638,13 @@ class RoomModel:
         elif name == "me":
             if not rest.strip():
                 seen.append(NOTHING)
-            elif len(self.members) < 2:
+            elif len(room["members"]) < 2:
                 seen.append(ALONE)
             else:
                 line = "* %s %s" % (me["nick"], rest)
                 self.to_others(peer, line)
                 seen += [OK, line]
-                self.keep(line)
-                self.log.append(line)
+                self.keep(room, line)
         elif name == "nick":
             verdict, shown, _ = model_nick(rest) or (None, None, None)
             problem = self.refusal(rest, peer) if rest.strip() else usage("/nick NEWNICK")
@@ -1587,9 +1657,40 @@ class RoomModel:
                 line = "%s is now known as %s" % (me["nick"], nick)
                 me["nick"], me["label"] = nick, label
                 seen.append(OK)
-                for m in self.members:
+                for m in room["members"]:
                     self.seen[m["peer"]].append(line)
-                self.log.append(line)
+                self.room_line(room, line)
+        elif name == "join":
+            self.join(me, rest)
+        elif name in ("part", "leave"):
+            if me["room"] == "main":
+                seen.append("Sorry! You are in #main already.")
+            else:
+                self.move(me, "main")
+        elif name == "rooms":
+            others = sorted((label for label in self.rooms if label != "main"),
+                            key=lambda label: (-len(self.rooms[label]["members"]), label))
+            entries = ["%s (%d%s)" % (self.rooms[label]["name"],
+                                      len(self.rooms[label]["members"]),
+                                      ", key" if self.rooms[label]["key"] else "")
+                       for label in ["main"] + others]
+            seen.append("Rooms (%d): %s" % (len(entries), ", ".join(entries)))
+        elif name == "topic":
+            text = rest.strip()
+            if not text:
+                seen.append("Topic of %s: %s" % (room["name"], room["topic"]) if room["topic"]
+                            else "%s has no topic." % room["name"])
+            elif me["room"] == "main":
+                seen.append(OPERATORS_ONLY)
+            else:
+                room["topic"] = None if text == "-" else text
+                seen.append(OK)
+                line = ("%s set the topic of %s: %s" % (me["nick"], room["name"], text)
+                        if text != "-" else
+                        "%s cleared the topic of %s." % (me["nick"], room["name"]))
+                for m in room["members"]:
+                    self.seen[m["peer"]].append(line)
+                self.room_line(room, line)
         elif name == "away":
             me["away"] = rest
             seen.append(OK)
@@ -1604,13 +1705,58 @@ class RoomModel:
             seen.append(unknown_command(name))
         return True
 
+    def join(self, me, rest):
+        seen = self.seen[me["peer"]]
+        if not rest.strip():
+            seen.append(usage("/join #room [KEY]"))
+            return
+        wanted, key = self.split_word(rest)
+        verdict, shown, label = MODEL_ROOMS.get(wanted, ("invalid", wanted, None))
+        key = key.strip()
+        if verdict != "ok":
+            seen.append(not_a_room(shown))
+        elif label == me["room"]:
+            seen.append("Sorry! You are in %s already." % self.rooms[label]["name"])
+        elif label not in self.rooms and len(self.rooms) >= self.max_rooms:
+            seen.append("Sorry! There are too many rooms (at most %d)." % self.max_rooms)
+        elif label in self.rooms and self.rooms[label]["key"] not in (None, key):
+            seen.append(needs_key(self.rooms[label]["name"]))
+        else:
+            if label not in self.rooms:
+                self.add_room(label, shown, key)
+            self.move(me, label)
+
+    def move(self, me, label):
+        old, room, peer = self.room_of(me), self.rooms[label], me["peer"]
+        old["members"].remove(me)
+        left = "%s left for %s." % (me["nick"], room["name"])
+        self.to_others(peer, left, old)
+        self.room_line(old, left)
+        self.seen[peer] += [OK, in_room_now(room["name"], len(room["members"]) + 1)]
+        self.show_room(peer, room)
+        joined = "%s joined %s." % (me["nick"], room["name"])
+        self.to_others(peer, joined, room)
+        room["members"].append(me)
+        me["room"] = label
+        self.room_line(room, joined)
+        self.forget_if_unused(self.label_of(old))
+
+    def label_of_name(self, name):
+        return next(label for label, r in self.rooms.items() if r["name"] == name)
+
+    def label_of(self, room):
+        return next(label for label, r in self.rooms.items() if r is room)
+
     def leave(self, peer, reason):
         me = self.member(peer)
         if me is None:
             return
         self.members.remove(me)
-        self.to_others(peer, "%s disconnected!" % me["nick"])
-        self.log.append("%s disconnected! [%s]" % (me["nick"], reason))
+        room = self.room_of(me)
+        room["members"].remove(me)
+        self.to_others(peer, "%s disconnected!" % me["nick"], room)
+        self.room_line(room, "%s disconnected! [%s]" % (me["nick"], reason))
+        self.forget_if_unused(me["room"])
 
 
 def random_member_line(rng):
@@ -1618,11 +1764,15 @@ def random_member_line(rng):
     target = rng.choice(MODEL_TARGETS)
     text = rng.choice(MODEL_TEXTS)
     attempt = rng.choice(list(MODEL_NICKS))
+    room = rng.choice(list(MODEL_ROOMS))
+    key = rng.choice(MODEL_KEYS)
     return rng.choice([
         text, text, text, "hi " + text, "/help", "/users", "/WHO", "/names extra",
         "/msg %s %s" % (target, text), "/msg %s  two  words " % target, "/msg " + target, "/msg",
         "/me " + text, "/me", "/ME dances", "/nick " + attempt, "/away", "/away " + text,
-        "/back", "/quit", "/bogus", "/", "//" + text])
+        "/back", "/quit", "/bogus", "/", "//" + text,
+        "/join %s %s" % (room, key), "/join %s" % room, "/JOIN %s" % room, "/join", "/part",
+        "/leave", "/rooms", "/topic", "/topic " + text, "/topic -"])
 
 
 # =============================================================================================
@@ -1736,8 +1886,8 @@ class RoomModelTests(RoomTestCase):
         import random
         rng = random.Random(seed)
         self.chat = self.mod.Chat(self.logged.append, self.mod.Clock(now=lambda: 0),
-                                  history=self.history)
-        model = RoomModel(self.history)
+                                  history=self.history, max_rooms=3)
+        model = RoomModel(self.history, max_rooms=3)
         connected, members, gone = [], [], []
         for step in range(steps):
             action = rng.random()
@@ -1780,6 +1930,7 @@ class RoomModelTests(RoomTestCase):
             for peer in connected + gone:
                 got, expected = self.said(peer), model.seen.get(peer, [])
                 self.assertEqual(got, expected, "seed %d step %d" % (seed, step))
+                self.seen_lines.update(got)
                 model.seen[peer] = []
             self.assertEqual(self.logged_text(), model.log, "seed %d step %d" % (seed, step))
             model.log = []
@@ -1788,11 +1939,27 @@ class RoomModelTests(RoomTestCase):
             self.assertEqual(len(keys), len(set(keys)))  # no two members share a skeleton
             self.assertEqual(sorted(map(id, set(self.chat.members.values()))),
                              sorted(map(id, members)))
+            self.assertEqual([room.name for room in self.chat.room_list],
+                             [room["name"] for room in model.rooms.values()])
+            for room in self.chat.room_list:   # who is where, in order of arrival
+                self.assertEqual([peer.nick for peer in room.members],
+                                 [m["nick"] for m in model.rooms[model.label_of_name(room.name)]
+                                  ["members"]])
         return steps
+
+    def setUp(self):
+        super().setUp()
+        self.seen_lines = set()
 
     def test_room_against_its_model_over_many_seeds(self):
         steps = sum(self.run_seed(seed) for seed in range(40))
         self.assertEqual(steps, 16000)
+        # The seeds reach every turn of the rooms, or this test would prove little.
+        for shape in ("needs its key", "too many rooms", "left for #", "joined #", "You are in #",
+                      "set the topic of #", "cleared the topic of #", "Rooms (", "Topic of #",
+                      "has no topic", "is not a room name", "in #main already", "Only operators",
+                      "Recent messages"):
+            self.assertTrue(any(shape in line for line in self.seen_lines), shape)
 
     def test_room_against_its_model_without_history(self):
         self.history = 0
@@ -3560,6 +3727,257 @@ class FaultIsolationTests(unittest.TestCase):
         conn.phase = chat_server.Phase.NICKNAME
         peer.append(b"12345")
         self.assertEqual(repr(conn), "<Conn nickname 127.0.0.1:5555 nick=None queued=5>")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.4 Version 3: rooms.
+# ---------------------------------------------------------------------------------------------
+
+class RoomTests(unittest.TestCase):
+    """Every row of the Rooms table over raw sockets, as nc sees it: one server per class, a
+    room name of its own for each test."""
+
+    server_options = ("--max-rooms", "6")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = ServerProcess(*cls.server_options).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.close()
+
+    def member(self, base, *waiting):
+        """A fresh member in #main; each of ``waiting`` (in #main) sees it join."""
+        newcomer = self.server.client().join(fresh_nick(base))
+        self.addCleanup(newcomer.close)
+        for other in waiting:
+            self.assertEqual(other.said(), "%s connected!" % newcomer.nick)
+        return newcomer
+
+    def room_name(self, base="room"):
+        return "#" + fresh_nick(base)
+
+    def enter(self, member, room, count, key=""):
+        """``member`` joins ``room`` (``count`` members with it); returns the lines it got."""
+        member.send(("/join %s %s" % (room, key)).rstrip() + "\n")
+        self.assertEqual(member.said(), OK)
+        self.assertEqual(member.said(), in_room_now(room, count))
+
+    def quiet(self, *clients, room=None):
+        """Nothing more arrives for these clients: a marker that joins their room (#main, or
+        ``room``) is the next thing each of them sees."""
+        marker = self.server.client().join(fresh_nick("marker"))
+        self.addCleanup(marker.close)
+        if room:
+            marker.send("/join %s\n" % room)
+        for client in clients:
+            self.assertEqual(client.said(), "%s joined %s." % (marker.nick, room) if room
+                             else "%s connected!" % marker.nick)
+
+    def test_join_makes_a_room_and_each_room_hears_its_own(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        room = self.room_name()
+        self.enter(alice, room, 1)
+        self.assertEqual(bob.said(), "%s left for %s." % (alice.nick, room))
+        carol = self.member("carol", bob)
+        self.enter(carol, room, 2)
+        self.assertEqual(alice.said(), "%s joined %s." % (carol.nick, room))
+        self.assertEqual(bob.said(), "%s left for %s." % (carol.nick, room))
+        carol.send("in the room\n")
+        self.assertEqual([carol.said(), carol.said()], [OK, "YOU SEND USERS in the room"])
+        self.assertEqual(alice.said(), "%s sent in the room" % carol.nick)
+        bob.send("in main\n")
+        self.assertEqual(bob.said(), ALONE)   # nobody else in #main
+        carol.send("/me waves\n")
+        self.assertEqual([carol.said(), carol.said()], [OK, "* %s waves" % carol.nick])
+        self.assertEqual(alice.said(), "* %s waves" % carol.nick)
+        for client in (alice, carol):
+            client.send("/users\n")
+            self.assertEqual(client.said(), "Users (2): %s, %s" % (alice.nick, carol.nick))
+        bob.send("/users\n")
+        self.assertEqual(bob.said(), "Users (1): %s" % bob.nick)
+        self.quiet(bob)
+        self.quiet(alice, carol, room=room)
+
+    def test_private_messages_cross_rooms(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        self.enter(alice, self.room_name(), 1)
+        self.assertIn("left for", bob.said())
+        bob.send("/msg %s over here\n" % alice.nick)
+        self.assertEqual([bob.said(), bob.said()],
+                         [OK, "[private] YOU SEND %s over here" % alice.nick])
+        self.assertEqual(alice.said(), "[private] %s sent over here" % bob.nick)
+
+    def test_leaves_and_renames_reach_only_their_room(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        carol = self.member("carol", alice, bob)
+        room = self.room_name()
+        self.enter(alice, room, 1)
+        self.assertEqual(bob.said(), "%s left for %s." % (alice.nick, room))
+        self.enter(bob, room, 2)
+        self.assertEqual(alice.said(), "%s joined %s." % (bob.nick, room))
+        self.assertEqual([carol.said(), carol.said()],
+                         ["%s left for %s." % (alice.nick, room),
+                          "%s left for %s." % (bob.nick, room)])
+        new = fresh_nick("robert")
+        bob.send("/nick %s\n" % new)
+        self.assertEqual([bob.said(), bob.said()], [OK, "%s is now known as %s" % (bob.nick, new)])
+        self.assertEqual(alice.said(), "%s is now known as %s" % (bob.nick, new))
+        bob.send("/quit\n")
+        self.assertEqual(bob.said(), GOODBYE)
+        self.assertEqual(alice.said(), "%s disconnected!" % new)
+        self.quiet(carol)
+        log = logged(self.server)
+        self.assertIn("%s is now known as %s [in %s]" % (bob.nick, new, room), log)
+        self.assertIn("%s disconnected! [quit] [in %s]" % (new, room), log)
+        self.assertIn("%s left for %s." % (alice.nick, room), log)
+        self.assertIn("%s joined %s. [in %s]" % (bob.nick, room, room), log)
+
+    def test_part_and_leave_go_back_to_main(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        room = self.room_name()
+        for command in ("/part", "/LEAVE"):
+            self.enter(alice, room, 1)
+            self.assertEqual(bob.said(), "%s left for %s." % (alice.nick, room))
+            alice.send(command + "\n")
+            self.assertEqual([alice.said(), alice.said()], [OK, in_room_now("#main", 2)])
+            self.assertEqual(bob.said(), "%s joined #main." % alice.nick)
+        alice.send("/part\n")
+        self.assertEqual(alice.said(), "Sorry! You are in #main already.")
+        alice.send("/join #MAIN\n")
+        self.assertEqual(alice.said(), "Sorry! You are in #main already.")
+
+    def test_names_that_look_alike_are_one_room_shown_as_first_spelled(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        carol = self.member("carol", alice, bob)
+        tag = fresh_nick("x").lstrip("x")   # digits, which every alphabet may hold
+        self.enter(alice, "#OPS" + tag, 1)
+        for other in (bob, carol):
+            self.assertEqual(other.said(), "%s left for #OPS%s." % (alice.nick, tag))
+        bob.send("/join #ops%s\n" % tag)
+        self.assertEqual([bob.said(), bob.said()], [OK, in_room_now("#OPS" + tag, 2)])
+        self.assertEqual(carol.said(), "%s left for #OPS%s." % (bob.nick, tag))
+        carol.send("/join #орѕ%s\n" % tag)   # all Cyrillic
+        self.assertEqual([carol.said(), carol.said()], [OK, in_room_now("#OPS" + tag, 3)])
+
+    def test_names_that_are_not_room_names_are_refused_and_nothing_happens(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        for name in ("#оps", "#", "ops", "#a.b", "#" + "r" * 33, "#a/b", "#\u3164", "#a\u200bb"):
+            alice.send("/join %s\n" % name)
+            self.assertEqual(alice.said(), not_a_room(unicodedata.normalize("NFKC", name)), name)
+        alice.send("/join\n")
+        self.assertEqual(alice.said(), usage("/join #room [KEY]"))
+        self.enter(alice, "#" + fresh_nick("r").ljust(32, "r"), 1)   # 32 letters: a name
+        self.assertIn("left for", bob.said())
+
+    def test_a_room_with_a_key_needs_it_and_never_shows_it(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        room = self.room_name("locked")
+        self.enter(alice, room, 1, key="  the secret key ")
+        self.assertIn("left for", bob.said())
+        for attempt in ("", " wrong", " the secret", " the secret key extra"):
+            bob.send("/join %s%s\n" % (room, attempt))
+            self.assertEqual(bob.said(), needs_key(room), attempt)
+        bob.send("/rooms\n")
+        self.assertIn("%s (1, key)" % room, bob.said())
+        self.enter(bob, room, 2, key="the secret key")
+        self.assertEqual(alice.said(), "%s joined %s." % (bob.nick, room))
+        self.assertFalse([line for line in self.server.log_lines() if "secret" in line])
+
+    def test_topic_shown_set_cleared_and_on_joining(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        room = self.room_name("topical")
+        self.enter(alice, room, 1)
+        self.assertIn("left for", bob.said())
+        alice.send("/topic\n")
+        self.assertEqual(alice.said(), "%s has no topic." % room)
+        alice.send("/topic plans for \x1b[31mfriday\n")
+        self.assertEqual([alice.said(), alice.said()],
+                         [OK, "%s set the topic of %s: plans for [31mfriday" % (alice.nick, room)])
+        bob.send("/join %s\n" % room)
+        self.assertEqual([bob.said(), bob.said(), bob.said()],
+                         [OK, in_room_now(room, 2), "Topic of %s: plans for [31mfriday" % room])
+        self.assertEqual(alice.said(), "%s joined %s." % (bob.nick, room))
+        bob.send("/topic\n")
+        self.assertEqual(bob.said(), "Topic of %s: plans for [31mfriday" % room)
+        bob.send("/topic -\n")
+        self.assertEqual([bob.said(), bob.said()], [OK, "%s cleared the topic of %s." % (bob.nick, room)])
+        self.assertEqual(alice.said(), "%s cleared the topic of %s." % (bob.nick, room))
+        self.assertIn("%s set the topic of %s: plans for [31mfriday [in %s]"
+                      % (alice.nick, room, room), logged(self.server))
+
+    def test_only_operators_set_the_topic_of_main(self):
+        alice = self.member("alice")
+        alice.send("/topic hello everyone\n")
+        self.assertEqual(alice.said(), OPERATORS_ONLY)
+        alice.send("/topic\n")
+        self.assertEqual(alice.said(), "#main has no topic.")
+
+    def test_history_of_each_room_shown_on_joining_it(self):
+        alice = self.member("alice")
+        bob = self.member("bob", alice)
+        room = self.room_name("storied")
+        self.enter(alice, room, 1)
+        self.assertIn("left for", bob.said())
+        self.enter(bob, room, 2)
+        self.assertEqual(alice.said(), "%s joined %s." % (bob.nick, room))
+        alice.send("one\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS one"])
+        self.assertEqual(bob.said(), "%s sent one" % alice.nick)
+        carol = self.member("carol")
+        carol.send("/join %s\n" % room)
+        self.assertEqual([carol.said() for _ in range(4)],
+                         [OK, in_room_now(room, 3), "Recent messages (1):",
+                          "%s sent one" % alice.nick])
+
+    def test_rooms_lists_main_first_then_by_members_then_by_name(self):
+        # A server of its own: the list is of every room. Each one joins and moves on alone.
+        server = start_server(self)
+        for nick, room in (("alice", "#zeta"), ("bob", "#zeta"), ("carol", "#Alpha"),
+                           ("dave", "#beta")):
+            client = server.client().join(nick)
+            self.addCleanup(client.close)
+            client.send("/join %s\n" % room)
+            self.assertEqual(client.said(), OK)
+            self.assertIn(" now (", client.said())
+        client.send("/me keeps #beta when dave leaves\n")   # dave, alone in #beta
+        self.assertEqual(client.said(), ALONE)
+        bob_elsewhere = server.client().join("erin")
+        self.addCleanup(bob_elsewhere.close)
+        bob_elsewhere.send("/rooms\n")
+        self.assertEqual(bob_elsewhere.said(),
+                         "Rooms (4): #main (1), #zeta (2), #Alpha (1), #beta (1)")
+
+    def test_an_empty_room_without_topic_or_messages_is_gone(self):
+        alice = self.member("alice")
+        room = self.room_name("fleeting")
+        self.enter(alice, room, 1)
+        alice.send("/part\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, in_room_now("#main", 1)])
+        alice.send("/rooms\n")
+        self.assertNotIn(room, alice.said())
+
+    def test_too_many_rooms(self):
+        server = start_server(self, "--max-rooms", "2")
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        alice.send("/join #first\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, in_room_now("#first", 1)])
+        self.assertEqual(bob.said(), "alice left for #first.")
+        bob.send("/join #second\n")
+        self.assertEqual(bob.said(), "Sorry! There are too many rooms (at most 2).")
+        bob.send("/join #first\n")   # an existing one: fine
+        self.assertEqual([bob.said(), bob.said()], [OK, in_room_now("#first", 2)])
 
 
 # =============================================================================================
@@ -5693,6 +6111,10 @@ class WindowsPasswordTests(WindowsLeg, PasswordTests):
 
 
 class WindowsCommandTests(WindowsLeg, CommandTests):
+    pass
+
+
+class WindowsRoomTests(WindowsLeg, RoomTests):
     pass
 
 
