@@ -67,7 +67,9 @@ DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
 DEFAULT_JOIN_TIMEOUT = 60.0
 DEFAULT_HISTORY = 20
 DEFAULT_KEEP = 10000      # messages kept per room (memory or data file)
+DEFAULT_DATA = "chat.db"
 DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
+SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
 ROOM_KEY_SALT_BYTES = 16
@@ -151,6 +153,10 @@ class Lines:
     TOPIC_SET = "{nick} set the topic of {room}: {topic}"
     TOPIC_CLEARED = "{nick} cleared the topic of {room}."
     OPERATORS_ONLY = "Sorry! Only operators can do that."
+    # Memory
+    SEARCH_NONE = 'No messages with "{text}" in {room}.'
+    SEARCH_FOUND = 'Found {count} messages with "{text}" in {room}:'
+    SEARCH_FOUND_MANY = 'Found {count} messages with "{text}" in {room}; the last {shown}:'
     # Refusals and the end
     FULL = "Sorry! The chat is full."
     JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
@@ -163,6 +169,8 @@ class Lines:
     LOG_IN_ROOM = " [in {room}]"      # after a room line of a room other than #main
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
     LOG_CLOSED = "Connection from {address} closed"  # one that never joined: why, in LOG_REASON
+    LOG_CANNOT_WRITE = "Cannot write {path}: {error}; messages are not kept until it can"
+    LOG_WRITING_AGAIN = "Writing {path} again"
     LOG_STARTED = "Server started on {address}"
     LOG_STOPPED = "Server stopped"
     # Standard output and error
@@ -524,6 +532,7 @@ COMMANDS = (   # in the order /help lists them
     Command("part", ("leave",), "/part", "cmd_part"),
     Command("rooms", (), "/rooms", "cmd_rooms"),
     Command("topic", (), "/topic [TEXT]", "cmd_topic"),
+    Command("search", (), "/search TEXT", "cmd_search", needs_words=True),
     Command("quit", (), "/quit", "cmd_quit"),
     Command("help", (), "/help", "cmd_help"),
 )
@@ -940,6 +949,16 @@ class Chat:
         else:
             self.append((Entry.TOPIC, room, peer, None if text == "-" else text))
 
+    def cmd_search(self, peer, rest):
+        text, room = rest.strip(), peer.room
+        found, lines = self.store.search(room.key, text.casefold(), SEARCH_SHOWN)
+        if not found:
+            self.notice(peer, Lines.SEARCH_NONE.format(text=text, room=room.name))
+            return
+        self.notice(peer, (Lines.SEARCH_FOUND if found == len(lines) else Lines.SEARCH_FOUND_MANY)
+                    .format(count=found, text=text, room=room.name, shown=len(lines)))
+        peer.out.extend(lines)   # the lines as kept, each with its own {ts}
+
     def cmd_quit(self, peer, rest):
         self.notice(peer, Lines.GOODBYE)
         self.leave(peer, Reason.QUIT)
@@ -995,7 +1014,15 @@ class Chat:
         self.to_room(room, line)
         peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
         self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
-        self._keep(room, line, body)
+        # (_keep, written out: the hot path of every message)
+        room.history.append(line)
+        self.store.keep(room.key, line, len(body))
+        if not room.kept:
+            self._first_kept(room)
+        if room is self.main:
+            self.log(line)
+        else:
+            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
 
     def apply_act(self, entry):
         _, room, peer, text = entry
@@ -1003,14 +1030,20 @@ class Chat:
         self.to_others(peer, line)
         self.notice(peer, Lines.OK)
         self.deliver(peer, line)
-        self._keep(room, line, text.encode())
+        self._keep(room, line, len(text.encode()))
 
-    def _keep(self, room, line, text):
+    def _keep(self, room, line, text_size):
         """A message or /me line: in the room's history, the store, and the log."""
         room.history.append(line)
-        self.store.keep(room.key, line, text)
-        room.kept = True
+        self.store.keep(room.key, line, text_size)
+        if not room.kept:
+            self._first_kept(room)
         self._log_room_line(room, line)
+
+    def _first_kept(self, room):
+        """A room with a kept message lasts: the store lists it among the rooms from now on."""
+        room.kept = True
+        self.store.save_room(room.record())
 
     def apply_join(self, entry):
         _, room, peer, _ = entry
@@ -1102,9 +1135,10 @@ class MemoryStore:
     :memory:``, or where no data file can be had). Every store has these methods:
 
     rooms      ``rooms()`` -> [RoomRecord]; ``save_room(record)``; ``drop_room(key)``
-    messages   ``keep(room_key, line, text)`` -> its position; ``recent(room_key, count)`` ->
-               [line]; ``since(room_key, position, count)`` -> (missed, [line]);
-               ``search(room_key, folded, count)`` -> (found, [line]); ``position(room_key)``
+    messages   ``keep(room_key, line, text_size)`` -> its position; ``recent(room_key, count)``
+               -> [line]; ``since(room_key, position, count)`` -> (missed, [line]);
+               ``search(room_key, folded, count)`` -> (found, [line]); ``position(room_key)``;
+               ``has_messages(room_key)``
     accounts   ``account(key)`` -> Account or None; ``save_account(account)``;
                ``drop_account(key)``; ``seen(account_key, room_key)`` -> position or None;
                ``save_seen(account_key, room_key, position)``
@@ -1118,15 +1152,16 @@ class MemoryStore:
                before it writes to the sockets, so nothing is acknowledged before it is kept.
     ``close()``
 
-    A line is the bytes the members received; ``text`` is what a search looks in, and ``folded``
-    a search's text, both casefolded. Positions grow with every message kept, in any room. Keys
-    are what names are compared by (casefolded look-alike skeletons), never what is shown.
+    A line is the bytes the members received, ending in its message's text (``text_size``
+    bytes, before the line end), which is what a search looks in; ``folded`` is a search's text,
+    casefolded. Positions grow with every message kept, in any room. Keys are what names are
+    compared by (casefolded look-alike skeletons), never what is shown.
     """
 
     def __init__(self, keep=DEFAULT_KEEP):
         self._keep = keep
         self._rooms = {}        # key -> RoomRecord
-        self._messages = {}     # room key -> deque of (position, line, text)
+        self._messages = {}     # room key -> deque of (position, line, text_size)
         self._position = 0
         self._accounts = {}     # key -> Account
         self._seen = {}         # (account key, room key) -> position
@@ -1147,12 +1182,12 @@ class MemoryStore:
         self._messages.pop(key, None)
 
     # -- messages -------------------------------------------------------------------------------
-    def keep(self, room_key, line, text):
+    def keep(self, room_key, line, text_size):
         kept = self._messages.get(room_key)
         if kept is None:
             kept = self._messages[room_key] = collections.deque(maxlen=self._keep)
         self._position += 1
-        kept.append((self._position, line, text))
+        kept.append((self._position, line, text_size))
         return self._position
 
     def recent(self, room_key, count):
@@ -1165,7 +1200,8 @@ class MemoryStore:
         return len(missed), missed[-count:] if count else []
 
     def search(self, room_key, folded, count):
-        found = [line for _, line, text in self._messages.get(room_key, ()) if folded in text]
+        found = [line for _, line, size in self._messages.get(room_key, ())
+                 if folded in text_of_line(line, len(line) - size - 1)]
         return len(found), found[-count:] if count else []
 
     def position(self, room_key):
@@ -1237,6 +1273,286 @@ class MemoryStore:
 
     def close(self):
         pass
+
+
+class DataFileError(Exception):
+    """The data file can't be used: its one line for standard error says which file and why."""
+
+
+class SQLiteStore(MemoryStore):
+    """What the chat keeps, in a SQLite file (``--data``): the MemoryStore's interface, kept.
+
+    One connection, owned by the loop. The turn's changes are gathered in memory and written in
+    one transaction by ``commit()``, which the loop calls once a turn before it writes to the
+    sockets (Redis writes its append-only file in beforeSleep the same way): an acknowledgement
+    never runs ahead of the file. WAL mode with synchronous=NORMAL: a commit survives the
+    server's crash (even SIGKILL); a power cut may lose the last ones (``durable`` makes each
+    commit wait for the disk: synchronous=FULL). A lock file beside it ("-lock", held while the
+    server runs) stops a second server at once, while other programs (the sqlite3 shell, a
+    backup) may still read the data file. When the disk is full
+    or failing, the chat goes on and the changes are dropped: said once in the log, and again
+    when writing works.
+
+    What is kept in memory, for speed, is only what a room needs at once (MemoryStore's rooms
+    and operators, bans and mutes, which are few); messages, accounts and waiting messages are
+    read from the file when asked for, through indexes that touch one room's or one account's
+    rows, so start-up does not grow with the file.
+    """
+
+    APPLICATION_ID = 0x43484154   # "CHAT": what says a SQLite file is a chat's data file
+
+    def __init__(self, path, keep=DEFAULT_KEEP, durable=False, log=None, clock=None):
+        MemoryStore.__init__(self, keep)
+        self.path = path
+        self.log = log or (lambda line: None)
+        self.clock = clock or Clock()
+        self._pending = []      # (sql, parameters) of the turn, in order
+        self._new_messages = []   # (id, room key, line, text_at) rows of the turn
+        self._counts = {}       # room key -> its messages in the file (known once asked)
+        self._failing = False   # a write failed: said so; say so again when one works
+        self._lock = hold_lock_file(path + "-lock")
+        try:
+            self.db = self._open(path, durable)
+        except BaseException:
+            os.close(self._lock)
+            raise
+        self._position = self._scalar("SELECT max(id) FROM messages") or 0
+        self._load_small_tables()
+
+    # -- opening ------------------------------------------------------------------------------
+    def _open(self, path, durable):
+        import sqlite3
+        create_private(path)   # (OSError where it can't be: the caller keeps things in memory)
+        try:
+            # timeout 0: a file another server holds is refused at once, never waited for
+            db = sqlite3.connect(path, isolation_level=None, timeout=0)
+        except sqlite3.Error as exc:
+            raise OSError(str(exc))
+        try:
+            self._check(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))
+            db.execute("BEGIN IMMEDIATE")
+            self._migrate(db)
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            db.close()
+            raise DataFileError("cannot use %s: %s" % (path, exc))
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise DataFileError("%s is damaged or not a chat data file (%s)" % (path, exc))
+        except DataFileError:
+            db.close()
+            raise
+        db.create_function("chat_text", 2, text_of_line, deterministic=True)
+        return db
+
+    def _check(self, db):
+        """Refuse, before anything is written to it, a file that is not a chat's."""
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if application_id == 0 and version == 0 and tables == 0:
+            return   # a new file (or an empty database): made a chat's below
+        if application_id != self.APPLICATION_ID:
+            raise DataFileError("%s is not a chat data file" % self.path)
+        if version > len(MIGRATIONS):
+            raise DataFileError("%s was written by a newer chat_server (data version %d; this"
+                                " one knows %d)" % (self.path, version, len(MIGRATIONS)))
+
+    def _migrate(self, db):
+        """Bring the schema to the newest version, one step per version (inside the caller's
+        transaction: all steps or none)."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            db.execute("PRAGMA application_id=%d" % self.APPLICATION_ID)
+        for number, statements in enumerate(MIGRATIONS[version:], version + 1):
+            for statement in statements:
+                db.execute(statement)
+            db.execute("PRAGMA user_version=%d" % number)
+
+    def _scalar(self, sql, parameters=()):
+        row = self.db.execute(sql, parameters).fetchone()
+        return row[0] if row else None
+
+    def _load_small_tables(self):
+        for key, name, topic, key_hash in self.db.execute(
+                "SELECT key, name, topic, key_hash FROM rooms"):
+            self._rooms[key] = RoomRecord(key, name, topic, key_hash)
+
+    # -- writing: gathered, then one transaction a turn -----------------------------------------
+    def _later(self, sql, parameters):
+        self._pending.append((sql, parameters))
+
+    def commit(self):
+        if not (self._new_messages or self._pending):
+            return
+        import sqlite3
+        try:
+            self._write_pending()
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._failed(exc)
+            return
+        if self._failing:
+            self._failing = False
+            self.log(self._record(Lines.LOG_WRITING_AGAIN.format(path=self.path)))
+
+    def _write_pending(self):
+        """Everything gathered so far, into the open transaction (begun if none is)."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+        if self._new_messages:
+            rows, self._new_messages = self._new_messages, []
+            self.db.executemany("INSERT INTO messages (id, room, line, text_at)"
+                                " VALUES (?, ?, ?, ?)", rows)
+            self._prune({row[1] for row in rows})
+        pending, self._pending = self._pending, []
+        for sql, parameters in pending:
+            self.db.execute(sql, parameters)
+
+    def _prune(self, rooms):
+        """Each room back to its last ``keep`` messages, in the same transaction: the file
+        stops growing. The oldest go, found through the index from their end."""
+        for room in rooms:
+            excess = self._count(room) - self._keep
+            if excess > 0:
+                self.db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                                " WHERE room = ? ORDER BY id LIMIT ?)", (room, excess))
+                self._counts[room] = self._keep
+
+    def _count(self, room):
+        if room not in self._counts:
+            self._counts[room] = self._scalar("SELECT count(*) FROM messages WHERE room = ?",
+                                              (room,))
+        return self._counts[room]
+
+    def _rollback(self):
+        self._pending.clear()
+        self._new_messages.clear()
+        self._counts.clear()   # (counted again from the file when next needed)
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except Exception:
+            pass
+
+    def _failed(self, exc):
+        if not self._failing:
+            self._failing = True
+            self.log(self._record(Lines.LOG_CANNOT_WRITE.format(path=self.path, error=exc)))
+
+    def _record(self, text):
+        return (self.clock.prefix() + text + "\n").encode()
+
+    def close(self):
+        self.commit()
+        try:
+            self.db.close()
+        except Exception:
+            pass
+        os.close(self._lock)   # (the file stays: removing it could let two servers in)
+
+    # -- rooms ----------------------------------------------------------------------------------
+    def save_room(self, record):
+        MemoryStore.save_room(self, record)
+        self._later("INSERT OR REPLACE INTO rooms (key, name, topic, key_hash) VALUES"
+                    " (?, ?, ?, ?)", record)
+
+    def drop_room(self, key):
+        MemoryStore.drop_room(self, key)
+        self._counts.pop(key, None)
+        self._later("DELETE FROM messages WHERE room = ?", (key,))
+        self._later("DELETE FROM rooms WHERE key = ?", (key,))
+
+    # -- messages -------------------------------------------------------------------------------
+    def keep(self, room_key, line, text_size):
+        self._position += 1
+        self._new_messages.append((self._position, room_key, line, len(line) - text_size - 1))
+        counts = self._counts
+        if room_key in counts:
+            counts[room_key] += 1
+        return self._position
+
+    def _read(self, sql, parameters):
+        """Rows of a query that sees this turn's changes too."""
+        if self._new_messages or self._pending:
+            import sqlite3
+            try:
+                self._write_pending()
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._failed(exc)
+        return self.db.execute(sql, parameters).fetchall()
+
+    def recent(self, room_key, count):
+        rows = self._read("SELECT line FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?",
+                          (room_key, count))
+        return [bytes(line) for line, in reversed(rows)]
+
+    def since(self, room_key, position, count):
+        missed = self._read("SELECT count(*) FROM messages WHERE room = ? AND id > ?",
+                            (room_key, position))[0][0]
+        rows = self._read("SELECT line FROM messages WHERE room = ? AND id > ?"
+                          " ORDER BY id DESC LIMIT ?", (room_key, position, count))
+        return missed, [bytes(line) for line, in reversed(rows)]
+
+    def search(self, room_key, folded, count):
+        rows = self._read("SELECT line FROM messages WHERE room = ?"
+                          " AND instr(chat_text(line, text_at), ?) > 0 ORDER BY id",
+                          (room_key, folded))
+        return len(rows), [bytes(line) for line, in rows[-count:]] if count else []
+
+    def position(self, room_key):
+        return self._read("SELECT coalesce(max(id), 0) FROM messages WHERE room = ?",
+                          (room_key,))[0][0]
+
+    def has_messages(self, room_key):
+        return bool(self._read("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (room_key,)))
+
+
+def text_of_line(line, text_at):
+    """A kept line's message text, as searches compare it (casefolded)."""
+    return bytes(line[text_at:-1]).decode("utf-8", "replace").casefold()
+
+
+# The schema, one step per version (PRAGMA user_version): a file of any older version is brought
+# up to the newest when it is opened, and never back.
+MIGRATIONS = (
+    (   # 1: rooms and their messages
+        "CREATE TABLE rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL, topic TEXT,"
+        " key_hash TEXT)",
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL, line BLOB NOT NULL,"
+        " text_at INTEGER NOT NULL)",
+        "CREATE INDEX messages_by_room ON messages (room, id)",
+    ),
+)
+
+
+def hold_lock_file(path):
+    """Lock ``path`` (created 0600 if need be) for this process while it runs, and return its
+    descriptor; DataFileError if another process holds it. The OS lets go when the process
+    ends, however it ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | BINARY, 0o600)
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DataFileError("%s is in use by another server" % path[:-len("-lock")])
+    return fd
+
+
+def create_private(path):
+    """Create ``path``, empty, readable by its owner only (0600 on POSIX), unless it exists.
+    SQLite gives the files it keeps beside a database (its -wal) the database's own mode."""
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | BINARY, 0o600))
 
 
 # =============================================================================================
@@ -1425,7 +1741,8 @@ class Loop:
             self._read_tls_buffered()
         self._handle_backlog()
         self._run_timers()
-        self.log.flush()       # first: what a client has seen is logged already
+        self.store.commit()    # before any reply: nothing is acknowledged that is not kept
+        self.log.flush()       # then what a client has seen is logged already
         self._flush_pending()
         self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
 
@@ -2135,6 +2452,7 @@ class Stopping:
             if sock is not None:
                 sock.close()
         self.poller.close()
+        self.store.close()
         self.log.close()
 
 
@@ -2147,13 +2465,14 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
                  max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
                  history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
                  rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
-                 dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS):
+                 dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS, store=None):
         self.host = host
         self.dead_peer = dead_peer
         self.port = port
         self.log = log or NullLog()
+        self.store = store if store is not None else MemoryStore()
         self.chat = Chat(self.log.record, history=history, password=password,
-                         max_rooms=max_rooms)
+                         max_rooms=max_rooms, store=self.store)
         self._line_handlers = self.chat.line_handlers()
         self.poller = make_poller(selector)
         if max_clients is None:
@@ -2715,6 +3034,15 @@ def parse_args(argv):
                         metavar="SECONDS",
                         help="a client that vanished without a word (a closed laptop, a pulled"
                              " cable) is found and disconnected within this time (default 90)")
+    parser.add_argument("--data", default=DEFAULT_DATA, metavar="PATH",
+                        help="the SQLite file that keeps rooms, messages, accounts and bans across"
+                             " restarts (default %(default)s; :memory: keeps nothing after the"
+                             " server stops)")
+    parser.add_argument("--keep", type=count, default=DEFAULT_KEEP, metavar="N",
+                        help="messages kept per room (default %(default)s)")
+    parser.add_argument("--durable", action="store_true",
+                        help="wait for the disk at every commit: nothing acknowledged is lost"
+                             " even to a power cut (slower where flushes are slow)")
     parser.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms at once, #main included (default %(default)s)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
@@ -2733,6 +3061,25 @@ def parse_args(argv):
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key: needs --tls-cert")
     return args
+
+
+def open_store(path, keep, durable, warn):
+    """The store ``--data`` asks for: the SQLite file, or memory for ":memory:". Where the file
+    can't be created (a read-only folder) or this Python has no sqlite3, memory, said once on
+    standard error; a file that can't be used is a DataFileError (exit 1, the file untouched)."""
+    if path == ":memory:":
+        return MemoryStore(keep)
+    try:
+        import sqlite3  # noqa: F401  (some minimal Python builds have none)
+    except ImportError:
+        warn("this Python has no sqlite3 module: nothing is kept after the server stops")
+        return MemoryStore(keep)
+    try:
+        return SQLiteStore(path, keep, durable)
+    except OSError as exc:
+        warn("cannot create the data file %s: %s; nothing is kept after the server stops"
+             % (os.path.abspath(path), getattr(exc, "strerror", None) or exc))
+        return MemoryStore(keep)
 
 
 def read_password(path, environ):
@@ -2793,16 +3140,23 @@ def main(argv=None):
             return 1
     raise_fd_limit()
     try:
+        store = open_store(args.data, args.keep, args.durable, warn)
+    except DataFileError as exc:
+        warn(str(exc))
+        return 1
+    try:
         log = open_log(args.log, args.log_file, args.syslog_address, warn)
     except OSError as exc:
         warn(str(exc))
+        store.close()
         return 1
+    store.log = log.record   # (the store says in the log when it can't write, and when it can)
     server = Server(args.host, args.port, log, max_clients=args.max_clients,
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                     password=password, tls=tls, dead_peer=args.dead_peer_timeout,
-                    max_rooms=args.max_rooms)
+                    max_rooms=args.max_rooms, store=store)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:

@@ -152,9 +152,9 @@ def same_nick(nick):
 
 
 REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit",
-                 "join", "part", "leave", "rooms", "topic")
+                 "join", "part", "leave", "rooms", "topic", "search")
 HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
-        " /join #room [KEY], /part, /rooms, /topic [TEXT], /quit, /help."
+        " /join #room [KEY], /part, /rooms, /topic [TEXT], /search TEXT, /quit, /help."
         " Start a line with // to send a line that begins with /.")
 
 
@@ -496,7 +496,7 @@ class NetworkNamespace:
     10.231.N.1 and that end 10.231.N.2 (``address``). ``cut()`` makes packets between them
     vanish, with no FIN or RST, as when a laptop's lid closes. Needs root and iproute2 (Linux):
     ``NetworkNamespace.unavailable()`` says why not, and the test skips unless
-    CHAT_NETNS_REQUIRED=1 (CI on Linux as root), where it fails instead."""
+    CHAT_ROOT_REQUIRED=1 (CI on Linux as root), where it fails instead."""
 
     _count = 0
 
@@ -511,8 +511,8 @@ class NetworkNamespace:
     @classmethod
     def skip_unless_available(cls, test):
         reason = cls.unavailable()
-        if reason and os.environ.get("CHAT_NETNS_REQUIRED") == "1":
-            test.fail(reason + " (CHAT_NETNS_REQUIRED=1)")
+        if reason and os.environ.get("CHAT_ROOT_REQUIRED") == "1":
+            test.fail(reason + " (CHAT_ROOT_REQUIRED=1)")
         if reason:
             test.skipTest(reason)
 
@@ -3978,6 +3978,319 @@ class RoomTests(unittest.TestCase):
         self.assertEqual(bob.said(), "Sorry! There are too many rooms (at most 2).")
         bob.send("/join #first\n")   # an existing one: fine
         self.assertEqual([bob.said(), bob.said()], [OK, in_room_now("#first", 2)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.5 Version 3: a memory that survives restarts (a real SQLite file).
+# ---------------------------------------------------------------------------------------------
+
+def cannot_write(path, error):
+    return "Cannot write %s: %s; messages are not kept until it can" % (path, error)
+
+
+def found(count, text, room, shown=None):
+    if shown is None:
+        return 'Found %d messages with "%s" in %s:' % (count, text, room)
+    return 'Found %d messages with "%s" in %s; the last %d:' % (count, text, room, shown)
+
+
+def skip_what_joining_shows(client):
+    """Read past the topic and history a newcomer is shown: a /users sent now is answered after
+    them, and what came before its answer is what joining showed. Returns those lines."""
+    client.send("/users\n")
+    shown = []
+    while True:
+        text = client.said()
+        if text.startswith("Users ("):
+            return shown
+        shown.append(text)
+
+
+class DataFile:
+    """A data file in a folder of its own, which outlives the servers that use it."""
+
+    def __init__(self, test, name="chat.db"):
+        self.dir = tempfile.mkdtemp(prefix="chat-data-")
+        test.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, name)
+
+    def query(self, sql, *parameters):
+        """Rows of a query on the file, as another program (the sqlite3 shell) would see it."""
+        import sqlite3
+        db = sqlite3.connect(self.path)
+        try:
+            return db.execute(sql, parameters).fetchall()
+        finally:
+            db.close()
+
+    def bytes(self):
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+class MemoryTests(unittest.TestCase):
+    """--data: what survives a restart and a SIGKILL, what fails how, and /search."""
+
+    def server(self, data, *options, **kwargs):
+        return start_server(self, "--data", data.path, *options, **kwargs)
+
+    def newcomer(self, server, base):
+        """A new member, past what joining shows it (the topic and history of #main)."""
+        client = server.client().join(fresh_nick(base))
+        skip_what_joining_shows(client)
+        return client
+
+    def converse(self, server, alice_says, room=None):
+        """alice and bob in #main (or ``room``); alice says each line; both then leave."""
+        alice = self.newcomer(server, "alice")
+        bob = self.newcomer(server, "bob")
+        self.assertEqual(alice.said(), "%s connected!" % bob.nick)
+        if room:
+            for client, count in ((alice, 1), (bob, 2)):
+                client.send("/join %s\n" % room)
+                self.assertEqual(client.said(), OK)
+                self.assertEqual(client.said(), in_room_now(room, count))
+                if client is alice:
+                    self.assertEqual(bob.said(), "%s left for %s." % (alice.nick, room))
+            self.assertEqual(alice.said(), "%s joined %s." % (bob.nick, room))
+        for line in alice_says:
+            alice.send(line + "\n")
+            self.assertEqual(alice.said(), OK)
+            alice.said()
+            self.assertIn(line.lstrip("/me "), bob.said())
+        alice.close()
+        bob.close()
+        return alice.nick
+
+    def test_history_rooms_topics_and_keys_survive_a_restart(self):
+        data = DataFile(self)
+        first = self.server(data)
+        nick = self.converse(first, ["before the restart", "/me waves"])
+        alice = first.client().join(fresh_nick("alice"))
+        bob = first.client().join(fresh_nick("bob"))
+        for client in (alice, bob):
+            client.send("/join #ops sesame\n")
+        alice.send("/topic plans\n")
+        wait_until(lambda: alice.said().startswith("%s set the topic" % alice.nick), "the topic")
+        self.assertEqual(first.stop()[0], 0)
+        second = self.server(data)
+        carol = second.client().join("carol")
+        self.assertEqual([carol.said() for _ in range(3)],
+                         ["Recent messages (2):", "%s sent before the restart" % nick,
+                          "* %s waves" % nick])
+        carol.send("/rooms\n")
+        self.assertEqual(carol.said(), "Rooms (2): #main (1), #ops (0, key)")
+        carol.send("/join #ops\n")
+        self.assertEqual(carol.said(), needs_key("#ops"))
+        carol.send("/join #ops sesame\n")
+        self.assertEqual([carol.said() for _ in range(3)],
+                         [OK, in_room_now("#ops", 1), "Topic of #ops: plans"])
+
+    def test_an_acknowledged_line_survives_sigkill(self):
+        data = DataFile(self)
+        first = self.server(data)
+        alice = first.client().join("alice")
+        bob = first.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        alice.send("the last words before the power goes\n")
+        self.assertEqual(alice.said(), OK)     # acknowledged: it must be in the file now
+        first.stop(signal.SIGKILL)
+        self.assertEqual(data.query("SELECT count(*) FROM messages"), [(1,)])
+        second = self.server(data)
+        carol = second.client().join("carol")
+        self.assertEqual([carol.said(), carol.said()],
+                         ["Recent messages (1):", "alice sent the last words before the power goes"])
+
+    def test_memory_keeps_nothing_after_a_stop(self):
+        folder = tempfile.mkdtemp(prefix="chat-memory-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        for _ in range(2):
+            server = start_server(self, "--data", ":memory:", cwd=folder)
+            self.converse(server, ["forgotten"])
+            server.stop()
+        self.assertEqual(os.listdir(folder), [])   # no file, not even chat.db
+
+    def test_a_folder_where_the_file_cant_be_made_keeps_things_in_memory(self):
+        data = DataFile(self)
+        path = os.path.join(data.dir, "no such folder", "chat.db")
+        server = start_server(self, "--data", path)
+        self.converse(server, ["still works"])
+        self.assertEqual(server.stderr().splitlines()[-1],
+                         "chat_server: cannot create the data file %s: No such file or directory;"
+                         " nothing is kept after the server stops" % path)
+
+    def assert_refused(self, data, line):
+        before = data.bytes()
+        proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--data", data.path,
+                               "--log", "off"], capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual((proc.returncode, proc.stdout, proc.stderr),
+                         (1, "", "chat_server: %s\n" % line))
+        self.assertEqual(data.bytes(), before)   # untouched
+
+    def test_a_file_that_is_not_a_chat_database_is_refused_untouched(self):
+        data = DataFile(self)
+        with open(data.path, "w") as f:
+            f.write("my shopping list\n" * 100)
+        self.assertRefusedAsDamaged(data)
+        other = DataFile(self)
+        import sqlite3
+        db = sqlite3.connect(other.path)
+        db.execute("CREATE TABLE recipes (name TEXT)")
+        db.commit()
+        db.close()
+        self.assert_refused(other, "%s is not a chat data file" % other.path)
+
+    def assertRefusedAsDamaged(self, data):
+        proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--data", data.path,
+                               "--log", "off"], capture_output=True, text=True, timeout=DEADLINE)
+        before = data.bytes()
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"\Achat_server: %s is damaged or not a chat data file"
+                                      r" \(.+\)\n\Z" % re.escape(data.path))
+        self.assertEqual(data.bytes(), before)
+
+    def test_a_damaged_file_is_refused_untouched(self):
+        data = DataFile(self)
+        self.server(data).stop()
+        raw = bytearray(data.bytes())
+        raw[100:4096] = b"\xff" * (4096 - 100)   # the first page: the schema, destroyed
+        with open(data.path, "wb") as f:
+            f.write(raw)
+        self.assertRefusedAsDamaged(data)
+
+    def test_a_file_from_a_newer_version_is_refused_untouched(self):
+        data = DataFile(self)
+        self.server(data).stop()
+        import sqlite3
+        db = sqlite3.connect(data.path)
+        db.execute("PRAGMA user_version=99")
+        db.close()
+        known = len(load_module("chat_server").MIGRATIONS)
+        self.assert_refused(data, "%s was written by a newer chat_server (data version 99; this"
+                                  " one knows %d)" % (data.path, known))
+
+    def test_a_second_server_on_the_same_file_is_refused(self):
+        data = DataFile(self)
+        first = self.server(data)
+        first.client().join("alice")
+        proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--data", data.path,
+                               "--log", "off"], capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (1, "chat_server: %s is in use by another server\n" % data.path))
+        first.client().join("bob")   # the first goes on
+
+    def test_the_data_file_is_created_0600(self):
+        if os.name != "posix":
+            self.skipTest("file modes are POSIX")
+        data = DataFile(self)
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        server = self.server(data)
+        self.converse(server, ["private"])
+        for name in os.listdir(data.dir):   # the file and SQLite's -wal beside it
+            self.assertEqual(oct(os.stat(os.path.join(data.dir, name)).st_mode & 0o777), "0o600",
+                             name)
+
+    def test_each_room_keeps_its_last_messages_and_the_file_stops_growing(self):
+        data = DataFile(self)
+        server = self.server(data, "--keep", "5", "--rate-limit", "0")
+        nick = self.converse(server, ["main %d" % n for n in range(12)])
+        self.converse(server, ["ops %d" % n for n in range(7)], room="#ops")
+        rows = data.query("SELECT room, count(*) FROM messages GROUP BY room ORDER BY room")
+        self.assertEqual(rows, [("#main", 5), ("#ops", 5)])
+        kept = data.query("SELECT line FROM messages WHERE room = '#main' ORDER BY id")
+        self.assertEqual([split_ts(line.decode().rstrip("\n"))[1] for line, in kept],
+                         ["%s sent main %d" % (nick, n) for n in range(7, 12)])
+        self.converse(server, ["more %d" % n for n in range(600)])
+        self.assertEqual(data.query("SELECT count(*) FROM messages"), [(10,)])
+        self.assertLess(os.path.getsize(data.path), 64 * 1024)   # (pruned in each commit)
+
+    def test_search_finds_text_literally_and_case_insensitively(self):
+        data = DataFile(self)
+        server = self.server(data)
+        said = ["100% sure", "under_score", "it's", 'a "quote"', "back\\slash", "Straße",
+                "plain", "50 percent"]
+        nick = self.converse(server, said)
+        carol = server.client().join("carol")
+        for _ in range(1 + len(said)):
+            carol.said()   # (the history)
+        for text, expected in (("%", ["100% sure"]), ("_", ["under_score"]), ("'", ["it's"]),
+                               ('"', ['a "quote"']), ("\\", ["back\\slash"]),
+                               ("STRASSE", ["Straße"]), ("PERCENT", ["50 percent"])):
+            carol.send("/search %s\n" % text)
+            self.assertEqual(carol.said(), found(len(expected), text, "#main"), text)
+            self.assertEqual([carol.said() for _ in expected],
+                             ["%s sent %s" % (nick, line) for line in expected], text)
+        carol.send("/search nowhere\n")
+        self.assertEqual(carol.said(), 'No messages with "nowhere" in #main.')
+        carol.send("/search\n")
+        self.assertEqual(carol.said(), usage("/search TEXT"))
+
+    def test_search_shows_the_last_20_of_more(self):
+        data = DataFile(self)
+        server = self.server(data, "--history", "0", "--rate-limit", "0")
+        nick = self.converse(server, ["needle %d" % n for n in range(25)] + ["hay"])
+        carol = server.client().join("carol")
+        carol.send("/search NEEDLE\n")
+        self.assertEqual(carol.said(), found(25, "NEEDLE", "#main", shown=20))
+        self.assertEqual([carol.said() for _ in range(20)],
+                         ["%s sent needle %d" % (nick, n) for n in range(5, 25)])
+
+    def test_search_looks_in_the_senders_room_only(self):
+        data = DataFile(self)
+        server = self.server(data)
+        self.converse(server, ["in main"])
+        self.converse(server, ["in ops"], room="#ops")
+        carol = server.client().join("carol")
+        carol.said(), carol.said()   # (the history of #main)
+        carol.send("/search in ops\n")
+        self.assertEqual(carol.said(), 'No messages with "in ops" in #main.')
+
+
+class FullDiskTests(unittest.TestCase):
+    """The disk fills under the server (a tiny tmpfs of the test's own; root on Linux): the
+    chat goes on, the log says so once, and again when writing works."""
+
+    def setUp(self):
+        if not sys.platform.startswith("linux") or os.geteuid() != 0:
+            if os.environ.get("CHAT_ROOT_REQUIRED") == "1":
+                self.fail("a tmpfs of the test's own needs root on Linux (CHAT_ROOT_REQUIRED=1)")
+            self.skipTest("a tmpfs of the test's own needs root on Linux")
+        self.dir = tempfile.mkdtemp(prefix="chat-full-")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", self.dir],
+                       check=True, timeout=DEADLINE)
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.dir], timeout=DEADLINE)
+
+    def fill(self, name="filler"):
+        """Fill the tmpfs to the last byte."""
+        with open(os.path.join(self.dir, name), "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+
+    def test_a_full_disk_stops_keeping_not_chatting(self):
+        path = os.path.join(self.dir, "chat.db")
+        server = start_server(self, "--data", path, "--rate-limit", "0")
+        alice = server.client().join("alice")
+        bob = server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        self.fill()
+        for n in range(300):   # enough to need new pages in the WAL
+            alice.send("while the disk is full %d %s\n" % (n, "x" * 200))
+            self.assertEqual([alice.said(), alice.said()],
+                             [OK, "YOU SEND USERS while the disk is full %d %s" % (n, "x" * 200)])
+            self.assertEqual(bob.said(), "alice sent while the disk is full %d %s" % (n, "x" * 200))
+        log = logged(server)
+        failures = [line for line in log if line.startswith("Cannot write %s: " % path)]
+        self.assertEqual(len(failures), 1, log[-5:])
+        self.assertTrue(failures[0].endswith("; messages are not kept until it can"))
+        os.remove(os.path.join(self.dir, "filler"))
+        alice.send("room again\n")
+        self.assertEqual(alice.said(), OK)
+        wait_until(lambda: "Writing %s again" % path in logged(server), "writing again")
 
 
 # =============================================================================================
