@@ -6167,6 +6167,56 @@ class RepositoryTests(InMemoryTestCase):
             spec.loader.exec_module(module)
             self.assertTrue(callable(module.main), name)
 
+    def test_every_relative_link_in_the_docs_leads_somewhere(self):
+        # README.md and docs/*.md link to each other and to headings: each must work in a clone.
+        import glob
+
+        def headings_and_targets(path):
+            """(headings, link targets) of a Markdown file; code blocks and spans left out."""
+            headings, targets, fenced = [], [], False
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.lstrip().startswith("```"):
+                        fenced = not fenced
+                    elif not fenced and not line.startswith("    "):
+                        if line.startswith("#"):
+                            headings.append(line.lstrip("#").strip())
+                        targets += re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", line))
+            return headings, targets
+
+        def anchors(path):
+            """GitHub's: lower case, punctuation dropped, spaces as hyphens, -1 on a repeat."""
+            found = set()
+            for heading in headings_and_targets(path)[0]:
+                base = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+                anchor, n = base, 0
+                while anchor in found:
+                    n += 1
+                    anchor = "%s-%d" % (base, n)
+                found.add(anchor)
+            return found
+
+        docs = [os.path.join(HERE, "README.md")]
+        docs += sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))
+        broken, checked = [], 0
+        for doc in docs:
+            for target in headings_and_targets(doc)[1]:
+                if re.match(r"[a-z]+:", target):   # https:, mailto: (none to check offline)
+                    continue
+                path, _, anchor = target.partition("#")
+                full = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+                checked += 1
+                if not os.path.exists(full):
+                    broken.append("%s: %s: no such file" % (os.path.relpath(doc, HERE), target))
+                elif anchor and full.endswith(".md") and anchor not in anchors(full):
+                    broken.append("%s: %s: no such heading" % (os.path.relpath(doc, HERE), target))
+        self.assertEqual(broken, [])
+        self.assertGreater(checked, 20)
+        with open(docs[0], encoding="utf-8") as f:
+            readme = f.read()
+        for name in ("OPERATIONS.md", "DEVELOPMENT.md", "PROTOCOL.md"):
+            self.assertIn("(docs/%s" % name, readme, "the README links %s" % name)
+
 
 def find_python38():
     """A Python 3.8 interpreter, to run the archives on the oldest version supported, if any."""
