@@ -93,7 +93,8 @@ class Lines:
     ERROR_PREFIXES = ("Sorry! ", "Your nickname must ")
     COMMANDS_PREFIX = "Commands: "
     COMMANDS = ("/help", "/users", "/who", "/names", "/msg", "/me", "/nick", "/away", "/back",
-                "/join", "/part", "/leave", "/rooms", "/topic", "/search", "/quit")
+                "/join", "/part", "/leave", "/rooms", "/topic", "/search", "/register",
+                "/password", "/unregister", "/quit")
     USERS_COMMAND = "/users"
 
     TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d): ")

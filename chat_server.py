@@ -70,6 +70,15 @@ DEFAULT_KEEP = 10000      # messages kept per room (memory or data file)
 DEFAULT_DATA = "chat.db"
 DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
 SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
+DEFAULT_CATCH_UP = 200    # lines of "Messages since you left" at most
+MIN_PASSWORD_CHARS = 8    # an account's password
+MAX_WAITING = 100         # private messages waiting for one registered nickname
+# An account's password hash: scrypt (32 MiB and about 0.1 s of one core here), or PBKDF2 where
+# this Python's OpenSSL has no scrypt. The parameters are kept with each hash, so they can be
+# raised later without invalidating the old ones.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
+PBKDF2_ITERATIONS = 600000
+HASHES_QUEUED = 2         # hashes handed to the worker thread at once; the rest wait their turn
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
 ROOM_KEY_SALT_BYTES = 16
@@ -153,6 +162,21 @@ class Lines:
     TOPIC_SET = "{nick} set the topic of {room}: {topic}"
     TOPIC_CLEARED = "{nick} cleared the topic of {room}."
     OPERATORS_ONLY = "Sorry! Only operators can do that."
+    # Accounts
+    REGISTERED = ('"{nick}" is registered to you. Next time you join with it you will be asked'
+                  ' for its password.')
+    REGISTERED_ALREADY = 'Sorry! "{nick}" is registered already.'
+    PASSWORD_TOO_SHORT = "Sorry! A password needs at least {min} characters."
+    WRONG_NICK_PASSWORD = 'Sorry! Wrong password for "{nick}".'
+    UNREGISTERED = '"{nick}" is no longer registered.'
+    NICK_PASSWORD_PROMPT = '"{nick}" is registered. Please enter its password'
+    REPLACED = "You joined from somewhere else."
+    NOT_REGISTERED = 'Sorry! "{nick}" is not registered.'
+    OFFLINE = "{target} is offline; they will get it when they join."
+    TOO_MANY_WAITING = "Sorry! {target} has too many waiting messages."
+    WAITING = "Private messages while you were away ({count}):"
+    CATCH_UP = "Messages since you left ({count}):"
+    CATCH_UP_SOME = "Messages since you left ({shown} of {count}):"
     # Memory
     SEARCH_NONE = 'No messages with "{text}" in {room}.'
     SEARCH_FOUND = 'Found {count} messages with "{text}" in {room}:'
@@ -169,6 +193,9 @@ class Lines:
     LOG_IN_ROOM = " [in {room}]"      # after a room line of a room other than #main
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
     LOG_CLOSED = "Connection from {address} closed"  # one that never joined: why, in LOG_REASON
+    LOG_REGISTERED = "{nick} registered their nickname"
+    LOG_UNREGISTERED = "{nick} unregistered their nickname"
+    LOG_NEW_PASSWORD = "{nick} changed the password of their nickname"
     LOG_CANNOT_WRITE = "Cannot write {path}: {error}; messages are not kept until it can"
     LOG_WRITING_AGAIN = "Writing {path} again"
     LOG_STARTED = "Server started on {address}"
@@ -194,6 +221,8 @@ class Reason:
     SHUTDOWN = "shutdown"
     ERROR = "error"
     TIMEOUT = "timeout"   # the peer vanished without a word: keepalive or unacknowledged data
+    LOCKED_OUT = "too many wrong passwords"   # a member's wrong account passwords
+    REPLACED = "replaced"   # its registered nickname was taken over by its owner, elsewhere
     NOT_TLS = "TLS handshake failed"   # (never a member: a plain-text client on the TLS port)
 
 
@@ -219,7 +248,10 @@ class Phase:
     HANDSHAKE = "handshake"   # TLS handshake under way
     PASSWORD = "password"     # the password is asked for
     NICKNAME = "nickname"     # the nickname is asked for
+    NICK_PASSWORD = "nickname password"   # a registered nickname's password is asked for
     MEMBER = "member"         # joined: lines are messages and commands
+    RENAME_PASSWORD = "rename password"   # a member's /nick to a registered nickname: its
+                                          # password is asked for (still a member meanwhile)
     CLOSING = "closing"       # no more input handled; the last lines are being written
     LINGERING = "lingering"   # written and FIN sent; draining input until EOF, then close
     CLOSED = "closed"
@@ -230,15 +262,18 @@ PHASE_MOVES = {
     Phase.NEW: (Phase.HANDSHAKE, Phase.PASSWORD, Phase.NICKNAME, Phase.CLOSING, Phase.CLOSED),
     Phase.HANDSHAKE: (Phase.PASSWORD, Phase.NICKNAME, Phase.CLOSING, Phase.CLOSED),
     Phase.PASSWORD: (Phase.NICKNAME, Phase.CLOSING, Phase.CLOSED),
-    Phase.NICKNAME: (Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
-    Phase.MEMBER: (Phase.CLOSING, Phase.CLOSED),
+    Phase.NICKNAME: (Phase.NICK_PASSWORD, Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
+    Phase.NICK_PASSWORD: (Phase.NICKNAME, Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
+    Phase.MEMBER: (Phase.RENAME_PASSWORD, Phase.CLOSING, Phase.CLOSED),
+    Phase.RENAME_PASSWORD: (Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
     Phase.CLOSING: (Phase.LINGERING, Phase.CLOSED),
     Phase.LINGERING: (Phase.CLOSED,),
     Phase.CLOSED: (),
 }
 
 # Phases in which a line from the connection is handled (by the room), the commonest first.
-TALKING = (Phase.MEMBER, Phase.NICKNAME, Phase.PASSWORD)
+TALKING = (Phase.MEMBER, Phase.NICKNAME, Phase.PASSWORD, Phase.NICK_PASSWORD,
+           Phase.RENAME_PASSWORD)
 # The same names as module globals, for the loop's hot paths (one lookup instead of two).
 MEMBER, CLOSING, LINGERING, CLOSED = Phase.MEMBER, Phase.CLOSING, Phase.LINGERING, Phase.CLOSED
 HANDSHAKE = Phase.HANDSHAKE
@@ -358,6 +393,111 @@ def room_key_matches(kept, key):
     return hmac.compare_digest(given, digest)
 
 
+def password_text(line):
+    """An account password as a line gives it: the whole line, control characters removed and
+    its ends stripped (so it may hold spaces)."""
+    return without_controls(line.decode("utf-8", "replace")).strip()
+
+
+def hash_password(password, scrypt_n=SCRYPT_N):
+    """An account's password as kept: a slow, salted key derivation, its parameters with it
+    ("scrypt$N$r$p$salt$hash", or "pbkdf2_sha256$iterations$salt$hash" where OpenSSL has no
+    scrypt). Takes about a tenth of a second of one core: never called on the loop's thread."""
+    import hashlib
+    salt = os.urandom(16)
+    secret = password.encode("utf-8")
+    if hasattr(hashlib, "scrypt"):
+        digest = hashlib.scrypt(secret, salt=salt, n=scrypt_n, r=SCRYPT_R, p=SCRYPT_P,
+                                maxmem=256 * scrypt_n * SCRYPT_R, dklen=32)
+        return "scrypt$%d$%d$%d$%s$%s" % (scrypt_n, SCRYPT_R, SCRYPT_P, salt.hex(), digest.hex())
+    digest = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS)
+    return "pbkdf2_sha256$%d$%s$%s" % (PBKDF2_ITERATIONS, salt.hex(), digest.hex())
+
+
+def password_matches(kept, password):
+    """Does ``password`` give the hash ``kept`` (made by hash_password, with whatever parameters
+    it names)? Compared in constant time. Slow, like hash_password."""
+    import hashlib
+    import hmac
+    kind, *fields = kept.split("$")
+    secret = password.encode("utf-8")
+    if kind == "scrypt":
+        n, r, p, salt, digest = fields
+        given = hashlib.scrypt(secret, salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                               maxmem=256 * int(n) * int(r), dklen=len(digest) // 2)
+    else:
+        iterations, salt, digest = fields
+        given = hashlib.pbkdf2_hmac("sha256", secret, bytes.fromhex(salt), int(iterations))
+    return hmac.compare_digest(given, bytes.fromhex(digest))
+
+
+class InlineHashing:
+    """Password work done at once, in the caller's thread: for the room core driven alone (the
+    tests), where nothing else waits."""
+
+    def __init__(self, scrypt_n=SCRYPT_N):
+        self.scrypt_n = scrypt_n
+
+    def make(self, password, done):
+        done(hash_password(password, self.scrypt_n))
+
+    def check(self, kept, password, done):
+        done(password_matches(kept, password))
+
+
+class ThreadHashing(InlineHashing):
+    """Password work off the loop (asyncio's run_in_executor): one worker thread computes the
+    hashes (hashlib lets go of the GIL meanwhile), the loop is woken through its wakeup socket
+    and calls each ``done`` in its own thread. At most HASHES_QUEUED jobs are with the worker;
+    the rest wait here in order, so a crowd trying passwords waits for itself, not the chat."""
+
+    def __init__(self, wake, scrypt_n=SCRYPT_N):
+        InlineHashing.__init__(self, scrypt_n)
+        self.wake = wake            # called from the worker when a result is ready
+        self._waiting = collections.deque()   # (work, done) not yet with the worker
+        self._results = collections.deque()   # (done, result) for the loop
+        self._handed = 0            # jobs with the worker
+        self._jobs = None           # the worker's queue, once there is a worker
+
+    def make(self, password, done):
+        self._submit(lambda: hash_password(password, self.scrypt_n), done)
+
+    def check(self, kept, password, done):
+        self._submit(lambda: password_matches(kept, password), done)
+
+    def _submit(self, work, done):
+        self._waiting.append((work, done))
+        self._hand_over()
+
+    def _hand_over(self):
+        if self._jobs is None:
+            import queue
+            import threading
+            self._jobs = queue.Queue()
+            threading.Thread(target=self._work, name="password hashing", daemon=True).start()
+        while self._waiting and self._handed < HASHES_QUEUED:
+            self._handed += 1
+            self._jobs.put(self._waiting.popleft())
+
+    def _work(self):
+        while True:
+            work, done = self._jobs.get()
+            try:
+                result = work()
+            except Exception:   # (a kept hash the code can't read: no match)
+                result = False
+            self._results.append((done, result))   # (deque appends are atomic)
+            self.wake()
+
+    def finish(self):
+        """In the loop's thread, when woken: call ``done`` for each result come back."""
+        while self._results:
+            done, result = self._results.popleft()
+            self._handed -= 1
+            self._hand_over()
+            done(result)
+
+
 class Clock:
     """The ``{ts}: `` prefix, local time to the minute, recomputed only when the minute changes."""
 
@@ -394,8 +534,8 @@ class Peer:
     The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
     queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
     owner's handle for the connection; the room never looks at it."""
-    __slots__ = ("address", "owner", "nick", "away", "member", "room", "sent_head",
-                 "out", "append", "pending", "_bytes", "_counted")
+    __slots__ = ("address", "owner", "nick", "away", "member", "room", "account", "asked",
+                 "gone", "sent_head", "out", "append", "pending", "_bytes", "_counted")
 
     def __init__(self, address="", owner=None):
         self.address = address  # "host:port" ("[::1]:port"), for the log and the lockout
@@ -404,6 +544,9 @@ class Peer:
         self.away = None        # None, or the /away text ("" without one)
         self.member = False     # joined and not yet left
         self.room = None        # the Room it is in, while a member
+        self.account = None     # its account's key, while it is a registered nickname's owner
+        self.asked = None       # (nickname, Account) whose password its next line answers
+        self.gone = False       # its connection ended (or is ending): nothing more is for it
         self.sent_head = b""    # "{nick} sent " encoded once, for every message this peer sends
         self.out = []           # bytes objects not yet handed to the kernel (never replaced:
         self.append = self.out.append   # a broadcast calls this bound method, nothing else)
@@ -462,7 +605,8 @@ class Peer:
 class Room:
     """A room: its members in the order they came in, the lines a newcomer is shown, its topic
     and key. One other than #main lasts while it has a member, a topic or a kept message."""
-    __slots__ = ("name", "key", "members", "history", "pending", "topic", "key_hash", "kept")
+    __slots__ = ("name", "key", "members", "history", "pending", "topic", "key_hash", "kept",
+                 "position")
 
     def __init__(self, name, history, topic=None, key_hash=None):
         self.name = name        # as first spelled
@@ -476,6 +620,7 @@ class Room:
         self.topic = topic
         self.key_hash = key_hash   # the /join key, salted and hashed (never kept in clear)
         self.kept = False       # it has messages in the store
+        self.position = 0       # the store's position of its last kept message
 
     def record(self):
         return RoomRecord(self.key, self.name, self.topic, self.key_hash)
@@ -533,6 +678,9 @@ COMMANDS = (   # in the order /help lists them
     Command("rooms", (), "/rooms", "cmd_rooms"),
     Command("topic", (), "/topic [TEXT]", "cmd_topic"),
     Command("search", (), "/search TEXT", "cmd_search", needs_words=True),
+    Command("register", (), "/register PASSWORD", "cmd_register", needs_words=True),
+    Command("password", (), "/password OLD NEW", "cmd_password", needs_words=True),
+    Command("unregister", (), "/unregister PASSWORD", "cmd_unregister", needs_words=True),
     Command("quit", (), "/quit", "cmd_quit"),
     Command("help", (), "/help", "cmd_help"),
 )
@@ -564,11 +712,12 @@ class Chat:
 
     # The phases whose lines the room reads, and the method that takes each one's lines.
     LINE_HANDLERS = {Phase.MEMBER: "member_line", Phase.NICKNAME: "nickname_line",
-                     Phase.PASSWORD: "password_line"}
+                     Phase.PASSWORD: "password_line", Phase.NICK_PASSWORD: "nick_password_line",
+                     Phase.RENAME_PASSWORD: "rename_password_line"}
 
     def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
                  now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
-                 max_rooms=DEFAULT_MAX_ROOMS):
+                 max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP):
         self.log = log
         self.clock = clock or Clock()
         self.max_nick = max_nick
@@ -583,6 +732,13 @@ class Chat:
         self.now = now
         self.members = {}       # each of a member's nickname_keys -> that member
         self.history_size = history
+        self.catch_up = catch_up
+        self.hashing = hashing or InlineHashing()
+        # What the loop is told when the room moves a connection on its own (an answer that
+        # took a while; one member's doing that ends another's connection), and when a
+        # connection's input must wait for such an answer.
+        self.on_phase = lambda peer, phase: None
+        self.on_hold = lambda peer, held: None
         self.max_rooms = max_rooms
         self.rooms = {}         # each of a room's room_keys -> that room
         self.room_list = []     # every room once, #main first
@@ -616,6 +772,7 @@ class Chat:
                 room = self._add_room(Room(record.name, self.history_size))
             room.topic, room.key_hash = record.topic, record.key_hash
             room.kept = self.store.has_messages(room.key)
+            room.position = self.store.position(room.key)
             room.history.extend(self.store.recent(room.key, self.history_size))
 
     def _add_room(self, room):
@@ -757,17 +914,30 @@ class Chat:
         if problem:
             self.notice(peer, problem)
             return None
+        account = self.store.account_for(nickname_keys(nick))
+        if account is not None:
+            return self._ask_password(peer, nick, account, Phase.NICK_PASSWORD)
+        self._join(peer, nick, None)
+        return Phase.MEMBER
+
+    def _join(self, peer, nick, account_key):
         self._name(peer, nick)
         self._add_keys(peer)
         peer.member = True
+        peer.account = account_key
         self.append((Entry.JOIN, self.main, peer, None))
-        return Phase.MEMBER
 
     def nickname_refusal(self, nick, peer):
-        """Why ``peer`` may not be called ``nick`` (normalised), or None."""
+        """Why ``peer`` may not be called ``nick`` (normalised), or None. A registered nickname
+        is refused to nobody (its password is asked for), but its look-alikes are busy."""
         problem = nickname_problem(nick, self.max_nick)
         if problem:
             return problem
+        account = self.store.account_for(nickname_keys(nick))
+        if account is not None and account.key != peer.account:
+            if nick.casefold() != account.nick.casefold():
+                return Lines.NICK_BUSY.format(nick=nick)
+            return None   # its owner's: the password decides, whoever holds it now
         holder = self.member_named(nick)
         if holder is not None and holder is not peer:
             return Lines.NICK_BUSY.format(nick=nick)
@@ -861,7 +1031,11 @@ class Chat:
             self.notice(peer, Lines.PRIVATE_TO_SELF)
             return
         if target is None:
-            self.notice(peer, Lines.NO_SUCH_USER.format(nick=wanted))
+            account = self.store.account_for(nickname_keys(normalise_nickname(wanted)))
+            if account is None:
+                self.notice(peer, Lines.NO_SUCH_USER.format(nick=wanted))
+            else:
+                self._leave_waiting(peer, account, text)
             return
         self.notice(target, Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
         self.notice(peer, Lines.OK)
@@ -883,15 +1057,25 @@ class Chat:
         nick = normalise_nickname(rest)
         if nick == peer.nick:
             self.notice(peer, Lines.SAME_NICK.format(nick=nick))
-            return
+            return None
         problem = self.nickname_refusal(nick, peer)
         if problem:
             self.notice(peer, problem)
-            return
+            return None
+        account = self.store.account_for(nickname_keys(nick))
+        if account is not None and account.key != peer.account:
+            return self._ask_password(peer, nick, account, Phase.RENAME_PASSWORD)
+        self._rename(peer, nick, peer.account if account is not None else None)
+        return None
+
+    def _rename(self, peer, nick, account_key):
         old = peer.nick
+        if peer.account is not None and account_key != peer.account:
+            self._remember_position(peer, peer.room)   # (what that account saw of the room)
         self._remove_keys(peer)
         self._name(peer, nick)
         self._add_keys(peer)
+        peer.account = account_key
         self.append((Entry.RENAME, peer.room, peer, old))
 
     def cmd_away(self, peer, rest):
@@ -964,9 +1148,182 @@ class Chat:
         self.leave(peer, Reason.QUIT)
         return Phase.CLOSING
 
+    # -- accounts -------------------------------------------------------------------------------
+    def _ask_password(self, peer, nick, account, phase):
+        """A registered nickname: its password is asked for; the next line answers."""
+        peer.asked = (nick, account)
+        self.notice(peer, Lines.NICK_PASSWORD_PROMPT.format(nick=nick))
+        return phase
+
+    def nick_password_line(self, peer, line):
+        """The answer to a registered nickname's password question, before joining."""
+        return self._check_asked(peer, line, self._joined_with_password)
+
+    def rename_password_line(self, peer, line):
+        """The answer to the password question of a member's /nick to a registered nickname."""
+        return self._check_asked(peer, line, self._renamed_with_password)
+
+    def _check_asked(self, peer, line, right):
+        if self._locked_out(peer.host):   # (by other tries meanwhile, from that address)
+            return self._locked_out_now(peer)
+        asked = peer.asked
+        self._check_password(peer, asked[1], password_text(line),
+                             lambda: right(peer, asked), lambda: self._wrong_asked(peer, asked))
+        return None
+
+    def _check_password(self, peer, account, password, right, wrong):
+        """The account's password checked off the loop, ``peer``'s input held meanwhile;
+        ``right()`` or ``wrong()`` is called with it, unless the connection ended."""
+        def checked(matches):
+            if peer.gone:
+                return   # its connection ended meanwhile: the answer is for nobody
+            self.on_hold(peer, False)
+            (right if matches else wrong)()
+        self.on_hold(peer, True)
+        self.hashing.check(account.password_hash, password, checked)
+
+    def _joined_with_password(self, peer, asked):
+        nick, account = asked
+        peer.asked = None
+        self._replace_holder(nick, peer)
+        self._join(peer, nick, account.key)
+        self.on_phase(peer, Phase.MEMBER)
+
+    def _renamed_with_password(self, peer, asked):
+        nick, account = asked
+        peer.asked = None
+        self.on_phase(peer, Phase.MEMBER)
+        if peer.member:
+            self._replace_holder(nick, peer)
+            self._rename(peer, nick, account.key)
+
+    def _replace_holder(self, nick, peer):
+        """The nickname's owner is here with its password: a connection still holding it (a
+        laptop that vanished, another terminal) is told and closed."""
+        holder = self.member_named(nick)
+        if holder is not None and holder is not peer:
+            self.notice(holder, Lines.REPLACED)
+            self.leave(holder, Reason.REPLACED)
+            self.on_phase(holder, Phase.CLOSING)
+
+    def _wrong_asked(self, peer, asked):
+        nick = asked[0]
+        peer.asked = None
+        if not self._wrong_account_password(peer, nick):
+            self.on_phase(peer, Phase.MEMBER if peer.member else Phase.NICKNAME)
+
+    def _wrong_account_password(self, peer, nick):
+        """A wrong account password counts toward the address's lockout; the one that locks
+        it out ends the connection. True if it did."""
+        self._count_wrong_password(peer.host)
+        if self._locked_out(peer.host):
+            self._locked_out_now(peer)
+            return True
+        self.notice(peer, Lines.WRONG_NICK_PASSWORD.format(nick=nick))
+        return False
+
+    def _locked_out_now(self, peer):
+        if peer.member:
+            self.notice(peer, Lines.LOCKED_OUT)
+            self.leave(peer, Reason.LOCKED_OUT)
+        else:
+            self.refuse(peer, Lines.LOCKED_OUT)
+        self.on_phase(peer, Phase.CLOSING)
+        return Phase.CLOSING
+
+    def cmd_register(self, peer, rest):
+        password = rest.strip()
+        if self.store.account_for(nickname_keys(peer.nick)) is not None:
+            self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=peer.nick))
+        elif len(password) < MIN_PASSWORD_CHARS:
+            self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
+        else:
+            self._hash_new_password(peer, password, self._registered)
+
+    def _hash_new_password(self, peer, password, then):
+        def hashed(kept):
+            if not peer.gone:
+                self.on_hold(peer, False)
+                then(peer, kept)
+        self.on_hold(peer, True)
+        self.hashing.make(password, hashed)
+
+    def _registered(self, peer, kept):
+        keys = nickname_keys(peer.nick)
+        if self.store.account_for(keys) is not None:   # a look-alike, registered meanwhile
+            self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=peer.nick))
+            return
+        peer.account = keys[0]
+        self.store.save_account(Account(keys[0], peer.nick, kept), keys)
+        self.notice(peer, Lines.OK)
+        self.notice(peer, Lines.REGISTERED.format(nick=peer.nick))
+        self.log(self.line(Lines.LOG_REGISTERED.format(nick=peer.nick)))
+
+    def _own_account(self, peer):
+        """The peer's account, or None after telling it its nickname is not registered."""
+        account = self.store.account_for((peer.account,)) if peer.account else None
+        if account is None:
+            self.notice(peer, Lines.NOT_REGISTERED.format(nick=peer.nick))
+        return account
+
+    def cmd_password(self, peer, rest):
+        old, new = TARGET_AND_TEXT.match(rest.strip()).groups()
+        new = new.strip()
+        account = self._own_account(peer)
+        if account is None:
+            return
+        if not new:
+            self.notice(peer, Lines.USAGE.format(usage="/password OLD NEW"))
+        elif len(new) < MIN_PASSWORD_CHARS:
+            self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
+        else:
+            self._check_password(
+                peer, account, old,
+                lambda: self._hash_new_password(peer, new, self._password_changed),
+                lambda: self._wrong_account_password(peer, peer.nick))
+
+    def _password_changed(self, peer, kept):
+        if peer.account is None:
+            return   # (unregistered meanwhile, by its owner elsewhere)
+        keys = nickname_keys(peer.nick)
+        self.store.save_account(Account(peer.account, peer.nick, kept), keys)
+        self.notice(peer, Lines.OK)
+        self.log(self.line(Lines.LOG_NEW_PASSWORD.format(nick=peer.nick)))
+
+    def cmd_unregister(self, peer, rest):
+        account = self._own_account(peer)
+        if account is not None:
+            self._check_password(peer, account, rest.strip(),
+                                 lambda: self._unregistered(peer, account),
+                                 lambda: self._wrong_account_password(peer, peer.nick))
+
+    def _unregistered(self, peer, account):
+        self.store.drop_account(account.key)
+        peer.account = None
+        self.notice(peer, Lines.OK)
+        self.notice(peer, Lines.UNREGISTERED.format(nick=peer.nick))
+        self.log(self.line(Lines.LOG_UNREGISTERED.format(nick=peer.nick)))
+
+    def _remember_position(self, peer, room):
+        """A registered member leaves ``room``: what it has seen there, for its catch-up."""
+        if peer.account is not None:
+            self.store.save_seen(peer.account, room.key, room.position)
+
+    def _leave_waiting(self, peer, account, text):
+        """A private message to a registered nickname that is not here: it waits for it."""
+        line = self.line(Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
+        if not self.store.wait(account.key, line, MAX_WAITING):
+            self.notice(peer, Lines.TOO_MANY_WAITING.format(target=account.nick))
+            return
+        self.notice(peer, Lines.OK)
+        self.notice(peer, Lines.PRIVATE_ECHO.format(target=account.nick, text=text))
+        self.notice(peer, Lines.OFFLINE.format(target=account.nick))
+        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=account.nick)))
+
     # -- leaving --------------------------------------------------------------------------------
     def leave(self, peer, reason):
         """``peer`` is gone, for ``reason``. Safe to call for a peer that never joined or left."""
+        peer.gone = True
         if not peer.member:
             return
         peer.member = False
@@ -993,6 +1350,7 @@ class Chat:
         for room in self.room_list:
             for peer in list(room.members):
                 self.deliver(peer, notice)
+                self._remember_position(peer, room)
                 peer.member = False
                 self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
                                Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
@@ -1016,7 +1374,7 @@ class Chat:
         self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
         # (_keep, written out: the hot path of every message)
         room.history.append(line)
-        self.store.keep(room.key, line, len(body))
+        room.position = self.store.keep(room.key, line, len(body))
         if not room.kept:
             self._first_kept(room)
         if room is self.main:
@@ -1035,7 +1393,7 @@ class Chat:
     def _keep(self, room, line, text_size):
         """A message or /me line: in the room's history, the store, and the log."""
         room.history.append(line)
-        self.store.keep(room.key, line, text_size)
+        room.position = self.store.keep(room.key, line, text_size)
         if not room.kept:
             self._first_kept(room)
         self._log_room_line(room, line)
@@ -1049,26 +1407,48 @@ class Chat:
         _, room, peer, _ = entry
         prefix = self.clock.prefix()
         self.deliver(peer, (prefix + Lines.OK + "\n").encode())
-        self._show_room(peer, room, prefix)
+        self._show_room(peer, room, prefix, waiting=True)
         announcement = (prefix + Lines.CONNECTED.format(nick=peer.nick) + "\n").encode()
         self.to_room(room, announcement)  # before joining: the newcomer is not told of itself
         room.members[peer] = peer.append
         peer.room = room
         self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
 
-    def _show_room(self, peer, room, prefix):
-        """What a member coming into a room is shown: its topic, then its history."""
+    def _show_room(self, peer, room, prefix, waiting=False):
+        """What a member coming into a room is shown: its topic, the private messages waiting
+        for it (joining the chat), then what it missed there, or the room's history."""
         if room.topic:
             self.deliver(peer, (prefix + Lines.TOPIC.format(room=room.name, topic=room.topic)
                                 + "\n").encode())
-        if room.history:
+        if waiting and peer.account is not None:
+            lines = self.store.take_waiting(peer.account)
+            if lines:
+                self.deliver(peer, (prefix + Lines.WAITING.format(count=len(lines))
+                                    + "\n").encode())
+                peer.out.extend(lines)
+        seen = self.store.seen(peer.account, room.key) if peer.account is not None else None
+        if seen is not None:
+            self._show_missed(peer, room, seen, prefix)
+        elif room.history:
             self.deliver(peer, (prefix + Lines.HISTORY.format(count=len(room.history))
                                 + "\n").encode())
             peer.out.extend(room.history)  # the very bytes the members got: no re-encoding
 
+    def _show_missed(self, peer, room, seen, prefix):
+        """A registered member back in a room: what it missed there, if anything."""
+        if seen >= room.position:
+            return
+        missed, lines = self.store.since(room.key, seen, self.catch_up)
+        if missed:
+            heading = (Lines.CATCH_UP.format(count=missed) if missed == len(lines)
+                       else Lines.CATCH_UP_SOME.format(shown=len(lines), count=missed))
+            self.deliver(peer, (prefix + heading + "\n").encode())
+            peer.out.extend(lines)
+
     def apply_leave(self, entry):
         _, room, peer, reason = entry
         del room.members[peer]
+        self._remember_position(peer, room)
         # A broadcast earlier this turn may have queued lines for it that take_pending() would
         # no longer find among the room's members: list it now, so they are written before it
         # closes.
@@ -1089,6 +1469,7 @@ class Chat:
     def apply_move(self, entry):
         _, room, peer, old = entry
         del old.members[peer]
+        self._remember_position(peer, old)
         self._list_pending(peer)   # (lines the old room queued for it this turn: see leave)
         left = self.line(Lines.LEFT_FOR.format(nick=peer.nick, room=room.name))
         self.to_room(old, left)
@@ -1139,11 +1520,12 @@ class MemoryStore:
                -> [line]; ``since(room_key, position, count)`` -> (missed, [line]);
                ``search(room_key, folded, count)`` -> (found, [line]); ``position(room_key)``;
                ``has_messages(room_key)``
-    accounts   ``account(key)`` -> Account or None; ``save_account(account)``;
-               ``drop_account(key)``; ``seen(account_key, room_key)`` -> position or None;
-               ``save_seen(account_key, room_key, position)``
-    waiting    ``wait(account_key, line)`` -> how many wait now; ``take_waiting(account_key)``
-               -> [line], which no longer wait
+    accounts   ``account_for(keys)`` -> the Account known by any of ``keys``, or None;
+               ``save_account(account, keys)``; ``drop_account(key)`` (its waiting messages
+               and positions too); ``seen(account_key, room_key)`` -> position or None (never
+               there); ``save_seen(account_key, room_key, position)``
+    waiting    ``wait(account_key, line, most)`` -> False if ``most`` wait already;
+               ``take_waiting(account_key)`` -> [line], which no longer wait
     operators  ``operators()`` -> [(key, nick)]; ``save_operator(key, nick)``;
                ``drop_operator(key)``
     bans       ``bans()`` -> [Ban], oldest first; ``save_ban(ban)``; ``drop_ban(kind, value)``
@@ -1164,6 +1546,7 @@ class MemoryStore:
         self._messages = {}     # room key -> deque of (position, line, text_size)
         self._position = 0
         self._accounts = {}     # key -> Account
+        self._account_keys = {}   # each of an account's nickname keys -> its key
         self._seen = {}         # (account key, room key) -> position
         self._waiting = {}      # account key -> [line]
         self._operators = {}    # key -> nick
@@ -1180,6 +1563,8 @@ class MemoryStore:
     def drop_room(self, key):
         self._rooms.pop(key, None)
         self._messages.pop(key, None)
+        for seen in [seen for seen in self._seen if seen[1] == key]:
+            del self._seen[seen]
 
     # -- messages -------------------------------------------------------------------------------
     def keep(self, room_key, line, text_size):
@@ -1212,14 +1597,22 @@ class MemoryStore:
         return bool(self._messages.get(room_key))
 
     # -- accounts -------------------------------------------------------------------------------
-    def account(self, key):
-        return self._accounts.get(key)
+    def account_for(self, keys):
+        for key in keys:
+            owner = self._account_keys.get(key)
+            if owner is not None:
+                return self._accounts[owner]
+        return None
 
-    def save_account(self, account):
+    def save_account(self, account, keys):
         self._accounts[account.key] = account
+        for key in keys:
+            self._account_keys[key] = account.key
 
     def drop_account(self, key):
         self._accounts.pop(key, None)
+        for alias in [alias for alias, owner in self._account_keys.items() if owner == key]:
+            del self._account_keys[alias]
         self._waiting.pop(key, None)
         for seen in [seen for seen in self._seen if seen[0] == key]:
             del self._seen[seen]
@@ -1230,10 +1623,12 @@ class MemoryStore:
     def save_seen(self, account_key, room_key, position):
         self._seen[account_key, room_key] = position
 
-    def wait(self, account_key, line):
+    def wait(self, account_key, line, most):
         waiting = self._waiting.setdefault(account_key, [])
+        if len(waiting) >= most:
+            return False
         waiting.append(line)
-        return len(waiting)
+        return True
 
     def take_waiting(self, account_key):
         return self._waiting.pop(account_key, [])
@@ -1465,6 +1860,7 @@ class SQLiteStore(MemoryStore):
         self._counts.pop(key, None)
         self._later("DELETE FROM messages WHERE room = ?", (key,))
         self._later("DELETE FROM rooms WHERE key = ?", (key,))
+        self._later("DELETE FROM seen WHERE room = ?", (key,))
 
     # -- messages -------------------------------------------------------------------------------
     def keep(self, room_key, line, text_size):
@@ -1511,6 +1907,52 @@ class SQLiteStore(MemoryStore):
     def has_messages(self, room_key):
         return bool(self._read("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (room_key,)))
 
+    # -- accounts -------------------------------------------------------------------------------
+    def account_for(self, keys):
+        for key in keys:
+            rows = self._read("SELECT accounts.key, nick, password_hash FROM account_keys"
+                              " JOIN accounts ON accounts.key = account_keys.account"
+                              " WHERE account_keys.key = ?", (key,))
+            if rows:
+                return Account(*rows[0])
+        return None
+
+    def save_account(self, account, keys):
+        self._later("INSERT OR REPLACE INTO accounts (key, nick, password_hash) VALUES"
+                    " (?, ?, ?)", account)
+        for key in keys:
+            self._later("INSERT OR REPLACE INTO account_keys (key, account) VALUES (?, ?)",
+                        (key, account.key))
+
+    def drop_account(self, key):
+        for table, column in (("accounts", "key"), ("account_keys", "account"),
+                              ("seen", "account"), ("waiting", "account")):
+            self._later("DELETE FROM %s WHERE %s = ?" % (table, column), (key,))
+
+    def seen(self, account_key, room_key):
+        rows = self._read("SELECT position FROM seen WHERE account = ? AND room = ?",
+                          (account_key, room_key))
+        return rows[0][0] if rows else None
+
+    def save_seen(self, account_key, room_key, position):
+        self._later("INSERT OR REPLACE INTO seen (account, room, position) VALUES (?, ?, ?)",
+                    (account_key, room_key, position))
+
+    def wait(self, account_key, line, most):
+        waiting = self._read("SELECT count(*) FROM waiting WHERE account = ?",
+                             (account_key,))[0][0]
+        if waiting >= most:
+            return False
+        self._later("INSERT INTO waiting (account, line) VALUES (?, ?)", (account_key, line))
+        return True
+
+    def take_waiting(self, account_key):
+        rows = self._read("SELECT line FROM waiting WHERE account = ? ORDER BY id",
+                          (account_key,))
+        if rows:
+            self._later("DELETE FROM waiting WHERE account = ?", (account_key,))
+        return [bytes(line) for line, in rows]
+
 
 def text_of_line(line, text_at):
     """A kept line's message text, as searches compare it (casefolded)."""
@@ -1526,6 +1968,17 @@ MIGRATIONS = (
         "CREATE TABLE messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL, line BLOB NOT NULL,"
         " text_at INTEGER NOT NULL)",
         "CREATE INDEX messages_by_room ON messages (room, id)",
+    ),
+    (   # 2: accounts, where each left each room, private messages waiting for them
+        "CREATE TABLE accounts (key TEXT PRIMARY KEY, nick TEXT NOT NULL,"
+        " password_hash TEXT NOT NULL)",
+        "CREATE TABLE account_keys (key TEXT PRIMARY KEY, account TEXT NOT NULL)",
+        "CREATE INDEX account_keys_by_account ON account_keys (account)",
+        "CREATE TABLE seen (account TEXT NOT NULL, room TEXT NOT NULL, position INTEGER NOT NULL,"
+        " PRIMARY KEY (account, room))",
+        "CREATE INDEX seen_by_room ON seen (room)",
+        "CREATE TABLE waiting (id INTEGER PRIMARY KEY, account TEXT NOT NULL, line BLOB NOT NULL)",
+        "CREATE INDEX waiting_by_account ON waiting (account, id)",
     ),
 )
 
@@ -1687,6 +2140,7 @@ class Hold:
     means paused; none, and its input is read as it comes."""
     RATE = 1          # it sent faster than the flood limit: until its timer says it may again
     HIGH_WATER = 2    # its own output queue is above high water: until it drains to low water
+    ANSWER = 4        # the room awaits an answer for it (a password being checked): until then
 
 
 class Conn:
@@ -1798,6 +2252,27 @@ class Loop:
         if phase is MEMBER:
             self.joining.discard(conn)  # joined: its join deadline no longer matters
 
+    def _room_moved(self, peer, phase):
+        """The room moved a connection on its own: an answer that took a while (a password
+        checked), or one member's doing that ends another's connection."""
+        conn = peer.owner
+        if conn is not None and conn.phase is not CLOSED:
+            self._enter(conn, phase)
+
+    def _room_holds(self, peer, held):
+        """The room awaits an answer for this connection: its input waits (``held``), or goes
+        on, its lines that came meanwhile first."""
+        conn = peer.owner
+        if conn is None or conn.phase is CLOSED:
+            return
+        if held:
+            conn.holds |= Hold.ANSWER
+        else:
+            conn.holds &= ~Hold.ANSWER
+            if conn.phase in TALKING:
+                self._queue_lines(conn)
+        self._set_interest(conn)
+
     def _fail(self, conn):
         """An unexpected error while handling ``conn``: it alone is closed, the loop goes on.
 
@@ -1860,6 +2335,14 @@ class Accepting:
                 pass
         except OSError:
             pass
+        self.hashing.finish()   # (a signal, or the password worker's results)
+
+    def _wake(self):
+        """From another thread: wake the loop (its wakeup socket, as a signal does)."""
+        try:
+            self._wakeup_w.send(b"w")
+        except OSError:
+            pass   # full: it is awake already
 
     def _accept(self):
         for _ in range(ACCEPTS_PER_TURN):
@@ -2109,7 +2592,8 @@ class Reading:
                 del parts[allowed:]
                 over_rate = True
         peer = conn.peer
-        handle = self._line_handlers[conn.phase]
+        current = conn.phase
+        handle = self._line_handlers[current]
         limit = self.max_line_bytes
         handled = 0
         for line in parts:
@@ -2125,15 +2609,18 @@ class Reading:
             phase = handle(peer, line)
             if phase is not None:
                 self._enter(conn, phase)
+            if conn.phase is not current:   # (the answer, or an answer given at once)
                 if conn.phase not in TALKING:
                     conn.tokens -= handled
                     conn.inbuf = b""
                     return False
-                handle = self._line_handlers[conn.phase]
-            if ((conn.write_blocked or len(peer.out) > self._throttle_items)
-                    and peer.queued_bytes() > self.high_water):
-                conn.holds |= Hold.HIGH_WATER
-                rest = b"\n".join(parts[handled:] + [rest])
+                current = conn.phase
+                handle = self._line_handlers[current]
+            if conn.holds or ((conn.write_blocked or len(peer.out) > self._throttle_items)
+                              and peer.queued_bytes() > self.high_water):
+                if not conn.holds:
+                    conn.holds |= Hold.HIGH_WATER
+                rest = b"\n".join(parts[handled:] + [rest])   # (an answer is awaited)
                 break
         conn.tokens -= handled
         more = b"\n" in rest
@@ -2465,14 +2952,19 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
                  max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
                  history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
                  rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
-                 dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS, store=None):
+                 dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS, store=None,
+                 catch_up=DEFAULT_CATCH_UP):
         self.host = host
         self.dead_peer = dead_peer
         self.port = port
         self.log = log or NullLog()
         self.store = store if store is not None else MemoryStore()
+        self.hashing = ThreadHashing(self._wake)
         self.chat = Chat(self.log.record, history=history, password=password,
-                         max_rooms=max_rooms, store=self.store)
+                         max_rooms=max_rooms, store=self.store, hashing=self.hashing,
+                         catch_up=catch_up)
+        self.chat.on_phase = self._room_moved
+        self.chat.on_hold = self._room_holds
         self._line_handlers = self.chat.line_handlers()
         self.poller = make_poller(selector)
         if max_clients is None:
@@ -3043,6 +3535,9 @@ def parse_args(argv):
     parser.add_argument("--durable", action="store_true",
                         help="wait for the disk at every commit: nothing acknowledged is lost"
                              " even to a power cut (slower where flushes are slow)")
+    parser.add_argument("--catch-up", type=count, default=DEFAULT_CATCH_UP, metavar="N",
+                        help="lines of 'Messages since you left' a registered member is shown at"
+                             " most (default %(default)s)")
     parser.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms at once, #main included (default %(default)s)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
@@ -3156,7 +3651,7 @@ def main(argv=None):
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                     password=password, tls=tls, dead_peer=args.dead_peer_timeout,
-                    max_rooms=args.max_rooms, store=store)
+                    max_rooms=args.max_rooms, store=store, catch_up=args.catch_up)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:

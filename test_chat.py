@@ -152,9 +152,11 @@ def same_nick(nick):
 
 
 REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit",
-                 "join", "part", "leave", "rooms", "topic", "search")
+                 "join", "part", "leave", "rooms", "topic", "search", "register", "password",
+                 "unregister")
 HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
-        " /join #room [KEY], /part, /rooms, /topic [TEXT], /search TEXT, /quit, /help."
+        " /join #room [KEY], /part, /rooms, /topic [TEXT], /search TEXT, /register PASSWORD,"
+        " /password OLD NEW, /unregister PASSWORD, /quit, /help."
         " Start a line with // to send a line that begins with /.")
 
 
@@ -172,6 +174,33 @@ def needs_key(room):
 
 
 OPERATORS_ONLY = "Sorry! Only operators can do that."
+REPLACED = "You joined from somewhere else."
+TOO_SHORT = "Sorry! A password needs at least 8 characters."
+
+
+def registered(nick):
+    return '"%s" is registered to you. Next time you join with it you will be asked for its' \
+           ' password.' % nick
+
+
+def registered_already(nick):
+    return 'Sorry! "%s" is registered already.' % nick
+
+
+def password_question(nick):
+    return '"%s" is registered. Please enter its password' % nick
+
+
+def wrong_password_for(nick):
+    return 'Sorry! Wrong password for "%s".' % nick
+
+
+def not_registered(nick):
+    return 'Sorry! "%s" is not registered.' % nick
+
+
+def offline(nick):
+    return "%s is offline; they will get it when they join." % nick
 
 
 # Version 2 with no history and no flood control is version 1, to the byte, for any client that
@@ -1340,13 +1369,21 @@ class RoomTestCase(InMemoryTestCase):
     def setUp(self):
         self.mod = load_module("chat_server")
         self.logged = []
+        self.phases = {}  # peer -> the phase the room last moved it to (the loop keeps this)
         self.clock_time = [0.0]
         clock = self.mod.Clock(now=lambda: 0)  # 1970-01-01 00:00 UTC, local time here
         self.ts = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(0))
-        self.chat = self.mod.Chat(self.logged.append, clock, history=self.history,
-                                  now=lambda: self.clock_time[0])
+        self.chat = self.make_chat(clock=clock, history=self.history,
+                                   now=lambda: self.clock_time[0])
         self._ports = iter(range(40000, 50000))
-        self.phases = {}  # peer -> the phase the room last moved it to (the loop keeps this)
+
+    def make_chat(self, **options):
+        """A Chat that logs to ``self.logged``, hashes passwords cheaply at once, and tells
+        ``self.phases`` when it moves a connection on its own (as it tells the loop)."""
+        options.setdefault("hashing", self.mod.InlineHashing(scrypt_n=16))
+        chat = self.mod.Chat(self.logged.append, **options)
+        chat.on_phase = self.phases.__setitem__
+        return chat
 
     def peer(self, nick=None, host="127.0.0.1"):
         """A connection greeted by the room; joined as ``nick`` if given (its output cleared)."""
@@ -1363,9 +1400,12 @@ class RoomTestCase(InMemoryTestCase):
         the room moves the connection to (None: stays), and remembers it."""
         if isinstance(line, str):
             line = line.encode("utf-8")
-        phase = self.chat.line_handlers()[self.phases[peer]](peer, line)
+        before = self.phases[peer]
+        phase = self.chat.line_handlers()[before](peer, line)
         if phase is not None:
             self.phases[peer] = phase
+        elif self.phases[peer] is not before:
+            phase = self.phases[peer]    # (moved by an answer given at once)
         return phase
 
     def flushed(self):
@@ -1885,8 +1925,8 @@ class RoomModelTests(RoomTestCase):
     def run_seed(self, seed, steps=400):
         import random
         rng = random.Random(seed)
-        self.chat = self.mod.Chat(self.logged.append, self.mod.Clock(now=lambda: 0),
-                                  history=self.history, max_rooms=3)
+        self.chat = self.make_chat(clock=self.mod.Clock(now=lambda: 0), history=self.history,
+                                   max_rooms=3)
         model = RoomModel(self.history, max_rooms=3)
         connected, members, gone = [], [], []
         for step in range(steps):
@@ -1964,6 +2004,186 @@ class RoomModelTests(RoomTestCase):
     def test_room_against_its_model_without_history(self):
         self.history = 0
         self.run_seed(1000, steps=2000)
+
+
+class AccountCoreTests(RoomTestCase):
+    """Accounts in the room core, passwords hashed at once (cheaply): every row of the spec's
+    Accounts table and the catch-up, in microseconds."""
+
+    history = 5
+
+    def register(self, nick, password="correct horse"):
+        peer = self.peer(nick)
+        self.send(peer, "/register " + password)
+        self.assertEqual(self.said(peer), [OK, registered(nick)])
+        return peer
+
+    def test_register_then_the_nickname_asks_for_its_password(self):
+        alice = self.register("alice")
+        self.assertEqual(self.logged_text()[-1], "alice registered their nickname")
+        self.send(alice, "/register another one")
+        self.assertEqual(self.said(alice), [registered_already("alice")])
+        self.send(alice, "/quit")
+        newcomer = self.peer()
+        self.said(newcomer)
+        self.assertEqual(self.send(newcomer, "alice"), self.mod.Phase.NICK_PASSWORD)
+        self.assertEqual(self.said(newcomer), [password_question("alice")])
+        self.assertEqual(self.send(newcomer, "wrong horse"), self.mod.Phase.NICKNAME)
+        self.assertEqual(self.said(newcomer), [wrong_password_for("alice")])
+        self.send(newcomer, "ALICE")
+        self.assertEqual(self.said(newcomer), [password_question("ALICE")])
+        self.assertEqual(self.send(newcomer, "  correct horse  "), self.mod.Phase.MEMBER)
+        self.assertEqual(self.said(newcomer), [OK])
+        self.assertFalse([line for line in self.logged_text() if "horse" in line])
+
+    def test_look_alikes_of_a_registered_nickname_are_busy_even_while_it_is_away(self):
+        self.send(self.register("alice"), "/quit")
+        newcomer = self.peer()
+        self.said(newcomer)
+        for attempt in ("a1ice", "aIice", "a1ICE"):
+            self.send(newcomer, attempt)
+            self.assertEqual(self.said(newcomer)[-1], busy(attempt), attempt)
+
+    def test_short_passwords_and_passwords_with_spaces(self):
+        alice = self.peer("alice")
+        self.send(alice, "/register seven7!")
+        self.assertEqual(self.said(alice), [TOO_SHORT])
+        self.send(alice, "/register   two words here  ")
+        self.assertEqual(self.said(alice), [OK, registered("alice")])
+        self.send(alice, "/quit")
+        back = self.peer()
+        self.said(back)
+        self.send(back, "alice")
+        self.said(back)
+        self.assertEqual(self.send(back, "two words here"), self.mod.Phase.MEMBER)
+
+    def test_the_owner_takes_a_connected_nickname_over(self):
+        alice = self.register("alice")
+        bob = self.peer("bob")
+        self.said(alice)
+        laptop = self.peer()
+        self.said(laptop)
+        self.send(laptop, "alice")
+        self.assertEqual(self.said(laptop), [password_question("alice")])
+        self.assertEqual(self.send(laptop, "correct horse"), self.mod.Phase.MEMBER)
+        self.assertEqual(self.said(alice), [REPLACED])
+        self.assertEqual(self.phases[alice], self.mod.Phase.CLOSING)
+        self.assertEqual(self.said(bob), ["alice disconnected!", "alice connected!"])
+        self.assertIn("alice disconnected! [replaced]", self.logged_text())
+
+    def test_nick_to_a_registered_nickname_asks_its_password(self):
+        self.send(self.register("alice"), "/quit")
+        bob = self.peer("bob")
+        self.assertEqual(self.send(bob, "/nick alice"), self.mod.Phase.RENAME_PASSWORD)
+        self.assertEqual(self.said(bob), [password_question("alice")])
+        self.assertEqual(self.send(bob, "not it at all"), self.mod.Phase.MEMBER)
+        self.assertEqual(self.said(bob), [wrong_password_for("alice")])
+        self.send(bob, "/nick Alice")
+        self.said(bob)
+        self.assertEqual(self.send(bob, "correct horse"), self.mod.Phase.MEMBER)
+        self.assertEqual(self.said(bob), [OK, "bob is now known as Alice"])
+        self.send(bob, "/unregister correct horse")   # it owns it now
+        self.assertEqual(self.said(bob), [OK, '"Alice" is no longer registered.'])
+
+    def test_password_and_unregister(self):
+        alice = self.register("alice")
+        self.send(alice, "/password wrong new password")
+        self.assertEqual(self.said(alice), [wrong_password_for("alice")])
+        self.send(alice, "/password correct")
+        self.assertEqual(self.said(alice), [usage("/password OLD NEW")])
+        self.send(alice, "/password correct short")
+        self.assertEqual(self.said(alice), [TOO_SHORT])
+        self.send(alice, "/password correct a new one")   # OLD is one word: wrong
+        self.assertEqual(self.said(alice), [wrong_password_for("alice")])
+        alice2 = self.register("alice2", "onewordold")
+        self.send(alice2, "/password onewordold the new one")
+        self.assertEqual(self.said(alice2), [OK])
+        self.send(alice2, "/unregister onewordold")
+        self.assertEqual(self.said(alice2), [wrong_password_for("alice2")])
+        self.send(alice2, "/unregister the new one")
+        self.assertEqual(self.said(alice2), [OK, '"alice2" is no longer registered.'])
+        self.send(alice2, "/unregister the new one")
+        self.assertEqual(self.said(alice2), [not_registered("alice2")])
+        log = self.logged_text()
+        self.assertIn("alice2 changed the password of their nickname", log)
+        self.assertIn("alice2 unregistered their nickname", log)
+
+    def test_wrong_account_passwords_lock_the_address_out(self):
+        self.send(self.register("alice"), "/quit")
+        newcomer = self.peer(host="10.0.0.7")
+        self.said(newcomer)
+        for _ in range(4):
+            self.send(newcomer, "alice")
+            self.send(newcomer, "guess")
+            self.assertEqual(self.said(newcomer), [password_question("alice"),
+                                                   wrong_password_for("alice")])
+        self.send(newcomer, "alice")
+        self.assertEqual(self.send(newcomer, "guess"), self.mod.Phase.CLOSING)
+        self.assertEqual(self.said(newcomer), [password_question("alice"), TOO_MANY_PASSWORDS])
+
+    def test_private_messages_wait_for_a_registered_nickname(self):
+        self.send(self.register("alice"), "/quit")
+        bob = self.peer("bob")
+        for n in range(3):
+            self.send(bob, "/msg alice note %d" % n)
+            self.assertEqual(self.said(bob), [OK, "[private] YOU SEND alice note %d" % n,
+                                              offline("alice")])
+        self.send(bob, "/msg nobody hi")
+        self.assertEqual(self.said(bob), ['Sorry! There is no user "nobody".'])
+        back = self.peer()
+        self.said(back)
+        self.send(back, "alice")
+        self.said(back)
+        self.send(back, "correct horse")
+        self.assertEqual(self.said(back), [OK, "Private messages while you were away (3):"]
+                         + ["[private] bob sent note %d" % n for n in range(3)])
+        self.send(back, "/quit")
+        again = self.peer()
+        self.said(again)
+        self.send(again, "alice")
+        self.said(again)
+        self.send(again, "correct horse")
+        self.assertEqual(self.said(again), [OK])   # delivered once: gone
+
+    def test_at_most_a_hundred_wait(self):
+        self.send(self.register("alice"), "/quit")
+        bob = self.peer("bob")
+        for n in range(100):
+            self.send(bob, "/msg alice %d" % n)
+        self.lines(bob)
+        self.send(bob, "/msg alice one too many")
+        self.assertEqual(self.said(bob), ["Sorry! alice has too many waiting messages."])
+
+    def test_catch_up_shows_what_was_missed_and_only_that(self):
+        alice = self.register("alice")
+        bob, carol = self.peer("bob"), self.peer("carol")
+        self.send(bob, "before")
+        self.send(alice, "/quit")
+        for n in range(3):
+            self.send(bob, "missed %d" % n)
+        back = self.peer()
+        self.said(back)
+        self.send(back, "alice")
+        self.said(back)
+        self.send(back, "correct horse")
+        self.assertEqual(self.said(back), [OK, "Messages since you left (3):"]
+                         + ["bob sent missed %d" % n for n in range(3)])
+        self.send(back, "/quit")
+        again = self.peer()
+        self.said(again)
+        self.send(again, "alice")
+        self.said(again)
+        self.send(again, "correct horse")
+        self.assertEqual(self.said(again), [OK])   # nothing missed: nothing shown
+        self.chat.catch_up = 2
+        self.send(again, "/join #side")
+        self.assertEqual(self.said(again), [OK, in_room_now("#side", 1)])   # first visit
+        for n in range(3):
+            self.send(carol, "main %d" % n)
+        self.send(again, "/part")
+        self.assertEqual(self.said(again), [OK, in_room_now("#main", 3),
+                                            "Messages since you left (2 of 3):",
+                                            "carol sent main 1", "carol sent main 2"])
 
 
 class LookAlikeTests(RoomTestCase):
@@ -4245,6 +4465,126 @@ class MemoryTests(unittest.TestCase):
         carol.said(), carol.said()   # (the history of #main)
         carol.send("/search in ops\n")
         self.assertEqual(carol.said(), 'No messages with "in ops" in #main.')
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.6 Version 3: accounts (real scrypt, off the loop).
+# ---------------------------------------------------------------------------------------------
+
+class AccountTests(unittest.TestCase):
+    """Registered nicknames over raw sockets, with the server's real password hashing."""
+
+    password = "correct horse battery"
+
+    def setUp(self):
+        self.data = DataFile(self)
+        self.server = start_server(self, "--data", self.data.path)
+
+    def register(self, nick):
+        client = self.server.client().join(nick)
+        self.addCleanup(client.close)
+        client.send("/register %s\n" % self.password)
+        self.assertEqual([client.said(), client.said()], [OK, registered(nick)])
+        return client
+
+    def log_in(self, nick, server=None):
+        client = (server or self.server).client()
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), WELCOME)
+        client.send(nick + "\n")
+        self.assertEqual(client.said(), password_question(nick))
+        client.send(self.password + "\n")
+        self.assertEqual(client.said(), OK)
+        return client
+
+    def test_registered_before_a_restart_asks_after_it(self):
+        alice = self.register("alice")
+        alice.send("/quit\n")
+        self.assertEqual(alice.said(), GOODBYE)
+        self.assertEqual(self.server.stop()[0], 0)
+        second = start_server(self, "--data", self.data.path)
+        impostor = second.client()
+        self.assertEqual(impostor.line(), WELCOME)
+        impostor.send("alice\nguessing\n")
+        self.assertEqual([impostor.said(), impostor.said()],
+                         [password_question("alice"), wrong_password_for("alice")])
+        self.log_in("alice", second)
+
+    def test_no_password_reaches_the_log_stderr_or_the_file(self):
+        alice = self.register("alice")
+        alice.send("/password correct a-new-secret-pass\n")   # OLD is "correct": wrong
+        self.assertEqual(alice.said(), wrong_password_for("alice"))
+        self.assertEqual(self.server.stop()[0], 0)
+        secrets = (self.password, "a-new-secret-pass", "horse")
+        files = [self.server.log_path] + [os.path.join(self.data.dir, name)
+                                          for name in os.listdir(self.data.dir)]
+        for path in files:
+            with open(path, "rb") as f:
+                content = f.read()
+            for secret in secrets:
+                self.assertNotIn(secret.encode(), content, path)
+        for secret in secrets:
+            self.assertNotIn(secret, self.server.stderr())
+        self.assertIn("alice registered their nickname", logged(self.server))
+
+    def test_the_owner_takes_over_from_a_vanished_connection(self):
+        laptop = self.register("alice")
+        bob = self.server.client().join("bob")
+        self.assertEqual(laptop.said(), "bob connected!")
+        phone = self.log_in("alice")
+        self.assertEqual(laptop.said(), REPLACED)
+        laptop.expect_eof()
+        self.assertEqual([bob.said(), bob.said()], ["alice disconnected!", "alice connected!"])
+        self.assertIn("alice disconnected! [replaced]", logged(self.server))
+        phone.send("hello from the phone\n")
+        self.assertEqual(bob.said(), "alice sent hello from the phone")
+
+    def test_lines_sent_after_the_password_wait_for_its_answer(self):
+        self.register("alice").send("/quit\n")
+        bob = self.server.client().join("bob")
+        hurried = self.server.client()
+        self.addCleanup(hurried.close)
+        self.assertEqual(hurried.line(), WELCOME)
+        hurried.send("alice\n%s\nfirst\n/users\n" % self.password)   # all at once
+        self.assertEqual([hurried.said() for _ in range(5)],
+                         [password_question("alice"), OK, OK, "YOU SEND USERS first",
+                          "Users (2): bob, alice"])
+        self.assertEqual([bob.said(), bob.said()], ["alice connected!", "alice sent first"])
+
+    def test_wrong_passwords_lock_the_address_out(self):
+        self.register("alice").send("/quit\n")
+        guesser = self.server.client()
+        self.addCleanup(guesser.close)
+        self.assertEqual(guesser.line(), WELCOME)
+        for n in range(4):
+            guesser.send("alice\nguess %d\n" % n)
+            self.assertEqual([guesser.said(), guesser.said()],
+                             [password_question("alice"), wrong_password_for("alice")])
+        guesser.send("alice\nguess 5\n")
+        self.assertEqual([guesser.said(), guesser.said()],
+                         [password_question("alice"), TOO_MANY_PASSWORDS])
+        guesser.expect_eof()
+
+    def test_waiting_messages_and_catch_up_across_a_restart(self):
+        alice = self.register("alice")
+        bob = self.server.client().join("bob")
+        self.assertEqual(alice.said(), "bob connected!")
+        alice.send("/quit\n")
+        self.assertEqual(bob.said(), "alice disconnected!")
+        bob.send("/msg alice see you tomorrow\n")
+        self.assertEqual([bob.said() for _ in range(3)],
+                         [OK, "[private] YOU SEND alice see you tomorrow", offline("alice")])
+        carol = self.server.client().join("carol")
+        self.assertEqual(bob.said(), "carol connected!")
+        bob.send("while alice was out\n")
+        self.assertEqual(carol.said(), "bob sent while alice was out")
+        self.assertEqual(self.server.stop()[0], 0)
+        second = start_server(self, "--data", self.data.path)
+        back = self.log_in("alice", second)
+        self.assertEqual([back.said() for _ in range(4)],
+                         ["Private messages while you were away (1):",
+                          "[private] bob sent see you tomorrow",
+                          "Messages since you left (1):", "bob sent while alice was out"])
 
 
 class FullDiskTests(unittest.TestCase):
