@@ -3396,8 +3396,8 @@ def tune_socket(sock, dead_peer=DEFAULT_DEAD_PEER):
         elif hasattr(socket, "TCP_KEEPALIVE"):   # macOS: the idle time's own name
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, idle)
         elif hasattr(socket, "SIO_KEEPALIVE_VALS"):   # older Windows
-            sock.ioctl(socket.SIO_KEEPALIVE_VALS,
-                       (1, idle * 1000, max(1, (dead_peer - idle) * 100)))
+            sock.ioctl(socket.SIO_KEEPALIVE_VALS,   # (milliseconds; its probes are 10)
+                       (1, idle * 1000, max(1, int((dead_peer - idle) * 100))))
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer * 1000))
     except OSError:
