@@ -94,7 +94,8 @@ class Lines:
     COMMANDS_PREFIX = "Commands: "
     COMMANDS = ("/help", "/users", "/who", "/names", "/msg", "/me", "/nick", "/away", "/back",
                 "/join", "/part", "/leave", "/rooms", "/topic", "/search", "/register",
-                "/password", "/unregister", "/quit")
+                "/password", "/unregister", "/kick", "/ban", "/unban", "/bans", "/mute",
+                "/unmute", "/op", "/deop", "/drop", "/quit")
     USERS_COMMAND = "/users"
 
     TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d): ")

@@ -78,6 +78,8 @@ MAX_WAITING = 100         # private messages waiting for one registered nickname
 # raised later without invalidating the old ones.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 PBKDF2_ITERATIONS = 600000
+DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?\Z")   # 30m, 2h, 7d, 1d12h
+MAX_DURATION_DAYS = 36500
 HASHES_QUEUED = 2         # hashes handed to the worker thread at once; the rest wait their turn
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
@@ -177,6 +179,38 @@ class Lines:
     WAITING = "Private messages while you were away ({count}):"
     CATCH_UP = "Messages since you left ({count}):"
     CATCH_UP_SOME = "Messages since you left ({shown} of {count}):"
+    # Moderation
+    KICKED = "You were kicked by {op}."
+    KICKED_FOR = "You were kicked by {op}: {reason}"
+    BANNED = "You were banned by {op}."
+    BANNED_FOR = "You were banned by {op}: {reason}"
+    WAS_KICKED = "{nick} was kicked by {op}."
+    WAS_KICKED_FOR = "{nick} was kicked by {op}: {reason}"
+    WAS_BANNED = "{nick} was banned by {op}."
+    WAS_BANNED_FOR = "{nick} was banned by {op}: {reason}"
+    ADDRESS_BANNED = "Sorry! You are banned."
+    ADDRESS_BANNED_UNTIL = "Sorry! You are banned until {until}."
+    NICK_BANNED = 'Sorry! "{nick}" is banned.'
+    NICK_BANNED_UNTIL = 'Sorry! "{nick}" is banned until {until}.'
+    NOT_BANNED = 'Sorry! "{what}" is not banned.'
+    BANS = "Bans ({count}): {entries}"
+    NO_BANS = "Bans (0)."
+    BAN_ENTRY_UNTIL = "{what} (until {until})"
+    BAN_ENTRY_UNTIL_FOR = "{what} (until {until}: {reason})"
+    BAN_ENTRY_FOR = "{what} ({reason})"
+    WAS_MUTED = "{nick} was muted by {op}."
+    MUTED = "Sorry! You are muted."
+    MUTED_UNTIL = "Sorry! You are muted until {until}."
+    MAY_SPEAK = "{nick} may speak again."
+    NOW_OPERATOR = "You are an operator now."
+    NO_LONGER_OPERATOR = "You are no longer an operator."
+    OPERATOR_BY_OPTION = "Sorry! {nick} is an operator named by --operators."
+    NOT_TO_YOURSELF = "Sorry! You can't do that to yourself."
+    IS_OPERATOR = "Sorry! {nick} is an operator."
+    BAD_DURATION = "Sorry! A duration is a number and m, h or d, like 30m, 2h or 7d."
+    ROOM_CLOSED = "{room} was closed by {op}."
+    MAIN_STAYS = "Sorry! #main can't be closed."
+    NO_SUCH_ROOM = "Sorry! There is no room {room}."
     # Memory
     SEARCH_NONE = 'No messages with "{text}" in {room}.'
     SEARCH_FOUND = 'Found {count} messages with "{text}" in {room}:'
@@ -193,6 +227,17 @@ class Lines:
     LOG_IN_ROOM = " [in {room}]"      # after a room line of a room other than #main
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
     LOG_CLOSED = "Connection from {address} closed"  # one that never joined: why, in LOG_REASON
+    LOG_KICKED = "{op} kicked {nick}"
+    LOG_BANNED = "{op} banned {nick}"
+    LOG_UNTIL = " until {until}"
+    LOG_FOR = ": {reason}"
+    LOG_UNBANNED = "{op} unbanned {what}"
+    LOG_MUTED = "{op} muted {nick}"
+    LOG_UNMUTED = "{op} unmuted {nick}"
+    LOG_MADE_OPERATOR = "{op} made {nick} an operator"
+    LOG_TOOK_OPERATOR = "{op} took operator from {nick}"
+    LOG_DROPPED = "{op} closed {room}"
+    LOG_REFUSED = "Connection from {address} refused"   # why, in LOG_REASON
     LOG_REGISTERED = "{nick} registered their nickname"
     LOG_UNREGISTERED = "{nick} unregistered their nickname"
     LOG_NEW_PASSWORD = "{nick} changed the password of their nickname"
@@ -222,6 +267,8 @@ class Reason:
     ERROR = "error"
     TIMEOUT = "timeout"   # the peer vanished without a word: keepalive or unacknowledged data
     LOCKED_OUT = "too many wrong passwords"   # a member's wrong account passwords
+    KICKED = "kicked"
+    BANNED = "banned"
     REPLACED = "replaced"   # its registered nickname was taken over by its owner, elsewhere
     NOT_TLS = "TLS handshake failed"   # (never a member: a plain-text client on the TLS port)
 
@@ -644,6 +691,8 @@ class Entry:
     RENAME = "rename"   # the peer is now known as peer.nick: its old nickname
     MOVE = "move"       # the peer came into this room: the Room it left
     TOPIC = "topic"     # the peer set this room's topic: the text (None: cleared)
+    ANNOUNCE = "announce"   # a line to the room about the peer (muted, may speak): its text
+    DROP = "drop"       # an operator (the peer) closed the room: None
 
 
 class LocalSequencer:
@@ -660,11 +709,12 @@ class LocalSequencer:
 # holds the two against each other.
 # ---------------------------------------------------------------------------------------------
 
-Command = collections.namedtuple("Command", "name aliases usage handler needs_words",
-                                 defaults=(False,))
+Command = collections.namedtuple("Command", "name aliases usage handler needs_words operators",
+                                 defaults=(False, False))
 Command.__doc__ = """A command: its name, other names for it, its usage as /help shows it, the
-Chat method that handles it (called with the peer and the rest of the line), and whether it
-needs words after its name (alone, it gets "Sorry! Usage: ..." with its usage)."""
+Chat method that handles it (called with the peer and the rest of the line), whether it needs
+words after its name (alone, it gets "Sorry! Usage: ..." with its usage), and whether only
+operators may use it (and see it in /help)."""
 
 COMMANDS = (   # in the order /help lists them
     Command("users", ("who", "names"), "/users", "cmd_users"),
@@ -681,13 +731,23 @@ COMMANDS = (   # in the order /help lists them
     Command("register", (), "/register PASSWORD", "cmd_register", needs_words=True),
     Command("password", (), "/password OLD NEW", "cmd_password", needs_words=True),
     Command("unregister", (), "/unregister PASSWORD", "cmd_unregister", needs_words=True),
+    Command("kick", (), "/kick NICK [REASON]", "cmd_kick", True, True),
+    Command("ban", (), "/ban NICK [DURATION] [REASON]", "cmd_ban", True, True),
+    Command("unban", (), "/unban NICK|ADDRESS", "cmd_unban", True, True),
+    Command("bans", (), "/bans", "cmd_bans", False, True),
+    Command("mute", (), "/mute NICK [DURATION]", "cmd_mute", True, True),
+    Command("unmute", (), "/unmute NICK", "cmd_unmute", True, True),
+    Command("op", (), "/op NICK", "cmd_op", True, True),
+    Command("deop", (), "/deop NICK", "cmd_deop", True, True),
+    Command("drop", (), "/drop #room", "cmd_drop", True, True),
     Command("quit", (), "/quit", "cmd_quit"),
     Command("help", (), "/help", "cmd_help"),
 )
 
 
-def help_line(commands=COMMANDS):
-    return Lines.HELP.format(commands=", ".join(command.usage for command in commands))
+def help_line(commands=COMMANDS, operator=False):
+    return Lines.HELP.format(commands=", ".join(command.usage for command in commands
+                                                if operator or not command.operators))
 
 
 class Chat:
@@ -717,7 +777,8 @@ class Chat:
 
     def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
                  now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
-                 max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP):
+                 max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP,
+                 operators=(), wall_clock=time.time):
         self.log = log
         self.clock = clock or Clock()
         self.max_nick = max_nick
@@ -739,6 +800,14 @@ class Chat:
         # connection's input must wait for such an answer.
         self.on_phase = lambda peer, phase: None
         self.on_hold = lambda peer, held: None
+        self.on_timer = lambda seconds, action: None   # action() in ``seconds``, on the loop
+        self.wall_clock = wall_clock     # when bans and mutes end (they outlive restarts)
+        # Operators: the registered nicknames --operators names (by key; one not registered yet
+        # becomes one when it registers), and those made with /op (kept in the store).
+        self.named_operators = {nickname_keys(nick)[0] for nick in operators}
+        self.operators = {key for key, _ in self.store.operators()}
+        self.bans = {(ban.kind, ban.value): ban for ban in self.store.bans()}
+        self.mutes = {mute.key: mute for mute in self.store.mutes()}
         self.max_rooms = max_rooms
         self.rooms = {}         # each of a room's room_keys -> that room
         self.room_list = []     # every room once, #main first
@@ -753,11 +822,13 @@ class Chat:
             for name in (command.name,) + command.aliases:
                 self.commands[name] = (getattr(self, command.handler), command)
         self.help = help_line(commands)
+        self.operator_help = help_line(commands, operator=True)
         self.append = LocalSequencer(self.apply).append  # the room log: entries in, applied
         self._appliers = {Entry.SAY: self.apply_say, Entry.ACT: self.apply_act,
                           Entry.JOIN: self.apply_join, Entry.LEAVE: self.apply_leave,
                           Entry.RENAME: self.apply_rename, Entry.MOVE: self.apply_move,
-                          Entry.TOPIC: self.apply_topic}
+                          Entry.TOPIC: self.apply_topic, Entry.ANNOUNCE: self.apply_announce,
+                          Entry.DROP: self.apply_drop}
 
     def line_handlers(self):
         """Phase -> the method that handles a line from a connection in that phase."""
@@ -805,8 +876,6 @@ class Chat:
         else:
             self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
 
-    def is_operator(self, peer):
-        return False   # (operators come with accounts)
 
     # -- delivery -------------------------------------------------------------------------------
     def deliver(self, peer, data):
@@ -859,6 +928,10 @@ class Chat:
     # -- before joining -------------------------------------------------------------------------
     def greet(self, peer):
         """A new connection, ready to talk: returns its first phase."""
+        ban = self._ban_on("address", peer.host) if self.bans else None
+        if ban is not None:
+            self._refuse_banned(peer, ban)
+            return Phase.CLOSING
         if self.password is None:
             self.deliver(peer, (Lines.WELCOME + "\n").encode())
             return Phase.NICKNAME
@@ -933,6 +1006,10 @@ class Chat:
         problem = nickname_problem(nick, self.max_nick)
         if problem:
             return problem
+        ban = self._nick_ban(nick) if self.bans else None
+        if ban is not None:
+            return (Lines.NICK_BANNED_UNTIL.format(nick=nick, until=self.when(ban.until))
+                    if ban.until else Lines.NICK_BANNED.format(nick=nick))
         account = self.store.account_for(nickname_keys(nick))
         if account is not None and account.key != peer.account:
             if nick.casefold() != account.nick.casefold():
@@ -985,6 +1062,8 @@ class Chat:
 
     def message(self, peer, body):
         """A message (its UTF-8 bytes, control characters already removed) from a member."""
+        if self.mutes and self._muted(peer):
+            return
         if not body or body.isspace():  # (only spaces and TABs can be left: the same test)
             self.notice(peer, Lines.NOTHING)
         elif len(peer.room.members) < 2:
@@ -1002,13 +1081,16 @@ class Chat:
             self.notice(peer, Lines.UNKNOWN_COMMAND.format(name=name))
             return None
         handler, command = known
+        if command.operators and not self.is_operator(peer):
+            self.notice(peer, Lines.OPERATORS_ONLY)
+            return None
         if command.needs_words and not rest.strip():
             self.notice(peer, Lines.USAGE.format(usage=command.usage))
             return None
         return handler(peer, rest)
 
     def cmd_help(self, peer, rest):
-        self.notice(peer, self.help)
+        self.notice(peer, self.operator_help if self.is_operator(peer) else self.help)
 
     def cmd_users(self, peer, rest):
         names = []
@@ -1022,6 +1104,8 @@ class Chat:
         self.notice(peer, Lines.USERS.format(count=len(names), nicks=", ".join(names)))
 
     def cmd_msg(self, peer, rest):
+        if self.mutes and self._muted(peer):
+            return
         wanted, text = TARGET_AND_TEXT.match(rest).groups()
         if not wanted or not text or text.isspace():
             self.notice(peer, Lines.NOTHING)
@@ -1046,6 +1130,8 @@ class Chat:
         self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=target.nick)))
 
     def cmd_me(self, peer, rest):
+        if self.mutes and self._muted(peer):
+            return
         if not rest or rest.isspace():
             self.notice(peer, Lines.NOTHING)
         elif len(peer.room.members) < 2:
@@ -1130,7 +1216,7 @@ class Chat:
                         else Lines.NO_TOPIC.format(room=room.name))
         elif room is self.main and not self.is_operator(peer):
             self.notice(peer, Lines.OPERATORS_ONLY)
-        else:
+        elif not (self.mutes and self._muted(peer)):
             self.append((Entry.TOPIC, room, peer, None if text == "-" else text))
 
     def cmd_search(self, peer, rest):
@@ -1299,6 +1385,9 @@ class Chat:
 
     def _unregistered(self, peer, account):
         self.store.drop_account(account.key)
+        if account.key in self.operators:
+            self.operators.discard(account.key)
+            self.store.drop_operator(account.key)
         peer.account = None
         self.notice(peer, Lines.OK)
         self.notice(peer, Lines.UNREGISTERED.format(nick=peer.nick))
@@ -1320,15 +1409,292 @@ class Chat:
         self.notice(peer, Lines.OFFLINE.format(target=account.nick))
         self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=account.nick)))
 
+    # -- moderation -----------------------------------------------------------------------------
+    def is_operator(self, peer):
+        key = peer.account
+        return key is not None and (key in self.named_operators or key in self.operators)
+
+    def when(self, until):
+        """A ban's or a mute's end as the protocol writes it: {ts} without its ": "."""
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(until))
+
+    def _ban_on(self, kind, value):
+        """The ban in force on (kind, value), or None (one that ended is let go of)."""
+        ban = self.bans.get((kind, value))
+        if ban is not None and ban.until and ban.until <= self.wall_clock():
+            self._lift_ban(ban)
+            return None
+        return ban
+
+    def _nick_ban(self, nick):
+        for key in nickname_keys(nick):
+            ban = self._ban_on("nick", key)
+            if ban is not None:
+                return ban
+        return None
+
+    def _refuse_banned(self, peer, ban):
+        line = self.line(Lines.ADDRESS_BANNED_UNTIL.format(until=self.when(ban.until))
+                         if ban.until else Lines.ADDRESS_BANNED)
+        self.deliver(peer, line)
+        self._log_with(self.line(Lines.LOG_REFUSED.format(address=peer.address)),
+                       Lines.LOG_REASON.format(reason=Reason.BANNED))
+
+    def _muted(self, peer):
+        """Tell a muted member so and return True; False if it may speak."""
+        mute = self.mutes.get(nickname_keys(peer.nick)[0])
+        if mute is None:
+            return False
+        if mute.until and mute.until <= self.wall_clock():
+            self._end_mute(mute)
+            return False
+        self.notice(peer, Lines.MUTED_UNTIL.format(until=self.when(mute.until)) if mute.until
+                    else Lines.MUTED)
+        return True
+
+    def _target(self, op, rest, connected=True):
+        """The member (or, with ``connected`` False, maybe just the nickname) an operator
+        command names, and the rest of its line; None after a refusal."""
+        wanted, more = TARGET_AND_TEXT.match(rest.strip()).groups()
+        nick = normalise_nickname(wanted)
+        target = self.member_named(nick)
+        if target is op:
+            self.notice(op, Lines.NOT_TO_YOURSELF)
+            return None
+        if target is None and connected:
+            self.notice(op, Lines.NO_SUCH_USER.format(nick=wanted))
+            return None
+        shown = target.nick if target is not None else nick
+        if nickname_keys(nick)[0] in self.named_operators or \
+                (target is not None and target.account in self.named_operators):
+            self.notice(op, Lines.IS_OPERATOR.format(nick=shown))
+            return None
+        return target, shown, more.strip()
+
+    def _duration(self, op, words):
+        """(seconds or None, the words left) for "[DURATION] ...": a first word that starts
+        with a digit is a duration; None after refusing one that is not."""
+        first, more = TARGET_AND_TEXT.match(words).groups()
+        if not first[:1].isdigit():
+            return 0, words
+        match = DURATION.match(first)
+        if not match or not any(match.groups()):
+            self.notice(op, Lines.BAD_DURATION)
+            return None
+        days, hours, minutes = (int(n or 0) for n in match.groups())
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60
+        if seconds <= 0 or seconds > MAX_DURATION_DAYS * 86400:
+            self.notice(op, Lines.BAD_DURATION)
+            return None
+        return seconds, more.strip()
+
+    def cmd_kick(self, op, rest):
+        found = self._target(op, rest)
+        if found is None:
+            return
+        target, nick, reason = found
+        self.notice(op, Lines.OK)
+        self._expel(target, op, reason, Reason.KICKED,
+                    (Lines.KICKED_FOR, Lines.KICKED), (Lines.WAS_KICKED_FOR, Lines.WAS_KICKED))
+        self.log(self.line(Lines.LOG_KICKED.format(op=op.nick, nick=nick)))
+
+    def _expel(self, target, op, reason, why, told, room_told):
+        """Tell ``target`` why it goes, let its room know instead of "disconnected!", close it."""
+        with_reason, without = told
+        self.notice(target, with_reason.format(op=op.nick, reason=reason) if reason
+                    else without.format(op=op.nick))
+        with_reason, without = room_told
+        self.leave(target, why, with_reason.format(nick=target.nick, op=op.nick, reason=reason)
+                   if reason else without.format(nick=target.nick, op=op.nick))
+        self.on_phase(target, Phase.CLOSING)
+
+    def cmd_ban(self, op, rest):
+        found = self._target(op, rest, connected=False)
+        if found is None:
+            return
+        target, nick, more = found
+        timed = self._duration(op, more)
+        if timed is None:
+            return
+        seconds, reason = timed
+        until = self.wall_clock() + seconds if seconds else None
+        self._add_ban(Ban("nick", nickname_keys(nick)[0], nick, until, reason or None))
+        if target is not None:
+            self._add_ban(Ban("address", target.host, target.host, until, reason or None))
+        self.notice(op, Lines.OK)
+        if target is not None:
+            self._expel(target, op, reason, Reason.BANNED, (Lines.BANNED_FOR, Lines.BANNED),
+                        (Lines.WAS_BANNED_FOR, Lines.WAS_BANNED))
+        record = Lines.LOG_BANNED.format(op=op.nick, nick=nick)
+        if until:
+            record += Lines.LOG_UNTIL.format(until=self.when(until))
+        if reason:
+            record += Lines.LOG_FOR.format(reason=reason)
+        self.log(self.line(record))
+
+    def _add_ban(self, ban):
+        self.bans.pop((ban.kind, ban.value), None)   # (a new ban of the same: made now)
+        self.bans[ban.kind, ban.value] = ban
+        self.store.save_ban(ban)
+        if ban.until:
+            self._end_at(ban.until, lambda: self._ban_ended(ban))
+
+    def _end_at(self, until, action):
+        """``action()`` at the wall-clock time ``until``: a timer, not polling."""
+        self.on_timer(max(until - self.wall_clock(), 0), action)
+
+    def _ban_ended(self, ban):
+        if self.bans.get((ban.kind, ban.value)) is ban:
+            self._lift_ban(ban)
+
+    def _lift_ban(self, ban):
+        del self.bans[ban.kind, ban.value]
+        self.store.drop_ban(ban.kind, ban.value)
+
+    def cmd_unban(self, op, rest):
+        what = rest.strip()
+        ban = self.bans.get(("address", what)) or self._nick_ban(normalise_nickname(what))
+        if ban is None:
+            self.notice(op, Lines.NOT_BANNED.format(what=what))
+            return
+        self._lift_ban(ban)
+        self.notice(op, Lines.OK)
+        self.log(self.line(Lines.LOG_UNBANNED.format(op=op.nick, what=ban.shown)))
+
+    def cmd_bans(self, op, rest):
+        for ban in list(self.bans.values()):
+            self._ban_on(ban.kind, ban.value)   # (those that ended go)
+        entries = [self._ban_entry(ban) for ban in self.bans.values()]
+        self.notice(op, Lines.BANS.format(count=len(entries), entries=", ".join(entries))
+                    if entries else Lines.NO_BANS)
+
+    def _ban_entry(self, ban):
+        if ban.until and ban.reason:
+            return Lines.BAN_ENTRY_UNTIL_FOR.format(what=ban.shown, until=self.when(ban.until),
+                                                    reason=ban.reason)
+        if ban.until:
+            return Lines.BAN_ENTRY_UNTIL.format(what=ban.shown, until=self.when(ban.until))
+        if ban.reason:
+            return Lines.BAN_ENTRY_FOR.format(what=ban.shown, reason=ban.reason)
+        return ban.shown
+
+    def cmd_mute(self, op, rest):
+        found = self._target(op, rest)
+        if found is None:
+            return
+        target, nick, more = found
+        timed = self._duration(op, more)
+        if timed is None:
+            return
+        seconds = timed[0]
+        until = self.wall_clock() + seconds if seconds else None
+        mute = Mute(nickname_keys(nick)[0], nick, until)
+        self.mutes[mute.key] = mute
+        self.store.save_mute(mute)
+        if until:
+            self._end_at(until, lambda: self._mute_ended(mute))
+        self.notice(op, Lines.OK)
+        self.append((Entry.ANNOUNCE, target.room, target,
+                     Lines.WAS_MUTED.format(nick=nick, op=op.nick)))
+        record = Lines.LOG_MUTED.format(op=op.nick, nick=nick)
+        if until:
+            record += Lines.LOG_UNTIL.format(until=self.when(until))
+        self.log(self.line(record))
+
+    def _mute_ended(self, mute):
+        if self.mutes.get(mute.key) is mute:
+            self._end_mute(mute)
+
+    def _end_mute(self, mute):
+        """A mute is over: lifted, and the member's room told, if it is here."""
+        del self.mutes[mute.key]
+        self.store.drop_mute(mute.key)
+        member = self.member_named(mute.nick)
+        if member is not None:
+            self.append((Entry.ANNOUNCE, member.room, member,
+                         Lines.MAY_SPEAK.format(nick=member.nick)))
+
+    def cmd_unmute(self, op, rest):
+        wanted = rest.strip()
+        nick = normalise_nickname(wanted)
+        target = self.member_named(nick)
+        mute = self.mutes.get(nickname_keys(nick)[0])
+        if target is None and mute is None:
+            self.notice(op, Lines.NO_SUCH_USER.format(nick=wanted))
+            return
+        self.notice(op, Lines.OK)
+        if mute is not None:
+            self._end_mute(mute)
+        self.log(self.line(Lines.LOG_UNMUTED.format(op=op.nick, nick=mute.nick if mute
+                                                    else target.nick)))
+
+    def _registered_target(self, op, rest):
+        """The account an /op or /deop names, or None after saying it is not registered."""
+        nick = normalise_nickname(rest.strip())
+        account = self.store.account_for(nickname_keys(nick))
+        if account is None:
+            self.notice(op, Lines.NOT_REGISTERED.format(nick=nick))
+        return account
+
+    def cmd_op(self, op, rest):
+        account = self._registered_target(op, rest)
+        if account is None:
+            return
+        self.operators.add(account.key)
+        self.store.save_operator(account.key, account.nick)
+        self.notice(op, Lines.OK)
+        self._tell_account(account, Lines.NOW_OPERATOR)
+        self.log(self.line(Lines.LOG_MADE_OPERATOR.format(op=op.nick, nick=account.nick)))
+
+    def cmd_deop(self, op, rest):
+        account = self._registered_target(op, rest)
+        if account is None:
+            return
+        if account.key in self.named_operators:
+            self.notice(op, Lines.OPERATOR_BY_OPTION.format(nick=account.nick))
+            return
+        self.operators.discard(account.key)
+        self.store.drop_operator(account.key)
+        self.notice(op, Lines.OK)
+        self._tell_account(account, Lines.NO_LONGER_OPERATOR)
+        self.log(self.line(Lines.LOG_TOOK_OPERATOR.format(op=op.nick, nick=account.nick)))
+
+    def _tell_account(self, account, text):
+        member = self.member_named(account.nick)
+        if member is not None and member.account == account.key:
+            self.notice(member, text)
+
+    def cmd_drop(self, op, rest):
+        name = normalise_nickname(rest)
+        room = self.room_named(name) if not room_name_problem(name) else None
+        if room is self.main:
+            self.notice(op, Lines.MAIN_STAYS)
+        elif room is None:
+            self.notice(op, Lines.NO_SUCH_ROOM.format(room=name))
+        else:
+            self.notice(op, Lines.OK)
+            self.append((Entry.DROP, room, op, None))
+            self.log(self.line(Lines.LOG_DROPPED.format(op=op.nick, room=room.name)))
+
+    def schedule_endings(self):
+        """The bans and mutes kept from before (a restart): each ends at its time."""
+        for ban in list(self.bans.values()):
+            if ban.until:
+                self._end_at(ban.until, lambda ban=ban: self._ban_ended(ban))
+        for mute in list(self.mutes.values()):
+            if mute.until:
+                self._end_at(mute.until, lambda mute=mute: self._mute_ended(mute))
+
     # -- leaving --------------------------------------------------------------------------------
-    def leave(self, peer, reason):
-        """``peer`` is gone, for ``reason``. Safe to call for a peer that never joined or left."""
+    def leave(self, peer, reason, told=None):
+        """``peer`` is gone, for ``reason``; its room is told ``told`` (a kick's or a ban's line)
+        instead of "disconnected!". Safe to call for a peer that never joined or left."""
         peer.gone = True
         if not peer.member:
             return
         peer.member = False
         self._remove_keys(peer)
-        self.append((Entry.LEAVE, peer.room, peer, reason))
+        self.append((Entry.LEAVE, peer.room, peer, (reason, told)))
 
     def failed(self, peer):
         """An unexpected error ends ``peer``'s connection. A member leaves with ``[error]``; a
@@ -1446,14 +1812,14 @@ class Chat:
             peer.out.extend(lines)
 
     def apply_leave(self, entry):
-        _, room, peer, reason = entry
+        _, room, peer, (reason, told) = entry
         del room.members[peer]
         self._remember_position(peer, room)
         # A broadcast earlier this turn may have queued lines for it that take_pending() would
         # no longer find among the room's members: list it now, so they are written before it
         # closes.
         self._list_pending(peer)
-        announcement = self.line(Lines.DISCONNECTED.format(nick=peer.nick))
+        announcement = self.line(told or Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_room(room, announcement)
         self._log_room_line(room, announcement[:-1] + Lines.LOG_REASON.format(
             reason=reason).encode() + b"\n")
@@ -1486,6 +1852,34 @@ class Chat:
         peer.room = room
         self._log_room_line(room, joined)
         self._forget_if_unused(old)
+
+    def apply_announce(self, entry):
+        _, room, peer, text = entry
+        line = self.line(text)
+        self.to_room(room, line)
+        self._log_room_line(room, line)
+
+    def apply_drop(self, entry):
+        _, room, op, _ = entry
+        closed = self.line(Lines.ROOM_CLOSED.format(room=room.name, op=op.nick))
+        for peer in list(room.members):
+            del room.members[peer]
+            self.deliver(peer, closed)
+            prefix = self.clock.prefix()
+            self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
+                room=self.main.name, count=len(self.main.members) + 1) + "\n").encode())
+            self._show_room(peer, self.main, prefix)
+            joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=self.main.name)
+                      + "\n").encode()
+            self.to_room(self.main, joined)
+            self.main.members[peer] = peer.append
+            peer.room = self.main
+            self._log_room_line(self.main, joined)
+        self._log_room_line(room, closed)
+        room.topic = room.key_hash = None
+        room.kept = False
+        room.history.clear()
+        self._forget_if_unused(room)
 
     def apply_topic(self, entry):
         _, room, peer, topic = entry
@@ -1771,9 +2165,17 @@ class SQLiteStore(MemoryStore):
         return row[0] if row else None
 
     def _load_small_tables(self):
+        """What is small and asked for often: rooms, operators, bans and mutes, in memory."""
         for key, name, topic, key_hash in self.db.execute(
                 "SELECT key, name, topic, key_hash FROM rooms"):
             self._rooms[key] = RoomRecord(key, name, topic, key_hash)
+        for key, nick in self.db.execute("SELECT key, nick FROM operators"):
+            self._operators[key] = nick
+        for row in self.db.execute("SELECT kind, value, shown, until, reason FROM bans"
+                                   " ORDER BY id"):
+            self._bans[row[0], row[1]] = Ban(*row)
+        for row in self.db.execute("SELECT key, nick, until FROM mutes"):
+            self._mutes[row[0]] = Mute(*row)
 
     # -- writing: gathered, then one transaction a turn -----------------------------------------
     def _later(self, sql, parameters):
@@ -1953,6 +2355,33 @@ class SQLiteStore(MemoryStore):
             self._later("DELETE FROM waiting WHERE account = ?", (account_key,))
         return [bytes(line) for line, in rows]
 
+    # -- moderation -----------------------------------------------------------------------------
+    def save_operator(self, key, nick):
+        MemoryStore.save_operator(self, key, nick)
+        self._later("INSERT OR REPLACE INTO operators (key, nick) VALUES (?, ?)", (key, nick))
+
+    def drop_operator(self, key):
+        MemoryStore.drop_operator(self, key)
+        self._later("DELETE FROM operators WHERE key = ?", (key,))
+
+    def save_ban(self, ban):
+        MemoryStore.save_ban(self, ban)
+        self._later("DELETE FROM bans WHERE kind = ? AND value = ?", ban[:2])
+        self._later("INSERT INTO bans (kind, value, shown, until, reason) VALUES"
+                    " (?, ?, ?, ?, ?)", ban)
+
+    def drop_ban(self, kind, value):
+        MemoryStore.drop_ban(self, kind, value)
+        self._later("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value))
+
+    def save_mute(self, mute):
+        MemoryStore.save_mute(self, mute)
+        self._later("INSERT OR REPLACE INTO mutes (key, nick, until) VALUES (?, ?, ?)", mute)
+
+    def drop_mute(self, key):
+        MemoryStore.drop_mute(self, key)
+        self._later("DELETE FROM mutes WHERE key = ?", (key,))
+
 
 def text_of_line(line, text_at):
     """A kept line's message text, as searches compare it (casefolded)."""
@@ -1979,6 +2408,12 @@ MIGRATIONS = (
         "CREATE INDEX seen_by_room ON seen (room)",
         "CREATE TABLE waiting (id INTEGER PRIMARY KEY, account TEXT NOT NULL, line BLOB NOT NULL)",
         "CREATE INDEX waiting_by_account ON waiting (account, id)",
+    ),
+    (   # 3: moderation
+        "CREATE TABLE operators (key TEXT PRIMARY KEY, nick TEXT NOT NULL)",
+        "CREATE TABLE bans (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL,"
+        " shown TEXT NOT NULL, until REAL, reason TEXT, UNIQUE (kind, value))",
+        "CREATE TABLE mutes (key TEXT PRIMARY KEY, nick TEXT NOT NULL, until REAL)",
     ),
 )
 
@@ -2953,7 +3388,7 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
                  history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
                  rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
                  dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS, store=None,
-                 catch_up=DEFAULT_CATCH_UP):
+                 catch_up=DEFAULT_CATCH_UP, operators=()):
         self.host = host
         self.dead_peer = dead_peer
         self.port = port
@@ -2962,9 +3397,11 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
         self.hashing = ThreadHashing(self._wake)
         self.chat = Chat(self.log.record, history=history, password=password,
                          max_rooms=max_rooms, store=self.store, hashing=self.hashing,
-                         catch_up=catch_up)
+                         catch_up=catch_up, operators=operators)
         self.chat.on_phase = self._room_moved
         self.chat.on_hold = self._room_holds
+        self.chat.on_timer = lambda seconds, action: self.after(seconds, lambda _: action(),
+                                                                None)
         self._line_handlers = self.chat.line_handlers()
         self.poller = make_poller(selector)
         if max_clients is None:
@@ -3009,6 +3446,7 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
         self.stopping = False
         self._wakeup_r = self._wakeup_w = None
         self._wakeup_installed = False
+        self.chat.schedule_endings()   # (the bans and mutes of before a restart)
 
 
 # =============================================================================================
@@ -3483,6 +3921,16 @@ rate = typed("a number of lines a second (0 or more)", float,
              lambda v: v >= 0 and v != float("inf"))
 
 
+def nick_list(text):
+    """--operators: nicknames separated by commas, each one a nickname."""
+    nicks = [normalise_nickname(nick) for nick in text.split(",") if nick.strip()]
+    for nick in nicks:
+        problem = nickname_problem(nick)
+        if problem:
+            raise argparse.ArgumentTypeError("%r is not a nickname" % nick)
+    return tuple(nicks)
+
+
 def host_name(text):
     if not text.strip():
         raise argparse.ArgumentTypeError(
@@ -3538,6 +3986,9 @@ def parse_args(argv):
     parser.add_argument("--catch-up", type=count, default=DEFAULT_CATCH_UP, metavar="N",
                         help="lines of 'Messages since you left' a registered member is shown at"
                              " most (default %(default)s)")
+    parser.add_argument("--operators", type=nick_list, default=(), metavar="NICK[,NICK...]",
+                        help="registered nicknames that may kick, ban, mute, /op and /drop;"
+                             " nobody can take these names from them")
     parser.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms at once, #main included (default %(default)s)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
@@ -3646,12 +4097,17 @@ def main(argv=None):
         store.close()
         return 1
     store.log = log.record   # (the store says in the log when it can't write, and when it can)
+    for nick in args.operators:
+        if store.account_for(nickname_keys(nick)) is None:
+            warn('--operators: "%s" is not registered; it becomes an operator once it registers'
+                 % nick)
     server = Server(args.host, args.port, log, max_clients=args.max_clients,
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                     password=password, tls=tls, dead_peer=args.dead_peer_timeout,
-                    max_rooms=args.max_rooms, store=store, catch_up=args.catch_up)
+                    max_rooms=args.max_rooms, store=store, catch_up=args.catch_up,
+                    operators=args.operators)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:

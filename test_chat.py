@@ -153,7 +153,8 @@ def same_nick(nick):
 
 REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "back", "quit",
                  "join", "part", "leave", "rooms", "topic", "search", "register", "password",
-                 "unregister")
+                 "unregister", "kick", "ban", "unban", "bans", "mute", "unmute", "op", "deop",
+                 "drop")
 HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
         " /join #room [KEY], /part, /rooms, /topic [TEXT], /search TEXT, /register PASSWORD,"
         " /password OLD NEW, /unregister PASSWORD, /quit, /help."
@@ -2184,6 +2185,204 @@ class AccountCoreTests(RoomTestCase):
         self.assertEqual(self.said(again), [OK, in_room_now("#main", 3),
                                             "Messages since you left (2 of 3):",
                                             "carol sent main 1", "carol sent main 2"])
+
+
+class ModerationCoreTests(RoomTestCase):
+    """Operators in the room core: every row of the spec's Moderation table, at a wall-clock time
+    the test sets, with the timers the room asks for fired by hand."""
+
+    def setUp(self):
+        super().setUp()
+        self.wall = [1800000000.0]   # 2027-01-15
+        self.timers = []
+        self.chat = self.make_chat(clock=self.mod.Clock(now=lambda: 0), history=5,
+                                   operators=("root",), wall_clock=lambda: self.wall[0])
+        self.chat.on_timer = lambda seconds, action: self.timers.append(
+            (self.wall[0] + seconds, action))
+        self.root = self.registered("root")
+
+    def peer(self, nick=None, host="127.0.0.1"):
+        """As RoomTestCase's, and everyone's output so far cleared (the joins they saw)."""
+        peer = RoomTestCase.peer(self, nick, host)
+        if nick:
+            for other in self.chat.members.values():
+                other.out.clear()
+        return peer
+
+    def registered(self, nick):
+        peer = self.peer(nick)
+        self.send(peer, "/register correct horse")
+        self.lines(peer)
+        return peer
+
+    def until(self, seconds):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.wall[0] + seconds))
+
+    def later(self, seconds):
+        """The wall clock moves on; the timers due by then go off, in order."""
+        self.wall[0] += seconds
+        due = sorted((t for t in self.timers if t[0] <= self.wall[0]), key=lambda t: t[0])
+        self.timers = [t for t in self.timers if t[0] > self.wall[0]]
+        for _, action in due:
+            action()
+
+    def test_only_operators_may_and_only_they_see_the_commands(self):
+        bob = self.peer("bob")
+        for line in ("/kick root", "/ban x", "/bans", "/mute x", "/op x", "/drop #x",
+                     "/topic of main"):
+            self.send(bob, line)
+            self.assertEqual(self.said(bob), [OPERATORS_ONLY], line)
+        self.send(bob, "/help")
+        self.assertEqual(self.said(bob), [HELP])
+        self.send(self.root, "/help")
+        self.assertEqual(self.said(self.root), [HELP.replace(
+            "/unregister PASSWORD, ", "/unregister PASSWORD, /kick NICK [REASON], /ban NICK"
+            " [DURATION] [REASON], /unban NICK|ADDRESS, /bans, /mute NICK [DURATION], /unmute"
+            " NICK, /op NICK, /deop NICK, /drop #room, ")])
+        self.send(self.root, "/topic welcome all")
+        self.assertEqual(self.said(self.root), [OK, "root set the topic of #main: welcome all"])
+
+    def test_kick_with_and_without_a_reason(self):
+        bob, carol = self.peer("bob"), self.peer("carol")
+        self.lines(self.root)
+        self.send(self.root, "/kick bob spamming\x1b[31m links")
+        self.assertEqual(self.said(self.root), [OK, "bob was kicked by root: spamming[31m links"])
+        self.assertEqual(self.said(bob), ["You were kicked by root: spamming[31m links"])
+        self.assertEqual(self.phases[bob], self.mod.Phase.CLOSING)
+        self.assertEqual(self.said(carol), ["bob was kicked by root: spamming[31m links"])
+        self.send(self.root, "/kick carol")
+        self.assertEqual(self.said(carol), ["You were kicked by root."])
+        log = self.logged_text()
+        self.assertIn("root kicked bob", log)
+        self.assertIn("bob was kicked by root: spamming[31m links [kicked]", log)
+        self.assertIn("carol was kicked by root. [kicked]", log)
+
+    def test_refusals_of_targets(self):
+        self.send(self.root, "/kick root")
+        self.assertEqual(self.said(self.root), ["Sorry! You can't do that to yourself."])
+        self.send(self.root, "/kick nobody")
+        self.assertEqual(self.said(self.root), ['Sorry! There is no user "nobody".'])
+        self.send(self.root, "/mute nobody")
+        self.assertEqual(self.said(self.root), ['Sorry! There is no user "nobody".'])
+        admin = self.registered("admin")
+        self.send(self.root, "/op admin")
+        self.lines(self.root)
+        self.lines(admin)
+        for line in ("/kick root", "/ban ROOT", "/mute root 2h"):
+            self.send(admin, line)
+            self.assertEqual(self.said(admin), ["Sorry! root is an operator."], line)
+        for line in ("/ban bob 10", "/ban bob 2x", "/mute bob 0m", "/ban bob 1h30"):
+            self.peer("bob") if self.chat.member_named("bob") is None else None
+            self.send(self.root, line)
+            self.assertEqual(self.said(self.root)[-1], "Sorry! A duration is a number and m, h"
+                             " or d, like 30m, 2h or 7d.", line)
+        self.send(self.root, "/kick")
+        self.assertEqual(self.said(self.root), [usage("/kick NICK [REASON]")])
+
+    def test_ban_with_a_duration_ends_at_its_time(self):
+        bob = self.peer("bob", host="10.0.0.7")
+        self.send(self.root, "/ban bob 1d12h flooding")
+        until = self.until(36 * 3600)
+        self.assertEqual(self.said(self.root)[:2], [OK, "bob was banned by root: flooding"])
+        self.assertEqual(self.said(bob), ["You were banned by root: flooding"])
+        self.assertIn("root banned bob until %s: flooding" % until, self.logged_text())
+        self.send(self.root, "/bans")
+        self.assertEqual(self.said(self.root), ["Bans (2): bob (until %s: flooding), 10.0.0.7"
+                                                " (until %s: flooding)" % (until, until)])
+        again = self.peer(host="10.0.0.7")
+        self.assertEqual(self.phases[again], self.mod.Phase.CLOSING)
+        self.assertEqual(self.said(again), ["Sorry! You are banned until %s." % until])
+        self.assertIn("Connection from %s refused [banned]" % again.address,
+                      self.logged_text())
+        elsewhere = self.peer(host="10.0.0.8")
+        self.said(elsewhere)
+        for attempt in ("bob", "B0B", "вов"):   # the nickname and its look-alikes
+            self.send(elsewhere, attempt)
+            self.assertEqual(self.said(elsewhere), ['Sorry! "%s" is banned until %s.'
+                                                    % (attempt, until)])
+        self.later(36 * 3600)
+        self.send(self.root, "/bans")
+        self.assertEqual(self.said(self.root), ["Bans (0)."])
+        self.assertEqual(self.send(elsewhere, "bob"), self.mod.Phase.MEMBER)
+
+    def test_ban_of_a_nickname_not_here_and_unban(self):
+        self.send(self.root, "/ban mallory")
+        self.assertEqual(self.said(self.root), [OK])
+        self.send(self.root, "/bans")
+        self.assertEqual(self.said(self.root), ["Bans (1): mallory"])
+        self.send(self.root, "/unban 10.9.9.9")
+        self.assertEqual(self.said(self.root), ['Sorry! "10.9.9.9" is not banned.'])
+        self.send(self.root, "/unban MALLORY")
+        self.assertEqual(self.said(self.root), [OK])
+        self.assertIn("root unbanned mallory", self.logged_text())
+
+    def test_mute_for_a_while_and_unmute(self):
+        bob, carol = self.peer("bob"), self.peer("carol")
+        self.lines(self.root)
+        self.send(self.root, "/mute bob 30m")
+        self.assertEqual(self.said(self.root), [OK, "bob was muted by root."])
+        self.assertEqual(self.said(carol), ["bob was muted by root."])
+        self.assertEqual(self.said(bob), ["bob was muted by root."])
+        muted = "Sorry! You are muted until %s." % self.until(1800)
+        for line in ("hello", "/me waves", "/msg carol psst", "/join #x", "/topic t"):
+            self.send(bob, line)
+            if line == "/join #x":
+                self.lines(bob)   # (a room of its own, where a topic can be tried)
+                continue
+            self.assertEqual(self.said(bob), [muted], line)
+        self.later(1800)
+        self.assertEqual(self.said(bob), ["bob may speak again."])
+        self.send(bob, "/part")
+        self.lines(bob)
+        self.send(self.root, "/mute bob")
+        self.send(self.root, "/unmute bob")
+        self.assertEqual(self.said(self.root)[-2:], [OK, "bob may speak again."])
+        self.assertIn("root muted bob until %s" % self.until(0), self.logged_text())
+
+    def test_op_and_deop(self):
+        bob = self.registered("bob")
+        carol = self.peer("carol")
+        self.send(self.root, "/op carol")
+        self.assertEqual(self.said(self.root), [not_registered("carol")])
+        self.send(self.root, "/op bob")
+        self.assertEqual(self.said(self.root), [OK])
+        self.assertEqual(self.said(bob), ["You are an operator now."])
+        self.send(bob, "/kick carol")
+        self.assertEqual(self.said(bob)[0], OK)
+        self.send(bob, "/deop root")
+        self.assertEqual(self.said(bob), ["Sorry! root is an operator named by --operators."])
+        self.send(self.root, "/deop bob")
+        self.assertEqual(self.said(bob), ["You are no longer an operator."])
+        self.send(bob, "/bans")
+        self.assertEqual(self.said(bob), [OPERATORS_ONLY])
+        log = self.logged_text()
+        self.assertIn("root made bob an operator", log)
+        self.assertIn("root took operator from bob", log)
+
+    def test_drop_moves_everyone_to_main(self):
+        bob, carol = self.peer("bob"), self.peer("carol")
+        for peer in (bob, carol):
+            self.send(peer, "/join #doomed secret")
+        self.send(carol, "/topic going soon")
+        self.send(bob, "a kept line")
+        for peer in (self.root, bob, carol):
+            self.lines(peer)
+        self.send(self.root, "/drop #DOOMED")
+        self.assertEqual(self.said(self.root), [OK, "bob joined #main.", "carol joined #main."])
+        self.assertEqual(self.said(bob), ["#doomed was closed by root.", in_room_now("#main", 2),
+                                          "carol joined #main."])
+        self.assertEqual(self.said(carol)[:2], ["#doomed was closed by root.",
+                                                in_room_now("#main", 3)])
+        self.send(self.root, "/rooms")
+        self.assertEqual(self.said(self.root), ["Rooms (1): #main (3)"])
+        self.send(bob, "/join #doomed")
+        self.assertEqual(self.said(bob), [OK, in_room_now("#doomed", 1)])   # new: no key, no past
+        self.lines(self.root)
+        self.send(self.root, "/drop #main")
+        self.assertEqual(self.said(self.root), ["Sorry! #main can't be closed."])
+        self.send(self.root, "/drop #nowhere")
+        self.assertEqual(self.said(self.root), ["Sorry! There is no room #nowhere."])
+        self.assertIn("root closed #doomed", self.logged_text())
 
 
 class LookAlikeTests(RoomTestCase):
@@ -4593,6 +4792,130 @@ class AccountTests(unittest.TestCase):
                           "Messages since you left (1):", "bob sent while alice was out"])
 
 
+# ---------------------------------------------------------------------------------------------
+# 3.7 Version 3: moderation.
+# ---------------------------------------------------------------------------------------------
+
+class ModerationTests(unittest.TestCase):
+    """Operators over raw sockets: the first operator made from the command line, kicks and bans
+    that close, bans and mutes that outlive a restart and end at their time."""
+
+    password = "correct horse"
+
+    def setUp(self):
+        self.data = DataFile(self)
+        self.present = []   # the members of the server started last, who see newcomers join
+
+    def start(self):
+        self.present = []
+        return start_server(self, "--data", self.data.path, "--operators", "root")
+
+    def arrived(self, client):
+        """``client`` joined: everyone present sees it, and it is present from now on."""
+        for other in self.present:
+            self.assertEqual(other.said(), "%s connected!" % client.nick)
+        self.present.append(client)
+        return client
+
+    def member(self, server, nick, source=None):
+        client = server.client(source=source).join(nick)
+        self.addCleanup(client.close)
+        skip_what_joining_shows(client)
+        return self.arrived(client)
+
+    def operator(self, server):
+        root = server.client()
+        self.addCleanup(root.close)
+        self.assertEqual(root.line(), WELCOME)
+        root.send("root\n")
+        first = root.said()
+        if first == OK:   # not registered yet: its first registration makes it the operator
+            root.send("/register %s\n" % self.password)
+            self.assertEqual([root.said(), root.said()], [OK, registered("root")])
+        else:
+            self.assertEqual(first, password_question("root"))
+            root.send(self.password + "\n")
+            self.assertEqual(root.said(), OK)
+        root.nick = "root"
+        skip_what_joining_shows(root)
+        return self.arrived(root)
+
+    def test_the_first_operator_is_named_on_the_command_line_then_registers(self):
+        server = self.start()
+        self.assertIn('chat_server: --operators: "root" is not registered; it becomes an operator'
+                      ' once it registers', server.stderr())
+        root = self.operator(server)
+        root.send("/bans\n")
+        self.assertEqual(root.said(), "Bans (0).")
+
+    def test_kick_closes_the_target_and_tells_its_room(self):
+        server = self.start()
+        root = self.operator(server)
+        bob = self.member(server, "bob")
+        carol = self.member(server, "carol")
+        root.send("/kick bob enough\n")
+        self.assertEqual([root.said(), root.said()], [OK, "bob was kicked by root: enough"])
+        self.assertEqual(bob.said(), "You were kicked by root: enough")
+        bob.expect_eof()
+        self.assertEqual(carol.said(), "bob was kicked by root: enough")
+        log = logged(server)
+        self.assertIn("root kicked bob", log)
+        self.assertIn("bob was kicked by root: enough [kicked]", log)
+
+    def test_bans_and_mutes_outlive_a_restart(self):
+        server = self.start()
+        root = self.operator(server)
+        bob = self.member(server, "bob", source="127.0.0.7")
+        carol = self.member(server, "carol")
+        root.send("/ban bob 2h flooding\n")
+        self.assertEqual([root.said(), root.said()], [OK, "bob was banned by root: flooding"])
+        self.assertEqual(bob.said(), "You were banned by root: flooding")
+        bob.expect_eof()
+        root.send("/mute carol 1d\n")
+        self.assertEqual([root.said(), root.said()], [OK, "carol was muted by root."])
+        self.assertEqual(server.stop()[0], 0)
+        again = self.start()
+        banned_address = again.client(source="127.0.0.7")
+        self.addCleanup(banned_address.close)
+        self.assertRegex(banned_address.said(),
+                         r"\ASorry! You are banned until \d{4}-\d\d-\d\d \d\d:\d\d\.\Z")
+        banned_address.expect_eof()
+        self.assertIn("Connection from %s refused [banned]" % banned_address.address,
+                      logged(again))
+        other = again.client()
+        self.addCleanup(other.close)
+        self.assertEqual(other.line(), WELCOME)
+        other.send("b0b\n")
+        self.assertRegex(other.said(), r'\ASorry! "b0b" is banned until [-\d: ]+\.\Z')
+        carol = self.member(again, "carol")
+        carol.send("still muted?\n")
+        self.assertRegex(carol.said(), r"\ASorry! You are muted until [-\d: ]+\.\Z")
+        root = self.operator(again)
+        root.send("/bans\n")
+        self.assertRegex(root.said(), r"\ABans \(2\): bob \(until [-\d: ]+: flooding\),"
+                                      r" 127\.0\.0\.7 \(until [-\d: ]+: flooding\)\Z")
+
+    def test_a_ban_and_a_mute_end_at_their_time_while_the_server_runs(self):
+        server = self.start()
+        self.operator(server)
+        self.assertEqual(server.stop()[0], 0)
+        import sqlite3
+        db = sqlite3.connect(self.data.path)
+        soon = time.time() + 2
+        db.execute("INSERT INTO bans (kind, value, shown, until, reason) VALUES"
+                   " ('nick', 'mallory', 'mallory', ?, NULL)", (soon,))
+        db.execute("INSERT INTO mutes (key, nick, until) VALUES ('carol', 'carol', ?)", (soon,))
+        db.commit()
+        db.close()
+        again = self.start()
+        carol = self.member(again, "carol")
+        carol.send("hello\n")
+        self.assertRegex(carol.said(), r"\ASorry! You are muted until ")
+        self.assertEqual(carol.said(deadline=10), "carol may speak again.")   # (the timer)
+        self.assertGreaterEqual(time.time(), soon)
+        self.member(again, "mallory")   # the ban is over too (carol sees it join)
+
+
 class FullDiskTests(unittest.TestCase):
     """The disk fills under the server (a tiny tmpfs of the test's own; root on Linux): the
     chat goes on, the log says so once, and again when writing works."""
@@ -4823,7 +5146,7 @@ class SessionTests(InMemoryTestCase):
         session.server_line(T0 + "dave is now known as david")
         self.assertEqual(session.completions("", False), ["Carol ", "david ", "erin "])
         self.assertEqual(session.completions("c", False), ["Carol "])
-        self.assertEqual(session.completions("/m", True), ["/msg ", "/me "])
+        self.assertEqual(session.completions("/m", True), ["/msg ", "/me ", "/mute "])
         session.typed("/users")                             # typed by the user: shown
         session.server_line(T0 + "Users (2): alice, erin")
         self.assertEqual(ui.shown_texts()[-1], T0 + "Users (2): alice, erin")
@@ -6838,6 +7161,10 @@ class WindowsMemoryTests(WindowsLeg, MemoryTests):
 
 class WindowsAccountTests(WindowsLeg, AccountTests):
     """Accounts with the Windows build's hashlib.scrypt, in its worker thread."""
+
+
+class WindowsModerationTests(WindowsLeg, ModerationTests):
+    pass
 
 
 class WindowsHistoryTests(WindowsLeg, HistoryTests):
