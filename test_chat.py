@@ -2385,6 +2385,90 @@ class ModerationCoreTests(RoomTestCase):
         self.assertIn("root closed #doomed", self.logged_text())
 
 
+class StoreTests(InMemoryTestCase):
+    """The store interface, the same on both stores (MemoryStore, SQLiteStore on a real file),
+    and the data file's schema brought up from each older version."""
+
+    def stores(self):
+        server = load_module("chat_server")
+        folder = tempfile.mkdtemp(prefix="chat-store-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        sqlite = server.SQLiteStore(os.path.join(folder, "chat.db"), keep=3)
+        self.addCleanup(sqlite.close)
+        return server, [server.MemoryStore(keep=3), sqlite]
+
+    def test_both_stores_answer_alike(self):
+        server, stores = self.stores()
+        answers = []
+        for store in stores:
+            said = []
+            for n in range(5):
+                line = b"2026-12-07 10:00: bob sent line %d\n" % n
+                store.keep("#main", line, len(b"line %d" % n))
+            store.keep("#ops", b"2026-12-07 10:00: * ann waves\n", len(b"waves"))
+            store.commit()
+            said.append(store.recent("#main", 2))
+            said.append(store.since("#main", 3, 10))
+            said.append(store.search("#main", "LINE".casefold(), 10))
+            said.append(store.search("#main", "bob", 10))   # (the text only, not the sender)
+            said.append(store.has_messages("#ops"))
+            keys = ("alice",)
+            store.save_account(server.Account("alice", "alice", "hash"), keys)
+            said.append(store.account_for(("alice",)))
+            said.append([store.wait("alice", b"w%d" % n, 2) for n in range(3)])
+            said.append(store.take_waiting("alice"))
+            said.append(store.take_waiting("alice"))
+            store.save_seen("alice", "#main", 4)
+            said.append(store.seen("alice", "#main"))
+            store.drop_account("alice")
+            said.append((store.account_for(keys), store.seen("alice", "#main")))
+            store.save_ban(server.Ban("nick", "bob", "bob", None, "spam"))
+            store.save_ban(server.Ban("address", "10.0.0.7", "10.0.0.7", 1.0, None))
+            store.drop_ban("nick", "bob")
+            said.append(store.bans())
+            store.commit()
+            answers.append(said)
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0][:3], [
+            [b"2026-12-07 10:00: bob sent line 3\n", b"2026-12-07 10:00: bob sent line 4\n"],
+            (2, [b"2026-12-07 10:00: bob sent line 3\n", b"2026-12-07 10:00: bob sent line 4\n"]),
+            (3, [b"2026-12-07 10:00: bob sent line %d\n" % n for n in (2, 3, 4)])])
+
+    def test_the_schema_comes_up_from_each_older_version(self):
+        import sqlite3
+        server = load_module("chat_server")
+        newest = len(server.MIGRATIONS)
+        for version in range(1, newest):
+            folder = tempfile.mkdtemp(prefix="chat-migrate-")
+            self.addCleanup(shutil.rmtree, folder, True)
+            path = os.path.join(folder, "chat.db")
+            db = sqlite3.connect(path)
+            db.execute("PRAGMA application_id=%d" % server.SQLiteStore.APPLICATION_ID)
+            for statements in server.MIGRATIONS[:version]:
+                for statement in statements:
+                    db.execute(statement)
+            db.execute("PRAGMA user_version=%d" % version)
+            db.execute("INSERT INTO rooms VALUES ('#ops', '#ops', 'a topic', NULL)")
+            db.execute("INSERT INTO messages VALUES (7, '#ops', ?, 2)", (b"12: * x hi\n",))
+            if version >= 2:
+                db.execute("INSERT INTO accounts VALUES ('ann', 'ann', 'scrypt$...')")
+                db.execute("INSERT INTO account_keys VALUES ('ann', 'ann')")
+            db.commit()
+            db.close()
+            store = server.SQLiteStore(path)
+            self.assertEqual(store.rooms(), [server.RoomRecord("#ops", "#ops", "a topic", None)])
+            self.assertEqual(store.recent("#ops", 5), [b"12: * x hi\n"])
+            self.assertEqual(store.position("#ops"), 7)
+            if version >= 2:
+                self.assertEqual(store.account_for(("ann",)).nick, "ann")
+            store.save_ban(server.Ban("nick", "bob", "bob", None, None))   # (version 3's)
+            store.close()
+            db = sqlite3.connect(path)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone(), (newest,), version)
+            self.assertEqual(db.execute("SELECT value FROM bans").fetchall(), [("bob",)])
+            db.close()
+
+
 class LookAlikeTests(RoomTestCase):
     """The look-alike letters, letter by letter, and the rule they keep, in memory."""
 
