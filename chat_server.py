@@ -581,12 +581,13 @@ class Peer:
     The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
     queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
     owner's handle for the connection; the room never looks at it."""
-    __slots__ = ("address", "owner", "nick", "away", "member", "room", "account", "asked",
-                 "gone", "sent_head", "out", "append", "pending", "_bytes", "_counted")
+    __slots__ = ("address", "owner", "local", "nick", "away", "member", "room", "account",
+                 "asked", "gone", "sent_head", "out", "append", "pending", "_bytes", "_counted")
 
-    def __init__(self, address="", owner=None):
+    def __init__(self, address="", owner=None, local=True):
         self.address = address  # "host:port" ("[::1]:port"), for the log and the lockout
         self.owner = owner
+        self.local = local      # connected to this process (not through another of a cluster)
         self.nick = None        # set once a nickname is accepted
         self.away = None        # None, or the /away text ("" without one)
         self.member = False     # joined and not yet left
@@ -652,16 +653,19 @@ class Peer:
 class Room:
     """A room: its members in the order they came in, the lines a newcomer is shown, its topic
     and key. One other than #main lasts while it has a member, a topic or a kept message."""
-    __slots__ = ("name", "key", "members", "history", "pending", "topic", "key_hash", "kept",
-                 "position")
+    __slots__ = ("name", "key", "members", "everyone", "history", "pending", "topic",
+                 "key_hash", "kept", "position")
 
     def __init__(self, name, history, topic=None, key_hash=None):
         self.name = name        # as first spelled
         self.key = room_keys(name)[0]   # what the store knows it by
-        # Peer -> its out.append, in order of arrival: the broadcast iterates these bound
-        # methods directly (24 ns a recipient, against 35 ns through members' attributes), and
-        # /users lists its keys.
+        # Peer -> its out.append, for the members connected here, in order of arrival: the
+        # broadcast iterates these bound methods directly (24 ns a recipient, against 35 ns
+        # through members' attributes).
         self.members = {}
+        # Every member, in order of arrival (/users, /rooms). In one process the same dict as
+        # ``members``; a cluster's node keeps the members of the other nodes here too.
+        self.everyone = self.members
         self.history = collections.deque(maxlen=history)  # room lines as the members got them
         self.pending = False    # every member has new output since the last take_pending()
         self.topic = topic
@@ -674,25 +678,40 @@ class Room:
 
 
 # ---------------------------------------------------------------------------------------------
-# The room log. Whatever the members of a room see happen there -- a message, a /me, a join, a
-# leave, a rename -- is an entry of that room's log: a tuple (kind, room, peer, data), ``peer``
-# being the member it is about. Only the room core (Chat) appends entries, and only once it has
-# decided that the change is allowed; a sequencer gives each entry its place in its room's order
-# and hands it back to Chat.apply, which turns it into what each member receives, the history,
-# the kept messages and the log records. So what a member sees is the log applied in log order.
+# The log. Every change of the chat's state -- a message, a /me, a join, a leave, a rename, a room
+# change, a topic, a registration, a ban -- is an entry: a tuple (kind, room, peer, data),
+# ``peer`` being the member it is about. Only the room core (Chat) appends entries, and only once
+# it has decided that the change is allowed; a sequencer gives each entry its place in the order
+# and hands it back to Chat.apply, which makes the change and turns it into what each member
+# receives, the history, the kept messages and the log records. So what a member sees is the log
+# applied in log order, and two processes that apply the same log are in the same state.
 # ---------------------------------------------------------------------------------------------
 
 class Entry:
-    """The kinds of the room log's entries, and what their ``data`` holds."""
+    """The kinds of the log's entries, and what their ``data`` holds. ``peer`` is the member an
+    entry is about (for an operator's deed, the operator); ``room`` the room it happens in."""
     SAY = "say"         # a message: its UTF-8 bytes, control characters removed
     ACT = "act"         # a /me: its text
-    JOIN = "join"       # the peer joined the chat, into this room: None
-    LEAVE = "leave"     # the peer left the chat: the Reason
-    RENAME = "rename"   # the peer is now known as peer.nick: its old nickname
-    MOVE = "move"       # the peer came into this room: the Room it left
-    TOPIC = "topic"     # the peer set this room's topic: the text (None: cleared)
-    ANNOUNCE = "announce"   # a line to the room about the peer (muted, may speak): its text
-    DROP = "drop"       # an operator (the peer) closed the room: None
+    JOIN = "join"       # the peer joined the chat, into #main: (nickname, account key or None)
+    LEAVE = "leave"     # the peer leaves the chat: (Reason, its room's line instead of
+                        # "disconnected!" or None, its own last line or None)
+    RENAME = "rename"   # the peer's new nickname: (nickname, account key or None)
+    MOVE = "move"       # the peer goes to another room: (its name, the key hash to make it
+                        # with, if it is new)
+    TOPIC = "topic"     # the peer sets its room's topic: the text (None: cleared)
+    AWAY = "away"       # the peer is away (the text, "" without one) or back (None)
+    PRIVATE = "private"   # a private message: (the member it is for, the text)
+    WAIT = "wait"       # a private message waiting for a registered nickname: (account key,
+                        # the nickname, the text)
+    ACCOUNT = "account"   # the peer's account: ("register" | "password" | "unregister", key,
+                          # nickname, password hash or None)
+    BAN = "ban"         # an operator's ban: a Ban
+    UNBAN = "unban"     # (kind, value)
+    MUTE = "mute"       # an operator's mute of a member: (the member, a Mute)
+    UNMUTE = "unmute"   # the nickname key
+    OPERATOR = "operator"   # an operator makes (True) or unmakes (False) one: (True | False,
+                            # account key, nickname)
+    DROP = "drop"       # an operator (the peer) closes the room: None
 
 
 class LocalSequencer:
@@ -750,134 +769,9 @@ def help_line(commands=COMMANDS, operator=False):
                                                 if operator or not command.operators))
 
 
-class Chat:
-    """The room core. Decides who may do what and which line goes to whom; never touches a socket.
+class Delivering:
+    """Output: lines queued for peers, the fan-out to a room, and who has new output."""
 
-    Each ``*_line`` method (``line_handlers()`` names the one for each phase) takes one complete
-    line (bytes, without its ending) from a peer in that phase and returns the phase the
-    connection moves to, or None to stay. Changes the members see are appended to the room log
-    (``sequencer``) and applied from there (``apply``). Output is appended to each peer's ``out``;
-    ``take_pending()`` lists the peers with new output, and whoever owns the sockets writes them
-    (the Server does it once per loop turn). ``log`` takes each logged line as bytes; ``store``
-    keeps what outlives a connection (see MemoryStore).
-    """
-
-    # The hot lines, cut from their templates once: "{nick} sent " + message, and so on.
-    SENT_HEAD, SENT_TAIL = Lines.SENT.split("{message}")
-    ECHO_HEAD, ECHO_TAIL = Lines.ECHO.split("{message}")
-    SENT_END = (SENT_TAIL + "\n").encode()
-    ECHO_START = (Lines.OK + "\n").encode()
-    ECHO_MIDDLE = ECHO_HEAD.encode()
-    ECHO_END = (ECHO_TAIL + "\n").encode()
-
-    # The phases whose lines the room reads, and the method that takes each one's lines.
-    LINE_HANDLERS = {Phase.MEMBER: "member_line", Phase.NICKNAME: "nickname_line",
-                     Phase.PASSWORD: "password_line", Phase.NICK_PASSWORD: "nick_password_line",
-                     Phase.RENAME_PASSWORD: "rename_password_line"}
-
-    def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
-                 now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
-                 max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP,
-                 operators=(), wall_clock=time.time):
-        self.log = log
-        self.clock = clock or Clock()
-        self.max_nick = max_nick
-        self.store = store if store is not None else MemoryStore()
-        # Control characters aside, as on the attempts: a client's stray \r (telnet's, or a
-        # client probing for TLS) is no part of what the person typed.
-        self.password = (password.encode("utf-8").translate(None, CONTROL_BYTES)
-                         if password is not None else None)
-        if password is not None:
-            import hmac
-            self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
-        self.now = now
-        self.members = {}       # each of a member's nickname_keys -> that member
-        self.history_size = history
-        self.catch_up = catch_up
-        self.hashing = hashing or InlineHashing()
-        # What the loop is told when the room moves a connection on its own (an answer that
-        # took a while; one member's doing that ends another's connection), and when a
-        # connection's input must wait for such an answer.
-        self.on_phase = lambda peer, phase: None
-        self.on_hold = lambda peer, held: None
-        self.on_timer = lambda seconds, action: None   # action() in ``seconds``, on the loop
-        self.wall_clock = wall_clock     # when bans and mutes end (they outlive restarts)
-        # Operators: the registered nicknames --operators names (by key; one not registered yet
-        # becomes one when it registers), and those made with /op (kept in the store).
-        self.named_operators = {nickname_keys(nick)[0] for nick in operators}
-        self.operators = {key for key, _ in self.store.operators()}
-        self.bans = {(ban.kind, ban.value): ban for ban in self.store.bans()}
-        self.mutes = {mute.key: mute for mute in self.store.mutes()}
-        self.max_rooms = max_rooms
-        self.rooms = {}         # each of a room's room_keys -> that room
-        self.room_list = []     # every room once, #main first
-        self.main = self._add_room(Room(MAIN_ROOM, history))
-        self._load_rooms()
-        self.pending = []       # peers given a line of their own since the last take_pending()
-        self._pending_rooms = []    # rooms whose every member has new output since then
-        self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
-        commands = COMMANDS if commands is None else commands
-        self.commands = {}      # every name of every command -> (its handler, its record)
-        for command in commands:
-            for name in (command.name,) + command.aliases:
-                self.commands[name] = (getattr(self, command.handler), command)
-        self.help = help_line(commands)
-        self.operator_help = help_line(commands, operator=True)
-        self.append = LocalSequencer(self.apply).append  # the room log: entries in, applied
-        self._appliers = {Entry.SAY: self.apply_say, Entry.ACT: self.apply_act,
-                          Entry.JOIN: self.apply_join, Entry.LEAVE: self.apply_leave,
-                          Entry.RENAME: self.apply_rename, Entry.MOVE: self.apply_move,
-                          Entry.TOPIC: self.apply_topic, Entry.ANNOUNCE: self.apply_announce,
-                          Entry.DROP: self.apply_drop}
-
-    def line_handlers(self):
-        """Phase -> the method that handles a line from a connection in that phase."""
-        return {phase: getattr(self, name) for phase, name in self.LINE_HANDLERS.items()}
-
-    # -- rooms ----------------------------------------------------------------------------------
-    def _load_rooms(self):
-        """The rooms the store kept (a restart), with the lines a newcomer is shown."""
-        for record in self.store.rooms():
-            room = self.room_named(record.name)
-            if room is None:
-                room = self._add_room(Room(record.name, self.history_size))
-            room.topic, room.key_hash = record.topic, record.key_hash
-            room.kept = self.store.has_messages(room.key)
-            room.position = self.store.position(room.key)
-            room.history.extend(self.store.recent(room.key, self.history_size))
-
-    def _add_room(self, room):
-        for key in room_keys(room.name):
-            self.rooms[key] = room
-        self.room_list.append(room)
-        return room
-
-    def room_named(self, name):
-        """The room whose name looks like ``name`` (normalised), or None."""
-        for key in room_keys(name):
-            room = self.rooms.get(key)
-            if room is not None:
-                return room
-        return None
-
-    def _forget_if_unused(self, room):
-        """A room other than #main ends when it has no member, topic or kept message."""
-        if room is self.main or room.members or room.topic or room.kept:
-            return
-        for key in room_keys(room.name):
-            del self.rooms[key]
-        self.room_list.remove(room)
-        self.store.drop_room(room.key)
-
-    def _log_room_line(self, room, line):
-        """A room line as its members received it; "[in #room]" after it outside #main."""
-        if room is self.main:
-            self.log(line)
-        else:
-            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
-
-
-    # -- delivery -------------------------------------------------------------------------------
     def deliver(self, peer, data):
         peer.out.append(data)
         self._list_pending(peer)
@@ -925,7 +819,21 @@ class Chat:
     def notice(self, peer, text):
         self.deliver(peer, self.line(text))
 
-    # -- before joining -------------------------------------------------------------------------
+    def _log_with(self, line, suffix):
+        """Log a delivered line with a note for the operator before its line end."""
+        self.log(line[:-1] + suffix.encode() + b"\n")
+
+    def _log_room_line(self, room, line):
+        """A room line as its members received it; "[in #room]" after it outside #main."""
+        if room is self.main:
+            self.log(line)
+        else:
+            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
+
+
+class Arriving:
+    """Before joining: the greeting, the server password and its lockout, nickname attempts."""
+
     def greet(self, peer):
         """A new connection, ready to talk: returns its first phase."""
         ban = self._ban_on("address", peer.host) if self.bans else None
@@ -990,15 +898,8 @@ class Chat:
         account = self.store.account_for(nickname_keys(nick))
         if account is not None:
             return self._ask_password(peer, nick, account, Phase.NICK_PASSWORD)
-        self._join(peer, nick, None)
+        self.append((Entry.JOIN, self.main, peer, (nick, None)))
         return Phase.MEMBER
-
-    def _join(self, peer, nick, account_key):
-        self._name(peer, nick)
-        self._add_keys(peer)
-        peer.member = True
-        peer.account = account_key
-        self.append((Entry.JOIN, self.main, peer, None))
 
     def nickname_refusal(self, nick, peer):
         """Why ``peer`` may not be called ``nick`` (normalised), or None. A registered nickname
@@ -1028,19 +929,11 @@ class Chat:
                 return member
         return None
 
-    def _name(self, peer, nick):
-        peer.nick = nick
-        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
 
-    def _add_keys(self, peer):
-        for key in nickname_keys(peer.nick):
-            self.members[key] = peer
+class Talking:
+    """A member's lines: messages, and the commands of COMMANDS (all but accounts' and
+    operators', below)."""
 
-    def _remove_keys(self, peer):
-        for key in nickname_keys(peer.nick):
-            del self.members[key]
-
-    # -- members --------------------------------------------------------------------------------
     def member_line(self, peer, line):
         """A message or a command from a member."""
         if not peer.member:
@@ -1066,7 +959,7 @@ class Chat:
             return
         if not body or body.isspace():  # (only spaces and TABs can be left: the same test)
             self.notice(peer, Lines.NOTHING)
-        elif len(peer.room.members) < 2:
+        elif len(peer.room.everyone) < 2:
             self.notice(peer, Lines.ALONE)
         else:
             self.append((Entry.SAY, peer.room, peer, body))
@@ -1094,7 +987,7 @@ class Chat:
 
     def cmd_users(self, peer, rest):
         names = []
-        for member in peer.room.members:
+        for member in peer.room.everyone:
             if member.away is None:
                 names.append(member.nick)
             elif member.away:
@@ -1113,28 +1006,23 @@ class Chat:
         target = self.member_named(normalise_nickname(wanted))
         if target is peer:
             self.notice(peer, Lines.PRIVATE_TO_SELF)
-            return
-        if target is None:
+        elif target is not None:
+            self.append((Entry.PRIVATE, None, peer, (target, text)))
+        else:
             account = self.store.account_for(nickname_keys(normalise_nickname(wanted)))
             if account is None:
                 self.notice(peer, Lines.NO_SUCH_USER.format(nick=wanted))
+            elif self.store.waiting_count(account.key) >= MAX_WAITING:
+                self.notice(peer, Lines.TOO_MANY_WAITING.format(target=account.nick))
             else:
-                self._leave_waiting(peer, account, text)
-            return
-        self.notice(target, Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
-        self.notice(peer, Lines.OK)
-        self.notice(peer, Lines.PRIVATE_ECHO.format(target=target.nick, text=text))
-        if target.away is not None:
-            self.notice(peer, Lines.IS_AWAY_TEXT.format(target=target.nick, text=target.away)
-                        if target.away else Lines.IS_AWAY.format(target=target.nick))
-        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=target.nick)))
+                self.append((Entry.WAIT, None, peer, (account.key, account.nick, text)))
 
     def cmd_me(self, peer, rest):
         if self.mutes and self._muted(peer):
             return
         if not rest or rest.isspace():
             self.notice(peer, Lines.NOTHING)
-        elif len(peer.room.members) < 2:
+        elif len(peer.room.everyone) < 2:
             self.notice(peer, Lines.ALONE)
         else:
             self.append((Entry.ACT, peer.room, peer, rest))
@@ -1151,26 +1039,15 @@ class Chat:
         account = self.store.account_for(nickname_keys(nick))
         if account is not None and account.key != peer.account:
             return self._ask_password(peer, nick, account, Phase.RENAME_PASSWORD)
-        self._rename(peer, nick, peer.account if account is not None else None)
+        self.append((Entry.RENAME, peer.room, peer,
+                     (nick, peer.account if account is not None else None)))
         return None
 
-    def _rename(self, peer, nick, account_key):
-        old = peer.nick
-        if peer.account is not None and account_key != peer.account:
-            self._remember_position(peer, peer.room)   # (what that account saw of the room)
-        self._remove_keys(peer)
-        self._name(peer, nick)
-        self._add_keys(peer)
-        peer.account = account_key
-        self.append((Entry.RENAME, peer.room, peer, old))
-
     def cmd_away(self, peer, rest):
-        peer.away = rest
-        self.notice(peer, Lines.OK)
+        self.append((Entry.AWAY, peer.room, peer, rest))
 
     def cmd_back(self, peer, rest):
-        peer.away = None
-        self.notice(peer, Lines.OK)
+        self.append((Entry.AWAY, peer.room, peer, None))
 
     def cmd_join(self, peer, rest):
         wanted, key = TARGET_AND_TEXT.match(rest).groups()
@@ -1188,23 +1065,19 @@ class Chat:
         elif room is not None and room.key_hash and not room_key_matches(room.key_hash, key):
             self.notice(peer, Lines.NEEDS_KEY.format(room=room.name))
         else:
-            if room is None:
-                room = self._add_room(Room(name, self.history_size,
-                                           key_hash=hash_room_key(key) if key else None))
-                if room.key_hash:
-                    self.store.save_room(room.record())
-            self.append((Entry.MOVE, room, peer, peer.room))
+            new_key = hash_room_key(key) if key and room is None else None
+            self.append((Entry.MOVE, peer.room, peer, (name, new_key)))
 
     def cmd_part(self, peer, rest):
         if peer.room is self.main:
             self.notice(peer, Lines.IN_ROOM_ALREADY.format(room=self.main.name))
         else:
-            self.append((Entry.MOVE, self.main, peer, peer.room))
+            self.append((Entry.MOVE, peer.room, peer, (self.main.name, None)))
 
     def cmd_rooms(self, peer, rest):
-        others = sorted(self.room_list[1:], key=lambda room: (-len(room.members), room.key))
+        others = sorted(self.room_list[1:], key=lambda room: (-len(room.everyone), room.key))
         entries = [(Lines.ROOM_ENTRY_KEY if room.key_hash else Lines.ROOM_ENTRY)
-                   .format(room=room.name, count=len(room.members))
+                   .format(room=room.name, count=len(room.everyone))
                    for room in [self.main] + others]
         self.notice(peer, Lines.ROOMS.format(count=len(entries), rooms=", ".join(entries)))
 
@@ -1221,20 +1094,31 @@ class Chat:
 
     def cmd_search(self, peer, rest):
         text, room = rest.strip(), peer.room
-        found, lines = self.store.search(room.key, text.casefold(), SEARCH_SHOWN)
-        if not found:
-            self.notice(peer, Lines.SEARCH_NONE.format(text=text, room=room.name))
-            return
-        self.notice(peer, (Lines.SEARCH_FOUND if found == len(lines) else Lines.SEARCH_FOUND_MANY)
-                    .format(count=found, text=text, room=room.name, shown=len(lines)))
-        peer.out.extend(lines)   # the lines as kept, each with its own {ts}
+
+        def found(count, lines):
+            if self.store.answers_later:
+                self.on_hold(peer, False)
+            if not count:
+                self.notice(peer, Lines.SEARCH_NONE.format(text=text, room=room.name))
+                return
+            self.notice(peer, (Lines.SEARCH_FOUND if count == len(lines)
+                               else Lines.SEARCH_FOUND_MANY)
+                        .format(count=count, text=text, room=room.name, shown=len(lines)))
+            peer.out.extend(lines)   # the lines as kept, each with its own {ts}
+        if self.store.answers_later:
+            self.on_hold(peer, True)   # (its next lines wait for the answer)
+        self.store.search(room.key, text.casefold(), SEARCH_SHOWN, found)
 
     def cmd_quit(self, peer, rest):
         self.notice(peer, Lines.GOODBYE)
         self.leave(peer, Reason.QUIT)
         return Phase.CLOSING
 
-    # -- accounts -------------------------------------------------------------------------------
+
+class Registering:
+    """Accounts: registered nicknames, their passwords (hashed off the loop), the password
+    question, taking a nickname over, private messages that wait."""
+
     def _ask_password(self, peer, nick, account, phase):
         """A registered nickname: its password is asked for; the next line answers."""
         peer.asked = (nick, account)
@@ -1272,7 +1156,7 @@ class Chat:
         nick, account = asked
         peer.asked = None
         self._replace_holder(nick, peer)
-        self._join(peer, nick, account.key)
+        self.append((Entry.JOIN, self.main, peer, (nick, account.key)))
         self.on_phase(peer, Phase.MEMBER)
 
     def _renamed_with_password(self, peer, asked):
@@ -1281,16 +1165,14 @@ class Chat:
         self.on_phase(peer, Phase.MEMBER)
         if peer.member:
             self._replace_holder(nick, peer)
-            self._rename(peer, nick, account.key)
+            self.append((Entry.RENAME, peer.room, peer, (nick, account.key)))
 
     def _replace_holder(self, nick, peer):
         """The nickname's owner is here with its password: a connection still holding it (a
         laptop that vanished, another terminal) is told and closed."""
         holder = self.member_named(nick)
         if holder is not None and holder is not peer:
-            self.notice(holder, Lines.REPLACED)
-            self.leave(holder, Reason.REPLACED)
-            self.on_phase(holder, Phase.CLOSING)
+            self.leave(holder, Reason.REPLACED, told_self=Lines.REPLACED)
 
     def _wrong_asked(self, peer, asked):
         nick = asked[0]
@@ -1310,11 +1192,10 @@ class Chat:
 
     def _locked_out_now(self, peer):
         if peer.member:
-            self.notice(peer, Lines.LOCKED_OUT)
-            self.leave(peer, Reason.LOCKED_OUT)
+            self.leave(peer, Reason.LOCKED_OUT, told_self=Lines.LOCKED_OUT)
         else:
             self.refuse(peer, Lines.LOCKED_OUT)
-        self.on_phase(peer, Phase.CLOSING)
+            self.on_phase(peer, Phase.CLOSING)
         return Phase.CLOSING
 
     def cmd_register(self, peer, rest):
@@ -1324,26 +1205,17 @@ class Chat:
         elif len(password) < MIN_PASSWORD_CHARS:
             self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
         else:
-            self._hash_new_password(peer, password, self._registered)
+            self._hash_new_password(peer, password, "register")
 
-    def _hash_new_password(self, peer, password, then):
+    def _hash_new_password(self, peer, password, action):
+        """The new password hashed off the loop, then the account change entered in the log."""
         def hashed(kept):
-            if not peer.gone:
+            if peer.member:
                 self.on_hold(peer, False)
-                then(peer, kept)
+                key = peer.account if action == "password" else nickname_keys(peer.nick)[0]
+                self.append((Entry.ACCOUNT, peer.room, peer, (action, key, peer.nick, kept)))
         self.on_hold(peer, True)
         self.hashing.make(password, hashed)
-
-    def _registered(self, peer, kept):
-        keys = nickname_keys(peer.nick)
-        if self.store.account_for(keys) is not None:   # a look-alike, registered meanwhile
-            self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=peer.nick))
-            return
-        peer.account = keys[0]
-        self.store.save_account(Account(keys[0], peer.nick, kept), keys)
-        self.notice(peer, Lines.OK)
-        self.notice(peer, Lines.REGISTERED.format(nick=peer.nick))
-        self.log(self.line(Lines.LOG_REGISTERED.format(nick=peer.nick)))
 
     def _own_account(self, peer):
         """The peer's account, or None after telling it its nickname is not registered."""
@@ -1363,53 +1235,29 @@ class Chat:
         elif len(new) < MIN_PASSWORD_CHARS:
             self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
         else:
-            self._check_password(
-                peer, account, old,
-                lambda: self._hash_new_password(peer, new, self._password_changed),
-                lambda: self._wrong_account_password(peer, peer.nick))
-
-    def _password_changed(self, peer, kept):
-        if peer.account is None:
-            return   # (unregistered meanwhile, by its owner elsewhere)
-        keys = nickname_keys(peer.nick)
-        self.store.save_account(Account(peer.account, peer.nick, kept), keys)
-        self.notice(peer, Lines.OK)
-        self.log(self.line(Lines.LOG_NEW_PASSWORD.format(nick=peer.nick)))
+            self._check_password(peer, account, old,
+                                 lambda: self._hash_new_password(peer, new, "password"),
+                                 lambda: self._wrong_account_password(peer, peer.nick))
 
     def cmd_unregister(self, peer, rest):
         account = self._own_account(peer)
         if account is not None:
-            self._check_password(peer, account, rest.strip(),
-                                 lambda: self._unregistered(peer, account),
-                                 lambda: self._wrong_account_password(peer, peer.nick))
-
-    def _unregistered(self, peer, account):
-        self.store.drop_account(account.key)
-        if account.key in self.operators:
-            self.operators.discard(account.key)
-            self.store.drop_operator(account.key)
-        peer.account = None
-        self.notice(peer, Lines.OK)
-        self.notice(peer, Lines.UNREGISTERED.format(nick=peer.nick))
-        self.log(self.line(Lines.LOG_UNREGISTERED.format(nick=peer.nick)))
+            self._check_password(
+                peer, account, rest.strip(),
+                lambda: self.append((Entry.ACCOUNT, peer.room, peer,
+                                     ("unregister", account.key, peer.nick, None))),
+                lambda: self._wrong_account_password(peer, peer.nick))
 
     def _remember_position(self, peer, room):
         """A registered member leaves ``room``: what it has seen there, for its catch-up."""
         if peer.account is not None:
             self.store.save_seen(peer.account, room.key, room.position)
 
-    def _leave_waiting(self, peer, account, text):
-        """A private message to a registered nickname that is not here: it waits for it."""
-        line = self.line(Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
-        if not self.store.wait(account.key, line, MAX_WAITING):
-            self.notice(peer, Lines.TOO_MANY_WAITING.format(target=account.nick))
-            return
-        self.notice(peer, Lines.OK)
-        self.notice(peer, Lines.PRIVATE_ECHO.format(target=account.nick, text=text))
-        self.notice(peer, Lines.OFFLINE.format(target=account.nick))
-        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=account.nick)))
 
-    # -- moderation -----------------------------------------------------------------------------
+class Moderating:
+    """Operators: who they are, and kicks, bans, mutes, /op and /drop; bans and mutes end at
+    their time."""
+
     def is_operator(self, peer):
         key = peer.account
         return key is not None and (key in self.named_operators or key in self.operators)
@@ -1472,8 +1320,8 @@ class Chat:
         return target, shown, more.strip()
 
     def _duration(self, op, words):
-        """(seconds or None, the words left) for "[DURATION] ...": a first word that starts
-        with a digit is a duration; None after refusing one that is not."""
+        """(seconds or 0, the words left) for "[DURATION] ...": a first word that starts with a
+        digit is a duration; None after refusing one that is not."""
         first, more = TARGET_AND_TEXT.match(words).groups()
         if not first[:1].isdigit():
             return 0, words
@@ -1499,14 +1347,14 @@ class Chat:
         self.log(self.line(Lines.LOG_KICKED.format(op=op.nick, nick=nick)))
 
     def _expel(self, target, op, reason, why, told, room_told):
-        """Tell ``target`` why it goes, let its room know instead of "disconnected!", close it."""
+        """``target`` leaves: told why, its room told instead of "disconnected!", closed."""
         with_reason, without = told
-        self.notice(target, with_reason.format(op=op.nick, reason=reason) if reason
-                    else without.format(op=op.nick))
+        told_self = (with_reason.format(op=op.nick, reason=reason) if reason
+                     else without.format(op=op.nick))
         with_reason, without = room_told
-        self.leave(target, why, with_reason.format(nick=target.nick, op=op.nick, reason=reason)
-                   if reason else without.format(nick=target.nick, op=op.nick))
-        self.on_phase(target, Phase.CLOSING)
+        told_room = (with_reason.format(nick=target.nick, op=op.nick, reason=reason)
+                     if reason else without.format(nick=target.nick, op=op.nick))
+        self.leave(target, why, told_room, told_self)
 
     def cmd_ban(self, op, rest):
         found = self._target(op, rest, connected=False)
@@ -1518,9 +1366,11 @@ class Chat:
             return
         seconds, reason = timed
         until = self.wall_clock() + seconds if seconds else None
-        self._add_ban(Ban("nick", nickname_keys(nick)[0], nick, until, reason or None))
+        self.append((Entry.BAN, None, op,
+                     Ban("nick", nickname_keys(nick)[0], nick, until, reason or None)))
         if target is not None:
-            self._add_ban(Ban("address", target.host, target.host, until, reason or None))
+            self.append((Entry.BAN, None, op,
+                         Ban("address", target.host, target.host, until, reason or None)))
         self.notice(op, Lines.OK)
         if target is not None:
             self._expel(target, op, reason, Reason.BANNED, (Lines.BANNED_FOR, Lines.BANNED),
@@ -1531,13 +1381,6 @@ class Chat:
         if reason:
             record += Lines.LOG_FOR.format(reason=reason)
         self.log(self.line(record))
-
-    def _add_ban(self, ban):
-        self.bans.pop((ban.kind, ban.value), None)   # (a new ban of the same: made now)
-        self.bans[ban.kind, ban.value] = ban
-        self.store.save_ban(ban)
-        if ban.until:
-            self._end_at(ban.until, lambda: self._ban_ended(ban))
 
     def _end_at(self, until, action):
         """``action()`` at the wall-clock time ``until``: a timer, not polling."""
@@ -1557,7 +1400,7 @@ class Chat:
         if ban is None:
             self.notice(op, Lines.NOT_BANNED.format(what=what))
             return
-        self._lift_ban(ban)
+        self.append((Entry.UNBAN, None, op, (ban.kind, ban.value)))
         self.notice(op, Lines.OK)
         self.log(self.line(Lines.LOG_UNBANNED.format(op=op.nick, what=ban.shown)))
 
@@ -1588,14 +1431,9 @@ class Chat:
             return
         seconds = timed[0]
         until = self.wall_clock() + seconds if seconds else None
-        mute = Mute(nickname_keys(nick)[0], nick, until)
-        self.mutes[mute.key] = mute
-        self.store.save_mute(mute)
-        if until:
-            self._end_at(until, lambda: self._mute_ended(mute))
         self.notice(op, Lines.OK)
-        self.append((Entry.ANNOUNCE, target.room, target,
-                     Lines.WAS_MUTED.format(nick=nick, op=op.nick)))
+        self.append((Entry.MUTE, target.room, op,
+                     (target, Mute(nickname_keys(nick)[0], nick, until))))
         record = Lines.LOG_MUTED.format(op=op.nick, nick=nick)
         if until:
             record += Lines.LOG_UNTIL.format(until=self.when(until))
@@ -1611,8 +1449,9 @@ class Chat:
         self.store.drop_mute(mute.key)
         member = self.member_named(mute.nick)
         if member is not None:
-            self.append((Entry.ANNOUNCE, member.room, member,
-                         Lines.MAY_SPEAK.format(nick=member.nick)))
+            line = self.line(Lines.MAY_SPEAK.format(nick=member.nick))
+            self.to_room(member.room, line)
+            self._log_room_line(member.room, line)
 
     def cmd_unmute(self, op, rest):
         wanted = rest.strip()
@@ -1624,7 +1463,7 @@ class Chat:
             return
         self.notice(op, Lines.OK)
         if mute is not None:
-            self._end_mute(mute)
+            self.append((Entry.UNMUTE, None, op, mute.key))
         self.log(self.line(Lines.LOG_UNMUTED.format(op=op.nick, nick=mute.nick if mute
                                                     else target.nick)))
 
@@ -1638,13 +1477,9 @@ class Chat:
 
     def cmd_op(self, op, rest):
         account = self._registered_target(op, rest)
-        if account is None:
-            return
-        self.operators.add(account.key)
-        self.store.save_operator(account.key, account.nick)
-        self.notice(op, Lines.OK)
-        self._tell_account(account, Lines.NOW_OPERATOR)
-        self.log(self.line(Lines.LOG_MADE_OPERATOR.format(op=op.nick, nick=account.nick)))
+        if account is not None:
+            self.notice(op, Lines.OK)
+            self.append((Entry.OPERATOR, None, op, (True, account.key, account.nick)))
 
     def cmd_deop(self, op, rest):
         account = self._registered_target(op, rest)
@@ -1653,16 +1488,8 @@ class Chat:
         if account.key in self.named_operators:
             self.notice(op, Lines.OPERATOR_BY_OPTION.format(nick=account.nick))
             return
-        self.operators.discard(account.key)
-        self.store.drop_operator(account.key)
         self.notice(op, Lines.OK)
-        self._tell_account(account, Lines.NO_LONGER_OPERATOR)
-        self.log(self.line(Lines.LOG_TOOK_OPERATOR.format(op=op.nick, nick=account.nick)))
-
-    def _tell_account(self, account, text):
-        member = self.member_named(account.nick)
-        if member is not None and member.account == account.key:
-            self.notice(member, text)
+        self.append((Entry.OPERATOR, None, op, (False, account.key, account.nick)))
 
     def cmd_drop(self, op, rest):
         name = normalise_nickname(rest)
@@ -1674,7 +1501,6 @@ class Chat:
         else:
             self.notice(op, Lines.OK)
             self.append((Entry.DROP, room, op, None))
-            self.log(self.line(Lines.LOG_DROPPED.format(op=op.nick, room=room.name)))
 
     def schedule_endings(self):
         """The bans and mutes kept from before (a restart): each ends at its time."""
@@ -1685,16 +1511,19 @@ class Chat:
             if mute.until:
                 self._end_at(mute.until, lambda mute=mute: self._mute_ended(mute))
 
-    # -- leaving --------------------------------------------------------------------------------
-    def leave(self, peer, reason, told=None):
-        """``peer`` is gone, for ``reason``; its room is told ``told`` (a kick's or a ban's line)
-        instead of "disconnected!". Safe to call for a peer that never joined or left."""
+
+class Leaving:
+    """The end of a member, or of a connection that never joined; the end of the server."""
+
+    def leave(self, peer, reason, told_room=None, told_self=None):
+        """``peer`` is gone, for ``reason``; its room is told ``told_room`` (a kick's line)
+        instead of "disconnected!", and it ``told_self`` (why it must go, then closed). Safe to
+        call for a peer that never joined or left."""
         peer.gone = True
         if not peer.member:
             return
-        peer.member = False
-        self._remove_keys(peer)
-        self.append((Entry.LEAVE, peer.room, peer, (reason, told)))
+        peer.member = False   # (nothing it says from now on reaches anyone)
+        self.append((Entry.LEAVE, peer.room, peer, (reason, told_room, told_self)))
 
     def failed(self, peer):
         """An unexpected error ends ``peer``'s connection. A member leaves with ``[error]``; a
@@ -1723,11 +1552,11 @@ class Chat:
             room.members.clear()
         self.members.clear()
 
-    def _log_with(self, line, suffix):
-        """Log a delivered line with a note for the operator before its line end."""
-        self.log(line[:-1] + suffix.encode() + b"\n")
 
-    # -- the room log applied: what each entry means to the members -----------------------------
+class Applying:
+    """The log applied: what each entry means to every member, the history, the store and the
+    log records. Every change of the chat's state is made here, in log order."""
+
     def apply(self, entry):
         self._appliers[entry[0]](entry)
 
@@ -1736,8 +1565,10 @@ class Chat:
         ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
         line = ts + peer.sent_head + body + self.SENT_END
         self.to_room(room, line)
-        peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
-        self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
+        if peer.local:   # (a member of this process)
+            peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
+            self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body
+                         + self.ECHO_END)
         # (_keep, written out: the hot path of every message)
         room.history.append(line)
         room.position = self.store.keep(room.key, line, len(body))
@@ -1751,9 +1582,11 @@ class Chat:
     def apply_act(self, entry):
         _, room, peer, text = entry
         line = self.line(Lines.ACTION.format(nick=peer.nick, text=text))
-        self.to_others(peer, line)
-        self.notice(peer, Lines.OK)
-        self.deliver(peer, line)
+        self.to_room(room, line)
+        if peer.local:
+            peer.out.pop()
+            self.notice(peer, Lines.OK)
+            self.deliver(peer, line)
         self._keep(room, line, len(text.encode()))
 
     def _keep(self, room, line, text_size):
@@ -1769,15 +1602,43 @@ class Chat:
         room.kept = True
         self.store.save_room(room.record())
 
-    def apply_join(self, entry):
-        _, room, peer, _ = entry
-        prefix = self.clock.prefix()
-        self.deliver(peer, (prefix + Lines.OK + "\n").encode())
-        self._show_room(peer, room, prefix, waiting=True)
-        announcement = (prefix + Lines.CONNECTED.format(nick=peer.nick) + "\n").encode()
-        self.to_room(room, announcement)  # before joining: the newcomer is not told of itself
-        room.members[peer] = peer.append
+    def _enter_room(self, peer, room):
+        room.everyone[peer] = None
+        if peer.local:
+            room.members[peer] = peer.append
         peer.room = room
+
+    def _leave_room(self, peer, room):
+        del room.everyone[peer]
+        room.members.pop(peer, None)
+        self._remember_position(peer, room)
+        # A broadcast earlier this turn may have queued lines for it that take_pending() would
+        # no longer find among the room's members: list it now, so they are written.
+        self._list_pending(peer)
+
+    def _named(self, peer, nick, account_key):
+        for key in nickname_keys(peer.nick or ""):
+            if self.members.get(key) is peer:
+                del self.members[key]
+        peer.nick = nick
+        peer.account = account_key
+        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
+        for key in nickname_keys(nick):
+            self.members[key] = peer
+
+    def apply_join(self, entry):
+        _, room, peer, (nick, account_key) = entry
+        self._named(peer, nick, account_key)
+        peer.member = True
+        prefix = self.clock.prefix()
+        if peer.local:
+            self.deliver(peer, (prefix + Lines.OK + "\n").encode())
+            self._show_room(peer, room, prefix, waiting=True)
+        elif account_key is not None:
+            self.store.take_waiting(account_key)   # (shown on its own node)
+        announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
+        self.to_room(room, announcement)  # before joining: the newcomer is not told of itself
+        self._enter_room(peer, room)
         self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
 
     def _show_room(self, peer, room, prefix, waiting=False):
@@ -1812,86 +1673,315 @@ class Chat:
             peer.out.extend(lines)
 
     def apply_leave(self, entry):
-        _, room, peer, (reason, told) = entry
-        del room.members[peer]
-        self._remember_position(peer, room)
-        # A broadcast earlier this turn may have queued lines for it that take_pending() would
-        # no longer find among the room's members: list it now, so they are written before it
-        # closes.
-        self._list_pending(peer)
-        announcement = self.line(told or Lines.DISCONNECTED.format(nick=peer.nick))
+        _, room, peer, (reason, told_room, told_self) = entry
+        peer.member = False
+        for key in nickname_keys(peer.nick):
+            if self.members.get(key) is peer:
+                del self.members[key]
+        self._leave_room(peer, room)
+        if told_self and peer.local:
+            self.notice(peer, told_self)
+            self.on_phase(peer, Phase.CLOSING)
+        announcement = self.line(told_room or Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_room(room, announcement)
         self._log_room_line(room, announcement[:-1] + Lines.LOG_REASON.format(
             reason=reason).encode() + b"\n")
         self._forget_if_unused(room)
 
     def apply_rename(self, entry):
-        _, room, peer, old = entry
-        self.notice(peer, Lines.OK)
-        line = self.line(Lines.RENAMED.format(old=old, new=peer.nick))
+        _, room, peer, (nick, account_key) = entry
+        old = peer.nick
+        if peer.account is not None and account_key != peer.account:
+            self._remember_position(peer, room)   # (what that account saw of the room)
+        self._named(peer, nick, account_key)
+        if peer.local:
+            self.notice(peer, Lines.OK)
+        line = self.line(Lines.RENAMED.format(old=old, new=nick))
         self.to_room(room, line)
         self._log_room_line(room, line)
 
     def apply_move(self, entry):
-        _, room, peer, old = entry
-        del old.members[peer]
-        self._remember_position(peer, old)
-        self._list_pending(peer)   # (lines the old room queued for it this turn: see leave)
+        _, old, peer, (name, key_hash) = entry
+        room = self.room_named(name) or self._add_room(Room(name, self.history_size,
+                                                            key_hash=key_hash))
+        if room.key_hash and room.key_hash is key_hash:
+            self.store.save_room(room.record())   # (made with a key: the key is kept)
+        self._leave_room(peer, old)
         left = self.line(Lines.LEFT_FOR.format(nick=peer.nick, room=room.name))
         self.to_room(old, left)
         self._log_room_line(old, left)
         prefix = self.clock.prefix()
-        self.deliver(peer, (prefix + Lines.OK + "\n").encode())
-        self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
-            room=room.name, count=len(room.members) + 1) + "\n").encode())
-        self._show_room(peer, room, prefix)
+        if peer.local:
+            self.deliver(peer, (prefix + Lines.OK + "\n").encode())
+            self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
+                room=room.name, count=len(room.everyone) + 1) + "\n").encode())
+            self._show_room(peer, room, prefix)
         joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=room.name)
                   + "\n").encode()
         self.to_room(room, joined)   # before joining: the newcomer is not told of itself
-        room.members[peer] = peer.append
-        peer.room = room
+        self._enter_room(peer, room)
         self._log_room_line(room, joined)
         self._forget_if_unused(old)
-
-    def apply_announce(self, entry):
-        _, room, peer, text = entry
-        line = self.line(text)
-        self.to_room(room, line)
-        self._log_room_line(room, line)
-
-    def apply_drop(self, entry):
-        _, room, op, _ = entry
-        closed = self.line(Lines.ROOM_CLOSED.format(room=room.name, op=op.nick))
-        for peer in list(room.members):
-            del room.members[peer]
-            self.deliver(peer, closed)
-            prefix = self.clock.prefix()
-            self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
-                room=self.main.name, count=len(self.main.members) + 1) + "\n").encode())
-            self._show_room(peer, self.main, prefix)
-            joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=self.main.name)
-                      + "\n").encode()
-            self.to_room(self.main, joined)
-            self.main.members[peer] = peer.append
-            peer.room = self.main
-            self._log_room_line(self.main, joined)
-        self._log_room_line(room, closed)
-        room.topic = room.key_hash = None
-        room.kept = False
-        room.history.clear()
-        self._forget_if_unused(room)
 
     def apply_topic(self, entry):
         _, room, peer, topic = entry
         room.topic = topic
         self.store.save_room(room.record())
-        self.notice(peer, Lines.OK)
+        if peer.local:
+            self.notice(peer, Lines.OK)
         line = self.line(Lines.TOPIC_SET.format(nick=peer.nick, room=room.name, topic=topic)
                          if topic else Lines.TOPIC_CLEARED.format(nick=peer.nick,
                                                                   room=room.name))
         self.to_room(room, line)
         self._log_room_line(room, line)
         self._forget_if_unused(room)
+
+    def apply_away(self, entry):
+        _, _, peer, away = entry
+        peer.away = away
+        if peer.local:
+            self.notice(peer, Lines.OK)
+
+    def apply_private(self, entry):
+        _, _, peer, (target, text) = entry
+        if target.local:
+            self.notice(target, Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
+        if peer.local:
+            self.notice(peer, Lines.OK)
+            self.notice(peer, Lines.PRIVATE_ECHO.format(target=target.nick, text=text))
+            if target.away is not None:
+                self.notice(peer, Lines.IS_AWAY_TEXT.format(target=target.nick, text=target.away)
+                            if target.away else Lines.IS_AWAY.format(target=target.nick))
+        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=target.nick)))
+
+    def apply_wait(self, entry):
+        _, _, peer, (account_key, nick, text) = entry
+        line = self.line(Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
+        waits = self.store.wait(account_key, line, MAX_WAITING)
+        if peer.local:
+            if not waits:   # (filled meanwhile)
+                self.notice(peer, Lines.TOO_MANY_WAITING.format(target=nick))
+                return
+            self.notice(peer, Lines.OK)
+            self.notice(peer, Lines.PRIVATE_ECHO.format(target=nick, text=text))
+            self.notice(peer, Lines.OFFLINE.format(target=nick))
+        if waits:
+            self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=nick)))
+
+    def apply_account(self, entry):
+        _, _, peer, (action, key, nick, kept) = entry
+        mine = peer.local
+        if action == "register":
+            keys = nickname_keys(nick)
+            if self.store.account_for(keys) is not None:   # a look-alike, registered meanwhile
+                if mine:
+                    self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=nick))
+                return
+            self.store.save_account(Account(key, nick, kept), keys)
+            peer.account = key
+            replies, record = (Lines.OK, Lines.REGISTERED.format(nick=nick)), Lines.LOG_REGISTERED
+        elif action == "password":
+            self.store.save_account(Account(key, nick, kept), nickname_keys(nick))
+            replies, record = (Lines.OK,), Lines.LOG_NEW_PASSWORD
+        else:
+            self.store.drop_account(key)
+            if key in self.operators:
+                self.operators.discard(key)
+                self.store.drop_operator(key)
+            peer.account = None
+            replies = (Lines.OK, Lines.UNREGISTERED.format(nick=nick))
+            record = Lines.LOG_UNREGISTERED
+        if mine:
+            for reply in replies:
+                self.notice(peer, reply)
+        self.log(self.line(record.format(nick=nick)))
+
+    def apply_ban(self, entry):
+        ban = entry[3]
+        self.bans.pop((ban.kind, ban.value), None)   # (a new ban of the same: made now)
+        self.bans[ban.kind, ban.value] = ban
+        self.store.save_ban(ban)
+        if ban.until:
+            self._end_at(ban.until, lambda: self._ban_ended(ban))
+
+    def apply_unban(self, entry):
+        ban = self.bans.get(entry[3])
+        if ban is not None:
+            self._lift_ban(ban)
+
+    def apply_mute(self, entry):
+        _, room, op, (target, mute) = entry
+        self.mutes[mute.key] = mute
+        self.store.save_mute(mute)
+        if mute.until:
+            self._end_at(mute.until, lambda: self._mute_ended(mute))
+        line = self.line(Lines.WAS_MUTED.format(nick=mute.nick, op=op.nick))
+        self.to_room(target.room, line)
+        self._log_room_line(target.room, line)
+
+    def apply_unmute(self, entry):
+        mute = self.mutes.get(entry[3])
+        if mute is not None:
+            self._end_mute(mute)
+
+    def apply_operator(self, entry):
+        _, _, op, (made, key, nick) = entry
+        if made:
+            self.operators.add(key)
+            self.store.save_operator(key, nick)
+        else:
+            self.operators.discard(key)
+            self.store.drop_operator(key)
+        member = self.member_named(nick)
+        if member is not None and member.account == key and member.local:
+            self.notice(member, Lines.NOW_OPERATOR if made else Lines.NO_LONGER_OPERATOR)
+        self.log(self.line((Lines.LOG_MADE_OPERATOR if made else Lines.LOG_TOOK_OPERATOR)
+                           .format(op=op.nick, nick=nick)))
+
+    def apply_drop(self, entry):
+        _, room, op, _ = entry
+        closed = self.line(Lines.ROOM_CLOSED.format(room=room.name, op=op.nick))
+        for peer in list(room.everyone):
+            self._leave_room(peer, room)
+            prefix = self.clock.prefix()
+            if peer.local:
+                self.deliver(peer, closed)
+                self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
+                    room=self.main.name, count=len(self.main.everyone) + 1) + "\n").encode())
+                self._show_room(peer, self.main, prefix)
+            joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=self.main.name)
+                      + "\n").encode()
+            self.to_room(self.main, joined)
+            self._enter_room(peer, self.main)
+            self._log_room_line(self.main, joined)
+        self._log_room_line(room, closed)
+        self.log(self.line(Lines.LOG_DROPPED.format(op=op.nick, room=room.name)))
+        room.topic = room.key_hash = None
+        room.kept = False
+        room.history.clear()
+        self._forget_if_unused(room)
+
+
+class Keeping:
+    """The rooms: made, found by name, forgotten when nothing keeps them; the store's rooms
+    loaded at start."""
+
+    def _load_rooms(self):
+        """The rooms the store kept (a restart), with the lines a newcomer is shown."""
+        for record in self.store.rooms():
+            room = self.room_named(record.name)
+            if room is None:
+                room = self._add_room(Room(record.name, self.history_size))
+            room.topic, room.key_hash = record.topic, record.key_hash
+            room.kept = self.store.has_messages(room.key)
+            room.position = self.store.position(room.key)
+            room.history.extend(self.store.recent(room.key, self.history_size))
+
+    def _add_room(self, room):
+        for key in room_keys(room.name):
+            self.rooms[key] = room
+        self.room_list.append(room)
+        return room
+
+    def room_named(self, name):
+        """The room whose name looks like ``name`` (normalised), or None."""
+        for key in room_keys(name):
+            room = self.rooms.get(key)
+            if room is not None:
+                return room
+        return None
+
+    def _forget_if_unused(self, room):
+        """A room other than #main ends when it has no member, topic or kept message."""
+        if room is self.main or room.everyone or room.topic or room.kept:
+            return
+        for key in room_keys(room.name):
+            del self.rooms[key]
+        self.room_list.remove(room)
+        self.store.drop_room(room.key)
+
+
+class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leaving, Applying):
+    """The room core. Decides who may do what and which line goes to whom; never touches a socket.
+
+    Each ``*_line`` method (``line_handlers()`` names the one for each phase) takes one complete
+    line (bytes, without its ending) from a peer in that phase and returns the phase the
+    connection moves to, or None to stay. Every change of the chat's state is an entry of the
+    log (``append``), made once the change is found to be allowed, and made real by ``apply``
+    (the parts above: Arriving, Talking, Registering and Moderating decide; Applying applies).
+    Output is appended to each peer's ``out``; ``take_pending()`` lists the peers with new
+    output, and whoever owns the sockets writes them (the Server does it once per loop turn).
+    ``log`` takes each logged line as bytes; ``store`` keeps what outlives a connection (see
+    MemoryStore). The hooks ``on_phase``, ``on_hold`` and ``on_timer`` tell the loop what the
+    room does on its own: a connection moved (an answer that came later, a kick), a connection's
+    input to hold while an answer is awaited, an action due later (a ban's end).
+    """
+
+    # The hot lines, cut from their templates once: "{nick} sent " + message, and so on.
+    SENT_HEAD, SENT_TAIL = Lines.SENT.split("{message}")
+    ECHO_HEAD, ECHO_TAIL = Lines.ECHO.split("{message}")
+    SENT_END = (SENT_TAIL + "\n").encode()
+    ECHO_START = (Lines.OK + "\n").encode()
+    ECHO_MIDDLE = ECHO_HEAD.encode()
+    ECHO_END = (ECHO_TAIL + "\n").encode()
+
+    # The phases whose lines the room reads, and the method that takes each one's lines.
+    LINE_HANDLERS = {Phase.MEMBER: "member_line", Phase.NICKNAME: "nickname_line",
+                     Phase.PASSWORD: "password_line", Phase.NICK_PASSWORD: "nick_password_line",
+                     Phase.RENAME_PASSWORD: "rename_password_line"}
+
+    def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
+                 now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
+                 max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP,
+                 operators=(), wall_clock=time.time):
+        self.log = log
+        self.clock = clock or Clock()
+        self.max_nick = max_nick
+        self.store = store if store is not None else MemoryStore()
+        # Control characters aside, as on the attempts: a client's stray \r (telnet's, or a
+        # client probing for TLS) is no part of what the person typed.
+        self.password = (password.encode("utf-8").translate(None, CONTROL_BYTES)
+                         if password is not None else None)
+        if password is not None:
+            import hmac
+            self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
+        self.now = now
+        self.members = {}       # each of a member's nickname_keys -> that member
+        self.history_size = history
+        self.catch_up = catch_up
+        self.hashing = hashing or InlineHashing()
+        self.on_phase = lambda peer, phase: None
+        self.on_hold = lambda peer, held: None
+        self.on_timer = lambda seconds, action: None   # action() in ``seconds``, on the loop
+        self.wall_clock = wall_clock     # when bans and mutes end (they outlive restarts)
+        # Operators: the registered nicknames --operators names (by key; one not registered yet
+        # becomes one when it registers), and those made with /op (kept in the store).
+        self.named_operators = {nickname_keys(nick)[0] for nick in operators}
+        self.operators = {key for key, _ in self.store.operators()}
+        self.bans = {(ban.kind, ban.value): ban for ban in self.store.bans()}
+        self.mutes = {mute.key: mute for mute in self.store.mutes()}
+        self.max_rooms = max_rooms
+        self.rooms = {}         # each of a room's room_keys -> that room
+        self.room_list = []     # every room once, #main first
+        self.main = self._add_room(Room(MAIN_ROOM, history))
+        self._load_rooms()
+        self.pending = []       # peers given a line of their own since the last take_pending()
+        self._pending_rooms = []    # rooms whose every member has new output since then
+        self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
+        commands = COMMANDS if commands is None else commands
+        self.commands = {}      # every name of every command -> (its handler, its record)
+        for command in commands:
+            for name in (command.name,) + command.aliases:
+                self.commands[name] = (getattr(self, command.handler), command)
+        self.help = help_line(commands)
+        self.operator_help = help_line(commands, operator=True)
+        self.append = LocalSequencer(self.apply).append  # the log: entries in, applied
+        self._appliers = {kind: getattr(self, "apply_" + kind)
+                          for name, kind in vars(Entry).items() if not name.startswith("_")}
+
+    def line_handlers(self):
+        """Phase -> the method that handles a line from a connection in that phase."""
+        return {phase: getattr(self, name) for phase, name in self.LINE_HANDLERS.items()}
 
 
 # =============================================================================================
@@ -1912,14 +2002,16 @@ class MemoryStore:
     rooms      ``rooms()`` -> [RoomRecord]; ``save_room(record)``; ``drop_room(key)``
     messages   ``keep(room_key, line, text_size)`` -> its position; ``recent(room_key, count)``
                -> [line]; ``since(room_key, position, count)`` -> (missed, [line]);
-               ``search(room_key, folded, count)`` -> (found, [line]); ``position(room_key)``;
+               ``search(room_key, folded, count, done)``: ``done(found, [line])``, at once
+               (or later, for a store whose ``answers_later``); ``position(room_key)``;
                ``has_messages(room_key)``
     accounts   ``account_for(keys)`` -> the Account known by any of ``keys``, or None;
                ``save_account(account, keys)``; ``drop_account(key)`` (its waiting messages
                and positions too); ``seen(account_key, room_key)`` -> position or None (never
                there); ``save_seen(account_key, room_key, position)``
     waiting    ``wait(account_key, line, most)`` -> False if ``most`` wait already;
-               ``take_waiting(account_key)`` -> [line], which no longer wait
+               ``waiting_count(account_key)``; ``take_waiting(account_key)`` -> [line], which
+               no longer wait
     operators  ``operators()`` -> [(key, nick)]; ``save_operator(key, nick)``;
                ``drop_operator(key)``
     bans       ``bans()`` -> [Ban], oldest first; ``save_ban(ban)``; ``drop_ban(kind, value)``
@@ -1933,6 +2025,8 @@ class MemoryStore:
     casefolded. Positions grow with every message kept, in any room. Keys are what names are
     compared by (casefolded look-alike skeletons), never what is shown.
     """
+
+    answers_later = False   # every answer comes at once: nothing waits for it
 
     def __init__(self, keep=DEFAULT_KEEP):
         self._keep = keep
@@ -1978,10 +2072,10 @@ class MemoryStore:
                   if kept_at > position]
         return len(missed), missed[-count:] if count else []
 
-    def search(self, room_key, folded, count):
+    def search(self, room_key, folded, count, done):
         found = [line for _, line, size in self._messages.get(room_key, ())
                  if folded in text_of_line(line, len(line) - size - 1)]
-        return len(found), found[-count:] if count else []
+        done(len(found), found[-count:] if count else [])
 
     def position(self, room_key):
         kept = self._messages.get(room_key)
@@ -2023,6 +2117,9 @@ class MemoryStore:
             return False
         waiting.append(line)
         return True
+
+    def waiting_count(self, account_key):
+        return len(self._waiting.get(account_key, ()))
 
     def take_waiting(self, account_key):
         return self._waiting.pop(account_key, [])
@@ -2296,11 +2393,11 @@ class SQLiteStore(MemoryStore):
                           " ORDER BY id DESC LIMIT ?", (room_key, position, count))
         return missed, [bytes(line) for line, in reversed(rows)]
 
-    def search(self, room_key, folded, count):
+    def search(self, room_key, folded, count, done):
         rows = self._read("SELECT line FROM messages WHERE room = ?"
                           " AND instr(chat_text(line, text_at), ?) > 0 ORDER BY id",
                           (room_key, folded))
-        return len(rows), [bytes(line) for line, in rows[-count:]] if count else []
+        done(len(rows), [bytes(line) for line, in rows[-count:]] if count else [])
 
     def position(self, room_key):
         return self._read("SELECT coalesce(max(id), 0) FROM messages WHERE room = ?",
@@ -2340,10 +2437,11 @@ class SQLiteStore(MemoryStore):
         self._later("INSERT OR REPLACE INTO seen (account, room, position) VALUES (?, ?, ?)",
                     (account_key, room_key, position))
 
+    def waiting_count(self, account_key):
+        return self._read("SELECT count(*) FROM waiting WHERE account = ?", (account_key,))[0][0]
+
     def wait(self, account_key, line, most):
-        waiting = self._read("SELECT count(*) FROM waiting WHERE account = ?",
-                             (account_key,))[0][0]
-        if waiting >= most:
+        if self.waiting_count(account_key) >= most:
             return False
         self._later("INSERT INTO waiting (account, line) VALUES (?, ?)", (account_key, line))
         return True

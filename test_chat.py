@@ -2341,7 +2341,7 @@ class ModerationCoreTests(RoomTestCase):
 
     def test_op_and_deop(self):
         bob = self.registered("bob")
-        carol = self.peer("carol")
+        self.peer("carol")
         self.send(self.root, "/op carol")
         self.assertEqual(self.said(self.root), [not_registered("carol")])
         self.send(self.root, "/op bob")
@@ -2409,8 +2409,8 @@ class StoreTests(InMemoryTestCase):
             store.commit()
             said.append(store.recent("#main", 2))
             said.append(store.since("#main", 3, 10))
-            said.append(store.search("#main", "LINE".casefold(), 10))
-            said.append(store.search("#main", "bob", 10))   # (the text only, not the sender)
+            store.search("#main", "LINE".casefold(), 10, lambda *found: said.append(found))
+            store.search("#main", "bob", 10, lambda *found: said.append(found))   # (text only)
             said.append(store.has_messages("#ops"))
             keys = ("alice",)
             store.save_account(server.Account("alice", "alice", "hash"), keys)
@@ -4593,7 +4593,8 @@ class MemoryTests(unittest.TestCase):
         data = DataFile(self)
         first = self.server(data)
         alice = first.client().join("alice")
-        bob = first.client().join("bob")
+        bob = first.client().join("bob")   # (someone to send to, kept open)
+        self.addCleanup(bob.close)
         self.assertEqual(alice.said(), "bob connected!")
         alice.send("the last words before the power goes\n")
         self.assertEqual(alice.said(), OK)     # acknowledged: it must be in the file now
