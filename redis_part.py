@@ -768,10 +768,10 @@ class RedisConnection:
                 self._read_wants_write = True
                 break
             except OSError as exc:
-                self._lose("lost %s: %s" % (self.address.shown, exc.strerror or exc))
+                self._lose(self._gone_reason(exc))
                 return
             if not data:
-                self._lose(self._eof_reason())
+                self._lose(self._gone_reason())
                 return
             self._parser.feed(data)
             if not self._take_replies():
@@ -784,11 +784,15 @@ class RedisConnection:
                 break
         self._update_interest()
 
-    def _eof_reason(self):
+    def _gone_reason(self, exc=None):
+        """Why the connection ended, ``exc`` being the error (None: the end of its input)."""
+        shown = self.address.shown
         if self.state is RedisState.STARTING and self._tls_context is None:
-            return ("%s closed the connection before answering (a TLS port? then rediss://)"
-                    % self.address.shown)
-        return "%s closed the connection" % self.address.shown
+            # Redis's TLS port closes (or resets) a plain-text connection at once.
+            return "%s closed the connection before answering (a TLS port? then rediss://)" % shown
+        if exc is None:
+            return "%s closed the connection" % shown
+        return "lost %s: %s" % (shown, exc.strerror or exc)
 
     def _take_replies(self):
         """Hand every whole reply to its command; False once the connection is closed."""
@@ -863,7 +867,7 @@ class RedisConnection:
             count = 0
             self._write_wants_read = True
         except OSError as exc:
-            self._lose("lost %s: %s" % (self.address.shown, exc.strerror or exc))
+            self._lose(self._gone_reason(exc))
             return
         self._sent_bytes += count
         # A TLS write that must be retried is retried with the same bytes first (OpenSSL's rule).
@@ -900,7 +904,8 @@ class RedisConnection:
         if self.state is RedisState.CONNECTING:
             return "cannot connect to %s: no answer within %g s" % (shown, seconds)
         if self.state is RedisState.TLS:
-            return "TLS with %s failed: no answer within %g s" % (shown, seconds)
+            return ("TLS with %s failed: no answer within %g s (a plain-text port? then redis://)"
+                    % (shown, seconds))
         return "%s did not answer within %g s" % (shown, seconds)
 
     # -- closing --------------------------------------------------------------------------------
