@@ -44,7 +44,7 @@ REDIS_TIMEOUT = 3.0            # seconds a command (or connecting) may take befo
 REDIS_RECONNECT_FIRST = 0.1    # the first wait before connecting again, doubled after each failure
 REDIS_RECONNECT_MAX = 2.0      # ...up to this
 REDIS_READ_SIZE = 256 * 1024   # one recv(): a big XREAD batch in few system calls
-REDIS_READS_PER_EVENT = 16     # then the loop's other sockets get their turn (4 MiB at most)
+REDIS_READ_BUDGET = 4 * 1024 * 1024  # read per event at most; then the other sockets' turn
 RESP_MAX_LINE = 1024 * 1024    # a header, status or error line; garbage without CRLF ends here
 RESP_MAX_BULK = 512 * 1024 * 1024  # Redis's own proto-max-bulk-len
 
@@ -451,7 +451,7 @@ class RedisCommand:
     None), and ``written``: False when no whole copy of it ever left this process, so Redis
     certainly did not run it; True when it may have. ``send_again`` gives it to a new
     connection with the same callback."""
-    __slots__ = ("args", "callback", "script", "seq", "deadline", "end", "retried", "reply",
+    __slots__ = ("args", "callback", "script", "deadline", "end", "retried", "reply",
                  "answered", "internal", "written")
 
     def __init__(self, args, callback, script=None, internal=False):
@@ -462,7 +462,7 @@ class RedisCommand:
         self.retried = False      # sent again after NOSCRIPT
         self.answered = False     # its reply is in ``reply``, its callback not yet called
         self.reply = None
-        self.seq = self.deadline = self.end = 0
+        self.deadline = self.end = 0
         self.written = False
 
     def send_again(self, target):
@@ -527,10 +527,10 @@ class RedisConnection:
         self._read_wants_write = self._write_wants_read = False  # TLS, see _read and _write
         self._queued_bytes = 0       # every byte ever queued, and every byte send() took:
         self._sent_bytes = 0         # ...a command is written once _sent_bytes passes its end
-        self._wire = collections.deque()   # commands awaiting a reply, in the order sent
-        self._held = collections.deque()   # answered commands waiting for a retried one before
-        self._seq = 0                      # ...them (NOSCRIPT), in the order the owner sent
-        self._last_deadline = 0.0
+        self._wire = collections.deque()  # commands awaiting a reply, in the order sent
+        # Commands whose callbacks wait for a retried script sent before them (NOSCRIPT): the
+        # retried ones and those answered since, in the order the owner sent them.
+        self._held = collections.deque()
         self._loaded = set()         # scripts loaded (or being loaded) on this connection
         self._load_errors = {}       # sha -> the error SCRIPT LOAD gave (a script that can't load)
         self._late = None            # commands sent while closing, for on_lost's list
@@ -593,8 +593,6 @@ class RedisConnection:
         if self._late is not None:
             self._late.append(command)
             return
-        self._seq += 1
-        command.seq = self._seq
         self._put_on_wire(command)
 
     def _put_on_wire(self, command):
@@ -603,15 +601,10 @@ class RedisConnection:
         self._out.append(data)
         self._queued_bytes += len(data)
         command.end = self._queued_bytes
-        # Replies come in order, so a command can't be answered before the ones ahead of it:
-        # its deadline is never earlier than theirs (a long XREAD BLOCK ahead of it).
-        deadline = self._loop.monotonic() + self.timeout + blocked
-        if deadline < self._last_deadline:
-            deadline = self._last_deadline
-        command.deadline = self._last_deadline = deadline
+        command.deadline = self._loop.monotonic() + self.timeout + blocked
         self._wire.append(command)
         if self._timer is None:
-            self._arm(deadline)
+            self._arm(command.deadline)
 
     def _queue_internal(self, args, callback):
         self._put_on_wire(RedisCommand(args, callback, internal=True))
@@ -757,7 +750,8 @@ class RedisConnection:
     def _read(self):
         self._read_wants_write = False
         sock = self._sock
-        reads = 0
+        tls = self._tls_context is not None
+        budget = REDIS_READ_BUDGET
         while True:
             try:
                 data = sock.recv(REDIS_READ_SIZE)
@@ -776,11 +770,13 @@ class RedisConnection:
             self._parser.feed(data)
             if not self._take_replies():
                 return
-            reads += 1
+            budget -= len(data)
             # Bytes TLS has already decrypted never wake the loop's select(): take them now.
-            if self._tls_context is not None and sock.pending():
+            if tls and sock.pending():
                 continue
-            if len(data) < REDIS_READ_SIZE or reads >= REDIS_READS_PER_EVENT:
+            # A short plain read has emptied the kernel's buffer. TLS gives one record (16 KiB)
+            # a read, however much is there: it reads on until it wants more bytes.
+            if budget <= 0 or (not tls and len(data) < REDIS_READ_SIZE):
                 break
         self._update_interest()
 
@@ -928,9 +924,10 @@ class RedisConnection:
             self._timer.cancel()
             self._timer = None
         self._drop_socket()
+        # In the order sent: a retried script was sent before every command still on the wire
+        # but its own retry (those before it were answered before its NOSCRIPT came).
         unanswered = [c for c in self._held if not c.answered]
         unanswered += [c for c in self._wire if not c.internal and not c.retried]
-        unanswered.sort(key=lambda command: command.seq)
         for command in unanswered:
             command.written = command.end <= self._sent_bytes
         answered = [c for c in self._held if c.answered]
