@@ -90,12 +90,6 @@ class RedisError(Exception):
         self.message = message
         self.code = message.split(" ", 1)[0]
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other.message == self.message
-
-    def __hash__(self):
-        return hash(self.message)
-
     def __repr__(self):
         return "RedisError(%r)" % self.message
 
@@ -323,10 +317,6 @@ class RedisAddress:
     def __repr__(self):
         return "RedisAddress(%s)" % self.shown
 
-    def __eq__(self, other):
-        return isinstance(other, RedisAddress) and all(
-            getattr(self, name) == getattr(other, name) for name in self.__slots__)
-
 
 def redact_redis_url(url):
     """``url`` fit for a message: without its password, even when it is not a valid URL."""
@@ -536,10 +526,6 @@ class RedisConnection:
         self._late = None            # commands sent while closing, for on_lost's list
 
     # -- the owner's side -----------------------------------------------------------------------
-    @property
-    def ready(self):
-        return self.state is RedisState.READY
-
     def start(self):
         """Begin connecting. Failures are reported through on_lost, from the loop."""
         self._ready_deadline = self._loop.monotonic() + self.timeout
