@@ -490,8 +490,8 @@ class RedisConnection:
     RedisCommands whose callbacks were not called, in the order they were sent. A command Redis
     has not answered within ``timeout`` seconds (an XREAD BLOCK: its block time more) ends the
     connection: a late reply could no longer be matched to its command with certainty.
-    Callbacks are only ever called from the loop's events and timers, never from inside a call
-    the owner makes. An exception raised by one of the owner's callbacks closes the connection
+    Callbacks are called from the loop's events and timers, not from inside the owner's calls
+    (but see close). An exception raised by one of the owner's callbacks closes the connection
     (``on_lost`` says so) and goes on up to the loop: a bug is not a Redis problem to hide.
     """
 
@@ -562,7 +562,9 @@ class RedisConnection:
             self._write()
 
     def close(self):
-        """Close now, without on_lost; returns the unanswered commands (as on_lost would)."""
+        """Close now, without on_lost; returns the unanswered commands (as on_lost would).
+        Replies held back behind a script being run again (see evalsha) are delivered first:
+        the one case where a callback is called from inside a call of the owner's."""
         if self.state is RedisState.CLOSED:
             return []
         return self._shut()
@@ -717,8 +719,8 @@ class RedisConnection:
             else:
                 if readable or (writable and self._read_wants_write):
                     self._read()
-                if self.state is not RedisState.CLOSED and (
-                        writable or (readable and self._write_wants_read)):
+                if (self.state is not RedisState.CLOSED and (self._out or self._unsent)
+                        and (writable or (readable and self._write_wants_read))):
                     self._write()
         except Exception as exc:
             self._lose_for_bug(exc)
@@ -986,8 +988,9 @@ class RedisLink:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        current, self._current, self.connection = self._current, None, None
-        return current.close() if current is not None else []
+        unanswered = self._current.close() if self._current is not None else []
+        self._current = self.connection = None
+        return unanswered
 
     def _ready_connection(self):
         if self.connection is None:

@@ -7713,8 +7713,15 @@ class FakeRedis:
 
     def accept_and_read(self, loop, expect):
         """Accept the client, turning its loop, until it has sent ``expect``."""
-        self.listener.settimeout(DEADLINE)
-        self.peer, _ = self.listener.accept()
+        self.listener.setblocking(False)
+
+        def accepted():
+            try:
+                self.peer, _ = self.listener.accept()
+            except BlockingIOError:
+                return False
+            return True
+        loop.run_until(accepted, "the client to connect")
         self.peer.setblocking(False)
         return self.read(loop, expect)
 
@@ -8172,7 +8179,8 @@ class RedisConnectionTests(unittest.TestCase):
         reader, reader_events = ready_link(self, self.loop, redis.url, timeout=1.0)
         entries = []
         reader.send(("XREAD", "BLOCK", 5000, "STREAMS", "room", "$"), entries.append)
-        self.loop.run_for(0.2)  # the XREAD is waiting in Redis now
+        self.loop.run_until(lambda: "blocked_clients:1" in redis.cli("INFO", "clients"),
+                            "the XREAD to wait in Redis")
         # The writer's commands are not held up by the blocked reader.
         started = time.monotonic()
         for _ in range(100):
@@ -8206,7 +8214,7 @@ class RedisConnectionTests(unittest.TestCase):
         redis.pause()  # so that these stay unanswered when it dies
         link.send(("INCR", "a"), self.fail)
         link.send(("INCR", "b"), self.fail)
-        self.loop.run_for(0.1)
+        self.loop.turn()  # its flush: both are sent
         redis.kill()
         self.loop.run_until(lambda: events.lost, "the loss")
         reason, unanswered, _ = events.lost[0]
@@ -8366,6 +8374,20 @@ class RedisConnectionTests(unittest.TestCase):
         self.assertEqual([(c.args[0], c.written) for c in unanswered],
                          [("EVALSHA", True), ("GET", True)])
         self.assertEqual(unanswered[0].script, COUNTER_SCRIPT.encode())
+
+    def test_a_redis_still_loading_its_data_is_tried_again(self):
+        fake = FakeRedis(self)
+        link, events = open_link(self, self.loop, fake.url)
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
+        self.loop.run_until(lambda: events.lost, "the refusal")
+        self.assertEqual(events.lost[0][0], "redis://127.0.0.1:%d/0 is not serving: LOADING Redis "
+                         "is loading the dataset in memory" % fake.port)
+        self.assertEqual(link.retry_in, 0.1)
+        fake.peer.close()
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"+PONG\r\n")
+        self.loop.run_until(lambda: events.ready, "the link to be ready")
 
     def test_closed_before_answering(self):
         fake = FakeRedis(self)
