@@ -7401,7 +7401,7 @@ def ready_link(test, loop, url, **options):
     return link, events
 
 
-def call(loop, link, *args):
+def redis_call(loop, link, *args):
     """One command's reply, the loop turning until it comes."""
     replies = []
     link.send(args, replies.append)
@@ -8040,18 +8040,18 @@ class RedisConnectionTests(unittest.TestCase):
         redis = RedisServer(self)
         link, _ = ready_link(self, self.loop, redis.url)
         module = redis_part()
-        self.assertEqual(call(self.loop, link, "SET", "k", b"\x00v\r\n"), "OK")
-        self.assertEqual(call(self.loop, link, "GET", "k"), b"\x00v\r\n")
-        self.assertIsNone(call(self.loop, link, "GET", "missing"))
-        self.assertEqual(call(self.loop, link, "INCRBY", "n", -3), -3)
-        self.assertEqual(call(self.loop, link, "LRANGE", "nothing", 0, -1), [])
-        call(self.loop, link, "RPUSH", "l", "a", "b")
-        self.assertEqual(call(self.loop, link, "LRANGE", "l", 0, -1), [b"a", b"b"])
-        error = call(self.loop, link, "INCR", "k")
+        self.assertEqual(redis_call(self.loop, link, "SET", "k", b"\x00v\r\n"), "OK")
+        self.assertEqual(redis_call(self.loop, link, "GET", "k"), b"\x00v\r\n")
+        self.assertIsNone(redis_call(self.loop, link, "GET", "missing"))
+        self.assertEqual(redis_call(self.loop, link, "INCRBY", "n", -3), -3)
+        self.assertEqual(redis_call(self.loop, link, "LRANGE", "nothing", 0, -1), [])
+        redis_call(self.loop, link, "RPUSH", "l", "a", "b")
+        self.assertEqual(redis_call(self.loop, link, "LRANGE", "l", 0, -1), [b"a", b"b"])
+        error = redis_call(self.loop, link, "INCR", "k")
         self.assertIsInstance(error, module.RedisError)
         self.assertEqual(error.code, "ERR")
         # An error reply to one command leaves the connection as it was.
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
         self.assertEqual(redis.cli("GET", "n"), "-3")
 
     def test_ten_thousand_pipelined_commands_answered_in_order(self):
@@ -8073,8 +8073,8 @@ class RedisConnectionTests(unittest.TestCase):
         redis = RedisServer(self)
         link, _ = ready_link(self, self.loop, redis.url)
         value = os.urandom(8 * 1024 * 1024)
-        self.assertEqual(call(self.loop, link, "SET", "big", value), "OK")
-        self.assertTrue(call(self.loop, link, "GET", "big") == value)
+        self.assertEqual(redis_call(self.loop, link, "SET", "big", value), "OK")
+        self.assertTrue(redis_call(self.loop, link, "GET", "big") == value)
 
     def test_a_script_is_loaded_once_then_run_by_its_sha(self):
         redis = RedisServer(self)
@@ -8125,7 +8125,7 @@ class RedisConnectionTests(unittest.TestCase):
         error = self._evalsha(link, "return +", [], [])
         self.assertIsInstance(error, module.RedisError)
         self.assertIn("Error compiling script", error.message)
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
         self.assertEqual(events.lost, [])
 
     def _evalsha(self, link, script, keys, args):
@@ -8138,7 +8138,7 @@ class RedisConnectionTests(unittest.TestCase):
         redis = RedisServer(self, password="right horse")
         quoted = "right%20horse"
         link, _ = ready_link(self, self.loop, "redis://:%s@127.0.0.1:%d" % (quoted, redis.port))
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
         for url, words in (("redis://:wrong@127.0.0.1:%d" % redis.port,
                             "refused the password: WRONGPASS"),
                            ("redis://127.0.0.1:%d" % redis.port,
@@ -8156,8 +8156,8 @@ class RedisConnectionTests(unittest.TestCase):
         redis.cli("ACL", "SETUSER", "alice", "on", ">alice's password", "~*", "&*", "+@all")
         url = "redis://alice:alice's%%20password@127.0.0.1:%d/3" % redis.port
         link, _ = ready_link(self, self.loop, url)
-        self.assertEqual(call(self.loop, link, "ACL", "WHOAMI"), b"alice")
-        call(self.loop, link, "SET", "where", "three")
+        self.assertEqual(redis_call(self.loop, link, "ACL", "WHOAMI"), b"alice")
+        redis_call(self.loop, link, "SET", "where", "three")
         self.assertEqual(redis.cli("-n", "3", "GET", "where"), "three")
         self.assertEqual(redis.cli("GET", "where"), "")
 
@@ -8184,10 +8184,10 @@ class RedisConnectionTests(unittest.TestCase):
         # The writer's commands are not held up by the blocked reader.
         started = time.monotonic()
         for _ in range(100):
-            self.assertEqual(call(self.loop, writer, "PING"), "PONG")
+            self.assertEqual(redis_call(self.loop, writer, "PING"), "PONG")
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual(entries, [])
-        entry_id = call(self.loop, writer, "XADD", "room", "*", "text", "hello")
+        entry_id = redis_call(self.loop, writer, "XADD", "room", "*", "text", "hello")
         self.loop.run_until(lambda: entries, "the XREAD reply")
         self.assertEqual(entries[0], [[b"room", [[entry_id, [b"text", b"hello"]]]]])
         self.assertEqual(reader_events.lost, [])
@@ -8206,7 +8206,7 @@ class RedisConnectionTests(unittest.TestCase):
         self.assertEqual(events.lost, [])
         with self.assertRaises(ValueError):
             link.send(("XREAD", "BLOCK", 0, "STREAMS", "quiet", "$"), replies.append)
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
 
     def test_redis_killed_then_back(self):
         redis = RedisServer(self)
@@ -8245,10 +8245,10 @@ class RedisConnectionTests(unittest.TestCase):
     def test_a_restart_keeps_the_data_and_the_link_comes_back(self):
         redis = RedisServer(self)
         link, events = ready_link(self, self.loop, redis.url)
-        self.assertEqual(call(self.loop, link, "XADD", "log", "1-1", "text", "kept"), b"1-1")
+        self.assertEqual(redis_call(self.loop, link, "XADD", "log", "1-1", "text", "kept"), b"1-1")
         redis.restart()
         self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
-        self.assertEqual(call(self.loop, link, "XRANGE", "log", "-", "+"),
+        self.assertEqual(redis_call(self.loop, link, "XRANGE", "log", "-", "+"),
                          [[b"1-1", [b"text", b"kept"]]])
 
     def test_redis_paused_longer_than_the_deadline(self):
@@ -8268,7 +8268,7 @@ class RedisConnectionTests(unittest.TestCase):
         self.assertEqual(events.lost[1][0], "%s/0 did not answer within 1 s" % redis.url)
         redis.resume()
         self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
 
     def test_nothing_listening(self):
         port = free_port()
@@ -8280,14 +8280,14 @@ class RedisConnectionTests(unittest.TestCase):
     def test_a_host_name_with_two_addresses_tries_both(self):
         redis = RedisServer(self)  # on 127.0.0.1 only; "localhost" is ::1 too, on most systems
         link, _ = ready_link(self, self.loop, "redis://localhost:%d" % redis.port)
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
 
     def test_network_cut_is_noticed_then_healed(self):
         redis = RedisServer(self)
         proxy = TcpProxy(self, redis.port)
         url = "redis://127.0.0.1:%d" % proxy.port
         link, events = ready_link(self, self.loop, url, timeout=1.0)
-        self.assertEqual(call(self.loop, link, "SET", "before", "cut"), "OK")
+        self.assertEqual(redis_call(self.loop, link, "SET", "before", "cut"), "OK")
         proxy.cut()
         sent = time.monotonic()
         link.send(("SET", "during", "cut"), self.fail)
@@ -8299,7 +8299,7 @@ class RedisConnectionTests(unittest.TestCase):
         self.loop.run_until(lambda: len(events.lost) >= 2, "an attempt to fail while cut")
         proxy.heal()
         self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
-        self.assertEqual(call(self.loop, link, "GET", "before"), b"cut")
+        self.assertEqual(redis_call(self.loop, link, "GET", "before"), b"cut")
 
     def test_a_callback_that_raises_closes_the_connection_and_is_not_hidden(self):
         redis = RedisServer(self)
@@ -8403,15 +8403,15 @@ class RedisConnectionTests(unittest.TestCase):
         certificates = redis_test_certificates()
         redis = RedisServer(self, password="pw", tls=certificates)
         link, events = ready_link(self, self.loop, redis.url, ca_file=certificates[2])
-        self.assertEqual(call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
         replies = []
         for _ in range(1000):
             link.send(("INCR", "n"), replies.append)
         self.loop.run_until(lambda: len(replies) == 1000, "1000 replies over TLS")
         self.assertEqual(replies, list(range(1, 1001)))
         value = os.urandom(4 * 1024 * 1024)
-        self.assertEqual(call(self.loop, link, "SET", "big", value), "OK")
-        self.assertTrue(call(self.loop, link, "GET", "big") == value)
+        self.assertEqual(redis_call(self.loop, link, "SET", "big", value), "OK")
+        self.assertTrue(redis_call(self.loop, link, "GET", "big") == value)
         self.assertEqual(events.lost, [])
 
     def test_what_tls_has_decrypted_is_read_though_select_does_not_see_it(self):
@@ -8423,9 +8423,9 @@ class RedisConnectionTests(unittest.TestCase):
         redis = RedisServer(self, tls=certificates)
         link, _ = ready_link(self, self.loop, redis.url, module=module, ca_file=certificates[2])
         value = b"v" * 100000
-        self.assertEqual(call(self.loop, link, "SET", "k", value), "OK")
+        self.assertEqual(redis_call(self.loop, link, "SET", "k", value), "OK")
         for _ in range(3):
-            self.assertEqual(call(self.loop, link, "GET", "k"), value)
+            self.assertEqual(redis_call(self.loop, link, "GET", "k"), value)
 
     def test_rediss_with_an_authority_that_did_not_sign_it(self):
         certificates = redis_test_certificates()
