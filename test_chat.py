@@ -7291,6 +7291,8 @@ def redis_part():
 # ---------------------------------------------------------------------------------------------
 
 class LoopTimer:
+    """What TestLoop.call_later returns: a callback at a time, until cancelled."""
+
     def __init__(self, due, callback):
         self.due = due
         self.callback = callback
@@ -7314,9 +7316,7 @@ class TestLoop:
     def watch(self, sock, readable, writable, handler):
         events = ((selectors.EVENT_READ if readable else 0)
                   | (selectors.EVENT_WRITE if writable else 0))
-        if not events:
-            self.unwatch(sock)
-        elif sock in self.selector.get_map():
+        if sock in self.selector.get_map():
             self.selector.modify(sock, events, handler)
         else:
             self.selector.register(sock, events, handler)
