@@ -8408,6 +8408,1294 @@ class HardeningTests(unittest.TestCase):
 
 
 # =============================================================================================
+# 8b. The Redis client (redis_part.py, to be merged into chat_server.py)
+# =============================================================================================
+#
+# The parser, the encoder and the URLs in memory (python3 test_chat.py unit); the connection
+# against a real redis-server that each test starts on a free port in a folder of its own, and
+# stops. Without redis-server installed those tests are skipped, saying so, unless
+# CHAT_REDIS_REQUIRED=1 (CI), where they fail.
+
+REDIS_MODULE = "redis_part"   # after the merge: "chat_server"
+
+
+def redis_part():
+    return load_module(REDIS_MODULE)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8b.1 Fixtures: the loop interface on a selector, a real redis-server, a proxy that can cut the
+# network, certificates from a CA of the tests' own, a fake Redis that says what the test wants.
+# ---------------------------------------------------------------------------------------------
+
+class LoopTimer:
+    """What TestLoop.call_later returns: a callback at a time, until cancelled."""
+
+    def __init__(self, due, callback):
+        self.due = due
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class TestLoop:
+    """The loop interface the Redis client asks of the server (watch, unwatch, call_later,
+    monotonic) on a selector, with the server's turn: every owner's flush, then select until
+    the earliest timer, the handlers of the ready sockets, the timers that are due."""
+
+    def __init__(self, test):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []
+        self.flushers = []     # the owners' flush(), called once per turn before select
+        test.addCleanup(self.selector.close)
+
+    def watch(self, sock, readable, writable, handler):
+        events = ((selectors.EVENT_READ if readable else 0)
+                  | (selectors.EVENT_WRITE if writable else 0))
+        if sock in self.selector.get_map():
+            self.selector.modify(sock, events, handler)
+        else:
+            self.selector.register(sock, events, handler)
+
+    def unwatch(self, sock):
+        if sock in self.selector.get_map():
+            self.selector.unregister(sock)
+
+    def call_later(self, seconds, callback):
+        timer = LoopTimer(time.monotonic() + seconds, callback)
+        self.timers.append(timer)
+        return timer
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def turn(self, longest=0.05):
+        for flush in list(self.flushers):
+            flush()
+        self.timers = [t for t in self.timers if not t.cancelled]
+        wait = longest
+        if self.timers:
+            wait = max(0.0, min(wait, min(t.due for t in self.timers) - time.monotonic()))
+        key_map = self.selector.get_map()
+        for key, events in self.selector.select(wait):
+            if key_map.get(key.fd) is key:  # not unwatched by a handler earlier in this turn
+                key.data(bool(events & selectors.EVENT_READ),
+                         bool(events & selectors.EVENT_WRITE))
+        now = time.monotonic()
+        for timer in sorted((t for t in self.timers if t.due <= now), key=lambda t: t.due):
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+
+    def run_until(self, condition, what, deadline=DEADLINE):
+        end = time.monotonic() + deadline
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > end:
+                raise AssertionError("timed out waiting for " + what)
+            self.turn()
+
+    def run_for(self, seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.turn(min(0.05, max(0.0, end - time.monotonic())))
+
+
+class RedisEvents:
+    """What a connection or a link told its owner, in order."""
+
+    def __init__(self):
+        self.ready = 0
+        self.lost = []          # (reason, unanswered, when)
+
+    def on_ready(self):
+        self.ready += 1
+
+    def on_lost(self, reason, unanswered):
+        self.lost.append((reason, unanswered, time.monotonic()))
+
+    def reasons(self):
+        return [reason for reason, _, _ in self.lost]
+
+
+def open_link(test, loop, url, module=None, **options):
+    """A RedisLink on ``loop`` with its events recorded, closed after the test."""
+    events = RedisEvents()
+    link = (module or redis_part()).RedisLink(loop, url, events.on_ready, events.on_lost,
+                                              **options)
+    loop.flushers.append(link.flush)
+    test.addCleanup(link.close)
+    return link, events
+
+
+def ready_link(test, loop, url, **options):
+    link, events = open_link(test, loop, url, **options)
+    loop.run_until(lambda: events.ready or events.lost, "the link to be ready")
+    test.assertEqual((events.ready, events.reasons()), (1, []))
+    return link, events
+
+
+def redis_call(loop, link, *args):
+    """One command's reply, the loop turning until it comes."""
+    replies = []
+    link.send(args, replies.append)
+    loop.run_until(lambda: replies, "the reply to %r" % (args,))
+    return replies[0]
+
+
+def require_redis_server():
+    """The redis-server command. Where it is missing the test is skipped, or fails under
+    CHAT_REDIS_REQUIRED=1 (CI must not pass by skipping what it is there to test)."""
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    if os.environ.get("CHAT_REDIS_REQUIRED") == "1":
+        raise AssertionError("redis-server is not installed, and CHAT_REDIS_REQUIRED=1")
+    raise unittest.SkipTest("redis-server is not installed (Debian: apt-get install "
+                            "redis-server); CHAT_REDIS_REQUIRED=1 makes this a failure")
+
+
+class RedisServer:
+    """A redis-server of the test's own: a free port, a temporary folder for its append-only
+    file, optionally a password, or TLS instead of plain text (``tls``: certificate, key and CA
+    files). The test can stop, kill, pause and restart it (same port, same folder); it is
+    stopped after the test whatever happens, and the folder removed."""
+
+    def __init__(self, test, password=None, tls=None):
+        self.command = require_redis_server()
+        self.folder = tempfile.mkdtemp(prefix="chat-redis-")
+        test.addCleanup(shutil.rmtree, self.folder, True)
+        test.addCleanup(self.stop)  # (cleanups run last first: stopped, then removed)
+        self.port = free_port()
+        self.password = password
+        self.tls = tls
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        secret = ":%s@" % self.password if self.password else ""
+        return "%s://%s127.0.0.1:%d" % ("rediss" if self.tls else "redis", secret, self.port)
+
+    def arguments(self):
+        arguments = [self.command, "--save", "", "--appendonly", "yes", "--dir", self.folder,
+                     "--bind", "127.0.0.1", "--daemonize", "no",
+                     "--logfile", os.path.join(self.folder, "redis.log")]
+        if self.tls:
+            cert, key, ca = self.tls
+            arguments += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                          "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                          "--tls-auth-clients", "no"]
+        else:
+            arguments += ["--port", str(self.port)]
+        if self.password:
+            arguments += ["--requirepass", self.password]
+        return arguments
+
+    def start(self):
+        self.proc = subprocess.Popen(self.arguments(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, "redis-server to answer PING on port %d" % self.port)
+
+    def answers(self):
+        """True once it answers PING (NOAUTH is an answer too); fails if it exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError("redis-server exited with %s: %s"
+                                 % (self.proc.returncode, self.log_tail()))
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+        except OSError:
+            return False
+        try:
+            if self.tls:
+                import ssl
+                context = ssl.create_default_context(cafile=self.tls[2])
+                sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+            sock.sendall(b"PING\r\n")
+            answer = sock.recv(100)
+        except OSError:
+            return False
+        finally:
+            sock.close()
+        return answer.startswith((b"+PONG", b"-NOAUTH"))
+
+    def log_tail(self):
+        try:
+            with open(os.path.join(self.folder, "redis.log"), errors="replace") as f:
+                return " | ".join(f.read().splitlines()[-5:])
+        except OSError:
+            return "(no log)"
+
+    def cli(self, *args):
+        """A command through redis-cli, the reference client: its output, stripped."""
+        command = ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--no-auth-warning"]
+        if self.password:
+            command += ["-a", self.password]
+        if self.tls:
+            command += ["--tls", "--cacert", self.tls[2]]
+        done = subprocess.run(command + [str(a) for a in args], capture_output=True,
+                              text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise AssertionError("redis-cli %s: %s" % (args, done.stderr))
+        return done.stdout.strip()
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(DEADLINE)
+
+    def stop(self):
+        """SIGTERM (it writes its append-only file and exits), SIGKILL if it will not."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)  # a paused server can't stop
+        self.proc.terminate()
+        try:
+            self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(DEADLINE)
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+
+_redis_certificates = {}
+
+
+def redis_test_certificates():
+    """(certificate, key, CA certificate) for a TLS redis-server on 127.0.0.1: a throwaway CA of
+    the tests' own and a server certificate it signed, made once per run with openssl (the test
+    is skipped without it). The client verifies the server against the CA, as with --redis-ca."""
+    if _redis_certificates:
+        return _redis_certificates["files"]
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise unittest.SkipTest("needs the openssl command for a test CA")
+    folder = tempfile.mkdtemp(prefix="chat-redis-ca-")
+    atexit.register(shutil.rmtree, folder, True)
+
+    def path(name):
+        return os.path.join(folder, name)
+    with open(path("server.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                "authorityKeyIdentifier=keyid\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for command in (
+            ["req", "-x509"] + ec + ["-days", "2", "-subj", "/CN=chat test CA",
+                                     "-addext", "basicConstraints=critical,CA:TRUE",
+                                     "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                                     "-keyout", path("ca.key"), "-out", path("ca.pem")],
+            ["req"] + ec + ["-subj", "/CN=localhost", "-keyout", path("server.key"),
+                            "-out", path("server.csr")],
+            ["x509", "-req", "-in", path("server.csr"), "-CA", path("ca.pem"),
+             "-CAkey", path("ca.key"), "-set_serial", "2", "-days", "2",
+             "-extfile", path("server.ext"), "-out", path("server.pem")]):
+        subprocess.run([openssl] + command, check=True, capture_output=True)
+    _redis_certificates["files"] = (path("server.pem"), path("server.key"), path("ca.pem"))
+    return _redis_certificates["files"]
+
+
+class TcpProxy:
+    """A TCP forwarder to 127.0.0.1:``target_port`` that the test controls, for network faults.
+    ``cut()`` stops forwarding both ways without closing anything: both ends wait, as behind a
+    network that lost its route. ``heal()`` forwards again, and what was sent meanwhile
+    arrives, as TCP would deliver it. A thread of its own; stopped after the test."""
+
+    BUFFER_LIMIT = 1024 * 1024   # read no more from one side while this much waits for the other
+
+    def __init__(self, test, target_port):
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._peer = {}           # socket -> the socket at the other end of its pair
+        self._waiting = {}        # socket -> bytes to write to it
+        self._forwarding = True
+        self._stopping = False
+        self._asked = self._done = 0   # changes asked of the thread, and changes it made
+        self._changed = threading.Condition()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        test.addCleanup(self.stop)
+
+    def cut(self):
+        self._change(forwarding=False)
+
+    def heal(self):
+        self._change(forwarding=True)
+
+    def stop(self):
+        if self._thread.is_alive():
+            self._change(stopping=True)
+            self._thread.join(DEADLINE)
+        for sock in list(self._peer) + [self.listener, self._wake_read, self._wake_write]:
+            sock.close()
+
+    def _change(self, forwarding=None, stopping=False):
+        """Ask the thread, and return once it has done it: after cut(), nothing more passes."""
+        with self._changed:
+            if forwarding is not None:
+                self._forwarding = forwarding
+            self._stopping = self._stopping or stopping
+            self._asked += 1
+            asked = self._asked
+            self._wake_write.send(b"x")
+            if not self._changed.wait_for(lambda: self._done >= asked, DEADLINE):
+                raise AssertionError("the proxy thread did not answer")
+
+    def _run(self):
+        selector = self._selector
+        selector.register(self.listener, selectors.EVENT_READ)
+        selector.register(self._wake_read, selectors.EVENT_READ)
+        while True:
+            with self._changed:
+                forwarding, stopping, asked = self._forwarding, self._stopping, self._asked
+            if stopping:
+                break
+            self._set_interest(selector, forwarding)
+            with self._changed:
+                self._done = asked
+                self._changed.notify_all()
+            for key, events in selector.select(0.5):
+                sock = key.fileobj
+                if sock is self.listener:
+                    self._accept()
+                elif sock is self._wake_read:
+                    sock.recv(100)
+                elif sock in self._peer:
+                    self._pass(sock, events)
+        with self._changed:
+            self._done = self._asked
+            self._changed.notify_all()
+        selector.close()
+
+    def _accept(self):
+        try:
+            client, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=DEADLINE)
+        for sock in (client, upstream):
+            sock.setblocking(False)
+            self._waiting[sock] = b""
+        self._peer[client], self._peer[upstream] = upstream, client
+        self.accepted += 1
+
+    def _set_interest(self, selector, forwarding):
+        for sock, peer in self._peer.items():
+            events = 0
+            if forwarding and len(self._waiting[peer]) < self.BUFFER_LIMIT:
+                events |= selectors.EVENT_READ
+            if forwarding and self._waiting[sock]:
+                events |= selectors.EVENT_WRITE
+            registered = sock in selector.get_map()
+            if events and registered:
+                selector.modify(sock, events)
+            elif events:
+                selector.register(sock, events)
+            elif registered:
+                selector.unregister(sock)
+
+    def _pass(self, sock, events):
+        peer = self._peer[sock]
+        try:
+            if events & selectors.EVENT_READ:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError
+                self._waiting[peer] += data
+            if events & selectors.EVENT_WRITE and self._waiting[sock]:
+                sent = sock.send(self._waiting[sock])
+                self._waiting[sock] = self._waiting[sock][sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            # One end went: so does the other (as a router passes a FIN or RST on).
+            for end in (sock, peer):
+                self._peer.pop(end, None)
+                self._waiting.pop(end, None)
+                if end in self._selector.get_map():
+                    self._selector.unregister(end)
+                end.close()
+
+
+class FakeRedis:
+    """A listening socket where the test plays Redis, saying exactly what it wants to."""
+
+    def __init__(self, test):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.url = "redis://127.0.0.1:%d" % self.port
+        self.peer = None
+        test.addCleanup(self.close)
+
+    def accept_and_read(self, loop, expect):
+        """Accept the client, turning its loop, until it has sent ``expect``."""
+        self.listener.setblocking(False)
+
+        def accepted():
+            try:
+                self.peer, _ = self.listener.accept()
+            except BlockingIOError:
+                return False
+            return True
+        loop.run_until(accepted, "the client to connect")
+        self.peer.setblocking(False)
+        return self.read(loop, expect)
+
+    def read(self, loop, expect):
+        """What the client sends, turning its loop, until it has sent ``expect``."""
+        received = [b""]
+
+        def arrived():
+            try:
+                received[0] += self.peer.recv(65536)
+            except BlockingIOError:
+                pass
+            return expect in received[0]
+        loop.run_until(arrived, "the client to send %r" % expect)
+        return received[0]
+
+    def close(self):
+        if self.peer is not None:
+            self.peer.close()
+        self.listener.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8b.2 The parser, the encoder and the URLs in memory.
+# ---------------------------------------------------------------------------------------------
+
+# Every type, nulls, empty and nested arrays, errors, binary bulk strings: (bytes, reply).
+RESP_SAMPLES = [
+    (b"+OK\r\n", "OK"),
+    (b"+\r\n", ""),
+    (b"-ERR unknown command 'FOO'\r\n", "error:ERR unknown command 'FOO'"),
+    (b"-NOSCRIPT No matching script. Please use EVAL.\r\n",
+     "error:NOSCRIPT No matching script. Please use EVAL."),
+    (b":0\r\n", 0),
+    (b":-12\r\n", -12),
+    (b":9223372036854775807\r\n", 9223372036854775807),
+    (b"$0\r\n\r\n", b""),
+    (b"$5\r\nhello\r\n", b"hello"),
+    (b"$6\r\na\r\nb\x00\xff\r\n", b"a\r\nb\x00\xff"),
+    (b"$-1\r\n", None),
+    (b"*-1\r\n", None),
+    (b"*0\r\n", []),
+    (b"*3\r\n:1\r\n$1\r\nx\r\n$-1\r\n", [1, b"x", None]),
+    (b"*2\r\n*0\r\n*1\r\n*-1\r\n", [[], [None]]),
+    (b"*2\r\n-ERR inside\r\n+fine\r\n", ["error:ERR inside", "fine"]),
+    (b"*1\r\n*2\r\n$11\r\nmessages:#a\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$4\r\ntext\r\n$2\r\nhi\r\n",
+     [[b"messages:#a", [[b"1-0", [b"text", b"hi"]]]]]),
+]
+
+
+def plain(reply):
+    """A reply with its RedisErrors written "error:MESSAGE", to compare with RESP_SAMPLES."""
+    module = redis_part()
+    if isinstance(reply, module.RedisError):
+        return "error:" + reply.message
+    if isinstance(reply, list):
+        return [plain(item) for item in reply]
+    return reply
+
+
+def parse_pieces(pieces):
+    """Every whole reply from the pieces fed one by one."""
+    module = redis_part()
+    parser = module.RespParser()
+    replies = []
+    for piece in pieces:
+        parser.feed(piece)
+        while True:
+            reply = parser.gets()
+            if reply is module.RESP_INCOMPLETE:
+                break
+            replies.append(reply)
+    return replies
+
+
+def xread_reply(entries, stream=b"chat:{#main}:log"):
+    """What XREAD returns for ``entries`` chat lines of one room: the bytes on the wire."""
+    parts = [b"*1\r\n*2\r\n$%d\r\n%s\r\n*%d\r\n" % (len(stream), stream, entries)]
+    for number in range(entries):
+        entry_id = b"17335000%05d-0" % number
+        fields = [b"kind", b"message", b"nick", b"alice", b"ts", b"1733500000000", b"node",
+                  b"node-1", b"text", b"hello everyone, this is line %d of the chat" % number]
+        parts.append(b"*2\r\n$%d\r\n%s\r\n*%d\r\n" % (len(entry_id), entry_id, len(fields)))
+        parts.extend(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+    return b"".join(parts)
+
+
+class RespParserTests(InMemoryTestCase):
+
+    def test_every_type_alone(self):
+        for data, expected in RESP_SAMPLES:
+            self.assertEqual([plain(r) for r in parse_pieces([data])], [expected], data)
+
+    def test_an_error_is_a_value_with_its_code(self):
+        module = redis_part()
+        [error] = parse_pieces([b"-WRONGPASS invalid username-password pair\r\n"])
+        self.assertIsInstance(error, module.RedisError)
+        self.assertEqual((error.code, error.message),
+                         ("WRONGPASS", "WRONGPASS invalid username-password pair"))
+
+    def test_pipelined_replies_in_one_feed(self):
+        data = b"".join(d for d, _ in RESP_SAMPLES) * 50
+        expected = [e for _, e in RESP_SAMPLES] * 50
+        self.assertEqual([plain(r) for r in parse_pieces([data])], expected)
+
+    def test_every_split_position(self):
+        data = b"".join(d for d, _ in RESP_SAMPLES)
+        expected = [e for _, e in RESP_SAMPLES]
+        for cut in range(len(data) + 1):
+            self.assertEqual([plain(r) for r in parse_pieces([data[:cut], data[cut:]])],
+                             expected, "cut at %d" % cut)
+
+    def test_every_pair_of_split_positions_of_a_nested_reply(self):
+        data, expected = RESP_SAMPLES[-1]
+        for first in range(len(data) + 1):
+            for second in range(first, len(data) + 1):
+                pieces = [data[:first], data[first:second], data[second:]]
+                self.assertEqual([plain(r) for r in parse_pieces(pieces)], [expected])
+
+    def test_byte_by_byte(self):
+        data = b"".join(d for d, _ in RESP_SAMPLES)
+        pieces = [data[i:i + 1] for i in range(len(data))]
+        self.assertEqual([plain(r) for r in parse_pieces(pieces)], [e for _, e in RESP_SAMPLES])
+
+    def test_incomplete_until_the_last_byte(self):
+        module = redis_part()
+        parser = module.RespParser()
+        data = b"*2\r\n$3\r\nabc\r\n*1\r\n:7\r\n"
+        for byte in data[:-1]:
+            parser.feed(bytes([byte]))
+            self.assertIs(parser.gets(), module.RESP_INCOMPLETE)
+        parser.feed(data[-1:])
+        self.assertEqual(parser.gets(), [b"abc", [7]])
+        self.assertIs(parser.gets(), module.RESP_INCOMPLETE)
+
+    def test_deep_nesting_needs_no_recursion(self):
+        depth = 100000
+        [reply] = parse_pieces([b"*1\r\n" * depth + b":1\r\n"])
+        for _ in range(depth):
+            self.assertEqual(len(reply), 1)
+            reply = reply[0]
+        self.assertEqual(reply, 1)
+
+    def test_a_big_bulk_string_in_small_pieces_is_not_copied_over_and_over(self):
+        value = bytes(range(256)) * (64 * 1024)   # 16 MiB
+        data = b"$%d\r\n%s\r\n" % (len(value), value)
+        pieces = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+        started = time.perf_counter()
+        replies = parse_pieces(pieces)
+        took = time.perf_counter() - started
+        self.assertTrue(replies == [value])
+        # Linear: ~10 ms. Copying what waits at every piece would be 4096 copies of 8 MiB
+        # on average, tens of seconds.
+        self.assertLess(took, 2.0)
+
+    def test_a_big_array_in_small_pieces(self):
+        data = xread_reply(2000)
+        pieces = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+        [reply] = parse_pieces(pieces)
+        self.assertEqual(reply, parse_pieces([data])[0])
+        entries = reply[0][1]
+        self.assertEqual(len(entries), 2000)
+        self.assertEqual(entries[1999][1][-1], b"hello everyone, this is line 1999 of the chat")
+
+    def test_garbage_is_a_protocol_error_not_a_wait(self):
+        module = redis_part()
+        for garbage in (b"HTTP/1.1 400 Bad Request\r\n", b"x", b"*1\r\n?\r\n", b"$abc\r\n",
+                        b"$-2\r\n", b"*-2\r\n", b":12x\r\n", b"$3\r\nabcde\r\n",
+                        b"*2\r\n:1\r\n!oops\r\n", b"$%d\r\n" % (2 ** 40)):
+            parser = module.RespParser()
+            parser.feed(garbage)
+            with self.assertRaises(module.RespProtocolError, msg=garbage) as raised:
+                parser.gets()
+            # From then on the parser's place in the stream is lost: it says so every time.
+            with self.assertRaises(module.RespProtocolError):
+                parser.gets()
+            self.assertIn("at ", str(raised.exception))
+
+    def test_a_line_that_never_ends_is_an_error_once_too_long(self):
+        module = redis_part()
+        parser = module.RespParser()
+        parser.feed(b"+" + b"a" * 1000)
+        self.assertIs(parser.gets(), module.RESP_INCOMPLETE)
+        parser.feed(b"a" * module.RESP_MAX_LINE)
+        with self.assertRaises(module.RespProtocolError):
+            parser.gets()
+
+    def test_replies_after_a_partial_one_keep_their_order(self):
+        data = b"".join(d for d, _ in RESP_SAMPLES)
+        pieces = [data[i:i + 7] for i in range(0, len(data), 7)]
+        self.assertEqual([plain(r) for r in parse_pieces(pieces)], [e for _, e in RESP_SAMPLES])
+
+
+class RedisCommandEncodingTests(InMemoryTestCase):
+
+    def test_arrays_of_bulk_strings(self):
+        module = redis_part()
+        self.assertEqual(module.encode_command("SET", b"k\r\n", 12),
+                         b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n")
+        self.assertEqual(module.encode_command("ECHO", "é"), b"*2\r\n$4\r\nECHO\r\n$2\r\n\xc3\xa9\r\n")
+        self.assertEqual(module.encode_command("PING"), b"*1\r\n$4\r\nPING\r\n")
+        self.assertEqual(module.encode_command("X", -5, bytearray(b"ab")),
+                         b"*3\r\n$1\r\nX\r\n$2\r\n-5\r\n$2\r\nab\r\n")
+
+    def test_a_command_reads_back_as_the_array_it_is(self):
+        args = ("XADD", "room:{#main}", "*", "text", "a\r\nb", 7, b"\x00\xff")
+        [reply] = parse_pieces([redis_part().encode_command(*args)])
+        self.assertEqual(reply, [b"XADD", b"room:{#main}", b"*", b"text", b"a\r\nb", b"7",
+                                 b"\x00\xff"])
+
+    def test_anything_else_is_refused(self):
+        module = redis_part()
+        for value in (1.5, None, True, ["list"]):
+            with self.assertRaises(TypeError, msg=repr(value)):
+                module.encode_command("SET", "k", value)
+
+    def test_the_time_a_command_may_block(self):
+        module = redis_part()
+        self.assertEqual(module.blocking_seconds(("XREAD", "BLOCK", 1500, "STREAMS", "s", "$")),
+                         1.5)
+        self.assertEqual(module.blocking_seconds((b"xreadgroup", b"GROUP", b"g", b"c",
+                                                  b"block", b"200", b"STREAMS", b"s", b">")),
+                         0.2)
+        self.assertEqual(module.blocking_seconds(("XREAD", "COUNT", 5, "STREAMS", "s", "0")), 0)
+        self.assertEqual(module.blocking_seconds(("GET", "BLOCK")), 0)
+        with self.assertRaises(ValueError) as raised:
+            module.blocking_seconds(("XREAD", "BLOCK", 0, "STREAMS", "s", "$"))
+        self.assertIn("waits for ever", str(raised.exception))
+
+
+class RedisUrlTests(InMemoryTestCase):
+
+    def test_the_forms_the_protocol_names(self):
+        module = redis_part()
+        cases = {
+            "redis://localhost": (False, "localhost", 6379, 0, None, None),
+            "redis://127.0.0.1:6380/2": (False, "127.0.0.1", 6380, 2, None, None),
+            "rediss://redis.example": (True, "redis.example", 6379, 0, None, None),
+            "REDIS://h/": (False, "h", 6379, 0, None, None),
+            "redis://:s3cret@h": (False, "h", 6379, 0, None, "s3cret"),
+            "redis://alice:s3cret@h:7000/15": (False, "h", 7000, 15, "alice", "s3cret"),
+            "redis://al%40ice:p%40ss%2Fw%3Ard%25@h": (False, "h", 6379, 0, "al@ice", "p@ss/w:rd%"),
+            "redis://:p@ss@h": (False, "h", 6379, 0, None, "p@ss"),
+            "redis://[::1]": (False, "::1", 6379, 0, None, None),
+            "rediss://u:p@[2001:db8::7]:6390/3": (True, "2001:db8::7", 6390, 3, "u", "p"),
+            "redis://redis_1.internal-net": (False, "redis_1.internal-net", 6379, 0, None, None),
+        }
+        for url, (tls, host, port, db, username, password) in cases.items():
+            address = module.parse_redis_url(url)
+            self.assertEqual((address.tls, address.host, address.port, address.db,
+                              address.username, address.password),
+                             (tls, host, port, db, username, password), url)
+
+    def test_anything_else_is_a_clear_error_that_never_shows_the_password(self):
+        module = redis_part()
+        cases = {
+            "localhost:6379": "does not begin with redis://",
+            "http://:hunter2@h": 'its scheme is "http"',
+            "redis://": "it names no host",
+            "redis://:hunter2@": "it names no host",
+            "redis://hunter2@h": "a user needs a password",
+            "redis://:hunter2@h:": 'its port "" is not a number',
+            "redis://:hunter2@h:0": 'its port "0" is not a number',
+            "redis://:hunter2@h:65536": "from 1 to 65535",
+            "redis://:hunter2@h:http": 'its port "http"',
+            "redis://:hunter2@h/one": 'its database "one" is not a number',
+            "redis://:hunter2@h/0?timeout=1": "has a ? or # part",
+            "redis://:hun/ter2@h": "a password with / is written %2F",
+            "redis://::1": "in brackets",
+            "redis://[::1": "in brackets",
+            "redis://[nothing]:1": '"nothing" is not an IPv6 address',
+            "redis://a b": '"a b" is not a host name',
+            "redis://alice:@h": "its password is empty",
+            "redis://:%ff%fe@h": "not UTF-8",
+        }
+        for url, phrase in cases.items():
+            with self.assertRaises(ValueError, msg=url) as raised:
+                module.parse_redis_url(url)
+            message = str(raised.exception)
+            self.assertIn(phrase, message, url)
+            self.assertIn("redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]", message)
+            for secret in ("hunter2", "hun/ter2", "ter2"):
+                self.assertNotIn(secret, message, url)
+
+    def test_shown_without_the_password(self):
+        module = redis_part()
+        cases = {
+            "redis://:s3cret@h": "redis://h:6379/0",
+            "rediss://alice:s3cret@[::1]:6380/2": "rediss://alice@[::1]:6380/2",
+            "redis://al%40ice:s3cret@h": "redis://al%40ice@h:6379/0",
+            "redis://h:1/1": "redis://h:1/1",
+        }
+        for url, shown in cases.items():
+            self.assertEqual(module.redact_redis_url(url), shown)
+            self.assertEqual(module.parse_redis_url(url).shown, shown)
+            self.assertNotIn("s3cret", repr(module.parse_redis_url(url)))
+        # Not a URL at all: whatever may be the password goes all the same.
+        self.assertEqual(module.redact_redis_url("redis://s3cret@h/x"), "redis://***@h/x")
+        self.assertEqual(module.redact_redis_url("redis://u:s3/cret@h"), "redis://u:***@h")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8b.3 The connection against a real redis-server: pipelines, scripts, passwords, TLS, blocking
+# reads, and Redis killed, restarted, paused and cut off.
+# ---------------------------------------------------------------------------------------------
+
+COUNTER_SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+class RedisConnectionTests(unittest.TestCase):
+
+    def setUp(self):
+        self.loop = TestLoop(self)
+
+    def test_every_kind_of_reply(self):
+        redis = RedisServer(self)
+        link, _ = ready_link(self, self.loop, redis.url)
+        module = redis_part()
+        self.assertEqual(redis_call(self.loop, link, "SET", "k", b"\x00v\r\n"), "OK")
+        self.assertEqual(redis_call(self.loop, link, "GET", "k"), b"\x00v\r\n")
+        self.assertIsNone(redis_call(self.loop, link, "GET", "missing"))
+        self.assertEqual(redis_call(self.loop, link, "INCRBY", "n", -3), -3)
+        self.assertEqual(redis_call(self.loop, link, "LRANGE", "nothing", 0, -1), [])
+        redis_call(self.loop, link, "RPUSH", "l", "a", "b")
+        self.assertEqual(redis_call(self.loop, link, "LRANGE", "l", 0, -1), [b"a", b"b"])
+        error = redis_call(self.loop, link, "INCR", "k")
+        self.assertIsInstance(error, module.RedisError)
+        self.assertEqual(error.code, "ERR")
+        # An error reply to one command leaves the connection as it was.
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(redis.cli("GET", "n"), "-3")
+
+    def test_ten_thousand_pipelined_commands_answered_in_order(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url)
+        replies = []
+        for number in range(10000):
+            if number == 5000:
+                link.send(("HINCRBY",  "counter", "x", 1), replies.append)  # WRONGTYPE
+            else:
+                link.send(("INCR", "counter"), replies.append)
+        self.loop.run_until(lambda: len(replies) == 10000, "10000 replies")
+        self.assertEqual(replies[:5000], list(range(1, 5001)))
+        self.assertEqual(replies[5000].code, "WRONGTYPE")
+        self.assertEqual(replies[5001:], list(range(5001, 10000)))
+        self.assertEqual(events.lost, [])
+
+    def test_a_value_bigger_than_any_socket_buffer(self):
+        redis = RedisServer(self)
+        link, _ = ready_link(self, self.loop, redis.url)
+        value = os.urandom(8 * 1024 * 1024)
+        self.assertEqual(redis_call(self.loop, link, "SET", "big", value), "OK")
+        self.assertTrue(redis_call(self.loop, link, "GET", "big") == value)
+
+    def test_a_script_is_loaded_once_then_run_by_its_sha(self):
+        redis = RedisServer(self)
+        link, _ = ready_link(self, self.loop, redis.url)
+        replies = []
+        for step in (1, 2, 3):
+            link.evalsha(COUNTER_SCRIPT, ["c"], [step], replies.append)
+        self.loop.run_until(lambda: len(replies) == 3, "three script replies")
+        self.assertEqual(replies, [1, 3, 6])
+        stats = redis.cli("INFO", "commandstats")
+        self.assertRegex(stats, r"cmdstat_evalsha:calls=3,.*failed_calls=0")
+        self.assertRegex(stats, r"cmdstat_script\|load:calls=1,")
+        self.assertNotIn("cmdstat_eval:", stats)
+
+    def test_noscript_after_script_flush_keeps_the_callbacks_in_order(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url)
+        self.assertEqual(self._evalsha(link, COUNTER_SCRIPT, ["c"], [100]), 100)
+        self.assertEqual(redis.cli("SCRIPT", "FLUSH"), "OK")
+        # One flush: two runs of the forgotten script, each followed by plain commands on the
+        # same key. Redis answers NOSCRIPT to both scripts and runs the plain commands at once;
+        # the connection loads the script, runs both again, and hands every callback its own
+        # reply in the order the commands were sent.
+        order = []
+
+        def note(name):
+            return lambda reply: order.append((name, reply))
+        link.evalsha(COUNTER_SCRIPT, ["c"], [10], note("script +10"))
+        link.send(("INCRBY", "c", 1), note("incr +1"))
+        link.send(("GET", "c"), note("get"))
+        link.evalsha(COUNTER_SCRIPT, ["c"], [1000], note("script +1000"))
+        link.send(("INCRBY", "c", 2), note("incr +2"))
+        self.loop.run_until(lambda: len(order) == 5, "five replies")
+        self.assertEqual([name for name, _ in order],
+                         ["script +10", "incr +1", "get", "script +1000", "incr +2"])
+        # What Redis ran, in its order: the plain commands first (101, 103), then the scripts
+        # again (113, 1113). The callbacks got exactly those replies.
+        self.assertEqual([reply for _, reply in order], [113, 101, b"101", 1113, 103])
+        self.assertEqual(redis.cli("GET", "c"), "1113")
+        self.assertEqual(events.lost, [])
+        stats = redis.cli("INFO", "commandstats")
+        self.assertRegex(stats, r"cmdstat_evalsha:calls=5,.*failed_calls=2")
+
+    def test_a_script_that_cannot_load_answers_why(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url)
+        module = redis_part()
+        error = self._evalsha(link, "return +", [], [])
+        self.assertIsInstance(error, module.RedisError)
+        self.assertIn("Error compiling script", error.message)
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+        self.assertEqual(events.lost, [])
+
+    def _evalsha(self, link, script, keys, args):
+        replies = []
+        link.evalsha(script, keys, args, replies.append)
+        self.loop.run_until(lambda: replies, "the script's reply")
+        return replies[0]
+
+    def test_password_right_wrong_and_missing(self):
+        redis = RedisServer(self, password="right horse")
+        quoted = "right%20horse"
+        link, _ = ready_link(self, self.loop, "redis://:%s@127.0.0.1:%d" % (quoted, redis.port))
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+        for url, words in (("redis://:wrong@127.0.0.1:%d" % redis.port,
+                            "refused the password: WRONGPASS"),
+                           ("redis://127.0.0.1:%d" % redis.port,
+                            "wants a password (NOAUTH")):
+            _, events = open_link(self, self.loop, url)
+            self.loop.run_until(lambda: events.lost, "the refusal")
+            reason = events.lost[0][0]
+            self.assertIn(words, reason)
+            self.assertIn("redis://127.0.0.1:%d/0" % redis.port, reason)
+            self.assertNotIn("wrong", reason.replace("WRONGPASS", ""))
+            self.assertEqual(events.ready, 0)
+
+    def test_a_user_and_password_and_a_database(self):
+        redis = RedisServer(self, password="admin")
+        redis.cli("ACL", "SETUSER", "alice", "on", ">alice's password", "~*", "&*", "+@all")
+        url = "redis://alice:alice's%%20password@127.0.0.1:%d/3" % redis.port
+        link, _ = ready_link(self, self.loop, url)
+        self.assertEqual(redis_call(self.loop, link, "ACL", "WHOAMI"), b"alice")
+        redis_call(self.loop, link, "SET", "where", "three")
+        self.assertEqual(redis.cli("-n", "3", "GET", "where"), "three")
+        self.assertEqual(redis.cli("GET", "where"), "")
+
+    def test_a_password_redis_did_not_ask_for(self):
+        redis = RedisServer(self)
+        _, events = open_link(self, self.loop, "redis://:extra@127.0.0.1:%d" % redis.port)
+        self.loop.run_until(lambda: events.lost, "the refusal")
+        self.assertIn("refused the password: ERR AUTH", events.lost[0][0])
+
+    def test_a_database_redis_does_not_have(self):
+        redis = RedisServer(self)
+        _, events = open_link(self, self.loop, "redis://127.0.0.1:%d/99" % redis.port)
+        self.loop.run_until(lambda: events.lost, "the refusal")
+        self.assertIn("refused database 99: ERR DB index is out of range", events.lost[0][0])
+
+    def test_xread_block_on_a_connection_of_its_own(self):
+        redis = RedisServer(self)
+        writer, _ = ready_link(self, self.loop, redis.url)
+        reader, reader_events = ready_link(self, self.loop, redis.url, timeout=1.0)
+        entries = []
+        reader.send(("XREAD", "BLOCK", 5000, "STREAMS", "room", "$"), entries.append)
+        self.loop.run_until(lambda: "blocked_clients:1" in redis.cli("INFO", "clients"),
+                            "the XREAD to wait in Redis")
+        # The writer's commands are not held up by the blocked reader.
+        started = time.monotonic()
+        for _ in range(100):
+            self.assertEqual(redis_call(self.loop, writer, "PING"), "PONG")
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(entries, [])
+        entry_id = redis_call(self.loop, writer, "XADD", "room", "*", "text", "hello")
+        self.loop.run_until(lambda: entries, "the XREAD reply")
+        self.assertEqual(entries[0], [[b"room", [[entry_id, [b"text", b"hello"]]]]])
+        self.assertEqual(reader_events.lost, [])
+
+    def test_a_block_longer_than_the_timeout_is_not_a_dead_redis(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url, timeout=0.5)
+        replies = []
+        started = time.monotonic()
+        link.send(("XREAD", "BLOCK", 1500, "STREAMS", "quiet", "$"), replies.append)
+        # Behind it on the same connection, a PING: it can't be answered before the XREAD.
+        link.send(("PING",), replies.append)
+        self.loop.run_until(lambda: len(replies) == 2, "the XREAD to time out in Redis")
+        self.assertEqual(replies, [None, "PONG"])
+        self.assertGreaterEqual(time.monotonic() - started, 1.4)
+        self.assertEqual(events.lost, [])
+        with self.assertRaises(ValueError):
+            link.send(("XREAD", "BLOCK", 0, "STREAMS", "quiet", "$"), replies.append)
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+
+    def test_redis_killed_then_back(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url)
+        redis.pause()  # so that these stay unanswered when it dies
+        link.send(("INCR", "a"), self.fail)
+        link.send(("INCR", "b"), self.fail)
+        self.loop.turn()  # its flush: both are sent
+        redis.kill()
+        self.loop.run_until(lambda: events.lost, "the loss")
+        reason, unanswered, _ = events.lost[0]
+        self.assertRegex(reason, r"^(redis://127\.0\.0\.1:\d+/0 closed the connection|"
+                                 r"lost redis://127\.0\.0\.1:\d+/0: Connection reset by peer)$")
+        self.assertEqual([c.args for c in unanswered], [("INCR", "a"), ("INCR", "b")])
+        self.assertEqual([c.written for c in unanswered], [True, True])
+        self.assertFalse(link.ready)
+        with self.assertRaises(RuntimeError):
+            link.send(("PING",), self.fail)
+        # Attempts fail while it is away, each wait twice the one before, up to 2 s.
+        self.loop.run_until(lambda: len(events.lost) >= 4, "three failed attempts")
+        for reason, unanswered, _ in events.lost[1:]:
+            self.assertEqual(reason, "cannot connect to %s/0: Connection refused" % redis.url)
+            self.assertEqual(unanswered, [])
+        gaps = [b[2] - a[2] for a, b in zip(events.lost[1:], events.lost[2:])]
+        self.assertTrue(0.15 < gaps[0] < 0.6 and 0.3 < gaps[1] < 1.0, gaps)
+        redis.start()
+        self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
+        # What the owner knows is safe to repeat, it sends again.
+        replies = []
+        for command in events.lost[0][1]:
+            command.callback = replies.append
+            command.send_again(link)
+        self.loop.run_until(lambda: len(replies) == 2, "the commands sent again")
+        self.assertEqual(replies, [1, 1])
+
+    def test_a_restart_keeps_the_data_and_the_link_comes_back(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url)
+        self.assertEqual(redis_call(self.loop, link, "XADD", "log", "1-1", "text", "kept"), b"1-1")
+        redis.restart()
+        self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
+        self.assertEqual(redis_call(self.loop, link, "XRANGE", "log", "-", "+"),
+                         [[b"1-1", [b"text", b"kept"]]])
+
+    def test_redis_paused_longer_than_the_deadline(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url, timeout=1.0)
+        self.loop.run_for(1.2)  # idle past every deadline of its start: none is left armed
+        redis.pause()
+        sent = time.monotonic()
+        link.send(("PING",), self.fail)
+        self.loop.run_until(lambda: events.lost, "the loss")
+        reason, unanswered, when = events.lost[0]
+        self.assertEqual(reason, "%s/0 did not answer within 1 s" % redis.url)
+        self.assertTrue(1.0 <= when - sent < 1.5, when - sent)
+        self.assertEqual([(c.args, c.written) for c in unanswered], [(("PING",), True)])
+        # Attempts while it is paused: connected, but no answer to AUTH/PING in time either.
+        self.loop.run_until(lambda: len(events.lost) >= 2, "an attempt to fail")
+        self.assertEqual(events.lost[1][0], "%s/0 did not answer within 1 s" % redis.url)
+        redis.resume()
+        self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+
+    def test_nothing_listening(self):
+        port = free_port()
+        _, events = open_link(self, self.loop, "redis://127.0.0.1:%d" % port)
+        self.loop.run_until(lambda: events.lost, "the refusal")
+        self.assertEqual(events.lost[0][0],
+                         "cannot connect to redis://127.0.0.1:%d/0: Connection refused" % port)
+
+    def test_a_host_name_with_two_addresses_tries_both(self):
+        redis = RedisServer(self)  # on 127.0.0.1 only; "localhost" is ::1 too, on most systems
+        link, _ = ready_link(self, self.loop, "redis://localhost:%d" % redis.port)
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+
+    def test_network_cut_is_noticed_then_healed(self):
+        redis = RedisServer(self)
+        proxy = TcpProxy(self, redis.port)
+        url = "redis://127.0.0.1:%d" % proxy.port
+        link, events = ready_link(self, self.loop, url, timeout=1.0)
+        self.assertEqual(redis_call(self.loop, link, "SET", "before", "cut"), "OK")
+        proxy.cut()
+        sent = time.monotonic()
+        link.send(("SET", "during", "cut"), self.fail)
+        self.loop.run_until(lambda: events.lost, "the loss")
+        reason, unanswered, when = events.lost[0]
+        self.assertEqual(reason, "redis://127.0.0.1:%d/0 did not answer within 1 s" % proxy.port)
+        self.assertTrue(1.0 <= when - sent < 1.5, when - sent)
+        self.assertEqual([c.args for c in unanswered], [("SET", "during", "cut")])
+        self.loop.run_until(lambda: len(events.lost) >= 2, "an attempt to fail while cut")
+        proxy.heal()
+        self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
+        self.assertEqual(redis_call(self.loop, link, "GET", "before"), b"cut")
+
+    def test_a_callback_that_raises_closes_the_connection_and_is_not_hidden(self):
+        redis = RedisServer(self)
+        link, events = ready_link(self, self.loop, redis.url)
+
+        def broken(reply):
+            raise KeyError("a bug")
+        link.send(("PING",), broken)
+        link.send(("PING",), self.fail)
+        with self.assertRaises(KeyError):
+            self.loop.run_until(lambda: False, "the bug to surface")
+        reason, unanswered, _ = events.lost[0]
+        self.assertEqual(reason, "closed after an error in this program: KeyError('a bug')")
+        self.assertEqual([c.args for c in unanswered], [("PING",)])
+        self.loop.run_until(lambda: events.ready == 2, "the link to be ready again")
+
+    def test_a_reply_nobody_asked_for_closes_the_connection(self):
+        fake = FakeRedis(self)
+        _, events = open_link(self, self.loop, fake.url)
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"+PONG\r\n+EXTRA\r\n")
+        self.loop.run_until(lambda: events.lost, "the loss")
+        self.assertEqual(events.ready, 1)
+        self.assertEqual(events.lost[0][0], "%s:%d/0 sent a reply to no command: which reply "
+                         "is whose is in doubt" % ("redis://127.0.0.1", fake.port))
+
+    def test_bytes_that_are_not_resp_close_the_connection(self):
+        fake = FakeRedis(self)
+        _, events = open_link(self, self.loop, fake.url)
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.loop.run_until(lambda: events.lost, "the loss")
+        self.assertEqual(events.ready, 0)
+        self.assertIn("sent something that is not RESP: not a RESP type: b'H'",
+                      events.lost[0][0])
+
+    def test_rediss_to_a_server_that_answers_in_plain_text(self):
+        fake = FakeRedis(self)
+        url = fake.url.replace("redis:", "rediss:")
+        _, events = open_link(self, self.loop, url, ca_file=redis_test_certificates()[2])
+        fake.accept_and_read(self.loop, b"\x16\x03")  # a TLS hello
+        fake.peer.sendall(b"-ERR unknown command\r\n")
+        self.loop.run_until(lambda: events.lost, "the TLS failure")
+        self.assertEqual(events.lost[0][0], "TLS with rediss://127.0.0.1:%d/0 failed: it does "
+                         "not speak TLS there (use redis://)" % fake.port)
+
+    def test_lost_while_a_script_is_run_again(self):
+        # The script's NOSCRIPT, then the reply to the command after it, then the connection
+        # ends before the script's second run is answered.
+        fake = FakeRedis(self)
+        link, events = open_link(self, self.loop, fake.url)
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"+PONG\r\n")
+        self.loop.run_until(lambda: events.ready, "the link to be ready")
+        replies = []
+        link.evalsha(COUNTER_SCRIPT, ["c"], [1], self.fail)
+        link.send(("GET", "a"), replies.append)
+        link.send(("GET", "b"), self.fail)
+        fake.read(self.loop, b"$1\r\nb\r\n")
+        import hashlib
+        sha = hashlib.sha1(COUNTER_SCRIPT.encode()).hexdigest().encode()
+        fake.peer.sendall(b"$40\r\n%s\r\n-NOSCRIPT No matching script.\r\n$1\r\nA\r\n" % sha)
+        retry = fake.read(self.loop, b"EVALSHA")  # SCRIPT LOAD and EVALSHA again
+        self.assertIn(b"SCRIPT\r\n$4\r\nLOAD", retry)
+        self.assertEqual(replies, [])  # GET a waits for the script sent before it
+        fake.peer.close()
+        fake.peer = None
+        self.loop.run_until(lambda: events.lost, "the loss")
+        self.assertEqual(replies, [b"A"])
+        reason, unanswered, _ = events.lost[0]
+        self.assertEqual(reason, "redis://127.0.0.1:%d/0 closed the connection" % fake.port)
+        self.assertEqual([(c.args[0], c.written) for c in unanswered],
+                         [("EVALSHA", True), ("GET", True)])
+        self.assertEqual(unanswered[0].script, COUNTER_SCRIPT.encode())
+
+    def test_a_redis_still_loading_its_data_is_tried_again(self):
+        fake = FakeRedis(self)
+        link, events = open_link(self, self.loop, fake.url)
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
+        self.loop.run_until(lambda: events.lost, "the refusal")
+        self.assertEqual(events.lost[0][0], "redis://127.0.0.1:%d/0 is not serving: LOADING Redis "
+                         "is loading the dataset in memory" % fake.port)
+        self.assertEqual(link.retry_in, 0.1)
+        fake.peer.close()
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.sendall(b"+PONG\r\n")
+        self.loop.run_until(lambda: events.ready, "the link to be ready")
+
+    def test_closed_before_answering(self):
+        fake = FakeRedis(self)
+        _, events = open_link(self, self.loop, fake.url)
+        fake.accept_and_read(self.loop, b"PING\r\n")
+        fake.peer.close()
+        fake.peer = None
+        self.loop.run_until(lambda: events.lost, "the loss")
+        self.assertEqual(events.lost[0][0], "redis://127.0.0.1:%d/0 closed the connection before "
+                         "answering (a TLS port? then rediss://)" % fake.port)
+
+    def test_rediss_verified_against_the_given_ca(self):
+        certificates = redis_test_certificates()
+        redis = RedisServer(self, password="pw", tls=certificates)
+        link, events = ready_link(self, self.loop, redis.url, ca_file=certificates[2])
+        self.assertEqual(redis_call(self.loop, link, "PING"), "PONG")
+        replies = []
+        for _ in range(1000):
+            link.send(("INCR", "n"), replies.append)
+        self.loop.run_until(lambda: len(replies) == 1000, "1000 replies over TLS")
+        self.assertEqual(replies, list(range(1, 1001)))
+        value = os.urandom(4 * 1024 * 1024)
+        self.assertEqual(redis_call(self.loop, link, "SET", "big", value), "OK")
+        self.assertTrue(redis_call(self.loop, link, "GET", "big") == value)
+        self.assertEqual(events.lost, [])
+
+    def test_what_tls_has_decrypted_is_read_though_select_does_not_see_it(self):
+        # Reads smaller than a TLS record, one a turn: the rest of the record waits inside the
+        # TLS layer, where select() can't see it. A reply that ended there would never come.
+        module = load_module(REDIS_MODULE, fresh=True)
+        module.REDIS_READ_SIZE = module.REDIS_READ_BUDGET = 1000
+        certificates = redis_test_certificates()
+        redis = RedisServer(self, tls=certificates)
+        link, _ = ready_link(self, self.loop, redis.url, module=module, ca_file=certificates[2])
+        value = b"v" * 100000
+        self.assertEqual(redis_call(self.loop, link, "SET", "k", value), "OK")
+        for _ in range(3):
+            self.assertEqual(redis_call(self.loop, link, "GET", "k"), value)
+
+    def test_rediss_with_an_authority_that_did_not_sign_it(self):
+        certificates = redis_test_certificates()
+        redis = RedisServer(self, tls=certificates)
+        _, events = open_link(self, self.loop, redis.url)  # the system's authorities
+        self.loop.run_until(lambda: events.lost, "the refusal")
+        # (OpenSSL's words for it vary with what the server sends: its certificate alone, or
+        # with its CA's.)
+        self.assertRegex(events.lost[0][0], r"^the TLS certificate of %s/0 was refused: "
+                         r"(unable to get local issuer certificate|self-signed certificate in "
+                         r"certificate chain)$" % re.escape(redis.url))
+
+    def test_rediss_to_a_plain_port_and_redis_to_a_tls_port(self):
+        certificates = redis_test_certificates()
+        plain_redis = RedisServer(self)
+        # Redis takes a TLS hello for the start of a command and waits for its end.
+        _, events = open_link(self, self.loop, plain_redis.url.replace("redis:", "rediss:"),
+                              ca_file=certificates[2], timeout=0.5)
+        self.loop.run_until(lambda: events.lost, "the TLS failure")
+        self.assertEqual(events.lost[0][0], "TLS with rediss://127.0.0.1:%d/0 failed: no answer "
+                         "within 0.5 s (a plain-text port? then redis://)" % plain_redis.port)
+        tls_redis = RedisServer(self, tls=certificates)
+        _, events = open_link(self, self.loop, tls_redis.url.replace("rediss:", "redis:"))
+        self.loop.run_until(lambda: events.lost, "the loss")
+        self.assertEqual(events.lost[0][0], "redis://127.0.0.1:%d/0 closed the connection before "
+                         "answering (a TLS port? then rediss://)" % tls_redis.port)
+
+
+class TcpProxyTests(unittest.TestCase):
+    """The proxy fixture itself: it forwards, a cut holds both directions, a heal delivers."""
+
+    def test_forward_cut_heal(self):
+        upstream = socket.socket()
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen(1)
+        self.addCleanup(upstream.close)
+        proxy = TcpProxy(self, upstream.getsockname()[1])
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
+        self.addCleanup(client.close)
+        upstream.settimeout(DEADLINE)
+        server, _ = upstream.accept()
+        self.addCleanup(server.close)
+        server.settimeout(DEADLINE)
+        client.sendall(b"one")
+        self.assertEqual(server.recv(10), b"one")
+        proxy.cut()
+        client.sendall(b"two")
+        server.sendall(b"back")
+        client.settimeout(0.3)
+        server.settimeout(0.3)
+        with self.assertRaises(socket.timeout):
+            server.recv(10)
+        with self.assertRaises(socket.timeout):
+            client.recv(10)
+        proxy.heal()
+        client.settimeout(DEADLINE)
+        server.settimeout(DEADLINE)
+        self.assertEqual(server.recv(10), b"two")
+        self.assertEqual(client.recv(10), b"back")
+        server.close()
+        self.assertEqual(client.recv(10), b"")  # the end that went is passed on
+
+
+# ---------------------------------------------------------------------------------------------
+# 8b.4 Measurements, as cases with their sizes as parameters (the figures in the report came
+# from these, run big):
+#   python3 -c 'import test_chat as t; print(t.resp_parse_case(entries=1000, batches=200))'
+#   python3 -c 'import test_chat as t; print(t.redis_pipeline_case(commands=10000, rounds=20))'
+# ---------------------------------------------------------------------------------------------
+
+def resp_parse_case(entries=1000, batches=20):
+    """Parse throughput: XREAD replies of ``entries`` chat lines each, fed in 256 KiB reads as
+    the connection gets them from its socket."""
+    module = redis_part()
+    data = xread_reply(entries)
+    pieces = [data[i:i + 256 * 1024] for i in range(0, len(data), 256 * 1024)]
+    parser = module.RespParser()
+    started = time.perf_counter()
+    for _ in range(batches):
+        for piece in pieces:
+            parser.feed(piece)
+            reply = parser.gets()
+        if len(reply[0][1]) != entries:
+            raise AssertionError("an XREAD reply of %d entries" % len(reply[0][1]))
+    took = time.perf_counter() - started
+    return {"entries_per_reply": entries, "reply_bytes": len(data),
+            "replies_per_s": round(batches / took, 1),
+            "entries_per_s": round(batches * entries / took),
+            "mib_per_s": round(batches * len(data) / took / 2 ** 20, 1)}
+
+
+def redis_pipeline_case(commands=10000, rounds=5, test=None):
+    """Pipelined commands per second through RedisConnection against a local redis-server:
+    ``rounds`` times, ``commands`` INCRs queued in one turn, until the last reply."""
+    case = test or unittest.TestCase()
+    loop = TestLoop(case)
+    redis = RedisServer(case)
+    try:
+        link, _ = ready_link(case, loop, redis.url)
+        rates = []
+        for _ in range(rounds):
+            replies = []
+            started = time.perf_counter()
+            for _ in range(commands):
+                link.send(("INCR", "n"), replies.append)
+            loop.run_until(lambda: len(replies) == commands, "the replies")
+            rates.append(commands / (time.perf_counter() - started))
+        rates.sort()
+        return {"commands": commands, "rounds": rounds,
+                "median_commands_per_s": round(rates[len(rates) // 2]),
+                "best_commands_per_s": round(rates[-1])}
+    finally:
+        if test is None:
+            case.doCleanups()
+
+
+class RedisMeasurementTests(unittest.TestCase):
+    """The measurement cases, small: they run, and their replies are right."""
+
+    def test_pipeline_case(self):
+        figures = redis_pipeline_case(commands=2000, rounds=2, test=self)
+        self.assertGreater(figures["median_commands_per_s"], 0)
+
+
+class RespMeasurementTests(InMemoryTestCase):
+
+    def test_parse_case(self):
+        figures = resp_parse_case(entries=200, batches=2)
+        self.assertGreater(figures["entries_per_s"], 0)
+
+
+# =============================================================================================
 # 9. Running: a closing line that says how many passed and failed; exit 1 on failure or no test.
 # =============================================================================================
 
