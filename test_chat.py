@@ -23,6 +23,7 @@ The sections mirror the modules:
  6. The repository and the shipped files: what keeps the modules and docs in step; the .pyz.
  7. Windows for real: classes above again on the Windows CPython under Wine, and Windows' own.
  8. Hardening: load, faults and hostile input, as functions that bench/soak.py runs big.
+ 8b. The server's Redis client: its parser in memory, its connection against a real redis-server.
  9. Running.
 """
 
@@ -8408,7 +8409,7 @@ class HardeningTests(unittest.TestCase):
 
 
 # =============================================================================================
-# 8b. The Redis client (redis_part.py, to be merged into chat_server.py)
+# 8b. The server's Redis client (what a cluster's nodes talk to Redis with)
 # =============================================================================================
 #
 # The parser, the encoder and the URLs in memory (python3 test_chat.py unit); the connection
@@ -8416,11 +8417,9 @@ class HardeningTests(unittest.TestCase):
 # stops. Without redis-server installed those tests are skipped, saying so, unless
 # CHAT_REDIS_REQUIRED=1 (CI), where they fail.
 
-REDIS_MODULE = "redis_part"   # after the merge: "chat_server"
-
-
 def redis_part():
-    return load_module(REDIS_MODULE)
+    """The module the Redis client lives in (chat_server)."""
+    return load_module("chat_server")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -9555,7 +9554,7 @@ class RedisConnectionTests(unittest.TestCase):
     def test_what_tls_has_decrypted_is_read_though_select_does_not_see_it(self):
         # Reads smaller than a TLS record, one a turn: the rest of the record waits inside the
         # TLS layer, where select() can't see it. A reply that ended there would never come.
-        module = load_module(REDIS_MODULE, fresh=True)
+        module = load_module("chat_server", fresh=True)
         module.REDIS_READ_SIZE = module.REDIS_READ_BUDGET = 1000
         certificates = redis_test_certificates()
         redis = RedisServer(self, tls=certificates)
