@@ -4909,8 +4909,8 @@ def tune_socket(sock, dead_peer=DEFAULT_DEAD_PEER):
                                   ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
                 if hasattr(socket, option):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        elif hasattr(socket, "TCP_KEEPALIVE"):   # macOS: the idle time's own name
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, idle)
+        elif hasattr(socket, "TCP_KEEPALIVE"):   # macOS: the idle time's own name (3.10+'s)
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPALIVE"), idle)
         elif hasattr(socket, "SIO_KEEPALIVE_VALS"):   # older Windows
             sock.ioctl(socket.SIO_KEEPALIVE_VALS,   # (milliseconds; its probes are 10)
                        (1, idle * 1000, max(1, int((dead_peer - idle) * 100))))
