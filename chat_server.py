@@ -68,6 +68,7 @@ DEFAULT_JOIN_TIMEOUT = 60.0
 DEFAULT_HISTORY = 20
 DEFAULT_KEEP = 10000      # messages kept per room (memory or data file)
 DEFAULT_DATA = "chat.db"
+DEFAULT_CLUSTER = "chat"  # --cluster: the prefix of every Redis key of one chat
 DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
 SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
 DEFAULT_CATCH_UP = 200    # lines of "Messages since you left" at most
@@ -221,6 +222,10 @@ class Lines:
     PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
     TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."  # plain
     SHUTTING_DOWN = "Server is shutting down."
+    # A cluster's node and Redis
+    PAUSED = "The chat is paused: this server can't reach the others."
+    PAUSED_JOIN = "Sorry! The chat is paused. Try again in a moment."
+    BACK = "The chat is back."
     # Log records: the line the members received, and where it came from or why it ended
     LOG_FROM = " [from {address}]"
     LOG_REASON = " [{reason}]"
@@ -570,6 +575,14 @@ class Clock:
             self._refresh(now)
         return self._prefix_bytes
 
+    def pin(self, when):
+        """Until unpin(): the time is ``when`` (a cluster's entry: its time, on every node)."""
+        self._running = self._now
+        self._now = lambda: when
+
+    def unpin(self):
+        self._now = self._running
+
 
 # =============================================================================================
 # The room core: who is where, what goes to whom, what is kept. No sockets.
@@ -581,13 +594,15 @@ class Peer:
     The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
     queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
     owner's handle for the connection; the room never looks at it."""
-    __slots__ = ("address", "owner", "local", "nick", "away", "member", "room", "account",
-                 "asked", "gone", "sent_head", "out", "append", "pending", "_bytes", "_counted")
+    __slots__ = ("address", "owner", "local", "ident", "nick", "away", "member", "room",
+                 "account", "asked", "gone", "sent_head", "out", "append", "pending", "_bytes",
+                 "_counted")
 
     def __init__(self, address="", owner=None, local=True):
         self.address = address  # "host:port" ("[::1]:port"), for the log and the lockout
         self.owner = owner
         self.local = local      # connected to this process (not through another of a cluster)
+        self.ident = None       # a cluster's name for it: "node/connection"
         self.nick = None        # set once a nickname is accepted
         self.away = None        # None, or the /away text ("" without one)
         self.member = False     # joined and not yet left
@@ -656,7 +671,7 @@ class Room:
     __slots__ = ("name", "key", "members", "everyone", "history", "pending", "topic",
                  "key_hash", "kept", "position")
 
-    def __init__(self, name, history, topic=None, key_hash=None):
+    def __init__(self, name, history, topic=None, key_hash=None, shared=True):
         self.name = name        # as first spelled
         self.key = room_keys(name)[0]   # what the store knows it by
         # Peer -> its out.append, for the members connected here, in order of arrival: the
@@ -665,7 +680,7 @@ class Room:
         self.members = {}
         # Every member, in order of arrival (/users, /rooms). In one process the same dict as
         # ``members``; a cluster's node keeps the members of the other nodes here too.
-        self.everyone = self.members
+        self.everyone = self.members if shared else {}
         self.history = collections.deque(maxlen=history)  # room lines as the members got them
         self.pending = False    # every member has new output since the last take_pending()
         self.topic = topic
@@ -890,6 +905,10 @@ class Arriving:
             del self._wrong_passwords[next(iter(self._wrong_passwords))]
 
     def nickname_line(self, peer, line):
+        """A nickname attempt. Accepted, the join is applied (which moves the connection on)."""
+        if self.paused:
+            self.notice(peer, Lines.PAUSED_JOIN)
+            return None
         nick = normalise_nickname(line.decode("utf-8", "replace"))
         problem = self.nickname_refusal(nick, peer)
         if problem:
@@ -899,7 +918,7 @@ class Arriving:
         if account is not None:
             return self._ask_password(peer, nick, account, Phase.NICK_PASSWORD)
         self.append((Entry.JOIN, self.main, peer, (nick, None)))
-        return Phase.MEMBER
+        return None
 
     def nickname_refusal(self, nick, peer):
         """Why ``peer`` may not be called ``nick`` (normalised), or None. A registered nickname
@@ -1157,7 +1176,6 @@ class Registering:
         peer.asked = None
         self._replace_holder(nick, peer)
         self.append((Entry.JOIN, self.main, peer, (nick, account.key)))
-        self.on_phase(peer, Phase.MEMBER)
 
     def _renamed_with_password(self, peer, asked):
         nick, account = asked
@@ -1632,6 +1650,7 @@ class Applying:
         peer.member = True
         prefix = self.clock.prefix()
         if peer.local:
+            self.on_phase(peer, Phase.MEMBER)
             self.deliver(peer, (prefix + Lines.OK + "\n").encode())
             self._show_room(peer, room, prefix, waiting=True)
         elif account_key is not None:
@@ -1702,8 +1721,7 @@ class Applying:
 
     def apply_move(self, entry):
         _, old, peer, (name, key_hash) = entry
-        room = self.room_named(name) or self._add_room(Room(name, self.history_size,
-                                                            key_hash=key_hash))
+        room = self.room_named(name) or self._add_room(self._new_room(name, key_hash))
         if room.key_hash and room.key_hash is key_hash:
             self.store.save_room(room.record())   # (made with a key: the key is kept)
         self._leave_room(peer, old)
@@ -1871,11 +1889,14 @@ class Keeping:
         for record in self.store.rooms():
             room = self.room_named(record.name)
             if room is None:
-                room = self._add_room(Room(record.name, self.history_size))
+                room = self._add_room(self._new_room(record.name))
             room.topic, room.key_hash = record.topic, record.key_hash
             room.kept = self.store.has_messages(room.key)
             room.position = self.store.position(room.key)
             room.history.extend(self.store.recent(room.key, self.history_size))
+
+    def _new_room(self, name, key_hash=None):
+        return Room(name, self.history_size, key_hash=key_hash, shared=self.shared_rooms)
 
     def _add_room(self, room):
         for key in room_keys(room.name):
@@ -1933,7 +1954,7 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
     def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
                  now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
                  max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP,
-                 operators=(), wall_clock=time.time):
+                 operators=(), wall_clock=time.time, shared_rooms=True):
         self.log = log
         self.clock = clock or Clock()
         self.max_nick = max_nick
@@ -1954,6 +1975,7 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
         self.on_hold = lambda peer, held: None
         self.on_timer = lambda seconds, action: None   # action() in ``seconds``, on the loop
         self.wall_clock = wall_clock     # when bans and mutes end (they outlive restarts)
+        self.paused = False     # a cluster's node can't reach the others: nobody joins now
         # Operators: the registered nicknames --operators names (by key; one not registered yet
         # becomes one when it registers), and those made with /op (kept in the store).
         self.named_operators = {nickname_keys(nick)[0] for nick in operators}
@@ -1963,7 +1985,8 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
         self.max_rooms = max_rooms
         self.rooms = {}         # each of a room's room_keys -> that room
         self.room_list = []     # every room once, #main first
-        self.main = self._add_room(Room(MAIN_ROOM, history))
+        self.shared_rooms = shared_rooms
+        self.main = self._add_room(self._new_room(MAIN_ROOM))
         self._load_rooms()
         self.pending = []       # peers given a line of their own since the last take_pending()
         self._pending_rooms = []    # rooms whose every member has new output since then
@@ -2674,6 +2697,7 @@ class Hold:
     RATE = 1          # it sent faster than the flood limit: until its timer says it may again
     HIGH_WATER = 2    # its own output queue is above high water: until it drains to low water
     ANSWER = 4        # the room awaits an answer for it (a password being checked): until then
+    PAUSED = 8        # a cluster's node can't reach Redis: a member's lines wait until it can
 
 
 class Conn:
@@ -2732,6 +2756,8 @@ class Loop:
         self.log.flush()       # then what a client has seen is logged already
         self._flush_pending()
         self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
+        if self.cluster is not None:
+            self.cluster.flush()   # the turn's appends to Redis, in one write
 
     def _handle_events(self, ready):
         if not ready:
@@ -2744,8 +2770,10 @@ class Loop:
             if conn.__class__ is not Conn:
                 if conn == "accept":
                     self._accept()
-                else:
+                elif conn == "wakeup":
                     self._drain_wakeup()
+                else:
+                    self._watched_event(conn, events & readable, events & writable)
                 continue
             if conn.phase is CLOSED:
                 continue  # closed by an earlier event of this turn
@@ -2916,6 +2944,8 @@ class Accepting:
         conn = Conn(sock, peer, tls=self.tls is not None, burst=self.rate_burst)
         conn.stamp = time.monotonic()
         peer.owner = conn
+        if self.cluster is not None:
+            self.cluster.admitted(peer)
         self.conns[sock] = conn
         if len(self.conns) > self.max_clients:
             conn.refusal = Lines.FULL  # told at once, or after its TLS handshake
@@ -3344,6 +3374,8 @@ class Closing:
         for deadlines in self.deadlines:
             deadlines.discard(conn)
         self.chat.leave(conn.peer, reason)
+        if self.cluster is not None:
+            self.cluster.closed(conn.peer)
         self._release(conn)
         if self.accept_paused:
             self._resume_accepting(None)  # a descriptor just came free
@@ -3372,12 +3404,22 @@ class Closing:
 
 class Timers:
     """What is due at a time: the fixed-length deadlines (Deadlines) and the rest in a heap
-    (flood control's waits, the accept pause, the shutdown's grace)."""
+    (flood control's waits, the accept pause, the shutdown's grace, Redis's)."""
 
     def after(self, seconds, action, conn):
         """Call ``action(conn)`` in ``seconds`` (unless conn is closed by then)."""
         self._timer_seq += 1
         heapq.heappush(self.timers, (time.monotonic() + seconds, self._timer_seq, action, conn))
+
+    def call_later(self, seconds, callback):
+        """``callback()`` in ``seconds``, unless the handle returned is cancelled first."""
+        handle = TimerHandle(callback)
+        self.after(seconds, handle, None)
+        return handle
+
+    @staticmethod
+    def monotonic():
+        return time.monotonic()
 
     def _run_timers(self):
         now = time.monotonic()
@@ -3416,6 +3458,72 @@ class Timers:
         self._close(conn, Reason.CLOSED)
 
 
+class Watching:
+    """Sockets that are not connections of members: the Redis client's, which asks the loop to
+    watch them (``watch``) and is called when they are ready; a cluster's pause and loss."""
+
+    def watch(self, sock, readable, writable, handler):
+        events = (EVENT_READ if readable else 0) | (EVENT_WRITE if writable else 0)
+        known = self._watched.get(sock)
+        if known == events:
+            return
+        if known is None or known == 0:
+            if events:
+                self.poller.register(sock, events, handler)
+        elif events == 0:
+            self.poller.unregister(sock)
+        else:
+            self.poller.modify(sock, events, handler)
+        self._watched[sock] = events
+
+    def unwatch(self, sock):
+        if self._watched.pop(sock, 0):
+            self.poller.unregister(sock)
+
+    @staticmethod
+    def _watched_event(handler, readable, writable):
+        try:
+            handler(bool(readable), bool(writable))
+        except Exception:
+            print_traceback()   # (the client has closed that connection; the loop goes on)
+
+    def start_cluster(self, seconds=None):
+        """Before serving: this node loads the chat from Redis (the snapshot, the log), or says
+        why it can't (False, with cluster.problem)."""
+        deadline = time.monotonic() + (seconds or REDIS_DEADLINE * 3)
+        while self.cluster.state == ClusterNode.STARTING and self.cluster.problem is None:
+            if time.monotonic() > deadline:
+                self.cluster.problem = "%s did not answer" % self.cluster.address.shown
+                break
+            self.run_once(timeout=0.05)
+        return self.cluster.state == ClusterNode.READY
+
+    def cluster_paused(self, paused):
+        """Redis is unreachable (or back): members are told, once; their lines wait."""
+        text = Lines.PAUSED if paused else Lines.BACK
+        for conn in list(self.conns.values()):
+            if conn.phase not in TALKING or not conn.peer.member:
+                continue
+            self.chat.notice(conn.peer, text)
+            if paused:
+                conn.holds |= Hold.PAUSED
+            else:
+                conn.holds &= ~Hold.PAUSED
+                self._queue_lines(conn)
+            self._set_interest(conn)
+
+    def cluster_lost(self):
+        """This node's lease ended while Redis was away: every connection is closed (another
+        node frees the nicknames), and the room core starts again, empty, for the new node."""
+        notice = self.chat.line(Lines.SHUTTING_DOWN)
+        for conn in list(self.conns.values()):
+            if conn.phase in TALKING or conn.phase is Phase.NEW:
+                self.chat.deliver(conn.peer, notice)
+                self._close_after_flush(conn)
+        self._flush_pending()   # (what the old room core queued: its last lines)
+        self._make_chat()
+
+
 class Stopping:
     """Signals, and the end: everyone told, the last lines given a moment to leave."""
 
@@ -3438,7 +3546,10 @@ class Stopping:
             self.listener.close()
             self.listener = None
         self.backlog = []
-        self.chat.shut_down()
+        if self.cluster is not None:
+            self._leave_the_cluster()
+        else:
+            self.chat.shut_down()
         for conn in list(self.conns.values()):
             if conn.phase in (Phase.PASSWORD, Phase.NICKNAME):
                 self.chat.notice(conn.peer, Lines.SHUTTING_DOWN)
@@ -3457,9 +3568,22 @@ class Stopping:
             self._close(conn, Reason.SHUTDOWN)
         self.log.flush()
 
+    def _leave_the_cluster(self):
+        """This node stops: its members are told, their leaves go to the log (the other nodes'
+        members see them go), and its lease is given back."""
+        notice = self.chat.line(Lines.SHUTTING_DOWN)
+        for conn in list(self.conns.values()):
+            peer = conn.peer
+            if peer.member:
+                self.chat.deliver(peer, notice)
+                self.chat.leave(peer, Reason.SHUTDOWN)
+        self.cluster.stop()
+
     def close(self):
         for conn in list(self.conns.values()):
             self._close(conn, Reason.SHUTDOWN)
+        if self.cluster is not None:
+            self.cluster.close()
         if self.listener is not None:
             self.listener.close()
         if self._wakeup_installed:
@@ -3476,7 +3600,8 @@ class Stopping:
         self.log.close()
 
 
-class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, Stopping):
+class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, Watching,
+             Stopping):
     """The chat server: the room core (``chat``) behind one selector loop, and every part of a
     connection's life above. Its state, all of it, is set up here."""
 
@@ -3486,22 +3611,20 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
                  history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
                  rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
                  dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS, store=None,
-                 catch_up=DEFAULT_CATCH_UP, operators=()):
+                 catch_up=DEFAULT_CATCH_UP, operators=(), cluster=None):
         self.host = host
         self.dead_peer = dead_peer
         self.port = port
         self.log = log or NullLog()
-        self.store = store if store is not None else MemoryStore()
+        self.cluster = cluster    # a ClusterNode, when this server is one node of several
         self.hashing = ThreadHashing(self._wake)
-        self.chat = Chat(self.log.record, history=history, password=password,
-                         max_rooms=max_rooms, store=self.store, hashing=self.hashing,
-                         catch_up=catch_up, operators=operators)
-        self.chat.on_phase = self._room_moved
-        self.chat.on_hold = self._room_holds
-        self.chat.on_timer = lambda seconds, action: self.after(seconds, lambda _: action(),
-                                                                None)
-        self._line_handlers = self.chat.line_handlers()
+        self._chat_options = dict(history=history, password=password, max_rooms=max_rooms,
+                                  catch_up=catch_up, operators=operators)
+        self.store = store if store is not None else MemoryStore()
         self.poller = make_poller(selector)
+        self.timers = []          # heap of (when, sequence, action, conn)
+        self._timer_seq = 0
+        self._make_chat()
         if max_clients is None:
             selecting = isinstance(getattr(self.poller, "selector", None),
                                    selectors.SelectSelector)
@@ -3530,7 +3653,6 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
         self.conns = {}           # socket -> Conn
         self.backlog = []         # Conns with complete lines not yet handled
         self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
-        self.timers = []          # heap of (when, sequence, action, conn)
         # Fixed-length timeouts, one ordered dict each (see Deadlines); the heap above is for
         # the rest (flood control's waits, the accept pause, the shutdown's grace).
         self.joining = Deadlines(join_timeout, self._join_expired)
@@ -3538,12 +3660,31 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, St
         self.lingering = Deadlines(LINGER_SECONDS, self._linger_expired)
         self.deadlines = (self.joining, self.closing, self.lingering)
         self._share = LINES_PER_TURN  # lines each connection read this turn may handle at once
-        self._timer_seq = 0
         self.listener = None
         self.accept_paused = False
         self.stopping = False
         self._wakeup_r = self._wakeup_w = None
         self._wakeup_installed = False
+        self._watched = {}        # socket -> events, of the sockets others watch (Redis's)
+        if self.cluster is not None:
+            self.cluster.attach(self)
+
+    def _make_chat(self):
+        """The room core, and what it tells the loop. A cluster's node has a replica's store
+        and its log in Redis; a node that lost its lease starts again with a new one."""
+        if self.cluster is not None:
+            self.store = ClusterStore(max(self._chat_options["history"],
+                                          self._chat_options["catch_up"]), self.cluster.search)
+        self.chat = Chat(self.log.record, store=self.store, hashing=self.hashing,
+                         shared_rooms=self.cluster is None, **self._chat_options)
+        self.chat.on_phase = self._room_moved
+        self.chat.on_hold = self._room_holds
+        self.chat.on_timer = lambda seconds, action: self.after(seconds, lambda _: action(),
+                                                                None)
+        if self.cluster is not None:
+            self.chat.append = self.cluster.append
+            self.cluster.chat = self.chat
+        self._line_handlers = self.chat.line_handlers()
         self.chat.schedule_endings()   # (the bans and mutes of before a restart)
 
 
@@ -4871,6 +5012,752 @@ class RedisLink:
         self._on_lost(reason, unanswered)
 
 
+# =============================================================================================
+# The cluster: several servers (nodes) serving one chat, meeting in Redis.
+#
+# Redis holds the log, one stream (PREFIX:log): the sequencer. A node never applies a change of
+# its own members itself: it appends the entry (the APPEND script: the node's lease checked, a
+# nickname's claim checked, the entry added with the time and a number of its own) and every
+# node, the appender too, applies what XREAD brings back, in the log's order. So every node's
+# room core is the same replica of the chat: who is where (the other nodes' members too),
+# rooms, accounts, bans; and every member of a room, on any node, sees its lines in one order,
+# a sender's "Server: ok!" and echo at their place. One stream for every room, not one a room:
+# presence moves across rooms (a /join is one entry, not two in two logs), a gap is one number
+# to watch, and a node reads one key however many rooms there are; its ceiling, one Redis
+# core's XADD rate, is far above what nodes of this kind produce.
+#
+# What must outlive the log (it is trimmed): the replica itself, written now and then by one
+# node as a snapshot (PREFIX:snapshot) of the log's state at one entry; a node starts from the
+# newest snapshot and the log after it. The kept messages of each room are a stream of their own
+# (PREFIX:messages:ROOM, trimmed to --keep), written by the same script: /search reads it, and
+# a starting node its rooms' last lines.
+#
+# Nicknames: each is claimed (PREFIX:claims, its look-alike keys -> "node/connection") in the
+# script that appends its join or rename, so two nodes can never give one out twice. Each node
+# holds a lease (PREFIX:lease:NODE, 10 s, renewed every second); every append checks it
+# (fencing: a node that was cut off longer can't write). A node that can't renew in time closes
+# its members' connections itself; the others' reaper then appends their leaves, once, and frees
+# their nicknames. While Redis is unreachable, a node holds its members' lines (nothing is lost,
+# nothing acknowledged) and says so.
+# =============================================================================================
+
+LEASE_SECONDS = 10.0        # a node's lease: past it, its members are the reaper's
+LEASE_RENEW_EVERY = 1.0     # renewals: a lost Redis is noticed within this and REDIS_DEADLINE
+LEASE_MARGIN = 1.5          # a node closes its members this long before its lease can end
+REDIS_DEADLINE = 2.0        # an unanswered command after this means Redis is gone
+REAP_EVERY = 2.0            # how often a node looks for nodes whose lease ended
+SNAPSHOT_EVERY = 60.0       # how often a node tries to be the one that writes the snapshot
+LOG_READ_BLOCK_MS = 1000    # XREAD BLOCK: the reader's wait for new entries
+LOG_READ_COUNT = 1000       # entries a read brings at most
+
+# The scripts: run atomically in Redis. ARGV[1] is always the cluster's key prefix.
+APPEND_SCRIPT = r"""
+local P, node, token, opid, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local owner, claim, release = ARGV[6], ARGV[7], ARGV[8]
+local room, keep = ARGV[9], tonumber(ARGV[10])
+if redis.call('GET', P .. ':lease:' .. node) ~= token then
+  return redis.error_reply('LEASE the lease of this node has ended')
+end
+local seq = tonumber(opid)
+if seq <= tonumber(redis.call('HGET', P .. ':sent', node) or '0') then
+  return 'again'      -- sent again after a lost connection, and done already: once is enough
+end
+if claim ~= '' then
+  for key in string.gmatch(claim, '%S+') do
+    local holder = redis.call('HGET', P .. ':claims', key)
+    if holder and holder ~= owner then return redis.error_reply('BUSY ' .. key) end
+  end
+end
+local at = string.find(owner, '/', 1, true)
+local owner_node, conn = string.sub(owner, 1, at - 1), string.sub(owner, at + 1)
+if release ~= '' then
+  for key in string.gmatch(release, '%S+') do
+    if redis.call('HGET', P .. ':claims', key) == owner then
+      redis.call('HDEL', P .. ':claims', key)
+    end
+  end
+end
+if claim ~= '' then
+  for key in string.gmatch(claim, '%S+') do redis.call('HSET', P .. ':claims', key, owner) end
+  redis.call('HSET', P .. ':conns:' .. owner_node, conn, claim)
+elseif kind == 'leave' then
+  redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
+end
+local time = redis.call('TIME')
+local t = time[1] .. '.' .. string.format('%06d', time[2])
+local n = redis.call('INCR', P .. ':n')
+local fields = {'n', n, 't', t, 'k', kind, 'o', owner}
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', P .. ':log', '*', unpack(fields))
+if kind == 'say' or kind == 'act' then
+  local s = redis.call('HINCRBY', P .. ':positions', room, 1)
+  local kept = {'MAXLEN', '~', keep, id, 's', s, 't', t, 'k', kind}
+  for i = 11, #ARGV do kept[#kept + 1] = ARGV[i] end
+  redis.call('XADD', P .. ':messages:' .. room, unpack(kept))
+elseif kind == 'drop' then
+  redis.call('DEL', P .. ':messages:' .. room)
+  redis.call('HDEL', P .. ':positions', room)
+end
+redis.call('HSET', P .. ':sent', node, seq)
+return id
+"""
+
+RENEW_SCRIPT = r"""
+if redis.call('GET', ARGV[1] .. ':lease:' .. ARGV[2]) ~= ARGV[3] then return 0 end
+redis.call('PEXPIRE', ARGV[1] .. ':lease:' .. ARGV[2], ARGV[4])
+return 1
+"""
+
+# Every node whose lease has ended: its members leave (once: the node is forgotten with them).
+REAP_SCRIPT = r"""
+local P, me = ARGV[1], ARGV[2]
+local reaped = 0
+for _, node in ipairs(redis.call('HKEYS', P .. ':nodes')) do
+  if node ~= me and redis.call('EXISTS', P .. ':lease:' .. node) == 0 then
+    local conns = redis.call('HGETALL', P .. ':conns:' .. node)
+    for i = 1, #conns, 2 do
+      local owner = node .. '/' .. conns[i]
+      for key in string.gmatch(conns[i + 1], '%S+') do
+        if redis.call('HGET', P .. ':claims', key) == owner then
+          redis.call('HDEL', P .. ':claims', key)
+        end
+      end
+      local time = redis.call('TIME')
+      local t = time[1] .. '.' .. string.format('%06d', time[2])
+      local n = redis.call('INCR', P .. ':n')
+      redis.call('XADD', P .. ':log', '*', 'n', n, 't', t, 'k', 'leave', 'o', owner,
+                 'why', 'node gone')
+    end
+    redis.call('DEL', P .. ':conns:' .. node)
+    redis.call('HDEL', P .. ':nodes', node)
+    reaped = reaped + 1
+  end
+end
+return reaped
+"""
+
+# A snapshot replaces an older one only, and the log before it goes.
+SNAPSHOT_SCRIPT = r"""
+local P, n, id, data = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local old = tonumber(redis.call('HGET', P .. ':snapshot', 'n') or '0')
+if n <= old then return 0 end
+redis.call('HSET', P .. ':snapshot', 'n', n, 'id', id, 'data', data)
+redis.call('XTRIM', P .. ':log', 'MINID', id)
+return 1
+"""
+
+
+class ClusterStore(MemoryStore):
+    """A node's store: the replica's memory of what the chat keeps (accounts, bans, rooms, who
+    saw what, waiting messages), with each room's last ``window`` lines only, as the log applied
+    made them; Redis has the rest (the kept messages, the snapshot), which /search asks for.
+    Positions count each room's messages (the number Redis gives them too)."""
+
+    answers_later = True
+
+    def __init__(self, window, search):
+        MemoryStore.__init__(self, keep=max(window, 1))
+        self._search = search          # (room key, folded, count, done): Redis's answer
+        self._positions = {}           # room key -> its last message's number
+
+    def keep(self, room_key, line, text_size):
+        position = self._positions.get(room_key, 0) + 1
+        self._positions[room_key] = position
+        kept = self._messages.get(room_key)
+        if kept is None:
+            kept = self._messages[room_key] = collections.deque(maxlen=self._keep)
+        kept.append((position, line, text_size))
+        return position
+
+    def position(self, room_key):
+        return self._positions.get(room_key, 0)
+
+    def since(self, room_key, position, count):
+        lines = [line for kept_at, line, _ in self._messages.get(room_key, ())
+                 if kept_at > position]
+        return self.position(room_key) - position, lines[-count:] if count else []
+
+    def has_messages(self, room_key):
+        return self._positions.get(room_key, 0) > 0
+
+    def drop_room(self, key):
+        MemoryStore.drop_room(self, key)
+        self._positions.pop(key, None)
+
+    def search(self, room_key, folded, count, done):
+        self._search(room_key, folded, count, done)
+
+    # -- the snapshot: the replica at one entry of the log ------------------------------------
+    def dump(self):
+        return {"rooms": [list(record) for record in self._rooms.values()],
+                "positions": self._positions,
+                "accounts": [[list(account), [alias for alias, owner in
+                                              self._account_keys.items() if owner == key]]
+                             for key, account in self._accounts.items()],
+                "seen": [[account, room, position]
+                         for (account, room), position in self._seen.items()],
+                "waiting": {key: [line.decode("utf-8", "replace") for line in lines]
+                            for key, lines in self._waiting.items()},
+                "operators": self._operators,
+                "bans": [list(ban) for ban in self._bans.values()],
+                "mutes": [list(mute) for mute in self._mutes.values()]}
+
+    def load(self, data):
+        for record in data["rooms"]:
+            self._rooms[record[0]] = RoomRecord(*record)
+        self._positions.update(data["positions"])
+        for account, keys in data["accounts"]:
+            self.save_account(Account(*account), keys)
+        for account, room, position in data["seen"]:
+            self._seen[account, room] = position
+        for key, lines in data["waiting"].items():
+            self._waiting[key] = [line.encode("utf-8") for line in lines]
+        self._operators.update(data["operators"])
+        for ban in data["bans"]:
+            self.save_ban(Ban(*ban))
+        for mute in data["mutes"]:
+            self.save_mute(Mute(*mute))
+
+    def window(self, room_key, kept):
+        """A room's last lines, as a starting node reads them: (position, line, text_size)."""
+        self._messages[room_key] = collections.deque(kept, maxlen=self._keep)
+
+
+def _json():
+    """json, imported by a cluster's node only (a chat of one process does without it)."""
+    import json
+    return json
+
+
+class TimerHandle:
+    """A callback the loop calls later, unless cancelled first (the Redis client's timers)."""
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __call__(self, _):
+        if not self.cancelled:
+            self.callback()
+
+
+def cluster_text(value):
+    """A stream field as text (Redis gives bytes)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class ClusterNode:
+    """This server as one node of a cluster: its lease, its two connections to Redis (one writes,
+    one reads the log), the log applied to the room core, the reaper, the snapshots, and what
+    happens while Redis is away.
+
+    States: STARTING (loading the snapshot and the log), READY, PAUSED (Redis unreachable; the
+    lease may still hold), LOST (the lease ended while away: members closed, starting again as
+    a new node), STOPPED."""
+
+    STARTING, READY, PAUSED, LOST, STOPPED = "starting", "ready", "paused", "lost", "stopped"
+
+    def __init__(self, url, name=DEFAULT_CLUSTER, ca_file=None, keep=DEFAULT_KEEP):
+        self.url = url
+        self.prefix = name
+        self.ca_file = ca_file
+        self.keep = keep
+        self.address = parse_redis_url(url)
+        self.state = self.STARTING
+        self.problem = None       # why it could not start (Redis unreachable), in words
+        self.server = None        # the Server, which calls ``attach`` once it has its chat
+        self.chat = None
+        self._new_identity()
+
+    def _new_identity(self):
+        self.node = os.urandom(6).hex()
+        self.token = os.urandom(12).hex()
+        self.last_id = "0-0"      # the last entry of the log applied
+        self.last_n = 0           # and its number: the next must be one more
+        self._conn_ids = 0
+        self._op_ids = 0
+        self.local = {}           # connection id -> Peer, of this node
+        self.remote = {}          # "node/conn" -> Peer of another node
+        self._in_flight = []      # appends sent and not yet answered (to send again)
+        self._awaiting = {}       # Peer -> the join or rename whose application it waits for
+        self.lease_until = 0.0
+        self._snapshot_due = time.monotonic() + SNAPSHOT_EVERY
+
+    # -- starting -------------------------------------------------------------------------------
+    def attach(self, server):
+        """Called by the Server: the loop the links live in, and the room core to keep."""
+        self.server = server
+        self.chat = server.chat
+        self.writer = RedisLink(server, self.address, self._writer_ready, self._writer_lost,
+                                timeout=REDIS_DEADLINE, ca_file=self.ca_file)
+        self.reader = None
+
+    def _writer_ready(self):
+        if self.state in (self.STARTING, self.LOST):
+            self._register()
+        else:
+            self._resume()
+
+    def _register(self):
+        lease = self._key("lease:" + self.node)
+        self.writer.send(("SET", lease, self.token, "PX", int(LEASE_SECONDS * 1000), "NX"),
+                         self._checked)
+        self.writer.send(("HSET", self._key("nodes"), self.node,
+                          _json().dumps({"started": time.time(), "pid": os.getpid()})),
+                         self._checked)
+        self.lease_until = time.monotonic() + LEASE_SECONDS
+        self.writer.send(("HGETALL", self._key("snapshot")), self._snapshot_read)
+
+    def _checked(self, reply):
+        if isinstance(reply, RedisError):
+            self._fail_start("Redis refused: %s" % reply.message)
+
+    def _snapshot_read(self, reply):
+        if isinstance(reply, RedisError):
+            return self._fail_start("Redis refused: %s" % reply.message)
+        fields = dict(zip(reply[::2], reply[1::2])) if reply else {}
+        if fields:
+            data = _json().loads(fields[b"data"])
+            self.last_id, self.last_n = cluster_text(fields[b"id"]), int(fields[b"n"])
+            self._restore(data)
+            self._read_windows(data)
+        self._read_log_after(self.last_id)
+
+    def _restore(self, data):
+        """The replica at the snapshot's entry: the store's tables, the rooms, who is where."""
+        chat = self.chat
+        chat.store.load(data["store"])
+        chat.operators.update(key for key, _ in chat.store.operators())
+        chat.bans.update(((ban.kind, ban.value), ban) for ban in chat.store.bans())
+        chat.mutes.update((mute.key, mute) for mute in chat.store.mutes())
+        chat._load_rooms()
+        for name, ident, nick, account, away, address in data["members"]:
+            peer = self._remote(ident, address)
+            chat._named(peer, nick, account)
+            peer.member = True
+            peer.away = away
+            room = chat.room_named(name) or chat._add_room(chat._new_room(name))
+            chat._enter_room(peer, room)
+
+    def _read_windows(self, data):
+        """Each room's last lines, up to the snapshot's entry (the log after it adds the rest)."""
+        window = self.chat.store._keep
+        for record in data["store"]["rooms"]:
+            key = record[0]
+            self.writer.send(("XREVRANGE", self._key("messages:" + key), self.last_id, "-",
+                              "COUNT", window),
+                             lambda reply, key=key: self._window_read(key, reply))
+
+    def _window_read(self, key, reply):
+        if isinstance(reply, RedisError):
+            return
+        kept = []
+        for _, values in reversed(reply):
+            fields = self._fields(values)
+            line, size = self._message_line(fields)
+            kept.append((int(fields["s"]), line, size))
+        self.chat.store.window(key, kept)
+        room = self.chat.room_named(self.chat.store._rooms[key].name) \
+            if key in self.chat.store._rooms else None
+        if room is not None:
+            room.history.clear()
+            room.history.extend(line for _, line, _ in kept[-self.chat.history_size:]
+                                if self.chat.history_size)
+
+    def _read_log_after(self, after):
+        self.writer.send(("XRANGE", self._key("log"), "(" + after, "+", "COUNT", LOG_READ_COUNT),
+                         self._log_caught_up)
+
+    def _log_caught_up(self, reply):
+        if isinstance(reply, RedisError):
+            return self._fail_start("Redis refused: %s" % reply.message)
+        for entry_id, values in reply:
+            self._apply_one(cluster_text(entry_id), self._fields(values))
+        if len(reply) == LOG_READ_COUNT:
+            return self._read_log_after(self.last_id)   # more: on, a batch at a time
+        self._start_reading()
+        self.state = self.READY
+        self._schedule(LEASE_RENEW_EVERY, self._renew)
+        self._schedule(REAP_EVERY, self._reap)
+
+    def _fail_start(self, problem):
+        if self.state == self.STARTING:
+            self.problem = problem
+
+    def _writer_lost(self, reason, unanswered):
+        if self.state == self.STARTING and self.last_n == 0 and not self._in_flight:
+            self.problem = reason   # (at start: the server exits, saying why)
+            return
+        self._in_flight[:0] = [command for command in unanswered
+                               if command.script is not None]
+        self._pause()
+
+    # -- reading the log ------------------------------------------------------------------------
+    def _start_reading(self):
+        if self.reader is None:
+            self.reader = RedisLink(self.server, self.address, self._read_more,
+                                    self._reader_lost, timeout=REDIS_DEADLINE,
+                                    ca_file=self.ca_file)
+        elif self.reader.ready:
+            self._read_more()
+
+    def _read_more(self):
+        if self.state in (self.STOPPED,):
+            return
+        self.reader.send(("XREAD", "COUNT", LOG_READ_COUNT, "BLOCK", LOG_READ_BLOCK_MS,
+                          "STREAMS", self._key("log"), self.last_id), self._log_read)
+
+    def _reader_lost(self, reason, unanswered):
+        if self.state == self.READY:
+            self._pause()
+
+    def _log_read(self, reply):
+        if isinstance(reply, RedisError):
+            return self._pause()
+        for _, entries in reply or ():
+            for entry_id, values in entries:
+                self._apply_one(cluster_text(entry_id), self._fields(values))
+        if self.state in (self.READY, self.PAUSED, self.STARTING):
+            self._read_more()
+
+    @staticmethod
+    def _fields(values):
+        return {cluster_text(values[i]): values[i + 1] for i in range(0, len(values), 2)}
+
+    def _apply_one(self, entry_id, fields):
+        """One entry of the log, applied to the replica (in order: a gap, or a log that went
+        back, means this node's replica can't be trusted: it starts again)."""
+        if self.state == self.STOPPED:
+            return
+        n = int(fields["n"])
+        if n != self.last_n + 1 and self.last_n:
+            return self._lose("the log of %s has a gap (%d after %d)"
+                              % (self.address.shown, n, self.last_n))
+        self.last_id, self.last_n = entry_id, n
+        entry = self._decode(fields)
+        if entry is None:
+            return
+        chat = self.chat
+        chat.clock.pin(float(fields["t"]))
+        try:
+            chat.apply(entry)
+        finally:
+            chat.clock.unpin()
+        self._after_apply(entry)
+
+    def _after_apply(self, entry):
+        kind, _, peer, data = entry
+        if peer.local and self._awaiting.get(peer) == kind:
+            del self._awaiting[peer]
+            self.chat.on_hold(peer, False)
+            if peer.gone and peer.member:   # (its connection ended while it joined)
+                self.chat.leave(peer, Reason.CLOSED)
+        if kind == Entry.LEAVE and not peer.local:
+            self.remote.pop(peer.ident, None)
+        elif kind == Entry.LEAVE:
+            self.local.pop(peer.ident.partition("/")[2], None)
+
+    # -- entries: to the log and back -----------------------------------------------------------
+    def append(self, entry):
+        """The Chat's sequencer: the entry goes to Redis; it is applied when it comes back."""
+        if self.state not in (self.READY, self.PAUSED):
+            return
+        kind, room, peer, data = entry
+        claim = release = ""
+        if kind in (Entry.JOIN, Entry.RENAME):
+            claim = " ".join(nickname_keys(data[0]))
+            if kind == Entry.RENAME:
+                release = " ".join(key for key in nickname_keys(peer.nick)
+                                   if key not in claim.split())
+            self._awaiting[peer] = kind
+            self.chat.on_hold(peer, True)
+        elif kind == Entry.LEAVE:
+            release = " ".join(nickname_keys(peer.nick))
+        room_key = room.key if room is not None else ""
+        if kind == Entry.DROP:
+            room_key = room.key
+        self._op_ids += 1
+        args = [self.prefix, self.node, self.token, self._op_ids, kind,
+                peer.ident, claim, release, room_key, self.keep]
+        for name, value in self._encode(entry):
+            args += [name, value]
+        self._send_append(args, entry)
+
+    def _send_append(self, args, entry):
+        def answered(reply):
+            if isinstance(reply, RedisError):
+                self._refused(entry, reply)
+        if self.writer.ready and self.state == self.READY:
+            self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+        else:
+            self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
+                                                APPEND_SCRIPT))
+
+    def _refused(self, entry, reply):
+        kind, _, peer, data = entry
+        if reply.code == "BUSY" and peer.local:
+            self._awaiting.pop(peer, None)
+            self.chat.on_hold(peer, False)
+            self.chat.notice(peer, Lines.NICK_BUSY.format(nick=data[0]))
+        elif reply.code == "LEASE":
+            self._lose("the lease of this node has ended")
+
+    def _encode(self, entry):
+        """The entry's data as stream fields (the room and the peer go in the script's own)."""
+        kind, room, peer, data = entry
+        fields = [("r", room.name)] if room is not None else []
+        if kind == Entry.SAY:
+            fields.append(("b", data))
+        elif kind in (Entry.ACT, Entry.TOPIC, Entry.AWAY):
+            if data is not None:
+                fields.append(("x", data))
+        elif kind in (Entry.JOIN, Entry.RENAME):
+            fields += [("nick", data[0]), ("acct", data[1] or ""), ("addr", peer.address)]
+        elif kind == Entry.LEAVE:
+            fields += [("why", data[0]), ("tr", data[1] or ""), ("tself", data[2] or "")]
+        elif kind == Entry.MOVE:
+            fields += [("to", data[0]), ("kh", data[1] or "")]
+        elif kind == Entry.PRIVATE:
+            fields += [("to", data[0].ident), ("x", data[1])]
+        elif kind == Entry.WAIT:
+            fields += [("acct", data[0]), ("nick", data[1]), ("x", data[2])]
+        elif kind == Entry.ACCOUNT:
+            fields += [("do", data[0]), ("key", data[1]), ("nick", data[2]),
+                       ("hash", data[3] or "")]
+        elif kind == Entry.BAN:
+            fields += [("ban", _json().dumps(list(data)))]
+        elif kind == Entry.UNBAN:
+            fields += [("ban", _json().dumps(list(data)))]
+        elif kind == Entry.MUTE:
+            fields += [("to", data[0].ident), ("mute", _json().dumps(list(data[1])))]
+        elif kind == Entry.UNMUTE:
+            fields.append(("key", data))
+        elif kind == Entry.OPERATOR:
+            fields += [("made", "1" if data[0] else ""), ("key", data[1]), ("nick", data[2])]
+        if kind == Entry.SAY or kind == Entry.ACT:
+            fields.append(("nick", peer.nick))
+        return fields
+
+    def _decode(self, fields):
+        """A log entry as the room core's tuple, its peers and rooms this node's objects."""
+        kind = cluster_text(fields["k"])
+        text = {name: cluster_text(value) for name, value in fields.items() if name != "b"}
+        owner = text["o"]
+        if kind == Entry.JOIN:
+            peer = self._peer(owner) or self._remote(owner, text.get("addr", ""))
+        else:
+            peer = self._peer(owner)
+        if peer is None:
+            return None   # (an entry about a connection this replica never knew: none of ours)
+        chat = self.chat
+        room = peer.room if kind not in (Entry.JOIN, Entry.DROP) else chat.main
+        if "r" in text and kind in (Entry.SAY, Entry.ACT, Entry.TOPIC, Entry.DROP, Entry.MUTE):
+            room = chat.room_named(text["r"])
+            if room is None:
+                return None
+        if kind == Entry.SAY:
+            data = fields["b"]
+        elif kind in (Entry.ACT, Entry.TOPIC, Entry.AWAY):
+            data = text.get("x")
+        elif kind in (Entry.JOIN, Entry.RENAME):
+            data = (text["nick"], text["acct"] or None)
+        elif kind == Entry.LEAVE:
+            if not peer.member:
+                return None
+            data = (text["why"], text.get("tr") or None, text.get("tself") or None)
+        elif kind == Entry.MOVE:
+            data = (text["to"], text["kh"] or None)
+        elif kind == Entry.PRIVATE:
+            target = self._peer(text["to"])
+            if target is None:
+                return None
+            data = (target, text["x"])
+        elif kind == Entry.WAIT:
+            data = (text["acct"], text["nick"], text["x"])
+        elif kind == Entry.ACCOUNT:
+            data = (text["do"], text["key"], text["nick"], text["hash"] or None)
+        elif kind in (Entry.BAN, Entry.UNBAN):
+            values = _json().loads(text["ban"])
+            data = Ban(*values) if kind == Entry.BAN else tuple(values)
+        elif kind == Entry.MUTE:
+            target = self._peer(text["to"])
+            if target is None or not target.member:
+                return None
+            data = (target, Mute(*_json().loads(text["mute"])))
+        elif kind == Entry.UNMUTE:
+            data = text["key"]
+        elif kind == Entry.OPERATOR:
+            data = (bool(text["made"]), text["key"], text["nick"])
+        else:
+            data = None
+        return (kind, room, peer, data)
+
+    def _peer(self, ident):
+        node, _, conn = ident.partition("/")
+        if node == self.node:
+            return self.local.get(conn)
+        return self.remote.get(ident)
+
+    def _remote(self, ident, address):
+        peer = self.remote.get(ident)
+        if peer is None:
+            peer = self.remote[ident] = Peer(address, local=False)
+            peer.ident = ident
+        return peer
+
+    def _message_line(self, fields):
+        """A kept message (a stream entry of a room's messages) as its line, and its text's
+        size."""
+        ts = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(float(fields["t"]))).encode()
+        nick = cluster_text(fields["nick"])
+        if cluster_text(fields["k"]) == Entry.SAY:
+            body = fields["b"]
+            return ts + Chat.SENT_HEAD.format(nick=nick).encode() + body + Chat.SENT_END, \
+                len(body)
+        text = cluster_text(fields["x"]).encode("utf-8")
+        return ts + Lines.ACTION.format(nick=nick, text="").encode() + text + b"\n", len(text)
+
+    def admitted(self, peer):
+        """A new connection of this node: the name the log knows it by."""
+        self._conn_ids += 1
+        conn = str(self._conn_ids)
+        peer.ident = "%s/%s" % (self.node, conn)
+        self.local[conn] = peer
+
+    def closed(self, peer):
+        """A connection of this node ended before it joined (a member's leave does the rest)."""
+        if not peer.member and peer not in self._awaiting:
+            self.local.pop(peer.ident.partition("/")[2], None)
+
+    # -- /search: the kept messages are Redis's -------------------------------------------------
+    def search(self, room_key, folded, count, done):
+        def read(reply):
+            if isinstance(reply, RedisError):
+                reply = []
+            found = []
+            for _, values in reversed(reply):
+                fields = self._fields(values)
+                line, size = self._message_line(fields)
+                if folded in text_of_line(line, len(line) - size - 1):
+                    found.append(line)
+            done(len(found), found[-count:] if count else [])
+        if not self.writer.ready:
+            return done(0, [])
+        self.writer.send(("XREVRANGE", self._key("messages:" + room_key), "+", "-", "COUNT",
+                          self.keep), read)
+
+    # -- the lease, the reaper, the snapshots ---------------------------------------------------
+    def _schedule(self, seconds, action):
+        self.server.call_later(seconds, action)
+
+    def _renew(self):
+        if self.state in (self.STOPPED, self.LOST):
+            return
+        self._schedule(LEASE_RENEW_EVERY, self._renew)
+        if self.state == self.PAUSED:
+            return self._check_lease()
+        sent = time.monotonic()
+
+        def renewed(reply):
+            if reply == 1:
+                self.lease_until = sent + LEASE_SECONDS
+            elif self.state == self.READY:
+                self._lose("the lease of this node ended")
+        self.writer.evalsha(RENEW_SCRIPT, (), (self.prefix, self.node, self.token,
+                                               int(LEASE_SECONDS * 1000)), renewed)
+        if time.monotonic() >= self._snapshot_due:
+            self._snapshot_due = time.monotonic() + SNAPSHOT_EVERY
+            self.write_snapshot()
+
+    def _check_lease(self):
+        """While away: before the lease can end, this node's members are closed (the reaper
+        then frees their nicknames; never two nodes with one)."""
+        if time.monotonic() >= self.lease_until - LEASE_MARGIN:
+            self._lose("Redis was unreachable for longer than the lease")
+
+    def _reap(self):
+        if self.state in (self.STOPPED, self.LOST):
+            return
+        self._schedule(REAP_EVERY, self._reap)
+        if self.state == self.READY:
+            self.writer.evalsha(REAP_SCRIPT, (), (self.prefix, self.node), lambda reply: None)
+
+    def write_snapshot(self):
+        """This node's replica, as of the last entry applied, for nodes that start later."""
+        data = {"store": self.chat.store.dump(),
+                "members": [[peer.room.name, peer.ident, peer.nick, peer.account, peer.away,
+                             peer.address]
+                            for room in self.chat.room_list for peer in room.everyone]}
+        self.writer.evalsha(SNAPSHOT_SCRIPT, (), (self.prefix, self.last_n, self.last_id,
+                                                  _json().dumps(data)), lambda reply: None)
+
+    # -- Redis away and back --------------------------------------------------------------------
+    def _pause(self):
+        if self.state == self.READY:
+            self.state = self.PAUSED
+            self.chat.paused = True
+            self.server.cluster_paused(True)
+        self._check_lease()
+
+    def _resume(self):
+        """The writer is back: if the lease still holds, what waited is sent, and on we go."""
+        def renewed(reply):
+            if reply != 1:
+                return self._lose("the lease of this node ended while Redis was away")
+            self.lease_until = sent + LEASE_SECONDS
+            waiting, self._in_flight = self._in_flight, []
+            for command in waiting:
+                command.send_again(self.writer)
+            self.state = self.READY
+            self.chat.paused = False
+            self.server.cluster_paused(False)
+            self._start_reading()
+        if self.state != self.PAUSED:
+            return
+        sent = time.monotonic()
+        self.writer.evalsha(RENEW_SCRIPT, (), (self.prefix, self.node, self.token,
+                                               int(LEASE_SECONDS * 1000)), renewed)
+
+    def _lose(self, why):
+        """This node's replica or lease can't be trusted: its connections are closed (the
+        others' reaper appends their leaves) and it starts again as a new node."""
+        if self.state in (self.LOST, self.STOPPED, self.STARTING):
+            return
+        self.state = self.LOST
+        sys.stderr.write("chat_server: %s; closing this node's connections\n" % why)
+        self.server.cluster_lost()
+        self._new_identity()
+        self.state = self.STARTING
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.writer.ready:
+            self._register()
+
+    def flush(self):
+        self.writer.flush()
+        if self.reader is not None:
+            self.reader.flush()
+
+    def stop(self):
+        """A clean stop: this node's members' leaves are in the log, its lease given back."""
+        if self.state == self.READY:
+            self.writer.send(("DEL", self._key("lease:" + self.node)), lambda reply: None)
+        self.state = self.STOPPED
+
+    def close(self):
+        for link in (self.writer, self.reader):
+            if link is not None:
+                link.close()
+
+    def _key(self, name):
+        return "%s:%s" % (self.prefix, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # The platform: its name, sockets, descriptors, addresses, tracebacks.
 # ---------------------------------------------------------------------------------------------
@@ -5067,6 +5954,16 @@ def parse_args(argv):
     parser.add_argument("--operators", type=nick_list, default=(), metavar="NICK[,NICK...]",
                         help="registered nicknames that may kick, ban, mute, /op and /drop;"
                              " nobody can take these names from them")
+    parser.add_argument("--redis", metavar="URL",
+                        help="be one node of a cluster: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]"
+                             " (rediss:// for TLS); the chat is kept in Redis, not in --data")
+    parser.add_argument("--redis-ca", metavar="PEM",
+                        help="the certificate authority that rediss:// checks Redis against"
+                             " (default: the system's)")
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER, metavar="NAME",
+                        help="the chat's name in Redis, the prefix of its keys (default"
+                             " %(default)s): nodes with the same --redis and --cluster serve"
+                             " one chat")
     parser.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
                         help="rooms at once, #main included (default %(default)s)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
@@ -5084,6 +5981,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key: needs --tls-cert")
+    if args.redis:
+        try:
+            parse_redis_url(args.redis)
+        except ValueError as exc:
+            parser.error("--redis: %s" % exc)
     return args
 
 
@@ -5164,7 +6066,8 @@ def main(argv=None):
             return 1
     raise_fd_limit()
     try:
-        store = open_store(args.data, args.keep, args.durable, warn)
+        store = (open_store(args.data, args.keep, args.durable, warn) if not args.redis
+                 else None)
     except DataFileError as exc:
         warn(str(exc))
         return 1
@@ -5172,20 +6075,33 @@ def main(argv=None):
         log = open_log(args.log, args.log_file, args.syslog_address, warn)
     except OSError as exc:
         warn(str(exc))
-        store.close()
+        if store is not None:
+            store.close()
         return 1
-    store.log = log.record   # (the store says in the log when it can't write, and when it can)
-    for nick in args.operators:
-        if store.account_for(nickname_keys(nick)) is None:
-            warn('--operators: "%s" is not registered; it becomes an operator once it registers'
-                 % nick)
+    try:
+        cluster = (ClusterNode(args.redis, args.cluster, args.redis_ca, args.keep)
+                   if args.redis else None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        warn("cannot reach Redis at %s: %s" % (redact_redis_url(args.redis),
+                                                 getattr(exc, "strerror", None) or exc))
+        return 1
+    if store is not None:
+        store.log = log.record   # (the store says in the log when it can't write, and when)
     server = Server(args.host, args.port, log, max_clients=args.max_clients,
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                     password=password, tls=tls, dead_peer=args.dead_peer_timeout,
                     max_rooms=args.max_rooms, store=store, catch_up=args.catch_up,
-                    operators=args.operators)
+                    operators=args.operators, cluster=cluster)
+    if cluster is not None and not server.start_cluster():
+        warn("cannot reach Redis at %s: %s" % (cluster.address.shown, cluster.problem))
+        server.close()
+        return 1
+    for nick in args.operators:
+        if server.chat.store.account_for(nickname_keys(nick)) is None:
+            warn('--operators: "%s" is not registered; it becomes an operator once it registers'
+                 % nick)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:

@@ -9694,6 +9694,201 @@ class RespMeasurementTests(InMemoryTestCase):
         self.assertGreater(figures["entries_per_s"], 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# 8b.3 A cluster: several servers (nodes) on one real redis-server, one chat.
+# ---------------------------------------------------------------------------------------------
+
+PAUSED = "The chat is paused: this server can't reach the others."
+PAUSED_JOIN = "Sorry! The chat is paused. Try again in a moment."
+BACK = "The chat is back."
+
+
+class ClusterTests(unittest.TestCase):
+    """Nodes as users run them (subprocesses with --redis) on a redis-server of the test's own:
+    the protocol's lines across nodes, one order, and the faults: a node killed, Redis paused,
+    restarted, cut off."""
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+
+    def node(self, *options, url=None):
+        return start_server(self, "--redis", url or self.redis.url, *options)
+
+    def member(self, node, nick, *waiting):
+        """A member joined through ``node``; each of ``waiting`` sees it come."""
+        client = node.client().join(nick)
+        self.addCleanup(client.close)
+        for other in waiting:
+            self.assertEqual(other.said(), "%s connected!" % nick)
+        return client
+
+    def test_members_of_two_nodes_chat_as_one(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        for attempt in ("alice", "ALICE", "aIice"):   # held on the other node: busy here
+            newcomer = b.client()
+            self.addCleanup(newcomer.close)
+            self.assertEqual(newcomer.line(), WELCOME)
+            newcomer.send(attempt + "\n")
+            self.assertEqual(newcomer.said(), busy(attempt))
+        alice.send("hello from node a\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS hello from node a"])
+        self.assertEqual(bob.said(), "alice sent hello from node a")
+        bob.send("/me waves from node b\n")
+        self.assertEqual([bob.said(), bob.said()], [OK, "* bob waves from node b"])
+        self.assertEqual(alice.said(), "* bob waves from node b")
+        for client in (alice, bob):
+            client.send("/users\n")
+            self.assertEqual(client.said(), "Users (2): alice, bob")
+        bob.send("/msg alice a word\n")
+        self.assertEqual([bob.said(), bob.said()], [OK, "[private] YOU SEND alice a word"])
+        self.assertEqual(alice.said(), "[private] bob sent a word")
+        bob.send("/join #ops\n")
+        self.assertEqual([bob.said(), bob.said()], [OK, in_room_now("#ops", 1)])
+        self.assertEqual(alice.said(), "bob left for #ops.")
+        alice.send("/rooms\n")
+        self.assertEqual(alice.said(), "Rooms (2): #main (1), #ops (1)")
+        alice.send("/join #OPS\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, in_room_now("#ops", 2)])
+        self.assertEqual(bob.said(), "alice joined #ops.")
+        alice.send("/quit\n")
+        self.assertEqual(alice.said(), GOODBYE)
+        self.assertEqual(bob.said(), "alice disconnected!")
+        self.member(b, "alice")   # the nickname is free again, on any node
+
+    def test_history_accounts_and_catch_up_on_a_node_started_later(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        dave = self.member(b, "dave", alice, bob)   # (someone for bob to talk to)
+        alice.send("/register correct horse\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, registered("alice")])
+        alice.send("/quit\n")
+        self.assertEqual([bob.said(), dave.said()], ["alice disconnected!"] * 2)
+        for n in range(3):
+            bob.send("missed %d\n" % n)
+            self.assertEqual([bob.said(), bob.said()], [OK, "YOU SEND USERS missed %d" % n])
+        bob.send("/msg alice while you were out\n")
+        self.assertEqual([bob.said() for _ in range(3)],
+                         [OK, "[private] YOU SEND alice while you were out", offline("alice")])
+        c = self.node()   # a third node, after all of that
+        back = c.client()
+        self.addCleanup(back.close)
+        self.assertEqual(back.line(), WELCOME)
+        back.send("alice\n")
+        self.assertEqual(back.said(), password_question("alice"))
+        back.send("correct horse\n")
+        self.assertEqual([back.said() for _ in range(7)],
+                         [OK, "Private messages while you were away (1):",
+                          "[private] bob sent while you were out",
+                          "Messages since you left (3):", "bob sent missed 0",
+                          "bob sent missed 1", "bob sent missed 2"])
+        self.assertEqual(bob.said(), "alice connected!")
+        carol = c.client().join("carol")
+        self.addCleanup(carol.close)
+        self.assertEqual(carol.said(), "Recent messages (3):")
+
+    def test_one_order_for_every_member_of_every_node(self):
+        nodes = [self.node("--rate-limit", "0") for _ in range(3)]
+        members = []
+        for index, node in enumerate(nodes):
+            members.append(self.member(node, "m%d" % index, *members))
+        sends = 40
+        for index, member in enumerate(members):   # all at once, on every node
+            member.send("".join("m%d says %d\n" % (index, n) for n in range(sends)))
+        seen = []
+        for index, member in enumerate(members):
+            lines = []
+            while len(lines) < sends * len(members):
+                text = member.said()
+                if text == OK:
+                    continue
+                lines.append(text.replace("YOU SEND USERS ", "m%d sent " % index))
+            seen.append(lines)
+        expected = sorted("m%d sent m%d says %d" % (i, i, n)
+                          for i in range(len(members)) for n in range(sends))
+        for lines in seen:
+            self.assertEqual(sorted(lines), expected)   # each once
+        self.assertEqual(seen[0], seen[1])              # and in one order, everywhere
+        self.assertEqual(seen[1], seen[2])
+
+    def test_a_killed_nodes_members_leave_within_15_seconds(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        a.stop(signal.SIGKILL)
+        started = time.monotonic()
+        self.assertEqual(bob.said(deadline=20), "alice disconnected!")
+        self.assertLess(time.monotonic() - started, 15)
+        self.member(b, "alice", bob)   # free again
+
+    def test_acknowledged_lines_survive_a_restart_of_redis(self):
+        a = self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(a, "bob", alice)
+        alice.send("kept in redis\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS kept in redis"])
+        self.assertEqual(bob.said(), "alice sent kept in redis")
+        self.redis.restart()   # its append-only file keeps what it acknowledged
+        self.assertEqual(alice.said(deadline=10), PAUSED)
+        self.assertEqual(alice.said(deadline=10), BACK)
+        b = self.node()
+        carol = b.client().join("carol")
+        self.addCleanup(carol.close)
+        self.assertEqual([carol.said(), carol.said()],
+                         ["Recent messages (1):", "alice sent kept in redis"])
+
+    def test_redis_paused_a_while_holds_the_lines_and_loses_none(self):
+        a = self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(a, "bob", alice)
+        self.redis.pause()
+        self.addCleanup(self.redis.resume)
+        self.assertEqual(alice.said(deadline=6), PAUSED)
+        self.assertEqual(bob.said(deadline=6), PAUSED)
+        alice.send("typed while paused\n")
+        newcomer = a.client()
+        self.addCleanup(newcomer.close)
+        self.assertEqual(newcomer.line(), WELCOME)
+        newcomer.send("carol\n")
+        self.assertEqual(newcomer.said(), PAUSED_JOIN)
+        time.sleep(0.5)   # (Redis stays stopped a while; nothing must arrive meanwhile)
+        self.redis.resume()
+        self.assertEqual(alice.said(deadline=10), BACK)
+        self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS typed while paused"])
+        self.assertEqual([bob.said(), bob.said()], [BACK, "alice sent typed while paused"])
+
+    def test_cut_off_longer_than_the_lease_closes_the_nodes_members(self):
+        proxy = TcpProxy(self, self.redis.port)
+        a = self.node(url="redis://127.0.0.1:%d" % proxy.port)
+        b = self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        proxy.cut()
+        started = time.monotonic()
+        self.assertEqual(alice.said(deadline=8), PAUSED)
+        self.assertEqual(alice.said(deadline=15), SHUTTING_DOWN)
+        closed = time.monotonic() - started
+        alice.expect_eof()
+        self.assertEqual(bob.said(deadline=20), "alice disconnected!")   # (the reaper)
+        self.assertGreater(time.monotonic() - started, closed)   # never before it closed
+        self.assertLess(time.monotonic() - started, 15 + 3)
+        self.member(b, "alice", bob)   # one owner at a time
+        proxy.heal()
+
+    def test_a_node_that_cannot_reach_redis_at_start_says_so_and_exits_1(self):
+        self.redis.stop()
+        proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off",
+                               "--redis", "redis://:s3cret@127.0.0.1:%d" % self.redis.port],
+                              capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stdout, "")
+        self.assertRegex(proc.stderr, r"\Achat_server: cannot reach Redis at redis://127\.0\.0\.1:"
+                                      r"%d/0: .+\n\Z" % self.redis.port)
+        self.assertNotIn("s3cret", proc.stderr)
+
+
 # =============================================================================================
 # 9. Running: a closing line that says how many passed and failed; exit 1 on failure or no test.
 # =============================================================================================
