@@ -5744,9 +5744,12 @@ class ClusterNode:
             self.reader.flush()
 
     def stop(self):
-        """A clean stop: this node's members' leaves are in the log, its lease given back."""
+        """A clean stop: this node's members' leaves are in the log, a snapshot written (the
+        next node to start reads little of the log), its lease given back."""
         if self.state == self.READY:
+            self.write_snapshot()
             self.writer.send(("DEL", self._key("lease:" + self.node)), lambda reply: None)
+            self.writer.send(("HDEL", self._key("nodes"), self.node), lambda reply: None)
         self.state = self.STOPPED
 
     def close(self):
