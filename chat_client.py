@@ -206,7 +206,7 @@ class Kind:
 
 # Each kind of line and the templates it comes in, tried in this order (a message, which any
 # member can fill with text, first: nothing it holds can make it another kind).
-_SHAPES = tuple((kind, shape(template)) for kind, template in (
+_TEMPLATES = (
     (Kind.OWN_MESSAGE, Lines.ECHO),
     (Kind.OWN_PRIVATE, Lines.PRIVATE_ECHO),
     (Kind.PRIVATE, Lines.PRIVATE_SENT),
@@ -218,6 +218,7 @@ _SHAPES = tuple((kind, shape(template)) for kind, template in (
     (Kind.USERS, Lines.USERS),
     (Kind.HEADING, Lines.HISTORY),
     (Kind.ERROR, Lines.NICK_BUSY),
+    (Kind.ERROR, Lines.WRONG_NICK_PASSWORD),
     (Kind.ROOM_NOW, Lines.ROOM_NOW),
     (Kind.LEFT, Lines.ROOM_LEFT_FOR),
     (Kind.JOINED, Lines.ROOM_JOINED),
@@ -247,7 +248,16 @@ _SHAPES = tuple((kind, shape(template)) for kind, template in (
     (Kind.LEFT, Lines.BANNED_REASON),
     (Kind.BANS, Lines.BANS),
     (Kind.BANS, Lines.NO_BANS),
-))
+)
+_SHAPES = tuple((kind, shape(template)) for kind, template in _TEMPLATES)
+
+_PATTERNS = {template: pattern for (_, template), (_, pattern) in zip(_TEMPLATES, _SHAPES)}
+
+
+def is_line(line, template):
+    """Is this ServerLine the protocol's line of ``template``?"""
+    return bool(line.ts) and _PATTERNS[template].match(line.body) is not None
+
 
 class ServerLine:
     """One line from the server (already made harmless by render()), taken apart.
@@ -1017,8 +1027,8 @@ class Session:
         """Rejoining, our nickname may still be held by the connection that was lost (until
         the server or its node notices), and a paused node refuses every nickname for a
         moment: try it again in a while rather than ask for another or end."""
-        held = self.rejoining and line.fields.get("nick") is not None and \
-            same_nick(line.fields["nick"], self.attempt) and line.body.endswith("busy.")
+        held = self.rejoining and is_line(line, Lines.NICK_BUSY) and \
+            same_nick(line.nick, self.attempt)
         if not (held or line.body == Lines.PAUSED_REFUSAL) or self.nick_retries >= NICK_RETRIES:
             return False
         self.nick_retries += 1
@@ -1061,8 +1071,8 @@ class Session:
 
     def _refused(self, line):
         self.attempt = None
-        if line.fields.get("nick") and line.body.startswith("Sorry! Wrong password for"):
-            self.nick_passwords.pop(line.fields["nick"].casefold(), None)
+        if is_line(line, Lines.WRONG_NICK_PASSWORD):
+            self.nick_passwords.pop(line.nick.casefold(), None)
             if self.nick_password is not None:
                 self.nick_password = None   # the option's was wrong: ask, or end
         if not self.interactive:
@@ -1154,7 +1164,8 @@ class Session:
         leaves lines unanswered) is set on the oldest unanswered line by any line that answers
         something, so that no surprise in the answers can leave a line unanswered for ever;
         the head of ``awaiting`` is what the next answers belong to, for the screen."""
-        if line.kind in _ANSWER_KINDS or line.body == Lines.ALONE or self._is_own(line):
+        if (line.kind in _ANSWER_KINDS and line.body not in (Lines.PAUSED, Lines.RESUMED)
+                or line.body == Lines.ALONE or self._is_own(line)):
             self._mark_answered()
         if line.kind == Kind.OK:
             while head is not None and head.got_ok:
@@ -1284,12 +1295,12 @@ MAIN_ROOM_NAME = "#main"
 MAIN_ROOM = MAIN_ROOM_NAME.casefold()
 USERS_COMMAND = "/users"
 ROOMS_COMMAND = "/rooms"
-_ROOM_ENTRY = re.compile(r"(#[\w-]+) \(\d+(?:, key)?\)\Z")
+_ROOM_ENTRY = re.compile(r"(#[\w-]+) \(\d+(?:, key)?\)(?:, |\Z)")
 
 
 def rooms_listed(text):
-    """The room names of 'Rooms ({n}): #main (5), #ops (2, key)' (a room name holds no ', ')."""
-    return [m.group(1) for m in map(_ROOM_ENTRY.match, (text or "").split(", ")) if m]
+    """The room names of 'Rooms ({n}): #main (5), #ops (2, key)'."""
+    return _ROOM_ENTRY.findall(text or "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3892,6 +3892,402 @@ class ReadlineBindingTests(InMemoryTestCase):
             self.assertTrue("lib.%s(" % name in source, "%s is never called" % name)
 
 
+class SessionVersion3Tests(InMemoryTestCase):
+    """The client's side of version 3 in memory: rooms, registered nicknames, moderation, the
+    lines a lost connection never answered, and where the settings come from."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_module("chat_client")
+
+    def session(self, **options):
+        ui = RecordingUi()
+        session = self.chat.Session(ui, **options)
+        ui.session = session
+        session.connected("127.0.0.1:8000")
+        return session, ui
+
+    def joined(self, nick="alice", **options):
+        session, ui = self.session(**options)
+        session.server_line(WELCOME)
+        session.typed(nick)
+        session.server_line(T0 + OK)
+        del ui.sent[:], ui.shown[:], ui.notes[:]
+        return session, ui
+
+    def lose_and_rejoin(self, session, ui, reason="Connection lost: reset."):
+        session.connection_closed(reason)
+        self.assertEqual(session.phase, "offline")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+
+    def test_one_table_gives_every_version_3_command_and_what_tab_completes(self):
+        chat = self.chat
+        names = [name for command in chat.COMMANDS for name in command.names]
+        self.assertEqual(sorted(names), sorted(V3_COMMANDS))
+        self.assertEqual(sorted(name for command in chat.COMMANDS if command.operator
+                                for name in command.names), sorted(V3_OPERATOR_COMMANDS))
+        session, ui = self.joined(interactive=True)
+        self.assertEqual(session.completions("/jo", []), ["/join "])
+        self.assertEqual(session.completions("/un", []), ["/unregister ", "/unban ",
+                                                          "/unmute "])
+        session.server_line(T0 + "bob connected!")
+        session.typed("/rooms")
+        session.server_line(T0 + rooms_list("#main (2)", "#ops (1, key)", "#Random (0)"))
+        self.assertEqual(session.completions("#", ["/join"]), ["#main ", "#ops ", "#Random "])
+        self.assertEqual(session.completions("r", ["/JOIN"]), ["#Random "])
+        self.assertEqual(session.completions("#o", ["/drop"]), ["#ops "])
+        self.assertEqual(session.completions("b", ["/kick"]), ["bob "])
+        self.assertEqual(session.completions("", ["/join", "#ops"]), ["bob "])
+
+    def test_what_each_command_is_owed_decides_what_a_terminal_leaves_out(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        for text in ("/join #ops", "/topic hello all", "/register hunter22!"):
+            self.assertTrue(session.replaces_echo(text), text)
+        for text in ("/rooms", "/topic", "/search x", "/kick bob", "/bans", "/drop #ops"):
+            self.assertFalse(session.replaces_echo(text), text)
+        session.typed("/join #ops")
+        session.server_line(T0 + OK)                       # left out: the next line says it
+        session.server_line(T0 + room_now("#ops", 1))
+        session.server_line(T0 + topic_of("#ops", "deploys"))
+        session.typed("/kick bob spam")
+        session.server_line(T0 + OK)                       # the ok alone: shown
+        session.typed("/topic")
+        session.server_line(T0 + topic_of("#ops", "deploys"))
+        session.typed("/search deploy")
+        session.server_line(T0 + 'No messages with "deploy" in #ops.')
+        self.assertEqual(ui.shown_texts(), [T0 + room_now("#ops", 1),
+                                            T0 + topic_of("#ops", "deploys"), T0 + OK,
+                                            T0 + topic_of("#ops", "deploys"),
+                                            T0 + 'No messages with "deploy" in #ops.'])
+        self.assertEqual(list(session.awaiting), [])
+
+    def test_the_prompt_names_the_room_through_join_part_and_drop(self):
+        session, ui = self.joined(interactive=True)
+        self.assertEqual(session.prompt(), "alice> ")
+        session.typed("/join #ops s3cret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + room_now("#ops", 2))
+        self.assertEqual((session.prompt(), session.room_key), ("alice #ops> ", "s3cret"))
+        self.assertEqual(ui.prompts[-1], "alice #ops> ")
+        session.typed("/part")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + room_now("#main", 3))
+        self.assertEqual((session.prompt(), session.room_key), ("alice> ", None))
+        session.typed("/join #Dev")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + room_now("#dev", 1))     # as it was first spelled
+        session.server_line(T0 + room_closed("#dev", "root"))
+        session.server_line(T0 + room_now("#main", 4))    # no ok: an operator moved us
+        self.assertEqual(session.prompt(), "alice> ")
+        session.typed("/join #ops")
+        session.server_line(T0 + needs_key("#ops"))
+        self.assertEqual(session.prompt(), "alice> ")
+
+    def test_a_reconnect_goes_back_to_the_room_with_its_key(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.typed("/join #ops s3cret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + room_now("#ops", 2))
+        del ui.sent[:]
+        self.lose_and_rejoin(session, ui)
+        self.assertEqual(ui.sent, ["alice", "/join #ops s3cret"])
+        self.assertEqual(session.prompt(), "alice> ")       # until the server says so
+        session.server_line(T0 + OK)
+        session.server_line(T0 + room_now("#ops", 2))
+        self.assertEqual(session.prompt(), "alice #ops> ")
+        self.assertEqual(ui.notes, ["Reconnected as alice."])
+
+    def test_quiet_users_then_rooms_say_who_is_here_and_a_version_2_server_stays_quiet(self):
+        session, ui = self.session(interactive=True, list_users=True)
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "Users (3): bob, alice, carol (away: lunch)")
+        self.assertEqual(ui.sent, ["alice", "/users", "/rooms"])
+        session.server_line(T0 + unknown_command("rooms"))  # version 2: no rooms
+        self.assertEqual(ui.shown_texts(), [WELCOME, T0 + OK])
+        self.assertEqual(ui.notes, ["With you in #main: bob, carol."])
+        self.assertEqual(list(session.awaiting), [])
+        session, ui = self.session(interactive=True, list_users=True)   # alone, version 3
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "Users (1): alice")
+        session.server_line(T0 + rooms_list("#main (1)", "#ops (0, key)"))
+        self.assertEqual(ui.notes, ["Nobody else is in #main."])
+        self.assertEqual(session.completions("#", ["/join"]), ["#main ", "#ops "])
+        session.typed("/join #ops k")                        # a room change asks again
+        session.server_line(T0 + OK)
+        session.server_line(T0 + room_now("#ops", 2))
+        self.assertEqual(ui.sent[-1], "/users")
+        session.server_line(T0 + "Users (2): alice, dave")
+        self.assertEqual(ui.notes[-1], "With you in #ops: dave.")
+
+    def test_a_registered_nickname_asked_on_a_terminal_kept_in_memory_for_a_reconnect(self):
+        session, ui = self.session(interactive=True, reconnect=True)
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + nick_question("alice"))
+        self.assertEqual((ui.password_prompts, session.prompt()),
+                         (["password for alice> "], "password for alice> "))
+        self.assertTrue(session.hides_input())
+        session.typed("hunter22!")
+        self.assertTrue(session.hides_input())               # until it is checked
+        session.server_line(T0 + OK)
+        self.assertEqual((session.phase, session.nick, session.hides_input()),
+                         ("member", "alice", False))
+        self.assertEqual(ui.sent, ["alice", "hunter22!"])
+        del ui.sent[:]
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + nick_question("alice"))     # answered from memory
+        session.server_line(T0 + OK)
+        self.assertEqual((ui.sent, ui.password_asked), (["alice", "hunter22!"], 1))
+        self.assertNotIn(T0 + nick_question("alice"), ui.shown_texts()[-1:])
+
+    def test_a_registered_nickname_from_the_option_and_from_a_pipe(self):
+        session, ui = self.session(nick="alice", nick_password="hunter22!")
+        session.server_line(WELCOME)
+        session.server_line(T0 + nick_question("alice"))
+        self.assertEqual((ui.sent, ui.password_asked), (["alice", "hunter22!"], 0))
+        session, ui = self.session()                         # a script answers from the pipe
+        for text in ("alice", "hunter22!", "hello"):
+            session.typed(text)
+        session.server_line(WELCOME)
+        session.server_line(T0 + nick_question("alice"))
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice", "hunter22!", "hello"])
+        self.assertEqual(ui.shown_texts(), [WELCOME, T0 + nick_question("alice"), T0 + OK])
+        session, ui = self.session()
+        session.typed("alice")
+        session.typed("guess")
+        session.server_line(WELCOME)
+        session.server_line(T0 + nick_question("alice"))
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + wrong_nick_password("alice"))
+        self.assertEqual((done.exception.status, done.exception.message),
+                         (1, wrong_nick_password("alice")))
+
+    def test_a_wrong_nickname_password_on_a_terminal_asks_for_a_nickname_again(self):
+        session, ui = self.session(interactive=True, nick_password="wrong one")
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + nick_question("alice"))
+        session.server_line(T0 + wrong_nick_password("alice"))
+        self.assertEqual((session.phase, session.prompt()), ("nickname", "nickname> "))
+        session.typed("alice")
+        session.server_line(T0 + nick_question("alice"))    # the option's was wrong: asked
+        self.assertEqual(ui.password_asked, 1)
+
+    def test_nick_to_a_registered_nickname_while_a_member(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("/nick bob")
+        session.server_line(T0 + nick_question("bob"))
+        self.assertEqual((session.prompt(), session.hides_input()), ("password for bob> ", True))
+        session.typed("bobs secret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as bob")
+        self.assertEqual((session.phase, session.prompt()), ("member", "bob> "))
+        self.assertEqual(ui.sent, ["/nick bob", "bobs secret"])
+        self.assertEqual(list(session.awaiting), [])
+
+    def test_secret_commands_stay_out_of_the_history_and_off_the_screen(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        for text in ("/register hunter22!", "/PASSWORD old new", "/unregister hunter22!"):
+            self.assertFalse(session.keeps_in_history(text), text)
+        self.assertTrue(session.keeps_in_history("/msg bob register"))
+        session.typed("/register hunter22!")
+        self.assertEqual(ui.typed_again, ["alice> /register ***"])    # shown masked at once
+        session.server_line(T0 + "Sorry! A password needs at least 8 characters.")
+        self.assertEqual(ui.typed_again, ["alice> /register ***"])    # not shown again
+        session.typed("/register hunter22!!")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + registered("alice"))
+        self.assertEqual(ui.shown_texts()[-1], T0 + registered("alice"))
+        self.assertEqual(ui.sent, ["/register hunter22!", "/register hunter22!!"])
+        self.assertNotIn("hunter22", " ".join(ui.shown_texts() + ui.notes))
+
+    def test_kicked_and_banned_end_with_their_own_statuses_and_muted_is_a_refusal(self):
+        ExitStatus = self.chat.ExitStatus
+        self.assertEqual((ExitStatus.LOST, ExitStatus.KICKED, ExitStatus.BANNED), (3, 4, 5))
+        for line, status in ((kicked_you("root"), 4), (kicked_you("root", "spam"), 4),
+                             (banned_you("root"), 5), (banned_you("root", "bye"), 5),
+                             (ADDRESS_BANNED, 5),
+                             ("Sorry! You are banned until 2026-12-07 10:00.", 5)):
+            for interactive in (True, False):
+                session, ui = self.joined(interactive=interactive, reconnect=True)
+                with self.assertRaises(self.chat.ClientExit) as done:
+                    session.server_line(T0 + line)
+                self.assertEqual((done.exception.status, done.exception.message),
+                                 (status, line))
+                self.assertEqual(ui.shown_texts(), [] if interactive else [T0 + line])
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("hello")
+        session.server_line(T0 + MUTED)
+        self.assertEqual([line.kind for line in ui.shown[-1:]], ["error"])
+        self.assertEqual(ui.typed_again, ["alice> hello"])
+        session.server_line(T0 + kicked("bob", "root"))      # somebody else: a leave
+        self.assertEqual(session.phase, "member")
+
+    def test_headings_of_the_past_ring_no_bell_and_are_dimmed(self):
+        session, ui = self.joined(interactive=True)
+        session.server_line(T0 + topic_of("#main", "welcome"))
+        session.server_line(T0 + waiting_private(1))
+        session.server_line(T0 + "[private] bob sent while you were out")
+        session.server_line(T0 + caught_up(30, 2))
+        session.server_line(T0 + "bob sent alice?")
+        session.server_line(T0 + "* carol waves at alice")
+        session.server_line(T0 + "[private] bob sent now")
+        self.assertEqual([line.bell for line in ui.shown],
+                         [False, False, False, False, False, False, True])
+        presenter = self.chat.Presenter(colour=True)
+        for text in (topic_of("#main", "welcome"), waiting_private(1), caught_up(30, 2)):
+            out = presenter.line(self.chat.ServerLine(T0 + text))
+            self.assertIn("\x1b[2;33m%s\x1b[0m" % text, out)
+        self.assertEqual(self.chat.Presenter().line(self.chat.ServerLine(T0 + caught_up(3))),
+                         T0 + caught_up(3))                  # NO_COLOR, a pipe: as it is
+
+    def test_a_lost_connection_tells_each_unanswered_line_and_offers_the_last_again(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.typed("answered")
+        session.server_line(T0 + OK)
+        self.assertFalse(session.expects_answer())          # its echo still to come: taken
+        session.server_line(T0 + "YOU SEND USERS answered")
+        session.typed("back from lunch, did I miss anything?")
+        session.typed("/me waves")
+        self.assertTrue(session.expects_answer())
+        self.lose_and_rejoin(session, ui)
+        self.assertEqual(ui.notes, [
+            "Reconnected as alice.",
+            "Not confirmed, perhaps not sent: back from lunch, did I miss anything?",
+            "Not confirmed, perhaps not sent (Enter sends it again): /me waves"])
+        self.assertEqual(ui.offered, ["/me waves"])
+        self.assertNotIn("/me waves", ui.sent[-1:])          # never sent again by itself
+        self.assertEqual(ui.unconfirmed_lines, [])
+
+    def test_a_pipe_writes_unanswered_lines_to_stderr_and_ends_as_lost(self):
+        session, ui = self.joined()
+        session.typed("first")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "YOU SEND USERS first")
+        session.typed("second")
+        session.typed("/register hunter22!")
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.connection_closed("Connection lost: no answer from 127.0.0.1:8000 in 6 s.")
+        self.assertEqual((done.exception.status, done.exception.message),
+                         (3, "Connection lost: no answer from 127.0.0.1:8000 in 6 s."))
+        self.assertEqual(ui.unconfirmed_lines, ["second", "/register ***"])
+        session, ui = self.joined(reconnect=True, servers=2)   # failover: it goes on
+        session.typed("second")
+        session.connection_closed("Connection lost: reset.")
+        session.typed("third")                                # waits for the next server
+        session.connected("127.0.0.1:8001")
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent[-2:], ["alice", "third"])
+        self.assertEqual(ui.notes, ["Reconnected to 127.0.0.1:8001 as alice."])
+        session.input_ended()
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + OK)
+            session.server_line(T0 + "YOU SEND USERS third")
+            session.connection_closed()
+        self.assertEqual((done.exception.status, ui.unconfirmed_lines), (3, ["second"]))
+
+    def test_a_paused_node_is_owed_nothing_and_its_refusal_is_retried(self):
+        session, ui = self.joined(reconnect=True)
+        session.typed("hello")
+        session.server_line(T0 + PAUSED)
+        self.assertFalse(session.expects_answer())
+        session.server_line(T0 + RESUMED)
+        self.assertTrue(session.expects_answer())
+        session, ui = self.session(nick="robot")
+        session.server_line(WELCOME)
+        session.server_line(T0 + PAUSED_REFUSAL)
+        self.assertEqual((ui.nick_retries, session.phase), ([2], "nickname"))
+        session.retry_nickname()
+        self.assertEqual(ui.sent, ["robot", "robot"])
+
+    def test_rejoining_waits_while_the_old_connection_holds_the_nickname(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        for _ in range(3):
+            session.server_line(T0 + busy("alice"))
+            session.retry_nickname()
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice"] * 4)
+        self.assertEqual(ui.nick_retries, [2, 2, 2])
+        self.assertEqual(ui.notes, ['"alice" is still held by the old connection. Trying again '
+                                    'in 2 s...', "Reconnected as alice."])
+        self.assertEqual(session.prompt(), "alice> ")
+
+    def test_a_wrong_password_on_a_terminal_is_asked_again_three_times_in_all(self):
+        session, ui = self.session(interactive=True, password="from the file")
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual(ui.sent, ["from the file"])
+        for attempt in range(2):
+            session.server_line(T0 + WRONG_PASSWORD)
+            session.connection_closed()                       # the server closes: again
+            self.assertEqual(session.retry_after, 0)
+            session.connected("127.0.0.1:8000")
+            session.server_line(PASSWORD_PROMPT)
+            self.assertEqual(ui.password_asked, attempt + 1)  # typed this time
+            session.typed("typed %d" % attempt)
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + WRONG_PASSWORD)
+        self.assertEqual((done.exception.status, done.exception.message), (1, WRONG_PASSWORD))
+        self.assertEqual(ui.sent, ["from the file", "typed 0", "typed 1"])
+
+    def test_a_lockout_while_reconnecting_waits_for_its_end(self):
+        session, ui = self.joined(interactive=True, reconnect=True, password="pw")
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(T0 + TOO_MANY_PASSWORDS)
+        session.connection_closed()
+        self.assertEqual((session.phase, session.retry_after), ("offline", 61))
+        session, ui = self.session(interactive=True)          # not yet joined: it ends
+        with self.assertRaises(self.chat.ClientExit):
+            session.server_line(T0 + TOO_MANY_PASSWORDS)
+
+    def test_servers_from_the_command_line_the_environment_and_the_settings_file(self):
+        chat = self.chat
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        nowhere = os.path.join(folder, "none.ini")
+        args = chat.parse_args(["--server", "a:1", "--server", "b,[::1]:3,::2", "--port", "9"],
+                               environ={"XDG_CONFIG_HOME": folder})
+        self.assertEqual(args.server, [("a", 1), ("b", 9), ("::1", 3), ("::2", 9)])
+        config = os.path.join(folder, "client.ini")
+        with open(config, "w") as f:
+            f.write("[chat_client]\nserver = 10.99.0.1, 10.99.0.2:9000\nnick = alice\n"
+                    "tls = yes\n")
+        args = chat.parse_args(["--config", config], environ={})
+        self.assertEqual((args.server, args.nick, args.tls),
+                         ([("10.99.0.1", 8000), ("10.99.0.2", 9000)], "alice", True))
+        args = chat.parse_args(["--config", config], environ={"CHAT_SERVER": "c:7",
+                                                              "CHAT_NICK": "bob"})
+        self.assertEqual((args.server, args.nick), ([("c", 7)], "bob"))
+        args = chat.parse_args(["--config", config, "--port", "5", "--nick", "carol"],
+                               environ={"CHAT_SERVER": "c:7"})
+        self.assertEqual((args.server, args.nick), ([("127.0.0.1", 5)], "carol"))
+        with open(config, "w") as f:
+            f.write("[chat_client]\nnik = alice\n")
+        with self.assertRaises(chat.ClientExit) as done:
+            chat.parse_args(["--config", config], environ={})
+        self.assertEqual(done.exception.message,
+                         "chat_client: %s: unknown setting 'nik' (known: server, nick, "
+                         "password-file, nick-password-file, tls, tls-ca, tls-fingerprint, "
+                         "known-servers)" % config)
+        with self.assertRaises(chat.ClientExit) as done:
+            chat.parse_args(["--config", nowhere], environ={})
+        self.assertEqual(done.exception.message, "chat_client: --config: cannot read %s: No "
+                                                 "such file or directory" % nowhere)
+
+
 # =============================================================================================
 # 5. The client for real: piped, threaded (the Windows path), on a pseudo-terminal, against
 # hostile bytes.
