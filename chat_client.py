@@ -760,7 +760,7 @@ class Session:
             self.paused = line.body == Lines.PAUSED
         if self.phase == Phase.MEMBER:
             self._member_line(line)
-        elif self.phase == Phase.CHECKING_NICK_PASSWORD and self.nick is not None:
+        elif self.phase == Phase.CHECKING_NICK_PASSWORD and self.attempt is None:
             self._enter(Phase.MEMBER)   # a /nick to a registered nickname: answered now
             self._member_line(line)
         elif self.phase in (Phase.JOINING, Phase.CHECKING_NICK_PASSWORD):
@@ -3203,7 +3203,7 @@ class Options:
         self.password = first_line("--password-file", args.password_file,
                                    environ.get("CHAT_PASSWORD"))
         self.nick_password = first_line("--nick-password-file", args.nick_password_file,
-                                        environ.get("CHAT_NICK_PASSWORD"))
+                                        environ.get("CHAT_NICK_PASSWORD") or None)
         self.tls_fingerprint = args.tls_fingerprint
         self.tls_ca = args.tls_ca
         self.tls_context = None

@@ -742,6 +742,10 @@ def read_tls_line(sock, tls, incoming):
 # against a scripted fake server.
 # ---------------------------------------------------------------------------------------------
 
+# The client's settings from the environment: a developer's own must not reach the tests.
+CLIENT_SETTINGS = ("CHAT_SERVER", "CHAT_NICK", "CHAT_NICK_PASSWORD")
+
+
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
@@ -749,8 +753,8 @@ class PipedClient:
 
     def __init__(self, port, env=None, command=None, args=()):
         full_env = dict(os.environ)
-        full_env.pop("CHAT_PLATFORM", None)
-        full_env.pop("CHAT_PASSWORD", None)
+        for name in ("CHAT_PLATFORM", "CHAT_PASSWORD") + CLIENT_SETTINGS:
+            full_env.pop(name, None)
         full_env.update(env or {})
         command = command or self.default_command or [sys.executable, CLIENT]
         self.proc = subprocess.Popen(command + ["--port", str(port)] + list(args),
@@ -1048,7 +1052,8 @@ class PtyClient:
         set_terminal_size(slave, width, height)
         self.height = height
         full_env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
-        for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD"):
+        for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD") \
+                + CLIENT_SETTINGS:
             full_env.pop(name, None)
         full_env.update(env or {})
         self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + list(args),
@@ -1110,10 +1115,14 @@ class PtyClient:
             before = len(self.output)
             self.read_some(quiet)
 
-    def join(self, nick):
+    def join(self, nick, told_who_is_here=True):
+        """Join as ``nick``; wait for the prompt and (a version 2 or 3 server) for the line
+        that says who else is here, which comes after the answer to the quiet /users."""
         self.read_until(lambda rows: WELCOME in rows, "the welcome")
         self.type(nick + "\r")
-        self.read_until(lambda rows: rows[-1] == nick + ">", "the prompt %s>" % nick)
+        self.read_until(lambda rows: rows[-1] == nick + ">" and (not told_who_is_here or any(
+            row.startswith(("Nobody else is in ", "With you in ")) for row in rows)),
+            "the prompt %s>" % nick)
 
     def resize(self, width, height=None):
         """A new window size; the kernel sends SIGWINCH to the client."""
@@ -1187,6 +1196,15 @@ class FakePeer:
         got = self.line()
         if got != text:
             raise AssertionError("expected %r from the client, got %r" % (text, got))
+
+    def line_or_end(self):
+        """The next line from the client, or None when it closed (with nothing pending)."""
+        try:
+            return self.line()
+        except (AssertionError, ConnectionResetError):
+            if self.buf:
+                raise
+            return None
 
     def expect_eof(self):
         while True:
@@ -1314,6 +1332,80 @@ class RecordingUi:
 
 
 T0 = "2026-11-24 14:05: "
+
+
+class SwallowingProxy:
+    """A TCP proxy to ``port`` that the test can make swallow everything on the connections
+    it holds, both ways, with no FIN or reset: a network gone under open connections (a lid
+    closed, a cable pulled). Connections made after that are forwarded again, as a network
+    that came back."""
+
+    def __init__(self, test, port):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.live = []        # [client side, server side, swallowing] of each connection
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.target))
+            pair = [near, far, False]
+            with self.lock:
+                self.live.append(pair)
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(pair, source, sink),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(pair, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                if not pair[2]:
+                    try:
+                        sink.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                return
+            if not pair[2]:   # swallowed: read and dropped, never answered, never closed
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    return
+
+    def swallow(self):
+        with self.lock:
+            for pair in self.live:
+                pair[2] = True
+
+    def release(self):
+        """The server's side of each swallowed connection closes (as when its keepalive gives
+        up); the client's side still hears nothing."""
+        with self.lock:
+            for near, far, swallowed in self.live:
+                if swallowed:
+                    far.shutdown(socket.SHUT_RDWR)   # (close alone would not wake its reader)
+                    far.close()
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for near, far, _ in self.live:
+                near.close()
+                far.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4494,7 +4586,7 @@ class ClientTests(unittest.TestCase):
         status, lines, err = client.finish()   # stdin still open: Goodbye and EOF end it
         self.assertEqual((status, lines, err), (0, [], ""))
 
-    def test_reset_while_sending_is_one_line_and_exits_1(self):
+    def test_reset_while_sending_tells_the_unanswered_lines_and_exits_3(self):
         def script(peer):
             peer.send(WELCOME)
             peer.expect("ria")
@@ -4513,10 +4605,15 @@ class ClientTests(unittest.TestCase):
             except BrokenPipeError:
                 break                          # the client already ended
         status, lines, err = client.finish()
-        self.assertEqual(status, 1)
-        self.assertRegex(err, getattr(self, "expected_reset",
-                                      r"^Connection lost: (Connection reset by peer|Broken pipe)"
-                                      r"\.\n$"))
+        # Nothing sent after the nickname was answered: each line is told, then why it ended.
+        *unconfirmed, last = err.splitlines()
+        self.assertEqual(status, 3)
+        self.assertEqual(unconfirmed[0], "Not confirmed, perhaps not sent: first")
+        for line in unconfirmed[1:]:
+            self.assertRegex(line, r"\ANot confirmed, perhaps not sent: more \d+\Z")
+        self.assertRegex(last + "\n", getattr(self, "expected_reset",
+                                              r"^Connection lost: (Connection reset by peer|"
+                                              r"Broken pipe)\.\n$"))
 
     def test_killed_server_exits_1(self):
         server = start_server(self)
@@ -4587,17 +4684,26 @@ class PipedInputBackpressureTests(unittest.TestCase):
                 drain.wait(DEADLINE)           # meanwhile reads nothing
                 rest = data.split(b"\n", 1)[1]
                 count = rest.count(b"\n")
+                alone = (now_ts() + ALONE + "\n").encode()   # each line answered, as a server does
+                conn.sendall(alone * count)
                 while True:
                     chunk = conn.recv(1 << 20)
                     if not chunk:
                         break
                     count += chunk.count(b"\n")
+                    conn.sendall(alone * chunk.count(b"\n"))
                 received.append(count)
         server = threading.Thread(target=serve, daemon=True)
         server.start()
         client = PipedClient(listener.getsockname()[1], env=self.env, args=["--nick", "pat"])
         self.addCleanup(client.kill)
         written = [0]
+        printed = []   # the client's stdout, read as it comes: each line is answered
+
+        def read_stdout():
+            printed.extend(client.proc.stdout.read().splitlines())
+        reader = threading.Thread(target=read_stdout, daemon=True)
+        reader.start()
 
         def feed():
             try:
@@ -4624,10 +4730,13 @@ class PipedInputBackpressureTests(unittest.TestCase):
                                                 "read nothing")
         drain.set()
         feeder.join(DEADLINE * 2)
-        status, lines, err = client.finish(DEADLINE * 2)
+        client.proc.stdin.close()
+        status = client.proc.wait(DEADLINE * 2)
+        reader.join(DEADLINE)
         server.join(DEADLINE)
-        self.assertEqual((status, err), (0, ""))
+        self.assertEqual((status, client.proc.stderr.read()), (0, b""))
         self.assertEqual(received, [self.LINES])    # and nothing was lost
+        self.assertEqual(len(printed), 2 + self.LINES)   # the greeting, the ok, every answer
 
 
 class PipedInputBackpressureTestsWindowsPaths(PipedInputBackpressureTests):
@@ -4734,8 +4843,14 @@ class ClientSecurityTests(unittest.TestCase):
         server = self.tls_server(script=lambda peer: None, handshake_may_fail=True)
         status, lines, err = self.run_tls_client(server, "--tls-ca", self.other_cert)
         self.assertEqual(status, 1)
-        self.assertTrue(err.startswith("The TLS certificate of 127.0.0.1:%d failed the "
-                                       "--tls-ca check: " % server.port), err)
+        # What changed and how to fix it, as for a pinned fingerprint that no longer matches.
+        self.assertRegex(err, r"\AThe TLS certificate of 127\.0\.0\.1:%d failed the --tls-ca "
+                              r"check: [^.\n]+\. The server now shows a certificate that no "
+                              r"authority in %s signed\. Not connected\. If the server has a new "
+                              r"certificate, ask the person who runs it for the certificate of "
+                              r"the authority that signed it and give that file to --tls-ca "
+                              r"instead of %s\.\n\Z" % (server.port, re.escape(self.other_cert),
+                                                         re.escape(self.other_cert)))
 
     def test_ca_check_failure_is_one_sentence(self):
         # OpenSSL's reason ends with its own full stop: ours must not add a second one.
@@ -4746,7 +4861,11 @@ class ClientSecurityTests(unittest.TestCase):
         self.assertEqual((status, lines), (1, []))
         self.assertRegex(err, r"\AThe TLS certificate of 127\.0\.0\.1:%d failed the --tls-ca "
                               r"check: (Hostname|IP address) mismatch, certificate is not valid "
-                              r"for '127\.0\.0\.1'\.\n\Z" % server.port)
+                              r"for '127\.0\.0\.1'\. The server's certificate is for another "
+                              r"name than 127\.0\.0\.1\. Not connected\. If the server has a new "
+                              r"certificate, ask the person who runs it for the certificate of "
+                              r"the authority that signed it and give that file to --tls-ca "
+                              r"instead of %s\.\n\Z" % (server.port, re.escape(cert)))
 
     def test_unknown_server_in_a_pipe_is_refused_then_known_is_accepted(self):
         path = self.known_servers()
@@ -5111,7 +5230,8 @@ class TerminalLayoutTests(unittest.TestCase):
         term.type("\r")
         term.read_until(lambda rows: rows[-1] == "erin>" and rows[-2].endswith(NOTHING),
                         "the server's answer")
-        self.assertTrue(term.rows()[-3].endswith(OK), term.rows())   # no row left by Enter
+        self.assertTrue(term.rows()[-4].endswith(OK), term.rows())   # no row left by Enter
+        self.assertEqual(term.rows()[-3], "Nobody else is in #main.")
 
     def test_a_dumb_terminal_has_a_prompt_and_gets_no_escape_sequence(self):
         # TERM=dumb (Emacs' shell, some IDE consoles): readline draws with carriage returns and
@@ -5397,7 +5517,11 @@ class TerminalSecurityTests(unittest.TestCase):
             peer.send(now_ts() + OK)
             peer.expect("/users")          # the client's quiet /users, for completion
             peer.send(now_ts() + "Users (1): " + nick)
-            peer.expect_eof()
+            # Then /rooms, which a version 2 server does not know (unless the client left
+            # before the answer to /users came), then the end.
+            for line in iter(peer.line_or_end, None):
+                self.assertEqual(line, "/rooms")
+                peer.send(now_ts() + unknown_command("rooms"))
         return script
 
     def test_password_is_never_on_screen_nor_in_the_history(self):
@@ -5664,6 +5788,343 @@ class TerminalWithVersion1ServerTests(unittest.TestCase):
         term.read_until(lambda rows: rows[-1] == "dora>" and rows[-2].endswith(ALONE),
                         "the answer to anyone?")
         self.assertEqual(term.rows_after_ts()[-4:], [OK, "dora> anyone?", ALONE, "dora>"])
+
+
+class ClientVersion3Tests(unittest.TestCase):
+    """The client in a pipe against version 3's lines (scripted: the real server speaks them
+    later), failover between servers, and connections that die without a word: a proxy that
+    swallows everything, a server stopped with SIGSTOP. ``env`` and the Windows leg's subclass
+    run it again on the other platform paths."""
+
+    env = {}
+
+    def client(self, port, args=(), env=None):
+        client = PipedClient(port, env=dict(self.env, **(env or {})), args=args)
+        self.addCleanup(client.kill)
+        return client
+
+    def password_file(self, text):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "nick-password.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        return path
+
+    def test_a_room_a_registered_nickname_and_a_kick_through_a_pipe(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + nick_question("robot"))
+            peer.expect("hunter22!")                       # from --nick-password-file
+            peer.send(now_ts() + OK, now_ts() + topic_of("#main", "be nice"))
+            peer.expect("/join #ops k3y")
+            peer.send(now_ts() + OK, now_ts() + room_now("#ops", 2))
+            peer.expect("deploying now")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS deploying now")
+            peer.send(now_ts() + kicked_you("root", "spam"))
+        server = FakeServer(self, script)
+        client = self.client(server.port, ["--nick", "robot", "--nick-password-file",
+                                           self.password_file("hunter22!")])
+        client.type("/join #ops k3y\ndeploying now\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (4, kicked_you("root", "spam") + "\n"))
+        self.assertEqual([lines[0]] + [split_ts(line)[1] for line in lines[1:]],
+                         [WELCOME, nick_question("robot"), OK, topic_of("#main", "be nice"), OK,
+                          room_now("#ops", 2), OK, "YOU SEND USERS deploying now",
+                          kicked_you("root", "spam")])
+
+    def test_a_script_answers_the_nickname_question_from_the_pipe_and_a_ban_ends_with_5(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + nick_question("robot"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            peer.expect("hi")
+            peer.send(now_ts() + ALONE, now_ts() + banned_you("root"))
+        server = FakeServer(self, script)
+        client = self.client(server.port)
+        client.type("robot\nhunter22!\nhi\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (5, banned_you("root") + "\n"))
+        self.assertEqual(split_ts(lines[-2])[1], ALONE)
+
+    def test_failover_to_the_next_server_back_into_the_room(self):
+        second_ready = threading.Event()
+
+        def first(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + OK)
+            peer.expect("/join #ops")
+            peer.send(now_ts() + OK, now_ts() + room_now("#ops", 1))
+            peer.expect("one")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS one",
+                      now_ts() + SHUTTING_DOWN)
+
+        def second(peer):
+            second_ready.set()
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + OK)
+            peer.expect("/join #ops")                     # back where it was
+            peer.send(now_ts() + OK, now_ts() + room_now("#ops", 1))
+            peer.expect("two")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS two")
+            peer.expect_eof()
+        a, b = FakeServer(self, first), FakeServer(self, second)
+        client = self.client(a.port, ["--server", "127.0.0.1:%d,127.0.0.1:%d" % (a.port, b.port),
+                                      "--nick", "robot"])
+        client.type("/join #ops\none\n")
+        wait_until(second_ready.is_set, "the second server")
+        client.type("two\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Reconnecting in 1 s (Ctrl-C to quit)...\n"
+                                            "Reconnected to 127.0.0.1:%d as robot.\n" % b.port))
+        self.assertEqual([split_ts(line)[1] for line in lines if TS.match(line)][-4:],
+                         [OK, room_now("#ops", 1), OK, "YOU SEND USERS two"])
+
+    def test_the_first_server_that_answers_is_the_one(self):
+        server = FakeServer(self, fake_member("robot", ["hello"]))
+        nobody = free_port()
+        client = self.client(server.port, ["--server", "127.0.0.1:%d" % nobody, "--server",
+                                           "127.0.0.1:%d" % server.port, "--nick", "robot"])
+        client.type("hello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Connected to 127.0.0.1:%d.\n" % server.port))
+        status, lines, err = self.client(nobody, ["--server", "127.0.0.1:%d,127.0.0.1:%d"
+                                                  % (nobody, nobody)]).finish()
+        self.assertEqual(status, 1)
+        self.assertEqual(err.splitlines()[-1], "Cannot connect to 127.0.0.1:%d: Connection "
+                                               "refused. Is the server running?" % nobody)
+
+    def assert_found_dead(self, client, unanswered, address, started):
+        status, lines, err = client.finish(DEADLINE * 2)
+        took = time.monotonic() - started
+        self.assertEqual((status, err), (3, "".join(
+            "Not confirmed, perhaps not sent: %s\n" % text for text in unanswered)
+            + "Connection lost: no answer from %s in 6 s.\n" % address))
+        self.assertLess(took, 6 + 4, "noticed after %.1f s" % took)
+        return lines
+
+    def test_a_connection_that_swallows_everything_is_found_dead_within_seconds(self):
+        server = start_server(self)
+        watcher = server.client().join("watcher")
+        proxy = SwallowingProxy(self, server.port)
+        client = self.client(proxy.port, ["--nick", "robot"])
+        self.assertEqual(watcher.said(), "robot connected!")
+        client.type("before\n")
+        self.assertEqual(watcher.said(), "robot sent before")
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual([split_ts(client.line())[1] for _ in range(3)],
+                         [OK, OK, "YOU SEND USERS before"])
+        proxy.swallow()
+        started = time.monotonic()
+        client.type("back from lunch, did I miss anything?\n")
+        self.assert_found_dead(client, ["back from lunch, did I miss anything?"],
+                               "127.0.0.1:%d" % proxy.port, started)
+        watcher.send("/users\n")
+        self.assertEqual(watcher.said(), "Users (2): watcher, robot")   # (the server waits)
+        watcher.close()
+
+    def test_a_stopped_server_is_found_dead_within_seconds(self):
+        server = start_server(self)
+        client = self.client(server.port, ["--nick", "robot"])
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], OK)
+        server.proc.send_signal(signal.SIGSTOP)
+        self.addCleanup(server.proc.send_signal, signal.SIGCONT)
+        started = time.monotonic()
+        client.type("/users\n")
+        self.assert_found_dead(client, ["/users"], "127.0.0.1:%d" % server.port, started)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalVersion3Tests(unittest.TestCase):
+    """Version 3 as a person meets it on a terminal: the room in the prompt and Tab for rooms,
+    a registered nickname's password asked without echo (or read from a file) and given again
+    after a reconnect, failover between two servers, a kick, a long paste, and a line typed
+    into a dead connection offered again."""
+
+    def v3_member(self, nick, rooms=("#main (1)",), users=None):
+        """The start of a version 3 member's script: joined, the quiet /users and /rooms."""
+        def start(peer):
+            peer.expect("/users")
+            peer.send(now_ts() + "Users (%d): %s" % (len(users or [nick]),
+                                                     ", ".join(users or [nick])))
+            peer.expect("/rooms")
+            peer.send(now_ts() + rooms_list(*rooms))
+        return start
+
+    def test_the_prompt_names_the_room_and_tab_completes_rooms(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice", rooms=("#main (1)", "#ops (1, key)", "#random (0)"))(peer)
+            peer.expect("/join #ops k3y")
+            peer.send(now_ts() + OK, now_ts() + room_now("#ops", 2),
+                      now_ts() + topic_of("#ops", "deploys only"))
+            self.v3_member("alice", rooms=("#main (0)", "#ops (2, key)"),
+                           users=["bob", "alice"])(peer)
+            peer.expect("/part")
+            peer.send(now_ts() + OK, now_ts() + room_now("#main", 1))
+            self.v3_member("alice")(peer)
+            peer.expect_eof()
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #main.", "alice>"],
+                        "joined, alone")
+        term.type("/jo\t#o\t")
+        term.read_until(lambda rows: rows[-1] == "alice> /join #ops", "both completed")
+        term.type("k3y\r")
+        term.read_until(lambda rows: rows[-2:] == ["With you in #ops: bob.", "alice #ops>"],
+                        "the room in the prompt, and who is there")
+        self.assertEqual(term.rows_after_ts()[-4:], [room_now("#ops", 2),
+                                                     topic_of("#ops", "deploys only"),
+                                                     "With you in #ops: bob.", "alice #ops>"])
+        self.assertEqual(term.rows_after_ts().count(OK), 1)   # the join's: the others left out
+        self.assertIn("dim", term.screen.attrs_of("Topic of #ops"))
+        term.type("/part\r")
+        term.read_until(lambda rows: rows[-1] == "alice>", "back in #main")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_a_registered_nickname_is_asked_without_echo_and_given_again_after_a_reconnect(self):
+        first_done = threading.Event()
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + nick_question("alice"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            if not first_done.is_set():
+                first_done.set()
+                peer.send(now_ts() + SHUTTING_DOWN)
+                return                                       # closed: the client comes back
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port)
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("alice\r")
+        term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
+        term.type("hunter22!\r")
+        term.read_until(lambda rows: "Reconnected as alice." in rows and rows[-1] == "alice>",
+                        "joined, and again after the server went away")
+        self.assertNotIn(b"hunter22", term.output)
+        term.type("\x1b[A")                                # Up: the nickname, no password
+        term.read_until(lambda rows: rows[-1] == "alice> alice", "the history")
+        term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_nick_password_file_answers_without_a_question(self):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "pw")
+        with open(path, "w") as f:
+            f.write("hunter22!\n")
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + nick_question("alice"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.expect("/register hunter23!")
+            peer.send(now_ts() + "Sorry! \"alice\" is registered already.")
+            peer.expect_eof()
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice",
+                                  "--nick-password-file", path)
+        term.read_until(lambda rows: rows[-1] == "alice>", "joined")
+        self.assertFalse(any(row.startswith("password for") for row in term.rows()))
+        term.type("/register hunter23!\r")
+        term.read_until(lambda rows: rows[-3:] == ["alice> /register ***", rows[-2][:18]
+                                                   + 'Sorry! "alice" is registered already.',
+                                                   "alice>"], "masked, and refused")
+        term.type("\x1b[A")                                 # not in the history
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "alice>")
+        self.assertFalse([row for row in term.rows() if "hunter2" in row])   # after Enter
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_kicked_ends_the_terminal_with_status_4_and_no_reconnect(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.send(now_ts() + kicked_you("root", "flooding"))
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        self.assertEqual(term.wait(), 4)
+        self.assertEqual([row for row in term.rows() if row][-1], kicked_you("root", "flooding"))
+        self.assertFalse(any("Reconnecting" in row for row in term.rows()))
+
+    def test_a_paste_of_more_than_five_lines_asks_first(self):
+        server = start_server(self)
+        bob = server.client().join("bob")
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-1] == "alice>", "joined")
+        self.assertEqual(bob.said(), "alice connected!")
+        lines = ["line %d" % i for i in range(1, 8)]
+        term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
+        term.read_until(lambda rows: rows[-1] == "Send 7 lines? [y/N]", "the question")
+        term.type("y\r")
+        for text in lines:
+            self.assertEqual(bob.said(), "alice sent " + text)
+        term.read_until(lambda rows: rows[-1] == "alice>", "the prompt again")
+        term.type("\x1b[200~no\rnot these\rnor\rthis\ror\rthat\x1b[201~\r")
+        term.read_until(lambda rows: rows[-1] == "Send 6 lines? [y/N]", "the question")
+        term.type("\r")
+        term.read_until(lambda rows: rows[-2:] == ["Not sent: the 6 pasted lines.", "alice>"],
+                        "dropped")
+        bob.send("/users\n")
+        self.assertEqual(bob.said(), "Users (2): bob, alice")   # nothing came in between
+        bob.close()
+
+    def test_failover_to_the_second_server_says_which(self):
+        first, second = start_server(self), start_server(self)
+        watcher = second.client().join("watcher")
+        term = client_on_terminal(self, first.port, "--server", "127.0.0.1:%d,127.0.0.1:%d"
+                                  % (first.port, second.port), "--nick", "carol")
+        term.read_until(lambda rows: rows[-1] == "carol>", "joined the first")
+        first.stop()
+        term.read_until(lambda rows: rows[-1] == "carol>" and "Reconnected to 127.0.0.1:%d as "
+                        "carol." % second.port in rows, "on the second")
+        self.assertEqual(watcher.said(), "carol connected!")
+        term.type("here now\r")
+        self.assertEqual(watcher.said(), "carol sent here now")
+        watcher.close()
+
+    def test_a_line_typed_into_a_dead_connection_is_offered_again(self):
+        server = start_server(self)
+        watcher = server.client().join("watcher")
+        proxy = SwallowingProxy(self, server.port)
+        term = client_on_terminal(self, proxy.port, "--nick", "bob")
+        term.read_until(lambda rows: rows[-1] == "bob>", "joined")
+        self.assertEqual(watcher.said(), "bob connected!")
+        proxy.swallow()                                      # the network goes; no FIN
+        term.type("back from lunch, did I miss anything?\r")
+        # Noticed within seconds; the server still holds the old connection (its keepalive
+        # has not given up yet), so 'bob' is busy and the client tries again until it is not.
+        term.read_until(lambda rows: '"bob" is still held by the old connection. Trying again '
+                        'in 2 s...' in rows, "the loss noticed, the nickname held")
+        proxy.release()
+        self.assertEqual(watcher.said(), "bob disconnected!")
+        term.read_until(lambda rows: "Reconnected as bob." in rows and "Not confirmed, perhaps "
+                        "not sent (Enter sends it again): back from lunch, did I miss anything?"
+                        in rows and rows[-1] == "bob> back from lunch, did I miss anything?",
+                        "offered again")
+        self.assertEqual(watcher.said(), "bob connected!")
+        term.type("\r")
+        self.assertEqual(watcher.said(), "bob sent back from lunch, did I miss anything?")
+        watcher.close()
 
 
 # =============================================================================================
@@ -6205,11 +6666,11 @@ class WindowsClientTests(WindowsLeg, ClientTests):
         self.assertEqual(proc.returncode, 2)
         self.assertEqual(len(proc.stderr.splitlines()), 1)
 
-    def test_reset_while_sending_is_one_line_and_exits_1(self):
+    def test_reset_while_sending_tells_the_unanswered_lines_and_exits_3(self):
         # Under Wine recv() after a reset returns b"" (real Windows raises WSAECONNRESET), so the
         # client may say the server closed; either way one line and exit 1.
         self.expected_reset = r"^Connection (lost: [^\n]+|closed by the server)\.\n$"
-        super().test_reset_while_sending_is_one_line_and_exits_1()
+        super().test_reset_while_sending_tells_the_unanswered_lines_and_exits_3()
 
     def test_non_ascii_both_ways_through_pipes(self):
         # Windows gives a pipe the ANSI code page: this was mojibake one way and '????' the other.
