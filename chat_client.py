@@ -549,6 +549,9 @@ class Notes:
     NOBODY_ELSE = "Nobody else is in {room}."
     PASTE_QUESTION = "Send {count} lines? [y/N] "
     PASTE_DROPPED = "Not sent: the {count} pasted lines."
+    SENDING = " (sending {number} of {count} lines)"
+    DROP_QUESTION = "Drop the {count} pasted lines not sent yet? [y/N] "
+    PASTE_NOT_SENT = "Not sent, the connection is down: {count} pasted lines."
     PASSWORD_PROMPT = "password> "
     NICK_PASSWORD_PROMPT = "password for {nick}> "
     NICKNAME_PROMPT = "nickname> "
@@ -623,6 +626,10 @@ class ClientExit(Exception):
 # (Server: ok!, a refusal, an echo), so a line unanswered this long means a dead connection.
 ANSWER_TIMEOUT = 6.0         # seconds
 PASTE_ASK_OVER = 5           # a terminal paste of more lines asks before sending them
+# Of a long paste, at most this many lines are unanswered at a time: the rest waits in the
+# client, where the prompt counts it down and Ctrl-C can drop it (what the server's flood control
+# holds back in the network could not be taken back).
+PASTE_WINDOW = 5
 PASSWORD_TRIES = 3           # a terminal asks for the chat's password at most this many times
 LOCKOUT_WAIT = 61            # seconds: the server's lockout ends 60 s after the last wrong one
 NICK_RETRY_DELAY = 2         # seconds between attempts at a nickname the old connection holds
@@ -651,7 +658,7 @@ class Awaited:
     is not shown)."""
 
     __slots__ = ("text", "command", "ok_first", "answers", "answered", "got_ok", "typed",
-                 "quiet")
+                 "quiet", "pasted")
 
     def __init__(self, text, typed=None, quiet=False, commands=True):
         command, arguments = parse_command(text) if commands else (MESSAGE, "")
@@ -660,6 +667,7 @@ class Awaited:
         self.ok_first, self.answers = command.owed(bare=not arguments)
         self.answered = False
         self.got_ok = False
+        self.pasted = False      # part of a long paste (Session.paste)
         self.typed = typed
         self.quiet = quiet
 
@@ -730,6 +738,8 @@ class Session:
         self.input_done = False
         self.half_closed = False
         self.past_left = 0                # lines still to come after a heading of the past
+        self.pasting = deque()            # a long paste's lines not sent yet
+        self.paste_total = 0              # its size, while any of it is unanswered
 
     def __repr__(self):
         return "<Session %s nick=%r room=%r held=%d awaiting=%d>" % (
@@ -760,6 +770,8 @@ class Session:
             self.paused = line.body == Lines.PAUSED
         if self.phase == Phase.MEMBER:
             self._member_line(line)
+            if self.paste_total:
+                self._feed_paste()
         elif self.phase == Phase.CHECKING_NICK_PASSWORD and self.attempt is None:
             self._enter(Phase.MEMBER)   # a /nick to a registered nickname: answered now
             self._member_line(line)
@@ -867,6 +879,10 @@ class Session:
                          self.farewell or reason or Notes.CLOSED_BY_SERVER)
 
     def _go_offline(self, lost):
+        if self.pasting and self.interactive:
+            self.ui.note(Notes.PASTE_NOT_SENT.format(count=len(self.pasting)))
+        self.pasting.clear()
+        self.paste_total = 0
         if self.joined_once:
             self.next_nick = self.nick
             self.rejoining = True
@@ -900,10 +916,53 @@ class Session:
         return ""
 
     def _where(self):
-        """'alice', or 'alice #ops' outside #main."""
-        if self.room is None or self.room.casefold() == MAIN_ROOM:
-            return self.nick
-        return "%s %s" % (self.nick, self.room)
+        """'alice', or 'alice #ops' outside #main; and how far a long paste has gone."""
+        where = self.nick
+        if self.room is not None and self.room.casefold() != MAIN_ROOM:
+            where = "%s %s" % (self.nick, self.room)
+        if self.paste_total:
+            where += Notes.SENDING.format(number=self._pasted_done() + 1, count=self.paste_total)
+        return where
+
+    # -- a long paste, paced ------------------------------------------------------------------
+    def paste(self, lines):
+        """Send pasted lines in order, each as typed, PASTE_WINDOW unanswered at a time."""
+        if self.phase != Phase.MEMBER:
+            for text in lines:
+                self.typed(text)
+            return
+        self.pasting.extend(lines)
+        self.paste_total += len(lines)
+        self._feed_paste()
+        self.ui.prompt_changed()   # the count shows
+
+    def paste_waiting(self):
+        """How many pasted lines are not sent yet (Ctrl-C offers to drop them)."""
+        return len(self.pasting)
+
+    def drop_paste(self):
+        dropped = len(self.pasting)
+        self.pasting.clear()
+        self.paste_total -= dropped
+        self._feed_paste()
+        return dropped
+
+    def _pasted_done(self):
+        return self.paste_total - len(self.pasting) - self._pasted_in_flight()
+
+    def _pasted_in_flight(self):
+        return sum(1 for waiting in self.awaiting if waiting.pasted and not waiting.answered)
+
+    def _feed_paste(self):
+        before = self.prompt()
+        in_flight = self._pasted_in_flight()
+        while self.pasting and in_flight < PASTE_WINDOW and self.phase == Phase.MEMBER:
+            self._send_member_line(self.pasting.popleft(), pasted=True)
+            in_flight += 1
+        if self.paste_total and not self.pasting and not in_flight:
+            self.paste_total = 0   # all of it answered: the prompt is itself again
+        if self.prompt() != before:
+            self.ui.prompt_changed()
 
     def hides_input(self):
         """Is what the user types now hidden (no echo, no history)? While a password is asked
@@ -1122,8 +1181,10 @@ class Session:
         """Who is in the room, and which rooms there are: asked quietly (a terminal only)."""
         self._send_member_line(USERS_COMMAND, quiet=True)
 
-    def _send_member_line(self, text, typed=None, quiet=False):
-        self.awaiting.append(Awaited(text, typed, quiet, commands=self.server_has_commands))
+    def _send_member_line(self, text, typed=None, quiet=False, pasted=False):
+        waiting = Awaited(text, typed, quiet, commands=self.server_has_commands)
+        waiting.pasted = pasted
+        self.awaiting.append(waiting)
         self.ui.send(text)
 
     def _maybe_half_close(self):
@@ -2575,15 +2636,20 @@ class Client:
                 self.output.start(self.session.prompt())
             self._open_connection()
             while True:
-                self._watch()
-                for key, mask in self.selector.select(self._timeout()):
-                    key.data(mask)
-                if self.connection is not None and self.connection.error:
-                    self._lost(Notes.CONNECTION_LOST.format(
-                        reason=clause(self.connection.error)))
-                self._run_timers()
+                try:
+                    self._turn()
+                except KeyboardInterrupt:
+                    self._interrupted()
         finally:
             self._close()
+
+    def _turn(self):
+        self._watch()
+        for key, mask in self.selector.select(self._timeout()):
+            key.data(mask)
+        if self.connection is not None and self.connection.error:
+            self._lost(Notes.CONNECTION_LOST.format(reason=clause(self.connection.error)))
+        self._run_timers()
 
     def _watch(self):
         """Register with the selector what should be watched now, and nothing else."""
@@ -2875,21 +2941,40 @@ class Client:
             for text in lines:
                 self.session.typed(text)
             return
+
+        def answer(text):
+            if text.strip().lower() in ("y", "yes"):
+                self.session.paste(lines)
+            else:
+                self.note(Notes.PASTE_DROPPED.format(count=len(lines)))
+        self.ask(Notes.PASTE_QUESTION.format(count=len(lines)), answer)
+
+    def ask(self, question, answer):
+        """Ask the user something: the next line typed goes to ``answer`` (kept out of the
+        history), and the prompt comes back after it."""
         if self.readline:
             self.readline.keep_history = False
 
-        def answer(text):
+        def answered(text):
             self.question = None
             if self.readline:
                 self.readline.keep_history = True
             self.prompt_changed()
+            answer(text)
+        self.question = answered
+        self.output.ask(question)
+
+    def _interrupted(self):
+        """Ctrl-C: leave, unless a long paste is still being sent: then ask whether to drop
+        the rest of it."""
+        waiting = self.session.paste_waiting()
+        if not waiting or self.question is not None:
+            raise KeyboardInterrupt
+
+        def answer(text):
             if text.strip().lower() in ("y", "yes"):
-                for pasted in lines:
-                    self.session.typed(pasted)
-            else:
-                self.note(Notes.PASTE_DROPPED.format(count=len(lines)))
-        self.question = answer
-        self.output.ask(Notes.PASTE_QUESTION.format(count=len(lines)))
+                self.note(Notes.PASTE_DROPPED.format(count=self.session.drop_paste()))
+        self.ask(Notes.DROP_QUESTION.format(count=waiting), answer)
 
     def _input_ended(self):
         self.input.ended = True

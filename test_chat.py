@@ -4345,6 +4345,23 @@ class SessionVersion3Tests(InMemoryTestCase):
         with self.assertRaises(self.chat.ClientExit):
             session.server_line(T0 + TOO_MANY_PASSWORDS)
 
+    def test_a_long_paste_goes_five_unanswered_at_a_time_and_the_rest_can_be_dropped(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.paste(["p%d" % i for i in range(1, 13)])
+        self.assertEqual(ui.sent, ["p1", "p2", "p3", "p4", "p5"])
+        self.assertEqual(session.prompt(), "alice (sending 1 of 12 lines)> ")
+        for i in (1, 2):
+            session.server_line(T0 + OK)                       # taken: the next one goes
+            session.server_line(T0 + "YOU SEND USERS p%d" % i)
+        self.assertEqual((ui.sent[-1], session.prompt()),
+                         ("p7", "alice (sending 3 of 12 lines)> "))
+        self.assertEqual(session.drop_paste(), 5)              # p8 to p12 never leave
+        for i in range(3, 8):
+            session.server_line(T0 + OK)
+            session.server_line(T0 + "YOU SEND USERS p%d" % i)
+        self.assertEqual((ui.sent[-1], session.prompt()), ("p7", "alice> "))
+        self.assertEqual(ui.prompts[-1], "alice> ")
+
     def test_servers_from_the_command_line_the_environment_and_the_settings_file(self):
         chat = self.chat
         folder = tempfile.mkdtemp(prefix="chat-client-")
@@ -5896,8 +5913,9 @@ class ClientVersion3Tests(unittest.TestCase):
         status, lines, err = self.client(nobody, ["--server", "127.0.0.1:%d,127.0.0.1:%d"
                                                   % (nobody, nobody)]).finish()
         self.assertEqual(status, 1)
-        self.assertEqual(err.splitlines()[-1], "Cannot connect to 127.0.0.1:%d: Connection "
-                                               "refused. Is the server running?" % nobody)
+        self.assertEqual(len(err.splitlines()), 2)           # one line for each server
+        self.assertRegex(err.splitlines()[-1], r"\ACannot connect to 127\.0\.0\.1:%d: [^\n]+\. "
+                                               r"Is the server running\?\Z" % nobody)
 
     def assert_found_dead(self, client, unanswered, address, started):
         status, lines, err = client.finish(DEADLINE * 2)
@@ -6086,6 +6104,37 @@ class TerminalVersion3Tests(unittest.TestCase):
                         "dropped")
         bob.send("/users\n")
         self.assertEqual(bob.said(), "Users (2): bob, alice")   # nothing came in between
+        bob.close()
+
+    def test_a_long_paste_counts_down_in_the_prompt_and_ctrl_c_drops_the_rest(self):
+        server = start_server(self, "--rate-limit", "2", "--rate-burst", "1")
+        bob = server.client().join("bob")
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-1] == "alice>", "joined")
+        self.assertEqual(bob.said(), "alice connected!")
+        lines = ["line %d" % i for i in range(1, 21)]
+        term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
+        term.read_until(lambda rows: rows[-1] == "Send 20 lines? [y/N]", "the question")
+        term.type("y\r")
+        term.read_until(lambda rows: re.match(r"alice \(sending (\d+) of 20 lines\)>\Z",
+                                              rows[-1]), "the count in the prompt")
+        self.assertEqual(bob.said(), "alice sent line 1")
+        term.type("\x03")                                   # Ctrl-C: not the end, a question
+        term.read_until(lambda rows: re.match(r"Drop the \d+ pasted lines not sent yet\? "
+                                              r"\[y/N\]\Z", rows[-1]), "the question")
+        term.type("y\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and any(
+            re.match(r"Not sent: the \d+ pasted lines\.\Z", row) for row in rows),
+            "dropped, and the count gone when the rest is answered")
+        term.type("after\r")
+        got = []
+        while not got or got[-1] != "alice sent after":
+            got.append(bob.said())
+        self.assertEqual(got[:-1], ["alice sent " + text for text in lines[1:len(got)]])
+        self.assertLess(len(got), 15)                        # most of it never left
+        dropped = [row for row in term.rows() if row.startswith("Not sent: the ")][0]
+        self.assertEqual(dropped, "Not sent: the %d pasted lines." % (20 - len(got)))
+        self.assertIsNone(term.proc.poll())
         bob.close()
 
     def test_failover_to_the_second_server_says_which(self):
@@ -6855,6 +6904,14 @@ class WindowsBuildTests(WindowsLeg, unittest.TestCase):
         self.assertEqual(proc.stderr.decode(), "build.bat: Python 3.8 or newer not found"
                          " (tried py -3, python, python3); install it from python.org\r\n")
         self.assertEqual(os.listdir(folder), [])
+
+
+class WindowsClientVersion3Tests(WindowsLeg, ClientVersion3Tests):
+    """The client's rooms, accounts, moderation, failover and dead connections in pipes on
+    Windows Python (its stdin thread, Windows sockets), against scripted and POSIX servers."""
+
+    windows_server = False
+    windows_client = True
 
 
 def windows_leg():
