@@ -1202,7 +1202,8 @@ class Session:
         if head is not None and head.quiet and self._answers_quiet(line, head):
             return
         if line.kind == Kind.NICK_QUESTION:
-            self._mark_answered()
+            if head is not None:
+                head.answered = True   # the /nick: its password is asked
             self._nick_password_asked(line)
             return
         if not self._account(line, head):
@@ -1218,16 +1219,14 @@ class Session:
             self._learn_room()
 
     def _account(self, line, head):
-        """Match the line with the oldest line awaiting an answer; False to leave it out (the
-        'Server: ok!' before the repeat of your own line, on a terminal).
+        """Match the line with the oldest line awaiting an answer (the head); False to leave it
+        out (the 'Server: ok!' before the repeat of your own line, on a terminal).
 
-        Two records: ``answered`` (the server took the line: a dead connection is one that
-        leaves lines unanswered) is set on the oldest unanswered line by any line that answers
-        something, so that no surprise in the answers can leave a line unanswered for ever;
-        the head of ``awaiting`` is what the next answers belong to, for the screen."""
-        if (line.kind in _ANSWER_KINDS and line.body not in (Lines.PAUSED, Lines.RESUMED)
-                or line.body == Lines.ALONE or self._is_own(line)):
-            self._mark_answered()
+        A line is ``answered`` once the server has said anything for it (it was taken: the
+        lines left unanswered when a connection dies are the ones it may have lost). An ok, a
+        refusal or the answer the command is owed finds it; and for a command owed no ok, any
+        answer-like line, so that no surprise in the answers leaves a line unanswered for ever
+        and a live connection taken for dead."""
         if line.kind == Kind.OK:
             while head is not None and head.got_ok:
                 # Its ok came before: what it was owed after it never came (a version 1
@@ -1236,7 +1235,7 @@ class Session:
                 head = self.awaiting[0] if self.awaiting else None
             if head is None:
                 return True
-            head.got_ok = True
+            head.got_ok = head.answered = True
             if not head.answers:
                 self.awaiting.popleft()   # the ok alone answers it
                 return True
@@ -1246,21 +1245,20 @@ class Session:
             if head is not None and line.kind in head.answers:
                 self._answered(head, line)
             return True
+        if head is None:
+            return True
         refusal = line.kind == Kind.ERROR or line.body == Lines.ALONE
-        if head is not None and (refusal or (not head.ok_first and (
-                line.kind in head.answers or not head.answers))):
+        if refusal or (not head.ok_first and (line.kind in head.answers or not head.answers)):
             self._answered(head, line)
             if refusal and head.typed is not None:
                 self.ui.show_typed(head.typed)   # refused: what was it?
+        elif not head.ok_first and line.kind in _ANSWER_KINDS and \
+                line.body not in (Lines.PAUSED, Lines.RESUMED):
+            head.answered = True   # (not the answer it is owed: it was taken all the same)
         return True
 
-    def _mark_answered(self):
-        for waiting in self.awaiting:
-            if not waiting.answered:
-                waiting.answered = True
-                return
-
     def _answered(self, head, line):
+        head.answered = True
         self.awaiting.popleft()
         if line.kind == Kind.ROOM_NOW and head.command is JOIN:
             self.key_given = (head.text.split(None, 2)[2:] or [None])[0]
