@@ -546,6 +546,7 @@ class Notes:
     NOT_CONFIRMED = "Not confirmed, perhaps not sent: {text}"
     NOT_CONFIRMED_LAST = "Not confirmed, perhaps not sent (Enter sends it again): {text}"
     WITH_YOU = "With you in {room}: {nicks}."
+    RETURNED = "Back after the reconnect ({count}): {nicks}."
     NOBODY_ELSE = "Nobody else is in {room}."
     PASTE_QUESTION = "Send {count} lines? [y/N] "
     PASTE_DROPPED = "Not sent: the {count} pasted lines."
@@ -634,6 +635,8 @@ PASSWORD_TRIES = 3           # a terminal asks for the chat's password at most t
 LOCKOUT_WAIT = 61            # seconds: the server's lockout ends 60 s after the last wrong one
 NICK_RETRY_DELAY = 2         # seconds between attempts at a nickname the old connection holds
 NICK_RETRIES = 10            # (a node's lease holds it at most 15 s after the node is gone)
+RETURNS_QUIET = 2            # seconds without another return before they are summed up
+RETURNS_WINDOW = 10          # seconds after a reconnect in which returns are summed up
 
 
 class Phase:
@@ -738,6 +741,10 @@ class Session:
         self.input_done = False
         self.half_closed = False
         self.past_left = 0                # lines still to come after a heading of the past
+        # After a reconnect, the members who were there before come back too (a restarted
+        # server): their returns are summed up in one line, not one 'connected!' each.
+        self.returning = {}               # casefolded nickname -> nickname, not back yet
+        self.returned = []                # back, not told yet
         self.pasting = deque()            # a long paste's lines not sent yet
         self.paste_total = 0              # its size, while any of it is unanswered
 
@@ -879,6 +886,8 @@ class Session:
                          self.farewell or reason or Notes.CLOSED_BY_SERVER)
 
     def _go_offline(self, lost):
+        if self.interactive and self.joined_once:
+            self.returning.update(self.members)
         if self.pasting and self.interactive:
             self.ui.note(Notes.PASTE_NOT_SENT.format(count=len(self.pasting)))
         self.pasting.clear()
@@ -1152,6 +1161,8 @@ class Session:
             self.rejoining = False
             self.ui.note(Notes.RECONNECTED_TO.format(address=self.address, nick=self.nick)
                          if self.servers > 1 else Notes.RECONNECTED.format(nick=self.nick))
+            if self.returning:
+                self.ui.returns_pending(RETURNS_WINDOW)
         else:
             self.ui.show(line)
         self._enter(Phase.MEMBER)
@@ -1208,6 +1219,8 @@ class Session:
             return
         if not self._account(line, head):
             return
+        if self._a_return(line):
+            return
         if line.body == Lines.GOODBYE:
             self.goodbye = True
         self._learn(line)
@@ -1263,6 +1276,27 @@ class Session:
         if line.kind == Kind.ROOM_NOW and head.command is JOIN:
             self.key_given = (head.text.split(None, 2)[2:] or [None])[0]
 
+    def _a_return(self, line):
+        """Someone who was here before the reconnect, coming back: learnt, told later."""
+        if line.kind != Kind.JOINED or self.rejoining or \
+                self.returning.pop(line.nick.casefold(), None) is None:
+            return False
+        self._learn(line)
+        self.returned.append(line.nick)
+        if self.returning:
+            self.ui.returns_pending(RETURNS_QUIET)
+        else:
+            self.tell_returns()
+        return True
+
+    def tell_returns(self):
+        """One line for the members who came back (the client's timer, or the last of them)."""
+        if self.returned:
+            self.ui.note(Notes.RETURNED.format(count=len(self.returned),
+                                               nicks=", ".join(self.returned)))
+        self.returned = []
+        self.returning = {}   # the burst is over: later joins are shown as they come
+
     def _answers_quiet(self, line, head):
         """Is this (part of) the answer to a line the client sent by itself: the /users on
         joining, then the /rooms? Then it is not shown. A version 1 server answers /users as a
@@ -1272,6 +1306,8 @@ class Session:
             if line.kind == Kind.USERS:
                 self.awaiting.popleft()
                 self._learn_users(line)
+                for key in self.members:
+                    self.returning.pop(key, None)   # back already: no return to tell
                 self._say_who_is_here()
                 self._send_member_line(ROOMS_COMMAND, quiet=True)
                 return True
@@ -2614,6 +2650,7 @@ class Client:
         self.incoming = LineSplitter()
         self.backoff = Backoff()
         self.connect_deadline = self.probe_at = self.reconnect_at = self.nick_retry_at = None
+        self.returns_at = None
         # A dead connection is one that leaves the server's answer owed too long: since when
         # one is owed, and when the server last said anything.
         self.owed_since = None
@@ -2688,7 +2725,8 @@ class Client:
 
     def _timeout(self):
         deadlines = [t for t in (self.connect_deadline, self.probe_at, self.reconnect_at,
-                                 self.nick_retry_at, self._answer_deadline()) if t is not None]
+                                 self.nick_retry_at, self.returns_at, self._answer_deadline())
+                     if t is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         if isinstance(self.input, ThreadedInput):
             # Windows' select can't be interrupted by Ctrl-C: wake up to let it through.
@@ -2710,6 +2748,9 @@ class Client:
         if self.nick_retry_at is not None and now >= self.nick_retry_at:
             self.nick_retry_at = None
             self.session.retry_nickname()
+        if self.returns_at is not None and now >= self.returns_at:
+            self.returns_at = None
+            self.session.tell_returns()
         answer_due = self._answer_deadline()
         if answer_due is not None and now >= answer_due:
             self._lost(Notes.CONNECTION_LOST.format(reason=Notes.NO_ANSWER.format(
@@ -3074,6 +3115,10 @@ class Client:
 
     def retry_nickname(self, delay):
         self.nick_retry_at = time.monotonic() + delay
+
+    def returns_pending(self, delay):
+        """More members may come back: sum them up once none has for ``delay`` seconds."""
+        self.returns_at = time.monotonic() + delay
 
     def half_close(self):
         if self.connection is not None:

@@ -1291,6 +1291,7 @@ class RecordingUi:
         self.password_asked = self.half_closed = self.joins = 0
         self.password_prompts = []
         self.unconfirmed_lines, self.offered, self.nick_retries = [], [], []
+        self.returns_waits = []
 
     def send(self, text):
         self.sent.append(text)
@@ -1320,6 +1321,9 @@ class RecordingUi:
 
     def retry_nickname(self, delay):
         self.nick_retries.append(delay)
+
+    def returns_pending(self, delay):
+        self.returns_waits.append(delay)
 
     def half_close(self):
         self.half_closed += 1
@@ -4362,6 +4366,30 @@ class SessionVersion3Tests(InMemoryTestCase):
         self.assertEqual((ui.sent[-1], session.prompt()), ("p7", "alice> "))
         self.assertEqual(ui.prompts[-1], "alice> ")
 
+    def test_a_crowd_back_after_a_reconnect_is_one_line(self):
+        session, ui = self.joined(interactive=True, reconnect=True, list_users=True)
+        session.server_line(T0 + "Users (1): alice")
+        session.server_line(T0 + unknown_command("rooms"))
+        crowd = ["user%d" % i for i in range(20)]
+        for nick in crowd:
+            session.server_line(T0 + "%s connected!" % nick)
+        del ui.shown[:], ui.notes[:]
+        self.lose_and_rejoin(session, ui)                     # the server restarted
+        self.assertEqual(ui.returns_waits, [10])
+        session.server_line(T0 + "Users (3): user3, user7, alice")   # back before us
+        session.server_line(T0 + unknown_command("rooms"))
+        for nick in crowd[:15]:
+            if nick not in ("user3", "user7"):
+                session.server_line(T0 + "%s connected!" % nick)
+        session.tell_returns()                                # the client's timer: 2 s quiet
+        session.server_line(T0 + "user19 connected!")         # later: as it comes
+        self.assertEqual(ui.shown_texts(), [T0 + "user19 connected!"])
+        back = [nick for nick in crowd[:15] if nick not in ("user3", "user7")]
+        self.assertEqual(ui.notes, ["Reconnected as alice.", "With you in #main: user3, user7.",
+                                    "Back after the reconnect (13): %s." % ", ".join(back)])
+        self.assertEqual(len(session.members), 16)
+        self.assertEqual(session.completions("user1", [])[:2], ["user1 ", "user10 "])
+
     def test_servers_from_the_command_line_the_environment_and_the_settings_file(self):
         chat = self.chat
         folder = tempfile.mkdtemp(prefix="chat-client-")
@@ -6137,6 +6165,30 @@ class TerminalVersion3Tests(unittest.TestCase):
         self.assertEqual(dropped, "Not sent: the %d pasted lines." % (20 - len(got)))
         self.assertIsNone(term.proc.poll())
         bob.close()
+
+    def test_a_restart_that_brings_the_others_back_is_one_line(self):
+        crowd = ["bob", "carol", "dave", "erin", "frank"]
+        restarted = threading.Event()
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            if not restarted.is_set():
+                restarted.set()
+                self.v3_member("alice", users=crowd + ["alice"])(peer)
+                peer.send(now_ts() + SHUTTING_DOWN)
+                return
+            self.v3_member("alice")(peer)
+            peer.send(*[now_ts() + "%s connected!" % nick for nick in crowd])
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: "Back after the reconnect (5): bob, carol, dave, erin, "
+                        "frank." in rows, "one line for the five")
+        self.assertFalse([row for row in term.rows_after_ts() if row.endswith("connected!")])
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
 
     def test_failover_to_the_second_server_says_which(self):
         first, second = start_server(self), start_server(self)
