@@ -3,23 +3,35 @@
 
 How it is built, top to bottom:
 
-* ``Lines`` and ``ServerLine``: the protocol's strings in one place, and a line from the server
-  taken apart (timestamp, kind, nickname, text).
+* ``Lines`` and ``ServerLine``: the protocol's strings in one place (copies of chat_server.Lines,
+  under the same names: each .pyz holds one module), each a template that ``shape()`` makes a
+  pattern, and a line from the server taken apart (timestamp, kind, nickname, room, text).
+* ``COMMANDS``: every command of protocol version 3 as a ``Command`` record: its names, whether
+  operators only may use it, what the server owes for it (an ok, the line that repeats it, a
+  list), what Tab completes after it, and whether it carries a password. Tab completion and the
+  session's matching of answers to lines both read this one table.
 * ``Session``: the client's side of the protocol as explicit phases (CONNECTING, PASSWORD,
-  NICKNAME, JOINING, MEMBER, OFFLINE). It gets the server's lines and the lines the user typed,
-  and decides what to send, what to show and when the client ends. No sockets, no terminal: the
-  tests drive it in memory.
+  NICKNAME, JOINING, NICK_PASSWORD, MEMBER, OFFLINE, ...). It gets the server's lines and the
+  lines the user typed, and decides what to send, what to show and when the client ends; it
+  knows the room, the members, the rooms, which lines the server has not answered yet (so that
+  none is lost in silence when a connection dies) and a long paste's pace. No sockets, no
+  terminal, no clock: the tests drive it in memory.
 * ``Presenter``: how a line looks on a terminal: nicknames in colours of their own, your own
-  lines and the server's notices set apart, mentions highlighted, long lines wrapped to the width
-  with a hanging indent so that no text of a message can pose as a line of its own. Pipes get the
-  server's lines exactly as they are.
+  lines and the server's notices set apart, mentions highlighted, what was said before you came
+  dimmed, long lines wrapped to the width with a hanging indent so that no text of a message can
+  pose as a line of its own. Pipes get the server's lines exactly as they are.
 * Terminals and inputs: on POSIX terminals GNU readline's callback interface (bound with ctypes)
   edits the input line inside the select loop; pipes are read as lines; on Windows (and for files
   select can't watch) a thread reads standard input and wakes the loop through a socketpair.
-* ``Connection``: TCP, then TLS when asked, never blocking: the handshake, reads and writes are
-  driven by the selector, and bytes TLS already decrypted (``pending()``) are drained.
+* ``Connection``: TCP (with keepalive), then TLS when asked, never blocking: the handshake, reads
+  and writes are driven by the selector, and bytes TLS already decrypted (``pending()``) are
+  drained.
 * ``Client``: one selectors loop over the connection, the input and (POSIX terminals) the
-  signals; timers for connecting, reconnecting and the plain-text probe.
+  signals; timers for connecting, reconnecting (to the next server, when there are several), the
+  plain-text probe, the answer the server owes, a nickname held by a lost connection, and
+  returns to sum up.
+* The command line: options, the environment (CHAT_SERVER, CHAT_NICK, the passwords) and the
+  settings file, the command line winning.
 
 Whatever the server sends is made harmless before it reaches the screen: invalid UTF-8 becomes
 U+FFFD, control characters are shown as ^X, so no escape sequence from the wire reaches the
@@ -710,6 +722,7 @@ class Session:
         self.next_nick = nick             # sent by itself when greeted: --nick, or to rejoin
         self.password = password          # --password-file or CHAT_PASSWORD, then as sent
         self.wrong_passwords = 0          # the chat's password, refused on a terminal
+        self.password_again = False       # refused: asked again on the next connection
         # Registered nicknames' passwords, kept in memory to answer again after a reconnect:
         # casefolded nickname -> password. The option's (None: none) answers any nickname once.
         self.nick_passwords = {}
@@ -801,6 +814,7 @@ class Session:
             if self.wrong_passwords < PASSWORD_TRIES:
                 self.ui.show(line)
                 self.password = None      # asked again on the next connection, at once
+                self.password_again = True
                 self._retry(0)
                 return True
         if body == Lines.LOCKED_OUT and self.joined_once:
@@ -835,6 +849,9 @@ class Session:
         elif phase in (Phase.CHECKING_PASSWORD, Phase.CHECKING_NICK_PASSWORD) \
                 and self.interactive:
             pass   # perhaps the password again: never shown, kept, or sent as a nickname
+        elif self.password_again and self.interactive:
+            # Typed before the question came again: it is the password, and never shown.
+            self.password = text if self.password is None else self.password
         elif phase == Phase.OFFLINE and self.interactive:
             if text.strip():   # (an empty line loses nothing: the prompt says offline)
                 self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=masked(text)))
@@ -912,6 +929,8 @@ class Session:
             self.ui.unconfirmed(masked(text))
 
     def prompt(self):
+        if self.password_again:
+            return Notes.PASSWORD_PROMPT
         if self.phase in (Phase.MEMBER, Phase.CHECKING_NICK_PASSWORD) and self.nick:
             return "%s> " % self._where()
         if self.phase == Phase.OFFLINE or (self.rejoining and self.phase == Phase.CONNECTING):
@@ -976,9 +995,9 @@ class Session:
     def hides_input(self):
         """Is what the user types now hidden (no echo, no history)? While a password is asked
         for and while it is checked, on a terminal."""
-        return self.interactive and self.phase in (
+        return self.interactive and (self.password_again or self.phase in (
             Phase.PASSWORD, Phase.CHECKING_PASSWORD, Phase.NICK_PASSWORD,
-            Phase.CHECKING_NICK_PASSWORD)
+            Phase.CHECKING_NICK_PASSWORD))
 
     def keeps_in_history(self, text):
         """May the input history keep this line? Not a command that carries a password."""
@@ -1060,6 +1079,7 @@ class Session:
 
     def _send_password(self, text):
         self.password = text   # kept to rejoin after a reconnect
+        self.password_again = False
         self.ui.send(text)
         self._enter(Phase.CHECKING_PASSWORD)
 

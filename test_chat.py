@@ -4337,6 +4337,18 @@ class SessionVersion3Tests(InMemoryTestCase):
             session.server_line(T0 + WRONG_PASSWORD)
         self.assertEqual((done.exception.status, done.exception.message), (1, WRONG_PASSWORD))
         self.assertEqual(ui.sent, ["from the file", "typed 0", "typed 1"])
+        # Typed before the question comes again: still hidden, never noted, and the password.
+        session, ui = self.session(interactive=True)
+        session.server_line(PASSWORD_PROMPT)
+        session.typed("guess")
+        session.server_line(T0 + WRONG_PASSWORD)
+        session.connection_closed()
+        self.assertEqual((session.prompt(), session.hides_input()), ("password> ", True))
+        session.typed("typed ahead")
+        session.connected("127.0.0.1:8000")
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual((ui.sent, ui.notes, ui.password_asked),
+                         (["guess", "typed ahead"], [], 1))
 
     def test_a_lockout_while_reconnecting_waits_for_its_end(self):
         session, ui = self.joined(interactive=True, reconnect=True, password="pw")
@@ -4389,6 +4401,31 @@ class SessionVersion3Tests(InMemoryTestCase):
                                     "Back after the reconnect (13): %s." % ", ".join(back)])
         self.assertEqual(len(session.members), 16)
         self.assertEqual(session.completions("user1", [])[:2], ["user1 ", "user10 "])
+
+    def test_the_client_copies_the_servers_strings_and_helpers_word_for_word(self):
+        # Each .pyz holds one module, so these are copies: under the same names, the same.
+        server = load_module("chat_server")
+        shared = [name for name in vars(self.chat.Lines) if not name.startswith("_")
+                  and isinstance(getattr(self.chat.Lines, name), str)
+                  and hasattr(server.Lines, name)]
+        self.assertGreaterEqual(len(shared), 20)
+        for name in shared:
+            self.assertEqual(getattr(self.chat.Lines, name), getattr(server.Lines, name), name)
+        self.assertFalse(hasattr(self.chat.Lines, "TOO_MANY_PASSWORDS"))   # LOCKED_OUT now
+        import ast
+        sources = {}
+        for path in (CLIENT, SERVER):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            sources[path] = (text, {node.name: node for node in ast.parse(text).body
+                                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))})
+        for name in ("format_address", "platform_name", "OneLineParser", "normalise_nickname"):
+            (client_text, client_defs), (server_text, server_defs) = sources[CLIENT], \
+                sources[SERVER]
+            self.assertEqual(ast.get_source_segment(client_text, client_defs[name]),
+                             ast.get_source_segment(server_text, server_defs[name]), name)
+            above = client_text.splitlines()[client_defs[name].lineno - 2]
+            self.assertTrue(above.startswith("# Shared copy: chat_server.py has this"), name)
 
     def test_servers_from_the_command_line_the_environment_and_the_settings_file(self):
         chat = self.chat
@@ -6189,6 +6226,29 @@ class TerminalVersion3Tests(unittest.TestCase):
         self.assertFalse([row for row in term.rows_after_ts() if row.endswith("connected!")])
         term.type("\x04")
         self.assertEqual(term.wait(), 0)
+
+    def test_a_wrong_password_is_asked_again_three_times_in_all(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "s3cret"})
+        term = client_on_terminal(self, server.port, "--nick", "wendy")
+
+        def asked(times):
+            return lambda rows: rows.count(PASSWORD_PROMPT) == times and rows[-1] == "password>"
+        for attempt, typed in enumerate(("guess", "s3crat")):
+            term.read_until(asked(attempt + 1), "the password question")
+            term.type(typed + "\r")
+        term.read_until(asked(3), "asked a third time")
+        self.assertEqual(len([row for row in term.rows() if row.endswith(WRONG_PASSWORD)]), 2)
+        term.type("s3cret\r")
+        term.read_until(lambda rows: rows[-1] == "wendy>", "joined")
+        self.assertNotIn(b"s3cr", term.output)
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        term = client_on_terminal(self, server.port, "--nick", "walt")
+        for attempt in range(3):
+            term.read_until(asked(attempt + 1), "the password question")
+            term.type("wrong %d\r" % attempt)
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row][-1], WRONG_PASSWORD)
 
     def test_failover_to_the_second_server_says_which(self):
         first, second = start_server(self), start_server(self)
