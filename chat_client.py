@@ -701,7 +701,8 @@ class Session:
 
     ``ui`` is told what to do: ``send(text)``, ``show(line)``, ``note(text)``,
     ``show_typed(text)``, ``prompt_changed()``, ``ask_password(prompt)``, ``half_close()``,
-    ``joined()``, ``unconfirmed(text)``, ``offer_again(text)``, ``retry_nickname(delay)``.
+    ``joined()``, ``unconfirmed(text)``, ``offer_again(text)``, ``retry_nickname(delay)``,
+    ``returns_pending(delay)``.
     The end of the client is a ClientExit raised from here.
 
     On a terminal (``interactive``) a refused nickname asks again and the lines typed while an
@@ -931,7 +932,7 @@ class Session:
     def prompt(self):
         if self.password_again:
             return Notes.PASSWORD_PROMPT
-        if self.phase in (Phase.MEMBER, Phase.CHECKING_NICK_PASSWORD) and self.nick:
+        if self.phase == Phase.MEMBER:
             return "%s> " % self._where()
         if self.phase == Phase.OFFLINE or (self.rejoining and self.phase == Phase.CONNECTING):
             return "(offline) %s> " % self._where() if self.nick else "(offline)> "
@@ -3028,6 +3029,7 @@ class Client:
         the rest of it."""
         waiting = self.session.paste_waiting()
         if not waiting or self.question is not None:
+            self._leaving()
             raise KeyboardInterrupt
 
         def answer(text):
@@ -3035,9 +3037,18 @@ class Client:
                 self.note(Notes.PASTE_DROPPED.format(count=self.session.drop_paste()))
         self.ask(Notes.DROP_QUESTION.format(count=waiting), answer)
 
+    def _leaving(self):
+        """The user leaves (Ctrl-C, Ctrl-D). While reconnecting, the lines the lost connection
+        never answered are told first, on standard error, and the status says they were lost."""
+        lost = self.session.unconfirmed
+        if lost:
+            raise ClientExit(ExitStatus.LOST, "\n".join(
+                Notes.NOT_CONFIRMED.format(text=masked(text)) for text in lost))
+
     def _input_ended(self):
         self.input.ended = True
         if self.interactive:
+            self._leaving()
             raise ClientExit(0)   # Ctrl-D: the user leaves
         self.session.input_ended()
 
