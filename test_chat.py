@@ -6031,6 +6031,13 @@ class TerminalVersion3Tests(unittest.TestCase):
     after a reconnect, failover between two servers, a kick, a long paste, and a line typed
     into a dead connection offered again."""
 
+    @staticmethod
+    def joined(term, nick):
+        """Wait until ``nick`` has joined and been told who else is here (the client asks
+        /rooms quietly right then: a line typed later comes after it)."""
+        term.read_until(lambda rows: rows[-1] == nick + ">" and any(
+            row.startswith(("Nobody else is in ", "With you in ")) for row in rows), "joined")
+
     def v3_member(self, nick, rooms=("#main (1)",), users=None):
         """The start of a version 3 member's script: joined, the quiet /users and /rooms."""
         def start(peer):
@@ -6047,6 +6054,7 @@ class TerminalVersion3Tests(unittest.TestCase):
             peer.expect("alice")
             peer.send(now_ts() + OK)
             self.v3_member("alice", rooms=("#main (1)", "#ops (1, key)", "#random (0)"))(peer)
+            peer.send(now_ts() + "bob connected!")           # (after the rooms: they are known)
             peer.expect("/join #ops k3y")
             peer.send(now_ts() + OK, now_ts() + room_now("#ops", 2),
                       now_ts() + topic_of("#ops", "deploys only"))
@@ -6058,8 +6066,8 @@ class TerminalVersion3Tests(unittest.TestCase):
             peer.expect_eof()
         server = FakeServer(self, script)
         term = client_on_terminal(self, server.port, "--nick", "alice")
-        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #main.", "alice>"],
-                        "joined, alone")
+        term.read_until(lambda rows: rows[-1] == "alice>" and "bob connected!" in
+                        term.rows_after_ts(), "joined, the rooms known")
         term.type("/jo\t#o\t")
         term.read_until(lambda rows: rows[-1] == "alice> /join #ops", "both completed")
         term.type("k3y\r")
@@ -6071,7 +6079,8 @@ class TerminalVersion3Tests(unittest.TestCase):
         self.assertEqual(term.rows_after_ts().count(OK), 1)   # the join's: the others left out
         self.assertIn("dim", term.screen.attrs_of("Topic of #ops"))
         term.type("/part\r")
-        term.read_until(lambda rows: rows[-1] == "alice>", "back in #main")
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows.count(
+            "Nobody else is in #main.") == 2, "back in #main")
         term.type("\x04")
         self.assertEqual(term.wait(), 0)
 
@@ -6124,7 +6133,7 @@ class TerminalVersion3Tests(unittest.TestCase):
         server = FakeServer(self, script)
         term = client_on_terminal(self, server.port, "--nick", "alice",
                                   "--nick-password-file", path)
-        term.read_until(lambda rows: rows[-1] == "alice>", "joined")
+        self.joined(term, "alice")
         self.assertFalse(any(row.startswith("password for") for row in term.rows()))
         term.type("/register hunter23!\r")
         term.read_until(lambda rows: rows[-3:] == ["alice> /register ***", rows[-2][:18]
@@ -6154,7 +6163,7 @@ class TerminalVersion3Tests(unittest.TestCase):
         server = start_server(self)
         bob = server.client().join("bob")
         term = client_on_terminal(self, server.port, "--nick", "alice")
-        term.read_until(lambda rows: rows[-1] == "alice>", "joined")
+        self.joined(term, "alice")
         self.assertEqual(bob.said(), "alice connected!")
         lines = ["line %d" % i for i in range(1, 8)]
         term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
@@ -6176,7 +6185,7 @@ class TerminalVersion3Tests(unittest.TestCase):
         server = start_server(self, "--rate-limit", "2", "--rate-burst", "1")
         bob = server.client().join("bob")
         term = client_on_terminal(self, server.port, "--nick", "alice")
-        term.read_until(lambda rows: rows[-1] == "alice>", "joined")
+        self.joined(term, "alice")
         self.assertEqual(bob.said(), "alice connected!")
         lines = ["line %d" % i for i in range(1, 21)]
         term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
@@ -6249,6 +6258,54 @@ class TerminalVersion3Tests(unittest.TestCase):
             term.type("wrong %d\r" % attempt)
         self.assertEqual(term.wait(), 1)
         self.assertEqual([row for row in term.rows() if row][-1], WRONG_PASSWORD)
+
+    def test_a_reconnect_goes_back_into_the_room_with_its_key(self):
+        first_done = threading.Event()
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            if not first_done.is_set():
+                first_done.set()
+                self.v3_member("alice", rooms=("#main (1)", "#ops (0, key)"))(peer)
+                peer.expect("/join #ops k3y")
+                peer.send(now_ts() + OK, now_ts() + room_now("#ops", 1))
+                self.v3_member("alice", rooms=("#main (0)", "#ops (1, key)"))(peer)
+                peer.send(now_ts() + SHUTTING_DOWN)
+                return
+            peer.expect("/join #ops k3y")                    # by itself, with the key
+            peer.send(now_ts() + OK, now_ts() + room_now("#ops", 1))
+            self.v3_member("alice", rooms=("#main (0)", "#ops (1, key)"))(peer)
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #main.", "alice>"],
+                        "joined")
+        term.type("/join #ops k3y\r")
+        term.read_until(lambda rows: "Reconnected as alice." in rows and rows[-2:] == [
+            "Nobody else is in #ops.", "alice #ops>"], "back in #ops after the restart")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_leaving_while_reconnecting_tells_the_unanswered_lines(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.expect("hello?")                            # taken, never answered
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #main.", "alice>"],
+                        "joined")
+        term.type("hello?\r")
+        term.read_until(lambda rows: "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+                        in rows, "offline")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 3)
+        self.assertEqual([row for row in term.rows() if row][-1],
+                         "Not confirmed, perhaps not sent: hello?")
 
     def test_failover_to_the_second_server_says_which(self):
         first, second = start_server(self), start_server(self)
