@@ -115,23 +115,23 @@ class Lines:
     HISTORY = "Recent messages ({count}):"
     UNKNOWN_COMMAND = 'Sorry! Unknown command "/{name}". Type /help for the list.'
     # Version 3: rooms
-    ROOM_NOW = "You are in {room} now ({count} users)."
-    ROOM_LEFT_FOR = "{nick} left for {room}."
-    ROOM_JOINED = "{nick} joined {room}."
+    IN_ROOM_NOW = "You are in {room} now ({count} users)."
+    LEFT_FOR = "{nick} left for {room}."
+    JOINED_ROOM = "{nick} joined {room}."
     ROOMS = "Rooms ({count}): {rooms}"
     TOPIC = "Topic of {room}: {topic}"
     NO_TOPIC = "{room} has no topic."
-    TOPIC_SET = "{nick} set the topic of {room}: {text}"
+    TOPIC_SET = "{nick} set the topic of {room}: {topic}"
     TOPIC_CLEARED = "{nick} cleared the topic of {room}."
     ROOM_CLOSED = "{room} was closed by {op}."
     # Version 3: what was kept
     CATCH_UP = "Messages since you left ({count}):"
-    CATCH_UP_PART = "Messages since you left ({shown} of {count}):"
-    WAITING_PRIVATE = "Private messages while you were away ({count}):"
-    FOUND = 'Found {count} messages with "{text}" in {room}:'
-    FOUND_LAST = 'Found {count} messages with "{text}" in {room}; the last 20:'
-    NOT_FOUND = 'No messages with "{text}" in {room}.'
-    OFFLINE_WAITING = "{target} is offline; they will get it when they join."
+    CATCH_UP_SOME = "Messages since you left ({shown} of {count}):"
+    WAITING = "Private messages while you were away ({count}):"
+    SEARCH_FOUND = 'Found {count} messages with "{text}" in {room}:'
+    SEARCH_FOUND_MANY = 'Found {count} messages with "{text}" in {room}; the last {shown}:'
+    SEARCH_NONE = 'No messages with "{text}" in {room}.'
+    OFFLINE = "{target} is offline; they will get it when they join."
     # Version 3: accounts
     NICK_PASSWORD_PROMPT = '"{nick}" is registered. Please enter its password'
     WRONG_NICK_PASSWORD = 'Sorry! Wrong password for "{nick}".'
@@ -140,14 +140,14 @@ class Lines:
     UNREGISTERED = '"{nick}" is no longer registered.'
     REPLACED = "You joined from somewhere else."
     # Version 3: moderation
-    KICKED_YOU = "You were kicked by {op}."
-    KICKED_YOU_REASON = "You were kicked by {op}: {reason}"
-    BANNED_YOU = "You were banned by {op}."
-    BANNED_YOU_REASON = "You were banned by {op}: {reason}"
-    KICKED = "{nick} was kicked by {op}."
-    KICKED_REASON = "{nick} was kicked by {op}: {reason}"
-    BANNED = "{nick} was banned by {op}."
-    BANNED_REASON = "{nick} was banned by {op}: {reason}"
+    KICKED = "You were kicked by {op}."
+    KICKED_FOR = "You were kicked by {op}: {reason}"
+    BANNED = "You were banned by {op}."
+    BANNED_FOR = "You were banned by {op}: {reason}"
+    WAS_KICKED = "{nick} was kicked by {op}."
+    WAS_KICKED_FOR = "{nick} was kicked by {op}: {reason}"
+    WAS_BANNED = "{nick} was banned by {op}."
+    WAS_BANNED_FOR = "{nick} was banned by {op}: {reason}"
     ADDRESS_BANNED = "Sorry! You are banned."
     ADDRESS_BANNED_UNTIL = "Sorry! You are banned until {until}."
     BANS = "Bans ({count}): {entries}"
@@ -231,9 +231,9 @@ _TEMPLATES = (
     (Kind.HEADING, Lines.HISTORY),
     (Kind.ERROR, Lines.NICK_BUSY),
     (Kind.ERROR, Lines.WRONG_NICK_PASSWORD),
-    (Kind.ROOM_NOW, Lines.ROOM_NOW),
-    (Kind.LEFT, Lines.ROOM_LEFT_FOR),
-    (Kind.JOINED, Lines.ROOM_JOINED),
+    (Kind.ROOM_NOW, Lines.IN_ROOM_NOW),
+    (Kind.LEFT, Lines.LEFT_FOR),
+    (Kind.JOINED, Lines.JOINED_ROOM),
     (Kind.ROOMS, Lines.ROOMS),
     (Kind.TOPIC, Lines.TOPIC),
     (Kind.TOPIC, Lines.NO_TOPIC),
@@ -241,23 +241,23 @@ _TEMPLATES = (
     (Kind.TOPIC_SET, Lines.TOPIC_CLEARED),
     (Kind.ROOM_CLOSED, Lines.ROOM_CLOSED),
     (Kind.HEADING, Lines.CATCH_UP),
-    (Kind.HEADING, Lines.CATCH_UP_PART),
-    (Kind.HEADING, Lines.WAITING_PRIVATE),
-    (Kind.HEADING, Lines.FOUND),
-    (Kind.HEADING, Lines.FOUND_LAST),
+    (Kind.HEADING, Lines.CATCH_UP_SOME),
+    (Kind.HEADING, Lines.WAITING),
+    (Kind.HEADING, Lines.SEARCH_FOUND),
+    (Kind.HEADING, Lines.SEARCH_FOUND_MANY),
     (Kind.NICK_QUESTION, Lines.NICK_PASSWORD_PROMPT),
     (Kind.REGISTERED, Lines.REGISTERED),
     (Kind.REGISTERED, Lines.UNREGISTERED),
-    (Kind.KICKED_YOU, Lines.KICKED_YOU),
-    (Kind.KICKED_YOU, Lines.KICKED_YOU_REASON),
-    (Kind.BANNED_YOU, Lines.BANNED_YOU),
-    (Kind.BANNED_YOU, Lines.BANNED_YOU_REASON),
+    (Kind.KICKED_YOU, Lines.KICKED),
+    (Kind.KICKED_YOU, Lines.KICKED_FOR),
+    (Kind.BANNED_YOU, Lines.BANNED),
+    (Kind.BANNED_YOU, Lines.BANNED_FOR),
     (Kind.BANNED_YOU, Lines.ADDRESS_BANNED),
     (Kind.BANNED_YOU, Lines.ADDRESS_BANNED_UNTIL),
-    (Kind.LEFT, Lines.KICKED),
-    (Kind.LEFT, Lines.KICKED_REASON),
-    (Kind.LEFT, Lines.BANNED),
-    (Kind.LEFT, Lines.BANNED_REASON),
+    (Kind.LEFT, Lines.WAS_KICKED),
+    (Kind.LEFT, Lines.WAS_KICKED_FOR),
+    (Kind.LEFT, Lines.WAS_BANNED),
+    (Kind.LEFT, Lines.WAS_BANNED_FOR),
     (Kind.BANS, Lines.BANS),
     (Kind.BANS, Lines.NO_BANS),
 )
@@ -573,7 +573,6 @@ class Notes:
     NOT_TLS = "{address} does not speak TLS (it answered in plain text): leave out --tls."
     EXPECTS_TLS = ("{address} closed the connection without a greeting in plain text: "
                    "it expects TLS, add --tls.")
-    SPEAKS_TLS = "{address} speaks TLS (it said so in plain text): add --tls."
     TLS_FAILED = "TLS handshake with {address} failed: {reason}."
     TLS_NOT_VERIFIED = ("The TLS certificate of {address} failed the --tls-ca check: {reason}. "
                         "{change} Not connected. If the server has a new certificate, ask the "
@@ -2430,8 +2429,9 @@ class Connection:
                                                            reason=clause(reason)))
             raise ConnectionLost(reason)
         if self.tls is None:
-            if data and not self.received_any and data[:1] in (b"\x15", b"\x16") \
-                    and data[1:2] == b"\x03":   # a TLS record: the server expects TLS
+            if data and not self.received_any and (
+                    data[:1] in (b"\x15", b"\x16") and data[1:2] == b"\x03"   # a TLS record
+                    or data.startswith(Lines.TLS_HINT.encode())):   # or a version 3 server's
                 raise ClientExit(1, Notes.EXPECTS_TLS.format(address=self.address))
             self.received_any = self.received_any or bool(data)
             return [data]
@@ -2897,19 +2897,14 @@ class Client:
                 self.probe_at = None
                 self.heard_at = time.monotonic()
                 for line in self.incoming.feed(event):
-                    self._server_line(conn, render(line))
+                    self.session.server_line(render(line))
                     if self.connection is not conn:
                         return
             else:
                 for line in self.incoming.rest():
-                    self._server_line(conn, render(line))
+                    self.session.server_line(render(line))
                 self._lost(None)
                 return
-
-    def _server_line(self, conn, text):
-        if text == Lines.TLS_HINT and not conn.is_tls:
-            raise ClientExit(ExitStatus.FAILED, Notes.SPEAKS_TLS.format(address=conn.address))
-        self.session.server_line(text)
 
     def _opened(self):
         self.connect_deadline = None

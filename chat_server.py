@@ -1,21 +1,36 @@
 #!/usr/bin/env python3
 """Console chat server: one thread, one non-blocking selectors loop, a line protocol.
 
-The protocol is docs/PROTOCOL.md. The file has four layers:
+The protocol is docs/PROTOCOL.md. The file reads top to bottom in this order:
 
-* the protocol's lines, spelled once (``Lines``), and the rules for text and nicknames;
-* ``Chat``, the room: a line from a connection in, queued bytes for each connection out, and the
-  phase the connection moves to. It never touches a socket (the shape of h11), so its rules are
-  testable without a network;
-* ``Conn`` and ``Server``, the loop: accepts, runs TLS handshakes, reads, frames lines, enforces
-  the limits (line length, send queue, flood control), and writes every connection with new output
-  once per turn just before it sleeps in ``select`` (the shape of Redis's beforeSleep);
-* the command line.
+* settings, then the protocol's lines, spelled once (``Lines``), and the phases of a connection
+  with the moves between them (``Phase``, ``PHASE_MOVES``);
+* text rules: control characters, nicknames and their look-alike skeletons, the clock;
+* the room core (``Chat``, with ``Peer`` and ``Room``): a line from a connection in, queued bytes
+  for each connection out, and the phase the connection moves to. It never touches a socket (the
+  shape of h11), so its rules are testable without a network. Commands are records in one table
+  (``COMMANDS``), from which /help is made. Whatever the members of a room see happen there is an
+  entry of the room log (``Entry``): the core decides, a sequencer orders, ``Chat.apply`` applies;
+* the store (``MemoryStore``): what outlives a connection, behind one small interface;
+* the loop (``Server``, cut along a connection's life: the turn, accepting, the TLS handshake,
+  reading and lines, writing, closing, timers, stopping). It enforces the limits (line length,
+  send queue, flood control) and writes every connection with new output once per turn just
+  before it sleeps in ``select`` (the shape of Redis's beforeSleep);
+* what the loop uses: TLS, the logs, the platform;
+* the command line;
+* an appendix: the tables of invisible and look-alike letters.
 
-A connection lives through explicit phases (``Phase``), each entered in one place:
+The room log. An entry is a tuple ``(kind, room, peer, data)``: a message, a /me, a join, a leave
+or a rename (``Entry`` says what ``data`` holds for each), ``peer`` being the member it is about.
+Only the room core appends entries, and only once it has decided the change is allowed; the
+sequencer gives each entry its place in its room's order and hands it back to be applied, so what
+a member receives is the log applied in log order. In one process the sequencer applies at once.
 
-    HANDSHAKE (TLS only) -> PASSWORD (with a password only) -> NICKNAME -> MEMBER
-                                  \\___________________\\_____________\\_____> CLOSING -> LINGERING -> CLOSED
+A connection lives through explicit phases (``Phase``), each entered in one place (``_move``),
+along the moves of ``PHASE_MOVES``:
+
+    NEW -> HANDSHAKE (TLS only) -> PASSWORD (with a password only) -> NICKNAME -> MEMBER
+      \\________________\\______________________\\_____________\\_____> CLOSING -> LINGERING -> CLOSED
 
 Standard library only, Python 3.8 or newer: this file is zipped alone into chat_server.pyz.
 """
@@ -51,8 +66,28 @@ DEFAULT_MAX_LINE_BYTES = 4096
 DEFAULT_MAX_SEND_QUEUE = 1024 * 1024
 DEFAULT_JOIN_TIMEOUT = 60.0
 DEFAULT_HISTORY = 20
+DEFAULT_KEEP = 10000      # messages kept per room (memory or data file)
+DEFAULT_DATA = "chat.db"
+DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
+SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
+DEFAULT_CATCH_UP = 200    # lines of "Messages since you left" at most
+MIN_PASSWORD_CHARS = 8    # an account's password
+MAX_WAITING = 100         # private messages waiting for one registered nickname
+# An account's password hash: scrypt (32 MiB and about 0.1 s of one core here), or PBKDF2 where
+# this Python's OpenSSL has no scrypt. The parameters are kept with each hash, so they can be
+# raised later without invalidating the old ones.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
+PBKDF2_ITERATIONS = 600000
+DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?\Z")   # 30m, 2h, 7d, 1d12h
+MAX_DURATION_DAYS = 36500
+HASHES_QUEUED = 2         # hashes handed to the worker thread at once; the rest wait their turn
+MAIN_ROOM = "#main"
+MAX_ROOM_CHARS = 32       # after the "#"
+ROOM_KEY_SALT_BYTES = 16
 DEFAULT_RATE_LIMIT = 10.0   # lines a second, on average, per connection
 DEFAULT_RATE_BURST = 50     # lines at once
+DEFAULT_DEAD_PEER = 90.0    # seconds within which a peer that vanished without a word is found
+KEEPALIVE_PROBES = 4        # unanswered keepalive probes after which a peer counts as gone
 MAX_NICK_CHARS = 32
 PASSWORD_ATTEMPTS = 5       # wrong passwords from one address within PASSWORD_WINDOW...
 PASSWORD_WINDOW = 60.0      # ...lock it out until this long after its last wrong one
@@ -96,8 +131,7 @@ class Lines:
     DISCONNECTED = "{nick} disconnected!"  # seed
     TOO_LONG = "Sorry! Your message is too long (more than {limit} bytes)."
     # Commands
-    HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
-            " /quit, /help. Start a line with // to send a line that begins with /.")
+    HELP = "Commands: {commands}. Start a line with // to send a line that begins with /."
     USERS = "Users ({count}): {nicks}"
     USER_AWAY = "{nick} (away)"
     USER_AWAY_TEXT = "{nick} (away: {text})"
@@ -111,15 +145,104 @@ class Lines:
     RENAMED = "{old} is now known as {new}"
     GOODBYE = "Goodbye!"
     UNKNOWN_COMMAND = 'Sorry! Unknown command "/{name}". Type /help for the list.'
+    USAGE = "Sorry! Usage: {usage}"
+    SAME_NICK = "Sorry! You are {nick} already."
+    # Rooms
+    ROOM_INVALID = ('Sorry! A room name is # and then letters, digits, - or _ (at most {max}).'
+                    ' "{name}" is not a room name.')
+    IN_ROOM_NOW = "You are in {room} now ({count} users)."
+    LEFT_FOR = "{nick} left for {room}."
+    JOINED_ROOM = "{nick} joined {room}."
+    IN_ROOM_ALREADY = "Sorry! You are in {room} already."
+    NEEDS_KEY = "Sorry! {room} needs its key: /join {room} KEY"
+    TOO_MANY_ROOMS = "Sorry! There are too many rooms (at most {max})."
+    ROOMS = "Rooms ({count}): {rooms}"
+    ROOM_ENTRY = "{room} ({count})"
+    ROOM_ENTRY_KEY = "{room} ({count}, key)"
+    TOPIC = "Topic of {room}: {topic}"
+    NO_TOPIC = "{room} has no topic."
+    TOPIC_SET = "{nick} set the topic of {room}: {topic}"
+    TOPIC_CLEARED = "{nick} cleared the topic of {room}."
+    OPERATORS_ONLY = "Sorry! Only operators can do that."
+    # Accounts
+    REGISTERED = ('"{nick}" is registered to you. Next time you join with it you will be asked'
+                  ' for its password.')
+    REGISTERED_ALREADY = 'Sorry! "{nick}" is registered already.'
+    PASSWORD_TOO_SHORT = "Sorry! A password needs at least {min} characters."
+    WRONG_NICK_PASSWORD = 'Sorry! Wrong password for "{nick}".'
+    UNREGISTERED = '"{nick}" is no longer registered.'
+    NICK_PASSWORD_PROMPT = '"{nick}" is registered. Please enter its password'
+    REPLACED = "You joined from somewhere else."
+    NOT_REGISTERED = 'Sorry! "{nick}" is not registered.'
+    OFFLINE = "{target} is offline; they will get it when they join."
+    TOO_MANY_WAITING = "Sorry! {target} has too many waiting messages."
+    WAITING = "Private messages while you were away ({count}):"
+    CATCH_UP = "Messages since you left ({count}):"
+    CATCH_UP_SOME = "Messages since you left ({shown} of {count}):"
+    # Moderation
+    KICKED = "You were kicked by {op}."
+    KICKED_FOR = "You were kicked by {op}: {reason}"
+    BANNED = "You were banned by {op}."
+    BANNED_FOR = "You were banned by {op}: {reason}"
+    WAS_KICKED = "{nick} was kicked by {op}."
+    WAS_KICKED_FOR = "{nick} was kicked by {op}: {reason}"
+    WAS_BANNED = "{nick} was banned by {op}."
+    WAS_BANNED_FOR = "{nick} was banned by {op}: {reason}"
+    ADDRESS_BANNED = "Sorry! You are banned."
+    ADDRESS_BANNED_UNTIL = "Sorry! You are banned until {until}."
+    NICK_BANNED = 'Sorry! "{nick}" is banned.'
+    NICK_BANNED_UNTIL = 'Sorry! "{nick}" is banned until {until}.'
+    NOT_BANNED = 'Sorry! "{what}" is not banned.'
+    BANS = "Bans ({count}): {entries}"
+    NO_BANS = "Bans (0)."
+    BAN_ENTRY_UNTIL = "{what} (until {until})"
+    BAN_ENTRY_UNTIL_FOR = "{what} (until {until}: {reason})"
+    BAN_ENTRY_FOR = "{what} ({reason})"
+    WAS_MUTED = "{nick} was muted by {op}."
+    MUTED = "Sorry! You are muted."
+    MUTED_UNTIL = "Sorry! You are muted until {until}."
+    MAY_SPEAK = "{nick} may speak again."
+    NOW_OPERATOR = "You are an operator now."
+    NO_LONGER_OPERATOR = "You are no longer an operator."
+    OPERATOR_BY_OPTION = "Sorry! {nick} is an operator named by --operators."
+    NOT_TO_YOURSELF = "Sorry! You can't do that to yourself."
+    IS_OPERATOR = "Sorry! {nick} is an operator."
+    BAD_DURATION = "Sorry! A duration is a number and m, h or d, like 30m, 2h or 7d."
+    ROOM_CLOSED = "{room} was closed by {op}."
+    MAIN_STAYS = "Sorry! #main can't be closed."
+    NO_SUCH_ROOM = "Sorry! There is no room {room}."
+    # Memory
+    SEARCH_NONE = 'No messages with "{text}" in {room}.'
+    SEARCH_FOUND = 'Found {count} messages with "{text}" in {room}:'
+    SEARCH_FOUND_MANY = 'Found {count} messages with "{text}" in {room}; the last {shown}:'
     # Refusals and the end
     FULL = "Sorry! The chat is full."
     JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
+    PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
+    TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."  # plain
     SHUTTING_DOWN = "Server is shutting down."
     # Log records: the line the members received, and where it came from or why it ended
     LOG_FROM = " [from {address}]"
     LOG_REASON = " [{reason}]"
+    LOG_IN_ROOM = " [in {room}]"      # after a room line of a room other than #main
     LOG_PRIVATE = "[private] {nick} sent a message to {target}"
     LOG_CLOSED = "Connection from {address} closed"  # one that never joined: why, in LOG_REASON
+    LOG_KICKED = "{op} kicked {nick}"
+    LOG_BANNED = "{op} banned {nick}"
+    LOG_UNTIL = " until {until}"
+    LOG_FOR = ": {reason}"
+    LOG_UNBANNED = "{op} unbanned {what}"
+    LOG_MUTED = "{op} muted {nick}"
+    LOG_UNMUTED = "{op} unmuted {nick}"
+    LOG_MADE_OPERATOR = "{op} made {nick} an operator"
+    LOG_TOOK_OPERATOR = "{op} took operator from {nick}"
+    LOG_DROPPED = "{op} closed {room}"
+    LOG_REFUSED = "Connection from {address} refused"   # why, in LOG_REASON
+    LOG_REGISTERED = "{nick} registered their nickname"
+    LOG_UNREGISTERED = "{nick} unregistered their nickname"
+    LOG_NEW_PASSWORD = "{nick} changed the password of their nickname"
+    LOG_CANNOT_WRITE = "Cannot write {path}: {error}; messages are not kept until it can"
+    LOG_WRITING_AGAIN = "Writing {path} again"
     LOG_STARTED = "Server started on {address}"
     LOG_STOPPED = "Server stopped"
     # Standard output and error
@@ -130,6 +253,8 @@ class Lines:
     OPEN_TO_ALL = ("warning: listening on {address} with neither a password nor TLS: anyone who"
                    " can reach this address can join and read the chat (see --password-file and"
                    " --tls-cert)")
+    PASSWORD_IN_CLEAR = ("warning: listening on {address} with a password but no TLS: the"
+                         " password and the chat cross the network in clear (see --tls-cert)")
 
 
 class Reason:
@@ -140,31 +265,71 @@ class Reason:
     SEND_QUEUE_FULL = "send queue full"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    TIMEOUT = "timeout"   # the peer vanished without a word: keepalive or unacknowledged data
+    LOCKED_OUT = "too many wrong passwords"   # a member's wrong account passwords
+    KICKED = "kicked"
+    BANNED = "banned"
+    REPLACED = "replaced"   # its registered nickname was taken over by its owner, elsewhere
     NOT_TLS = "TLS handshake failed"   # (never a member: a plain-text client on the TLS port)
 
 
+# What the OS says of a peer that vanished (keepalive unanswered, data never acknowledged, no
+# route any more), as opposed to one that closed or reset the connection.
+VANISHED = frozenset(filter(None, (
+    errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, getattr(errno, "EHOSTDOWN", None),
+    getattr(errno, "WSAETIMEDOUT", None), getattr(errno, "WSAEHOSTUNREACH", None),
+    getattr(errno, "WSAENETUNREACH", None))))
+
+
+def reason_for(error):
+    """The log's reason for a connection the OS ended with ``error``."""
+    return Reason.TIMEOUT if error.errno in VANISHED else Reason.RESET
+
+
+
+
 class Phase:
-    """Where a connection is in its life. Each is entered in one place (see the module doc)."""
+    """Where a connection is in its life: one at a time, changed only by Server._move, along
+    PHASE_MOVES."""
+    NEW = "new"               # accepted; nothing said to it yet
     HANDSHAKE = "handshake"   # TLS handshake under way
     PASSWORD = "password"     # the password is asked for
     NICKNAME = "nickname"     # the nickname is asked for
+    NICK_PASSWORD = "nickname password"   # a registered nickname's password is asked for
     MEMBER = "member"         # joined: lines are messages and commands
+    RENAME_PASSWORD = "rename password"   # a member's /nick to a registered nickname: its
+                                          # password is asked for (still a member meanwhile)
     CLOSING = "closing"       # no more input handled; the last lines are being written
     LINGERING = "lingering"   # written and FIN sent; draining input until EOF, then close
     CLOSED = "closed"
 
 
+# The moves a phase may make (h11's _state.py). Any other is a bug, and closes its connection.
+PHASE_MOVES = {
+    Phase.NEW: (Phase.HANDSHAKE, Phase.PASSWORD, Phase.NICKNAME, Phase.CLOSING, Phase.CLOSED),
+    Phase.HANDSHAKE: (Phase.PASSWORD, Phase.NICKNAME, Phase.CLOSING, Phase.CLOSED),
+    Phase.PASSWORD: (Phase.NICKNAME, Phase.CLOSING, Phase.CLOSED),
+    Phase.NICKNAME: (Phase.NICK_PASSWORD, Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
+    Phase.NICK_PASSWORD: (Phase.NICKNAME, Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
+    Phase.MEMBER: (Phase.RENAME_PASSWORD, Phase.CLOSING, Phase.CLOSED),
+    Phase.RENAME_PASSWORD: (Phase.MEMBER, Phase.CLOSING, Phase.CLOSED),
+    Phase.CLOSING: (Phase.LINGERING, Phase.CLOSED),
+    Phase.LINGERING: (Phase.CLOSED,),
+    Phase.CLOSED: (),
+}
+
 # Phases in which a line from the connection is handled (by the room), the commonest first.
-TALKING = (Phase.MEMBER, Phase.NICKNAME, Phase.PASSWORD)
+TALKING = (Phase.MEMBER, Phase.NICKNAME, Phase.PASSWORD, Phase.NICK_PASSWORD,
+           Phase.RENAME_PASSWORD)
 # The same names as module globals, for the loop's hot paths (one lookup instead of two).
 MEMBER, CLOSING, LINGERING, CLOSED = Phase.MEMBER, Phase.CLOSING, Phase.LINGERING, Phase.CLOSED
 HANDSHAKE = Phase.HANDSHAKE
 EVENT_READ, EVENT_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
-# ---------------------------------------------------------------------------------------------
-# Text: control characters, nicknames.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# Text: control characters, nicknames, the clock.
+# =============================================================================================
 
 # C0 controls except TAB, DEL and C1 controls: removed so that no client can put terminal escape
 # sequences on another's screen. A regex, because its C loop costs almost nothing on clean text.
@@ -179,62 +344,6 @@ CONTROL_BYTES = bytes(range(0x00, 0x09)) + bytes(range(0x0a, 0x20)) + b"\x7f"
 # "/name rest": a command's name runs to the first whitespace; its text is the rest of the line.
 COMMAND = re.compile(r"/(\S*)\s*(.*)", re.DOTALL)
 TARGET_AND_TEXT = re.compile(r"(\S*)\s*(.*)", re.DOTALL)
-
-# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt): invisible when rendered. The
-# letters among them (the Hangul fillers) pass str.isalnum() and would make an invisible nickname.
-DEFAULT_IGNORABLE = (
-    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
-    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
-    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
-    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
-)
-
-# A letter's script is the first word of its Unicode name ("CYRILLIC SMALL LETTER A"); these
-# words name the same script differently. (The standard library has no Script property.)
-# Modifier letters belong to no alphabet of their own (the Hawaiian ʻokina in "Hawaiʻi").
-SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA",
-                  "MODIFIER": None}
-# Scripts that one language writes together: Japanese, Korean.
-SCRIPT_FAMILIES = (frozenset({"HAN", "HIRAGANA", "KATAKANA"}), frozenset({"HAN", "HANGUL"}))
-
-# Letters of Cyrillic and Greek that look like Latin ones (from Unicode TR #39's confusables).
-# Capitals and small letters apart, because a letter can look Latin in one case only: Cyrillic
-# "В" looks like "B" but "в" does not look like "b"; Greek "Ν" looks like "N" but "ν" like "v".
-LOOK_ALIKE_CAPITALS = {
-    # Cyrillic
-    "А": "A", "В": "B", "Е": "E", "Ѐ": "È", "Ё": "Ë", "Ѕ": "S", "І": "I", "Ї": "Ï", "Ј": "J",
-    "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X",
-    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö", "Ь": "B", "Ѵ": "V",
-    "Ԍ": "G",
-    # Greek
-    "Ϝ": "F", "Ϻ": "M", "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï",
-    "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X",
-    "Ϳ": "J",
-}
-LOOK_ALIKE_SMALL = {
-    # Cyrillic
-    "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
-    "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
-    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ", "ь": "b", "г": "r", "ѵ": "v", "ѡ": "w", "ҽ": "e",
-    "ꙇ": "i",
-    # Digits that pass for letters (digits go with any alphabet)
-    "0": "o", "1": "l",
-    # Greek
-    "α": "a", "γ": "y", "ι": "i", "ϊ": "ï", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
-    "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϳ": "j",
-}
-# (Not here: "ϒ", "ϲ", "Ϲ"; NFKC has made them "Υ", "ς", "Σ" before a skeleton is taken.)
-# A capital I passes for a small l in most fonts: a skeleton of the name as written, before
-# case is folded, catches "aIice" for "alice".
-LOOK_ALIKE_AS_WRITTEN = {"I": "l", "Ӏ": "l", "Ι": "l"}
-_CAPITALS = str.maketrans(LOOK_ALIKE_CAPITALS)
-_SMALL = str.maketrans(LOOK_ALIKE_SMALL)
-_AS_WRITTEN = str.maketrans(LOOK_ALIKE_AS_WRITTEN)
-
-
-# The same ranges as one character class: a join checks a nickname in one C-level search.
-INVISIBLE = re.compile("[%s]" % "".join("%s-%s" % (re.escape(chr(low)), re.escape(chr(high)))
-                                        for low, high in DEFAULT_IGNORABLE))
 
 
 def script_of(char):
@@ -253,6 +362,8 @@ def mixes_scripts(nick):
     return len(scripts) > 1 and not any(scripts <= family for family in SCRIPT_FAMILIES)
 
 
+# Shared with chat_client.py, which must have its own copy (each .pyz holds one module):
+# keep the two identical; RepositoryTests fails when they drift.
 def normalise_nickname(text):
     """A nickname attempt as the protocol reads it: stripped, then NFKC (fullwidth letters become
     ASCII, a decomposed accent composes)."""
@@ -292,6 +403,148 @@ def nickname_problem(nick, max_chars=MAX_NICK_CHARS):
     return None
 
 
+# What a room name may hold after its "#", besides letters and digits.
+ROOM_PUNCTUATION = str.maketrans("", "", "-_")
+
+
+def room_name_problem(name):
+    """The line that refuses a (normalised) room name, or None if it is one: "#", then 1 to
+    MAX_ROOM_CHARS letters, digits, "-" or "_", the letters of one script (the nickname rule)."""
+    letters = name[1:].translate(ROOM_PUNCTUATION)
+    if name[:1] != "#" or not 1 <= len(name) - 1 <= MAX_ROOM_CHARS \
+            or (letters and not letters.isalnum()) or INVISIBLE.search(name) \
+            or mixes_scripts(letters):
+        return Lines.ROOM_INVALID.format(max=MAX_ROOM_CHARS, name=without_controls(name))
+    return None
+
+
+def room_keys(name):
+    """What room names are compared by: their look-alike skeletons, as for nicknames, so that
+    "#OPS" and an all-Cyrillic "#орѕ" name one room."""
+    return nickname_keys(name)
+
+
+def hash_room_key(key):
+    """A room's key as kept: salted SHA-256. A room key guards a room, not an account, and is
+    checked on every /join: a fast hash is enough (an account's password gets a slow one)."""
+    import hashlib
+    salt = os.urandom(ROOM_KEY_SALT_BYTES)
+    return salt.hex() + "$" + hashlib.sha256(salt + key.encode("utf-8")).hexdigest()
+
+
+def room_key_matches(kept, key):
+    import hashlib
+    import hmac
+    salt, _, digest = kept.partition("$")
+    given = hashlib.sha256(bytes.fromhex(salt) + key.encode("utf-8")).hexdigest()
+    return hmac.compare_digest(given, digest)
+
+
+def password_text(line):
+    """An account password as a line gives it: the whole line, control characters removed and
+    its ends stripped (so it may hold spaces)."""
+    return without_controls(line.decode("utf-8", "replace")).strip()
+
+
+def hash_password(password, scrypt_n=SCRYPT_N):
+    """An account's password as kept: a slow, salted key derivation, its parameters with it
+    ("scrypt$N$r$p$salt$hash", or "pbkdf2_sha256$iterations$salt$hash" where OpenSSL has no
+    scrypt). Takes about a tenth of a second of one core: never called on the loop's thread."""
+    import hashlib
+    salt = os.urandom(16)
+    secret = password.encode("utf-8")
+    if hasattr(hashlib, "scrypt"):
+        digest = hashlib.scrypt(secret, salt=salt, n=scrypt_n, r=SCRYPT_R, p=SCRYPT_P,
+                                maxmem=256 * scrypt_n * SCRYPT_R, dklen=32)
+        return "scrypt$%d$%d$%d$%s$%s" % (scrypt_n, SCRYPT_R, SCRYPT_P, salt.hex(), digest.hex())
+    digest = hashlib.pbkdf2_hmac("sha256", secret, salt, PBKDF2_ITERATIONS)
+    return "pbkdf2_sha256$%d$%s$%s" % (PBKDF2_ITERATIONS, salt.hex(), digest.hex())
+
+
+def password_matches(kept, password):
+    """Does ``password`` give the hash ``kept`` (made by hash_password, with whatever parameters
+    it names)? Compared in constant time. Slow, like hash_password."""
+    import hashlib
+    import hmac
+    kind, *fields = kept.split("$")
+    secret = password.encode("utf-8")
+    if kind == "scrypt":
+        n, r, p, salt, digest = fields
+        given = hashlib.scrypt(secret, salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                               maxmem=256 * int(n) * int(r), dklen=len(digest) // 2)
+    else:
+        iterations, salt, digest = fields
+        given = hashlib.pbkdf2_hmac("sha256", secret, bytes.fromhex(salt), int(iterations))
+    return hmac.compare_digest(given, bytes.fromhex(digest))
+
+
+class InlineHashing:
+    """Password work done at once, in the caller's thread: for the room core driven alone (the
+    tests), where nothing else waits."""
+
+    def __init__(self, scrypt_n=SCRYPT_N):
+        self.scrypt_n = scrypt_n
+
+    def make(self, password, done):
+        done(hash_password(password, self.scrypt_n))
+
+    def check(self, kept, password, done):
+        done(password_matches(kept, password))
+
+
+class ThreadHashing(InlineHashing):
+    """Password work off the loop (asyncio's run_in_executor): one worker thread computes the
+    hashes (hashlib lets go of the GIL meanwhile), the loop is woken through its wakeup socket
+    and calls each ``done`` in its own thread. At most HASHES_QUEUED jobs are with the worker;
+    the rest wait here in order, so a crowd trying passwords waits for itself, not the chat."""
+
+    def __init__(self, wake, scrypt_n=SCRYPT_N):
+        InlineHashing.__init__(self, scrypt_n)
+        self.wake = wake            # called from the worker when a result is ready
+        self._waiting = collections.deque()   # (work, done) not yet with the worker
+        self._results = collections.deque()   # (done, result) for the loop
+        self._handed = 0            # jobs with the worker
+        self._jobs = None           # the worker's queue, once there is a worker
+
+    def make(self, password, done):
+        self._submit(lambda: hash_password(password, self.scrypt_n), done)
+
+    def check(self, kept, password, done):
+        self._submit(lambda: password_matches(kept, password), done)
+
+    def _submit(self, work, done):
+        self._waiting.append((work, done))
+        self._hand_over()
+
+    def _hand_over(self):
+        if self._jobs is None:
+            import queue
+            import threading
+            self._jobs = queue.Queue()
+            threading.Thread(target=self._work, name="password hashing", daemon=True).start()
+        while self._waiting and self._handed < HASHES_QUEUED:
+            self._handed += 1
+            self._jobs.put(self._waiting.popleft())
+
+    def _work(self):
+        while True:
+            work, done = self._jobs.get()
+            try:
+                result = work()
+            except Exception:   # (a kept hash the code can't read: no match)
+                result = False
+            self._results.append((done, result))   # (deque appends are atomic)
+            self.wake()
+
+    def finish(self):
+        """In the loop's thread, when woken: call ``done`` for each result come back."""
+        while self._results:
+            done, result = self._results.popleft()
+            self._handed -= 1
+            self._hand_over()
+            done(result)
+
+
 class Clock:
     """The ``{ts}: `` prefix, local time to the minute, recomputed only when the minute changes."""
 
@@ -318,25 +571,30 @@ class Clock:
         return self._prefix_bytes
 
 
-# ---------------------------------------------------------------------------------------------
-# The room: who is here, what goes to whom. No sockets.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# The room core: who is where, what goes to whom, what is kept. No sockets.
+# =============================================================================================
 
 class Peer:
-    """A connection as the room sees it: who it is and the bytes queued for it.
+    """A connection as the room sees it: who it is, where it is, and the bytes queued for it.
 
     The room appends to ``out``; whoever owns the socket reads ``out`` (truthy while anything is
     queued) and reports what the kernel took through ``output()`` and ``sent()``. ``owner`` is that
     owner's handle for the connection; the room never looks at it."""
-    __slots__ = ("address", "owner", "nick", "away", "member", "sent_head",
-                 "out", "append", "pending", "_bytes", "_counted")
+    __slots__ = ("address", "owner", "local", "nick", "away", "member", "room", "account",
+                 "asked", "gone", "sent_head", "out", "append", "pending", "_bytes", "_counted")
 
-    def __init__(self, address="", owner=None):
+    def __init__(self, address="", owner=None, local=True):
         self.address = address  # "host:port" ("[::1]:port"), for the log and the lockout
         self.owner = owner
+        self.local = local      # connected to this process (not through another of a cluster)
         self.nick = None        # set once a nickname is accepted
         self.away = None        # None, or the /away text ("" without one)
         self.member = False     # joined and not yet left
+        self.room = None        # the Room it is in, while a member
+        self.account = None     # its account's key, while it is a registered nickname's owner
+        self.asked = None       # (nickname, Account) whose password its next line answers
+        self.gone = False       # its connection ended (or is ending): nothing more is for it
         self.sent_head = b""    # "{nick} sent " encoded once, for every message this peer sends
         self.out = []           # bytes objects not yet handed to the kernel (never replaced:
         self.append = self.out.append   # a broadcast calls this bound method, nothing else)
@@ -392,61 +650,128 @@ class Peer:
             self._bytes = self._counted = 0        # what is left is counted when needed
 
 
-class Chat:
-    """The room. Decides which line goes to whom; never touches a socket.
+class Room:
+    """A room: its members in the order they came in, the lines a newcomer is shown, its topic
+    and key. One other than #main lasts while it has a member, a topic or a kept message."""
+    __slots__ = ("name", "key", "members", "everyone", "history", "pending", "topic",
+                 "key_hash", "kept", "position")
 
-    Each ``*_line`` method takes one complete line (bytes, without its ending) from a peer in the
-    matching phase and returns the phase the connection moves to, or None to stay. Output is
-    appended to each peer's ``out``; ``take_pending()`` lists the peers with new output, and
-    whoever owns the sockets writes them (the Server does it once per loop turn). ``log`` takes
-    each logged line as bytes.
-    """
-
-    # The hot lines, cut from their templates once: "{nick} sent " + message, and so on.
-    SENT_HEAD, SENT_TAIL = Lines.SENT.split("{message}")
-    ECHO_HEAD, ECHO_TAIL = Lines.ECHO.split("{message}")
-    SENT_END = (SENT_TAIL + "\n").encode()
-    ECHO_START = (Lines.OK + "\n").encode()
-    ECHO_MIDDLE = ECHO_HEAD.encode()
-    ECHO_END = (ECHO_TAIL + "\n").encode()
-
-    # Command name -> method name: adding a command is one entry and one method.
-    COMMANDS = {
-        "help": "cmd_help",
-        "users": "cmd_users", "who": "cmd_users", "names": "cmd_users",
-        "msg": "cmd_msg",
-        "me": "cmd_me",
-        "nick": "cmd_nick",
-        "away": "cmd_away",
-        "back": "cmd_back",
-        "quit": "cmd_quit",
-    }
-
-    def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
-                 now=time.monotonic, max_nick=MAX_NICK_CHARS):
-        self.log = log
-        self.clock = clock or Clock()
-        self.max_nick = max_nick
-        # Control characters aside, as on the attempts: a client's stray \r (telnet's, or a
-        # client probing for TLS) is no part of what the person typed.
-        self.password = (password.encode("utf-8").translate(None, CONTROL_BYTES)
-                         if password is not None else None)
-        if password is not None:
-            import hmac
-            self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
-        self.now = now
-        self.members = {}       # each of a member's nickname_keys -> that member
-        # Peer -> its out.append, for every member, in order of joining: the broadcast loop
-        # iterates these bound methods directly (24 ns a recipient, against 35 ns through
-        # members' attributes), and /users lists its keys.
-        self._appends = {}
+    def __init__(self, name, history, topic=None, key_hash=None):
+        self.name = name        # as first spelled
+        self.key = room_keys(name)[0]   # what the store knows it by
+        # Peer -> its out.append, for the members connected here, in order of arrival: the
+        # broadcast iterates these bound methods directly (24 ns a recipient, against 35 ns
+        # through members' attributes).
+        self.members = {}
+        # Every member, in order of arrival (/users, /rooms). In one process the same dict as
+        # ``members``; a cluster's node keeps the members of the other nodes here too.
+        self.everyone = self.members
         self.history = collections.deque(maxlen=history)  # room lines as the members got them
-        self.pending = []       # peers given a line of their own since the last take_pending()
-        self._broadcasted = False   # every member has new output since the last take_pending()
-        self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
-        self.commands = {name: getattr(self, method) for name, method in self.COMMANDS.items()}
+        self.pending = False    # every member has new output since the last take_pending()
+        self.topic = topic
+        self.key_hash = key_hash   # the /join key, salted and hashed (never kept in clear)
+        self.kept = False       # it has messages in the store
+        self.position = 0       # the store's position of its last kept message
 
-    # -- delivery -------------------------------------------------------------------------------
+    def record(self):
+        return RoomRecord(self.key, self.name, self.topic, self.key_hash)
+
+
+# ---------------------------------------------------------------------------------------------
+# The log. Every change of the chat's state -- a message, a /me, a join, a leave, a rename, a room
+# change, a topic, a registration, a ban -- is an entry: a tuple (kind, room, peer, data),
+# ``peer`` being the member it is about. Only the room core (Chat) appends entries, and only once
+# it has decided that the change is allowed; a sequencer gives each entry its place in the order
+# and hands it back to Chat.apply, which makes the change and turns it into what each member
+# receives, the history, the kept messages and the log records. So what a member sees is the log
+# applied in log order, and two processes that apply the same log are in the same state.
+# ---------------------------------------------------------------------------------------------
+
+class Entry:
+    """The kinds of the log's entries, and what their ``data`` holds. ``peer`` is the member an
+    entry is about (for an operator's deed, the operator); ``room`` the room it happens in."""
+    SAY = "say"         # a message: its UTF-8 bytes, control characters removed
+    ACT = "act"         # a /me: its text
+    JOIN = "join"       # the peer joined the chat, into #main: (nickname, account key or None)
+    LEAVE = "leave"     # the peer leaves the chat: (Reason, its room's line instead of
+                        # "disconnected!" or None, its own last line or None)
+    RENAME = "rename"   # the peer's new nickname: (nickname, account key or None)
+    MOVE = "move"       # the peer goes to another room: (its name, the key hash to make it
+                        # with, if it is new)
+    TOPIC = "topic"     # the peer sets its room's topic: the text (None: cleared)
+    AWAY = "away"       # the peer is away (the text, "" without one) or back (None)
+    PRIVATE = "private"   # a private message: (the member it is for, the text)
+    WAIT = "wait"       # a private message waiting for a registered nickname: (account key,
+                        # the nickname, the text)
+    ACCOUNT = "account"   # the peer's account: ("register" | "password" | "unregister", key,
+                          # nickname, password hash or None)
+    BAN = "ban"         # an operator's ban: a Ban
+    UNBAN = "unban"     # (kind, value)
+    MUTE = "mute"       # an operator's mute of a member: (the member, a Mute)
+    UNMUTE = "unmute"   # the nickname key
+    OPERATOR = "operator"   # an operator makes (True) or unmakes (False) one: (True | False,
+                            # account key, nickname)
+    DROP = "drop"       # an operator (the peer) closes the room: None
+
+
+class LocalSequencer:
+    """The sequencer of one process: an entry's place is the order in which it is appended, and
+    it is applied at once, so a line costs no more than if the room delivered it itself."""
+
+    def __init__(self, apply):
+        self.append = apply
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands, as records (ssh-chat's Command{Prefix, Help, Op, Handler}): /help, the usage of each,
+# and the dispatch all come from this one table; the client has a table of its own, and a test
+# holds the two against each other.
+# ---------------------------------------------------------------------------------------------
+
+Command = collections.namedtuple("Command", "name aliases usage handler needs_words operators",
+                                 defaults=(False, False))
+Command.__doc__ = """A command: its name, other names for it, its usage as /help shows it, the
+Chat method that handles it (called with the peer and the rest of the line), whether it needs
+words after its name (alone, it gets "Sorry! Usage: ..." with its usage), and whether only
+operators may use it (and see it in /help)."""
+
+COMMANDS = (   # in the order /help lists them
+    Command("users", ("who", "names"), "/users", "cmd_users"),
+    Command("msg", (), "/msg NICK TEXT", "cmd_msg", needs_words=True),
+    Command("me", (), "/me TEXT", "cmd_me"),
+    Command("nick", (), "/nick NEWNICK", "cmd_nick", needs_words=True),
+    Command("away", (), "/away [TEXT]", "cmd_away"),
+    Command("back", (), "/back", "cmd_back"),
+    Command("join", (), "/join #room [KEY]", "cmd_join", needs_words=True),
+    Command("part", ("leave",), "/part", "cmd_part"),
+    Command("rooms", (), "/rooms", "cmd_rooms"),
+    Command("topic", (), "/topic [TEXT]", "cmd_topic"),
+    Command("search", (), "/search TEXT", "cmd_search", needs_words=True),
+    Command("register", (), "/register PASSWORD", "cmd_register", needs_words=True),
+    Command("password", (), "/password OLD NEW", "cmd_password", needs_words=True),
+    Command("unregister", (), "/unregister PASSWORD", "cmd_unregister", needs_words=True),
+    Command("kick", (), "/kick NICK [REASON]", "cmd_kick", True, True),
+    Command("ban", (), "/ban NICK [DURATION] [REASON]", "cmd_ban", True, True),
+    Command("unban", (), "/unban NICK|ADDRESS", "cmd_unban", True, True),
+    Command("bans", (), "/bans", "cmd_bans", False, True),
+    Command("mute", (), "/mute NICK [DURATION]", "cmd_mute", True, True),
+    Command("unmute", (), "/unmute NICK", "cmd_unmute", True, True),
+    Command("op", (), "/op NICK", "cmd_op", True, True),
+    Command("deop", (), "/deop NICK", "cmd_deop", True, True),
+    Command("drop", (), "/drop #room", "cmd_drop", True, True),
+    Command("quit", (), "/quit", "cmd_quit"),
+    Command("help", (), "/help", "cmd_help"),
+)
+
+
+def help_line(commands=COMMANDS, operator=False):
+    return Lines.HELP.format(commands=", ".join(command.usage for command in commands
+                                                if operator or not command.operators))
+
+
+class Delivering:
+    """Output: lines queued for peers, the fan-out to a room, and who has new output."""
+
     def deliver(self, peer, data):
         peer.out.append(data)
         self._list_pending(peer)
@@ -456,17 +781,19 @@ class Chat:
             peer.pending = True
             self.pending.append(peer)
 
-    def to_members(self, data):
-        """One encoded line, the same bytes object, to every member: the fan-out, so nothing but
-        one call per recipient. Who has new output is worked out once per turn instead."""
-        for append in self._appends.values():
+    def to_room(self, room, data):
+        """One encoded line, the same bytes object, to every member of ``room``: the fan-out, so
+        nothing but one call per recipient. Who has new output is worked out once per turn."""
+        for append in room.members.values():
             append(data)
-        self._broadcasted = True
+        if not room.pending:
+            room.pending = True
+            self._pending_rooms.append(room)
 
     def to_others(self, peer, data):
-        """To every member but ``peer`` (a member): the broadcast, then the sender's copy taken
-        back, which is cheaper than a comparison per recipient."""
-        self.to_members(data)
+        """To every member of ``peer``'s room but ``peer``: the broadcast, then the sender's copy
+        taken back, which is cheaper than a comparison per recipient."""
+        self.to_room(peer.room, data)
         peer.out.pop()
 
     def take_pending(self):
@@ -474,10 +801,16 @@ class Chat:
         listed, self.pending = self.pending, []
         for peer in listed:
             peer.pending = False
-        if not self._broadcasted:
+        if not self._pending_rooms:
             return listed
-        self._broadcasted = False
-        return list(self._appends) + [peer for peer in listed if not peer.member]
+        rooms, self._pending_rooms = self._pending_rooms, []
+        everyone = []
+        for room in rooms:
+            everyone.extend(room.members)
+        everyone.extend(peer for peer in listed if not (peer.member and peer.room.pending))
+        for room in rooms:
+            room.pending = False
+        return everyone
 
     def line(self, text):
         """``{ts}: text`` and the line end, encoded."""
@@ -486,9 +819,27 @@ class Chat:
     def notice(self, peer, text):
         self.deliver(peer, self.line(text))
 
-    # -- before joining -------------------------------------------------------------------------
+    def _log_with(self, line, suffix):
+        """Log a delivered line with a note for the operator before its line end."""
+        self.log(line[:-1] + suffix.encode() + b"\n")
+
+    def _log_room_line(self, room, line):
+        """A room line as its members received it; "[in #room]" after it outside #main."""
+        if room is self.main:
+            self.log(line)
+        else:
+            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
+
+
+class Arriving:
+    """Before joining: the greeting, the server password and its lockout, nickname attempts."""
+
     def greet(self, peer):
         """A new connection, ready to talk: returns its first phase."""
+        ban = self._ban_on("address", peer.host) if self.bans else None
+        if ban is not None:
+            self._refuse_banned(peer, ban)
+            return Phase.CLOSING
         if self.password is None:
             self.deliver(peer, (Lines.WELCOME + "\n").encode())
             return Phase.NICKNAME
@@ -544,14 +895,27 @@ class Chat:
         if problem:
             self.notice(peer, problem)
             return None
-        self.join(peer, nick)
+        account = self.store.account_for(nickname_keys(nick))
+        if account is not None:
+            return self._ask_password(peer, nick, account, Phase.NICK_PASSWORD)
+        self.append((Entry.JOIN, self.main, peer, (nick, None)))
         return Phase.MEMBER
 
     def nickname_refusal(self, nick, peer):
-        """Why ``peer`` may not be called ``nick`` (normalised), or None."""
+        """Why ``peer`` may not be called ``nick`` (normalised), or None. A registered nickname
+        is refused to nobody (its password is asked for), but its look-alikes are busy."""
         problem = nickname_problem(nick, self.max_nick)
         if problem:
             return problem
+        ban = self._nick_ban(nick) if self.bans else None
+        if ban is not None:
+            return (Lines.NICK_BANNED_UNTIL.format(nick=nick, until=self.when(ban.until))
+                    if ban.until else Lines.NICK_BANNED.format(nick=nick))
+        account = self.store.account_for(nickname_keys(nick))
+        if account is not None and account.key != peer.account:
+            if nick.casefold() != account.nick.casefold():
+                return Lines.NICK_BUSY.format(nick=nick)
+            return None   # its owner's: the password decides, whoever holds it now
         holder = self.member_named(nick)
         if holder is not None and holder is not peer:
             return Lines.NICK_BUSY.format(nick=nick)
@@ -565,34 +929,11 @@ class Chat:
                 return member
         return None
 
-    def join(self, peer, nick):
-        self._name(peer, nick)
-        prefix = self.clock.prefix()
-        self.deliver(peer, (prefix + Lines.OK + "\n").encode())
-        if self.history:
-            self.deliver(peer, (prefix + Lines.HISTORY.format(count=len(self.history))
-                                + "\n").encode())
-            peer.out.extend(self.history)  # the very bytes the members got: no re-encoding
-        announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
-        self.to_members(announcement)  # before joining: the newcomer is not told of itself
-        self._add_keys(peer)
-        self._appends[peer] = peer.append
-        peer.member = True
-        self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
 
-    def _name(self, peer, nick):
-        peer.nick = nick
-        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
+class Talking:
+    """A member's lines: messages, and the commands of COMMANDS (all but accounts' and
+    operators', below)."""
 
-    def _add_keys(self, peer):
-        for key in nickname_keys(peer.nick):
-            self.members[key] = peer
-
-    def _remove_keys(self, peer):
-        for key in nickname_keys(peer.nick):
-            del self.members[key]
-
-    # -- members --------------------------------------------------------------------------------
     def member_line(self, peer, line):
         """A message or a command from a member."""
         if not peer.member:
@@ -600,7 +941,7 @@ class Chat:
         if line.isascii():  # most lines: the same rules, applied to the bytes
             body = line.translate(None, CONTROL_BYTES)
             if body[:1] != b"/":
-                self.say(peer, body)
+                self.message(peer, body)
                 return None
         text = without_controls(line.decode("utf-8", "replace"))
         if text[:1] == "/":
@@ -609,41 +950,44 @@ class Chat:
             text = text[1:]
         if text.isspace():  # Unicode spaces too (U+00A0, U+3000), which bytes don't know
             text = ""
-        self.say(peer, text.encode())
+        self.message(peer, text.encode())
         return None
 
-    def say(self, peer, body):
+    def message(self, peer, body):
         """A message (its UTF-8 bytes, control characters already removed) from a member."""
+        if self.mutes and self._muted(peer):
+            return
         if not body or body.isspace():  # (only spaces and TABs can be left: the same test)
             self.notice(peer, Lines.NOTHING)
-        elif len(self._appends) < 2:
+        elif len(peer.room.everyone) < 2:
             self.notice(peer, Lines.ALONE)
         else:
-            ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
-            line = ts + peer.sent_head + body + self.SENT_END
-            self.to_members(line)
-            peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
-            self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body + self.ECHO_END)
-            self.history.append(line)
-            self.log(line)
+            self.append((Entry.SAY, peer.room, peer, body))
 
     def line_too_long(self, peer, limit):
         self.notice(peer, Lines.TOO_LONG.format(limit=limit))
 
     def command(self, peer, text):
         name, rest = COMMAND.match(text).groups()
-        handler = self.commands.get(name.lower())
-        if handler is None:
+        known = self.commands.get(name.lower())
+        if known is None:
             self.notice(peer, Lines.UNKNOWN_COMMAND.format(name=name))
+            return None
+        handler, command = known
+        if command.operators and not self.is_operator(peer):
+            self.notice(peer, Lines.OPERATORS_ONLY)
+            return None
+        if command.needs_words and not rest.strip():
+            self.notice(peer, Lines.USAGE.format(usage=command.usage))
             return None
         return handler(peer, rest)
 
     def cmd_help(self, peer, rest):
-        self.notice(peer, Lines.HELP)
+        self.notice(peer, self.operator_help if self.is_operator(peer) else self.help)
 
     def cmd_users(self, peer, rest):
         names = []
-        for member in self._appends:
+        for member in peer.room.everyone:
             if member.away is None:
                 names.append(member.nick)
             elif member.away:
@@ -653,6 +997,8 @@ class Chat:
         self.notice(peer, Lines.USERS.format(count=len(names), nicks=", ".join(names)))
 
     def cmd_msg(self, peer, rest):
+        if self.mutes and self._muted(peer):
+            return
         wanted, text = TARGET_AND_TEXT.match(rest).groups()
         if not wanted or not text or text.isspace():
             self.notice(peer, Lines.NOTHING)
@@ -660,73 +1006,524 @@ class Chat:
         target = self.member_named(normalise_nickname(wanted))
         if target is peer:
             self.notice(peer, Lines.PRIVATE_TO_SELF)
-            return
-        if target is None:
-            self.notice(peer, Lines.NO_SUCH_USER.format(nick=wanted))
-            return
-        self.notice(target, Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
-        self.notice(peer, Lines.OK)
-        self.notice(peer, Lines.PRIVATE_ECHO.format(target=target.nick, text=text))
-        if target.away is not None:
-            self.notice(peer, Lines.IS_AWAY_TEXT.format(target=target.nick, text=target.away)
-                        if target.away else Lines.IS_AWAY.format(target=target.nick))
-        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=target.nick)))
+        elif target is not None:
+            self.append((Entry.PRIVATE, None, peer, (target, text)))
+        else:
+            account = self.store.account_for(nickname_keys(normalise_nickname(wanted)))
+            if account is None:
+                self.notice(peer, Lines.NO_SUCH_USER.format(nick=wanted))
+            elif self.store.waiting_count(account.key) >= MAX_WAITING:
+                self.notice(peer, Lines.TOO_MANY_WAITING.format(target=account.nick))
+            else:
+                self.append((Entry.WAIT, None, peer, (account.key, account.nick, text)))
 
     def cmd_me(self, peer, rest):
+        if self.mutes and self._muted(peer):
+            return
         if not rest or rest.isspace():
             self.notice(peer, Lines.NOTHING)
-        elif len(self._appends) < 2:
+        elif len(peer.room.everyone) < 2:
             self.notice(peer, Lines.ALONE)
         else:
-            line = self.line(Lines.ACTION.format(nick=peer.nick, text=rest))
-            self.to_others(peer, line)
-            self.notice(peer, Lines.OK)
-            self.deliver(peer, line)
-            self.history.append(line)
-            self.log(line)
+            self.append((Entry.ACT, peer.room, peer, rest))
 
     def cmd_nick(self, peer, rest):
         nick = normalise_nickname(rest)
+        if nick == peer.nick:
+            self.notice(peer, Lines.SAME_NICK.format(nick=nick))
+            return None
         problem = self.nickname_refusal(nick, peer)
         if problem:
             self.notice(peer, problem)
-            return
-        old = peer.nick
-        self._remove_keys(peer)
-        self._name(peer, nick)
-        self._add_keys(peer)
-        self.notice(peer, Lines.OK)
-        line = self.line(Lines.RENAMED.format(old=old, new=nick))
-        self.to_members(line)
-        self.log(line)
+            return None
+        account = self.store.account_for(nickname_keys(nick))
+        if account is not None and account.key != peer.account:
+            return self._ask_password(peer, nick, account, Phase.RENAME_PASSWORD)
+        self.append((Entry.RENAME, peer.room, peer,
+                     (nick, peer.account if account is not None else None)))
+        return None
 
     def cmd_away(self, peer, rest):
-        peer.away = rest
-        self.notice(peer, Lines.OK)
+        self.append((Entry.AWAY, peer.room, peer, rest))
 
     def cmd_back(self, peer, rest):
-        peer.away = None
-        self.notice(peer, Lines.OK)
+        self.append((Entry.AWAY, peer.room, peer, None))
+
+    def cmd_join(self, peer, rest):
+        wanted, key = TARGET_AND_TEXT.match(rest).groups()
+        name = normalise_nickname(wanted)
+        problem = room_name_problem(name)
+        if problem:
+            self.notice(peer, problem)
+            return
+        key = key.strip()
+        room = self.room_named(name)
+        if room is peer.room:
+            self.notice(peer, Lines.IN_ROOM_ALREADY.format(room=room.name))
+        elif room is None and len(self.room_list) >= self.max_rooms:
+            self.notice(peer, Lines.TOO_MANY_ROOMS.format(max=self.max_rooms))
+        elif room is not None and room.key_hash and not room_key_matches(room.key_hash, key):
+            self.notice(peer, Lines.NEEDS_KEY.format(room=room.name))
+        else:
+            new_key = hash_room_key(key) if key and room is None else None
+            self.append((Entry.MOVE, peer.room, peer, (name, new_key)))
+
+    def cmd_part(self, peer, rest):
+        if peer.room is self.main:
+            self.notice(peer, Lines.IN_ROOM_ALREADY.format(room=self.main.name))
+        else:
+            self.append((Entry.MOVE, peer.room, peer, (self.main.name, None)))
+
+    def cmd_rooms(self, peer, rest):
+        others = sorted(self.room_list[1:], key=lambda room: (-len(room.everyone), room.key))
+        entries = [(Lines.ROOM_ENTRY_KEY if room.key_hash else Lines.ROOM_ENTRY)
+                   .format(room=room.name, count=len(room.everyone))
+                   for room in [self.main] + others]
+        self.notice(peer, Lines.ROOMS.format(count=len(entries), rooms=", ".join(entries)))
+
+    def cmd_topic(self, peer, rest):
+        room = peer.room
+        text = rest.strip()
+        if not text:
+            self.notice(peer, Lines.TOPIC.format(room=room.name, topic=room.topic) if room.topic
+                        else Lines.NO_TOPIC.format(room=room.name))
+        elif room is self.main and not self.is_operator(peer):
+            self.notice(peer, Lines.OPERATORS_ONLY)
+        elif not (self.mutes and self._muted(peer)):
+            self.append((Entry.TOPIC, room, peer, None if text == "-" else text))
+
+    def cmd_search(self, peer, rest):
+        text, room = rest.strip(), peer.room
+
+        def found(count, lines):
+            if self.store.answers_later:
+                self.on_hold(peer, False)
+            if not count:
+                self.notice(peer, Lines.SEARCH_NONE.format(text=text, room=room.name))
+                return
+            self.notice(peer, (Lines.SEARCH_FOUND if count == len(lines)
+                               else Lines.SEARCH_FOUND_MANY)
+                        .format(count=count, text=text, room=room.name, shown=len(lines)))
+            peer.out.extend(lines)   # the lines as kept, each with its own {ts}
+        if self.store.answers_later:
+            self.on_hold(peer, True)   # (its next lines wait for the answer)
+        self.store.search(room.key, text.casefold(), SEARCH_SHOWN, found)
 
     def cmd_quit(self, peer, rest):
         self.notice(peer, Lines.GOODBYE)
         self.leave(peer, Reason.QUIT)
         return Phase.CLOSING
 
-    # -- leaving --------------------------------------------------------------------------------
-    def leave(self, peer, reason):
-        """``peer`` is gone, for ``reason``. Safe to call for a peer that never joined or left."""
+
+class Registering:
+    """Accounts: registered nicknames, their passwords (hashed off the loop), the password
+    question, taking a nickname over, private messages that wait."""
+
+    def _ask_password(self, peer, nick, account, phase):
+        """A registered nickname: its password is asked for; the next line answers."""
+        peer.asked = (nick, account)
+        self.notice(peer, Lines.NICK_PASSWORD_PROMPT.format(nick=nick))
+        return phase
+
+    def nick_password_line(self, peer, line):
+        """The answer to a registered nickname's password question, before joining."""
+        return self._check_asked(peer, line, self._joined_with_password)
+
+    def rename_password_line(self, peer, line):
+        """The answer to the password question of a member's /nick to a registered nickname."""
+        return self._check_asked(peer, line, self._renamed_with_password)
+
+    def _check_asked(self, peer, line, right):
+        if self._locked_out(peer.host):   # (by other tries meanwhile, from that address)
+            return self._locked_out_now(peer)
+        asked = peer.asked
+        self._check_password(peer, asked[1], password_text(line),
+                             lambda: right(peer, asked), lambda: self._wrong_asked(peer, asked))
+        return None
+
+    def _check_password(self, peer, account, password, right, wrong):
+        """The account's password checked off the loop, ``peer``'s input held meanwhile;
+        ``right()`` or ``wrong()`` is called with it, unless the connection ended."""
+        def checked(matches):
+            if peer.gone:
+                return   # its connection ended meanwhile: the answer is for nobody
+            self.on_hold(peer, False)
+            (right if matches else wrong)()
+        self.on_hold(peer, True)
+        self.hashing.check(account.password_hash, password, checked)
+
+    def _joined_with_password(self, peer, asked):
+        nick, account = asked
+        peer.asked = None
+        self._replace_holder(nick, peer)
+        self.append((Entry.JOIN, self.main, peer, (nick, account.key)))
+        self.on_phase(peer, Phase.MEMBER)
+
+    def _renamed_with_password(self, peer, asked):
+        nick, account = asked
+        peer.asked = None
+        self.on_phase(peer, Phase.MEMBER)
+        if peer.member:
+            self._replace_holder(nick, peer)
+            self.append((Entry.RENAME, peer.room, peer, (nick, account.key)))
+
+    def _replace_holder(self, nick, peer):
+        """The nickname's owner is here with its password: a connection still holding it (a
+        laptop that vanished, another terminal) is told and closed."""
+        holder = self.member_named(nick)
+        if holder is not None and holder is not peer:
+            self.leave(holder, Reason.REPLACED, told_self=Lines.REPLACED)
+
+    def _wrong_asked(self, peer, asked):
+        nick = asked[0]
+        peer.asked = None
+        if not self._wrong_account_password(peer, nick):
+            self.on_phase(peer, Phase.MEMBER if peer.member else Phase.NICKNAME)
+
+    def _wrong_account_password(self, peer, nick):
+        """A wrong account password counts toward the address's lockout; the one that locks
+        it out ends the connection. True if it did."""
+        self._count_wrong_password(peer.host)
+        if self._locked_out(peer.host):
+            self._locked_out_now(peer)
+            return True
+        self.notice(peer, Lines.WRONG_NICK_PASSWORD.format(nick=nick))
+        return False
+
+    def _locked_out_now(self, peer):
+        if peer.member:
+            self.leave(peer, Reason.LOCKED_OUT, told_self=Lines.LOCKED_OUT)
+        else:
+            self.refuse(peer, Lines.LOCKED_OUT)
+            self.on_phase(peer, Phase.CLOSING)
+        return Phase.CLOSING
+
+    def cmd_register(self, peer, rest):
+        password = rest.strip()
+        if self.store.account_for(nickname_keys(peer.nick)) is not None:
+            self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=peer.nick))
+        elif len(password) < MIN_PASSWORD_CHARS:
+            self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
+        else:
+            self._hash_new_password(peer, password, "register")
+
+    def _hash_new_password(self, peer, password, action):
+        """The new password hashed off the loop, then the account change entered in the log."""
+        def hashed(kept):
+            if peer.member:
+                self.on_hold(peer, False)
+                key = peer.account if action == "password" else nickname_keys(peer.nick)[0]
+                self.append((Entry.ACCOUNT, peer.room, peer, (action, key, peer.nick, kept)))
+        self.on_hold(peer, True)
+        self.hashing.make(password, hashed)
+
+    def _own_account(self, peer):
+        """The peer's account, or None after telling it its nickname is not registered."""
+        account = self.store.account_for((peer.account,)) if peer.account else None
+        if account is None:
+            self.notice(peer, Lines.NOT_REGISTERED.format(nick=peer.nick))
+        return account
+
+    def cmd_password(self, peer, rest):
+        old, new = TARGET_AND_TEXT.match(rest.strip()).groups()
+        new = new.strip()
+        account = self._own_account(peer)
+        if account is None:
+            return
+        if not new:
+            self.notice(peer, Lines.USAGE.format(usage="/password OLD NEW"))
+        elif len(new) < MIN_PASSWORD_CHARS:
+            self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
+        else:
+            self._check_password(peer, account, old,
+                                 lambda: self._hash_new_password(peer, new, "password"),
+                                 lambda: self._wrong_account_password(peer, peer.nick))
+
+    def cmd_unregister(self, peer, rest):
+        account = self._own_account(peer)
+        if account is not None:
+            self._check_password(
+                peer, account, rest.strip(),
+                lambda: self.append((Entry.ACCOUNT, peer.room, peer,
+                                     ("unregister", account.key, peer.nick, None))),
+                lambda: self._wrong_account_password(peer, peer.nick))
+
+    def _remember_position(self, peer, room):
+        """A registered member leaves ``room``: what it has seen there, for its catch-up."""
+        if peer.account is not None:
+            self.store.save_seen(peer.account, room.key, room.position)
+
+
+class Moderating:
+    """Operators: who they are, and kicks, bans, mutes, /op and /drop; bans and mutes end at
+    their time."""
+
+    def is_operator(self, peer):
+        key = peer.account
+        return key is not None and (key in self.named_operators or key in self.operators)
+
+    def when(self, until):
+        """A ban's or a mute's end as the protocol writes it: {ts} without its ": "."""
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(until))
+
+    def _ban_on(self, kind, value):
+        """The ban in force on (kind, value), or None (one that ended is let go of)."""
+        ban = self.bans.get((kind, value))
+        if ban is not None and ban.until and ban.until <= self.wall_clock():
+            self._lift_ban(ban)
+            return None
+        return ban
+
+    def _nick_ban(self, nick):
+        for key in nickname_keys(nick):
+            ban = self._ban_on("nick", key)
+            if ban is not None:
+                return ban
+        return None
+
+    def _refuse_banned(self, peer, ban):
+        line = self.line(Lines.ADDRESS_BANNED_UNTIL.format(until=self.when(ban.until))
+                         if ban.until else Lines.ADDRESS_BANNED)
+        self.deliver(peer, line)
+        self._log_with(self.line(Lines.LOG_REFUSED.format(address=peer.address)),
+                       Lines.LOG_REASON.format(reason=Reason.BANNED))
+
+    def _muted(self, peer):
+        """Tell a muted member so and return True; False if it may speak."""
+        mute = self.mutes.get(nickname_keys(peer.nick)[0])
+        if mute is None:
+            return False
+        if mute.until and mute.until <= self.wall_clock():
+            self._end_mute(mute)
+            return False
+        self.notice(peer, Lines.MUTED_UNTIL.format(until=self.when(mute.until)) if mute.until
+                    else Lines.MUTED)
+        return True
+
+    def _target(self, op, rest, connected=True):
+        """The member (or, with ``connected`` False, maybe just the nickname) an operator
+        command names, and the rest of its line; None after a refusal."""
+        wanted, more = TARGET_AND_TEXT.match(rest.strip()).groups()
+        nick = normalise_nickname(wanted)
+        target = self.member_named(nick)
+        if target is op:
+            self.notice(op, Lines.NOT_TO_YOURSELF)
+            return None
+        if target is None and connected:
+            self.notice(op, Lines.NO_SUCH_USER.format(nick=wanted))
+            return None
+        shown = target.nick if target is not None else nick
+        if nickname_keys(nick)[0] in self.named_operators or \
+                (target is not None and target.account in self.named_operators):
+            self.notice(op, Lines.IS_OPERATOR.format(nick=shown))
+            return None
+        return target, shown, more.strip()
+
+    def _duration(self, op, words):
+        """(seconds or 0, the words left) for "[DURATION] ...": a first word that starts with a
+        digit is a duration; None after refusing one that is not."""
+        first, more = TARGET_AND_TEXT.match(words).groups()
+        if not first[:1].isdigit():
+            return 0, words
+        match = DURATION.match(first)
+        if not match or not any(match.groups()):
+            self.notice(op, Lines.BAD_DURATION)
+            return None
+        days, hours, minutes = (int(n or 0) for n in match.groups())
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60
+        if seconds <= 0 or seconds > MAX_DURATION_DAYS * 86400:
+            self.notice(op, Lines.BAD_DURATION)
+            return None
+        return seconds, more.strip()
+
+    def cmd_kick(self, op, rest):
+        found = self._target(op, rest)
+        if found is None:
+            return
+        target, nick, reason = found
+        self.notice(op, Lines.OK)
+        self._expel(target, op, reason, Reason.KICKED,
+                    (Lines.KICKED_FOR, Lines.KICKED), (Lines.WAS_KICKED_FOR, Lines.WAS_KICKED))
+        self.log(self.line(Lines.LOG_KICKED.format(op=op.nick, nick=nick)))
+
+    def _expel(self, target, op, reason, why, told, room_told):
+        """``target`` leaves: told why, its room told instead of "disconnected!", closed."""
+        with_reason, without = told
+        told_self = (with_reason.format(op=op.nick, reason=reason) if reason
+                     else without.format(op=op.nick))
+        with_reason, without = room_told
+        told_room = (with_reason.format(nick=target.nick, op=op.nick, reason=reason)
+                     if reason else without.format(nick=target.nick, op=op.nick))
+        self.leave(target, why, told_room, told_self)
+
+    def cmd_ban(self, op, rest):
+        found = self._target(op, rest, connected=False)
+        if found is None:
+            return
+        target, nick, more = found
+        timed = self._duration(op, more)
+        if timed is None:
+            return
+        seconds, reason = timed
+        until = self.wall_clock() + seconds if seconds else None
+        self.append((Entry.BAN, None, op,
+                     Ban("nick", nickname_keys(nick)[0], nick, until, reason or None)))
+        if target is not None:
+            self.append((Entry.BAN, None, op,
+                         Ban("address", target.host, target.host, until, reason or None)))
+        self.notice(op, Lines.OK)
+        if target is not None:
+            self._expel(target, op, reason, Reason.BANNED, (Lines.BANNED_FOR, Lines.BANNED),
+                        (Lines.WAS_BANNED_FOR, Lines.WAS_BANNED))
+        record = Lines.LOG_BANNED.format(op=op.nick, nick=nick)
+        if until:
+            record += Lines.LOG_UNTIL.format(until=self.when(until))
+        if reason:
+            record += Lines.LOG_FOR.format(reason=reason)
+        self.log(self.line(record))
+
+    def _end_at(self, until, action):
+        """``action()`` at the wall-clock time ``until``: a timer, not polling."""
+        self.on_timer(max(until - self.wall_clock(), 0), action)
+
+    def _ban_ended(self, ban):
+        if self.bans.get((ban.kind, ban.value)) is ban:
+            self._lift_ban(ban)
+
+    def _lift_ban(self, ban):
+        del self.bans[ban.kind, ban.value]
+        self.store.drop_ban(ban.kind, ban.value)
+
+    def cmd_unban(self, op, rest):
+        what = rest.strip()
+        ban = self.bans.get(("address", what)) or self._nick_ban(normalise_nickname(what))
+        if ban is None:
+            self.notice(op, Lines.NOT_BANNED.format(what=what))
+            return
+        self.append((Entry.UNBAN, None, op, (ban.kind, ban.value)))
+        self.notice(op, Lines.OK)
+        self.log(self.line(Lines.LOG_UNBANNED.format(op=op.nick, what=ban.shown)))
+
+    def cmd_bans(self, op, rest):
+        for ban in list(self.bans.values()):
+            self._ban_on(ban.kind, ban.value)   # (those that ended go)
+        entries = [self._ban_entry(ban) for ban in self.bans.values()]
+        self.notice(op, Lines.BANS.format(count=len(entries), entries=", ".join(entries))
+                    if entries else Lines.NO_BANS)
+
+    def _ban_entry(self, ban):
+        if ban.until and ban.reason:
+            return Lines.BAN_ENTRY_UNTIL_FOR.format(what=ban.shown, until=self.when(ban.until),
+                                                    reason=ban.reason)
+        if ban.until:
+            return Lines.BAN_ENTRY_UNTIL.format(what=ban.shown, until=self.when(ban.until))
+        if ban.reason:
+            return Lines.BAN_ENTRY_FOR.format(what=ban.shown, reason=ban.reason)
+        return ban.shown
+
+    def cmd_mute(self, op, rest):
+        found = self._target(op, rest)
+        if found is None:
+            return
+        target, nick, more = found
+        timed = self._duration(op, more)
+        if timed is None:
+            return
+        seconds = timed[0]
+        until = self.wall_clock() + seconds if seconds else None
+        self.notice(op, Lines.OK)
+        self.append((Entry.MUTE, target.room, op,
+                     (target, Mute(nickname_keys(nick)[0], nick, until))))
+        record = Lines.LOG_MUTED.format(op=op.nick, nick=nick)
+        if until:
+            record += Lines.LOG_UNTIL.format(until=self.when(until))
+        self.log(self.line(record))
+
+    def _mute_ended(self, mute):
+        if self.mutes.get(mute.key) is mute:
+            self._end_mute(mute)
+
+    def _end_mute(self, mute):
+        """A mute is over: lifted, and the member's room told, if it is here."""
+        del self.mutes[mute.key]
+        self.store.drop_mute(mute.key)
+        member = self.member_named(mute.nick)
+        if member is not None:
+            line = self.line(Lines.MAY_SPEAK.format(nick=member.nick))
+            self.to_room(member.room, line)
+            self._log_room_line(member.room, line)
+
+    def cmd_unmute(self, op, rest):
+        wanted = rest.strip()
+        nick = normalise_nickname(wanted)
+        target = self.member_named(nick)
+        mute = self.mutes.get(nickname_keys(nick)[0])
+        if target is None and mute is None:
+            self.notice(op, Lines.NO_SUCH_USER.format(nick=wanted))
+            return
+        self.notice(op, Lines.OK)
+        if mute is not None:
+            self.append((Entry.UNMUTE, None, op, mute.key))
+        self.log(self.line(Lines.LOG_UNMUTED.format(op=op.nick, nick=mute.nick if mute
+                                                    else target.nick)))
+
+    def _registered_target(self, op, rest):
+        """The account an /op or /deop names, or None after saying it is not registered."""
+        nick = normalise_nickname(rest.strip())
+        account = self.store.account_for(nickname_keys(nick))
+        if account is None:
+            self.notice(op, Lines.NOT_REGISTERED.format(nick=nick))
+        return account
+
+    def cmd_op(self, op, rest):
+        account = self._registered_target(op, rest)
+        if account is not None:
+            self.notice(op, Lines.OK)
+            self.append((Entry.OPERATOR, None, op, (True, account.key, account.nick)))
+
+    def cmd_deop(self, op, rest):
+        account = self._registered_target(op, rest)
+        if account is None:
+            return
+        if account.key in self.named_operators:
+            self.notice(op, Lines.OPERATOR_BY_OPTION.format(nick=account.nick))
+            return
+        self.notice(op, Lines.OK)
+        self.append((Entry.OPERATOR, None, op, (False, account.key, account.nick)))
+
+    def cmd_drop(self, op, rest):
+        name = normalise_nickname(rest)
+        room = self.room_named(name) if not room_name_problem(name) else None
+        if room is self.main:
+            self.notice(op, Lines.MAIN_STAYS)
+        elif room is None:
+            self.notice(op, Lines.NO_SUCH_ROOM.format(room=name))
+        else:
+            self.notice(op, Lines.OK)
+            self.append((Entry.DROP, room, op, None))
+
+    def schedule_endings(self):
+        """The bans and mutes kept from before (a restart): each ends at its time."""
+        for ban in list(self.bans.values()):
+            if ban.until:
+                self._end_at(ban.until, lambda ban=ban: self._ban_ended(ban))
+        for mute in list(self.mutes.values()):
+            if mute.until:
+                self._end_at(mute.until, lambda mute=mute: self._mute_ended(mute))
+
+
+class Leaving:
+    """The end of a member, or of a connection that never joined; the end of the server."""
+
+    def leave(self, peer, reason, told_room=None, told_self=None):
+        """``peer`` is gone, for ``reason``; its room is told ``told_room`` (a kick's line)
+        instead of "disconnected!", and it ``told_self`` (why it must go, then closed). Safe to
+        call for a peer that never joined or left."""
+        peer.gone = True
         if not peer.member:
             return
-        peer.member = False
-        self._remove_keys(peer)
-        del self._appends[peer]
-        # A broadcast earlier this turn may have queued lines for it that take_pending() would
-        # no longer find among the members: list it now, so they are written before it closes.
-        self._list_pending(peer)
-        announcement = self.line(Lines.DISCONNECTED.format(nick=peer.nick))
-        self.to_members(announcement)
-        self._log_with(announcement, Lines.LOG_REASON.format(reason=reason))
+        peer.member = False   # (nothing it says from now on reaches anyone)
+        self.append((Entry.LEAVE, peer.room, peer, (reason, told_room, told_self)))
 
     def failed(self, peer):
         """An unexpected error ends ``peer``'s connection. A member leaves with ``[error]``; a
@@ -745,17 +1542,2081 @@ class Chat:
         """The server stops: every member is told, and logged as leaving; nobody is told of the
         others leaving, since everyone is."""
         notice = self.line(Lines.SHUTTING_DOWN)
-        for peer in list(self._appends):
-            self.deliver(peer, notice)
-            peer.member = False
-            self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
-                           Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
+        for room in self.room_list:
+            for peer in list(room.members):
+                self.deliver(peer, notice)
+                self._remember_position(peer, room)
+                peer.member = False
+                self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
+                               Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
+            room.members.clear()
         self.members.clear()
-        self._appends.clear()
 
-    def _log_with(self, line, suffix):
-        """Log a delivered line with a note for the operator before its line end."""
-        self.log(line[:-1] + suffix.encode() + b"\n")
+
+class Applying:
+    """The log applied: what each entry means to every member, the history, the store and the
+    log records. Every change of the chat's state is made here, in log order."""
+
+    def apply(self, entry):
+        self._appliers[entry[0]](entry)
+
+    def apply_say(self, entry):
+        _, room, peer, body = entry
+        ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
+        line = ts + peer.sent_head + body + self.SENT_END
+        self.to_room(room, line)
+        if peer.local:   # (a member of this process)
+            peer.out.pop()  # the sender's own copy, just appended: it gets the echo instead
+            self.deliver(peer, ts + self.ECHO_START + ts + self.ECHO_MIDDLE + body
+                         + self.ECHO_END)
+        # (_keep, written out: the hot path of every message)
+        room.history.append(line)
+        room.position = self.store.keep(room.key, line, len(body))
+        if not room.kept:
+            self._first_kept(room)
+        if room is self.main:
+            self.log(line)
+        else:
+            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
+
+    def apply_act(self, entry):
+        _, room, peer, text = entry
+        line = self.line(Lines.ACTION.format(nick=peer.nick, text=text))
+        self.to_room(room, line)
+        if peer.local:
+            peer.out.pop()
+            self.notice(peer, Lines.OK)
+            self.deliver(peer, line)
+        self._keep(room, line, len(text.encode()))
+
+    def _keep(self, room, line, text_size):
+        """A message or /me line: in the room's history, the store, and the log."""
+        room.history.append(line)
+        room.position = self.store.keep(room.key, line, text_size)
+        if not room.kept:
+            self._first_kept(room)
+        self._log_room_line(room, line)
+
+    def _first_kept(self, room):
+        """A room with a kept message lasts: the store lists it among the rooms from now on."""
+        room.kept = True
+        self.store.save_room(room.record())
+
+    def _enter_room(self, peer, room):
+        room.everyone[peer] = None
+        if peer.local:
+            room.members[peer] = peer.append
+        peer.room = room
+
+    def _leave_room(self, peer, room):
+        del room.everyone[peer]
+        room.members.pop(peer, None)
+        self._remember_position(peer, room)
+        # A broadcast earlier this turn may have queued lines for it that take_pending() would
+        # no longer find among the room's members: list it now, so they are written.
+        self._list_pending(peer)
+
+    def _named(self, peer, nick, account_key):
+        for key in nickname_keys(peer.nick or ""):
+            if self.members.get(key) is peer:
+                del self.members[key]
+        peer.nick = nick
+        peer.account = account_key
+        peer.sent_head = self.SENT_HEAD.format(nick=nick).encode()
+        for key in nickname_keys(nick):
+            self.members[key] = peer
+
+    def apply_join(self, entry):
+        _, room, peer, (nick, account_key) = entry
+        self._named(peer, nick, account_key)
+        peer.member = True
+        prefix = self.clock.prefix()
+        if peer.local:
+            self.deliver(peer, (prefix + Lines.OK + "\n").encode())
+            self._show_room(peer, room, prefix, waiting=True)
+        elif account_key is not None:
+            self.store.take_waiting(account_key)   # (shown on its own node)
+        announcement = (prefix + Lines.CONNECTED.format(nick=nick) + "\n").encode()
+        self.to_room(room, announcement)  # before joining: the newcomer is not told of itself
+        self._enter_room(peer, room)
+        self._log_with(announcement, Lines.LOG_FROM.format(address=peer.address))
+
+    def _show_room(self, peer, room, prefix, waiting=False):
+        """What a member coming into a room is shown: its topic, the private messages waiting
+        for it (joining the chat), then what it missed there, or the room's history."""
+        if room.topic:
+            self.deliver(peer, (prefix + Lines.TOPIC.format(room=room.name, topic=room.topic)
+                                + "\n").encode())
+        if waiting and peer.account is not None:
+            lines = self.store.take_waiting(peer.account)
+            if lines:
+                self.deliver(peer, (prefix + Lines.WAITING.format(count=len(lines))
+                                    + "\n").encode())
+                peer.out.extend(lines)
+        seen = self.store.seen(peer.account, room.key) if peer.account is not None else None
+        if seen is not None:
+            self._show_missed(peer, room, seen, prefix)
+        elif room.history:
+            self.deliver(peer, (prefix + Lines.HISTORY.format(count=len(room.history))
+                                + "\n").encode())
+            peer.out.extend(room.history)  # the very bytes the members got: no re-encoding
+
+    def _show_missed(self, peer, room, seen, prefix):
+        """A registered member back in a room: what it missed there, if anything."""
+        if seen >= room.position:
+            return
+        missed, lines = self.store.since(room.key, seen, self.catch_up)
+        if missed:
+            heading = (Lines.CATCH_UP.format(count=missed) if missed == len(lines)
+                       else Lines.CATCH_UP_SOME.format(shown=len(lines), count=missed))
+            self.deliver(peer, (prefix + heading + "\n").encode())
+            peer.out.extend(lines)
+
+    def apply_leave(self, entry):
+        _, room, peer, (reason, told_room, told_self) = entry
+        peer.member = False
+        for key in nickname_keys(peer.nick):
+            if self.members.get(key) is peer:
+                del self.members[key]
+        self._leave_room(peer, room)
+        if told_self and peer.local:
+            self.notice(peer, told_self)
+            self.on_phase(peer, Phase.CLOSING)
+        announcement = self.line(told_room or Lines.DISCONNECTED.format(nick=peer.nick))
+        self.to_room(room, announcement)
+        self._log_room_line(room, announcement[:-1] + Lines.LOG_REASON.format(
+            reason=reason).encode() + b"\n")
+        self._forget_if_unused(room)
+
+    def apply_rename(self, entry):
+        _, room, peer, (nick, account_key) = entry
+        old = peer.nick
+        if peer.account is not None and account_key != peer.account:
+            self._remember_position(peer, room)   # (what that account saw of the room)
+        self._named(peer, nick, account_key)
+        if peer.local:
+            self.notice(peer, Lines.OK)
+        line = self.line(Lines.RENAMED.format(old=old, new=nick))
+        self.to_room(room, line)
+        self._log_room_line(room, line)
+
+    def apply_move(self, entry):
+        _, old, peer, (name, key_hash) = entry
+        room = self.room_named(name) or self._add_room(Room(name, self.history_size,
+                                                            key_hash=key_hash))
+        if room.key_hash and room.key_hash is key_hash:
+            self.store.save_room(room.record())   # (made with a key: the key is kept)
+        self._leave_room(peer, old)
+        left = self.line(Lines.LEFT_FOR.format(nick=peer.nick, room=room.name))
+        self.to_room(old, left)
+        self._log_room_line(old, left)
+        prefix = self.clock.prefix()
+        if peer.local:
+            self.deliver(peer, (prefix + Lines.OK + "\n").encode())
+            self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
+                room=room.name, count=len(room.everyone) + 1) + "\n").encode())
+            self._show_room(peer, room, prefix)
+        joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=room.name)
+                  + "\n").encode()
+        self.to_room(room, joined)   # before joining: the newcomer is not told of itself
+        self._enter_room(peer, room)
+        self._log_room_line(room, joined)
+        self._forget_if_unused(old)
+
+    def apply_topic(self, entry):
+        _, room, peer, topic = entry
+        room.topic = topic
+        self.store.save_room(room.record())
+        if peer.local:
+            self.notice(peer, Lines.OK)
+        line = self.line(Lines.TOPIC_SET.format(nick=peer.nick, room=room.name, topic=topic)
+                         if topic else Lines.TOPIC_CLEARED.format(nick=peer.nick,
+                                                                  room=room.name))
+        self.to_room(room, line)
+        self._log_room_line(room, line)
+        self._forget_if_unused(room)
+
+    def apply_away(self, entry):
+        _, _, peer, away = entry
+        peer.away = away
+        if peer.local:
+            self.notice(peer, Lines.OK)
+
+    def apply_private(self, entry):
+        _, _, peer, (target, text) = entry
+        if target.local:
+            self.notice(target, Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
+        if peer.local:
+            self.notice(peer, Lines.OK)
+            self.notice(peer, Lines.PRIVATE_ECHO.format(target=target.nick, text=text))
+            if target.away is not None:
+                self.notice(peer, Lines.IS_AWAY_TEXT.format(target=target.nick, text=target.away)
+                            if target.away else Lines.IS_AWAY.format(target=target.nick))
+        self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=target.nick)))
+
+    def apply_wait(self, entry):
+        _, _, peer, (account_key, nick, text) = entry
+        line = self.line(Lines.PRIVATE_SENT.format(nick=peer.nick, text=text))
+        waits = self.store.wait(account_key, line, MAX_WAITING)
+        if peer.local:
+            if not waits:   # (filled meanwhile)
+                self.notice(peer, Lines.TOO_MANY_WAITING.format(target=nick))
+                return
+            self.notice(peer, Lines.OK)
+            self.notice(peer, Lines.PRIVATE_ECHO.format(target=nick, text=text))
+            self.notice(peer, Lines.OFFLINE.format(target=nick))
+        if waits:
+            self.log(self.line(Lines.LOG_PRIVATE.format(nick=peer.nick, target=nick)))
+
+    def apply_account(self, entry):
+        _, _, peer, (action, key, nick, kept) = entry
+        mine = peer.local
+        if action == "register":
+            keys = nickname_keys(nick)
+            if self.store.account_for(keys) is not None:   # a look-alike, registered meanwhile
+                if mine:
+                    self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=nick))
+                return
+            self.store.save_account(Account(key, nick, kept), keys)
+            peer.account = key
+            replies, record = (Lines.OK, Lines.REGISTERED.format(nick=nick)), Lines.LOG_REGISTERED
+        elif action == "password":
+            self.store.save_account(Account(key, nick, kept), nickname_keys(nick))
+            replies, record = (Lines.OK,), Lines.LOG_NEW_PASSWORD
+        else:
+            self.store.drop_account(key)
+            if key in self.operators:
+                self.operators.discard(key)
+                self.store.drop_operator(key)
+            peer.account = None
+            replies = (Lines.OK, Lines.UNREGISTERED.format(nick=nick))
+            record = Lines.LOG_UNREGISTERED
+        if mine:
+            for reply in replies:
+                self.notice(peer, reply)
+        self.log(self.line(record.format(nick=nick)))
+
+    def apply_ban(self, entry):
+        ban = entry[3]
+        self.bans.pop((ban.kind, ban.value), None)   # (a new ban of the same: made now)
+        self.bans[ban.kind, ban.value] = ban
+        self.store.save_ban(ban)
+        if ban.until:
+            self._end_at(ban.until, lambda: self._ban_ended(ban))
+
+    def apply_unban(self, entry):
+        ban = self.bans.get(entry[3])
+        if ban is not None:
+            self._lift_ban(ban)
+
+    def apply_mute(self, entry):
+        _, room, op, (target, mute) = entry
+        self.mutes[mute.key] = mute
+        self.store.save_mute(mute)
+        if mute.until:
+            self._end_at(mute.until, lambda: self._mute_ended(mute))
+        line = self.line(Lines.WAS_MUTED.format(nick=mute.nick, op=op.nick))
+        self.to_room(target.room, line)
+        self._log_room_line(target.room, line)
+
+    def apply_unmute(self, entry):
+        mute = self.mutes.get(entry[3])
+        if mute is not None:
+            self._end_mute(mute)
+
+    def apply_operator(self, entry):
+        _, _, op, (made, key, nick) = entry
+        if made:
+            self.operators.add(key)
+            self.store.save_operator(key, nick)
+        else:
+            self.operators.discard(key)
+            self.store.drop_operator(key)
+        member = self.member_named(nick)
+        if member is not None and member.account == key and member.local:
+            self.notice(member, Lines.NOW_OPERATOR if made else Lines.NO_LONGER_OPERATOR)
+        self.log(self.line((Lines.LOG_MADE_OPERATOR if made else Lines.LOG_TOOK_OPERATOR)
+                           .format(op=op.nick, nick=nick)))
+
+    def apply_drop(self, entry):
+        _, room, op, _ = entry
+        closed = self.line(Lines.ROOM_CLOSED.format(room=room.name, op=op.nick))
+        for peer in list(room.everyone):
+            self._leave_room(peer, room)
+            prefix = self.clock.prefix()
+            if peer.local:
+                self.deliver(peer, closed)
+                self.deliver(peer, (prefix + Lines.IN_ROOM_NOW.format(
+                    room=self.main.name, count=len(self.main.everyone) + 1) + "\n").encode())
+                self._show_room(peer, self.main, prefix)
+            joined = (prefix + Lines.JOINED_ROOM.format(nick=peer.nick, room=self.main.name)
+                      + "\n").encode()
+            self.to_room(self.main, joined)
+            self._enter_room(peer, self.main)
+            self._log_room_line(self.main, joined)
+        self._log_room_line(room, closed)
+        self.log(self.line(Lines.LOG_DROPPED.format(op=op.nick, room=room.name)))
+        room.topic = room.key_hash = None
+        room.kept = False
+        room.history.clear()
+        self._forget_if_unused(room)
+
+
+class Keeping:
+    """The rooms: made, found by name, forgotten when nothing keeps them; the store's rooms
+    loaded at start."""
+
+    def _load_rooms(self):
+        """The rooms the store kept (a restart), with the lines a newcomer is shown."""
+        for record in self.store.rooms():
+            room = self.room_named(record.name)
+            if room is None:
+                room = self._add_room(Room(record.name, self.history_size))
+            room.topic, room.key_hash = record.topic, record.key_hash
+            room.kept = self.store.has_messages(room.key)
+            room.position = self.store.position(room.key)
+            room.history.extend(self.store.recent(room.key, self.history_size))
+
+    def _add_room(self, room):
+        for key in room_keys(room.name):
+            self.rooms[key] = room
+        self.room_list.append(room)
+        return room
+
+    def room_named(self, name):
+        """The room whose name looks like ``name`` (normalised), or None."""
+        for key in room_keys(name):
+            room = self.rooms.get(key)
+            if room is not None:
+                return room
+        return None
+
+    def _forget_if_unused(self, room):
+        """A room other than #main ends when it has no member, topic or kept message."""
+        if room is self.main or room.everyone or room.topic or room.kept:
+            return
+        for key in room_keys(room.name):
+            del self.rooms[key]
+        self.room_list.remove(room)
+        self.store.drop_room(room.key)
+
+
+class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leaving, Applying):
+    """The room core. Decides who may do what and which line goes to whom; never touches a socket.
+
+    Each ``*_line`` method (``line_handlers()`` names the one for each phase) takes one complete
+    line (bytes, without its ending) from a peer in that phase and returns the phase the
+    connection moves to, or None to stay. Every change of the chat's state is an entry of the
+    log (``append``), made once the change is found to be allowed, and made real by ``apply``
+    (the parts above: Arriving, Talking, Registering and Moderating decide; Applying applies).
+    Output is appended to each peer's ``out``; ``take_pending()`` lists the peers with new
+    output, and whoever owns the sockets writes them (the Server does it once per loop turn).
+    ``log`` takes each logged line as bytes; ``store`` keeps what outlives a connection (see
+    MemoryStore). The hooks ``on_phase``, ``on_hold`` and ``on_timer`` tell the loop what the
+    room does on its own: a connection moved (an answer that came later, a kick), a connection's
+    input to hold while an answer is awaited, an action due later (a ban's end).
+    """
+
+    # The hot lines, cut from their templates once: "{nick} sent " + message, and so on.
+    SENT_HEAD, SENT_TAIL = Lines.SENT.split("{message}")
+    ECHO_HEAD, ECHO_TAIL = Lines.ECHO.split("{message}")
+    SENT_END = (SENT_TAIL + "\n").encode()
+    ECHO_START = (Lines.OK + "\n").encode()
+    ECHO_MIDDLE = ECHO_HEAD.encode()
+    ECHO_END = (ECHO_TAIL + "\n").encode()
+
+    # The phases whose lines the room reads, and the method that takes each one's lines.
+    LINE_HANDLERS = {Phase.MEMBER: "member_line", Phase.NICKNAME: "nickname_line",
+                     Phase.PASSWORD: "password_line", Phase.NICK_PASSWORD: "nick_password_line",
+                     Phase.RENAME_PASSWORD: "rename_password_line"}
+
+    def __init__(self, log, clock=None, history=DEFAULT_HISTORY, password=None,
+                 now=time.monotonic, max_nick=MAX_NICK_CHARS, store=None, commands=None,
+                 max_rooms=DEFAULT_MAX_ROOMS, hashing=None, catch_up=DEFAULT_CATCH_UP,
+                 operators=(), wall_clock=time.time):
+        self.log = log
+        self.clock = clock or Clock()
+        self.max_nick = max_nick
+        self.store = store if store is not None else MemoryStore()
+        # Control characters aside, as on the attempts: a client's stray \r (telnet's, or a
+        # client probing for TLS) is no part of what the person typed.
+        self.password = (password.encode("utf-8").translate(None, CONTROL_BYTES)
+                         if password is not None else None)
+        if password is not None:
+            import hmac
+            self._same_secret = hmac.compare_digest  # constant time: no hint in the timing
+        self.now = now
+        self.members = {}       # each of a member's nickname_keys -> that member
+        self.history_size = history
+        self.catch_up = catch_up
+        self.hashing = hashing or InlineHashing()
+        self.on_phase = lambda peer, phase: None
+        self.on_hold = lambda peer, held: None
+        self.on_timer = lambda seconds, action: None   # action() in ``seconds``, on the loop
+        self.wall_clock = wall_clock     # when bans and mutes end (they outlive restarts)
+        # Operators: the registered nicknames --operators names (by key; one not registered yet
+        # becomes one when it registers), and those made with /op (kept in the store).
+        self.named_operators = {nickname_keys(nick)[0] for nick in operators}
+        self.operators = {key for key, _ in self.store.operators()}
+        self.bans = {(ban.kind, ban.value): ban for ban in self.store.bans()}
+        self.mutes = {mute.key: mute for mute in self.store.mutes()}
+        self.max_rooms = max_rooms
+        self.rooms = {}         # each of a room's room_keys -> that room
+        self.room_list = []     # every room once, #main first
+        self.main = self._add_room(Room(MAIN_ROOM, history))
+        self._load_rooms()
+        self.pending = []       # peers given a line of their own since the last take_pending()
+        self._pending_rooms = []    # rooms whose every member has new output since then
+        self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
+        commands = COMMANDS if commands is None else commands
+        self.commands = {}      # every name of every command -> (its handler, its record)
+        for command in commands:
+            for name in (command.name,) + command.aliases:
+                self.commands[name] = (getattr(self, command.handler), command)
+        self.help = help_line(commands)
+        self.operator_help = help_line(commands, operator=True)
+        self.append = LocalSequencer(self.apply).append  # the log: entries in, applied
+        self._appliers = {kind: getattr(self, "apply_" + kind)
+                          for name, kind in vars(Entry).items() if not name.startswith("_")}
+
+    def line_handlers(self):
+        """Phase -> the method that handles a line from a connection in that phase."""
+        return {phase: getattr(self, name) for phase, name in self.LINE_HANDLERS.items()}
+
+
+# =============================================================================================
+# The store: what outlives a connection (and, in a file, the server). One small interface, three
+# homes: this process's memory (MemoryStore), a SQLite file, or Redis for a cluster.
+# =============================================================================================
+
+RoomRecord = collections.namedtuple("RoomRecord", "key name topic key_hash")
+Account = collections.namedtuple("Account", "key nick password_hash")
+Ban = collections.namedtuple("Ban", "kind value shown until reason")   # kind: "nick", "address"
+Mute = collections.namedtuple("Mute", "key nick until")
+
+
+class MemoryStore:
+    """What the chat keeps, in this process's memory only: gone when it stops (``--data
+    :memory:``, or where no data file can be had). Every store has these methods:
+
+    rooms      ``rooms()`` -> [RoomRecord]; ``save_room(record)``; ``drop_room(key)``
+    messages   ``keep(room_key, line, text_size)`` -> its position; ``recent(room_key, count)``
+               -> [line]; ``since(room_key, position, count)`` -> (missed, [line]);
+               ``search(room_key, folded, count, done)``: ``done(found, [line])``, at once
+               (or later, for a store whose ``answers_later``); ``position(room_key)``;
+               ``has_messages(room_key)``
+    accounts   ``account_for(keys)`` -> the Account known by any of ``keys``, or None;
+               ``save_account(account, keys)``; ``drop_account(key)`` (its waiting messages
+               and positions too); ``seen(account_key, room_key)`` -> position or None (never
+               there); ``save_seen(account_key, room_key, position)``
+    waiting    ``wait(account_key, line, most)`` -> False if ``most`` wait already;
+               ``waiting_count(account_key)``; ``take_waiting(account_key)`` -> [line], which
+               no longer wait
+    operators  ``operators()`` -> [(key, nick)]; ``save_operator(key, nick)``;
+               ``drop_operator(key)``
+    bans       ``bans()`` -> [Ban], oldest first; ``save_ban(ban)``; ``drop_ban(kind, value)``
+    mutes      ``mutes()`` -> [Mute]; ``save_mute(mute)``; ``drop_mute(key)``
+    ``commit()``  makes the changes since the last commit durable; the loop calls it once a turn,
+               before it writes to the sockets, so nothing is acknowledged before it is kept.
+    ``close()``
+
+    A line is the bytes the members received, ending in its message's text (``text_size``
+    bytes, before the line end), which is what a search looks in; ``folded`` is a search's text,
+    casefolded. Positions grow with every message kept, in any room. Keys are what names are
+    compared by (casefolded look-alike skeletons), never what is shown.
+    """
+
+    answers_later = False   # every answer comes at once: nothing waits for it
+
+    def __init__(self, keep=DEFAULT_KEEP):
+        self._keep = keep
+        self._rooms = {}        # key -> RoomRecord
+        self._messages = {}     # room key -> deque of (position, line, text_size)
+        self._position = 0
+        self._accounts = {}     # key -> Account
+        self._account_keys = {}   # each of an account's nickname keys -> its key
+        self._seen = {}         # (account key, room key) -> position
+        self._waiting = {}      # account key -> [line]
+        self._operators = {}    # key -> nick
+        self._bans = {}         # (kind, value) -> Ban, in the order they were made
+        self._mutes = {}        # key -> Mute
+
+    # -- rooms ----------------------------------------------------------------------------------
+    def rooms(self):
+        return list(self._rooms.values())
+
+    def save_room(self, record):
+        self._rooms[record.key] = record
+
+    def drop_room(self, key):
+        self._rooms.pop(key, None)
+        self._messages.pop(key, None)
+        for seen in [seen for seen in self._seen if seen[1] == key]:
+            del self._seen[seen]
+
+    # -- messages -------------------------------------------------------------------------------
+    def keep(self, room_key, line, text_size):
+        kept = self._messages.get(room_key)
+        if kept is None:
+            kept = self._messages[room_key] = collections.deque(maxlen=self._keep)
+        self._position += 1
+        kept.append((self._position, line, text_size))
+        return self._position
+
+    def recent(self, room_key, count):
+        kept = self._messages.get(room_key, ())
+        return [line for _, line, _ in list(kept)[-count:]] if count else []
+
+    def since(self, room_key, position, count):
+        missed = [line for kept_at, line, _ in self._messages.get(room_key, ())
+                  if kept_at > position]
+        return len(missed), missed[-count:] if count else []
+
+    def search(self, room_key, folded, count, done):
+        found = [line for _, line, size in self._messages.get(room_key, ())
+                 if folded in text_of_line(line, len(line) - size - 1)]
+        done(len(found), found[-count:] if count else [])
+
+    def position(self, room_key):
+        kept = self._messages.get(room_key)
+        return kept[-1][0] if kept else 0
+
+    def has_messages(self, room_key):
+        return bool(self._messages.get(room_key))
+
+    # -- accounts -------------------------------------------------------------------------------
+    def account_for(self, keys):
+        for key in keys:
+            owner = self._account_keys.get(key)
+            if owner is not None:
+                return self._accounts[owner]
+        return None
+
+    def save_account(self, account, keys):
+        self._accounts[account.key] = account
+        for key in keys:
+            self._account_keys[key] = account.key
+
+    def drop_account(self, key):
+        self._accounts.pop(key, None)
+        for alias in [alias for alias, owner in self._account_keys.items() if owner == key]:
+            del self._account_keys[alias]
+        self._waiting.pop(key, None)
+        for seen in [seen for seen in self._seen if seen[0] == key]:
+            del self._seen[seen]
+
+    def seen(self, account_key, room_key):
+        return self._seen.get((account_key, room_key))
+
+    def save_seen(self, account_key, room_key, position):
+        self._seen[account_key, room_key] = position
+
+    def wait(self, account_key, line, most):
+        waiting = self._waiting.setdefault(account_key, [])
+        if len(waiting) >= most:
+            return False
+        waiting.append(line)
+        return True
+
+    def waiting_count(self, account_key):
+        return len(self._waiting.get(account_key, ()))
+
+    def take_waiting(self, account_key):
+        return self._waiting.pop(account_key, [])
+
+    # -- moderation -----------------------------------------------------------------------------
+    def operators(self):
+        return list(self._operators.items())
+
+    def save_operator(self, key, nick):
+        self._operators[key] = nick
+
+    def drop_operator(self, key):
+        self._operators.pop(key, None)
+
+    def bans(self):
+        return list(self._bans.values())
+
+    def save_ban(self, ban):
+        self._bans.pop((ban.kind, ban.value), None)   # a new ban of the same: made now
+        self._bans[ban.kind, ban.value] = ban
+
+    def drop_ban(self, kind, value):
+        self._bans.pop((kind, value), None)
+
+    def mutes(self):
+        return list(self._mutes.values())
+
+    def save_mute(self, mute):
+        self._mutes[mute.key] = mute
+
+    def drop_mute(self, key):
+        self._mutes.pop(key, None)
+
+    # -- durability -----------------------------------------------------------------------------
+    def commit(self):
+        pass   # memory: kept as soon as it is changed, until the server stops
+
+    def close(self):
+        pass
+
+
+class DataFileError(Exception):
+    """The data file can't be used: its one line for standard error says which file and why."""
+
+
+class SQLiteStore(MemoryStore):
+    """What the chat keeps, in a SQLite file (``--data``): the MemoryStore's interface, kept.
+
+    One connection, owned by the loop. The turn's changes are gathered in memory and written in
+    one transaction by ``commit()``, which the loop calls once a turn before it writes to the
+    sockets (Redis writes its append-only file in beforeSleep the same way): an acknowledgement
+    never runs ahead of the file. WAL mode with synchronous=NORMAL: a commit survives the
+    server's crash (even SIGKILL); a power cut may lose the last ones (``durable`` makes each
+    commit wait for the disk: synchronous=FULL). A lock file beside it ("-lock", held while the
+    server runs) stops a second server at once, while other programs (the sqlite3 shell, a
+    backup) may still read the data file. When the disk is full
+    or failing, the chat goes on and the changes are dropped: said once in the log, and again
+    when writing works.
+
+    What is kept in memory, for speed, is only what a room needs at once (MemoryStore's rooms
+    and operators, bans and mutes, which are few); messages, accounts and waiting messages are
+    read from the file when asked for, through indexes that touch one room's or one account's
+    rows, so start-up does not grow with the file.
+    """
+
+    APPLICATION_ID = 0x43484154   # "CHAT": what says a SQLite file is a chat's data file
+
+    def __init__(self, path, keep=DEFAULT_KEEP, durable=False, log=None, clock=None):
+        MemoryStore.__init__(self, keep)
+        self.path = path
+        self.log = log or (lambda line: None)
+        self.clock = clock or Clock()
+        self._pending = []      # (sql, parameters) of the turn, in order
+        self._new_messages = []   # (id, room key, line, text_at) rows of the turn
+        self._counts = {}       # room key -> its messages in the file (known once asked)
+        self._failing = False   # a write failed: said so; say so again when one works
+        self._lock = hold_lock_file(path + "-lock")
+        try:
+            self.db = self._open(path, durable)
+        except BaseException:
+            os.close(self._lock)
+            raise
+        self._position = self._scalar("SELECT max(id) FROM messages") or 0
+        self._load_small_tables()
+
+    # -- opening ------------------------------------------------------------------------------
+    def _open(self, path, durable):
+        import sqlite3
+        create_private(path)   # (OSError where it can't be: the caller keeps things in memory)
+        try:
+            # timeout 0: a file another server holds is refused at once, never waited for
+            db = sqlite3.connect(path, isolation_level=None, timeout=0)
+        except sqlite3.Error as exc:
+            raise OSError(str(exc))
+        try:
+            self._check(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))
+            db.execute("BEGIN IMMEDIATE")
+            self._migrate(db)
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            db.close()
+            raise DataFileError("cannot use %s: %s" % (path, exc))
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise DataFileError("%s is damaged or not a chat data file (%s)" % (path, exc))
+        except DataFileError:
+            db.close()
+            raise
+        db.create_function("chat_text", 2, text_of_line, deterministic=True)
+        return db
+
+    def _check(self, db):
+        """Refuse, before anything is written to it, a file that is not a chat's."""
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if application_id == 0 and version == 0 and tables == 0:
+            return   # a new file (or an empty database): made a chat's below
+        if application_id != self.APPLICATION_ID:
+            raise DataFileError("%s is not a chat data file" % self.path)
+        if version > len(MIGRATIONS):
+            raise DataFileError("%s was written by a newer chat_server (data version %d; this"
+                                " one knows %d)" % (self.path, version, len(MIGRATIONS)))
+
+    def _migrate(self, db):
+        """Bring the schema to the newest version, one step per version (inside the caller's
+        transaction: all steps or none)."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            db.execute("PRAGMA application_id=%d" % self.APPLICATION_ID)
+        for number, statements in enumerate(MIGRATIONS[version:], version + 1):
+            for statement in statements:
+                db.execute(statement)
+            db.execute("PRAGMA user_version=%d" % number)
+
+    def _scalar(self, sql, parameters=()):
+        row = self.db.execute(sql, parameters).fetchone()
+        return row[0] if row else None
+
+    def _load_small_tables(self):
+        """What is small and asked for often: rooms, operators, bans and mutes, in memory."""
+        for key, name, topic, key_hash in self.db.execute(
+                "SELECT key, name, topic, key_hash FROM rooms"):
+            self._rooms[key] = RoomRecord(key, name, topic, key_hash)
+        for key, nick in self.db.execute("SELECT key, nick FROM operators"):
+            self._operators[key] = nick
+        for row in self.db.execute("SELECT kind, value, shown, until, reason FROM bans"
+                                   " ORDER BY id"):
+            self._bans[row[0], row[1]] = Ban(*row)
+        for row in self.db.execute("SELECT key, nick, until FROM mutes"):
+            self._mutes[row[0]] = Mute(*row)
+
+    # -- writing: gathered, then one transaction a turn -----------------------------------------
+    def _later(self, sql, parameters):
+        self._pending.append((sql, parameters))
+
+    def commit(self):
+        if not (self._new_messages or self._pending):
+            return
+        import sqlite3
+        try:
+            self._write_pending()
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._failed(exc)
+            return
+        if self._failing:
+            self._failing = False
+            self.log(self._record(Lines.LOG_WRITING_AGAIN.format(path=self.path)))
+
+    def _write_pending(self):
+        """Everything gathered so far, into the open transaction (begun if none is)."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+        if self._new_messages:
+            rows, self._new_messages = self._new_messages, []
+            self.db.executemany("INSERT INTO messages (id, room, line, text_at)"
+                                " VALUES (?, ?, ?, ?)", rows)
+            self._prune({row[1] for row in rows})
+        pending, self._pending = self._pending, []
+        for sql, parameters in pending:
+            self.db.execute(sql, parameters)
+
+    def _prune(self, rooms):
+        """Each room back to its last ``keep`` messages, in the same transaction: the file
+        stops growing. The oldest go, found through the index from their end."""
+        for room in rooms:
+            excess = self._count(room) - self._keep
+            if excess > 0:
+                self.db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                                " WHERE room = ? ORDER BY id LIMIT ?)", (room, excess))
+                self._counts[room] = self._keep
+
+    def _count(self, room):
+        if room not in self._counts:
+            self._counts[room] = self._scalar("SELECT count(*) FROM messages WHERE room = ?",
+                                              (room,))
+        return self._counts[room]
+
+    def _rollback(self):
+        self._pending.clear()
+        self._new_messages.clear()
+        self._counts.clear()   # (counted again from the file when next needed)
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except Exception:
+            pass
+
+    def _failed(self, exc):
+        if not self._failing:
+            self._failing = True
+            self.log(self._record(Lines.LOG_CANNOT_WRITE.format(path=self.path, error=exc)))
+
+    def _record(self, text):
+        return (self.clock.prefix() + text + "\n").encode()
+
+    def close(self):
+        self.commit()
+        try:
+            self.db.close()
+        except Exception:
+            pass
+        os.close(self._lock)   # (the file stays: removing it could let two servers in)
+
+    # -- rooms ----------------------------------------------------------------------------------
+    def save_room(self, record):
+        MemoryStore.save_room(self, record)
+        self._later("INSERT OR REPLACE INTO rooms (key, name, topic, key_hash) VALUES"
+                    " (?, ?, ?, ?)", record)
+
+    def drop_room(self, key):
+        MemoryStore.drop_room(self, key)
+        self._counts.pop(key, None)
+        self._later("DELETE FROM messages WHERE room = ?", (key,))
+        self._later("DELETE FROM rooms WHERE key = ?", (key,))
+        self._later("DELETE FROM seen WHERE room = ?", (key,))
+
+    # -- messages -------------------------------------------------------------------------------
+    def keep(self, room_key, line, text_size):
+        self._position += 1
+        self._new_messages.append((self._position, room_key, line, len(line) - text_size - 1))
+        counts = self._counts
+        if room_key in counts:
+            counts[room_key] += 1
+        return self._position
+
+    def _read(self, sql, parameters):
+        """Rows of a query that sees this turn's changes too."""
+        if self._new_messages or self._pending:
+            import sqlite3
+            try:
+                self._write_pending()
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._failed(exc)
+        return self.db.execute(sql, parameters).fetchall()
+
+    def recent(self, room_key, count):
+        rows = self._read("SELECT line FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?",
+                          (room_key, count))
+        return [bytes(line) for line, in reversed(rows)]
+
+    def since(self, room_key, position, count):
+        missed = self._read("SELECT count(*) FROM messages WHERE room = ? AND id > ?",
+                            (room_key, position))[0][0]
+        rows = self._read("SELECT line FROM messages WHERE room = ? AND id > ?"
+                          " ORDER BY id DESC LIMIT ?", (room_key, position, count))
+        return missed, [bytes(line) for line, in reversed(rows)]
+
+    def search(self, room_key, folded, count, done):
+        rows = self._read("SELECT line FROM messages WHERE room = ?"
+                          " AND instr(chat_text(line, text_at), ?) > 0 ORDER BY id",
+                          (room_key, folded))
+        done(len(rows), [bytes(line) for line, in rows[-count:]] if count else [])
+
+    def position(self, room_key):
+        return self._read("SELECT coalesce(max(id), 0) FROM messages WHERE room = ?",
+                          (room_key,))[0][0]
+
+    def has_messages(self, room_key):
+        return bool(self._read("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (room_key,)))
+
+    # -- accounts -------------------------------------------------------------------------------
+    def account_for(self, keys):
+        for key in keys:
+            rows = self._read("SELECT accounts.key, nick, password_hash FROM account_keys"
+                              " JOIN accounts ON accounts.key = account_keys.account"
+                              " WHERE account_keys.key = ?", (key,))
+            if rows:
+                return Account(*rows[0])
+        return None
+
+    def save_account(self, account, keys):
+        self._later("INSERT OR REPLACE INTO accounts (key, nick, password_hash) VALUES"
+                    " (?, ?, ?)", account)
+        for key in keys:
+            self._later("INSERT OR REPLACE INTO account_keys (key, account) VALUES (?, ?)",
+                        (key, account.key))
+
+    def drop_account(self, key):
+        for table, column in (("accounts", "key"), ("account_keys", "account"),
+                              ("seen", "account"), ("waiting", "account")):
+            self._later("DELETE FROM %s WHERE %s = ?" % (table, column), (key,))
+
+    def seen(self, account_key, room_key):
+        rows = self._read("SELECT position FROM seen WHERE account = ? AND room = ?",
+                          (account_key, room_key))
+        return rows[0][0] if rows else None
+
+    def save_seen(self, account_key, room_key, position):
+        self._later("INSERT OR REPLACE INTO seen (account, room, position) VALUES (?, ?, ?)",
+                    (account_key, room_key, position))
+
+    def waiting_count(self, account_key):
+        return self._read("SELECT count(*) FROM waiting WHERE account = ?", (account_key,))[0][0]
+
+    def wait(self, account_key, line, most):
+        if self.waiting_count(account_key) >= most:
+            return False
+        self._later("INSERT INTO waiting (account, line) VALUES (?, ?)", (account_key, line))
+        return True
+
+    def take_waiting(self, account_key):
+        rows = self._read("SELECT line FROM waiting WHERE account = ? ORDER BY id",
+                          (account_key,))
+        if rows:
+            self._later("DELETE FROM waiting WHERE account = ?", (account_key,))
+        return [bytes(line) for line, in rows]
+
+    # -- moderation -----------------------------------------------------------------------------
+    def save_operator(self, key, nick):
+        MemoryStore.save_operator(self, key, nick)
+        self._later("INSERT OR REPLACE INTO operators (key, nick) VALUES (?, ?)", (key, nick))
+
+    def drop_operator(self, key):
+        MemoryStore.drop_operator(self, key)
+        self._later("DELETE FROM operators WHERE key = ?", (key,))
+
+    def save_ban(self, ban):
+        MemoryStore.save_ban(self, ban)
+        self._later("DELETE FROM bans WHERE kind = ? AND value = ?", ban[:2])
+        self._later("INSERT INTO bans (kind, value, shown, until, reason) VALUES"
+                    " (?, ?, ?, ?, ?)", ban)
+
+    def drop_ban(self, kind, value):
+        MemoryStore.drop_ban(self, kind, value)
+        self._later("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value))
+
+    def save_mute(self, mute):
+        MemoryStore.save_mute(self, mute)
+        self._later("INSERT OR REPLACE INTO mutes (key, nick, until) VALUES (?, ?, ?)", mute)
+
+    def drop_mute(self, key):
+        MemoryStore.drop_mute(self, key)
+        self._later("DELETE FROM mutes WHERE key = ?", (key,))
+
+
+def text_of_line(line, text_at):
+    """A kept line's message text, as searches compare it (casefolded)."""
+    return bytes(line[text_at:-1]).decode("utf-8", "replace").casefold()
+
+
+# The schema, one step per version (PRAGMA user_version): a file of any older version is brought
+# up to the newest when it is opened, and never back.
+MIGRATIONS = (
+    (   # 1: rooms and their messages
+        "CREATE TABLE rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL, topic TEXT,"
+        " key_hash TEXT)",
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL, line BLOB NOT NULL,"
+        " text_at INTEGER NOT NULL)",
+        "CREATE INDEX messages_by_room ON messages (room, id)",
+    ),
+    (   # 2: accounts, where each left each room, private messages waiting for them
+        "CREATE TABLE accounts (key TEXT PRIMARY KEY, nick TEXT NOT NULL,"
+        " password_hash TEXT NOT NULL)",
+        "CREATE TABLE account_keys (key TEXT PRIMARY KEY, account TEXT NOT NULL)",
+        "CREATE INDEX account_keys_by_account ON account_keys (account)",
+        "CREATE TABLE seen (account TEXT NOT NULL, room TEXT NOT NULL, position INTEGER NOT NULL,"
+        " PRIMARY KEY (account, room))",
+        "CREATE INDEX seen_by_room ON seen (room)",
+        "CREATE TABLE waiting (id INTEGER PRIMARY KEY, account TEXT NOT NULL, line BLOB NOT NULL)",
+        "CREATE INDEX waiting_by_account ON waiting (account, id)",
+    ),
+    (   # 3: moderation
+        "CREATE TABLE operators (key TEXT PRIMARY KEY, nick TEXT NOT NULL)",
+        "CREATE TABLE bans (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL,"
+        " shown TEXT NOT NULL, until REAL, reason TEXT, UNIQUE (kind, value))",
+        "CREATE TABLE mutes (key TEXT PRIMARY KEY, nick TEXT NOT NULL, until REAL)",
+    ),
+)
+
+
+def hold_lock_file(path):
+    """Lock ``path`` (created 0600 if need be) for this process while it runs, and return its
+    descriptor; DataFileError if another process holds it. The OS lets go when the process
+    ends, however it ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | BINARY, 0o600)
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DataFileError("%s is in use by another server" % path[:-len("-lock")])
+    return fd
+
+
+def create_private(path):
+    """Create ``path``, empty, readable by its owner only (0600 on POSIX), unless it exists.
+    SQLite gives the files it keeps beside a database (its -wal) the database's own mode."""
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | BINARY, 0o600))
+
+
+# =============================================================================================
+# The loop: sockets in, the room core in the middle, sockets out. One thread, one selector. Its
+# parts follow a connection's life: the turn (Loop), accepting, the TLS handshake, reading and
+# lines, writing, closing, timers, and stopping; Server is all of them together.
+# =============================================================================================
+
+class Deadlines:
+    """Connections that must be done with something within a fixed time (joining, closing,
+    lingering). All of one kind have the same length, so they come due in the order they were
+    set: an ordered dict, which a connection leaves as soon as the deadline no longer applies
+    (a heap entry would keep a closed connection, and what it held, until it came due)."""
+
+    def __init__(self, seconds, expired):
+        self.seconds = seconds
+        self.expired = expired   # called with each connection whose time has come
+        self._due = collections.OrderedDict()   # connection -> when
+
+    def __len__(self):
+        return len(self._due)
+
+    def add(self, conn, now):
+        self._due[conn] = now + self.seconds
+
+    def discard(self, conn):
+        self._due.pop(conn, None)
+
+    def next_due(self):
+        return next(iter(self._due.values())) if self._due else float("inf")
+
+    def take_due(self, now):
+        """The connections whose time has come, removed, earliest first."""
+        due = []
+        while self._due:
+            conn, when = next(iter(self._due.items()))
+            if when > now:
+                break
+            del self._due[conn]
+            due.append(conn)
+        return due
+
+    def clear(self):
+        self._due.clear()
+
+
+class SelectorPoller:
+    """What the loop asks of its selector: register a socket for EVENT_READ and EVENT_WRITE with
+    its data, and ``poll()`` -> [(data, events)], where the bits ``readable`` and ``writable`` of
+    events say which. This one is the selectors module's (select on Windows, kqueue on macOS)."""
+
+    readable, writable = EVENT_READ, EVENT_WRITE
+
+    def __init__(self, selector):
+        self.selector = selector
+
+    def register(self, sock, events, data):
+        self.selector.register(sock, events, data)
+
+    def modify(self, sock, events, data):
+        self.selector.modify(sock, events, data)
+
+    def unregister(self, sock):
+        self.selector.unregister(sock)
+
+    def poll(self, timeout):
+        return [(key.data, events) for key, events in self.selector.select(timeout)]
+
+    def close(self):
+        self.selector.close()
+
+
+class EpollPoller:
+    """Linux: select.epoll itself. The selectors module looks up a key and rebuilds the event
+    mask for every event, which is a measurable share of a busy small room's time; here an event
+    is one dict lookup. Errors and hang-ups count as readable and writable, as in selectors."""
+
+    readable = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") \
+        else 0
+    writable = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") \
+        else 0
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._data = {}   # descriptor -> the data it was registered with
+
+    @staticmethod
+    def _bits(events):
+        return ((select.EPOLLIN if events & EVENT_READ else 0)
+                | (select.EPOLLOUT if events & EVENT_WRITE else 0))
+
+    def register(self, sock, events, data):
+        fd = sock.fileno()
+        self._epoll.register(fd, self._bits(events))
+        self._data[fd] = data
+
+    def modify(self, sock, events, data):
+        fd = sock.fileno()
+        self._epoll.modify(fd, self._bits(events))
+        self._data[fd] = data
+
+    def unregister(self, sock):
+        fd = sock.fileno()
+        self._epoll.unregister(fd)
+        del self._data[fd]
+
+    def poll(self, timeout):
+        if timeout is None:
+            timeout = -1
+        elif timeout > 0:
+            timeout = math.ceil(timeout * 1e3) * 1e-3  # (as selectors: never a busy 0 ms wait)
+        data = self._data
+        return [(data[fd], events)
+                for fd, events in self._epoll.poll(timeout, max(len(data), 1))]
+
+    def close(self):
+        self._epoll.close()
+
+
+def make_poller(selector=None):
+    """epoll where there is one (and the Windows paths are not being forced), else selectors'."""
+    if selector is None and hasattr(select, "epoll") and platform_name() != "windows":
+        return EpollPoller()
+    if selector is None:
+        selector = (selectors.SelectSelector() if platform_name() == "windows"
+                    else selectors.DefaultSelector())
+    return SelectorPoller(selector)
+
+
+class Hold:
+    """Why a connection's input is not being read now: the bits of ``Conn.holds``. Any bit set
+    means paused; none, and its input is read as it comes."""
+    RATE = 1          # it sent faster than the flood limit: until its timer says it may again
+    HIGH_WATER = 2    # its own output queue is above high water: until it drains to low water
+    ANSWER = 4        # the room awaits an answer for it (a password being checked): until then
+
+
+class Conn:
+    """One connection as the loop sees it: its socket, its phase, and the conditions that decide
+    whether it is read or written. The room's side of it is ``peer``."""
+    __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp", "refusal",
+                 "holds", "write_blocked", "tls_retry", "input_ended", "skipping_long_line",
+                 "in_backlog", "hello_seen")
+
+    def __init__(self, sock, peer, tls=False, burst=float("inf")):
+        self.sock = sock
+        self.peer = peer
+        self.phase = Phase.NEW
+        self.tls = tls
+        self.inbuf = b""          # received bytes not yet handled as lines
+        self.mask = 0             # the events the selector watches for this socket now
+        self.tokens = burst       # flood control: lines it may send before the clock is read
+        self.stamp = 0.0          # when tokens were last topped up (at first: when it arrived)
+        self.refusal = None       # the line it gets once its TLS handshake is done (full)
+        # The conditions, independent of the phase:
+        self.holds = 0                  # Hold bits: why its input is paused (0: it is not)
+        self.write_blocked = False      # the kernel's send buffer is full: wait for EVENT_WRITE
+        self.tls_retry = False          # a TLS write must be retried with the same bytes
+        self.input_ended = False        # the peer will send no more
+        self.skipping_long_line = False  # dropping the rest of an over-long line, up to its \n
+        self.in_backlog = False         # listed in Server.backlog (complete lines wait)
+        self.hello_seen = False         # TLS: the client's first byte opens a TLS handshake
+
+    def __repr__(self):
+        return "<Conn %s %s nick=%r queued=%d>" % (self.phase, self.peer.address, self.peer.nick,
+                                                   self.peer.queued_bytes())
+
+
+class Loop:
+    """The turn: wait for events, handle them, run what is due, then write what the turn queued
+    (Redis's beforeSleep). Its state is set up in Server.__init__."""
+
+    def serve_forever(self):
+        while not self.stopping:
+            self.run_once()
+        self.shutdown()
+
+    def run_once(self, timeout=None):
+        """One loop turn: wait for events, handle them, then write what the turn queued."""
+        self._handle_events(self.poller.poll(self._next_wait(timeout)))
+        # Input that arrived meanwhile joins this turn's writes: one send per recipient carries
+        # more lines (the writes of a turn cost the same however many lines they carry).
+        more = self.poller.poll(0)
+        if more:
+            self._handle_events(more)
+        if self.tls_buffered:  # (decrypted already, so select() never reports it)
+            self._read_tls_buffered()
+        self._handle_backlog()
+        self._run_timers()
+        self.store.commit()    # before any reply: nothing is acknowledged that is not kept
+        self.log.flush()       # then what a client has seen is logged already
+        self._flush_pending()
+        self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
+
+    def _handle_events(self, ready):
+        if not ready:
+            return  # a timer's time came, or a signal
+        readable, writable = self.poller.readable, self.poller.writable
+        # Each connection read now handles its share of the turn's lines at once (the rest
+        # waits in the backlog), so one turn never queues unbounded output before a flush.
+        self._share = max(1, LINES_PER_TURN // len(ready))
+        for conn, events in ready:
+            if conn.__class__ is not Conn:
+                if conn == "accept":
+                    self._accept()
+                else:
+                    self._drain_wakeup()
+                continue
+            if conn.phase is CLOSED:
+                continue  # closed by an earlier event of this turn
+            try:
+                if events & writable:
+                    self._on_writable(conn)
+                if events & readable and conn.phase is not CLOSED:
+                    self._on_readable(conn)
+            except Exception:
+                self._fail(conn)
+
+    def _next_wait(self, timeout):
+        if self.backlog or self.tls_buffered:
+            return 0
+        wait = timeout
+        first = min([self.timers[0][0] if self.timers else float("inf")]
+                    + [deadlines.next_due() for deadlines in self.deadlines])
+        if first != float("inf"):
+            until = min(max(first - time.monotonic(), 0), MAX_WAIT)
+            wait = until if wait is None else min(wait, until)
+        return wait
+
+    def _move(self, conn, phase):
+        """The one place a connection's phase changes, along PHASE_MOVES only."""
+        if phase not in PHASE_MOVES[conn.phase]:
+            raise RuntimeError("%r cannot move to %s" % (conn, phase))
+        conn.phase = phase
+
+    def _enter(self, conn, phase):
+        """Move ``conn`` to the phase the room decided (None: stay)."""
+        if phase is None or phase is conn.phase:
+            return
+        if phase is Phase.CLOSING:
+            self._close_after_flush(conn)
+            return
+        self._move(conn, phase)
+        if phase is MEMBER:
+            self.joining.discard(conn)  # joined: its join deadline no longer matters
+
+    def _room_moved(self, peer, phase):
+        """The room moved a connection on its own: an answer that took a while (a password
+        checked), or one member's doing that ends another's connection."""
+        conn = peer.owner
+        if conn is not None and conn.phase is not CLOSED:
+            self._enter(conn, phase)
+
+    def _room_holds(self, peer, held):
+        """The room awaits an answer for this connection: its input waits (``held``), or goes
+        on, its lines that came meanwhile first."""
+        conn = peer.owner
+        if conn is None or conn.phase is CLOSED:
+            return
+        if held:
+            conn.holds |= Hold.ANSWER
+        else:
+            conn.holds &= ~Hold.ANSWER
+            if conn.phase in TALKING:
+                self._queue_lines(conn)
+        self._set_interest(conn)
+
+    def _fail(self, conn):
+        """An unexpected error while handling ``conn``: it alone is closed, the loop goes on.
+
+        It leaves the room at once and its input is no longer handled, but the lines already
+        queued for it are still written (CLOSING); a second error while closing closes it now."""
+        sys.stderr.write("chat_server: error on %r, closing it:\n" % (conn,))
+        print_traceback()
+        sys.stderr.flush()
+        try:
+            if conn.phase is CLOSED:
+                self._forget(conn)  # the error was in closing it: let go of it by force
+            elif conn.phase in (Phase.CLOSING, Phase.LINGERING):
+                self._close(conn, Reason.ERROR)
+            else:
+                self.chat.failed(conn.peer)
+                self._close_after_flush(conn)
+        except Exception:
+            print_traceback()
+            self._forget(conn)
+
+
+class Accepting:
+    """A newcomer: the listening socket, accepting without starving the members, admitting."""
+
+    def listen(self):
+        """Bind and listen; returns the address actually bound (the real port for port 0)."""
+        infos = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+        error = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                if os.name == "nt":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+                else:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+                sock.listen(4096)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.setblocking(False)
+            self.listener = sock
+            self.poller.register(sock, EVENT_READ, "accept")
+            self._install_wakeup()
+            return sock.getsockname()[:2]
+        raise error
+
+    def _install_wakeup(self):
+        """A socket pair the C signal handler writes to, so a signal wakes select() at once."""
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        for sock in (self._wakeup_r, self._wakeup_w):
+            sock.setblocking(False)
+        self.poller.register(self._wakeup_r, EVENT_READ, "wakeup")
+
+    def _drain_wakeup(self):
+        try:
+            while self._wakeup_r.recv(512):
+                pass
+        except OSError:
+            pass
+        self.hashing.finish()   # (a signal, or the password worker's results)
+
+    def _wake(self):
+        """From another thread: wake the loop (its wakeup socket, as a signal does)."""
+        try:
+            self._wakeup_w.send(b"w")
+        except OSError:
+            pass   # full: it is awake already
+
+    def _accept(self):
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting()
+                return  # ECONNABORTED and the like: that one connection is gone
+            try:
+                self._admit(sock, address)
+            except Exception:
+                print_traceback()
+                sock.close()
+
+    def _pause_accepting(self):
+        """Out of descriptors: the pending connection stays in the backlog. Stop watching the
+        listener (it would report readable forever) until a descriptor frees up or a while."""
+        if not self.accept_paused:
+            self.accept_paused = True
+            self.poller.unregister(self.listener)
+            self.after(EMFILE_PAUSE, self._resume_accepting, None)
+
+    def _resume_accepting(self, _):
+        if self.accept_paused and self.listener is not None:
+            self.accept_paused = False
+            self.poller.register(self.listener, EVENT_READ, "accept")
+
+    def _admit(self, sock, address):
+        sock.setblocking(False)
+        tune_socket(sock, self.dead_peer)
+        peer = Peer(format_address(address[0], address[1]) if isinstance(address, tuple)
+                    else str(address))
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        conn = Conn(sock, peer, tls=self.tls is not None, burst=self.rate_burst)
+        conn.stamp = time.monotonic()
+        peer.owner = conn
+        self.conns[sock] = conn
+        if len(self.conns) > self.max_clients:
+            conn.refusal = Lines.FULL  # told at once, or after its TLS handshake
+        if self.join_timeout:
+            self.joining.add(conn, conn.stamp)
+        if conn.tls:
+            self._move(conn, Phase.HANDSHAKE)
+            self._set_interest(conn)  # the handshake starts when the client's hello arrives
+        else:
+            self._open(conn)
+
+    def _open(self, conn):
+        """Transport ready (TCP accepted, or TLS handshake done): the room greets it, or tells
+        it why not (a full chat, which a TLS client can only be told after its handshake)."""
+        if conn.refusal:
+            self._enter(conn, self.chat.refuse(conn.peer, conn.refusal))
+            return
+        self._enter(conn, self.chat.greet(conn.peer))
+        self._set_interest(conn)
+
+
+class Handshaking:
+    """TLS: the handshake, never blocking the loop; a plain-text client told what to do."""
+
+    def _handshake(self, conn):
+        if not conn.hello_seen:
+            first = self._peek(conn)
+            if first is None:
+                return            # (woken for nothing)
+            if first != TLS_HANDSHAKE_RECORD:
+                self._refuse_plain_text(conn, first)
+                return
+            conn.hello_seen = True
+        try:
+            conn.sock.do_handshake()
+        except TLS_WANTS_READ:
+            conn.write_blocked = False
+        except TLS_WANTS_WRITE:
+            conn.write_blocked = True
+        except (OSError, ValueError) as exc:
+            # Not TLS (a plain-text client) or gone. Nothing can be said to it, but the operator
+            # is told of the first: "why can't my friend connect?"
+            if isinstance(exc, ssl.SSLError):
+                self.chat.closed_before_joining(conn.peer, Reason.NOT_TLS)
+            self._close(conn, Reason.CLOSED)
+            return
+        else:
+            conn.write_blocked = False
+            self._open(conn)
+            if conn.sock.pending():
+                self.tls_buffered.append(conn)
+            return
+        self._set_interest(conn)
+
+    @staticmethod
+    def _peek(conn):
+        """The first byte the client sent, left in the kernel for OpenSSL to read (b"" at its
+        end, None if nothing came). The plain socket's recv: TLS has not begun."""
+        try:
+            return socket.socket.recv(conn.sock, 1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
+    def _refuse_plain_text(self, conn, first):
+        """A client that speaks first and not TLS (nc, telnet, a chat client without --tls):
+        told so in plain text, since it could read nothing else, and closed."""
+        conn.tls = False   # what follows is plain TCP: no close_notify
+        if first:
+            try:
+                socket.socket.send(conn.sock, (Lines.TLS_HINT + "\n").encode())
+            except OSError:
+                pass
+            self.chat.closed_before_joining(conn.peer, Reason.NOT_TLS)
+        self._close_after_flush(conn)
+
+
+class Reading:
+    """Input: reading, framing lines, the line limit, flood control, and a fair share of each
+    turn for every connection with lines to handle."""
+
+    def _on_readable(self, conn):
+        if conn.phase is HANDSHAKE:
+            self._handshake(conn)
+        else:
+            self._read(conn)
+
+    def _read(self, conn):
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError, TLS_WANTS_READ):
+            return
+        except TLS_WANTS_WRITE:
+            # TLS must write before it can read on (a renegotiation): wait until it can.
+            conn.write_blocked = True
+            self._set_interest(conn)
+            return
+        except OSError as exc:
+            self._close(conn, reason_for(exc))
+            return
+        if data:
+            if conn.tls:
+                data = self._read_tls_rest(conn, data)
+                if conn.tls_retry and not conn.write_blocked:
+                    self._send(conn)  # a write that waited for this read (see _send)
+        else:
+            conn.input_ended = True
+        phase = conn.phase
+        if phase is LINGERING or phase is CLOSING:
+            # Being closed: its input no longer matters, only that our last lines get out.
+            if conn.input_ended and (phase is LINGERING or not conn.peer.out):
+                self._close(conn, Reason.CLOSED)
+            else:
+                self._set_interest(conn)
+            return
+        if data:
+            conn.inbuf = conn.inbuf + data if conn.inbuf else data
+        if conn.in_backlog or conn.holds:
+            # Lines of its own wait already (handled in order after this turn's reads), or it
+            # is paused: the new input waits with them.
+            if conn.input_ended or len(conn.inbuf) >= self.input_limit:
+                self._set_interest(conn)
+            return
+        self._take_turn(conn, self._share)
+
+    def _read_tls_rest(self, conn, data):
+        """What the TLS layer already decrypted is invisible to select(): take it now, up to the
+        read size; if more is left, come back for it next turn without waiting for select."""
+        sock = conn.sock
+        chunks = [data]
+        size = len(data)
+        while size < READ_SIZE and sock.pending():
+            try:
+                chunk = sock.recv(READ_SIZE - size)
+            except (TLS_WANTS_READ, TLS_WANTS_WRITE):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if sock.pending():
+            self.tls_buffered.append(conn)
+        return b"".join(chunks) if len(chunks) > 1 else data
+
+    def _read_tls_buffered(self):
+        """Read the TLS connections holding decrypted input. One that is not being read now
+        (paused) is dropped from the list: _set_interest lists it again when reading resumes."""
+        waiting, self.tls_buffered = self.tls_buffered, []
+        for conn in waiting:
+            if conn.mask & EVENT_READ and conn.phase is not CLOSED:
+                try:
+                    self._on_readable(conn)
+                except Exception:
+                    self._fail(conn)
+
+    def _queue_lines(self, conn):
+        """Give ``conn``'s input a turn: its complete lines, an over-long tail, its end."""
+        if not conn.in_backlog:
+            conn.in_backlog = True
+            self.backlog.append(conn)
+
+    def _handle_backlog(self):
+        """Handle queued lines, at most about LINES_PER_TURN in all, shared fairly; what is left
+        waits for the next turn, so one turn never queues unbounded output before a flush."""
+        if not self.backlog:
+            return
+        ready, self.backlog = self.backlog, []
+        share = max(1, LINES_PER_TURN // len(ready))
+        for conn in ready:
+            conn.in_backlog = False
+            if conn.phase not in TALKING or conn.holds:
+                continue
+            try:
+                self._take_turn(conn, share)
+            except Exception:
+                self._fail(conn)
+
+    def _take_turn(self, conn, share):
+        """Handle up to ``share`` of conn's complete lines now; what is left waits in the
+        backlog for the next turn. At the end of its input, it leaves."""
+        more = self._handle_lines(conn, share)
+        if conn.phase not in TALKING:
+            return
+        if more:
+            if not (conn.holds or conn.in_backlog):
+                conn.in_backlog = True
+                self.backlog.append(conn)
+        elif conn.input_ended:
+            self.chat.leave(conn.peer, Reason.CLOSED)
+            self._close_after_flush(conn)
+            return
+        if conn.mask != EVENT_READ or conn.holds or conn.input_ended or \
+                len(conn.inbuf) >= self.input_limit:
+            self._set_interest(conn)  # something changed; else reading simply goes on
+
+    def _handle_lines(self, conn, most):
+        """Handle up to ``most`` complete lines of conn's input, as far as the flood limit and
+        its own output queue allow. True if complete lines remain."""
+        parts = conn.inbuf.split(b"\n", most)
+        rest = parts.pop()
+        over_rate = False
+        if len(parts) > conn.tokens:   # the one comparison flood control costs while not hit
+            allowed = self._top_up(conn)
+            if len(parts) > allowed:
+                rest = b"\n".join(parts[allowed:] + [rest])
+                del parts[allowed:]
+                over_rate = True
+        peer = conn.peer
+        current = conn.phase
+        handle = self._line_handlers[current]
+        limit = self.max_line_bytes
+        handled = 0
+        for line in parts:
+            handled += 1
+            if conn.skipping_long_line:   # the tail of a line already answered as too long
+                conn.skipping_long_line = False
+                continue
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if len(line) > limit:
+                self.chat.line_too_long(peer, limit)
+                continue
+            phase = handle(peer, line)
+            if phase is not None:
+                self._enter(conn, phase)
+            if conn.phase is not current:   # (the answer, or an answer given at once)
+                if conn.phase not in TALKING:
+                    conn.tokens -= handled
+                    conn.inbuf = b""
+                    return False
+                current = conn.phase
+                handle = self._line_handlers[current]
+            if conn.holds or ((conn.write_blocked or len(peer.out) > self._throttle_items)
+                              and peer.queued_bytes() > self.high_water):
+                if not conn.holds:
+                    conn.holds |= Hold.HIGH_WATER
+                rest = b"\n".join(parts[handled:] + [rest])   # (an answer is awaited)
+                break
+        conn.tokens -= handled
+        more = b"\n" in rest
+        if not more and len(rest) > limit + 1:  # +1: the \r of a \r\n still on its way
+            if not conn.skipping_long_line:
+                self.chat.line_too_long(peer, limit)
+                conn.tokens -= 1
+                conn.skipping_long_line = True
+            rest = b""
+        conn.inbuf = rest
+        if over_rate:
+            self._wait_for_rate(conn)
+        return more
+
+    def _top_up(self, conn):
+        """Flood control's arithmetic, done only near the limit: the tokens earned since the
+        last top-up, at most a burst. Returns the whole lines allowed now."""
+        now = time.monotonic()
+        conn.tokens = min(self.rate_burst, conn.tokens + (now - conn.stamp) * self.rate_limit)
+        conn.stamp = now
+        return max(int(conn.tokens), 0)
+
+    def _wait_for_rate(self, conn):
+        """Over the limit: stop reading until the next line is allowed (TCP holds the rest);
+        a timer, not polling, so a flooder that waits costs nothing."""
+        conn.holds |= Hold.RATE
+        self.after(max(1.0 - conn.tokens, 0.0) / self.rate_limit, self._rate_allows, conn)
+
+    def _rate_allows(self, conn):
+        conn.holds &= ~Hold.RATE
+        if conn.phase in TALKING:
+            self._queue_lines(conn)
+            self._set_interest(conn)
+
+
+class Writing:
+    """Output: every connection with new output written once per turn, the kernel's full buffers
+    waited out, readers that stopped reading paused and then cut off."""
+
+    def _flush_pending(self):
+        """Write every connection that has new output: one send each (flush-before-sleep).
+
+        A connection whose kernel buffer is full waits for EVENT_WRITE instead; one whose queue
+        passed the send-queue limit is disconnected (which may queue more output: loop)."""
+        while True:
+            batch = self.chat.take_pending()
+            if not batch:
+                return
+            for peer in batch:
+                conn = peer.owner
+                if conn is None or conn.phase is CLOSED:
+                    continue
+                try:
+                    if not conn.write_blocked:
+                        self._send(conn)
+                        if not peer.out and conn.mask == EVENT_READ and \
+                                conn.phase in TALKING and not conn.holds & Hold.HIGH_WATER:
+                            continue  # all written and nothing changes: the common case
+                    self._after_send(conn)
+                except Exception:
+                    self._fail(conn)
+
+    def _on_writable(self, conn):
+        if conn.phase is Phase.HANDSHAKE:
+            self._handshake(conn)
+            return
+        self._send(conn)
+        if conn.phase is not Phase.CLOSED:
+            self._after_send(conn)
+
+    def _send(self, conn):
+        peer = conn.peer
+        if not peer.out:
+            return
+        data = peer.out[0] if conn.tls_retry else peer.output()  # (held by hold())
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except (TLS_WANTS_WRITE, TLS_WANTS_READ) as wants:
+            if not conn.tls_retry:
+                peer.hold(data)    # OpenSSL wants this very buffer again
+                conn.tls_retry = True
+            # Retried when the socket is writable, or (TLS must read first, a renegotiation)
+            # after the next read, which _read then follows with the write.
+            conn.write_blocked = isinstance(wants, TLS_WANTS_WRITE)
+            return
+        except OSError as exc:
+            self._close(conn, reason_for(exc))
+            return
+        conn.tls_retry = False
+        peer.sent(data, sent)
+        conn.write_blocked = bool(peer.out)
+
+    def _after_send(self, conn):
+        if conn.phase is Phase.CLOSED:
+            return
+        peer = conn.peer
+        if peer.queued_bytes() > self.max_send_queue:
+            self._close(conn, Reason.SEND_QUEUE_FULL)  # a reader that stopped reading
+            return
+        if conn.holds & Hold.HIGH_WATER and peer.queued_bytes() <= self.low_water:
+            conn.holds &= ~Hold.HIGH_WATER
+            if conn.phase in TALKING:
+                self._queue_lines(conn)
+        if conn.phase is Phase.CLOSING and not peer.out:
+            self._start_lingering(conn)
+        self._set_interest(conn)
+
+    def _set_interest(self, conn):
+        """Tell the selector what this connection waits for now; no syscall when unchanged."""
+        phase = conn.phase
+        if phase is Phase.CLOSED:
+            return
+        mask = 0
+        if phase is Phase.LINGERING or phase is Phase.HANDSHAKE or (
+                phase in TALKING and not (conn.input_ended or conn.holds or self.stopping)
+                and len(conn.inbuf) < self.input_limit):
+            mask |= EVENT_READ
+            if conn.tls and not conn.mask & EVENT_READ and phase in TALKING \
+                    and conn.sock.pending():
+                self.tls_buffered.append(conn)  # reading resumes: what TLS holds comes first
+        if conn.write_blocked:
+            mask |= EVENT_WRITE
+        if mask == conn.mask:
+            return
+        if conn.mask == 0:
+            self.poller.register(conn.sock, mask, conn)
+        elif mask == 0:
+            self.poller.unregister(conn.sock)
+        else:
+            self.poller.modify(conn.sock, mask, conn)
+        conn.mask = mask
+
+
+class Closing:
+    """The end of a connection: its last lines written, FIN, a short linger, then close, with
+    everything it held let go of at once."""
+
+    def _close_after_flush(self, conn):
+        """CLOSING: no more input is handled; close once the queued lines are written."""
+        if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
+            return
+        self._move(conn, Phase.CLOSING)
+        if not conn.peer.out:
+            self._start_lingering(conn)
+        else:
+            self.closing.add(conn, time.monotonic())
+            self._set_interest(conn)
+
+    def _start_lingering(self, conn):
+        """LINGERING: all output written: send FIN, then read until the peer closes (or a short
+        while), so that close() does not answer unread input with a RST that could destroy our
+        last lines."""
+        self._move(conn, Phase.LINGERING)
+        self.closing.discard(conn)
+        try:
+            if conn.tls:
+                self._send_close_notify(conn)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn, Reason.CLOSED)
+            return
+        if conn.input_ended:
+            self._close(conn, Reason.CLOSED)
+            return
+        self.lingering.add(conn, time.monotonic())
+        self._set_interest(conn)
+
+    @staticmethod
+    def _send_close_notify(conn):
+        """TLS's own end of the conversation; the peer's answer is not waited for."""
+        try:
+            conn.sock.unwrap()
+        except (TLS_WANTS_READ, TLS_WANTS_WRITE, OSError, ValueError):
+            pass
+
+    def _close(self, conn, reason):
+        """CLOSED: close one connection now, whatever its phase; tell the room if it had joined."""
+        if conn.phase is Phase.CLOSED:
+            return
+        self._move(conn, Phase.CLOSED)
+        if conn.mask:
+            self.poller.unregister(conn.sock)
+            conn.mask = 0
+        conn.sock.close()
+        del self.conns[conn.sock]
+        for deadlines in self.deadlines:
+            deadlines.discard(conn)
+        self.chat.leave(conn.peer, reason)
+        self._release(conn)
+        if self.accept_paused:
+            self._resume_accepting(None)  # a descriptor just came free
+
+    @staticmethod
+    def _release(conn):
+        """Let go of what a closed connection held at once, whoever still refers to it (a timer,
+        the room's pending list): its buffers, and the Conn-Peer cycle that would otherwise
+        wait for the cyclic garbage collector."""
+        conn.inbuf = b""
+        conn.peer.out.clear()
+        conn.peer.owner = None
+
+    def _forget(self, conn):
+        """Last resort after an error in _close itself: drop every reference to ``conn``."""
+        conn.phase = Phase.CLOSED   # (by force: whatever went wrong, it is closed now)
+        for step in (lambda: self.poller.unregister(conn.sock), conn.sock.close,
+                     lambda: self.conns.pop(conn.sock, None),
+                     lambda: [deadlines.discard(conn) for deadlines in self.deadlines],
+                     lambda: self._release(conn)):
+            try:
+                step()
+            except Exception:
+                pass
+
+
+class Timers:
+    """What is due at a time: the fixed-length deadlines (Deadlines) and the rest in a heap
+    (flood control's waits, the accept pause, the shutdown's grace)."""
+
+    def after(self, seconds, action, conn):
+        """Call ``action(conn)`` in ``seconds`` (unless conn is closed by then)."""
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + seconds, self._timer_seq, action, conn))
+
+    def _run_timers(self):
+        now = time.monotonic()
+        for deadlines in self.deadlines:
+            for conn in deadlines.take_due(now):
+                try:
+                    deadlines.expired(conn)
+                except Exception:
+                    self._fail(conn)
+        while self.timers and self.timers[0][0] <= now:
+            _, _, action, conn = heapq.heappop(self.timers)
+            if conn is None:
+                action(conn)
+                continue
+            if conn.phase is Phase.CLOSED:
+                continue
+            try:
+                action(conn)
+            except Exception:
+                self._fail(conn)
+
+    def _join_expired(self, conn):
+        """Its join timeout has come: if it has not joined by now, it is refused."""
+        if conn.phase is Phase.HANDSHAKE:
+            self._close(conn, Reason.CLOSED)  # no TLS yet, so nothing can be said
+        elif conn.phase is Phase.PASSWORD:
+            self._enter(conn, self.chat.refuse(conn.peer, Lines.PASSWORD_TIMEOUT))
+        elif conn.phase is Phase.NICKNAME:
+            self._enter(conn, self.chat.refuse(conn.peer, Lines.JOIN_TIMEOUT))
+
+    def _closing_expired(self, conn):
+        if conn.phase is Phase.CLOSING:
+            self._close(conn, Reason.CLOSED)
+
+    def _linger_expired(self, conn):
+        self._close(conn, Reason.CLOSED)
+
+
+class Stopping:
+    """Signals, and the end: everyone told, the last lines given a moment to leave."""
+
+    def install_signal_handlers(self):
+        signal.set_wakeup_fd(self._wakeup_w.fileno())
+        self._wakeup_installed = True
+        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.stopping = True
+
+    def shutdown(self, grace=SHUTDOWN_GRACE):
+        """Tell every connection, give the output up to ``grace`` seconds to leave, close all."""
+        self.stopping = True
+        if self.listener is not None:
+            if not self.accept_paused:
+                self.poller.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+        self.backlog = []
+        self.chat.shut_down()
+        for conn in list(self.conns.values()):
+            if conn.phase in (Phase.PASSWORD, Phase.NICKNAME):
+                self.chat.notice(conn.peer, Lines.SHUTTING_DOWN)
+            if conn.phase is Phase.HANDSHAKE:
+                self._close(conn, Reason.SHUTDOWN)
+            else:
+                self._close_after_flush(conn)
+        self.timers = []
+        self.joining.clear()
+        self.after(grace, lambda _: None, None)  # bounds the wait below
+        deadline = time.monotonic() + grace
+        self._flush_pending()
+        while self.conns and time.monotonic() < deadline:
+            self.run_once(timeout=max(deadline - time.monotonic(), 0))
+        for conn in list(self.conns.values()):
+            self._close(conn, Reason.SHUTDOWN)
+        self.log.flush()
+
+    def close(self):
+        for conn in list(self.conns.values()):
+            self._close(conn, Reason.SHUTDOWN)
+        if self.listener is not None:
+            self.listener.close()
+        if self._wakeup_installed:
+            # First, so that no signal handler writes to a closed socket: on Windows Ctrl-C is
+            # handled in a thread of its own, which may not have written yet when the loop,
+            # woken by something else, has already seen the signal and stopped.
+            signal.set_wakeup_fd(-1)
+            self._wakeup_installed = False
+        for sock in (self._wakeup_r, self._wakeup_w):
+            if sock is not None:
+                sock.close()
+        self.poller.close()
+        self.store.close()
+        self.log.close()
+
+
+class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, Stopping):
+    """The chat server: the room core (``chat``) behind one selector loop, and every part of a
+    connection's life above. Its state, all of it, is set up here."""
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, log=None,
+                 max_clients=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
+                 max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
+                 history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
+                 rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None,
+                 dead_peer=DEFAULT_DEAD_PEER, max_rooms=DEFAULT_MAX_ROOMS, store=None,
+                 catch_up=DEFAULT_CATCH_UP, operators=()):
+        self.host = host
+        self.dead_peer = dead_peer
+        self.port = port
+        self.log = log or NullLog()
+        self.store = store if store is not None else MemoryStore()
+        self.hashing = ThreadHashing(self._wake)
+        self.chat = Chat(self.log.record, history=history, password=password,
+                         max_rooms=max_rooms, store=self.store, hashing=self.hashing,
+                         catch_up=catch_up, operators=operators)
+        self.chat.on_phase = self._room_moved
+        self.chat.on_hold = self._room_holds
+        self.chat.on_timer = lambda seconds, action: self.after(seconds, lambda _: action(),
+                                                                None)
+        self._line_handlers = self.chat.line_handlers()
+        self.poller = make_poller(selector)
+        if max_clients is None:
+            selecting = isinstance(getattr(self.poller, "selector", None),
+                                   selectors.SelectSelector)
+            max_clients = SELECT_MAX_CLIENTS if selecting else DEFAULT_MAX_CLIENTS
+        # Each client costs a descriptor: past what the process may open, a newcomer is better
+        # told the chat is full than left waiting in the kernel's backlog.
+        self.max_clients = min(max_clients, descriptors_for_clients())
+        self.max_line_bytes = max_line_bytes
+        self.max_send_queue = max_send_queue
+        # Reading from a connection stops while its own queue is above high water (it sends but
+        # does not read its replies) and resumes below low water: TCP then slows the sender down.
+        self.high_water = max(max_send_queue // 4, 1)
+        self.low_water = self.high_water // 4
+        # While a queue holds fewer items than this it cannot be above high water (an item is at
+        # most one line and its prefixes), so the per-line check need not add up its bytes.
+        self._throttle_items = max(1, self.high_water // (2 * max_line_bytes + 128))
+        # Reading a connection pauses while this much unhandled input waits: at least one read,
+        # and room for a whole line of the longest kind, or such a line could never complete.
+        self.input_limit = max(READ_SIZE, max_line_bytes + 2)
+        self.join_timeout = join_timeout
+        # Flood control: a token bucket per connection. Off is an endless bucket, so the check
+        # per batch of lines is the same one comparison either way.
+        self.rate_limit = rate_limit
+        self.rate_burst = float(rate_burst) if rate_limit else float("inf")
+        self.tls = tls            # an ssl.SSLContext, or None for plain TCP
+        self.conns = {}           # socket -> Conn
+        self.backlog = []         # Conns with complete lines not yet handled
+        self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
+        self.timers = []          # heap of (when, sequence, action, conn)
+        # Fixed-length timeouts, one ordered dict each (see Deadlines); the heap above is for
+        # the rest (flood control's waits, the accept pause, the shutdown's grace).
+        self.joining = Deadlines(join_timeout, self._join_expired)
+        self.closing = Deadlines(CLOSING_SECONDS, self._closing_expired)
+        self.lingering = Deadlines(LINGER_SECONDS, self._linger_expired)
+        self.deadlines = (self.joining, self.closing, self.lingering)
+        self._share = LINES_PER_TURN  # lines each connection read this turn may handle at once
+        self._timer_seq = 0
+        self.listener = None
+        self.accept_paused = False
+        self.stopping = False
+        self._wakeup_r = self._wakeup_w = None
+        self._wakeup_installed = False
+        self.chat.schedule_endings()   # (the bans and mutes of before a restart)
+
+
+# =============================================================================================
+# What the loop uses: TLS, the logs, the platform.
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# TLS.
+# ---------------------------------------------------------------------------------------------
+
+class _NotRaised(Exception):
+    """Stands for ssl's exceptions in the loop's except clauses until TLS is used."""
+
+
+# A TLS socket's "try again when it is readable/writable", as distinct from a real error.
+# (An except clause's names are looked up only when an exception is being matched.)
+TLS_WANTS_READ = TLS_WANTS_WRITE = _NotRaised
+
+TLS_HANDSHAKE_RECORD = b"\x16"   # the first byte of every TLS client's first message
+
+
+def load_ssl():
+    """Import ssl for TLS; RuntimeError if this Python has none (some minimal builds)."""
+    global ssl, TLS_WANTS_READ, TLS_WANTS_WRITE
+    try:
+        import ssl as module
+    except ImportError:
+        raise RuntimeError("--tls-cert needs Python's ssl module, which this Python lacks")
+    ssl = module
+    TLS_WANTS_READ, TLS_WANTS_WRITE = ssl.SSLWantReadError, ssl.SSLWantWriteError
+    return ssl
+
+
+def tls_context(cert_file, key_file):
+    """A server context for the certificate (TLS 1.2 or newer); OSError or ssl.SSLError if the
+    files are wrong, RuntimeError if this Python has no ssl module."""
+    ssl = load_ssl()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def describe_tls_file_error(exc, cert_file, key_file):
+    """What is wrong with the certificate or key, in words (OpenSSL's are "PEM lib")."""
+    reason = getattr(exc, "reason", None) or ("PEM_LIB" if "PEM lib" in str(exc) else None)
+    if reason == "KEY_VALUES_MISMATCH":
+        return "the key does not belong to the certificate"
+    if reason in ("PEM_LIB", "NO_START_LINE", "BAD_END_LINE"):
+        try:
+            with open(key_file or cert_file, encoding="ascii", errors="replace") as f:
+                has_key = "PRIVATE KEY-----" in f.read()
+        except OSError:
+            has_key = True
+        if not has_key:
+            return ("no private key in %s (give it with --tls-key)" % cert_file if not key_file
+                    else "no private key in %s" % key_file)
+        return "not a PEM certificate and key"
+    return getattr(exc, "strerror", None) or reason or str(exc)
+
+
+def certificate_fingerprint(cert_file):
+    """SHA-256 of the (first) certificate in the PEM file, as ``AA:BB:...`` (openssl's form)."""
+    import hashlib
+    ssl = load_ssl()
+    with open(cert_file, encoding="ascii", errors="replace") as f:
+        pem = f.read()
+    match = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem, re.DOTALL)
+    if not match:
+        raise ValueError("no certificate in %s" % cert_file)
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group())).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,7 +3639,7 @@ class FileLog:
         self.backups = backups
         self.warn = warn or (lambda message: None)
         self._failing = False   # said so already: stay quiet until a write works again
-        self._file = open(path, "ab")
+        self._file = open_private(path)
         self._size = self._file.tell()
         self._lines = []
         self.record = self._lines.append
@@ -813,7 +3674,7 @@ class FileLog:
             # tool, a virus scanner): keep appending, and try again after another max_bytes.
             pass
         try:
-            self._file = open(self.path, "ab")
+            self._file = open_private(self.path)
         except OSError as exc:
             self._failed(exc)
         self._size = 0
@@ -965,12 +3826,13 @@ class SyslogLog:
             self._sock.close()
 
 
-def platform_name():
-    """'windows' or 'posix'. CHAT_PLATFORM=windows lets the tests run the Windows paths on Linux."""
-    forced = os.environ.get("CHAT_PLATFORM")
-    if forced in ("windows", "posix"):
-        return forced
-    return "windows" if os.name == "nt" else "posix"
+def open_private(path):
+    """``path`` opened to append bytes, created readable by its owner only (0600 on POSIX): a
+    chat's records are nobody else's business. An existing file keeps its mode."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | BINARY, 0o600), "ab")
+
+
+BINARY = getattr(os, "O_BINARY", 0)   # Windows: no newline translation
 
 
 def default_syslog_address():
@@ -1030,951 +3892,998 @@ def open_log(mode, log_file, syslog_address, warn):
 
 
 # ---------------------------------------------------------------------------------------------
-# TLS.
+# Redis: a client for the loop (a cluster's nodes meet in Redis). RESP2 over non-blocking
+# sockets, in these parts, each built on the one before:
+#
+# * RespParser: an incremental RESP2 reader (the shape of hiredis's read.c): feed(bytes), then
+#   gets() until it returns RESP_INCOMPLETE. A reply may arrive split over any number of reads;
+#   nested arrays are filled through a stack, not recursion. An error reply is a RedisError
+#   *value*, so the replies of a pipeline can hold one among the others; bytes that are not
+#   RESP raise RespProtocolError.
+# * encode_command(*args): a command as a RESP array of bulk strings.
+# * parse_redis_url(url) -> RedisAddress; redact_redis_url(url) for messages.
+# * RedisConnection: one connection's life inside the loop, never blocking: connect, TLS for
+#   rediss://, AUTH, SELECT, then pipelined commands whose callbacks are called in the order
+#   they were sent, EVALSHA with a transparent NOSCRIPT reload, a deadline per command. It
+#   talks to the loop only through loop.watch(sock, readable, writable, handler),
+#   loop.unwatch(sock), loop.call_later(seconds, callback) -> handle (handle.cancel()) and
+#   loop.monotonic(); its owner calls flush() once per loop turn, before the loop sleeps.
+# * RedisLink: keeps one RedisConnection usable, connecting again with back-off after a loss.
+#
+# The promise to the owner: every command given to send or evalsha ends in exactly one of two
+# ways: its callback gets its reply, or it is in the list on_lost(reason, unanswered) hands over
+# (a RedisCommand, whose ``written`` says whether Redis may have run it). Nothing is assumed done
+# or undone, and no error of Redis or the network escapes into the loop.
 # ---------------------------------------------------------------------------------------------
 
-class _NotRaised(Exception):
-    """Stands for ssl's exceptions in the loop's except clauses until TLS is used."""
+REDIS_DEFAULT_PORT = 6379
+REDIS_TIMEOUT = 3.0            # seconds a command (or connecting) may take before the link is lost
+REDIS_RECONNECT_FIRST = 0.1    # the first wait before connecting again, doubled after each failure
+REDIS_RECONNECT_MAX = 2.0      # ...up to this
+REDIS_READ_SIZE = 256 * 1024   # one recv(): a big XREAD batch in few system calls
+REDIS_READ_BUDGET = 4 * 1024 * 1024  # read per event at most; then the other sockets' turn
+RESP_MAX_LINE = 1024 * 1024    # a header, status or error line; garbage without CRLF ends here
+RESP_MAX_BULK = 512 * 1024 * 1024  # Redis's own proto-max-bulk-len
 
 
-# A TLS socket's "try again when it is readable/writable", as distinct from a real error.
-# (An except clause's names are looked up only when an exception is being matched.)
-TLS_WANTS_READ = TLS_WANTS_WRITE = _NotRaised
+# ---------------------------------------------------------------------------------------------
+# RESP2: replies in, commands out
+# ---------------------------------------------------------------------------------------------
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``, ``-NOSCRIPT ...``, ``-WRONGPASS ...``): a value handed to a
+    callback, never raised here, so that a pipeline's replies can hold it among the others.
+    ``code`` is its first word, the part meant for programs."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+        self.code = message.split(" ", 1)[0]
+
+    def __repr__(self):
+        return "RedisError(%r)" % self.message
 
 
-def load_ssl():
-    """Import ssl for TLS; RuntimeError if this Python has none (some minimal builds)."""
-    global ssl, TLS_WANTS_READ, TLS_WANTS_WRITE
+class RespProtocolError(Exception):
+    """The bytes are not RESP2: the connection can't know which reply is whose any more."""
+
+
+class _Incomplete:
+    def __repr__(self):
+        return "RESP_INCOMPLETE"
+
+
+# What gets() returns until a whole reply is there (None is a reply: the null bulk string).
+RESP_INCOMPLETE = _Incomplete()
+
+_RESP_TYPES = b"$*:+-"
+
+
+class RespParser:
+    """Bytes in (``feed``), whole replies out (``gets``), one at a time in arrival order.
+
+    Types: ``+OK`` -> ``"OK"`` (str), ``-ERR x`` -> ``RedisError("ERR x")``, ``:1`` -> ``1``,
+    ``$3 abc`` -> ``b"abc"``, ``$-1`` -> ``None``, ``*2 ...`` -> ``[...]``, ``*-1`` -> ``None``.
+
+    The input is kept as one ``bytes`` and an offset into it. Elements of an array are taken off
+    the input as soon as each is whole, so what waits for more bytes is at most one element; a
+    long bulk string that waits for its end collects the pieces in a list and joins them once it
+    is all there. Nothing is copied over and over, however the reply is cut.
+    """
+
+    def __init__(self):
+        self._buf = b""
+        self._pos = 0            # where the next unread byte of _buf is
+        self._more = []          # pieces fed since, not yet joined to _buf
+        self._more_size = 0
+        self._need = 1           # bytes from _pos that the next step needs at least
+        self._stack = []         # (items, size) of each array being filled, outermost first
+        self._broken = None      # a protocol error: every later gets() raises it again
+
+    def feed(self, data):
+        if self._pos == len(self._buf) and not self._more:
+            self._buf = bytes(data)
+            self._pos = 0
+        else:
+            self._more.append(bytes(data))
+            self._more_size += len(data)
+
+    def gets(self):
+        """The next whole reply, or ``RESP_INCOMPLETE``; RespProtocolError on bytes that are not
+        RESP (and from then on: after one, the parser's place in the stream is lost)."""
+        if self._broken is not None:
+            raise RespProtocolError(self._broken)
+        if self._more:
+            if len(self._buf) - self._pos + self._more_size < self._need:
+                return RESP_INCOMPLETE
+            self._buf = b"".join([self._buf[self._pos:]] + self._more)
+            self._pos = 0
+            self._more = []
+            self._more_size = 0
+        try:
+            return self._parse()
+        except (RespProtocolError, ValueError) as exc:
+            self._broken = "%s (at %r)" % (exc, self._buf[self._pos:self._pos + 40])
+            raise RespProtocolError(self._broken)
+
+    def _parse(self):
+        buf = self._buf
+        end = len(buf)
+        pos = self._pos
+        stack = self._stack
+        find = buf.find
+        need = 1
+        while pos < end:
+            kind = buf[pos]
+            line_end = find(b"\r\n", pos)
+            if line_end < 0:
+                if kind not in _RESP_TYPES:
+                    raise RespProtocolError("not a RESP type: %r" % bytes([kind]))
+                if end - pos > RESP_MAX_LINE:
+                    raise RespProtocolError("a line longer than %d bytes" % RESP_MAX_LINE)
+                need = end - pos + 1
+                break
+            if kind == 36:                                   # $ bulk string
+                size = int(buf[pos + 1:line_end])
+                if size >= 0:
+                    start = line_end + 2
+                    stop = start + size
+                    if stop + 2 > end:
+                        if size > RESP_MAX_BULK:
+                            raise RespProtocolError("a bulk string of %d bytes" % size)
+                        need = stop + 2 - pos
+                        break
+                    if buf[stop:stop + 2] != b"\r\n":
+                        raise RespProtocolError("a bulk string not followed by CRLF")
+                    value = buf[start:stop]
+                    pos = stop + 2
+                elif size == -1:
+                    value = None
+                    pos = line_end + 2
+                else:
+                    raise RespProtocolError("a bulk string of length %d" % size)
+            elif kind == 42:                                 # * array
+                size = int(buf[pos + 1:line_end])
+                pos = line_end + 2
+                if size > 0:
+                    stack.append(([], size))
+                    continue
+                if size == 0:
+                    value = []
+                elif size == -1:
+                    value = None
+                else:
+                    raise RespProtocolError("an array of length %d" % size)
+            elif kind == 58:                                 # : integer
+                value = int(buf[pos + 1:line_end])
+                pos = line_end + 2
+            elif kind == 43:                                 # + simple string
+                value = buf[pos + 1:line_end].decode("utf-8", "replace")
+                pos = line_end + 2
+            elif kind == 45:                                 # - error
+                value = RedisError(buf[pos + 1:line_end].decode("utf-8", "replace"))
+                pos = line_end + 2
+            else:
+                raise RespProtocolError("not a RESP type: %r" % bytes([kind]))
+            # A whole value: it fills its array, which may fill the array around it, and so on.
+            while stack:
+                items, size = stack[-1]
+                items.append(value)
+                if len(items) < size:
+                    break
+                stack.pop()
+                value = items
+            else:
+                self._taken(pos)
+                return value
+        self._taken(pos)
+        self._need = need
+        return RESP_INCOMPLETE
+
+    def _taken(self, pos):
+        if pos == len(self._buf):
+            self._buf = b""      # all read: the next feed() becomes the buffer, uncopied
+            self._pos = 0
+        else:
+            self._pos = pos
+
+
+def encode_command(*args):
+    """``encode_command("SET", "k", 1)`` -> ``b"*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\n1\\r\\n"``.
+    Arguments are str (sent as UTF-8), bytes or int; anything else is a TypeError, rather than
+    a guess at how Redis should read it."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode("utf-8")
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            data = b"%d" % arg
+        elif isinstance(arg, (bytearray, memoryview)):
+            data = bytes(arg)
+        else:
+            raise TypeError("a Redis argument is str, bytes or int, not %s" % type(arg).__name__)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def script_digest(script):
+    """(SHA-1 in hex, as EVALSHA names it; the script as bytes). Scripts are the program's
+    constants, so the digest is computed once each."""
+    import hashlib
+    body = script.encode("utf-8") if isinstance(script, str) else bytes(script)
+    return hashlib.sha1(body).hexdigest(), body
+
+
+def blocking_seconds(args):
+    """How long Redis may rightly keep this command before answering: the BLOCK of an XREAD or
+    XREADGROUP, else 0. ValueError for BLOCK 0, which waits for ever: a dead Redis would then
+    never be noticed; block for a while and ask again."""
+    name = _word(args[0]).upper() if args else ""
+    if name not in ("XREAD", "XREADGROUP"):
+        return 0.0
+    words = [_word(arg).upper() for arg in args]
+    if "BLOCK" not in words:
+        return 0.0
+    milliseconds = int(_word(args[words.index("BLOCK") + 1]))
+    if milliseconds <= 0:
+        raise ValueError("%s BLOCK %d waits for ever: give it a time, and ask again after it"
+                         % (name, milliseconds))
+    return milliseconds / 1000.0
+
+
+def _word(arg):
+    return arg.decode("utf-8", "replace") if isinstance(arg, (bytes, bytearray)) else str(arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where Redis is: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss:// for TLS
+# ---------------------------------------------------------------------------------------------
+
+REDIS_URL_FORM = "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS)"
+
+
+class RedisAddress:
+    """A parsed Redis URL. Its repr and ``shown`` leave the password out: they go into logs."""
+    __slots__ = ("tls", "host", "port", "db", "username", "password")
+
+    def __init__(self, tls, host, port, db, username, password):
+        self.tls = tls
+        self.host = host              # an IPv6 address without its brackets
+        self.port = port
+        self.db = db
+        self.username = username      # None: the default user
+        self.password = password      # None: no AUTH
+
+    @property
+    def shown(self):
+        """The URL without its password: ``rediss://alice@[::1]:6380/2``."""
+        import urllib.parse   # (a cluster's only: a chat without Redis does without it)
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        user = "%s@" % urllib.parse.quote(self.username, safe="") if self.username else ""
+        return "%s://%s%s:%d/%d" % ("rediss" if self.tls else "redis", user, host, self.port,
+                                    self.db)
+
+    def __repr__(self):
+        return "RedisAddress(%s)" % self.shown
+
+
+def redact_redis_url(url):
+    """``url`` fit for a message: without its password, even when it is not a valid URL."""
     try:
-        import ssl as module
-    except ImportError:
-        raise RuntimeError("--tls-cert needs Python's ssl module, which this Python lacks")
-    ssl = module
-    TLS_WANTS_READ, TLS_WANTS_WRITE = ssl.SSLWantReadError, ssl.SSLWantWriteError
-    return ssl
+        return parse_redis_url(url).shown
+    except ValueError:
+        return _without_password(url)
 
 
-def tls_context(cert_file, key_file):
-    """A server context for the certificate (TLS 1.2 or newer); OSError or ssl.SSLError if the
-    files are wrong, RuntimeError if this Python has no ssl module."""
-    ssl = load_ssl()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _without_password(url):
+    """The text of a URL that did not parse, with *** for what may be its password: whatever
+    stands between the user name and the last ``@`` (all of it when there is no colon, as in
+    the old redis://PASSWORD@HOST)."""
+    scheme, separator, rest = url.rpartition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return "%s%s%s***@%s" % (scheme, separator, user + ":" if colon else "", host)
+
+
+def parse_redis_url(url):
+    """A ``RedisAddress``; ValueError naming what is wrong (and never the password)."""
+    scheme, separator, rest = url.partition("://")
+
+    def problem(what):
+        return ValueError('"%s" is not a Redis URL: %s. The form is %s'
+                          % (_without_password(url), what, REDIS_URL_FORM))
+    if not separator:
+        raise problem("it does not begin with redis:// or rediss://")
+    scheme = scheme.lower()
+    if scheme not in ("redis", "rediss"):
+        raise problem('its scheme is "%s"' % scheme)
+    if "?" in rest or "#" in rest:
+        raise problem("it has a ? or # part (a password with ?, # or / is written %3F, %23, %2F)")
+    userinfo, at, hostpart = rest.rpartition("@")
+    hostport, slash, db_text = hostpart.partition("/")
+    if "/" in userinfo:
+        raise problem("a password with / is written %2F")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        if not colon:
+            raise problem("a user needs a password (USER:PASSWORD@); a password alone is "
+                          ":PASSWORD@")
+        username = _percent_decoded(user, problem) or None
+        password = _percent_decoded(secret, problem)
+        if not password:
+            raise problem("its password is empty")
+    host, port = _host_and_port(hostport, problem)
+    if db_text and not (db_text.isdigit() and db_text.isascii()):
+        raise problem('its database "%s" is not a number' % db_text)
+    return RedisAddress(scheme == "rediss", host, port, int(db_text or 0), username, password)
+
+
+def _percent_decoded(text, problem):
+    import urllib.parse
+    try:
+        return urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise problem("a %-escape in its user or password is not UTF-8")
+
+
+def _host_and_port(hostport, problem):
+    if hostport.startswith("["):
+        host, bracket, port_part = hostport[1:].partition("]")
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except (OSError, ValueError):
+            raise problem('"%s" is not an IPv6 address' % host)
+        if not bracket or (port_part and not port_part.startswith(":")):
+            raise problem("an IPv6 address is written in brackets: [::1]:6379")
+        port_text = port_part[1:] if port_part else None
+    else:
+        if hostport.count(":") > 1:
+            raise problem("an IPv6 address is written in brackets: [::1]:6379")
+        host, colon, port_text = hostport.partition(":")
+        if not colon:
+            port_text = None
+        if not host:
+            raise problem("it names no host")
+        if not all(c.isalnum() or c in "-._" for c in host) or not host.isascii():
+            raise problem('"%s" is not a host name' % host)
+    if port_text is None:
+        return host, REDIS_DEFAULT_PORT
+    if not (port_text.isdigit() and port_text.isascii()) or not 0 < int(port_text) < 65536:
+        raise problem('its port "%s" is not a number from 1 to 65535' % port_text)
+    return host, int(port_text)
+
+
+def resolve_redis_address(address):
+    """The socket addresses to try for ``address``: [(family, sockaddr)], IPv6 and IPv4 as the
+    system orders them. A host name is looked up here, blocking: call this once, before the loop
+    serves (RedisLink does, when it is made). OSError saying what failed."""
+    try:
+        found = socket.getaddrinfo(address.host, address.port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError("cannot find %s: %s" % (address.shown, exc.strerror))
+    unique = []
+    for family, _, _, _, sockaddr in found:
+        if (family, sockaddr) not in unique:
+            unique.append((family, sockaddr))
+    return unique
+
+
+def redis_tls_context(ca_file=None):
+    """A client context for rediss://: the server's certificate verified against ``ca_file``
+    alone when given, else the system's authorities, and its host name checked."""
+    load_ssl()
+    context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
     return context
 
 
-def describe_tls_file_error(exc, cert_file, key_file):
-    """What is wrong with the certificate or key, in words (OpenSSL's are "PEM lib")."""
-    reason = getattr(exc, "reason", None) or ("PEM_LIB" if "PEM lib" in str(exc) else None)
-    if reason == "KEY_VALUES_MISMATCH":
-        return "the key does not belong to the certificate"
-    if reason in ("PEM_LIB", "NO_START_LINE", "BAD_END_LINE"):
-        try:
-            with open(key_file or cert_file, encoding="ascii", errors="replace") as f:
-                has_key = "PRIVATE KEY-----" in f.read()
-        except OSError:
-            has_key = True
-        if not has_key:
-            return ("no private key in %s (give it with --tls-key)" % cert_file if not key_file
-                    else "no private key in %s" % key_file)
-        return "not a PEM certificate and key"
-    return getattr(exc, "strerror", None) or reason or str(exc)
-
-
-def certificate_fingerprint(cert_file):
-    """SHA-256 of the (first) certificate in the PEM file, as ``AA:BB:...`` (openssl's form)."""
-    import hashlib
-    ssl = load_ssl()
-    with open(cert_file, encoding="ascii", errors="replace") as f:
-        pem = f.read()
-    match = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem, re.DOTALL)
-    if not match:
-        raise ValueError("no certificate in %s" % cert_file)
-    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(match.group())).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
-
-
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# One connection
 # ---------------------------------------------------------------------------------------------
 
-class Deadlines:
-    """Connections that must be done with something within a fixed time (joining, closing,
-    lingering). All of one kind have the same length, so they come due in the order they were
-    set: an ordered dict, which a connection leaves as soon as the deadline no longer applies
-    (a heap entry would keep a closed connection, and what it held, until it came due)."""
+class RedisCommand:
+    """A command given to a RedisConnection, until its callback has had its reply. The ones a
+    lost connection leaves unanswered are handed to ``on_lost``: ``args`` (what was sent: for a
+    script, ``("EVALSHA", sha, numkeys, *keys, *args)``), ``callback``, ``script`` (its text, or
+    None), and ``written``: False when no whole copy of it ever left this process, so Redis
+    certainly did not run it; True when it may have. ``send_again`` gives it to a new
+    connection with the same callback."""
+    __slots__ = ("args", "callback", "script", "deadline", "end", "retried", "reply",
+                 "answered", "internal", "written")
 
-    def __init__(self, seconds, expired):
-        self.seconds = seconds
-        self.expired = expired   # called with each connection whose time has come
-        self._due = collections.OrderedDict()   # connection -> when
+    def __init__(self, args, callback, script=None, internal=False):
+        self.args = args
+        self.callback = callback
+        self.script = script
+        self.internal = internal  # ours (AUTH, SCRIPT LOAD...): never the owner's to see
+        self.retried = False      # sent again after NOSCRIPT
+        self.answered = False     # its reply is in ``reply``, its callback not yet called
+        self.reply = None
+        self.deadline = self.end = 0
+        self.written = False
 
-    def __len__(self):
-        return len(self._due)
-
-    def add(self, conn, now):
-        self._due[conn] = now + self.seconds
-
-    def discard(self, conn):
-        self._due.pop(conn, None)
-
-    def next_due(self):
-        return next(iter(self._due.values())) if self._due else float("inf")
-
-    def take_due(self, now):
-        """The connections whose time has come, removed, earliest first."""
-        due = []
-        while self._due:
-            conn, when = next(iter(self._due.items()))
-            if when > now:
-                break
-            del self._due[conn]
-            due.append(conn)
-        return due
-
-    def clear(self):
-        self._due.clear()
-
-
-class SelectorPoller:
-    """What the loop asks of its selector: register a socket for EVENT_READ and EVENT_WRITE with
-    its data, and ``poll()`` -> [(data, events)], where the bits ``readable`` and ``writable`` of
-    events say which. This one is the selectors module's (select on Windows, kqueue on macOS)."""
-
-    readable, writable = EVENT_READ, EVENT_WRITE
-
-    def __init__(self, selector):
-        self.selector = selector
-
-    def register(self, sock, events, data):
-        self.selector.register(sock, events, data)
-
-    def modify(self, sock, events, data):
-        self.selector.modify(sock, events, data)
-
-    def unregister(self, sock):
-        self.selector.unregister(sock)
-
-    def poll(self, timeout):
-        return [(key.data, events) for key, events in self.selector.select(timeout)]
-
-    def close(self):
-        self.selector.close()
-
-
-class EpollPoller:
-    """Linux: select.epoll itself. The selectors module looks up a key and rebuilds the event
-    mask for every event, which is a measurable share of a busy small room's time; here an event
-    is one dict lookup. Errors and hang-ups count as readable and writable, as in selectors."""
-
-    readable = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") \
-        else 0
-    writable = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") \
-        else 0
-
-    def __init__(self):
-        self._epoll = select.epoll()
-        self._data = {}   # descriptor -> the data it was registered with
-
-    @staticmethod
-    def _bits(events):
-        return ((select.EPOLLIN if events & EVENT_READ else 0)
-                | (select.EPOLLOUT if events & EVENT_WRITE else 0))
-
-    def register(self, sock, events, data):
-        fd = sock.fileno()
-        self._epoll.register(fd, self._bits(events))
-        self._data[fd] = data
-
-    def modify(self, sock, events, data):
-        fd = sock.fileno()
-        self._epoll.modify(fd, self._bits(events))
-        self._data[fd] = data
-
-    def unregister(self, sock):
-        fd = sock.fileno()
-        self._epoll.unregister(fd)
-        del self._data[fd]
-
-    def poll(self, timeout):
-        if timeout is None:
-            timeout = -1
-        elif timeout > 0:
-            timeout = math.ceil(timeout * 1e3) * 1e-3  # (as selectors: never a busy 0 ms wait)
-        data = self._data
-        return [(data[fd], events)
-                for fd, events in self._epoll.poll(timeout, max(len(data), 1))]
-
-    def close(self):
-        self._epoll.close()
-
-
-def make_poller(selector=None):
-    """epoll where there is one (and the Windows paths are not being forced), else selectors'."""
-    if selector is None and hasattr(select, "epoll") and platform_name() != "windows":
-        return EpollPoller()
-    if selector is None:
-        selector = (selectors.SelectSelector() if platform_name() == "windows"
-                    else selectors.DefaultSelector())
-    return SelectorPoller(selector)
-
-
-class Conn:
-    """One connection as the loop sees it: its socket, its phase, and the conditions that decide
-    whether it is read or written. The room's side of it is ``peer``."""
-    __slots__ = ("sock", "peer", "phase", "tls", "inbuf", "mask", "tokens", "stamp", "refusal",
-                 "write_blocked", "tls_retry", "over_high_water", "over_rate", "input_ended",
-                 "skipping_long_line", "in_backlog")
-
-    def __init__(self, sock, peer, tls=False, burst=float("inf")):
-        self.sock = sock
-        self.peer = peer
-        self.phase = Phase.HANDSHAKE if tls else None  # None: until the room greets it
-        self.tls = tls
-        self.inbuf = b""          # received bytes not yet handled as lines
-        self.mask = 0             # the events the selector watches for this socket now
-        self.tokens = burst       # flood control: lines it may send before the clock is read
-        self.stamp = 0.0          # when tokens were last topped up (at first: when it arrived)
-        self.refusal = None       # the line it gets once its TLS handshake is done (full)
-        # The conditions, independent of the phase:
-        self.write_blocked = False      # the kernel's send buffer is full: wait for EVENT_WRITE
-        self.tls_retry = False          # a TLS write must be retried with the same bytes
-        self.over_high_water = False    # own output queue above high water: stop reading
-        self.over_rate = False          # sent faster than the flood limit: stop reading
-        self.input_ended = False        # the peer will send no more
-        self.skipping_long_line = False  # dropping the rest of an over-long line, up to its \n
-        self.in_backlog = False         # listed in Server.backlog (complete lines wait)
+    def send_again(self, target):
+        """Send this command on ``target`` (a ready RedisConnection or RedisLink)."""
+        if self.script is None:
+            target.send(self.args, self.callback)
+        else:
+            count = int(self.args[2])
+            target.evalsha(self.script, self.args[3:3 + count], self.args[3 + count:],
+                           self.callback)
 
     def __repr__(self):
-        return "<Conn %s %s nick=%r queued=%d>" % (self.phase, self.peer.address, self.peer.nick,
-                                                   self.peer.queued_bytes())
+        return "RedisCommand(%r)" % (self.args[:4],)
 
 
-class Server:
-    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, log=None,
-                 max_clients=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
-                 max_send_queue=DEFAULT_MAX_SEND_QUEUE, join_timeout=DEFAULT_JOIN_TIMEOUT,
-                 history=DEFAULT_HISTORY, rate_limit=DEFAULT_RATE_LIMIT,
-                 rate_burst=DEFAULT_RATE_BURST, password=None, tls=None, selector=None):
-        self.host = host
-        self.port = port
-        self.log = log or NullLog()
-        self.chat = Chat(self.log.record, history=history, password=password)
-        # What handles a line in each phase the room reads lines in.
-        self._line_handlers = {Phase.MEMBER: self.chat.member_line,
-                               Phase.NICKNAME: self.chat.nickname_line,
-                               Phase.PASSWORD: self.chat.password_line}
-        self.poller = make_poller(selector)
-        if max_clients is None:
-            selecting = isinstance(getattr(self.poller, "selector", None),
-                                   selectors.SelectSelector)
-            max_clients = SELECT_MAX_CLIENTS if selecting else DEFAULT_MAX_CLIENTS
-        # Each client costs a descriptor: past what the process may open, a newcomer is better
-        # told the chat is full than left waiting in the kernel's backlog.
-        self.max_clients = min(max_clients, descriptors_for_clients())
-        self.max_line_bytes = max_line_bytes
-        self.max_send_queue = max_send_queue
-        # Reading from a connection stops while its own queue is above high water (it sends but
-        # does not read its replies) and resumes below low water: TCP then slows the sender down.
-        self.high_water = max(max_send_queue // 4, 1)
-        self.low_water = self.high_water // 4
-        # While a queue holds fewer items than this it cannot be above high water (an item is at
-        # most one line and its prefixes), so the per-line check need not add up its bytes.
-        self._throttle_items = max(1, self.high_water // (2 * max_line_bytes + 128))
-        # Reading a connection pauses while this much unhandled input waits: at least one read,
-        # and room for a whole line of the longest kind, or such a line could never complete.
-        self.input_limit = max(READ_SIZE, max_line_bytes + 2)
-        self.join_timeout = join_timeout
-        # Flood control: a token bucket per connection. Off is an endless bucket, so the check
-        # per batch of lines is the same one comparison either way.
-        self.rate_limit = rate_limit
-        self.rate_burst = float(rate_burst) if rate_limit else float("inf")
-        self.tls = tls            # an ssl.SSLContext, or None for plain TCP
-        self.conns = {}           # socket -> Conn
-        self.backlog = []         # Conns with complete lines not yet handled
-        self.tls_buffered = []    # TLS Conns whose decrypted input select() can't see
-        self.timers = []          # heap of (when, sequence, action, conn)
-        # Fixed-length timeouts, one ordered dict each (see Deadlines); the heap above is for
-        # the rest (flood control's waits, the accept pause, the shutdown's grace).
-        self.joining = Deadlines(join_timeout, self._join_expired)
-        self.closing = Deadlines(CLOSING_SECONDS, self._closing_expired)
-        self.lingering = Deadlines(LINGER_SECONDS, self._linger_expired)
-        self.deadlines = (self.joining, self.closing, self.lingering)
-        self._share = LINES_PER_TURN  # lines each connection read this turn may handle at once
-        self._timer_seq = 0
-        self.listener = None
-        self.accept_paused = False
-        self.stopping = False
-        self._wakeup_r = self._wakeup_w = None
-        self._wakeup_installed = False
+class RedisState:
+    """The phases of a connection, in the order it goes through them; CLOSED from any."""
+    CONNECTING = "connecting"    # the TCP handshake
+    TLS = "tls"                  # the TLS handshake (rediss://)
+    STARTING = "starting"        # AUTH, SELECT and PING sent, their replies awaited
+    READY = "ready"              # the owner's commands flow
+    CLOSED = "closed"
 
-    # -- setup ----------------------------------------------------------------------------------
-    def listen(self):
-        """Bind and listen; returns the address actually bound (the real port for port 0)."""
-        infos = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
-        error = None
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            try:
-                if os.name == "nt":
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-                else:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(address)
-                sock.listen(4096)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.setblocking(False)
-            self.listener = sock
-            self.poller.register(sock, EVENT_READ, "accept")
-            self._install_wakeup()
-            return sock.getsockname()[:2]
-        raise error
 
-    def _install_wakeup(self):
-        """A socket pair the C signal handler writes to, so a signal wakes select() at once."""
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
-        for sock in (self._wakeup_r, self._wakeup_w):
-            sock.setblocking(False)
-        self.poller.register(self._wakeup_r, EVENT_READ, "wakeup")
+_CONNECT_PENDING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR)
 
-    def install_signal_handlers(self):
-        signal.set_wakeup_fd(self._wakeup_w.fileno())
-        self._wakeup_installed = True
-        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self._on_signal)
 
-    def _on_signal(self, signum, frame):
-        self.stopping = True
+class RedisConnection:
+    """One connection to Redis inside the caller's loop, from connecting to closed. It never
+    connects again: RedisLink makes a new one for that.
 
-    # -- the loop -------------------------------------------------------------------------------
-    def serve_forever(self):
-        while not self.stopping:
-            self.run_once()
-        self.shutdown()
+    ``on_ready()`` is called once the connection is usable (AUTH, SELECT and a PING answered);
+    ``on_lost(reason, unanswered)`` once when it ends by itself: ``reason`` is a sentence for a
+    person ("redis://127.0.0.1:6379/0 did not answer within 3 s"), ``unanswered`` the
+    RedisCommands whose callbacks were not called, in the order they were sent. A command Redis
+    has not answered within ``timeout`` seconds (an XREAD BLOCK: its block time more) ends the
+    connection: a late reply could no longer be matched to its command with certainty.
+    Callbacks are called from the loop's events and timers, not from inside the owner's calls
+    (but see close). An exception raised by one of the owner's callbacks closes the connection
+    (``on_lost`` says so) and goes on up to the loop: a bug is not a Redis problem to hide.
+    """
 
-    def run_once(self, timeout=None):
-        """One loop turn: wait for events, handle them, then write what the turn queued."""
-        self._handle_events(self.poller.poll(self._next_wait(timeout)))
-        # Input that arrived meanwhile joins this turn's writes: one send per recipient carries
-        # more lines (the writes of a turn cost the same however many lines they carry).
-        more = self.poller.poll(0)
-        if more:
-            self._handle_events(more)
-        if self.tls_buffered:  # (decrypted already, so select() never reports it)
-            self._read_tls_buffered()
-        self._handle_backlog()
-        self._run_timers()
-        self.log.flush()       # first: what a client has seen is logged already
-        self._flush_pending()
-        self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
+    def __init__(self, loop, address, sockaddrs, on_ready, on_lost, timeout=REDIS_TIMEOUT,
+                 tls_context=None):
+        self._loop = loop
+        self.address = address
+        self._sockaddrs = list(sockaddrs)
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+        self.timeout = timeout
+        self._tls_context = tls_context
+        self.state = RedisState.CONNECTING
+        self._sock = None
+        self._interest = None        # (readable, writable) the loop watches for
+        self._connect_error = None
+        self._ready_deadline = 0.0
+        self._timer = None
+        self._parser = RespParser()
+        self._out = []               # encoded commands not yet given to send()
+        self._unsent = b""           # what a send() left over, to be sent first
+        self._write_blocked = False  # waiting for the socket to be writable
+        self._read_wants_write = self._write_wants_read = False  # TLS, see _read and _write
+        self._queued_bytes = 0       # every byte ever queued, and every byte send() took:
+        self._sent_bytes = 0         # ...a command is written once _sent_bytes passes its end
+        self._wire = collections.deque()  # commands awaiting a reply, in the order sent
+        # Commands whose callbacks wait for a retried script sent before them (NOSCRIPT): the
+        # retried ones and those answered since, in the order the owner sent them.
+        self._held = collections.deque()
+        self._loaded = set()         # scripts loaded (or being loaded) on this connection
+        self._load_errors = {}       # sha -> the error SCRIPT LOAD gave (a script that can't load)
+        self._late = None            # commands sent while closing, for on_lost's list
 
-    def _handle_events(self, ready):
-        if not ready:
-            return  # a timer's time came, or a signal
-        readable, writable = self.poller.readable, self.poller.writable
-        # Each connection read now handles its share of the turn's lines at once (the rest
-        # waits in the backlog), so one turn never queues unbounded output before a flush.
-        self._share = max(1, LINES_PER_TURN // len(ready))
-        for conn, events in ready:
-            if conn.__class__ is not Conn:
-                if conn == "accept":
-                    self._accept()
-                else:
-                    self._drain_wakeup()
-                continue
-            if conn.phase is CLOSED:
-                continue  # closed by an earlier event of this turn
-            try:
-                if events & writable:
-                    self._on_writable(conn)
-                if events & readable and conn.phase is not CLOSED:
-                    self._on_readable(conn)
-            except Exception:
-                self._fail(conn)
+    # -- the owner's side -----------------------------------------------------------------------
+    def start(self):
+        """Begin connecting. Failures are reported through on_lost, from the loop."""
+        self._ready_deadline = self._loop.monotonic() + self.timeout
+        self._arm(self._ready_deadline)
+        self._connect_next()
 
-    def _next_wait(self, timeout):
-        if self.backlog or self.tls_buffered:
-            return 0
-        wait = timeout
-        first = min([self.timers[0][0] if self.timers else float("inf")]
-                    + [deadlines.next_due() for deadlines in self.deadlines])
-        if first != float("inf"):
-            until = min(max(first - time.monotonic(), 0), MAX_WAIT)
-            wait = until if wait is None else min(wait, until)
-        return wait
+    def send(self, args, callback):
+        """Queue ``args`` (a tuple such as ``("SET", "k", "v")``); ``callback(reply)`` is called
+        with its reply, after those of every command sent before it. Sent at the next flush()."""
+        self._check_ready()
+        self._queue(RedisCommand(tuple(args), callback))
 
-    def _drain_wakeup(self):
-        try:
-            while self._wakeup_r.recv(512):
-                pass
-        except OSError:
-            pass
+    def evalsha(self, script, keys, args, callback):
+        """Run the Lua ``script`` by its SHA-1 (EVALSHA), loading it first on this connection's
+        first use of it: SCRIPT LOAD then EVALSHA, pipelined, so a normal run never meets
+        NOSCRIPT. If Redis forgot it meanwhile (SCRIPT FLUSH), the NOSCRIPT reply is not
+        shown: the script is loaded and run again, and the callbacks of commands sent after it
+        wait for its result, so the owner sees every reply in the order it sent the commands.
+        (Redis has then run those later commands before this one: only the callbacks keep the
+        order, as they must; the script must not depend on running before them.)"""
+        self._check_ready()
+        sha, body = script_digest(script)
+        command = RedisCommand(("EVALSHA", sha, len(keys)) + tuple(keys) + tuple(args),
+                               callback, body)
+        if self._late is None:
+            self._load_script(sha, body)
+        self._queue(command)
 
-    def _fail(self, conn):
-        """An unexpected error while handling ``conn``: it alone is closed, the loop goes on.
-
-        It leaves the room at once and its input is no longer handled, but the lines already
-        queued for it are still written (CLOSING); a second error while closing closes it now."""
-        sys.stderr.write("chat_server: error on %r, closing it:\n" % (conn,))
-        print_traceback()
-        sys.stderr.flush()
-        try:
-            if conn.phase is CLOSED:
-                self._forget(conn)  # the error was in closing it: let go of it by force
-            elif conn.phase in (Phase.CLOSING, Phase.LINGERING):
-                self._close(conn, Reason.ERROR)
-            else:
-                self.chat.failed(conn.peer)
-                self._close_after_flush(conn)
-        except Exception:
-            print_traceback()
-            self._forget(conn)
-
-    # -- timers ---------------------------------------------------------------------------------
-    def _after(self, seconds, action, conn):
-        self._timer_seq += 1
-        heapq.heappush(self.timers, (time.monotonic() + seconds, self._timer_seq, action, conn))
-
-    def _run_timers(self):
-        now = time.monotonic()
-        for deadlines in self.deadlines:
-            for conn in deadlines.take_due(now):
-                try:
-                    deadlines.expired(conn)
-                except Exception:
-                    self._fail(conn)
-        while self.timers and self.timers[0][0] <= now:
-            _, _, action, conn = heapq.heappop(self.timers)
-            if conn is None:
-                action(conn)
-                continue
-            if conn.phase is Phase.CLOSED:
-                continue
-            try:
-                action(conn)
-            except Exception:
-                self._fail(conn)
-
-    def _join_expired(self, conn):
-        """Its join timeout has come: if it has not joined by now, it is refused."""
-        if conn.phase is Phase.HANDSHAKE:
-            self._close(conn, Reason.CLOSED)  # no TLS yet, so nothing can be said
-        elif conn.phase is Phase.PASSWORD or conn.phase is Phase.NICKNAME:
-            self._enter(conn, self.chat.refuse(conn.peer, Lines.JOIN_TIMEOUT))
-
-    def _closing_expired(self, conn):
-        if conn.phase is Phase.CLOSING:
-            self._close(conn, Reason.CLOSED)
-
-    def _linger_expired(self, conn):
-        self._close(conn, Reason.CLOSED)
-
-    def _rate_allows(self, conn):
-        conn.over_rate = False
-        if conn.phase in TALKING:
-            self._queue_lines(conn)
-            self._set_interest(conn)
-
-    def _resume_accepting(self, _):
-        if self.accept_paused and self.listener is not None:
-            self.accept_paused = False
-            self.poller.register(self.listener, EVENT_READ, "accept")
-
-    # -- phases ---------------------------------------------------------------------------------
-    def _enter(self, conn, phase):
-        """Move ``conn`` to the phase the room decided (None: stay)."""
-        if phase is None or phase is conn.phase:
-            return
-        if phase is Phase.CLOSING:
-            self._close_after_flush(conn)
-            return
-        conn.phase = phase
-        if phase is MEMBER:
-            self.joining.discard(conn)  # joined: its join deadline no longer matters
-
-    def _open(self, conn):
-        """Transport ready (TCP accepted, or TLS handshake done): the room greets it, or tells
-        it why not (a full chat, which a TLS client can only be told after its handshake)."""
-        if conn.refusal:
-            self._enter(conn, self.chat.refuse(conn.peer, conn.refusal))
-            return
-        self._enter(conn, self.chat.greet(conn.peer))
-        self._set_interest(conn)
-
-    # -- accepting ------------------------------------------------------------------------------
-    def _accept(self):
-        for _ in range(ACCEPTS_PER_TURN):
-            try:
-                sock, address = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting()
-                return  # ECONNABORTED and the like: that one connection is gone
-            try:
-                self._admit(sock, address)
-            except Exception:
-                print_traceback()
-                sock.close()
-
-    def _pause_accepting(self):
-        """Out of descriptors: the pending connection stays in the backlog. Stop watching the
-        listener (it would report readable forever) until a descriptor frees up or a while."""
-        if not self.accept_paused:
-            self.accept_paused = True
-            self.poller.unregister(self.listener)
-            self._after(EMFILE_PAUSE, self._resume_accepting, None)
-
-    def _admit(self, sock, address):
-        sock.setblocking(False)
-        tune_socket(sock)
-        peer = Peer(format_address(address[0], address[1]) if isinstance(address, tuple)
-                    else str(address))
-        if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        conn = Conn(sock, peer, tls=self.tls is not None, burst=self.rate_burst)
-        conn.stamp = time.monotonic()
-        peer.owner = conn
-        self.conns[sock] = conn
-        if len(self.conns) > self.max_clients:
-            conn.refusal = Lines.FULL  # told at once, or after its TLS handshake
-        if self.join_timeout:
-            self.joining.add(conn, conn.stamp)
-        if conn.tls:
-            self._set_interest(conn)  # the handshake starts when the client's hello arrives
-        else:
-            self._open(conn)
-
-    # -- TLS handshake --------------------------------------------------------------------------
-    def _handshake(self, conn):
-        try:
-            conn.sock.do_handshake()
-        except TLS_WANTS_READ:
-            conn.write_blocked = False
-        except TLS_WANTS_WRITE:
-            conn.write_blocked = True
-        except (OSError, ValueError) as exc:
-            # Not TLS (a plain-text client) or gone. Nothing can be said to it, but the operator
-            # is told of the first: "why can't my friend connect?"
-            if isinstance(exc, ssl.SSLError):
-                self.chat.closed_before_joining(conn.peer, Reason.NOT_TLS)
-            self._close(conn, Reason.CLOSED)
-            return
-        else:
-            conn.write_blocked = False
-            self._open(conn)
-            if conn.sock.pending():
-                self.tls_buffered.append(conn)
-            return
-        self._set_interest(conn)
-
-    # -- reading --------------------------------------------------------------------------------
-    def _on_readable(self, conn):
-        if conn.phase is HANDSHAKE:
-            self._handshake(conn)
-        else:
-            self._read(conn)
-
-    def _read(self, conn):
-        try:
-            data = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError, TLS_WANTS_READ):
-            return
-        except TLS_WANTS_WRITE:
-            # TLS must write before it can read on (a renegotiation): wait until it can.
-            conn.write_blocked = True
-            self._set_interest(conn)
-            return
-        except OSError:
-            self._close(conn, Reason.RESET)
-            return
-        if data:
-            if conn.tls:
-                data = self._read_tls_rest(conn, data)
-                if conn.tls_retry and not conn.write_blocked:
-                    self._send(conn)  # a write that waited for this read (see _send)
-        else:
-            conn.input_ended = True
-        phase = conn.phase
-        if phase is LINGERING or phase is CLOSING:
-            # Being closed: its input no longer matters, only that our last lines get out.
-            if conn.input_ended and (phase is LINGERING or not conn.peer.out):
-                self._close(conn, Reason.CLOSED)
-            else:
-                self._set_interest(conn)
-            return
-        if data:
-            conn.inbuf = conn.inbuf + data if conn.inbuf else data
-        if conn.in_backlog or conn.over_rate or conn.over_high_water:
-            # Lines of its own wait already (handled in order after this turn's reads), or it
-            # is paused: the new input waits with them.
-            if conn.input_ended or len(conn.inbuf) >= self.input_limit:
-                self._set_interest(conn)
-            return
-        self._take_turn(conn, self._share)
-
-    def _read_tls_rest(self, conn, data):
-        """What the TLS layer already decrypted is invisible to select(): take it now, up to the
-        read size; if more is left, come back for it next turn without waiting for select."""
-        sock = conn.sock
-        chunks = [data]
-        size = len(data)
-        while size < READ_SIZE and sock.pending():
-            try:
-                chunk = sock.recv(READ_SIZE - size)
-            except (TLS_WANTS_READ, TLS_WANTS_WRITE):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if sock.pending():
-            self.tls_buffered.append(conn)
-        return b"".join(chunks) if len(chunks) > 1 else data
-
-    def _read_tls_buffered(self):
-        """Read the TLS connections holding decrypted input. One that is not being read now
-        (paused) is dropped from the list: _set_interest lists it again when reading resumes."""
-        waiting, self.tls_buffered = self.tls_buffered, []
-        for conn in waiting:
-            if conn.mask & EVENT_READ and conn.phase is not CLOSED:
-                try:
-                    self._on_readable(conn)
-                except Exception:
-                    self._fail(conn)
-
-    def _queue_lines(self, conn):
-        """Give ``conn``'s input a turn: its complete lines, an over-long tail, its end."""
-        if not conn.in_backlog:
-            conn.in_backlog = True
-            self.backlog.append(conn)
-
-    def _handle_backlog(self):
-        """Handle queued lines, at most about LINES_PER_TURN in all, shared fairly; what is left
-        waits for the next turn, so one turn never queues unbounded output before a flush."""
-        if not self.backlog:
-            return
-        ready, self.backlog = self.backlog, []
-        share = max(1, LINES_PER_TURN // len(ready))
-        for conn in ready:
-            conn.in_backlog = False
-            if conn.phase not in TALKING or conn.over_rate or conn.over_high_water:
-                continue
-            try:
-                self._take_turn(conn, share)
-            except Exception:
-                self._fail(conn)
-
-    def _take_turn(self, conn, share):
-        """Handle up to ``share`` of conn's complete lines now; what is left waits in the
-        backlog for the next turn. At the end of its input, it leaves."""
-        more = self._handle_lines(conn, share)
-        if conn.phase not in TALKING:
-            return
-        if more:
-            if not (conn.over_high_water or conn.over_rate or conn.in_backlog):
-                conn.in_backlog = True
-                self.backlog.append(conn)
-        elif conn.input_ended:
-            self.chat.leave(conn.peer, Reason.CLOSED)
-            self._close_after_flush(conn)
-            return
-        if conn.mask != EVENT_READ or conn.over_high_water or conn.over_rate or \
-                conn.input_ended or len(conn.inbuf) >= self.input_limit:
-            self._set_interest(conn)  # something changed; else reading simply goes on
-
-    def _handle_lines(self, conn, most):
-        """Handle up to ``most`` complete lines of conn's input, as far as the flood limit and
-        its own output queue allow. True if complete lines remain."""
-        parts = conn.inbuf.split(b"\n", most)
-        rest = parts.pop()
-        over_rate = False
-        if len(parts) > conn.tokens:   # the one comparison flood control costs while not hit
-            allowed = self._top_up(conn)
-            if len(parts) > allowed:
-                rest = b"\n".join(parts[allowed:] + [rest])
-                del parts[allowed:]
-                over_rate = True
-        peer = conn.peer
-        handle = self._line_handlers[conn.phase]
-        limit = self.max_line_bytes
-        handled = 0
-        for line in parts:
-            handled += 1
-            if conn.skipping_long_line:   # the tail of a line already answered as too long
-                conn.skipping_long_line = False
-                continue
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if len(line) > limit:
-                self.chat.line_too_long(peer, limit)
-                continue
-            phase = handle(peer, line)
-            if phase is not None:
-                self._enter(conn, phase)
-                if conn.phase not in TALKING:
-                    conn.tokens -= handled
-                    conn.inbuf = b""
-                    return False
-                handle = self._line_handlers[conn.phase]
-            if ((conn.write_blocked or len(peer.out) > self._throttle_items)
-                    and peer.queued_bytes() > self.high_water):
-                conn.over_high_water = True
-                rest = b"\n".join(parts[handled:] + [rest])
-                break
-        conn.tokens -= handled
-        more = b"\n" in rest
-        if not more and len(rest) > limit + 1:  # +1: the \r of a \r\n still on its way
-            if not conn.skipping_long_line:
-                self.chat.line_too_long(peer, limit)
-                conn.tokens -= 1
-                conn.skipping_long_line = True
-            rest = b""
-        conn.inbuf = rest
-        if over_rate:
-            self._wait_for_rate(conn)
-        return more
-
-    def _top_up(self, conn):
-        """Flood control's arithmetic, done only near the limit: the tokens earned since the
-        last top-up, at most a burst. Returns the whole lines allowed now."""
-        now = time.monotonic()
-        conn.tokens = min(self.rate_burst, conn.tokens + (now - conn.stamp) * self.rate_limit)
-        conn.stamp = now
-        return max(int(conn.tokens), 0)
-
-    def _wait_for_rate(self, conn):
-        """Over the limit: stop reading until the next line is allowed (TCP holds the rest);
-        a timer, not polling, so a flooder that waits costs nothing."""
-        conn.over_rate = True
-        self._after(max(1.0 - conn.tokens, 0.0) / self.rate_limit, self._rate_allows, conn)
-
-    # -- writing --------------------------------------------------------------------------------
-    def _flush_pending(self):
-        """Write every connection that has new output: one send each (flush-before-sleep).
-
-        A connection whose kernel buffer is full waits for EVENT_WRITE instead; one whose queue
-        passed the send-queue limit is disconnected (which may queue more output: loop)."""
-        while True:
-            batch = self.chat.take_pending()
-            if not batch:
-                return
-            for peer in batch:
-                conn = peer.owner
-                if conn is None or conn.phase is CLOSED:
-                    continue
-                try:
-                    if not conn.write_blocked:
-                        self._send(conn)
-                        if not peer.out and conn.mask == EVENT_READ and \
-                                conn.phase in TALKING and not conn.over_high_water:
-                            continue  # all written and nothing changes: the common case
-                    self._after_send(conn)
-                except Exception:
-                    self._fail(conn)
-
-    def _on_writable(self, conn):
-        if conn.phase is Phase.HANDSHAKE:
-            self._handshake(conn)
-            return
-        self._send(conn)
-        if conn.phase is not Phase.CLOSED:
-            self._after_send(conn)
-
-    def _send(self, conn):
-        peer = conn.peer
-        if not peer.out:
-            return
-        data = peer.out[0] if conn.tls_retry else peer.output()  # (held by hold())
-        try:
-            sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except (TLS_WANTS_WRITE, TLS_WANTS_READ) as wants:
-            if not conn.tls_retry:
-                peer.hold(data)    # OpenSSL wants this very buffer again
-                conn.tls_retry = True
-            # Retried when the socket is writable, or (TLS must read first, a renegotiation)
-            # after the next read, which _read then follows with the write.
-            conn.write_blocked = isinstance(wants, TLS_WANTS_WRITE)
-            return
-        except OSError:
-            self._close(conn, Reason.RESET)
-            return
-        conn.tls_retry = False
-        peer.sent(data, sent)
-        conn.write_blocked = bool(peer.out)
-
-    def _after_send(self, conn):
-        if conn.phase is Phase.CLOSED:
-            return
-        peer = conn.peer
-        if peer.queued_bytes() > self.max_send_queue:
-            self._close(conn, Reason.SEND_QUEUE_FULL)  # a reader that stopped reading
-            return
-        if conn.over_high_water and peer.queued_bytes() <= self.low_water:
-            conn.over_high_water = False
-            if conn.phase in TALKING:
-                self._queue_lines(conn)
-        if conn.phase is Phase.CLOSING and not peer.out:
-            self._start_lingering(conn)
-        self._set_interest(conn)
-
-    def _set_interest(self, conn):
-        """Tell the selector what this connection waits for now; no syscall when unchanged."""
-        phase = conn.phase
-        if phase is Phase.CLOSED:
-            return
-        mask = 0
-        if phase is Phase.LINGERING or phase is Phase.HANDSHAKE or (
-                phase in TALKING and not (conn.input_ended or conn.over_high_water
-                                          or conn.over_rate or self.stopping)
-                and len(conn.inbuf) < self.input_limit):
-            mask |= EVENT_READ
-            if conn.tls and not conn.mask & EVENT_READ and phase in TALKING \
-                    and conn.sock.pending():
-                self.tls_buffered.append(conn)  # reading resumes: what TLS holds comes first
-        if conn.write_blocked:
-            mask |= EVENT_WRITE
-        if mask == conn.mask:
-            return
-        if conn.mask == 0:
-            self.poller.register(conn.sock, mask, conn)
-        elif mask == 0:
-            self.poller.unregister(conn.sock)
-        else:
-            self.poller.modify(conn.sock, mask, conn)
-        conn.mask = mask
-
-    # -- closing --------------------------------------------------------------------------------
-    def _close_after_flush(self, conn):
-        """CLOSING: no more input is handled; close once the queued lines are written."""
-        if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
-            return
-        conn.phase = Phase.CLOSING
-        if not conn.peer.out:
-            self._start_lingering(conn)
-        else:
-            self.closing.add(conn, time.monotonic())
-            self._set_interest(conn)
-
-    def _start_lingering(self, conn):
-        """LINGERING: all output written: send FIN, then read until the peer closes (or a short
-        while), so that close() does not answer unread input with a RST that could destroy our
-        last lines."""
-        conn.phase = Phase.LINGERING
-        self.closing.discard(conn)
-        try:
-            if conn.tls:
-                self._send_close_notify(conn)
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn, Reason.CLOSED)
-            return
-        if conn.input_ended:
-            self._close(conn, Reason.CLOSED)
-            return
-        self.lingering.add(conn, time.monotonic())
-        self._set_interest(conn)
-
-    @staticmethod
-    def _send_close_notify(conn):
-        """TLS's own end of the conversation; the peer's answer is not waited for."""
-        try:
-            conn.sock.unwrap()
-        except (TLS_WANTS_READ, TLS_WANTS_WRITE, OSError, ValueError):
-            pass
-
-    def _close(self, conn, reason):
-        """CLOSED: close one connection now, whatever its phase; tell the room if it had joined."""
-        if conn.phase is Phase.CLOSED:
-            return
-        conn.phase = Phase.CLOSED
-        if conn.mask:
-            self.poller.unregister(conn.sock)
-            conn.mask = 0
-        conn.sock.close()
-        del self.conns[conn.sock]
-        for deadlines in self.deadlines:
-            deadlines.discard(conn)
-        self.chat.leave(conn.peer, reason)
-        self._release(conn)
-        if self.accept_paused:
-            self._resume_accepting(None)  # a descriptor just came free
-
-    @staticmethod
-    def _release(conn):
-        """Let go of what a closed connection held at once, whoever still refers to it (a timer,
-        the room's pending list): its buffers, and the Conn-Peer cycle that would otherwise
-        wait for the cyclic garbage collector."""
-        conn.inbuf = b""
-        conn.peer.out.clear()
-        conn.peer.owner = None
-
-    def _forget(self, conn):
-        """Last resort after an error in _close itself: drop every reference to ``conn``."""
-        conn.phase = Phase.CLOSED
-        for step in (lambda: self.poller.unregister(conn.sock), conn.sock.close,
-                     lambda: self.conns.pop(conn.sock, None),
-                     lambda: [deadlines.discard(conn) for deadlines in self.deadlines],
-                     lambda: self._release(conn)):
-            try:
-                step()
-            except Exception:
-                pass
-
-    # -- stopping -------------------------------------------------------------------------------
-    def shutdown(self, grace=SHUTDOWN_GRACE):
-        """Tell every connection, give the output up to ``grace`` seconds to leave, close all."""
-        self.stopping = True
-        if self.listener is not None:
-            if not self.accept_paused:
-                self.poller.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-        self.backlog = []
-        self.chat.shut_down()
-        for conn in list(self.conns.values()):
-            if conn.phase in (Phase.PASSWORD, Phase.NICKNAME):
-                self.chat.notice(conn.peer, Lines.SHUTTING_DOWN)
-            if conn.phase is Phase.HANDSHAKE:
-                self._close(conn, Reason.SHUTDOWN)
-            else:
-                self._close_after_flush(conn)
-        self.timers = []
-        self.joining.clear()
-        self._after(grace, lambda _: None, None)  # bounds the wait below
-        deadline = time.monotonic() + grace
-        self._flush_pending()
-        while self.conns and time.monotonic() < deadline:
-            self.run_once(timeout=max(deadline - time.monotonic(), 0))
-        for conn in list(self.conns.values()):
-            self._close(conn, Reason.SHUTDOWN)
-        self.log.flush()
+    def flush(self):
+        """Send what was queued since the last flush, in one send() where the socket takes it.
+        The owner calls this once per loop turn, just before the loop sleeps."""
+        if (self._out or self._unsent) and not self._write_blocked and (
+                self.state is RedisState.READY or self.state is RedisState.STARTING):
+            self._write()
 
     def close(self):
-        for conn in list(self.conns.values()):
-            self._close(conn, Reason.SHUTDOWN)
-        if self.listener is not None:
-            self.listener.close()
-        if self._wakeup_installed:
-            # First, so that no signal handler writes to a closed socket: on Windows Ctrl-C is
-            # handled in a thread of its own, which may not have written yet when the loop,
-            # woken by something else, has already seen the signal and stopped.
-            signal.set_wakeup_fd(-1)
-            self._wakeup_installed = False
-        for sock in (self._wakeup_r, self._wakeup_w):
-            if sock is not None:
-                sock.close()
-        self.poller.close()
-        self.log.close()
+        """Close now, without on_lost; returns the unanswered commands (as on_lost would).
+        Replies held back behind a script being run again (see evalsha) are delivered first:
+        the one case where a callback is called from inside a call of the owner's."""
+        if self.state is RedisState.CLOSED:
+            return []
+        return self._shut()
+
+    # -- queueing -------------------------------------------------------------------------------
+    def _check_ready(self):
+        if self._late is not None:
+            return  # closing: the command goes into on_lost's list (see _shut)
+        if self.state is not RedisState.READY:
+            raise RuntimeError("the connection to %s is %s, not ready"
+                               % (self.address.shown, self.state))
+
+    def _queue(self, command):
+        if self._late is not None:
+            self._late.append(command)
+            return
+        self._put_on_wire(command)
+
+    def _put_on_wire(self, command):
+        data = encode_command(*command.args)             # TypeError, or
+        blocked = blocking_seconds(command.args)         # ValueError, before anything changes
+        self._out.append(data)
+        self._queued_bytes += len(data)
+        command.end = self._queued_bytes
+        command.deadline = self._loop.monotonic() + self.timeout + blocked
+        self._wire.append(command)
+        if self._timer is None:
+            self._arm(command.deadline)
+
+    def _queue_internal(self, args, callback):
+        self._put_on_wire(RedisCommand(args, callback, internal=True))
+
+    def _load_script(self, sha, body):
+        if sha not in self._loaded:
+            self._loaded.add(sha)
+            self._queue_internal(("SCRIPT", "LOAD", body),
+                                 lambda reply: self._script_loaded(sha, reply))
+
+    def _script_loaded(self, sha, reply):
+        if isinstance(reply, RedisError):
+            self._load_errors[sha] = reply  # its EVALSHA's NOSCRIPT will be shown this instead
+
+    # -- connecting -----------------------------------------------------------------------------
+    def _connect_next(self):
+        """Try the next address: each connect() in its turn, never blocking."""
+        while self._sockaddrs:
+            family, sockaddr = self._sockaddrs.pop(0)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                self._connect_error = exc
+                continue
+            sock.setblocking(False)
+            code = sock.connect_ex(sockaddr)
+            if code == 0 or code in _CONNECT_PENDING:
+                self._sock = sock
+                self._want(False, True)  # writable: connected, or failed (SO_ERROR says which)
+                return
+            sock.close()
+            self._connect_error = OSError(code, os.strerror(code))
+        # Told from the loop, not from inside start(): the owner may not be ready to hear it.
+        why = self._connect_error.strerror if self._connect_error else "no address to try"
+        self._loop.call_later(0, lambda: self._lose_if_open(
+            "cannot connect to %s: %s" % (self.address.shown, why)))
+
+    def _connected(self):
+        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._connect_error = OSError(code, os.strerror(code))
+            self._drop_socket()
+            self._connect_next()
+            return
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # we batch ourselves
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self._tls_context is None:
+            self._start_session()
+            return
+        self._loop.unwatch(self._sock)  # the TLS socket replaces it (same descriptor)
+        self._interest = None
+        self._sock = self._tls_context.wrap_socket(self._sock, server_hostname=self.address.host,
+                                                   do_handshake_on_connect=False)
+        self.state = RedisState.TLS
+        self._handshake()
+
+    def _handshake(self):
+        try:
+            self._sock.do_handshake()
+        except TLS_WANTS_READ:
+            self._want(True, False)
+            return
+        except TLS_WANTS_WRITE:
+            self._want(False, True)
+            return
+        except OSError as exc:
+            self._lose(self._tls_failure(exc))
+            return
+        self._start_session()
+
+    def _tls_failure(self, exc):
+        shown = self.address.shown
+        verify = getattr(exc, "verify_message", None)
+        if verify:
+            return "the TLS certificate of %s was refused: %s" % (shown, verify)
+        reason = getattr(exc, "reason", None)
+        if reason == "WRONG_VERSION_NUMBER":
+            return "TLS with %s failed: it does not speak TLS there (use redis://)" % shown
+        return "TLS with %s failed: %s" % (shown, reason or exc.strerror or exc)
+
+    def _start_session(self):
+        """AUTH and SELECT as the URL says, then PING: the first PING's answer tells that this
+        is Redis, that it lets us in (NOAUTH otherwise) and that it serves (LOADING otherwise)."""
+        self.state = RedisState.STARTING
+        self._want(True, False)
+        address = self.address
+        if address.password is not None:
+            credentials = ((address.username, address.password) if address.username
+                           else (address.password,))
+            self._queue_internal(("AUTH",) + credentials, self._authenticated)
+        if address.db:
+            self._queue_internal(("SELECT", address.db), self._selected)
+        self._queue_internal(("PING",), self._pinged)
+
+    def _authenticated(self, reply):
+        if isinstance(reply, RedisError):
+            self._lose("%s refused the password: %s" % (self.address.shown, reply.message))
+
+    def _selected(self, reply):
+        if isinstance(reply, RedisError):
+            self._lose("%s refused database %d: %s"
+                       % (self.address.shown, self.address.db, reply.message))
+
+    def _pinged(self, reply):
+        if not isinstance(reply, RedisError):
+            self.state = RedisState.READY
+            self._on_ready()
+        elif reply.code == "NOAUTH":
+            self._lose("%s wants a password (%s): give it in the URL, redis://:PASSWORD@HOST"
+                       % (self.address.shown, reply.message))
+        else:
+            self._lose("%s is not serving: %s" % (self.address.shown, reply.message))
+
+    # -- events ---------------------------------------------------------------------------------
+    def _on_event(self, readable, writable):
+        """The loop's call: the socket is ready for what we asked."""
+        if self.state is RedisState.CLOSED:
+            return  # an event the loop had already collected before we closed
+        try:
+            if self.state is RedisState.CONNECTING:
+                self._connected()
+            elif self.state is RedisState.TLS:
+                self._handshake()
+            else:
+                if readable or (writable and self._read_wants_write):
+                    self._read()
+                if (self.state is not RedisState.CLOSED and (self._out or self._unsent)
+                        and (writable or (readable and self._write_wants_read))):
+                    self._write()
+        except Exception as exc:
+            self._lose_for_bug(exc)
+            raise
+
+    def _want(self, readable, writable):
+        if self._interest != (readable, writable):
+            self._interest = (readable, writable)
+            self._loop.watch(self._sock, readable, writable, self._on_event)
+
+    def _update_interest(self):
+        self._want(True, self._write_blocked or self._read_wants_write)
+
+    # -- reading --------------------------------------------------------------------------------
+    def _read(self):
+        self._read_wants_write = False
+        sock = self._sock
+        tls = self._tls_context is not None
+        budget = REDIS_READ_BUDGET
+        while True:
+            try:
+                data = sock.recv(REDIS_READ_SIZE)
+            except (BlockingIOError, InterruptedError, TLS_WANTS_READ):
+                break
+            except TLS_WANTS_WRITE:
+                # TLS must write before it can read on (a renegotiation): wait until it can.
+                self._read_wants_write = True
+                break
+            except OSError as exc:
+                self._lose(self._gone_reason(exc))
+                return
+            if not data:
+                self._lose(self._gone_reason())
+                return
+            self._parser.feed(data)
+            if not self._take_replies():
+                return
+            budget -= len(data)
+            # Bytes TLS has already decrypted never wake the loop's select(): take them now.
+            if tls and sock.pending():
+                continue
+            # A short plain read has emptied the kernel's buffer. TLS gives one record (16 KiB)
+            # a read, however much is there: it reads on until it wants more bytes.
+            if budget <= 0 or (not tls and len(data) < REDIS_READ_SIZE):
+                break
+        self._update_interest()
+
+    def _gone_reason(self, exc=None):
+        """Why the connection ended, ``exc`` being the error (None: the end of its input)."""
+        shown = self.address.shown
+        if self.state is RedisState.STARTING and self._tls_context is None:
+            # Redis's TLS port closes (or resets) a plain-text connection at once.
+            return "%s closed the connection before answering (a TLS port? then rediss://)" % shown
+        if exc is None:
+            return "%s closed the connection" % shown
+        return "lost %s: %s" % (shown, exc.strerror or exc)
+
+    def _take_replies(self):
+        """Hand every whole reply to its command; False once the connection is closed."""
+        parser = self._parser
+        while True:
+            try:
+                reply = parser.gets()
+            except RespProtocolError as exc:
+                self._lose("%s sent something that is not RESP: %s" % (self.address.shown, exc))
+                return False
+            if reply is RESP_INCOMPLETE:
+                return True
+            self._on_reply(reply)
+            if self.state is RedisState.CLOSED:
+                return False
+
+    def _on_reply(self, reply):
+        if not self._wire:
+            self._lose("%s sent a reply to no command: which reply is whose is in doubt"
+                       % self.address.shown)
+            return
+        command = self._wire.popleft()
+        if command.internal:
+            command.callback(reply)
+            return
+        if (command.script is not None and isinstance(reply, RedisError)
+                and reply.code == "NOSCRIPT" and not command.retried):
+            sha = command.args[1]
+            if sha not in self._load_errors:
+                self._run_script_again(command, sha)
+                return
+            reply = self._load_errors[sha]  # why it isn't there, not just that it isn't
+        if command.retried:
+            command.reply, command.answered = reply, True  # it waits in _held already
+            self._deliver_held()
+        elif self._held:
+            command.reply, command.answered = reply, True
+            self._held.append(command)
+        else:
+            command.callback(reply)
+
+    def _run_script_again(self, command, sha):
+        """NOSCRIPT: load the script and run the command again. Its callback, and those of the
+        commands answered meanwhile, wait in _held for its new reply."""
+        command.retried = True
+        self._held.append(command)
+        self._loaded.discard(sha)
+        self._load_script(sha, command.script)
+        self._put_on_wire(command)
+
+    def _deliver_held(self):
+        held = self._held
+        while held and held[0].answered:
+            command = held.popleft()
+            command.callback(command.reply)
+
+    # -- writing --------------------------------------------------------------------------------
+    def _write(self):
+        self._write_wants_read = False
+        if self._out:
+            pieces = [self._unsent] + self._out if self._unsent else self._out
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self._out = []
+        else:
+            data = self._unsent
+        try:
+            count = self._sock.send(data)
+        except (BlockingIOError, InterruptedError, TLS_WANTS_WRITE):
+            count = 0
+        except TLS_WANTS_READ:
+            # TLS must read before it can write on: the next readable event writes again.
+            count = 0
+            self._write_wants_read = True
+        except OSError as exc:
+            self._lose(self._gone_reason(exc))
+            return
+        self._sent_bytes += count
+        # A TLS write that must be retried is retried with the same bytes first (OpenSSL's rule).
+        self._unsent = memoryview(data)[count:] if count < len(data) else b""
+        self._write_blocked = bool(self._unsent) and not self._write_wants_read
+        self._update_interest()
+
+    # -- deadlines ------------------------------------------------------------------------------
+    def _arm(self, due):
+        self._timer = self._loop.call_later(max(0.0, due - self._loop.monotonic()),
+                                            self._on_timer)
+
+    def _on_timer(self):
+        """One timer for the earliest deadline; answers that came meanwhile cost nothing."""
+        self._timer = None
+        if self.state is RedisState.CLOSED:
+            return
+        try:
+            due = self._wire[0].deadline if self._wire else None
+            if self.state is not RedisState.READY:
+                due = self._ready_deadline if due is None else min(due, self._ready_deadline)
+            if due is None:
+                return
+            if self._loop.monotonic() >= due:
+                self._lose(self._timeout_reason())
+            else:
+                self._arm(due)
+        except Exception as exc:
+            self._lose_for_bug(exc)
+            raise
+
+    def _timeout_reason(self):
+        shown, seconds = self.address.shown, self.timeout
+        if self.state is RedisState.CONNECTING:
+            return "cannot connect to %s: no answer within %g s" % (shown, seconds)
+        if self.state is RedisState.TLS:
+            return ("TLS with %s failed: no answer within %g s (a plain-text port? then redis://)"
+                    % (shown, seconds))
+        return "%s did not answer within %g s" % (shown, seconds)
+
+    # -- closing --------------------------------------------------------------------------------
+    def _lose_if_open(self, reason):
+        if self.state is not RedisState.CLOSED:
+            self._lose(reason)
+
+    def _lose(self, reason):
+        self._on_lost(reason, self._shut())
+
+    def _lose_for_bug(self, exc):
+        if self.state is not RedisState.CLOSED:
+            self._lose("closed after an error in this program: %r" % (exc,))
+
+    def _shut(self):
+        """Close, deliver the replies that were held for a retried script, and return the
+        owner's commands left without a reply, in the order they were sent."""
+        self.state = RedisState.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._drop_socket()
+        # In the order sent: a retried script was sent before every command still on the wire
+        # but its own retry (those before it were answered before its NOSCRIPT came).
+        unanswered = [c for c in self._held if not c.answered]
+        unanswered += [c for c in self._wire if not c.internal and not c.retried]
+        for command in unanswered:
+            command.written = command.end <= self._sent_bytes
+        answered = [c for c in self._held if c.answered]
+        self._wire.clear()
+        self._held.clear()
+        self._out = []
+        self._unsent = b""
+        self._late = []  # what their callbacks send now joins the unanswered, never written
+        for command in answered:
+            command.callback(command.reply)
+        late, self._late = self._late, None
+        return unanswered + late
+
+    def _drop_socket(self):
+        if self._sock is not None:
+            self._loop.unwatch(self._sock)
+            self._interest = None
+            self._sock.close()
+            self._sock = None
+
+
+# ---------------------------------------------------------------------------------------------
+# A connection kept usable
+# ---------------------------------------------------------------------------------------------
+
+class RedisLink:
+    """One Redis connection kept usable: connecting at once, and again after every loss, waiting
+    0.1 s first and twice as long after each failed attempt, up to 2 s.
+
+    ``on_ready()``: a connection is usable (first, or again). ``on_lost(reason, unanswered)``: a
+    connection ended, or an attempt failed (then ``unanswered`` is empty); the next attempt is
+    in ``retry_in`` seconds. ``send`` and ``evalsha`` work between on_ready and on_lost
+    (RuntimeError otherwise): while Redis is away, the owner holds its work itself.
+
+    Made before the loop serves: the host name is looked up here, once (OSError if it can't
+    be), and the TLS context made (OSError or ssl.SSLError for a CA file that can't be read).
+    """
+
+    def __init__(self, loop, url, on_ready, on_lost, timeout=REDIS_TIMEOUT, ca_file=None):
+        self._loop = loop
+        self.address = parse_redis_url(url) if isinstance(url, str) else url
+        self._sockaddrs = resolve_redis_address(self.address)
+        self._tls_context = redis_tls_context(ca_file) if self.address.tls else None
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+        self.timeout = timeout
+        self.connection = None    # the ready connection, else None
+        self._current = None      # the connection being made or used
+        self._retry_timer = None
+        self.retry_in = None      # seconds until the next attempt, after a loss
+        self._backoff = REDIS_RECONNECT_FIRST
+        self._connect()
+
+    @property
+    def ready(self):
+        return self.connection is not None
+
+    def send(self, args, callback):
+        self._ready_connection().send(args, callback)
+
+    def evalsha(self, script, keys, args, callback):
+        self._ready_connection().evalsha(script, keys, args, callback)
+
+    def flush(self):
+        if self._current is not None:
+            self._current.flush()
+
+    def close(self):
+        """Stop for good; returns the unanswered commands of the connection it had."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        unanswered = self._current.close() if self._current is not None else []
+        self._current = self.connection = None
+        return unanswered
+
+    def _ready_connection(self):
+        if self.connection is None:
+            raise RuntimeError("%s is not ready: wait for on_ready" % self.address.shown)
+        return self.connection
+
+    def _connect(self):
+        self._retry_timer = None
+        self._current = RedisConnection(self._loop, self.address, self._sockaddrs,
+                                        self._connection_ready, self._connection_lost,
+                                        self.timeout, self._tls_context)
+        self._current.start()
+
+    def _connection_ready(self):
+        self.connection = self._current
+        self.retry_in = None
+        self._backoff = REDIS_RECONNECT_FIRST
+        self._on_ready()
+
+    def _connection_lost(self, reason, unanswered):
+        self.connection = self._current = None
+        self.retry_in = self._backoff
+        self._backoff = min(self._backoff * 2, REDIS_RECONNECT_MAX)
+        self._retry_timer = self._loop.call_later(self.retry_in, self._connect)
+        self._on_lost(reason, unanswered)
+
+
+# ---------------------------------------------------------------------------------------------
+# The platform: its name, sockets, descriptors, addresses, tracebacks.
+# ---------------------------------------------------------------------------------------------
+
+# Shared with chat_client.py, which must have its own copy (each .pyz holds one module):
+# keep the two identical; RepositoryTests fails when they drift.
+def platform_name():
+    """'windows' or 'posix'. CHAT_PLATFORM=windows lets the tests run the Windows paths on Linux."""
+    forced = os.environ.get("CHAT_PLATFORM")
+    if forced in ("windows", "posix"):
+        return forced
+    return "windows" if os.name == "nt" else "posix"
+
 
 
 def print_traceback():
@@ -1983,14 +4892,30 @@ def print_traceback():
     traceback.print_exc(file=sys.stderr)
 
 
-def tune_socket(sock):
-    """Chat lines are small: no Nagle delay. Keepalive finds peers that vanished silently."""
+def tune_socket(sock, dead_peer=DEFAULT_DEAD_PEER):
+    """Chat lines are small: no Nagle delay. A peer that vanished without a word (a laptop's
+    lid, a pulled cable) is found within ``dead_peer`` seconds: keepalive probes after half of
+    it idle, KEEPALIVE_PROBES of them over the other half; and, on Linux, TCP_USER_TIMEOUT for
+    data sent and never acknowledged, which keepalive does not cover (it waits while any is).
+    macOS gets the idle time (TCP_KEEPALIVE) and its own probe count; Windows gets the idle
+    time and interval (its 10 probes are fixed)."""
+    idle = max(1, int(dead_peer / 2))
+    interval = max(1, int((dead_peer - idle) / KEEPALIVE_PROBES))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        if hasattr(socket, "TCP_KEEPIDLE"):   # Linux, Windows 10 1709 and newer
+            for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                                  ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+                if hasattr(socket, option):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        elif hasattr(socket, "TCP_KEEPALIVE"):   # macOS: the idle time's own name (3.10+'s)
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPALIVE"), idle)
+        elif hasattr(socket, "SIO_KEEPALIVE_VALS"):   # older Windows
+            sock.ioctl(socket.SIO_KEEPALIVE_VALS,   # (milliseconds; its probes are 10)
+                       (1, idle * 1000, max(1, int((dead_peer - idle) * 100))))
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer * 1000))
     except OSError:
         pass  # the connection may already be gone; reading it will tell
 
@@ -2022,6 +4947,8 @@ def raise_fd_limit():
         pass
 
 
+# Shared with chat_client.py, which must have its own copy (each .pyz holds one module):
+# keep the two identical; RepositoryTests fails when they drift.
 def format_address(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
@@ -2036,10 +4963,12 @@ def is_loopback(host):
     return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# The command line.
+# =============================================================================================
 
+# Shared with chat_client.py, which must have its own copy (each .pyz holds one module):
+# keep the two identical; RepositoryTests fails when they drift.
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr naming the option, exit status 2."""
 
@@ -2068,6 +4997,16 @@ count = typed("a whole number of 0 or more", int, lambda v: v >= 0)
 seconds = typed("a number of seconds (0 or more)", float, lambda v: v >= 0 and v != float("inf"))
 rate = typed("a number of lines a second (0 or more)", float,
              lambda v: v >= 0 and v != float("inf"))
+
+
+def nick_list(text):
+    """--operators: nicknames separated by commas, each one a nickname."""
+    nicks = [normalise_nickname(nick) for nick in text.split(",") if nick.strip()]
+    for nick in nicks:
+        problem = nickname_problem(nick)
+        if problem:
+            raise argparse.ArgumentTypeError("%r is not a nickname" % nick)
+    return tuple(nicks)
 
 
 def host_name(text):
@@ -2109,6 +5048,27 @@ def parse_args(argv):
     parser.add_argument("--history", type=count, default=DEFAULT_HISTORY, metavar="N",
                         help="room lines a newcomer is shown on joining, 0 for none"
                              " (default %(default)s)")
+    parser.add_argument("--dead-peer-timeout", type=seconds, default=DEFAULT_DEAD_PEER,
+                        metavar="SECONDS",
+                        help="a client that vanished without a word (a closed laptop, a pulled"
+                             " cable) is found and disconnected within this time (default 90)")
+    parser.add_argument("--data", default=DEFAULT_DATA, metavar="PATH",
+                        help="the SQLite file that keeps rooms, messages, accounts and bans across"
+                             " restarts (default %(default)s; :memory: keeps nothing after the"
+                             " server stops)")
+    parser.add_argument("--keep", type=count, default=DEFAULT_KEEP, metavar="N",
+                        help="messages kept per room (default %(default)s)")
+    parser.add_argument("--durable", action="store_true",
+                        help="wait for the disk at every commit: nothing acknowledged is lost"
+                             " even to a power cut (slower where flushes are slow)")
+    parser.add_argument("--catch-up", type=count, default=DEFAULT_CATCH_UP, metavar="N",
+                        help="lines of 'Messages since you left' a registered member is shown at"
+                             " most (default %(default)s)")
+    parser.add_argument("--operators", type=nick_list, default=(), metavar="NICK[,NICK...]",
+                        help="registered nicknames that may kick, ban, mute, /op and /drop;"
+                             " nobody can take these names from them")
+    parser.add_argument("--max-rooms", type=positive_int, default=DEFAULT_MAX_ROOMS, metavar="N",
+                        help="rooms at once, #main included (default %(default)s)")
     parser.add_argument("--rate-limit", type=rate, default=DEFAULT_RATE_LIMIT, metavar="N",
                         help="lines a second each connection may send on average, 0 for no"
                              " limit (default 10)")
@@ -2125,6 +5085,25 @@ def parse_args(argv):
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key: needs --tls-cert")
     return args
+
+
+def open_store(path, keep, durable, warn):
+    """The store ``--data`` asks for: the SQLite file, or memory for ":memory:". Where the file
+    can't be created (a read-only folder) or this Python has no sqlite3, memory, said once on
+    standard error; a file that can't be used is a DataFileError (exit 1, the file untouched)."""
+    if path == ":memory:":
+        return MemoryStore(keep)
+    try:
+        import sqlite3  # noqa: F401  (some minimal Python builds have none)
+    except ImportError:
+        warn("this Python has no sqlite3 module: nothing is kept after the server stops")
+        return MemoryStore(keep)
+    try:
+        return SQLiteStore(path, keep, durable)
+    except OSError as exc:
+        warn("cannot create the data file %s: %s; nothing is kept after the server stops"
+             % (os.path.abspath(path), getattr(exc, "strerror", None) or exc))
+        return MemoryStore(keep)
 
 
 def read_password(path, environ):
@@ -2144,7 +5123,7 @@ def read_password(path, environ):
     return password
 
 
-def say(line):
+def print_now(line):
     """A line on standard output, flushed at once so a script reading a pipe sees it."""
     try:
         print(line, flush=True)
@@ -2185,15 +5164,28 @@ def main(argv=None):
             return 1
     raise_fd_limit()
     try:
+        store = open_store(args.data, args.keep, args.durable, warn)
+    except DataFileError as exc:
+        warn(str(exc))
+        return 1
+    try:
         log = open_log(args.log, args.log_file, args.syslog_address, warn)
     except OSError as exc:
         warn(str(exc))
+        store.close()
         return 1
+    store.log = log.record   # (the store says in the log when it can't write, and when it can)
+    for nick in args.operators:
+        if store.account_for(nickname_keys(nick)) is None:
+            warn('--operators: "%s" is not registered; it becomes an operator once it registers'
+                 % nick)
     server = Server(args.host, args.port, log, max_clients=args.max_clients,
                     max_line_bytes=args.max_line_bytes, max_send_queue=args.max_send_queue,
                     join_timeout=args.join_timeout, history=args.history,
                     rate_limit=args.rate_limit, rate_burst=args.rate_burst,
-                    password=password, tls=tls)
+                    password=password, tls=tls, dead_peer=args.dead_peer_timeout,
+                    max_rooms=args.max_rooms, store=store, catch_up=args.catch_up,
+                    operators=args.operators)
     try:
         host, port = server.listen()
     except (OSError, UnicodeError) as exc:
@@ -2203,12 +5195,13 @@ def main(argv=None):
         return 1
     server.install_signal_handlers()
     address = format_address(host, port)
-    say(Lines.LISTENING.format(address=address))
+    print_now(Lines.LISTENING.format(address=address))
     if fingerprint:
-        say(Lines.FINGERPRINT.format(fingerprint=fingerprint))
-    say(Lines.READY)
-    if password is None and tls is None and not is_loopback(args.host):
-        warn(Lines.OPEN_TO_ALL.format(address=address))
+        print_now(Lines.FINGERPRINT.format(fingerprint=fingerprint))
+    print_now(Lines.READY)
+    if tls is None and not is_loopback(args.host):
+        warn((Lines.OPEN_TO_ALL if password is None else Lines.PASSWORD_IN_CLEAR)
+             .format(address=address))
     log.record(server.chat.line(Lines.LOG_STARTED.format(address=address)))
     log.flush()
     try:
@@ -2217,8 +5210,69 @@ def main(argv=None):
         log.record(server.chat.line(Lines.LOG_STOPPED))
         server.close()
     # On a terminal, Ctrl-C left "^C" where the line would begin: start it over.
-    say(("\r" if sys.stdout.isatty() else "") + Lines.STOPPED)
+    print_now(("\r" if sys.stdout.isatty() else "") + Lines.STOPPED)
     return 0
+
+
+# =============================================================================================
+# Appendix: the tables of letters. Invisible ones, the scripts, and those that look alike.
+# =============================================================================================
+
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt): invisible when rendered. The
+# letters among them (the Hangul fillers) pass str.isalnum() and would make an invisible nickname.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+
+# A letter's script is the first word of its Unicode name ("CYRILLIC SMALL LETTER A"); these
+# words name the same script differently. (The standard library has no Script property.)
+# Modifier letters belong to no alphabet of their own (the Hawaiian ʻokina in "Hawaiʻi").
+SCRIPT_ALIASES = {"CJK": "HAN", "IDEOGRAPHIC": "HAN", "KATAKANA-HIRAGANA": "KATAKANA",
+                  "MODIFIER": None}
+# Scripts that one language writes together: Japanese, Korean.
+SCRIPT_FAMILIES = (frozenset({"HAN", "HIRAGANA", "KATAKANA"}), frozenset({"HAN", "HANGUL"}))
+
+# Letters of Cyrillic and Greek that look like Latin ones (from Unicode TR #39's confusables).
+# Capitals and small letters apart, because a letter can look Latin in one case only: Cyrillic
+# "В" looks like "B" but "в" does not look like "b"; Greek "Ν" looks like "N" but "ν" like "v".
+LOOK_ALIKE_CAPITALS = {
+    # Cyrillic
+    "А": "A", "В": "B", "Е": "E", "Ѐ": "È", "Ё": "Ë", "Ѕ": "S", "І": "I", "Ї": "Ï", "Ј": "J",
+    "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y", "Х": "X",
+    "Ү": "Y", "Һ": "H", "Ӏ": "I", "Ԛ": "Q", "Ԝ": "W", "Ӓ": "Ä", "Ӧ": "Ö", "Ь": "B", "Ѵ": "V",
+    "Ԍ": "G",
+    # Greek
+    "Ϝ": "F", "Ϻ": "M", "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Ϊ": "Ï",
+    "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Ϋ": "Ÿ", "Χ": "X",
+    "Ϳ": "J",
+}
+LOOK_ALIKE_SMALL = {
+    # Cyrillic
+    "а": "a", "е": "e", "ѐ": "è", "ё": "ë", "ѕ": "s", "і": "i", "ї": "ï", "ј": "j", "о": "o",
+    "р": "p", "с": "c", "у": "y", "х": "x", "ү": "y", "һ": "h", "ӏ": "l", "ԁ": "d", "ԛ": "q",
+    "ԝ": "w", "ӓ": "ä", "ӧ": "ö", "ӱ": "ÿ", "ь": "b", "г": "r", "ѵ": "v", "ѡ": "w", "ҽ": "e",
+    "ꙇ": "i",
+    # Digits that pass for letters (digits go with any alphabet)
+    "0": "o", "1": "l",
+    # Greek
+    "α": "a", "γ": "y", "ι": "i", "ϊ": "ï", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
+    "τ": "t", "υ": "u", "ϋ": "ü", "χ": "x", "ω": "w", "ϳ": "j",
+}
+# (Not here: "ϒ", "ϲ", "Ϲ"; NFKC has made them "Υ", "ς", "Σ" before a skeleton is taken.)
+# A capital I passes for a small l in most fonts: a skeleton of the name as written, before
+# case is folded, catches "aIice" for "alice".
+LOOK_ALIKE_AS_WRITTEN = {"I": "l", "Ӏ": "l", "Ι": "l"}
+_CAPITALS = str.maketrans(LOOK_ALIKE_CAPITALS)
+_SMALL = str.maketrans(LOOK_ALIKE_SMALL)
+_AS_WRITTEN = str.maketrans(LOOK_ALIKE_AS_WRITTEN)
+
+
+# The same ranges as one character class: a join checks a nickname in one C-level search.
+INVISIBLE = re.compile("[%s]" % "".join("%s-%s" % (re.escape(chr(low)), re.escape(chr(high)))
+                                        for low, high in DEFAULT_IGNORABLE))
 
 
 if __name__ == "__main__":
