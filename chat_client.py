@@ -1328,7 +1328,6 @@ class Session:
                 self._learn_users(line)
                 for key in self.members:
                     self.returning.pop(key, None)   # back already: no return to tell
-                self._say_who_is_here()
                 self._send_member_line(ROOMS_COMMAND, quiet=True)
                 return True
             if line.kind == Kind.OK:
@@ -1342,12 +1341,11 @@ class Session:
                         MESSAGE, MESSAGE.ok_first, MESSAGE.answers
                 return True
         elif head.command is ROOMS:
-            if line.kind == Kind.ROOMS:
+            if line.kind in (Kind.ROOMS, Kind.ERROR):   # (version 2: 'Unknown command')
                 self.awaiting.popleft()
-                self.rooms = {room.casefold(): room for room in rooms_listed(line.said)}
-                return True
-            if line.kind == Kind.ERROR:   # version 2: 'Unknown command "/rooms"'
-                self.awaiting.popleft()
+                if line.kind == Kind.ROOMS:
+                    self.rooms = {room.casefold(): room for room in rooms_listed(line.said)}
+                self._say_who_is_here()   # once both are known: Tab completes from them now
                 return True
         return False
 

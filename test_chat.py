@@ -220,6 +220,14 @@ MUTED = "Sorry! You are muted."
 ADDRESS_BANNED = "Sorry! You are banned."
 
 
+def left_for(nick, room):
+    return "%s left for %s." % (nick, room)
+
+
+def joined_room(nick, room):
+    return "%s joined %s." % (nick, room)
+
+
 def topic_of(room, topic):
     return "Topic of %s: %s" % (room, topic)
 
@@ -5770,6 +5778,7 @@ class SessionVersion3Tests(InMemoryTestCase):
         session.typed("alice")
         session.server_line(T0 + OK)
         session.server_line(T0 + "Users (1): alice")
+        self.assertEqual(ui.notes, [])                       # told once the rooms are known
         session.server_line(T0 + rooms_list("#main (1)", "#ops (0, key)"))
         self.assertEqual(ui.notes, ["Nobody else is in #main."])
         self.assertEqual(session.completions("#", ["/join"]), ["#main ", "#ops "])
@@ -5778,6 +5787,7 @@ class SessionVersion3Tests(InMemoryTestCase):
         session.server_line(T0 + in_room_now("#ops", 2))
         self.assertEqual(ui.sent[-1], "/users")
         session.server_line(T0 + "Users (2): alice, dave")
+        session.server_line(T0 + rooms_list("#main (0)", "#ops (2, key)"))
         self.assertEqual(ui.notes[-1], "With you in #ops: dave.")
 
     def test_a_registered_nickname_asked_on_a_terminal_kept_in_memory_for_a_reconnect(self):
@@ -8005,6 +8015,91 @@ class TerminalVersion3Tests(unittest.TestCase):
         watcher.close()
 
 
+class ClientWithVersion3ServerTests(unittest.TestCase):
+    """The client against the real version 3 server: rooms, a registered nickname, an operator's
+    kick, and a restart with the data file kept, on a terminal and in a pipe."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="chat-client-v3-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.data = os.path.join(self.folder, "chat.db")
+
+    def server(self, *options, port=None):
+        more = ("--port", str(port)) if port else ()
+        return start_server(self, "--data", self.data, *(options + more))
+
+    def test_rooms_on_a_terminal_and_back_into_the_room_after_a_restart(self):
+        server = self.server()
+        bob = server.client().join("bob")
+        bob.send("/join #dev\n")
+        self.assertEqual([bob.said(), bob.said()], [OK, in_room_now("#dev", 1)])
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        TerminalVersion3Tests.joined(term, "alice")
+        term.type("/join #d\t")                             # #dev, learned from /rooms
+        term.read_until(lambda rows: rows[-1] == "alice> /join #dev", "completed")
+        term.type("\r")
+        self.assertEqual(bob.said(), joined_room("alice", "#dev"))
+        term.read_until(lambda rows: rows[-2:] == ["With you in #dev: bob.", "alice #dev>"],
+                        "in #dev, with bob")
+        term.type("/join #ops k3y\r")
+        self.assertEqual(bob.said(), left_for("alice", "#ops"))
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #ops.", "alice #ops>"],
+                        "in #ops")
+        bob.close()
+        port = server.port
+        server.stop()
+        self.server(port=port)
+        term.read_until(lambda rows: "Reconnected as alice." in rows
+                        and rows[-1] == "alice #ops>", "back in #ops after the restart")
+        self.assertEqual(term.rows_after_ts().count(in_room_now("#ops", 1)), 2)
+        watcher = LineSocket(port).join("watcher")
+        watcher.send("/join #ops\n")
+        self.assertEqual(watcher.said(), needs_key("#ops"))  # made again, with its key
+        watcher.close()
+
+    def test_a_registered_nickname_asked_on_a_terminal_then_read_from_a_file(self):
+        server = self.server()
+        term = client_on_terminal(self, server.port, "--nick", "alice", width=200)
+        TerminalVersion3Tests.joined(term, "alice")
+        term.type("/register hunter22!\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows[-2].endswith(
+            registered("alice")), "registered")
+        self.assertEqual(term.rows()[-3], "alice> /register ***")
+        term.type("/quit\r")
+        self.assertEqual(term.wait(), 0)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
+        term.type("hunter22!\r")
+        TerminalVersion3Tests.joined(term, "alice")
+        self.assertFalse([row for row in term.rows() if "hunter22" in row])
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        path = os.path.join(self.folder, "nick-password")
+        with open(path, "w") as f:
+            f.write("hunter22!\n")
+        client = PipedClient(server.port, args=["--nick", "alice", "--nick-password-file", path])
+        self.addCleanup(client.kill)
+        client.type("hello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [password_question("alice"), OK, ALONE])
+
+    def test_an_operators_kick_ends_a_pipe_with_status_4(self):
+        server = self.server("--operators", "root")
+        root = server.client().join("root")
+        root.send("/register rootpass1\n")
+        self.assertEqual([root.said(), root.said()], [OK, registered("root")])
+        client = PipedClient(server.port, args=["--nick", "robot"])
+        self.addCleanup(client.kill)
+        self.assertEqual(root.said(), "robot connected!")
+        root.send("/kick robot flooding\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (4, kicked_you("root", "flooding") + "\n"))
+        self.assertEqual(split_ts(lines[-1])[1], kicked_you("root", "flooding"))
+        root.close()
+
+
 # =============================================================================================
 # 6. The repository and the shipped files: modules, docs and bench in step; build.sh's zipapps
 # run alone.
@@ -8816,6 +8911,16 @@ class WindowsClientVersion3Tests(WindowsLeg, ClientVersion3Tests):
 
     windows_server = False
     windows_client = True
+
+
+class WindowsClientWithVersion3ServerTests(WindowsLeg, ClientWithVersion3ServerTests):
+    """The Windows client in a pipe against the real version 3 server (the POSIX one)."""
+
+    windows_server = False
+    windows_client = True
+    # On a pseudo-terminal: the POSIX client only.
+    test_rooms_on_a_terminal_and_back_into_the_room_after_a_restart = None
+    test_a_registered_nickname_asked_on_a_terminal_then_read_from_a_file = None
 
 
 def windows_leg():
