@@ -3,23 +3,35 @@
 
 How it is built, top to bottom:
 
-* ``Lines`` and ``ServerLine``: the protocol's strings in one place, and a line from the server
-  taken apart (timestamp, kind, nickname, text).
+* ``Lines`` and ``ServerLine``: the protocol's strings in one place (copies of chat_server.Lines,
+  under the same names: each .pyz holds one module), each a template that ``shape()`` makes a
+  pattern, and a line from the server taken apart (timestamp, kind, nickname, room, text).
+* ``COMMANDS``: every command of protocol version 3 as a ``Command`` record: its names, whether
+  operators only may use it, what the server owes for it (an ok, the line that repeats it, a
+  list), what Tab completes after it, and whether it carries a password. Tab completion and the
+  session's matching of answers to lines both read this one table.
 * ``Session``: the client's side of the protocol as explicit phases (CONNECTING, PASSWORD,
-  NICKNAME, JOINING, MEMBER, OFFLINE). It gets the server's lines and the lines the user typed,
-  and decides what to send, what to show and when the client ends. No sockets, no terminal: the
-  tests drive it in memory.
+  NICKNAME, JOINING, NICK_PASSWORD, MEMBER, OFFLINE, ...). It gets the server's lines and the
+  lines the user typed, and decides what to send, what to show and when the client ends; it
+  knows the room, the members, the rooms, which lines the server has not answered yet (so that
+  none is lost in silence when a connection dies) and a long paste's pace. No sockets, no
+  terminal, no clock: the tests drive it in memory.
 * ``Presenter``: how a line looks on a terminal: nicknames in colours of their own, your own
-  lines and the server's notices set apart, mentions highlighted, long lines wrapped to the width
-  with a hanging indent so that no text of a message can pose as a line of its own. Pipes get the
-  server's lines exactly as they are.
+  lines and the server's notices set apart, mentions highlighted, what was said before you came
+  dimmed, long lines wrapped to the width with a hanging indent so that no text of a message can
+  pose as a line of its own. Pipes get the server's lines exactly as they are.
 * Terminals and inputs: on POSIX terminals GNU readline's callback interface (bound with ctypes)
   edits the input line inside the select loop; pipes are read as lines; on Windows (and for files
   select can't watch) a thread reads standard input and wakes the loop through a socketpair.
-* ``Connection``: TCP, then TLS when asked, never blocking: the handshake, reads and writes are
-  driven by the selector, and bytes TLS already decrypted (``pending()``) are drained.
+* ``Connection``: TCP (with keepalive), then TLS when asked, never blocking: the handshake, reads
+  and writes are driven by the selector, and bytes TLS already decrypted (``pending()``) are
+  drained.
 * ``Client``: one selectors loop over the connection, the input and (POSIX terminals) the
-  signals; timers for connecting, reconnecting and the plain-text probe.
+  signals; timers for connecting, reconnecting (to the next server, when there are several), the
+  plain-text probe, the answer the server owes, a nickname held by a lost connection, and
+  returns to sum up.
+* The command line: options, the environment (CHAT_SERVER, CHAT_NICK, the passwords) and the
+  settings file, the command line winning.
 
 Whatever the server sends is made harmless before it reaches the screen: invalid UTF-8 becomes
 U+FFFD, control characters are shown as ^X, so no escape sequence from the wire reaches the
@@ -72,33 +84,105 @@ CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 # ---------------------------------------------------------------------------------------------
 
 class Lines:
-    """What the server says. Lines without a timestamp are the greeting and the password prompt;
-    every other line starts with '{ts}: '."""
+    """What the server says: the client's copies of chat_server.Lines, under the same names
+    (the server's module can't be imported: each .pyz holds one module). A ``{field}`` is a
+    part that varies; ``shape()`` makes each template a pattern. Lines without a timestamp are
+    the greeting, the password prompt and the TLS hint; every other line starts with '{ts}: '."""
 
+    # Without a timestamp
     WELCOME = "Wellcome! Please enter your nickname"
     PASSWORD_PROMPT = "This chat is protected. Please enter the password"
-    TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."  # plain
+    TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."
+    # Version 1 and 2
     OK = "Server: ok!"
     ALONE = "Server: there are no other users!"
     GOODBYE = "Goodbye!"
     SHUTTING_DOWN = "Server is shutting down."
-    # Refusals after which the server closes the connection: the client ends with status 1.
     FULL = "Sorry! The chat is full."
     JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
     WRONG_PASSWORD = "Sorry! Wrong password."
-    TOO_MANY_PASSWORDS = "Sorry! Too many wrong passwords. Try again later."
-    FINAL_REFUSALS = (FULL, JOIN_TIMEOUT, WRONG_PASSWORD, TOO_MANY_PASSWORDS)
+    LOCKED_OUT = "Sorry! Too many wrong passwords. Try again later."
+    NICK_BUSY = '"{nick}" is already busy.'
+    ECHO = "YOU SEND USERS {message}"
+    SENT = "{nick} sent {message}"
+    ACTION = "* {nick} {text}"
+    PRIVATE_SENT = "[private] {nick} sent {text}"
+    PRIVATE_ECHO = "[private] YOU SEND {target} {text}"
+    CONNECTED = "{nick} connected!"
+    DISCONNECTED = "{nick} disconnected!"
+    RENAMED = "{old} is now known as {new}"
+    USERS = "Users ({count}): {nicks}"
+    HISTORY = "Recent messages ({count}):"
+    UNKNOWN_COMMAND = 'Sorry! Unknown command "/{name}". Type /help for the list.'
+    # Version 3: rooms
+    IN_ROOM_NOW = "You are in {room} now ({count} users)."
+    LEFT_FOR = "{nick} left for {room}."
+    JOINED_ROOM = "{nick} joined {room}."
+    ROOMS = "Rooms ({count}): {rooms}"
+    TOPIC = "Topic of {room}: {topic}"
+    NO_TOPIC = "{room} has no topic."
+    TOPIC_SET = "{nick} set the topic of {room}: {topic}"
+    TOPIC_CLEARED = "{nick} cleared the topic of {room}."
+    ROOM_CLOSED = "{room} was closed by {op}."
+    # Version 3: what was kept
+    CATCH_UP = "Messages since you left ({count}):"
+    CATCH_UP_SOME = "Messages since you left ({shown} of {count}):"
+    WAITING = "Private messages while you were away ({count}):"
+    SEARCH_FOUND = 'Found {count} messages with "{text}" in {room}:'
+    SEARCH_FOUND_MANY = 'Found {count} messages with "{text}" in {room}; the last {shown}:'
+    SEARCH_NONE = 'No messages with "{text}" in {room}.'
+    OFFLINE = "{target} is offline; they will get it when they join."
+    # Version 3: accounts
+    NICK_PASSWORD_PROMPT = '"{nick}" is registered. Please enter its password'
+    WRONG_NICK_PASSWORD = 'Sorry! Wrong password for "{nick}".'
+    REGISTERED = ('"{nick}" is registered to you. Next time you join with it you will be asked'
+                  ' for its password.')
+    UNREGISTERED = '"{nick}" is no longer registered.'
+    REPLACED = "You joined from somewhere else."
+    # Version 3: moderation
+    KICKED = "You were kicked by {op}."
+    KICKED_FOR = "You were kicked by {op}: {reason}"
+    BANNED = "You were banned by {op}."
+    BANNED_FOR = "You were banned by {op}: {reason}"
+    WAS_KICKED = "{nick} was kicked by {op}."
+    WAS_KICKED_FOR = "{nick} was kicked by {op}: {reason}"
+    WAS_BANNED = "{nick} was banned by {op}."
+    WAS_BANNED_FOR = "{nick} was banned by {op}: {reason}"
+    ADDRESS_BANNED = "Sorry! You are banned."
+    ADDRESS_BANNED_UNTIL = "Sorry! You are banned until {until}."
+    BANS = "Bans ({count}): {entries}"
+    NO_BANS = "Bans (0)."
+    # Version 3: a cluster and small refusals
+    PAUSED = "The chat is paused: this server can't reach the others."
+    RESUMED = "The chat is back."
+    PAUSED_REFUSAL = "Sorry! The chat is paused. Try again in a moment."
+    PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
 
-    OWN_MESSAGE = "YOU SEND USERS "
+    # The client's own use of them
+    # Refusals after which the server closes the connection: the client ends (status 1).
+    FINAL_REFUSALS = (FULL, JOIN_TIMEOUT, PASSWORD_TIMEOUT, WRONG_PASSWORD, LOCKED_OUT, REPLACED)
     ERROR_PREFIXES = ("Sorry! ", "Your nickname must ")
-    COMMANDS_PREFIX = "Commands: "
-    COMMANDS = ("/help", "/users", "/who", "/names", "/msg", "/me", "/nick", "/away", "/back",
-                "/join", "/part", "/leave", "/rooms", "/topic", "/search", "/register",
-                "/password", "/unregister", "/kick", "/ban", "/unban", "/bans", "/mute",
-                "/unmute", "/op", "/deop", "/drop", "/quit")
-    USERS_COMMAND = "/users"
-
+    HELP_START = "Commands: "           # the start of the answer to /help
     TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d): ")
+
+
+# What the fields of a template may hold. A nickname is str.isalnum(): word characters but the
+# underscore; a room is # and letters, digits, - or _; any other field is any text.
+_NICK_CHARS = r"[^\W_]+"
+_FIELD_PATTERNS = {"nick": _NICK_CHARS, "old": _NICK_CHARS, "new": _NICK_CHARS,
+                   "target": _NICK_CHARS, "op": _NICK_CHARS, "room": r"#[\w-]+",
+                   "count": r"\d+", "shown": r"\d+", "until": r"\d{4}-\d\d-\d\d \d\d:\d\d"}
+_NICK = r"(%s)" % _NICK_CHARS
+
+
+def shape(template):
+    """A template of Lines as a compiled pattern of the whole line body, one named group per
+    field: 'Users ({count}): {nicks}' matches 'Users (2): a, b' with count '2'."""
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(re.escape(part) if i % 2 == 0
+                      else "(?P<%s>%s)" % (part, _FIELD_PATTERNS.get(part, ".*"))
+                      for i, part in enumerate(parts))
+    return re.compile(pattern + r"\Z", re.DOTALL)
 
 
 class Kind:
@@ -110,40 +194,93 @@ class Kind:
     PRIVATE = "private"            # [private] {nick} sent {text}
     OWN_MESSAGE = "own message"    # YOU SEND USERS {text}
     OWN_PRIVATE = "own private"    # [private] YOU SEND {target} {text}
-    JOINED = "joined"
-    LEFT = "left"
+    JOINED = "joined"              # {nick} connected!, {nick} joined {room}.
+    LEFT = "left"                  # disconnected!, left for, was kicked, was banned
     RENAMED = "renamed"
     USERS = "users"                # Users ({n}): a, b (away), ...
-    RECENT = "recent"              # Recent messages ({k}):
+    ROOMS = "rooms"                # Rooms ({n}): #main (5), #ops (2, key)
+    HEADING = "heading"            # the lines that follow were said before: Recent messages,
+                                   # Messages since you left, Found ..., waiting privates
+    ROOM_NOW = "room now"          # You are in {room} now
+    TOPIC = "topic"                # Topic of {room}: ..., {room} has no topic.
+    TOPIC_SET = "topic set"        # {nick} set (or cleared) the topic of {room}
+    ROOM_CLOSED = "room closed"
+    NICK_QUESTION = "nick question"   # "{nick}" is registered. Please enter its password
+    REGISTERED = "registered"      # "{nick}" is registered to you. / ... no longer registered.
+    KICKED_YOU = "kicked you"
+    BANNED_YOU = "banned you"      # also a banned address's refusal
+    HELP = "help"                  # Commands: ...
+    BANS = "bans"
     ERROR = "error"                # Sorry! ..., and the nickname refusals
     NOTICE = "notice"              # any other line with a timestamp
     OTHER = "other"                # any other line without one
 
 
-_NICK = r"([^\W_]+)"   # a nickname is str.isalnum(): word characters but the underscore
-_SHAPES = (
-    (Kind.OWN_PRIVATE, re.compile(r"\[private\] YOU SEND %s (.*)\Z" % _NICK)),
-    (Kind.PRIVATE, re.compile(r"\[private\] %s sent (.*)\Z" % _NICK)),
-    (Kind.ACTION, re.compile(r"\* %s (.*)\Z" % _NICK)),
-    (Kind.MESSAGE, re.compile(r"%s sent (.*)\Z" % _NICK)),
-    (Kind.JOINED, re.compile(r"%s connected!\Z" % _NICK)),
-    (Kind.LEFT, re.compile(r"%s disconnected!\Z" % _NICK)),
-    (Kind.RENAMED, re.compile(r"%s is now known as %s\Z" % (_NICK, _NICK))),
-    (Kind.USERS, re.compile(r"Users \((\d+)\): (.*)\Z")),
-    (Kind.RECENT, re.compile(r"Recent messages \((\d+)\):\Z")),
-    (Kind.ERROR, re.compile(r'"(.*)" is already busy\.\Z')),
+# Each kind of line and the templates it comes in, tried in this order (a message, which any
+# member can fill with text, first: nothing it holds can make it another kind).
+_TEMPLATES = (
+    (Kind.OWN_MESSAGE, Lines.ECHO),
+    (Kind.OWN_PRIVATE, Lines.PRIVATE_ECHO),
+    (Kind.PRIVATE, Lines.PRIVATE_SENT),
+    (Kind.MESSAGE, Lines.SENT),
+    (Kind.ACTION, Lines.ACTION),
+    (Kind.JOINED, Lines.CONNECTED),
+    (Kind.LEFT, Lines.DISCONNECTED),
+    (Kind.RENAMED, Lines.RENAMED),
+    (Kind.USERS, Lines.USERS),
+    (Kind.HEADING, Lines.HISTORY),
+    (Kind.ERROR, Lines.NICK_BUSY),
+    (Kind.ERROR, Lines.WRONG_NICK_PASSWORD),
+    (Kind.ROOM_NOW, Lines.IN_ROOM_NOW),
+    (Kind.LEFT, Lines.LEFT_FOR),
+    (Kind.JOINED, Lines.JOINED_ROOM),
+    (Kind.ROOMS, Lines.ROOMS),
+    (Kind.TOPIC, Lines.TOPIC),
+    (Kind.TOPIC, Lines.NO_TOPIC),
+    (Kind.TOPIC_SET, Lines.TOPIC_SET),
+    (Kind.TOPIC_SET, Lines.TOPIC_CLEARED),
+    (Kind.ROOM_CLOSED, Lines.ROOM_CLOSED),
+    (Kind.HEADING, Lines.CATCH_UP),
+    (Kind.HEADING, Lines.CATCH_UP_SOME),
+    (Kind.HEADING, Lines.WAITING),
+    (Kind.HEADING, Lines.SEARCH_FOUND),
+    (Kind.HEADING, Lines.SEARCH_FOUND_MANY),
+    (Kind.NICK_QUESTION, Lines.NICK_PASSWORD_PROMPT),
+    (Kind.REGISTERED, Lines.REGISTERED),
+    (Kind.REGISTERED, Lines.UNREGISTERED),
+    (Kind.KICKED_YOU, Lines.KICKED),
+    (Kind.KICKED_YOU, Lines.KICKED_FOR),
+    (Kind.BANNED_YOU, Lines.BANNED),
+    (Kind.BANNED_YOU, Lines.BANNED_FOR),
+    (Kind.BANNED_YOU, Lines.ADDRESS_BANNED),
+    (Kind.BANNED_YOU, Lines.ADDRESS_BANNED_UNTIL),
+    (Kind.LEFT, Lines.WAS_KICKED),
+    (Kind.LEFT, Lines.WAS_KICKED_FOR),
+    (Kind.LEFT, Lines.WAS_BANNED),
+    (Kind.LEFT, Lines.WAS_BANNED_FOR),
+    (Kind.BANS, Lines.BANS),
+    (Kind.BANS, Lines.NO_BANS),
 )
+_SHAPES = tuple((kind, shape(template)) for kind, template in _TEMPLATES)
+
+_PATTERNS = {template: pattern for (_, template), (_, pattern) in zip(_TEMPLATES, _SHAPES)}
+
+
+def is_line(line, template):
+    """Is this ServerLine the protocol's line of ``template``?"""
+    return bool(line.ts) and _PATTERNS[template].match(line.body) is not None
 
 
 class ServerLine:
     """One line from the server (already made harmless by render()), taken apart.
 
-    ``nick`` is whom the line is about (sender, newcomer, old nickname, private target),
-    ``other`` the new nickname of a rename or the count of a list, ``said`` the text of a
-    message. The session marks ``own``, ``mention`` and ``bell`` for the presenter."""
+    ``fields`` holds the parts of its template by name. ``nick`` is whom the line is about
+    (sender, newcomer, old nickname, private target), ``other`` the new nickname of a rename
+    or the count of a list or heading, ``said`` the text of a message, ``room`` the room it
+    names. The session marks ``own``, ``mention`` and ``bell`` for the presenter."""
 
-    __slots__ = ("text", "ts", "prefix_len", "body", "kind", "nick", "other", "said",
-                 "own", "mention", "bell")
+    __slots__ = ("text", "ts", "prefix_len", "body", "kind", "fields", "nick", "other", "said",
+                 "room", "own", "mention", "bell")
 
     def __init__(self, text):
         self.text = text
@@ -151,7 +288,8 @@ class ServerLine:
         self.ts = match.group(1) if match else None
         self.prefix_len = match.end() if match else 0
         self.body = text[self.prefix_len:]
-        self.nick = self.other = self.said = None
+        self.fields = {}
+        self.nick = self.other = self.said = self.room = None
         self.own = self.mention = self.bell = False
         self.kind = self._classify()
 
@@ -161,28 +299,26 @@ class ServerLine:
             return Kind.GREETING if body in (Lines.WELCOME, Lines.PASSWORD_PROMPT) else Kind.OTHER
         if body == Lines.OK:
             return Kind.OK
-        if body.startswith(Lines.OWN_MESSAGE):
-            self.said = body[len(Lines.OWN_MESSAGE):]
-            return Kind.OWN_MESSAGE
-        for kind, shape in _SHAPES:
-            match = shape.match(body)
+        for kind, pattern in _SHAPES:
+            match = pattern.match(body)
             if match:
-                self._take(kind, match.groups())
+                self._take(match.groupdict())
                 return kind
+        if body.startswith(Lines.HELP_START):
+            return Kind.HELP
         if body.startswith(Lines.ERROR_PREFIXES):
             return Kind.ERROR
         return Kind.NOTICE
 
-    def _take(self, kind, groups):
-        if kind in (Kind.USERS, Kind.RECENT):
-            self.other = int(groups[0])
-            self.said = groups[1] if len(groups) > 1 else None
-        elif kind == Kind.RENAMED:
-            self.nick, self.other = groups
-        elif kind in (Kind.JOINED, Kind.LEFT):
-            self.nick = groups[0]
-        elif kind != Kind.ERROR:
-            self.nick, self.said = groups
+    def _take(self, fields):
+        self.fields = fields
+        self.nick = fields.get("nick") or fields.get("old") or fields.get("target")
+        self.other = fields.get("new")
+        if fields.get("count") is not None:
+            self.other = int(fields["shown"] if fields.get("shown") else fields["count"])
+        self.said = next((fields[name] for name in ("message", "text", "nicks", "rooms")
+                          if fields.get(name) is not None), None)
+        self.room = fields.get("room")
 
     def __repr__(self):
         return "<ServerLine %s %r>" % (self.kind, self.text)
@@ -292,13 +428,113 @@ def mentions(text, nick):
     return re.search(pattern, text, re.IGNORECASE) is not None
 
 
-def normalized_nick(text):
-    """The nickname the server makes of an attempt: stripped, then NFKC (docs/PROTOCOL.md)."""
+# Shared copy: chat_server.py has this function too, word for word (each .pyz holds one module).
+def normalise_nickname(text):
+    """A nickname attempt as the protocol reads it: stripped, then NFKC (fullwidth letters become
+    ASCII, a decomposed accent composes)."""
     return unicodedata.normalize("NFKC", text.strip())
 
 
 # ---------------------------------------------------------------------------------------------
-# What the client itself says.
+# The commands, as the client knows them: one table gives Tab completion and what each line
+# sent is owed by the server.
+# ---------------------------------------------------------------------------------------------
+
+class Command:
+    """A command of the protocol (docs/PROTOCOL.md), as the client sees it.
+
+    ``names``: its name and aliases, without the '/'. ``operator``: only operators may use it.
+    ``ok_first``: a 'Server: ok!' comes first. ``answers``: the kinds of line that then answer
+    it (the repeat of your own line, a list, ...); empty: the ok alone, or a single line of any
+    kind for a command without ok_first. ``bare``: (ok_first, answers) instead, when it is typed
+    with no argument. ``completes``: what Tab completes after it ('nick', 'room'). ``secret``:
+    its arguments are passwords, never kept in the history nor left on the screen.
+    A refusal ('Sorry! ...', 'there are no other users!') answers any line."""
+
+    __slots__ = ("names", "operator", "ok_first", "answers", "bare", "completes", "secret")
+
+    def __init__(self, names, ok_first=False, answers=(), operator=False, bare=None,
+                 completes=None, secret=False):
+        self.names = names
+        self.operator = operator
+        self.ok_first = ok_first
+        self.answers = answers
+        self.bare = bare
+        self.completes = completes
+        self.secret = secret
+
+    @property
+    def name(self):
+        return self.names[0]
+
+    def owed(self, bare):
+        """(ok_first, answers) for this command typed with or without arguments."""
+        return self.bare if bare and self.bare is not None else (self.ok_first, self.answers)
+
+    def __repr__(self):
+        return "<Command /%s>" % self.name
+
+
+NICK, ROOM = "nick", "room"
+
+# Every command of protocol version 3, in the order of /help (operators' last).
+COMMANDS = (
+    Command(("help",), answers=(Kind.HELP,)),
+    Command(("users", "who", "names"), answers=(Kind.USERS,)),
+    Command(("msg",), ok_first=True, answers=(Kind.OWN_PRIVATE,), completes=NICK),
+    Command(("me",), ok_first=True, answers=(Kind.ACTION,)),
+    Command(("nick",), ok_first=True, answers=(Kind.RENAMED,)),
+    Command(("away",), ok_first=True),
+    Command(("back",), ok_first=True),
+    Command(("quit",), answers=(Kind.NOTICE,)),
+    Command(("join",), ok_first=True, answers=(Kind.ROOM_NOW,), completes=ROOM),
+    Command(("part", "leave"), ok_first=True, answers=(Kind.ROOM_NOW,)),
+    Command(("rooms",), answers=(Kind.ROOMS,)),
+    Command(("topic",), ok_first=True, answers=(Kind.TOPIC_SET,), bare=(False, (Kind.TOPIC,))),
+    Command(("search",), answers=(Kind.HEADING, Kind.NOTICE)),
+    Command(("register",), ok_first=True, answers=(Kind.REGISTERED,), secret=True),
+    Command(("password",), ok_first=True, secret=True),
+    Command(("unregister",), ok_first=True, answers=(Kind.REGISTERED,), secret=True),
+    Command(("kick",), ok_first=True, operator=True, completes=NICK),
+    Command(("ban",), ok_first=True, operator=True, completes=NICK),
+    Command(("unban",), ok_first=True, operator=True),
+    Command(("bans",), answers=(Kind.BANS,), operator=True),
+    Command(("mute",), ok_first=True, operator=True, completes=NICK),
+    Command(("unmute",), ok_first=True, operator=True, completes=NICK),
+    Command(("op",), ok_first=True, operator=True, completes=NICK),
+    Command(("deop",), ok_first=True, operator=True, completes=NICK),
+    Command(("drop",), ok_first=True, operator=True, completes=ROOM),
+)
+COMMANDS_BY_NAME = {name: command for command in COMMANDS for name in command.names}
+COMMAND_NAMES = tuple("/" + name for command in COMMANDS for name in command.names)
+# A message (a line that is not a command, or //text) and a command the client does not know.
+MESSAGE = Command((), ok_first=True, answers=(Kind.OWN_MESSAGE,))
+UNKNOWN = Command(())
+USERS = COMMANDS_BY_NAME["users"]
+ROOMS = COMMANDS_BY_NAME["rooms"]
+JOIN = COMMANDS_BY_NAME["join"]
+
+
+def parse_command(text):
+    """(Command, arguments) of a line as the server reads it: MESSAGE for a message."""
+    text = CONTROL_CHARS.sub("", text)   # the server removes them before it looks for a '/'
+    if not text.startswith("/") or text.startswith("//"):
+        return MESSAGE, ""
+    words = text[1:].split(None, 1)
+    name = words[0].lower() if words else ""
+    return COMMANDS_BY_NAME.get(name, UNKNOWN), (words[1].strip() if len(words) > 1 else "")
+
+
+def masked(text):
+    """A line with a secret command's arguments hidden: '/register ***'."""
+    command, arguments = parse_command(text)
+    if not command.secret or not arguments:
+        return text
+    return text.split(None, 1)[0] + " ***"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the client itself says, and how it ends.
 # ---------------------------------------------------------------------------------------------
 
 class Notes:
@@ -306,13 +542,31 @@ class Notes:
     CANNOT_CONNECT = "Cannot connect to {address}: {reason}."
     REFUSED_HINT = " Is the server running?"
     CONNECTION_LOST = "Connection lost: {reason}."
+    NO_ANSWER = "no answer from {address} in {seconds} s"
     RECONNECTING = "Connection lost. Reconnecting in {delay} s (Ctrl-C to quit)..."
     # After 'Server is shutting down.', which says why already:
     RECONNECTING_AFTER_SHUTDOWN = "Reconnecting in {delay} s (Ctrl-C to quit)..."
+    LOCKED_OUT_WAITING = ("Too many wrong passwords from this address. Trying again in {delay} s "
+                          "(Ctrl-C to quit)...")
     RECONNECTED = "Reconnected as {nick}."
+    RECONNECTED_TO = "Reconnected to {address} as {nick}."
+    CONNECTED_TO = "Connected to {address}."
+    NICK_HELD = '"{nick}" is still held by the old connection. Trying again in {delay} s...'
     NOT_SENT_OFFLINE = "Not sent, the connection is down (Up brings the line back): {text}"
     NOT_SENT_NOT_JOINED = "Not sent, you have not joined yet: {text}"
+    # A line the server never answered before the connection was lost: it may have been taken.
+    NOT_CONFIRMED = "Not confirmed, perhaps not sent: {text}"
+    NOT_CONFIRMED_LAST = "Not confirmed, perhaps not sent (Enter sends it again): {text}"
+    WITH_YOU = "With you in {room}: {nicks}."
+    RETURNED = "Back after the reconnect ({count}): {nicks}."
+    NOBODY_ELSE = "Nobody else is in {room}."
+    PASTE_QUESTION = "Send {count} lines? [y/N] "
+    PASTE_DROPPED = "Not sent: the {count} pasted lines."
+    SENDING = " (sending {number} of {count} lines)"
+    DROP_QUESTION = "Drop the {count} pasted lines not sent yet? [y/N] "
+    PASTE_NOT_SENT = "Not sent, the connection is down: {count} pasted lines."
     PASSWORD_PROMPT = "password> "
+    NICK_PASSWORD_PROMPT = "password for {nick}> "
     NICKNAME_PROMPT = "nickname> "
     TRUST_PROMPT = "Trust it? [y/N] "
     # TLS
@@ -320,7 +574,14 @@ class Notes:
     EXPECTS_TLS = ("{address} closed the connection without a greeting in plain text: "
                    "it expects TLS, add --tls.")
     TLS_FAILED = "TLS handshake with {address} failed: {reason}."
-    TLS_NOT_VERIFIED = "The TLS certificate of {address} failed the --tls-ca check: {reason}."
+    TLS_NOT_VERIFIED = ("The TLS certificate of {address} failed the --tls-ca check: {reason}. "
+                        "{change} Not connected. If the server has a new certificate, ask the "
+                        "person who runs it for the certificate of the authority that signed it "
+                        "and give that file to --tls-ca instead of {ca}.")
+    TLS_CHANGE_UNSIGNED = ("The server now shows a certificate that no authority in {ca} "
+                           "signed.")
+    TLS_CHANGE_EXPIRED = "The server's certificate is out of its dates."
+    TLS_CHANGE_HOST = "The server's certificate is for another name than {host}."
     TLS_PIN_MISMATCH = ("The TLS certificate of {address} has the SHA-256 fingerprint {actual}, "
                         "not the one --tls-fingerprint gives ({pinned}). Not connected.")
     # The fingerprint on a line of its own: no punctuation of the sentence sticks to it.
@@ -350,6 +611,16 @@ def clause(reason):
     return str(reason).strip().rstrip(".")
 
 
+class ExitStatus:
+    """How the client ends, for scripts (the README's table of exit statuses)."""
+    DONE = 0        # the user left (Ctrl-D, Ctrl-C, /quit), or a pipe ended fully answered
+    FAILED = 1      # refused, closed, no server, TLS, a file that can't be read
+    USAGE = 2       # a bad option (argparse's own status)
+    LOST = 3        # the connection was lost with lines the server never confirmed
+    KICKED = 4      # an operator kicked you
+    BANNED = 5      # an operator banned you (or your address is banned)
+
+
 class ClientExit(Exception):
     """Ends the client: ``message`` (if any) goes to stderr, ``status`` is the exit status."""
 
@@ -363,6 +634,22 @@ class ClientExit(Exception):
 # The client's side of the protocol: phases, no I/O.
 # ---------------------------------------------------------------------------------------------
 
+# Timing of the protocol's answers. The server answers every line a member sends at once
+# (Server: ok!, a refusal, an echo), so a line unanswered this long means a dead connection.
+ANSWER_TIMEOUT = 6.0         # seconds
+PASTE_ASK_OVER = 5           # a terminal paste of more lines asks before sending them
+# Of a long paste, at most this many lines are unanswered at a time: the rest waits in the
+# client, where the prompt counts it down and Ctrl-C can drop it (what the server's flood control
+# holds back in the network could not be taken back).
+PASTE_WINDOW = 5
+PASSWORD_TRIES = 3           # a terminal asks for the chat's password at most this many times
+LOCKOUT_WAIT = 61            # seconds: the server's lockout ends 60 s after the last wrong one
+NICK_RETRY_DELAY = 2         # seconds between attempts at a nickname the old connection holds
+NICK_RETRIES = 10            # (a node's lease holds it at most 15 s after the node is gone)
+RETURNS_QUIET = 2            # seconds without another return before they are summed up
+RETURNS_WINDOW = 10          # seconds after a reconnect in which returns are summed up
+
+
 class Phase:
     """Where the client is; one at a time, changed only through Session._enter."""
     CONNECTING = "connecting"                # connected, nothing heard yet on this connection
@@ -370,94 +657,118 @@ class Phase:
     CHECKING_PASSWORD = "checking password"  # sent; the greeting or a refusal comes next
     NICKNAME = "nickname"                    # greeted: waiting for a nickname to try
     JOINING = "joining"                      # one nickname attempt in flight
+    NICK_PASSWORD = "nick password"          # a registered nickname's password is asked for
+    CHECKING_NICK_PASSWORD = "checking nick password"   # sent; its answer comes next
     MEMBER = "member"                        # joined: typed lines are messages and commands
     OFFLINE = "offline"                      # the connection is gone; a reconnect is due
 
 
-class Reply:
-    """What the server owes for a line a member sent. Tracked on a terminal only, so that the
-    'Server: ok!' before the line that repeats your own message can be left out."""
-    ECHOED = "echoed"        # a message, //text, /me, /msg, /nick: ok, then a line repeating it
-    CONFIRMED = "confirmed"  # /away, /back: ok alone
-    ANSWERED = "answered"    # /help, /users, /quit, unknown commands: one line
-    QUIET = "quiet"          # the /users the client sends itself on joining: not shown
-
-
 class Awaited:
-    """A line a member sent, until its answer comes: the Reply it is owed, and ``typed``: the
-    input line as it stood on screen (prompt and text) when the terminal erased it for the
-    server's echo. A refusal instead of the echo shows it again, so that the user sees what
-    was refused."""
+    """A line a member sent, until its answer comes. ``text``: the line. ``ok_first`` and
+    ``answers``: what it is owed (Command.owed). ``answered``: the server has answered it (it
+    was taken). ``typed``: the input line as it stood on screen (prompt and text) when the
+    terminal erased it for the server's echo; a refusal instead of the echo shows it again, so
+    that the user sees what was refused. ``quiet``: the client sent it by itself (its answer
+    is not shown)."""
 
-    __slots__ = ("reply", "typed")
+    __slots__ = ("text", "command", "ok_first", "answers", "answered", "got_ok", "typed",
+                 "quiet", "pasted")
 
-    def __init__(self, reply, typed=None):
-        self.reply = reply
+    def __init__(self, text, typed=None, quiet=False, commands=True):
+        command, arguments = parse_command(text) if commands else (MESSAGE, "")
+        self.text = text
+        self.command = command
+        self.ok_first, self.answers = command.owed(bare=not arguments)
+        self.answered = False
+        self.got_ok = False
+        self.pasted = False      # part of a long paste (Session.paste)
         self.typed = typed
+        self.quiet = quiet
+
+    @property
+    def echoed(self):
+        """Is it owed 'Server: ok!' and then a line that repeats it?"""
+        return self.ok_first and bool(self.answers)
 
     def __repr__(self):
-        return "<Awaited %s %r>" % (self.reply, self.typed)
-
-
-def expected_reply(text):
-    text = CONTROL_CHARS.sub("", text)   # the server removes them before it looks for a '/'
-    if not text.startswith("/") or text.startswith("//"):
-        return Reply.ECHOED
-    words = text[1:].split(None, 1)
-    name = words[0].lower() if words else ""
-    if name in ("me", "msg", "nick"):
-        return Reply.ECHOED
-    if name in ("away", "back"):
-        return Reply.CONFIRMED
-    return Reply.ANSWERED
+        return "<Awaited %r %s%s>" % (self.text, "answered " if self.answered else "",
+                                      "quiet" if self.quiet else "")
 
 
 class Session:
     """The client's side of the protocol, without sockets or a terminal.
 
     ``ui`` is told what to do: ``send(text)``, ``show(line)``, ``note(text)``,
-    ``show_typed(text)``, ``prompt_changed()``, ``ask_password()``, ``half_close()``,
-    ``joined()``. The end of the client is a ClientExit raised from here.
+    ``show_typed(text)``, ``prompt_changed()``, ``ask_password(prompt)``, ``half_close()``,
+    ``joined()``, ``unconfirmed(text)``, ``offer_again(text)``, ``retry_nickname(delay)``,
+    ``returns_pending(delay)``.
+    The end of the client is a ClientExit raised from here.
 
     On a terminal (``interactive``) a refused nickname asks again and the lines typed while an
     attempt was in flight are not sent; in a pipe a refused nickname ends the client (status 1),
     since nobody reads the refusal and the next line would become a nickname by surprise."""
 
     def __init__(self, ui, nick=None, password=None, interactive=False, reconnect=False,
-                 list_users=False, erases_echo=False):
+                 list_users=False, erases_echo=False, nick_password=None, servers=1):
         self.ui = ui
+        self.servers = servers            # how many servers the client may reach
+        self.address = None               # the one of this connection
         self.interactive = interactive
         self.erases_echo = erases_echo    # the terminal can take a sent line off the screen
-        self.reconnect = reconnect        # reconnect after a loss, once joined (terminal only)
-        self.list_users = list_users      # send /users quietly on joining (for completion)
+        self.reconnect = reconnect        # reconnect after a loss, once joined
+        self.list_users = list_users      # send /users (and /rooms) quietly, for completion
         self.phase = Phase.CONNECTING
         self.nick = None                  # our nickname once accepted; follows /nick
         self.next_nick = nick             # sent by itself when greeted: --nick, or to rejoin
         self.password = password          # --password-file or CHAT_PASSWORD, then as sent
+        self.wrong_passwords = 0          # the chat's password, refused on a terminal
+        self.password_again = False       # refused: asked again on the next connection
+        # Registered nicknames' passwords, kept in memory to answer again after a reconnect:
+        # casefolded nickname -> password. The option's (None: none) answers any nickname once.
+        self.nick_passwords = {}
+        self.nick_password = nick_password
+        self.asked_for = None             # the registered nickname whose password is asked
         self.attempt = None               # the nickname attempt in flight
+        self.nick_retries = 0
         self.held = deque()               # typed lines waiting for the phase that takes them
         # Awaited answers to the lines sent, oldest first. Not bounded: a paste of any size
         # held back by flood control is answered in full later; a bound would forget the oldest.
         self.awaiting = deque()
+        self.unconfirmed = []             # lines a lost connection never answered, to show
+        self.lost_lines = False           # some were lost for good: the exit status says so
         self.members = {}                 # casefolded nickname -> nickname, others only
+        self.rooms = {}                   # casefolded room -> room, learned from /rooms
+        self.room = None                  # the room we are in, once joined
+        self.room_key = None              # the key we gave to get in
+        self.key_given = None             # the key of the /join being answered
         # False once the server answered our quiet /users as a message: a version 1 server,
         # which has no commands, so every line is a message to it (this connection only).
         self.server_has_commands = True
         self.joined_once = False
         self.rejoining = False
+        self.paused = False               # a cluster node cut off: nothing answered meanwhile
+        self.retry_after = None           # seconds: reconnect after that, whatever happened
+        self.retry_note = None            # and what to say meanwhile
         self.farewell = None              # 'Server is shutting down.' when the server said it
         self.goodbye = False              # the server answered /quit
         self.input_done = False
         self.half_closed = False
-        self.history_left = 0             # lines of 'Recent messages' still to come
+        self.past_left = 0                # lines still to come after a heading of the past
+        # After a reconnect, the members who were there before come back too (a restarted
+        # server): their returns are summed up in one line, not one 'connected!' each.
+        self.returning = {}               # casefolded nickname -> nickname, not back yet
+        self.returned = []                # back, not told yet
+        self.pasting = deque()            # a long paste's lines not sent yet
+        self.paste_total = 0              # its size, while any of it is unanswered
 
     def __repr__(self):
-        return "<Session %s nick=%r held=%d awaiting=%d>" % (
-            self.phase, self.nick, len(self.held), len(self.awaiting))
+        return "<Session %s nick=%r room=%r held=%d awaiting=%d>" % (
+            self.phase, self.nick, self.room, len(self.held), len(self.awaiting))
 
     # -- what the client loop calls -----------------------------------------------------------
-    def connected(self):
+    def connected(self, address=None):
         """A new connection is ready for lines (TCP up, TLS trusted): its first line is next."""
+        self.address = address
         self.farewell = None
         self.goodbye = False
         self.half_closed = False
@@ -465,26 +776,62 @@ class Session:
         self.awaiting.clear()
         self.members.clear()
         self.server_has_commands = True
-        self.history_left = 0
+        self.paused = False
+        self.retry_after = self.retry_note = None
+        self.nick_retries = 0
+        self.past_left = 0
         self._enter(Phase.CONNECTING)
 
     def server_line(self, text):
         line = ServerLine(text)
-        if line.ts and line.body in Lines.FINAL_REFUSALS:
-            if not self.interactive:
-                self.ui.show(line)   # a terminal gets it once, as the closing message
-            raise ClientExit(1, line.body)
-        if line.ts and line.body == Lines.SHUTTING_DOWN:
-            self.farewell = line.body
-            if not self.interactive or self._will_reconnect():
-                self.ui.show(line)
+        if line.ts and self._ends_or_waits(line):
             return
+        if line.ts and line.body in (Lines.PAUSED, Lines.RESUMED):
+            self.paused = line.body == Lines.PAUSED
         if self.phase == Phase.MEMBER:
             self._member_line(line)
-        elif self.phase == Phase.JOINING:
+            if self.paste_total:
+                self._feed_paste()
+        elif self.phase == Phase.CHECKING_NICK_PASSWORD and self.attempt is None:
+            self._enter(Phase.MEMBER)   # a /nick to a registered nickname: answered now
+            self._member_line(line)
+        elif self.phase in (Phase.JOINING, Phase.CHECKING_NICK_PASSWORD):
             self._joining_line(line)
         else:
             self._line_before_joining(line)
+
+    def _ends_or_waits(self, line):
+        """The lines after which this connection ends: the client too, or it reconnects after a
+        while. True when the line is dealt with."""
+        body = line.body
+        if body == Lines.SHUTTING_DOWN:
+            self.farewell = body
+            if not self.interactive or self._will_reconnect():
+                self.ui.show(line)
+            return True
+        if body == Lines.WRONG_PASSWORD and self.interactive:
+            self.wrong_passwords += 1
+            if self.wrong_passwords < PASSWORD_TRIES:
+                self.ui.show(line)
+                self.password = None      # asked again on the next connection, at once
+                self.password_again = True
+                self._retry(0)
+                return True
+        if body == Lines.LOCKED_OUT and self.joined_once:
+            self._retry(LOCKOUT_WAIT, Notes.LOCKED_OUT_WAITING)   # it ends by itself
+            return True
+        status = {Kind.KICKED_YOU: ExitStatus.KICKED,
+                  Kind.BANNED_YOU: ExitStatus.BANNED}.get(line.kind)
+        if status is None and body in Lines.FINAL_REFUSALS:
+            status = ExitStatus.FAILED
+        if status is None:
+            return False
+        if not self.interactive:
+            self.ui.show(line)   # a terminal gets it once, as the closing message
+        raise ClientExit(status, body)
+
+    def _retry(self, delay, note=None):
+        self.retry_after, self.retry_note = delay, note
 
     def typed(self, text):
         """A line the user typed (or a pipe gave), without its line end. An empty line is
@@ -492,59 +839,169 @@ class Session:
         says what became of it, where dropping it said nothing."""
         phase = self.phase
         if phase == Phase.MEMBER:
-            erased = self.prompt() + text if self.replaces_echo(text) else None
-            self._send_member_line(text, typed=erased)
+            self._send_member_line(text, typed=self._erased(text))
         elif phase == Phase.NICKNAME:
             self._send_attempt(text)
         elif phase == Phase.PASSWORD:
             self._send_password(text)
-        elif phase == Phase.CHECKING_PASSWORD and self.interactive:
+        elif phase == Phase.NICK_PASSWORD:
+            self._send_nick_password(text)
+        elif phase in (Phase.CHECKING_PASSWORD, Phase.CHECKING_NICK_PASSWORD) \
+                and self.interactive:
             pass   # perhaps the password again: never shown, kept, or sent as a nickname
-        elif phase == Phase.OFFLINE:
+        elif self.password_again and self.interactive:
+            # Typed before the question came again: it is the password, and never shown.
+            self.password = text if self.password is None else self.password
+        elif phase == Phase.OFFLINE and self.interactive:
             if text.strip():   # (an empty line loses nothing: the prompt says offline)
-                self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=text))
+                self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=masked(text)))
         else:
-            self.held.append(text)   # CONNECTING, CHECKING_PASSWORD, JOINING: not yet
+            self.held.append(text)   # not yet: a pipe's lines wait for the next connection too
+
+    def _erased(self, text):
+        """What the terminal erased of a line sent (prompt and text, secrets masked), or None.
+        A secret command is shown again at once, masked: its password never stays on screen."""
+        if not self.replaces_echo(text):
+            return None
+        typed = self.prompt() + masked(text)
+        if parse_command(text)[0].secret:
+            self.ui.show_typed(typed)
+            return None
+        return typed
 
     def input_ended(self):
         """The pipe ended: once every line is sent, the connection is half-closed."""
         self.input_done = True
         self._maybe_half_close()
 
+    def expects_answer(self):
+        """Is the server owed to say something now? (A dead connection is one that doesn't.)"""
+        if self.paused:
+            return False   # a cluster node waits for Redis: lines wait, nothing is answered
+        if self.phase in (Phase.CONNECTING, Phase.CHECKING_PASSWORD, Phase.JOINING,
+                          Phase.CHECKING_NICK_PASSWORD):
+            return True
+        return any(not waiting.answered for waiting in self.awaiting)
+
     def connection_closed(self, reason=None):
         """The connection ended (``reason`` None: the server closed it in order). Returns when
         the client should reconnect; raises ClientExit otherwise."""
+        lost = [w.text for w in self.awaiting if not w.answered and not w.quiet]
+        status = ExitStatus.LOST if self.lost_lines else ExitStatus.DONE
         if self.goodbye:
-            raise ClientExit(0)
-        if self.half_closed and self.farewell is None and reason is None:
-            raise ClientExit(0)   # end of piped input, and every reply received
+            raise ClientExit(status)
+        if self.half_closed and self.farewell is None and reason is None and not lost:
+            raise ClientExit(status)   # end of piped input, and every reply received
+        if self.retry_after is not None:
+            self._go_offline([])
+            return
         if self._will_reconnect():
+            self._go_offline(lost)
+            return
+        self._tell_unconfirmed(lost)
+        raise ClientExit(ExitStatus.LOST if lost else ExitStatus.FAILED,
+                         self.farewell or reason or Notes.CLOSED_BY_SERVER)
+
+    def _go_offline(self, lost):
+        if self.interactive and self.joined_once:
+            self.returning.update(self.members)
+        if self.pasting and self.interactive:
+            self.ui.note(Notes.PASTE_NOT_SENT.format(count=len(self.pasting)))
+        self.pasting.clear()
+        self.paste_total = 0
+        if self.joined_once:
             self.next_nick = self.nick
             self.rejoining = True
-            self.attempt = None
-            self.awaiting.clear()
+        self.attempt = None
+        self.awaiting.clear()
+        if self.interactive:
+            self.unconfirmed = lost   # shown once back, the last one in the input line
             for text in self.held:
-                self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=text))
+                self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=masked(text)))
             self.held.clear()
-            self._enter(Phase.OFFLINE)
-            return
-        raise ClientExit(1, self.farewell or reason or Notes.CLOSED_BY_SERVER)
+        else:
+            self._tell_unconfirmed(lost)   # a pipe's lines not sent yet wait for the next one
+        self._enter(Phase.OFFLINE)
+
+    def _tell_unconfirmed(self, lost):
+        for text in lost:
+            self.lost_lines = True
+            self.ui.unconfirmed(masked(text))
 
     def prompt(self):
+        if self.password_again:
+            return Notes.PASSWORD_PROMPT
         if self.phase == Phase.MEMBER:
-            return "%s> " % self.nick
+            return "%s> " % self._where()
         if self.phase == Phase.OFFLINE or (self.rejoining and self.phase == Phase.CONNECTING):
-            return "(offline) %s> " % self.nick
+            return "(offline) %s> " % self._where() if self.nick else "(offline)> "
         if self.phase in (Phase.NICKNAME, Phase.JOINING):
             return Notes.NICKNAME_PROMPT
         if self.phase in (Phase.PASSWORD, Phase.CHECKING_PASSWORD):
             return Notes.PASSWORD_PROMPT
+        if self.phase in (Phase.NICK_PASSWORD, Phase.CHECKING_NICK_PASSWORD):
+            return Notes.NICK_PASSWORD_PROMPT.format(nick=self.asked_for)
         return ""
 
+    def _where(self):
+        """'alice', or 'alice #ops' outside #main; and how far a long paste has gone."""
+        where = self.nick
+        if self.room is not None and self.room.casefold() != MAIN_ROOM:
+            where = "%s %s" % (self.nick, self.room)
+        if self.paste_total:
+            where += Notes.SENDING.format(number=self._pasted_done() + 1, count=self.paste_total)
+        return where
+
+    # -- a long paste, paced ------------------------------------------------------------------
+    def paste(self, lines):
+        """Send pasted lines in order, each as typed, PASTE_WINDOW unanswered at a time."""
+        if self.phase != Phase.MEMBER:
+            for text in lines:
+                self.typed(text)
+            return
+        self.pasting.extend(lines)
+        self.paste_total += len(lines)
+        self._feed_paste()
+        self.ui.prompt_changed()   # the count shows
+
+    def paste_waiting(self):
+        """How many pasted lines are not sent yet (Ctrl-C offers to drop them)."""
+        return len(self.pasting)
+
+    def drop_paste(self):
+        dropped = len(self.pasting)
+        self.pasting.clear()
+        self.paste_total -= dropped
+        self._feed_paste()
+        return dropped
+
+    def _pasted_done(self):
+        return self.paste_total - len(self.pasting) - self._pasted_in_flight()
+
+    def _pasted_in_flight(self):
+        return sum(1 for waiting in self.awaiting if waiting.pasted and not waiting.answered)
+
+    def _feed_paste(self):
+        before = self.prompt()
+        in_flight = self._pasted_in_flight()
+        while self.pasting and in_flight < PASTE_WINDOW and self.phase == Phase.MEMBER:
+            self._send_member_line(self.pasting.popleft(), pasted=True)
+            in_flight += 1
+        if self.paste_total and not self.pasting and not in_flight:
+            self.paste_total = 0   # all of it answered: the prompt is itself again
+        if self.prompt() != before:
+            self.ui.prompt_changed()
+
     def hides_input(self):
-        """Is what the user types now hidden (no echo, no history)? While the password is
-        asked for and while it is checked, on a terminal."""
-        return self.interactive and self.phase in (Phase.PASSWORD, Phase.CHECKING_PASSWORD)
+        """Is what the user types now hidden (no echo, no history)? While a password is asked
+        for and while it is checked, on a terminal."""
+        return self.interactive and (self.password_again or self.phase in (
+            Phase.PASSWORD, Phase.CHECKING_PASSWORD, Phase.NICK_PASSWORD,
+            Phase.CHECKING_NICK_PASSWORD))
+
+    def keeps_in_history(self, text):
+        """May the input history keep this line? Not a command that carries a password."""
+        return not parse_command(text)[0].secret
 
     def waits_for_nickname(self):
         """Greeted, and no nickname to send by itself (--nick, rejoining, typed ahead)."""
@@ -552,25 +1009,42 @@ class Session:
 
     def wants_input(self):
         """Would a typed line be used now rather than held? (Input read on demand asks.)"""
-        return self.phase in (Phase.NICKNAME, Phase.MEMBER, Phase.OFFLINE) or (
-            self.phase == Phase.PASSWORD and not self.interactive)
+        if self.phase == Phase.OFFLINE:
+            return self.interactive   # a pipe waits in the pipe for the next connection
+        return self.phase in (Phase.NICKNAME, Phase.MEMBER) or (
+            self.phase in (Phase.PASSWORD, Phase.NICK_PASSWORD) and not self.interactive)
 
     def replaces_echo(self, text):
         """On a terminal, will the server repeat this line as our own styled line? Then the
         input line readline left on the screen can go: a message costs one line. (If a
-        refusal comes instead, the line is shown again above it.)"""
-        return (self.erases_echo and self.phase == Phase.MEMBER and bool(text.strip())
-                and self._expected_reply(text) == Reply.ECHOED)
+        refusal comes instead, the line is shown again above it.) A secret command's line
+        goes too, and comes back masked."""
+        if not (self.erases_echo and self.phase == Phase.MEMBER and text.strip()
+                and "\n" not in text):
+            return False
+        waiting = Awaited(text, commands=self.server_has_commands)
+        return waiting.echoed or waiting.command.secret
 
-    def completions(self, text, first_word):
-        """Tab completion: command names for a first word that starts with '/', else the
-        nicknames of the members present. Each ends with the space that comes next (Python's
-        readline module tells readline to append nothing)."""
-        if first_word and text.startswith("/"):
-            return [name + " " for name in Lines.COMMANDS if name.startswith(text.lower())]
+    def completions(self, text, words_before):
+        """Tab completion of ``text``, after the words typed before it on the line: command
+        names for a first word that starts with '/'; after /join and /drop the rooms known;
+        else the nicknames of the members present. Each ends with the space that comes next
+        (Python's readline module tells readline to append nothing)."""
+        if not words_before and text.startswith("/"):
+            return [name + " " for name in COMMAND_NAMES if name.startswith(text.lower())]
+        command = parse_command(words_before[0])[0] if words_before else MESSAGE
+        if command.completes == ROOM and len(words_before) == 1:
+            known, text = self.rooms, text if text.startswith("#") else "#" + text
+        else:
+            known = self.members
         folded = text.casefold()
-        return sorted((nick + " " for key, nick in self.members.items()
-                       if key.startswith(folded)), key=str.casefold)
+        return sorted((name + " " for key, name in known.items() if key.startswith(folded)),
+                      key=str.casefold)
+
+    def retry_nickname(self):
+        """The client's timer: try the nickname the old connection held once more."""
+        if self.phase == Phase.NICKNAME and self.next_nick is not None:
+            self._try_nickname()
 
     # -- phases -------------------------------------------------------------------------------
     def _enter(self, phase):
@@ -597,7 +1071,7 @@ class Session:
         if self.password is not None:
             self._send_password(self.password)
         elif self.interactive:
-            self.ui.ask_password()   # the typed password comes back through typed()
+            self.ui.ask_password(Notes.PASSWORD_PROMPT)   # it comes back through typed()
         elif self.held:
             self._send_password(self.held.popleft())   # a pipe: its first line
         else:
@@ -605,6 +1079,7 @@ class Session:
 
     def _send_password(self, text):
         self.password = text   # kept to rejoin after a reconnect
+        self.password_again = False
         self.ui.send(text)
         self._enter(Phase.CHECKING_PASSWORD)
 
@@ -627,48 +1102,127 @@ class Session:
         if line.kind == Kind.OK:
             self._joined(line)
             return
+        if line.kind == Kind.NICK_QUESTION:
+            self._nick_password_asked(line)
+            return
+        if line.kind == Kind.ERROR and self._nickname_held(line):
+            return
         self.ui.show(line)
         if line.kind == Kind.ERROR:
             self._refused(line)
 
+    def _nickname_held(self, line):
+        """Rejoining, our nickname may still be held by the connection that was lost (until
+        the server or its node notices), and a paused node refuses every nickname for a
+        moment: try it again in a while rather than ask for another or end."""
+        held = self.rejoining and is_line(line, Lines.NICK_BUSY) and \
+            same_nick(line.nick, self.attempt)
+        if not (held or line.body == Lines.PAUSED_REFUSAL) or self.nick_retries >= NICK_RETRIES:
+            return False
+        self.nick_retries += 1
+        if self.interactive:
+            if self.nick_retries == 1:
+                self.ui.note(Notes.NICK_HELD.format(nick=self.attempt, delay=NICK_RETRY_DELAY)
+                             if held else line.body)
+        else:
+            self.ui.show(line)
+        self.next_nick, self.attempt = self.attempt, None
+        self._enter(Phase.NICKNAME)
+        self.ui.retry_nickname(NICK_RETRY_DELAY)
+        return True
+
+    def _nick_password_asked(self, line):
+        """'"alice" is registered. Please enter its password': the next line is its password.
+        Answered from memory (or --nick-password-file) where we can; else a terminal asks, and a
+        pipe's next line is the answer."""
+        if not self.interactive and self.phase != Phase.JOINING:
+            self.ui.show(line)   # a member's /nick in a pipe: the script's next line answers
+            return
+        if not self.rejoining:
+            self.ui.show(line)
+        self.asked_for = line.nick
+        self._enter(Phase.NICK_PASSWORD)
+        known = self.nick_passwords.get(line.nick.casefold(), self.nick_password)
+        if known is not None:
+            self._send_nick_password(known)
+        elif self.interactive:
+            self.ui.ask_password(Notes.NICK_PASSWORD_PROMPT.format(nick=line.nick))
+        elif self.held:
+            self._send_nick_password(self.held.popleft())
+        else:
+            self._maybe_half_close()
+
+    def _send_nick_password(self, text):
+        self.nick_passwords[self.asked_for.casefold()] = text
+        self.ui.send(text)
+        self._enter(Phase.CHECKING_NICK_PASSWORD)
+
     def _refused(self, line):
         self.attempt = None
+        if is_line(line, Lines.WRONG_NICK_PASSWORD):
+            self.nick_passwords.pop(line.nick.casefold(), None)
+            if self.nick_password is not None:
+                self.nick_password = None   # the option's was wrong: ask, or end
         if not self.interactive:
-            raise ClientExit(1, line.body)
+            raise ClientExit(ExitStatus.FAILED, line.body)
+        self.rejoining = False   # a nickname of one's own choosing, then
         dropped, self.held = list(self.held), deque()
         for text in dropped:
-            self.ui.note(Notes.NOT_SENT_NOT_JOINED.format(text=text))
+            self.ui.note(Notes.NOT_SENT_NOT_JOINED.format(text=masked(text)))
         self._enter(Phase.NICKNAME)
 
     def _joined(self, line):
-        self.nick = normalized_nick(self.attempt)
+        self.nick = normalise_nickname(self.attempt)
         self.attempt = None
         self.joined_once = True
+        rejoined_room, key = self.room, self.room_key
+        self.room, self.room_key = MAIN_ROOM_NAME, None
         if self.rejoining:
             self.rejoining = False
-            self.ui.note(Notes.RECONNECTED.format(nick=self.nick))
+            self.ui.note(Notes.RECONNECTED_TO.format(address=self.address, nick=self.nick)
+                         if self.servers > 1 else Notes.RECONNECTED.format(nick=self.nick))
+            if self.returning:
+                self.ui.returns_pending(RETURNS_WINDOW)
         else:
             self.ui.show(line)
         self._enter(Phase.MEMBER)
         self.ui.joined()
-        if self.list_users:
-            self._send_member_line(Lines.USERS_COMMAND, Reply.QUIET)
+        if rejoined_room is not None and rejoined_room.casefold() != MAIN_ROOM:
+            self._send_member_line(" ".join(["/join", rejoined_room] + ([key] if key else [])))
+        elif self.list_users:
+            self._learn_room()
         while self.held:
             self._send_member_line(self.held.popleft())
+        self._offer_unconfirmed()
         self._maybe_half_close()
 
-    def _send_member_line(self, text, reply=None, typed=None):
-        if self.interactive:
-            self.awaiting.append(Awaited(reply or self._expected_reply(text), typed))
-        self.ui.send(text)
+    def _offer_unconfirmed(self):
+        """After a reconnect: the lines the lost connection never answered, each shown as not
+        confirmed, and the last one back in the input line (never sent again by itself: the
+        server may have taken it before the connection died)."""
+        lost, self.unconfirmed = self.unconfirmed, []
+        for i, text in enumerate(lost):
+            last = i == len(lost) - 1
+            self.ui.note((Notes.NOT_CONFIRMED_LAST if last else Notes.NOT_CONFIRMED)
+                         .format(text=masked(text)))
+        if lost:
+            self.ui.offer_again(lost[-1])
 
-    def _expected_reply(self, text):
-        return expected_reply(text) if self.server_has_commands else Reply.ECHOED
+    def _learn_room(self):
+        """Who is in the room, and which rooms there are: asked quietly (a terminal only)."""
+        self._send_member_line(USERS_COMMAND, quiet=True)
+
+    def _send_member_line(self, text, typed=None, quiet=False, pasted=False):
+        waiting = Awaited(text, typed, quiet, commands=self.server_has_commands)
+        waiting.pasted = pasted
+        self.awaiting.append(waiting)
+        self.ui.send(text)
 
     def _maybe_half_close(self):
         if not self.input_done or self.half_closed or self.held:
             return
-        if self.phase in (Phase.CONNECTING, Phase.CHECKING_PASSWORD, Phase.OFFLINE):
+        if self.phase not in (Phase.NICKNAME, Phase.JOINING, Phase.MEMBER, Phase.PASSWORD,
+                              Phase.NICK_PASSWORD):
             return   # the password or nickname this client sends by itself may still be due
         self.half_closed = True
         self.ui.half_close()
@@ -676,73 +1230,160 @@ class Session:
     # -- a member's lines ---------------------------------------------------------------------
     def _member_line(self, line):
         head = self.awaiting[0] if self.awaiting else None
-        expected = head.reply if head is not None else None
-        if expected == Reply.QUIET and self._answers_quiet_users(line):
+        if head is not None and head.quiet and self._answers_quiet(line, head):
             return
-        if line.kind == Kind.OK:
-            if expected == Reply.ECHOED:
-                return   # the line repeating our message follows, set apart: that says it all
-            if expected == Reply.CONFIRMED:
-                self.awaiting.popleft()
-        elif self._is_own(line):
-            line.own = True
-            if expected == Reply.ECHOED:
-                self.awaiting.popleft()
-            if line.kind == Kind.RENAMED:
-                self.nick = line.other   # the prompt follows, once the line is shown
-        elif line.kind == Kind.USERS:
+        if line.kind == Kind.NICK_QUESTION:
             if head is not None:
-                self.awaiting.popleft()
-            self._learn_users(line)
-        elif (line.kind == Kind.ERROR or line.body in (Lines.ALONE, Lines.GOODBYE)
-              or line.body.startswith(Lines.COMMANDS_PREFIX)):
-            if head is not None:
-                self.awaiting.popleft()
-                if head.typed is not None:
-                    self.ui.show_typed(head.typed)   # refused: what was it?
+                head.answered = True   # the /nick: its password is asked
+            self._nick_password_asked(line)
+            return
+        if not self._account(line, head):
+            return
+        if self._a_return(line):
+            return
         if line.body == Lines.GOODBYE:
             self.goodbye = True
-        self._learn_members(line)
+        self._learn(line)
         self._mark_mention(line)
         self.ui.show(line)
-        if line.own and line.kind == Kind.RENAMED:
+        if line.own and line.kind in (Kind.RENAMED, Kind.ROOM_NOW):
             self.ui.prompt_changed()
+        if line.own and line.kind == Kind.ROOM_NOW and self.list_users:
+            self._learn_room()
 
-    def _answers_quiet_users(self, line):
-        """Is this (part of) the answer to the /users the client sent by itself on joining?
-        Then it is not shown. A version 1 server answers it as a message: 'Server: ok!' and
-        'YOU SEND USERS /users', or 'Server: there are no other users!' when alone."""
-        if line.kind == Kind.USERS:
-            self.awaiting.popleft()
-            self._learn_users(line)
-            return True
+    def _account(self, line, head):
+        """Match the line with the oldest line awaiting an answer (the head); False to leave it
+        out (the 'Server: ok!' before the repeat of your own line, on a terminal).
+
+        A line is ``answered`` once the server has said anything for it (it was taken: the
+        lines left unanswered when a connection dies are the ones it may have lost). An ok, a
+        refusal or the answer the command is owed finds it; and for a command owed no ok, any
+        answer-like line, so that no surprise in the answers leaves a line unanswered for ever
+        and a live connection taken for dead."""
         if line.kind == Kind.OK:
-            return True   # version 1: the repeat of '/users' follows
-        if (line.kind == Kind.OWN_MESSAGE and line.said == Lines.USERS_COMMAND
-                or line.body == Lines.ALONE):
-            self.awaiting.popleft()
-            self.server_has_commands = False
-            for waiting in self.awaiting:   # commands typed meanwhile are messages there too
-                waiting.reply = Reply.ECHOED
+            while head is not None and head.got_ok:
+                # Its ok came before: what it was owed after it never came (a version 1
+                # server's echo of a command): the ok is the next line's.
+                self.awaiting.popleft()
+                head = self.awaiting[0] if self.awaiting else None
+            if head is None:
+                return True
+            head.got_ok = head.answered = True
+            if not head.answers:
+                self.awaiting.popleft()   # the ok alone answers it
+                return True
+            return not (self.interactive and head.echoed)
+        if self._is_own(line):
+            line.own = True
+            if head is not None and line.kind in head.answers:
+                self._answered(head, line)
             return True
+        if head is None:
+            return True
+        refusal = line.kind == Kind.ERROR or line.body == Lines.ALONE
+        if refusal or (not head.ok_first and (line.kind in head.answers or not head.answers)):
+            self._answered(head, line)
+            if refusal and head.typed is not None:
+                self.ui.show_typed(head.typed)   # refused: what was it?
+        elif not head.ok_first and line.kind in _ANSWER_KINDS and \
+                line.body not in (Lines.PAUSED, Lines.RESUMED):
+            head.answered = True   # (not the answer it is owed: it was taken all the same)
+        return True
+
+    def _answered(self, head, line):
+        head.answered = True
+        self.awaiting.popleft()
+        if line.kind == Kind.ROOM_NOW and head.command is JOIN:
+            self.key_given = (head.text.split(None, 2)[2:] or [None])[0]
+
+    def _a_return(self, line):
+        """Someone who was here before the reconnect, coming back: learnt, told later."""
+        if line.kind != Kind.JOINED or self.rejoining or \
+                self.returning.pop(line.nick.casefold(), None) is None:
+            return False
+        self._learn(line)
+        self.returned.append(line.nick)
+        if self.returning:
+            self.ui.returns_pending(RETURNS_QUIET)
+        else:
+            self.tell_returns()
+        return True
+
+    def tell_returns(self):
+        """One line for the members who came back (the client's timer, or the last of them)."""
+        if self.returned:
+            self.ui.note(Notes.RETURNED.format(count=len(self.returned),
+                                               nicks=", ".join(self.returned)))
+        self.returned = []
+        self.returning = {}   # the burst is over: later joins are shown as they come
+
+    def _answers_quiet(self, line, head):
+        """Is this (part of) the answer to a line the client sent by itself: the /users on
+        joining, then the /rooms? Then it is not shown. A version 1 server answers /users as a
+        message: 'Server: ok!' and 'YOU SEND USERS /users', or 'Server: there are no other
+        users!' when alone; a version 2 server knows no /rooms."""
+        if head.command is USERS:
+            if line.kind == Kind.USERS:
+                self.awaiting.popleft()
+                self._learn_users(line)
+                for key in self.members:
+                    self.returning.pop(key, None)   # back already: no return to tell
+                self._send_member_line(ROOMS_COMMAND, quiet=True)
+                return True
+            if line.kind == Kind.OK:
+                return True   # version 1: the repeat of '/users' follows
+            if line.kind == Kind.OWN_MESSAGE and line.said == USERS_COMMAND \
+                    or line.body == Lines.ALONE:
+                self.awaiting.popleft()
+                self.server_has_commands = False
+                for waiting in self.awaiting:   # commands typed meanwhile are messages there too
+                    waiting.command, waiting.ok_first, waiting.answers = \
+                        MESSAGE, MESSAGE.ok_first, MESSAGE.answers
+                return True
+        elif head.command is ROOMS:
+            if line.kind in (Kind.ROOMS, Kind.ERROR):   # (version 2: 'Unknown command')
+                self.awaiting.popleft()
+                if line.kind == Kind.ROOMS:
+                    self.rooms = {room.casefold(): room for room in rooms_listed(line.said)}
+                self._say_who_is_here()   # once both are known: Tab completes from them now
+                return True
         return False
 
-    def _is_own(self, line):
-        if line.kind in (Kind.OWN_MESSAGE, Kind.OWN_PRIVATE):
-            return True
-        return line.kind in (Kind.ACTION, Kind.RENAMED) and same_nick(line.nick, self.nick)
+    def _say_who_is_here(self):
+        nicks = sorted(self.members.values(), key=str.casefold)
+        room = self.room or MAIN_ROOM_NAME
+        self.ui.note(Notes.WITH_YOU.format(room=room, nicks=", ".join(nicks)) if nicks
+                     else Notes.NOBODY_ELSE.format(room=room))
 
-    def _learn_members(self, line):
-        if line.kind == Kind.JOINED and not same_nick(line.nick, self.nick):
+    def _is_own(self, line):
+        if line.kind in (Kind.OWN_MESSAGE, Kind.OWN_PRIVATE, Kind.ROOM_NOW, Kind.REGISTERED):
+            return True
+        return line.kind in (Kind.ACTION, Kind.RENAMED, Kind.TOPIC_SET) and \
+            same_nick(line.nick, self.nick)
+
+    def _learn(self, line):
+        kind = line.kind
+        if kind == Kind.JOINED and not same_nick(line.nick, self.nick):
             self.members[line.nick.casefold()] = line.nick
-        elif line.kind == Kind.LEFT:
+        elif kind == Kind.LEFT:
             self.members.pop(line.nick.casefold(), None)
-        elif line.kind == Kind.RENAMED:
+        elif kind == Kind.RENAMED:
             self.members.pop(line.nick.casefold(), None)
-            if not same_nick(line.other, self.nick):
+            if line.own:
+                self.nick = line.other   # the prompt follows, once the line is shown
+            elif not same_nick(line.other, self.nick):
                 self.members[line.other.casefold()] = line.other
-        elif line.kind == Kind.RECENT:
-            self.history_left = line.other
+        elif kind == Kind.HEADING:
+            self.past_left = line.other or 0
+        elif kind == Kind.ROOM_NOW:
+            self.room = line.room
+            self.members.clear()   # the quiet /users that follows tells who is there
+            self.rooms.setdefault(line.room.casefold(), line.room)
+            self.room_key, self.key_given = self.key_given, None   # (none after a /drop)
+        elif kind == Kind.ROOMS:
+            self.rooms = {room.casefold(): room for room in rooms_listed(line.said)}
+        elif kind == Kind.ROOM_CLOSED:
+            self.rooms.pop(line.room.casefold(), None)
 
     def _learn_users(self, line):
         self.members = {nick.casefold(): nick for nick in users_listed(line.said, line.other)
@@ -751,13 +1392,28 @@ class Session:
     def _mark_mention(self, line):
         if line.kind not in (Kind.MESSAGE, Kind.ACTION, Kind.PRIVATE):
             return
-        from_history = self.history_left > 0 and line.kind != Kind.PRIVATE
-        if from_history:
-            self.history_left -= 1
+        from_the_past = self.past_left > 0
+        if from_the_past:
+            self.past_left -= 1
         if line.own or same_nick(line.nick, self.nick):
             return
         line.mention = mentions(line.said, self.nick)
-        line.bell = (line.mention or line.kind == Kind.PRIVATE) and not from_history
+        line.bell = (line.mention or line.kind == Kind.PRIVATE) and not from_the_past
+
+
+# Lines that answer a line a member sent (besides 'there are no other users!' and one's own).
+_ANSWER_KINDS = frozenset((Kind.OK, Kind.ERROR, Kind.USERS, Kind.ROOMS, Kind.HELP, Kind.TOPIC,
+                           Kind.HEADING, Kind.BANS, Kind.NOTICE))
+MAIN_ROOM_NAME = "#main"
+MAIN_ROOM = MAIN_ROOM_NAME.casefold()
+USERS_COMMAND = "/users"
+ROOMS_COMMAND = "/rooms"
+_ROOM_ENTRY = re.compile(r"(#[\w-]+) \(\d+(?:, key)?\)(?:, |\Z)")
+
+
+def rooms_listed(text):
+    """The room names of 'Rooms ({n}): #main (5), #ops (2, key)'."""
+    return _ROOM_ENTRY.findall(text or "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -792,6 +1448,7 @@ class Style:
     QUIET = "2"          # dim: the words between nicknames
     NOTICE = "33"        # the server's notices, and the client's own
     ERROR = "1;31"       # refusals: Sorry! ..., a nickname refused
+    PAST = "2;33"        # dim: the headings of what was said before you came, and the topic
     PRIVATE = "1;35"
     MENTION = "1;7"      # reverse video: visible in any palette
     OWN_TEXT = "1"
@@ -854,7 +1511,7 @@ class Presenter:
             return [("[private] ", Style.PRIVATE), (nick, "1;" + nick_colour(nick)),
                     (" sent ", Style.QUIET), (said, text_style)]
         if kind == Kind.OWN_MESSAGE:
-            return [(Lines.OWN_MESSAGE, Style.QUIET), (said, text_style)]
+            return [(line.body[:len(line.body) - len(said)], Style.QUIET), (said, text_style)]
         if kind == Kind.OWN_PRIVATE:
             return [("[private] ", Style.PRIVATE), ("YOU SEND ", Style.QUIET),
                     (nick, nick_colour(nick)), (" " + said, text_style)]
@@ -865,6 +1522,8 @@ class Presenter:
                     (line.other, nick_colour(line.other))]
         if kind == Kind.ERROR:
             return [(line.body, Style.ERROR)]
+        if kind in (Kind.HEADING, Kind.TOPIC):
+            return [(line.body, Style.PAST)]   # what follows (or the topic) was said before
         if kind == Kind.OTHER:
             return [(line.body, "")]
         return [(line.body, Style.NOTICE)]
@@ -1247,6 +1906,7 @@ class Readline:
         self.prompt = ""
         self.lines = []            # completed lines, None for end of input (Ctrl-D)
         self.keep_history = True
+        self.keeps_line = None     # line -> bool: may the history keep it? (no passwords)
         self.replaces_echo = None  # line -> bool: erase the echoed input line?
 
     def _set_int(self, name, value):
@@ -1276,7 +1936,8 @@ class Readline:
             raw = self.ctypes.string_at(pointer)
             self._free(pointer)  # readline hands the line over; it is ours to free
             line = raw.decode("utf-8", "replace")
-            if self.keep_history and line.strip():
+            if self.keep_history and line.strip() and (self.keeps_line is None
+                                                       or self.keeps_line(line)):
                 # Here, not later: readline moves its history position to the end as soon as
                 # this callback returns, and Up must find this line.
                 self.module.add_history(line)
@@ -1435,6 +2096,11 @@ class ReadlineTerminal:
     def ask(self, question):
         self.rl.set_prompt(question)
 
+    def offer(self, text):
+        """``text`` in the input line, ready for Enter, unless something is typed there."""
+        if not self.rl.current_input()[0]:
+            self.rl.set_prompt(self.rl.prompt, line=text.encode("utf-8", "replace"))
+
     # -- a password: readline stays installed (its raw mode echoes nothing) but does not get
     #    the keys, so the password is never on screen nor in the history. So it stays until
     #    end_secret(), after the server has checked the password: what is typed meanwhile
@@ -1575,6 +2241,7 @@ class ConnectionLost(Exception):
     pass
 
 
+# Shared copy: chat_server.py has this function too, word for word (each .pyz holds one module).
 def format_address(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
@@ -1611,10 +2278,11 @@ class Connection:
 
     CONNECTING, HANDSHAKING, OPEN, CLOSED = "connecting", "handshaking", "open", "closed"
 
-    def __init__(self, host, port, tls_context=None):
+    def __init__(self, host, port, tls_context=None, ca_path=None):
         self.host = host
         self.address = format_address(host, port)
         self.tls_context = tls_context
+        self.ca_path = ca_path         # --tls-ca: named when the certificate fails its check
         self.state = self.CONNECTING
         self.sock = None
         self.tls = None                # the SSLObject, once TCP is up
@@ -1699,6 +2367,7 @@ class Connection:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        keep_alive(self.sock)
         if not self.is_tls:
             self.state = self.OPEN
             return ["open"]
@@ -1716,7 +2385,8 @@ class Connection:
             return []
         except ssl.SSLCertVerificationError as exc:
             raise ClientExit(1, Notes.TLS_NOT_VERIFIED.format(
-                address=self.address, reason=clause(exc.verify_message or exc.reason)))
+                address=self.address, reason=clause(exc.verify_message or exc.reason),
+                change=self._what_changed(exc.verify_code), ca=self.ca_path))
         except ssl.SSLError as exc:
             if exc.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
                               "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
@@ -1729,6 +2399,15 @@ class Connection:
         self.state = self.OPEN
         # The server's first line may have come with the handshake's last bytes.
         return ["open"] + self._decrypt()
+
+    def _what_changed(self, code):
+        """What the verification error says of the server's certificate, in words a person
+        can act on (OpenSSL's X509_V_ERR codes)."""
+        if code in (9, 10):        # not yet valid, expired
+            return Notes.TLS_CHANGE_EXPIRED
+        if code in (62, 64):       # host name, IP address mismatch
+            return Notes.TLS_CHANGE_HOST.format(host=self.host)
+        return Notes.TLS_CHANGE_UNSIGNED.format(ca=self.ca_path)
 
     def fingerprint(self):
         return format_fingerprint(hashlib.sha256(self.tls.getpeercert(binary_form=True))
@@ -1857,6 +2536,39 @@ class Connection:
             self.sock.close()
 
 
+# TCP keepalive: an idle connection whose server vanished (a laptop's network gone, a server's
+# machine off) is found dead within KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL
+# seconds, and sent data unacknowledged for USER_TIMEOUT seconds ends it (Linux).
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT = 30
+
+
+def keep_alive(sock):
+    """Turn TCP keepalive on with our timings, as far as the platform lets us."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        return
+    options = (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPALIVE", KEEPALIVE_IDLE),   # (macOS)
+               ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL), ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+               ("TCP_USER_TIMEOUT", USER_TIMEOUT * 1000))
+    for name, value in options:
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
+    if hasattr(socket, "SIO_KEEPALIVE_VALS") and not hasattr(socket, "TCP_KEEPIDLE"):
+        try:   # older Windows: idle and interval in milliseconds
+            sock.ioctl(socket.SIO_KEEPALIVE_VALS,
+                       (1, KEEPALIVE_IDLE * 1000, KEEPALIVE_INTERVAL * 1000))
+        except (OSError, ValueError):
+            pass
+
+
 class KnownServers:
     """host:port -> certificate fingerprint, one 'address fingerprint' per line, like
     OpenSSH's known_hosts. Lines are numbered from 1 so a warning can name the one to remove."""
@@ -1919,6 +2631,7 @@ class Backoff:
 # The client: one selectors loop.
 # ---------------------------------------------------------------------------------------------
 
+# Shared copy: chat_server.py has this function too, word for word (each .pyz holds one module).
 def platform_name():
     """'windows' or 'posix'. CHAT_PLATFORM=windows lets the tests run the Windows paths on Linux."""
     forced = os.environ.get("CHAT_PLATFORM")
@@ -1939,18 +2652,29 @@ class Client:
         self.interactive = interactive
         self.signals = signals
         self.readline = getattr(output, "rl", None)
+        several = len(options.servers) > 1
         self.session = Session(self, nick=options.nick, password=options.password,
+                               nick_password=options.nick_password,
                                interactive=interactive,
-                               reconnect=interactive and options.reconnect,
+                               # A pipe reconnects too when it has another server to go to.
+                               reconnect=options.reconnect and (interactive or several),
                                list_users=self.readline is not None,
-                               erases_echo=self.readline is not None and presenter.vt)
+                               erases_echo=self.readline is not None and presenter.vt,
+                               servers=len(options.servers))
         self.selector = selectors.DefaultSelector()
         self.watched = {}              # fd -> (mask, handler)
         self.connection = None
+        self.server_at = 0             # which of options.servers the connection goes to
+        self.cannot_connect = []       # why each server failed, until one answers
         self.incoming = LineSplitter()
         self.backoff = Backoff()
-        self.connect_deadline = self.probe_at = self.reconnect_at = None
-        self.question = None           # answers the next typed line (trusting a certificate)
+        self.connect_deadline = self.probe_at = self.reconnect_at = self.nick_retry_at = None
+        self.returns_at = None
+        # A dead connection is one that leaves the server's answer owed too long: since when
+        # one is owed, and when the server last said anything.
+        self.owed_since = None
+        self.heard_at = 0.0
+        self.question = None           # answers the next typed line (trust, a long paste)
         # Rows of the reconnect status while it is the last thing printed above the input
         # (0: it is not): the next attempt's status then takes its place.
         self.status_rows = 0
@@ -1961,19 +2685,25 @@ class Client:
         try:
             if self.readline:
                 self.readline.replaces_echo = self.session.replaces_echo
+                self.readline.keeps_line = self.session.keeps_in_history
                 self.readline.set_completer(self._complete)
                 self.output.start(self.session.prompt())
             self._open_connection()
             while True:
-                self._watch()
-                for key, mask in self.selector.select(self._timeout()):
-                    key.data(mask)
-                if self.connection is not None and self.connection.error:
-                    self._lost(Notes.CONNECTION_LOST.format(
-                        reason=clause(self.connection.error)))
-                self._run_timers()
+                try:
+                    self._turn()
+                except KeyboardInterrupt:
+                    self._interrupted()
         finally:
             self._close()
+
+    def _turn(self):
+        self._watch()
+        for key, mask in self.selector.select(self._timeout()):
+            key.data(mask)
+        if self.connection is not None and self.connection.error:
+            self._lost(Notes.CONNECTION_LOST.format(reason=clause(self.connection.error)))
+        self._run_timers()
 
     def _watch(self):
         """Register with the selector what should be watched now, and nothing else."""
@@ -2013,7 +2743,8 @@ class Client:
         return unsent + sum(len(line) for line in self.session.held) >= MAX_UNSENT
 
     def _timeout(self):
-        deadlines = [t for t in (self.connect_deadline, self.probe_at, self.reconnect_at)
+        deadlines = [t for t in (self.connect_deadline, self.probe_at, self.reconnect_at,
+                                 self.nick_retry_at, self.returns_at, self._answer_deadline())
                      if t is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         if isinstance(self.input, ThreadedInput):
@@ -2033,6 +2764,30 @@ class Client:
         if self.reconnect_at is not None and now >= self.reconnect_at:
             self.reconnect_at = None
             self._open_connection()
+        if self.nick_retry_at is not None and now >= self.nick_retry_at:
+            self.nick_retry_at = None
+            self.session.retry_nickname()
+        if self.returns_at is not None and now >= self.returns_at:
+            self.returns_at = None
+            self.session.tell_returns()
+        answer_due = self._answer_deadline()
+        if answer_due is not None and now >= answer_due:
+            self._lost(Notes.CONNECTION_LOST.format(reason=Notes.NO_ANSWER.format(
+                address=self.connection.address, seconds=int(ANSWER_TIMEOUT))))
+
+    def _answer_deadline(self):
+        """When the connection is to be taken for dead: ANSWER_TIMEOUT after an answer became
+        owed, or after the server last said something, whichever is later. (TCP keepalive
+        finds a dead peer of an idle connection; this finds one as soon as it matters, and a
+        server that stopped without closing, which keepalive never finds.)"""
+        conn = self.connection
+        if conn is None or conn.state != Connection.OPEN or self.question is not None \
+                or not self.session.expects_answer():
+            self.owed_since = None
+            return None
+        if self.owed_since is None:
+            self.owed_since = time.monotonic()
+        return max(self.owed_since, self.heard_at) + ANSWER_TIMEOUT
 
     def _close(self):
         self._drop_connection()
@@ -2048,13 +2803,18 @@ class Client:
     # -- the connection -------------------------------------------------------------------
     def _open_connection(self):
         self.incoming = LineSplitter()
+        self.owed_since = None
+        host, port = self.options.servers[self.server_at]
         try:
-            self.connection = Connection(self.options.host, self.options.port,
-                                         self.options.tls_context)
+            self.connection = Connection(host, port, self.options.tls_context,
+                                         ca_path=self.options.tls_ca)
         except ConnectFailed as failure:
             self._connect_failed(failure)
             return
         self.connect_deadline = time.monotonic() + CONNECT_TIMEOUT
+
+    def _next_server(self):
+        self.server_at = (self.server_at + 1) % len(self.options.servers)
 
     def _drop_connection(self):
         conn, self.connection = self.connection, None
@@ -2068,26 +2828,46 @@ class Client:
 
     def _connect_failed(self, failure):
         address = self.connection.address if self.connection else format_address(
-            self.options.host, self.options.port)
+            *self.options.servers[self.server_at])
         self._drop_connection()
         if self.session.phase == Phase.OFFLINE:
+            if self.session.retry_after is None:
+                self._next_server()
             self._schedule_reconnect()
             return
+        # A first connection: the next server at once, while one is left to try.
         message = Notes.CANNOT_CONNECT.format(address=address, reason=clause(failure.reason))
-        raise ClientExit(1, message + (Notes.REFUSED_HINT if failure.refused else ""))
+        self.cannot_connect.append(message)
+        if len(self.cannot_connect) < len(self.options.servers):
+            self._next_server()
+            self._open_connection()
+            return
+        raise ClientExit(ExitStatus.FAILED, "\n".join(self.cannot_connect)
+                         + (Notes.REFUSED_HINT if failure.refused else ""))
 
     def _schedule_reconnect(self):
-        delay = self.backoff.next()
+        """The next attempt: after the back-off's delay, or after the delay the session asked
+        for (at once for a password typed wrong, after a lockout's end)."""
+        session = self.session
+        if session.retry_after is not None:
+            delay, template = session.retry_after, session.retry_note
+        else:
+            delay, template = self.backoff.next(), None
         self.reconnect_at = time.monotonic() + delay
-        self._show_reconnecting(delay)
+        if delay or template:
+            self._show_reconnecting(delay, template)
 
-    def _show_reconnecting(self, delay):
+    def _show_reconnecting(self, delay, template=None):
         """One status line per outage, not one per attempt: where the terminal can, each
         attempt's status replaces the last one's (while nothing came below it); elsewhere
         the first attempt's is all that is said."""
-        template = (Notes.RECONNECTING_AFTER_SHUTDOWN if self.session.farewell
-                    else Notes.RECONNECTING)
+        if template is None:
+            template = (Notes.RECONNECTING_AFTER_SHUTDOWN if self.session.farewell
+                        else Notes.RECONNECTING)
         text = self.presenter.note(template.format(delay=delay))
+        if not self.interactive:
+            self._to_stderr(text)   # a pipe with another server to go to: its stdout is the chat's
+            return
         self._signals_first()   # (a resize forgets the status's rows)
         if self.status_rows and self.output.can_rewrite:
             self.output.rewrite(text, self.status_rows)
@@ -2113,6 +2893,7 @@ class Client:
                 self._opened()
             elif event:
                 self.probe_at = None
+                self.heard_at = time.monotonic()
                 for line in self.incoming.feed(event):
                     self.session.server_line(render(line))
                     if self.connection is not conn:
@@ -2125,11 +2906,14 @@ class Client:
 
     def _opened(self):
         self.connect_deadline = None
+        if self.cannot_connect and not self.session.joined_once:
+            self.note(Notes.CONNECTED_TO.format(address=self.connection.address))
+        self.cannot_connect = []
         if self.connection.is_tls:
             self._check_certificate()
         else:
             self.probe_at = time.monotonic() + PLAIN_PROBE_AFTER
-            self.session.connected()
+            self.session.connected(self.connection.address)
 
     def _lost(self, reason):
         conn = self.connection
@@ -2138,7 +2922,10 @@ class Client:
             # loss, even when reconnecting: every attempt would meet the same server.
             raise ClientExit(1, Notes.EXPECTS_TLS.format(address=conn.address))
         self._drop_connection()
+        self.nick_retry_at = None
         self.session.connection_closed(reason)   # raises ClientExit unless reconnecting
+        if self.session.retry_after is None and len(self.options.servers) > 1:
+            self._next_server()   # (a password retried, a lockout waited: the same server)
         self._schedule_reconnect()
 
     # -- TLS trust --------------------------------------------------------------------------
@@ -2159,7 +2946,7 @@ class Client:
             if known is None:
                 self._ask_trust(actual)
                 return
-        self.session.connected()
+        self.session.connected(conn.address)
 
     def _ask_trust(self, actual):
         conn = self.connection
@@ -2180,7 +2967,7 @@ class Client:
             self.known.remember(conn.address, actual)
             self.note(Notes.TLS_REMEMBERED.format(path=self.known.path))
             conn.reading = True
-            self.session.connected()
+            self.session.connected(conn.address)
         self.question = answer
         self.output.ask(Notes.TRUST_PROMPT)
 
@@ -2192,19 +2979,76 @@ class Client:
                 return
             if self.question is not None:
                 self.question(line)
+            elif self.interactive and "\n" in line:
+                self._pasted(line.split("\n"))
             else:
                 self.session.typed(line)
+
+    def _pasted(self, lines):
+        """A paste of several lines (readline's bracketed paste hands it over whole): each
+        line goes as a message of its own, in order; more than PASTE_ASK_OVER are sent only
+        once the user says so."""
+        if lines and not lines[-1].strip():
+            lines.pop()   # the paste ended with a line end
+        if len(lines) <= PASTE_ASK_OVER:
+            for text in lines:
+                self.session.typed(text)
+            return
+
+        def answer(text):
+            if text.strip().lower() in ("y", "yes"):
+                self.session.paste(lines)
+            else:
+                self.note(Notes.PASTE_DROPPED.format(count=len(lines)))
+        self.ask(Notes.PASTE_QUESTION.format(count=len(lines)), answer)
+
+    def ask(self, question, answer):
+        """Ask the user something: the next line typed goes to ``answer`` (kept out of the
+        history), and the prompt comes back after it."""
+        if self.readline:
+            self.readline.keep_history = False
+
+        def answered(text):
+            self.question = None
+            if self.readline:
+                self.readline.keep_history = True
+            self.prompt_changed()
+            answer(text)
+        self.question = answered
+        self.output.ask(question)
+
+    def _interrupted(self):
+        """Ctrl-C: leave, unless a long paste is still being sent: then ask whether to drop
+        the rest of it."""
+        waiting = self.session.paste_waiting()
+        if not waiting or self.question is not None:
+            self._leaving()
+            raise KeyboardInterrupt
+
+        def answer(text):
+            if text.strip().lower() in ("y", "yes"):
+                self.note(Notes.PASTE_DROPPED.format(count=self.session.drop_paste()))
+        self.ask(Notes.DROP_QUESTION.format(count=waiting), answer)
+
+    def _leaving(self):
+        """The user leaves (Ctrl-C, Ctrl-D). While reconnecting, the lines the lost connection
+        never answered are told first, on standard error, and the status says they were lost."""
+        lost = self.session.unconfirmed
+        if lost:
+            raise ClientExit(ExitStatus.LOST, "\n".join(
+                Notes.NOT_CONFIRMED.format(text=masked(text)) for text in lost))
 
     def _input_ended(self):
         self.input.ended = True
         if self.interactive:
+            self._leaving()
             raise ClientExit(0)   # Ctrl-D: the user leaves
         self.session.input_ended()
 
     def _complete(self, text, state):
         import readline
-        first_word = not readline.get_line_buffer()[:readline.get_begidx()].strip()
-        matches = self.session.completions(text, first_word)
+        words_before = readline.get_line_buffer()[:readline.get_begidx()].split()
+        matches = self.session.completions(text, words_before)
         return matches[state] if state < len(matches) else None
 
     # -- signals (POSIX terminal) -------------------------------------------------------------
@@ -2240,9 +3084,19 @@ class Client:
         self.status_rows = 0
 
     def note(self, text, style=Style.NOTICE):
+        """The client's own words: on a terminal among the lines; from a pipe, on standard
+        error (standard output is the server's lines, exactly)."""
+        if not self.interactive:
+            self._to_stderr(text)
+            return
         self._signals_first()
         self.output.write(self.presenter.note(text, style))
         self.status_rows = 0
+
+    @staticmethod
+    def _to_stderr(text):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
     def show_typed(self, text):
         """An input line the terminal erased, shown again as it stood: the server refused it
@@ -2269,8 +3123,26 @@ class Client:
             return
         self.output.set_prompt(self.session.prompt())
 
-    def ask_password(self):
-        self.input.begin_secret(Notes.PASSWORD_PROMPT)
+    def ask_password(self, prompt):
+        self.input.begin_secret(prompt)
+
+    def unconfirmed(self, text):
+        """A line the lost connection never answered, when the client ends (or, in a pipe,
+        goes on to another server): standard error in a pipe, a note on a terminal."""
+        self.note(Notes.NOT_CONFIRMED.format(text=text))
+
+    def offer_again(self, text):
+        """Put a line back in the input line, where Enter sends it (readline only; where the
+        input line is empty: what the user typed meanwhile stays)."""
+        if self.readline is not None:
+            self.output.offer(text)
+
+    def retry_nickname(self, delay):
+        self.nick_retry_at = time.monotonic() + delay
+
+    def returns_pending(self, delay):
+        """More members may come back: sum them up once none has for ``delay`` seconds."""
+        self.returns_at = time.monotonic() + delay
 
     def half_close(self):
         if self.connection is not None:
@@ -2284,9 +3156,9 @@ class Client:
 # Command line.
 # ---------------------------------------------------------------------------------------------
 
+# Shared copy: chat_server.py has this class too, word for word (each .pyz holds one module).
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr naming the option, exit status 2, in the server's
-    form: "chat_client: error: --port: 'abc' is not a port number (1 to 65535) (see --help)"."""
+    """Usage errors as one line on stderr naming the option, exit status 2."""
 
     def error(self, message):
         message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
@@ -2317,20 +3189,79 @@ def fingerprint(text):
     return digits
 
 
-def parse_args(argv):
-    parser = OneLineParser(prog="chat_client",
-                           description="Terminal client for the console chat.")
+_SERVER = re.compile(r"\[(?P<v6>[^\]]+)\](?::(?P<v6port>[^:]*))?\Z|(?P<host>[^:\[\]]+)"
+                     r"(?::(?P<port>[^:]*))?\Z|(?P<bare6>[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)\Z")
+
+
+def server_list(text):
+    """'HOST[:PORT][,HOST[:PORT]...]' -> [(host, port or None)]; an IPv6 address with a port
+    goes in brackets ('[::1]:8000')."""
+    servers = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        match = _SERVER.match(entry)
+        if not entry or not match:
+            raise argparse.ArgumentTypeError("%r is not HOST or HOST:PORT" % entry)
+        host = match.group("v6") or match.group("host") or match.group("bare6")
+        port = match.group("v6port") if match.group("v6") else match.group("port")
+        servers.append((host, None if port is None else port_number(port)))
+    return servers
+
+
+def yes_or_no(text):
+    value = text.strip().lower()
+    if value not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise argparse.ArgumentTypeError("%r is not yes or no" % text)
+    return value in ("yes", "true", "on", "1")
+
+
+def default_config_file():
+    """The settings file, beside the known-servers file in the user's config folder."""
+    return os.path.join(os.path.dirname(default_known_servers()), "client.ini")
+
+
+# The settings file's [chat_client] section: each setting, the option it stands for, and how
+# its text is read. The environment comes before the file, the command line before both.
+SETTINGS = (
+    ("server", "server", server_list),
+    ("nick", "nick", nickname),
+    ("password-file", "password_file", str),
+    ("nick-password-file", "nick_password_file", str),
+    ("tls", "tls", yes_or_no),
+    ("tls-ca", "tls_ca", str),
+    ("tls-fingerprint", "tls_fingerprint", fingerprint),
+    ("known-servers", "known_servers", str),
+)
+ENVIRONMENT = (("CHAT_SERVER", "server", server_list), ("CHAT_NICK", "nick", nickname))
+
+
+def parse_args(argv, environ=None):
+    environ = os.environ if environ is None else environ
+    parser = OneLineParser(
+        prog="chat_client", description="Terminal client for the console chat.",
+        epilog="Defaults for server, nick, password-file, nick-password-file, tls, tls-ca, "
+               "tls-fingerprint and known-servers may be kept in %s (an INI file: a "
+               "[chat_client] section, one 'setting = value' a line); CHAT_SERVER and CHAT_NICK "
+               "come before it, the command line before both." % default_config_file()
+               .replace("%", "%%"))
     parser.add_argument("--version", action="version", version="chat_client " + VERSION)
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="server address (default %(default)s)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
-                        help="server port (default %(default)s)")
+    parser.add_argument("--server", type=server_list, action="append", metavar="HOST[:PORT]",
+                        help="a server to connect to; give it more than once (or HOST:PORT,"
+                             "HOST:PORT) for others to fail over to (or set CHAT_SERVER)")
+    parser.add_argument("--host", help="server address (default %s)" % DEFAULT_HOST)
+    parser.add_argument("--port", type=port_number,
+                        help="server port (default %d)" % DEFAULT_PORT)
     parser.add_argument("--nick", type=nickname, metavar="NAME",
-                        help="join with this nickname (on a terminal, asked again if refused)")
+                        help="join with this nickname (on a terminal, asked again if refused; "
+                             "or set CHAT_NICK)")
     parser.add_argument("--password-file", metavar="PATH",
                         help="the chat's password: the first line of this file "
                              "(or set CHAT_PASSWORD)")
-    parser.add_argument("--tls", action="store_true", help="speak TLS to the server")
+    parser.add_argument("--nick-password-file", metavar="PATH",
+                        help="the password of your registered nickname: the first line of "
+                             "this file (or set CHAT_NICK_PASSWORD)")
+    parser.add_argument("--tls", action="store_true", default=None,
+                        help="speak TLS to the server")
     parser.add_argument("--tls-ca", metavar="PEM",
                         help="verify the server's certificate with these CA certificates "
                              "(chain and host name; implies --tls)")
@@ -2340,6 +3271,9 @@ def parse_args(argv):
     parser.add_argument("--known-servers", metavar="PATH",
                         help="the file of trusted certificate fingerprints (default %s)"
                              % default_known_servers().replace("%", "%%"))
+    parser.add_argument("--config", metavar="PATH",
+                        help="the settings file (default %s)"
+                             % default_config_file().replace("%", "%%"))
     parser.add_argument("--color", default="auto",
                         choices=("auto", "always", "never"),
                         help="colours: auto (a terminal, NO_COLOR unset), always, never")
@@ -2347,19 +3281,81 @@ def parse_args(argv):
                         help="no bell when your nickname is mentioned or a private message "
                              "comes")
     parser.add_argument("--no-reconnect", action="store_true",
-                        help="on a terminal, end when the connection is lost instead of "
-                             "reconnecting")
-    return parser.parse_args(argv)
+                        help="end when the connection is lost instead of reconnecting (a "
+                             "terminal, or a pipe given more than one server)")
+    args = parser.parse_args(argv)
+    if args.server:
+        args.server = [entry for servers in args.server for entry in servers]
+    elif args.host is not None or args.port is not None:
+        args.server = [(args.host or DEFAULT_HOST, None)]
+    defaults = read_settings(args.config or default_config_file(), args.config is not None)
+    defaults.update(read_environment(environ))
+    for _, name, _ in SETTINGS:
+        if getattr(args, name) is None and name in defaults:
+            setattr(args, name, defaults[name])
+    port = args.port or DEFAULT_PORT
+    args.server = [(host, entry_port or port)
+                   for host, entry_port in (args.server or [(DEFAULT_HOST, None)])]
+    return args
+
+
+def read_settings(path, named):
+    """The settings file's values by option name; {} when there is none (an error if the file
+    was named with --config)."""
+    import configparser
+    config = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            config.read_file(f)
+    except FileNotFoundError:
+        if named:
+            raise ClientExit(ExitStatus.FAILED, "chat_client: --config: cannot read %s: No such "
+                                                "file or directory" % path)
+        return {}
+    except (OSError, UnicodeError, configparser.Error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise ClientExit(ExitStatus.FAILED, "chat_client: cannot read %s: %s" % (path, reason))
+    known = {setting: (name, read) for setting, name, read in SETTINGS}
+    values = {}
+    for section in config.sections():
+        if section != "chat_client":
+            raise ClientExit(ExitStatus.FAILED, "chat_client: %s: unknown section [%s] (the "
+                                                "settings go in [chat_client])" % (path, section))
+        for setting, text in config.items(section):
+            if setting not in known:
+                raise ClientExit(ExitStatus.FAILED, "chat_client: %s: unknown setting %r (known: "
+                                 "%s)" % (path, setting, ", ".join(known)))
+            name, read = known[setting]
+            try:
+                values[name] = read(text)
+            except argparse.ArgumentTypeError as exc:
+                raise ClientExit(ExitStatus.FAILED, "chat_client: %s: %s: %s"
+                                 % (path, setting, exc))
+    return values
+
+
+def read_environment(environ):
+    values = {}
+    for variable, name, read in ENVIRONMENT:
+        if environ.get(variable):
+            try:
+                values[name] = read(environ[variable])
+            except argparse.ArgumentTypeError as exc:
+                raise ClientExit(ExitStatus.FAILED, "chat_client: %s: %s" % (variable, exc))
+    return values
 
 
 class Options:
-    """What the command line and the environment ask for, checked."""
+    """What the command line, the environment and the settings file ask for, checked."""
 
     def __init__(self, args, environ):
-        self.host = args.host
-        self.port = args.port
+        self.servers = args.server
+        self.host, self.port = self.servers[0]
         self.nick = args.nick
-        self.password = self._password(args.password_file, environ)
+        self.password = first_line("--password-file", args.password_file,
+                                   environ.get("CHAT_PASSWORD"))
+        self.nick_password = first_line("--nick-password-file", args.nick_password_file,
+                                        environ.get("CHAT_NICK_PASSWORD") or None)
         self.tls_fingerprint = args.tls_fingerprint
         self.tls_ca = args.tls_ca
         self.tls_context = None
@@ -2369,22 +3365,6 @@ class Options:
         self.color = args.color
         self.bell = not args.no_bell
         self.reconnect = not args.no_reconnect
-
-    @staticmethod
-    def _password(path, environ):
-        if path is None:
-            return environ.get("CHAT_PASSWORD")
-        try:
-            with open(path, "rb") as f:
-                first = f.readline()
-        except OSError as exc:   # not a usage error: the option was right, the file is not
-            raise ClientExit(1, "chat_client: --password-file: cannot read %s: %s"
-                             % (path, exc.strerror or exc))
-        # A UTF-8 byte order mark is not part of the password: PowerShell 5 writes one
-        # (Set-Content -Encoding UTF8), and the server reads the same file as utf-8-sig.
-        if first.startswith(codecs.BOM_UTF8):
-            first = first[len(codecs.BOM_UTF8):]
-        return decode_input(first.rstrip(b"\r\n"))
 
     @staticmethod
     def _tls_context(ca_file):
@@ -2403,6 +3383,24 @@ class Options:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def first_line(option, path, fallback):
+    """A password: the first line of the file ``path`` names, or ``fallback`` (from the
+    environment) when there is no file."""
+    if path is None:
+        return fallback
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError as exc:   # not a usage error: the option was right, the file is not
+        raise ClientExit(1, "chat_client: %s: cannot read %s: %s"
+                         % (option, path, exc.strerror or exc))
+    # A UTF-8 byte order mark is not part of the password: PowerShell 5 writes one
+    # (Set-Content -Encoding UTF8), and the server reads the same file as utf-8-sig.
+    if first.startswith(codecs.BOM_UTF8):
+        first = first[len(codecs.BOM_UTF8):]
+    return decode_input(first.rstrip(b"\r\n"))
 
 
 def os_error_text(exc):
@@ -2480,9 +3478,9 @@ def last_words(message):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_stdio()
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         make_client(Options(args, os.environ), os.environ).run()
     except ClientExit as done:
         if done.message:

@@ -210,6 +210,57 @@ def offline(nick):
 VERSION_1_OPTIONS = ("--history", "0", "--rate-limit", "0")
 
 
+# Version 3 (../shared/PROTOCOL.md, "Version 3"): more of the lines the client's tests script
+# into the fake server.
+OPERATOR_COMMANDS = ("kick", "ban", "unban", "bans", "mute", "unmute", "op", "deop", "drop")
+PAUSED = "The chat is paused: this server can't reach the others."
+RESUMED = "The chat is back."
+PAUSED_REFUSAL = "Sorry! The chat is paused. Try again in a moment."
+MUTED = "Sorry! You are muted."
+ADDRESS_BANNED = "Sorry! You are banned."
+
+
+def left_for(nick, room):
+    return "%s left for %s." % (nick, room)
+
+
+def joined_room(nick, room):
+    return "%s joined %s." % (nick, room)
+
+
+def topic_of(room, topic):
+    return "Topic of %s: %s" % (room, topic)
+
+
+def rooms_list(*entries):
+    return "Rooms (%d): %s" % (len(entries), ", ".join(entries))
+
+
+def room_closed(room, op):
+    return "%s was closed by %s." % (room, op)
+
+
+def caught_up(k, shown=None):
+    return ("Messages since you left (%d):" % k if shown is None
+            else "Messages since you left (%d of %d):" % (shown, k))
+
+
+def waiting_private(k):
+    return "Private messages while you were away (%d):" % k
+
+
+def kicked_you(op, reason=None):
+    return "You were kicked by %s%s" % (op, ": " + reason if reason else ".")
+
+
+def banned_you(op, reason=None):
+    return "You were banned by %s%s" % (op, ": " + reason if reason else ".")
+
+
+def kicked(nick, op):
+    return "%s was kicked by %s." % (nick, op)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1.3 The modules under test, loaded from this folder.
 # ---------------------------------------------------------------------------------------------
@@ -795,6 +846,10 @@ def read_tls_line(sock, tls, incoming):
 # against a scripted fake server.
 # ---------------------------------------------------------------------------------------------
 
+# The client's settings from the environment: a developer's own must not reach the tests.
+CLIENT_SETTINGS = ("CHAT_SERVER", "CHAT_NICK", "CHAT_NICK_PASSWORD")
+
+
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
@@ -802,8 +857,8 @@ class PipedClient:
 
     def __init__(self, port, env=None, command=None, args=()):
         full_env = dict(os.environ)
-        full_env.pop("CHAT_PLATFORM", None)
-        full_env.pop("CHAT_PASSWORD", None)
+        for name in ("CHAT_PLATFORM", "CHAT_PASSWORD") + CLIENT_SETTINGS:
+            full_env.pop(name, None)
         full_env.update(env or {})
         command = command or self.default_command or [sys.executable, CLIENT]
         self.proc = subprocess.Popen(command + ["--port", str(port)] + list(args),
@@ -1101,7 +1156,8 @@ class PtyClient:
         set_terminal_size(slave, width, height)
         self.height = height
         full_env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
-        for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD"):
+        for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD") \
+                + CLIENT_SETTINGS:
             full_env.pop(name, None)
         full_env.update(env or {})
         self.proc = subprocess.Popen((command or [sys.executable, CLIENT]) + list(args),
@@ -1163,10 +1219,14 @@ class PtyClient:
             before = len(self.output)
             self.read_some(quiet)
 
-    def join(self, nick):
+    def join(self, nick, told_who_is_here=True):
+        """Join as ``nick``; wait for the prompt and (a version 2 or 3 server) for the line
+        that says who else is here, which comes after the answer to the quiet /users."""
         self.read_until(lambda rows: WELCOME in rows, "the welcome")
         self.type(nick + "\r")
-        self.read_until(lambda rows: rows[-1] == nick + ">", "the prompt %s>" % nick)
+        self.read_until(lambda rows: rows[-1] == nick + ">" and (not told_who_is_here or any(
+            row.startswith(("Nobody else is in ", "With you in ")) for row in rows)),
+            "the prompt %s>" % nick)
 
     def resize(self, width, height=None):
         """A new window size; the kernel sends SIGWINCH to the client."""
@@ -1240,6 +1300,15 @@ class FakePeer:
         got = self.line()
         if got != text:
             raise AssertionError("expected %r from the client, got %r" % (text, got))
+
+    def line_or_end(self):
+        """The next line from the client, or None when it closed (with nothing pending)."""
+        try:
+            return self.line()
+        except (AssertionError, ConnectionResetError):
+            if self.buf:
+                raise
+            return None
 
     def expect_eof(self):
         while True:
@@ -1324,6 +1393,9 @@ class RecordingUi:
         self.sent, self.shown, self.notes, self.prompts = [], [], [], []
         self.typed_again = []
         self.password_asked = self.half_closed = self.joins = 0
+        self.password_prompts = []
+        self.unconfirmed_lines, self.offered, self.nick_retries = [], [], []
+        self.returns_waits = []
 
     def send(self, text):
         self.sent.append(text)
@@ -1341,8 +1413,21 @@ class RecordingUi:
         self.typed_again.append(text)
         self.shown.append(text)   # in its place among the lines shown
 
-    def ask_password(self):
+    def ask_password(self, prompt=None):
         self.password_asked += 1
+        self.password_prompts.append(prompt)
+
+    def unconfirmed(self, text):
+        self.unconfirmed_lines.append(text)
+
+    def offer_again(self, text):
+        self.offered.append(text)
+
+    def retry_nickname(self, delay):
+        self.nick_retries.append(delay)
+
+    def returns_pending(self, delay):
+        self.returns_waits.append(delay)
 
     def half_close(self):
         self.half_closed += 1
@@ -1355,6 +1440,80 @@ class RecordingUi:
 
 
 T0 = "2026-11-24 14:05: "
+
+
+class SwallowingProxy:
+    """A TCP proxy to ``port`` that the test can make swallow everything on the connections
+    it holds, both ways, with no FIN or reset: a network gone under open connections (a lid
+    closed, a cable pulled). Connections made after that are forwarded again, as a network
+    that came back."""
+
+    def __init__(self, test, port):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.live = []        # [client side, server side, swallowing] of each connection
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        test.addCleanup(self.close)
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.target))
+            pair = [near, far, False]
+            with self.lock:
+                self.live.append(pair)
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(pair, source, sink),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(pair, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                if not pair[2]:
+                    try:
+                        sink.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                return
+            if not pair[2]:   # swallowed: read and dropped, never answered, never closed
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    return
+
+    def swallow(self):
+        with self.lock:
+            for pair in self.live:
+                pair[2] = True
+
+    def release(self):
+        """The server's side of each swallowed connection closes (as when its keepalive gives
+        up); the client's side still hears nothing."""
+        with self.lock:
+            for near, far, swallowed in self.live:
+                if swallowed:
+                    far.shutdown(socket.SHUT_RDWR)   # (close alone would not wake its reader)
+                    far.close()
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for near, far, _ in self.live:
+                near.close()
+                far.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5230,13 +5389,13 @@ class SessionTests(InMemoryTestCase):
         self.assertEqual(ui.sent, ["alice", "/users"])
         session.server_line(T0 + "Users (4): bob, alice, Carol (away), dave (away: a, b (c), x)")
         self.assertEqual(ui.shown_texts(), [WELCOME, T0 + OK])   # the list itself is not shown
-        self.assertEqual(session.completions("", False), ["bob ", "Carol ", "dave "])
+        self.assertEqual(session.completions("", []), ["bob ", "Carol ", "dave "])
         session.server_line(T0 + "erin connected!")
         session.server_line(T0 + "bob disconnected!")
         session.server_line(T0 + "dave is now known as david")
-        self.assertEqual(session.completions("", False), ["Carol ", "david ", "erin "])
-        self.assertEqual(session.completions("c", False), ["Carol "])
-        self.assertEqual(session.completions("/m", True), ["/msg ", "/me ", "/mute "])
+        self.assertEqual(session.completions("", []), ["Carol ", "david ", "erin "])
+        self.assertEqual(session.completions("c", []), ["Carol "])
+        self.assertEqual(session.completions("/m", []), ["/msg ", "/me ", "/mute "])
         session.typed("/users")                             # typed by the user: shown
         session.server_line(T0 + "Users (2): alice, erin")
         self.assertEqual(ui.shown_texts()[-1], T0 + "Users (2): alice, erin")
@@ -5294,7 +5453,7 @@ class SessionTests(InMemoryTestCase):
         session.typed("carol")
         session.server_line(T0 + OK)
         session.server_line(T0 + "Users (3): alice, mallory (away: x), eve, zed), carol")
-        self.assertEqual(session.completions("", False), ["alice ", "mallory "])
+        self.assertEqual(session.completions("", []), ["alice ", "mallory "])
 
     def test_prompt_follows_nick(self):
         session, ui = self.joined(interactive=True)
@@ -5353,7 +5512,8 @@ class SessionTests(InMemoryTestCase):
         self.assertEqual(ui.sent, ["pipe secret", "bob"])
 
     def test_final_refusals_end_with_status_1(self):
-        for line in (FULL, JOIN_TIMEOUT, WRONG_PASSWORD, TOO_MANY_PASSWORDS):
+        # (A wrong password on a terminal is asked again: SessionV3Tests.)
+        for line in (FULL, JOIN_TIMEOUT, TOO_MANY_PASSWORDS, PASSWORD_TIMEOUT, REPLACED):
             session, ui = self.session(interactive=True)
             with self.assertRaises(self.chat.ClientExit) as done:
                 session.server_line(T0 + line)
@@ -5493,6 +5653,482 @@ class ReadlineBindingTests(InMemoryTestCase):
             source = f.read()
         for name in chat.Readline.NEEDED:
             self.assertTrue("lib.%s(" % name in source, "%s is never called" % name)
+
+
+class SessionVersion3Tests(InMemoryTestCase):
+    """The client's side of version 3 in memory: rooms, registered nicknames, moderation, the
+    lines a lost connection never answered, and where the settings come from."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_module("chat_client")
+
+    def session(self, **options):
+        ui = RecordingUi()
+        session = self.chat.Session(ui, **options)
+        ui.session = session
+        session.connected("127.0.0.1:8000")
+        return session, ui
+
+    def joined(self, nick="alice", **options):
+        session, ui = self.session(**options)
+        session.server_line(WELCOME)
+        session.typed(nick)
+        session.server_line(T0 + OK)
+        del ui.sent[:], ui.shown[:], ui.notes[:]
+        return session, ui
+
+    def lose_and_rejoin(self, session, ui, reason="Connection lost: reset."):
+        session.connection_closed(reason)
+        self.assertEqual(session.phase, "offline")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+
+    def test_one_table_gives_every_version_3_command_and_what_tab_completes(self):
+        chat = self.chat
+        names = [name for command in chat.COMMANDS for name in command.names]
+        self.assertEqual(sorted(names), sorted(REAL_COMMANDS))
+        self.assertEqual(sorted(name for command in chat.COMMANDS if command.operator
+                                for name in command.names), sorted(OPERATOR_COMMANDS))
+        session, ui = self.joined(interactive=True)
+        self.assertEqual(session.completions("/jo", []), ["/join "])
+        self.assertEqual(session.completions("/un", []), ["/unregister ", "/unban ",
+                                                          "/unmute "])
+        session.server_line(T0 + "bob connected!")
+        session.typed("/rooms")
+        session.server_line(T0 + rooms_list("#main (2)", "#ops (1, key)", "#Random (0)"))
+        self.assertEqual(session.completions("#", ["/join"]), ["#main ", "#ops ", "#Random "])
+        self.assertEqual(session.completions("r", ["/JOIN"]), ["#Random "])
+        self.assertEqual(session.completions("#o", ["/drop"]), ["#ops "])
+        self.assertEqual(session.completions("b", ["/kick"]), ["bob "])
+        self.assertEqual(session.completions("", ["/join", "#ops"]), ["bob "])
+
+    def test_what_each_command_is_owed_decides_what_a_terminal_leaves_out(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        for text in ("/join #ops", "/topic hello all", "/register hunter22!"):
+            self.assertTrue(session.replaces_echo(text), text)
+        for text in ("/rooms", "/topic", "/search x", "/kick bob", "/bans", "/drop #ops"):
+            self.assertFalse(session.replaces_echo(text), text)
+        session.typed("/join #ops")
+        session.server_line(T0 + OK)                       # left out: the next line says it
+        session.server_line(T0 + in_room_now("#ops", 1))
+        session.server_line(T0 + topic_of("#ops", "deploys"))
+        session.typed("/kick bob spam")
+        session.server_line(T0 + OK)                       # the ok alone: shown
+        session.typed("/topic")
+        session.server_line(T0 + topic_of("#ops", "deploys"))
+        session.typed("/search deploy")
+        session.server_line(T0 + 'No messages with "deploy" in #ops.')
+        self.assertEqual(ui.shown_texts(), [T0 + in_room_now("#ops", 1),
+                                            T0 + topic_of("#ops", "deploys"), T0 + OK,
+                                            T0 + topic_of("#ops", "deploys"),
+                                            T0 + 'No messages with "deploy" in #ops.'])
+        self.assertEqual(list(session.awaiting), [])
+
+    def test_the_prompt_names_the_room_through_join_part_and_drop(self):
+        session, ui = self.joined(interactive=True)
+        self.assertEqual(session.prompt(), "alice> ")
+        session.typed("/join #ops s3cret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + in_room_now("#ops", 2))
+        self.assertEqual((session.prompt(), session.room_key), ("alice #ops> ", "s3cret"))
+        self.assertEqual(ui.prompts[-1], "alice #ops> ")
+        session.typed("/part")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + in_room_now("#main", 3))
+        self.assertEqual((session.prompt(), session.room_key), ("alice> ", None))
+        session.typed("/join #Dev")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + in_room_now("#dev", 1))     # as it was first spelled
+        session.server_line(T0 + room_closed("#dev", "root"))
+        session.server_line(T0 + in_room_now("#main", 4))    # no ok: an operator moved us
+        self.assertEqual(session.prompt(), "alice> ")
+        session.typed("/join #ops")
+        session.server_line(T0 + needs_key("#ops"))
+        self.assertEqual(session.prompt(), "alice> ")
+
+    def test_a_reconnect_goes_back_to_the_room_with_its_key(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.typed("/join #ops s3cret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + in_room_now("#ops", 2))
+        del ui.sent[:]
+        self.lose_and_rejoin(session, ui)
+        self.assertEqual(ui.sent, ["alice", "/join #ops s3cret"])
+        self.assertEqual(session.prompt(), "alice> ")       # until the server says so
+        session.server_line(T0 + OK)
+        session.server_line(T0 + in_room_now("#ops", 2))
+        self.assertEqual(session.prompt(), "alice #ops> ")
+        self.assertEqual(ui.notes, ["Reconnected as alice."])
+
+    def test_quiet_users_then_rooms_say_who_is_here_and_a_version_2_server_stays_quiet(self):
+        session, ui = self.session(interactive=True, list_users=True)
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "Users (3): bob, alice, carol (away: lunch)")
+        self.assertEqual(ui.sent, ["alice", "/users", "/rooms"])
+        session.server_line(T0 + unknown_command("rooms"))  # version 2: no rooms
+        self.assertEqual(ui.shown_texts(), [WELCOME, T0 + OK])
+        self.assertEqual(ui.notes, ["With you in #main: bob, carol."])
+        self.assertEqual(list(session.awaiting), [])
+        session, ui = self.session(interactive=True, list_users=True)   # alone, version 3
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "Users (1): alice")
+        self.assertEqual(ui.notes, [])                       # told once the rooms are known
+        session.server_line(T0 + rooms_list("#main (1)", "#ops (0, key)"))
+        self.assertEqual(ui.notes, ["Nobody else is in #main."])
+        self.assertEqual(session.completions("#", ["/join"]), ["#main ", "#ops "])
+        session.typed("/join #ops k")                        # a room change asks again
+        session.server_line(T0 + OK)
+        session.server_line(T0 + in_room_now("#ops", 2))
+        self.assertEqual(ui.sent[-1], "/users")
+        session.server_line(T0 + "Users (2): alice, dave")
+        session.server_line(T0 + rooms_list("#main (0)", "#ops (2, key)"))
+        self.assertEqual(ui.notes[-1], "With you in #ops: dave.")
+
+    def test_a_registered_nickname_asked_on_a_terminal_kept_in_memory_for_a_reconnect(self):
+        session, ui = self.session(interactive=True, reconnect=True)
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + password_question("alice"))
+        self.assertEqual((ui.password_prompts, session.prompt()),
+                         (["password for alice> "], "password for alice> "))
+        self.assertTrue(session.hides_input())
+        session.typed("hunter22!")
+        self.assertTrue(session.hides_input())               # until it is checked
+        session.server_line(T0 + OK)
+        self.assertEqual((session.phase, session.nick, session.hides_input()),
+                         ("member", "alice", False))
+        self.assertEqual(ui.sent, ["alice", "hunter22!"])
+        del ui.sent[:]
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))     # answered from memory
+        session.server_line(T0 + OK)
+        self.assertEqual((ui.sent, ui.password_asked), (["alice", "hunter22!"], 1))
+        self.assertNotIn(T0 + password_question("alice"), ui.shown_texts()[-1:])
+
+    def test_a_registered_nickname_from_the_option_and_from_a_pipe(self):
+        session, ui = self.session(nick="alice", nick_password="hunter22!")
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))
+        self.assertEqual((ui.sent, ui.password_asked), (["alice", "hunter22!"], 0))
+        session, ui = self.session()                         # a script answers from the pipe
+        for text in ("alice", "hunter22!", "hello"):
+            session.typed(text)
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice", "hunter22!", "hello"])
+        self.assertEqual(ui.shown_texts(), [WELCOME, T0 + password_question("alice"), T0 + OK])
+        session, ui = self.session()
+        session.typed("alice")
+        session.typed("guess")
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + wrong_password_for("alice"))
+        self.assertEqual((done.exception.status, done.exception.message),
+                         (1, wrong_password_for("alice")))
+
+    def test_a_wrong_nickname_password_on_a_terminal_asks_for_a_nickname_again(self):
+        session, ui = self.session(interactive=True, nick_password="wrong one")
+        session.server_line(WELCOME)
+        session.typed("alice")
+        session.server_line(T0 + password_question("alice"))
+        session.server_line(T0 + wrong_password_for("alice"))
+        self.assertEqual((session.phase, session.prompt()), ("nickname", "nickname> "))
+        session.typed("alice")
+        session.server_line(T0 + password_question("alice"))    # the option's was wrong: asked
+        self.assertEqual(ui.password_asked, 1)
+
+    def test_nick_to_a_registered_nickname_while_a_member(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("/nick bob")
+        session.server_line(T0 + password_question("bob"))
+        self.assertEqual((session.prompt(), session.hides_input()), ("password for bob> ", True))
+        session.typed("bobs secret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as bob")
+        self.assertEqual((session.phase, session.prompt()), ("member", "bob> "))
+        self.assertEqual(ui.sent, ["/nick bob", "bobs secret"])
+        self.assertEqual(list(session.awaiting), [])
+
+    def test_secret_commands_stay_out_of_the_history_and_off_the_screen(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        for text in ("/register hunter22!", "/PASSWORD old new", "/unregister hunter22!"):
+            self.assertFalse(session.keeps_in_history(text), text)
+        self.assertTrue(session.keeps_in_history("/msg bob register"))
+        session.typed("/register hunter22!")
+        self.assertEqual(ui.typed_again, ["alice> /register ***"])    # shown masked at once
+        session.server_line(T0 + "Sorry! A password needs at least 8 characters.")
+        self.assertEqual(ui.typed_again, ["alice> /register ***"])    # not shown again
+        session.typed("/register hunter22!!")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + registered("alice"))
+        self.assertEqual(ui.shown_texts()[-1], T0 + registered("alice"))
+        self.assertEqual(ui.sent, ["/register hunter22!", "/register hunter22!!"])
+        self.assertNotIn("hunter22", " ".join(ui.shown_texts() + ui.notes))
+
+    def test_kicked_and_banned_end_with_their_own_statuses_and_muted_is_a_refusal(self):
+        ExitStatus = self.chat.ExitStatus
+        self.assertEqual((ExitStatus.LOST, ExitStatus.KICKED, ExitStatus.BANNED), (3, 4, 5))
+        for line, status in ((kicked_you("root"), 4), (kicked_you("root", "spam"), 4),
+                             (banned_you("root"), 5), (banned_you("root", "bye"), 5),
+                             (ADDRESS_BANNED, 5),
+                             ("Sorry! You are banned until 2026-12-07 10:00.", 5)):
+            for interactive in (True, False):
+                session, ui = self.joined(interactive=interactive, reconnect=True)
+                with self.assertRaises(self.chat.ClientExit) as done:
+                    session.server_line(T0 + line)
+                self.assertEqual((done.exception.status, done.exception.message),
+                                 (status, line))
+                self.assertEqual(ui.shown_texts(), [] if interactive else [T0 + line])
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("hello")
+        session.server_line(T0 + MUTED)
+        self.assertEqual([line.kind for line in ui.shown[-1:]], ["error"])
+        self.assertEqual(ui.typed_again, ["alice> hello"])
+        session.server_line(T0 + kicked("bob", "root"))      # somebody else: a leave
+        self.assertEqual(session.phase, "member")
+
+    def test_headings_of_the_past_ring_no_bell_and_are_dimmed(self):
+        session, ui = self.joined(interactive=True)
+        session.server_line(T0 + topic_of("#main", "welcome"))
+        session.server_line(T0 + waiting_private(1))
+        session.server_line(T0 + "[private] bob sent while you were out")
+        session.server_line(T0 + caught_up(30, 2))
+        session.server_line(T0 + "bob sent alice?")
+        session.server_line(T0 + "* carol waves at alice")
+        session.server_line(T0 + "[private] bob sent now")
+        self.assertEqual([line.bell for line in ui.shown],
+                         [False, False, False, False, False, False, True])
+        presenter = self.chat.Presenter(colour=True)
+        for text in (topic_of("#main", "welcome"), waiting_private(1), caught_up(30, 2)):
+            out = presenter.line(self.chat.ServerLine(T0 + text))
+            self.assertIn("\x1b[2;33m%s\x1b[0m" % text, out)
+        self.assertEqual(self.chat.Presenter().line(self.chat.ServerLine(T0 + caught_up(3))),
+                         T0 + caught_up(3))                  # NO_COLOR, a pipe: as it is
+
+    def test_a_lost_connection_tells_each_unanswered_line_and_offers_the_last_again(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.typed("answered")
+        session.server_line(T0 + OK)
+        self.assertFalse(session.expects_answer())          # its echo still to come: taken
+        session.server_line(T0 + "YOU SEND USERS answered")
+        session.typed("back from lunch, did I miss anything?")
+        session.typed("/me waves")
+        self.assertTrue(session.expects_answer())
+        self.lose_and_rejoin(session, ui)
+        self.assertEqual(ui.notes, [
+            "Reconnected as alice.",
+            "Not confirmed, perhaps not sent: back from lunch, did I miss anything?",
+            "Not confirmed, perhaps not sent (Enter sends it again): /me waves"])
+        self.assertEqual(ui.offered, ["/me waves"])
+        self.assertNotIn("/me waves", ui.sent[-1:])          # never sent again by itself
+        self.assertEqual(ui.unconfirmed_lines, [])
+
+    def test_a_pipe_writes_unanswered_lines_to_stderr_and_ends_as_lost(self):
+        session, ui = self.joined()
+        session.typed("first")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "YOU SEND USERS first")
+        session.typed("second")
+        session.typed("/register hunter22!")
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.connection_closed("Connection lost: no answer from 127.0.0.1:8000 in 6 s.")
+        self.assertEqual((done.exception.status, done.exception.message),
+                         (3, "Connection lost: no answer from 127.0.0.1:8000 in 6 s."))
+        self.assertEqual(ui.unconfirmed_lines, ["second", "/register ***"])
+        session, ui = self.joined(reconnect=True, servers=2)   # failover: it goes on
+        session.typed("second")
+        session.connection_closed("Connection lost: reset.")
+        session.typed("third")                                # waits for the next server
+        session.connected("127.0.0.1:8001")
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent[-2:], ["alice", "third"])
+        self.assertEqual(ui.notes, ["Reconnected to 127.0.0.1:8001 as alice."])
+        session.input_ended()
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + OK)
+            session.server_line(T0 + "YOU SEND USERS third")
+            session.connection_closed()
+        self.assertEqual((done.exception.status, ui.unconfirmed_lines), (3, ["second"]))
+
+    def test_a_paused_node_is_owed_nothing_and_its_refusal_is_retried(self):
+        session, ui = self.joined(reconnect=True)
+        session.typed("hello")
+        session.server_line(T0 + PAUSED)
+        self.assertFalse(session.expects_answer())
+        session.server_line(T0 + RESUMED)
+        self.assertTrue(session.expects_answer())
+        session, ui = self.session(nick="robot")
+        session.server_line(WELCOME)
+        session.server_line(T0 + PAUSED_REFUSAL)
+        self.assertEqual((ui.nick_retries, session.phase), ([2], "nickname"))
+        session.retry_nickname()
+        self.assertEqual(ui.sent, ["robot", "robot"])
+
+    def test_rejoining_waits_while_the_old_connection_holds_the_nickname(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        for _ in range(3):
+            session.server_line(T0 + busy("alice"))
+            session.retry_nickname()
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice"] * 4)
+        self.assertEqual(ui.nick_retries, [2, 2, 2])
+        self.assertEqual(ui.notes, ['"alice" is still held by the old connection. Trying again '
+                                    'in 2 s...', "Reconnected as alice."])
+        self.assertEqual(session.prompt(), "alice> ")
+
+    def test_a_wrong_password_on_a_terminal_is_asked_again_three_times_in_all(self):
+        session, ui = self.session(interactive=True, password="from the file")
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual(ui.sent, ["from the file"])
+        for attempt in range(2):
+            session.server_line(T0 + WRONG_PASSWORD)
+            session.connection_closed()                       # the server closes: again
+            self.assertEqual(session.retry_after, 0)
+            session.connected("127.0.0.1:8000")
+            session.server_line(PASSWORD_PROMPT)
+            self.assertEqual(ui.password_asked, attempt + 1)  # typed this time
+            session.typed("typed %d" % attempt)
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + WRONG_PASSWORD)
+        self.assertEqual((done.exception.status, done.exception.message), (1, WRONG_PASSWORD))
+        self.assertEqual(ui.sent, ["from the file", "typed 0", "typed 1"])
+        # Typed before the question comes again: still hidden, never noted, and the password.
+        session, ui = self.session(interactive=True)
+        session.server_line(PASSWORD_PROMPT)
+        session.typed("guess")
+        session.server_line(T0 + WRONG_PASSWORD)
+        session.connection_closed()
+        self.assertEqual((session.prompt(), session.hides_input()), ("password> ", True))
+        session.typed("typed ahead")
+        session.connected("127.0.0.1:8000")
+        session.server_line(PASSWORD_PROMPT)
+        self.assertEqual((ui.sent, ui.notes, ui.password_asked),
+                         (["guess", "typed ahead"], [], 1))
+
+    def test_a_lockout_while_reconnecting_waits_for_its_end(self):
+        session, ui = self.joined(interactive=True, reconnect=True, password="pw")
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(T0 + TOO_MANY_PASSWORDS)
+        session.connection_closed()
+        self.assertEqual((session.phase, session.retry_after), ("offline", 61))
+        session, ui = self.session(interactive=True)          # not yet joined: it ends
+        with self.assertRaises(self.chat.ClientExit):
+            session.server_line(T0 + TOO_MANY_PASSWORDS)
+
+    def test_a_long_paste_goes_five_unanswered_at_a_time_and_the_rest_can_be_dropped(self):
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.paste(["p%d" % i for i in range(1, 13)])
+        self.assertEqual(ui.sent, ["p1", "p2", "p3", "p4", "p5"])
+        self.assertEqual(session.prompt(), "alice (sending 1 of 12 lines)> ")
+        for i in (1, 2):
+            session.server_line(T0 + OK)                       # taken: the next one goes
+            session.server_line(T0 + "YOU SEND USERS p%d" % i)
+        self.assertEqual((ui.sent[-1], session.prompt()),
+                         ("p7", "alice (sending 3 of 12 lines)> "))
+        self.assertEqual(session.drop_paste(), 5)              # p8 to p12 never leave
+        for i in range(3, 8):
+            session.server_line(T0 + OK)
+            session.server_line(T0 + "YOU SEND USERS p%d" % i)
+        self.assertEqual((ui.sent[-1], session.prompt()), ("p7", "alice> "))
+        self.assertEqual(ui.prompts[-1], "alice> ")
+
+    def test_a_crowd_back_after_a_reconnect_is_one_line(self):
+        session, ui = self.joined(interactive=True, reconnect=True, list_users=True)
+        session.server_line(T0 + "Users (1): alice")
+        session.server_line(T0 + unknown_command("rooms"))
+        crowd = ["user%d" % i for i in range(20)]
+        for nick in crowd:
+            session.server_line(T0 + "%s connected!" % nick)
+        del ui.shown[:], ui.notes[:]
+        self.lose_and_rejoin(session, ui)                     # the server restarted
+        self.assertEqual(ui.returns_waits, [10])
+        session.server_line(T0 + "Users (3): user3, user7, alice")   # back before us
+        session.server_line(T0 + unknown_command("rooms"))
+        for nick in crowd[:15]:
+            if nick not in ("user3", "user7"):
+                session.server_line(T0 + "%s connected!" % nick)
+        session.tell_returns()                                # the client's timer: 2 s quiet
+        session.server_line(T0 + "user19 connected!")         # later: as it comes
+        self.assertEqual(ui.shown_texts(), [T0 + "user19 connected!"])
+        back = [nick for nick in crowd[:15] if nick not in ("user3", "user7")]
+        self.assertEqual(ui.notes, ["Reconnected as alice.", "With you in #main: user3, user7.",
+                                    "Back after the reconnect (13): %s." % ", ".join(back)])
+        self.assertEqual(len(session.members), 16)
+        self.assertEqual(session.completions("user1", [])[:2], ["user1 ", "user10 "])
+
+    def test_the_client_copies_the_servers_strings_and_helpers_word_for_word(self):
+        # Each .pyz holds one module, so these are copies: under the same names, the same.
+        server = load_module("chat_server")
+        shared = [name for name in vars(self.chat.Lines) if not name.startswith("_")
+                  and isinstance(getattr(self.chat.Lines, name), str)
+                  and hasattr(server.Lines, name)]
+        self.assertGreaterEqual(len(shared), 20)
+        for name in shared:
+            self.assertEqual(getattr(self.chat.Lines, name), getattr(server.Lines, name), name)
+        self.assertFalse(hasattr(self.chat.Lines, "TOO_MANY_PASSWORDS"))   # LOCKED_OUT now
+        import ast
+        sources = {}
+        for path in (CLIENT, SERVER):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            sources[path] = (text, {node.name: node for node in ast.parse(text).body
+                                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))})
+        for name in ("format_address", "platform_name", "OneLineParser", "normalise_nickname"):
+            (client_text, client_defs), (server_text, server_defs) = sources[CLIENT], \
+                sources[SERVER]
+            self.assertEqual(ast.get_source_segment(client_text, client_defs[name]),
+                             ast.get_source_segment(server_text, server_defs[name]), name)
+            above = client_text.splitlines()[client_defs[name].lineno - 2]
+            self.assertTrue(above.startswith("# Shared copy: chat_server.py has this"), name)
+
+    def test_servers_from_the_command_line_the_environment_and_the_settings_file(self):
+        chat = self.chat
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        nowhere = os.path.join(folder, "none.ini")
+        args = chat.parse_args(["--server", "a:1", "--server", "b,[::1]:3,::2", "--port", "9"],
+                               environ={"XDG_CONFIG_HOME": folder})
+        self.assertEqual(args.server, [("a", 1), ("b", 9), ("::1", 3), ("::2", 9)])
+        config = os.path.join(folder, "client.ini")
+        with open(config, "w") as f:
+            f.write("[chat_client]\nserver = 10.99.0.1, 10.99.0.2:9000\nnick = alice\n"
+                    "tls = yes\n")
+        args = chat.parse_args(["--config", config], environ={})
+        self.assertEqual((args.server, args.nick, args.tls),
+                         ([("10.99.0.1", 8000), ("10.99.0.2", 9000)], "alice", True))
+        args = chat.parse_args(["--config", config], environ={"CHAT_SERVER": "c:7",
+                                                              "CHAT_NICK": "bob"})
+        self.assertEqual((args.server, args.nick), ([("c", 7)], "bob"))
+        args = chat.parse_args(["--config", config, "--port", "5", "--nick", "carol"],
+                               environ={"CHAT_SERVER": "c:7"})
+        self.assertEqual((args.server, args.nick), ([("127.0.0.1", 5)], "carol"))
+        with open(config, "w") as f:
+            f.write("[chat_client]\nnik = alice\n")
+        with self.assertRaises(chat.ClientExit) as done:
+            chat.parse_args(["--config", config], environ={})
+        self.assertEqual(done.exception.message,
+                         "chat_client: %s: unknown setting 'nik' (known: server, nick, "
+                         "password-file, nick-password-file, tls, tls-ca, tls-fingerprint, "
+                         "known-servers)" % config)
+        with self.assertRaises(chat.ClientExit) as done:
+            chat.parse_args(["--config", nowhere], environ={})
+        self.assertEqual(done.exception.message, "chat_client: --config: cannot read %s: No "
+                                                 "such file or directory" % nowhere)
 
 
 # =============================================================================================
@@ -5701,7 +6337,7 @@ class ClientTests(unittest.TestCase):
         status, lines, err = client.finish()   # stdin still open: Goodbye and EOF end it
         self.assertEqual((status, lines, err), (0, [], ""))
 
-    def test_reset_while_sending_is_one_line_and_exits_1(self):
+    def test_reset_while_sending_tells_the_unanswered_lines_and_exits_3(self):
         def script(peer):
             peer.send(WELCOME)
             peer.expect("ria")
@@ -5720,10 +6356,15 @@ class ClientTests(unittest.TestCase):
             except BrokenPipeError:
                 break                          # the client already ended
         status, lines, err = client.finish()
-        self.assertEqual(status, 1)
-        self.assertRegex(err, getattr(self, "expected_reset",
-                                      r"^Connection lost: (Connection reset by peer|Broken pipe)"
-                                      r"\.\n$"))
+        # Nothing sent after the nickname was answered: each line is told, then why it ended.
+        *unconfirmed, last = err.splitlines()
+        self.assertEqual(status, 3)
+        self.assertEqual(unconfirmed[0], "Not confirmed, perhaps not sent: first")
+        for line in unconfirmed[1:]:
+            self.assertRegex(line, r"\ANot confirmed, perhaps not sent: more \d+\Z")
+        self.assertRegex(last + "\n", getattr(self, "expected_reset",
+                                              r"^Connection lost: (Connection reset by peer|"
+                                              r"Broken pipe)\.\n$"))
 
     def test_killed_server_exits_1(self):
         server = start_server(self)
@@ -5794,17 +6435,26 @@ class PipedInputBackpressureTests(unittest.TestCase):
                 drain.wait(DEADLINE)           # meanwhile reads nothing
                 rest = data.split(b"\n", 1)[1]
                 count = rest.count(b"\n")
+                alone = (now_ts() + ALONE + "\n").encode()   # each line answered, as a server does
+                conn.sendall(alone * count)
                 while True:
                     chunk = conn.recv(1 << 20)
                     if not chunk:
                         break
                     count += chunk.count(b"\n")
+                    conn.sendall(alone * chunk.count(b"\n"))
                 received.append(count)
         server = threading.Thread(target=serve, daemon=True)
         server.start()
         client = PipedClient(listener.getsockname()[1], env=self.env, args=["--nick", "pat"])
         self.addCleanup(client.kill)
         written = [0]
+        printed = []   # the client's stdout, read as it comes: each line is answered
+
+        def read_stdout():
+            printed.extend(client.proc.stdout.read().splitlines())
+        reader = threading.Thread(target=read_stdout, daemon=True)
+        reader.start()
 
         def feed():
             try:
@@ -5831,10 +6481,13 @@ class PipedInputBackpressureTests(unittest.TestCase):
                                                 "read nothing")
         drain.set()
         feeder.join(DEADLINE * 2)
-        status, lines, err = client.finish(DEADLINE * 2)
+        client.proc.stdin.close()
+        status = client.proc.wait(DEADLINE * 2)
+        reader.join(DEADLINE)
         server.join(DEADLINE)
-        self.assertEqual((status, err), (0, ""))
+        self.assertEqual((status, client.proc.stderr.read()), (0, b""))
         self.assertEqual(received, [self.LINES])    # and nothing was lost
+        self.assertEqual(len(printed), 2 + self.LINES)   # the greeting, the ok, every answer
 
 
 class PipedInputBackpressureTestsWindowsPaths(PipedInputBackpressureTests):
@@ -5941,8 +6594,14 @@ class ClientSecurityTests(unittest.TestCase):
         server = self.tls_server(script=lambda peer: None, handshake_may_fail=True)
         status, lines, err = self.run_tls_client(server, "--tls-ca", self.other_cert)
         self.assertEqual(status, 1)
-        self.assertTrue(err.startswith("The TLS certificate of 127.0.0.1:%d failed the "
-                                       "--tls-ca check: " % server.port), err)
+        # What changed and how to fix it, as for a pinned fingerprint that no longer matches.
+        self.assertRegex(err, r"\AThe TLS certificate of 127\.0\.0\.1:%d failed the --tls-ca "
+                              r"check: [^.\n]+\. The server now shows a certificate that no "
+                              r"authority in %s signed\. Not connected\. If the server has a new "
+                              r"certificate, ask the person who runs it for the certificate of "
+                              r"the authority that signed it and give that file to --tls-ca "
+                              r"instead of %s\.\n\Z" % (server.port, re.escape(self.other_cert),
+                                                         re.escape(self.other_cert)))
 
     def test_ca_check_failure_is_one_sentence(self):
         # OpenSSL's reason ends with its own full stop: ours must not add a second one.
@@ -5953,7 +6612,11 @@ class ClientSecurityTests(unittest.TestCase):
         self.assertEqual((status, lines), (1, []))
         self.assertRegex(err, r"\AThe TLS certificate of 127\.0\.0\.1:%d failed the --tls-ca "
                               r"check: (Hostname|IP address) mismatch, certificate is not valid "
-                              r"for '127\.0\.0\.1'\.\n\Z" % server.port)
+                              r"for '127\.0\.0\.1'\. The server's certificate is for another "
+                              r"name than 127\.0\.0\.1\. Not connected\. If the server has a new "
+                              r"certificate, ask the person who runs it for the certificate of "
+                              r"the authority that signed it and give that file to --tls-ca "
+                              r"instead of %s\.\n\Z" % (server.port, re.escape(cert)))
 
     def test_unknown_server_in_a_pipe_is_refused_then_known_is_accepted(self):
         path = self.known_servers()
@@ -6318,7 +6981,8 @@ class TerminalLayoutTests(unittest.TestCase):
         term.type("\r")
         term.read_until(lambda rows: rows[-1] == "erin>" and rows[-2].endswith(NOTHING),
                         "the server's answer")
-        self.assertTrue(term.rows()[-3].endswith(OK), term.rows())   # no row left by Enter
+        self.assertTrue(term.rows()[-4].endswith(OK), term.rows())   # no row left by Enter
+        self.assertEqual(term.rows()[-3], "Nobody else is in #main.")
 
     def test_a_dumb_terminal_has_a_prompt_and_gets_no_escape_sequence(self):
         # TERM=dumb (Emacs' shell, some IDE consoles): readline draws with carriage returns and
@@ -6604,7 +7268,12 @@ class TerminalSecurityTests(unittest.TestCase):
             peer.send(now_ts() + OK)
             peer.expect("/users")          # the client's quiet /users, for completion
             peer.send(now_ts() + "Users (1): " + nick)
-            peer.expect_eof()
+            # Then /rooms, which a version 2 server does not know (unless the client left
+            # before the answer to /users came), then the end.
+            for line in iter(peer.line_or_end, None):
+                if line != "/rooms":
+                    raise AssertionError("expected /rooms or the end, got %r" % line)
+                peer.send(now_ts() + unknown_command("rooms"))
         return script
 
     def test_password_is_never_on_screen_nor_in_the_history(self):
@@ -6873,6 +7542,564 @@ class TerminalWithVersion1ServerTests(unittest.TestCase):
         self.assertEqual(term.rows_after_ts()[-4:], [OK, "dora> anyone?", ALONE, "dora>"])
 
 
+class ClientVersion3Tests(unittest.TestCase):
+    """The client in a pipe against version 3's lines (scripted: the real server speaks them
+    later), failover between servers, and connections that die without a word: a proxy that
+    swallows everything, a server stopped with SIGSTOP. ``env`` and the Windows leg's subclass
+    run it again on the other platform paths."""
+
+    env = {}
+
+    def client(self, port, args=(), env=None):
+        client = PipedClient(port, env=dict(self.env, **(env or {})), args=args)
+        self.addCleanup(client.kill)
+        return client
+
+    def password_file(self, text):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "nick-password.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        return path
+
+    def test_a_room_a_registered_nickname_and_a_kick_through_a_pipe(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect("hunter22!")                       # from --nick-password-file
+            peer.send(now_ts() + OK, now_ts() + topic_of("#main", "be nice"))
+            peer.expect("/join #ops k3y")
+            peer.send(now_ts() + OK, now_ts() + in_room_now("#ops", 2))
+            peer.expect("deploying now")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS deploying now")
+            peer.send(now_ts() + kicked_you("root", "spam"))
+        server = FakeServer(self, script)
+        client = self.client(server.port, ["--nick", "robot", "--nick-password-file",
+                                           self.password_file("hunter22!")])
+        client.type("/join #ops k3y\ndeploying now\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (4, kicked_you("root", "spam") + "\n"))
+        self.assertEqual([lines[0]] + [split_ts(line)[1] for line in lines[1:]],
+                         [WELCOME, password_question("robot"), OK, topic_of("#main", "be nice"), OK,
+                          in_room_now("#ops", 2), OK, "YOU SEND USERS deploying now",
+                          kicked_you("root", "spam")])
+
+    def test_a_script_answers_the_nickname_question_from_the_pipe_and_a_ban_ends_with_5(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            peer.expect("hi")
+            peer.send(now_ts() + ALONE, now_ts() + banned_you("root"))
+        server = FakeServer(self, script)
+        client = self.client(server.port)
+        client.type("robot\nhunter22!\nhi\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (5, banned_you("root") + "\n"))
+        self.assertEqual(split_ts(lines[-2])[1], ALONE)
+
+    def test_failover_to_the_next_server_back_into_the_room(self):
+        second_ready = threading.Event()
+
+        def first(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + OK)
+            peer.expect("/join #ops")
+            peer.send(now_ts() + OK, now_ts() + in_room_now("#ops", 1))
+            peer.expect("one")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS one",
+                      now_ts() + SHUTTING_DOWN)
+
+        def second(peer):
+            second_ready.set()
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + OK)
+            peer.expect("/join #ops")                     # back where it was
+            peer.send(now_ts() + OK, now_ts() + in_room_now("#ops", 1))
+            peer.expect("two")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS two")
+            peer.expect_eof()
+        a, b = FakeServer(self, first), FakeServer(self, second)
+        client = self.client(a.port, ["--server", "127.0.0.1:%d,127.0.0.1:%d" % (a.port, b.port),
+                                      "--nick", "robot"])
+        client.type("/join #ops\none\n")
+        wait_until(second_ready.is_set, "the second server")
+        client.type("two\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Reconnecting in 1 s (Ctrl-C to quit)...\n"
+                                            "Reconnected to 127.0.0.1:%d as robot.\n" % b.port))
+        self.assertEqual([split_ts(line)[1] for line in lines if TS.match(line)][-4:],
+                         [OK, in_room_now("#ops", 1), OK, "YOU SEND USERS two"])
+
+    def test_the_first_server_that_answers_is_the_one(self):
+        server = FakeServer(self, fake_member("robot", ["hello"]))
+        nobody = free_port()
+        client = self.client(server.port, ["--server", "127.0.0.1:%d" % nobody, "--server",
+                                           "127.0.0.1:%d" % server.port, "--nick", "robot"])
+        client.type("hello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Connected to 127.0.0.1:%d.\n" % server.port))
+        status, lines, err = self.client(nobody, ["--server", "127.0.0.1:%d,127.0.0.1:%d"
+                                                  % (nobody, nobody)]).finish()
+        self.assertEqual(status, 1)
+        self.assertEqual(len(err.splitlines()), 2)           # one line for each server
+        self.assertRegex(err.splitlines()[-1], r"\ACannot connect to 127\.0\.0\.1:%d: [^\n]+\. "
+                                               r"Is the server running\?\Z" % nobody)
+
+    def assert_found_dead(self, client, unanswered, address, started):
+        status, lines, err = client.finish(DEADLINE * 2)
+        took = time.monotonic() - started
+        self.assertEqual((status, err), (3, "".join(
+            "Not confirmed, perhaps not sent: %s\n" % text for text in unanswered)
+            + "Connection lost: no answer from %s in 6 s.\n" % address))
+        self.assertLess(took, 6 + 4, "noticed after %.1f s" % took)
+        return lines
+
+    def test_a_connection_that_swallows_everything_is_found_dead_within_seconds(self):
+        server = start_server(self)
+        watcher = server.client().join("watcher")
+        proxy = SwallowingProxy(self, server.port)
+        client = self.client(proxy.port, ["--nick", "robot"])
+        self.assertEqual(watcher.said(), "robot connected!")
+        client.type("before\n")
+        self.assertEqual(watcher.said(), "robot sent before")
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual([split_ts(client.line())[1] for _ in range(3)],
+                         [OK, OK, "YOU SEND USERS before"])
+        proxy.swallow()
+        started = time.monotonic()
+        client.type("back from lunch, did I miss anything?\n")
+        self.assert_found_dead(client, ["back from lunch, did I miss anything?"],
+                               "127.0.0.1:%d" % proxy.port, started)
+        watcher.send("/users\n")
+        self.assertEqual(watcher.said(), "Users (2): watcher, robot")   # (the server waits)
+        watcher.close()
+
+    def test_a_stopped_server_is_found_dead_within_seconds(self):
+        server = start_server(self)
+        client = self.client(server.port, ["--nick", "robot"])
+        self.assertEqual(client.line(), WELCOME)
+        self.assertEqual(split_ts(client.line())[1], OK)
+        server.proc.send_signal(signal.SIGSTOP)
+        self.addCleanup(server.proc.send_signal, signal.SIGCONT)
+        started = time.monotonic()
+        client.type("/users\n")
+        self.assert_found_dead(client, ["/users"], "127.0.0.1:%d" % server.port, started)
+
+
+@unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+class TerminalVersion3Tests(unittest.TestCase):
+    """Version 3 as a person meets it on a terminal: the room in the prompt and Tab for rooms,
+    a registered nickname's password asked without echo (or read from a file) and given again
+    after a reconnect, failover between two servers, a kick, a long paste, and a line typed
+    into a dead connection offered again."""
+
+    @staticmethod
+    def joined(term, nick):
+        """Wait until ``nick`` has joined and been told who else is here (the client asks
+        /rooms quietly right then: a line typed later comes after it)."""
+        term.read_until(lambda rows: rows[-1] == nick + ">" and any(
+            row.startswith(("Nobody else is in ", "With you in ")) for row in rows), "joined")
+
+    def v3_member(self, nick, rooms=("#main (1)",), users=None):
+        """The start of a version 3 member's script: joined, the quiet /users and /rooms."""
+        def start(peer):
+            peer.expect("/users")
+            peer.send(now_ts() + "Users (%d): %s" % (len(users or [nick]),
+                                                     ", ".join(users or [nick])))
+            peer.expect("/rooms")
+            peer.send(now_ts() + rooms_list(*rooms))
+        return start
+
+    def test_the_prompt_names_the_room_and_tab_completes_rooms(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice", rooms=("#main (1)", "#ops (1, key)", "#random (0)"))(peer)
+            peer.send(now_ts() + "bob connected!")           # (after the rooms: they are known)
+            peer.expect("/join #ops k3y")
+            peer.send(now_ts() + OK, now_ts() + in_room_now("#ops", 2),
+                      now_ts() + topic_of("#ops", "deploys only"))
+            self.v3_member("alice", rooms=("#main (0)", "#ops (2, key)"),
+                           users=["bob", "alice"])(peer)
+            peer.expect("/part")
+            peer.send(now_ts() + OK, now_ts() + in_room_now("#main", 1))
+            self.v3_member("alice")(peer)
+            peer.expect_eof()
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-1] == "alice>" and "bob connected!" in
+                        term.rows_after_ts(), "joined, the rooms known")
+        term.type("/jo\t#o\t")
+        term.read_until(lambda rows: rows[-1] == "alice> /join #ops", "both completed")
+        term.type("k3y\r")
+        term.read_until(lambda rows: rows[-2:] == ["With you in #ops: bob.", "alice #ops>"],
+                        "the room in the prompt, and who is there")
+        self.assertEqual(term.rows_after_ts()[-4:], [in_room_now("#ops", 2),
+                                                     topic_of("#ops", "deploys only"),
+                                                     "With you in #ops: bob.", "alice #ops>"])
+        self.assertEqual(term.rows_after_ts().count(OK), 1)   # the join's: the others left out
+        self.assertIn("dim", term.screen.attrs_of("Topic of #ops"))
+        term.type("/part\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows.count(
+            "Nobody else is in #main.") == 2, "back in #main")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_a_registered_nickname_is_asked_without_echo_and_given_again_after_a_reconnect(self):
+        first_done = threading.Event()
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + password_question("alice"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            if not first_done.is_set():
+                first_done.set()
+                peer.send(now_ts() + SHUTTING_DOWN)
+                return                                       # closed: the client comes back
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port)
+        term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
+        term.type("alice\r")
+        term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
+        term.type("hunter22!\r")
+        term.read_until(lambda rows: "Reconnected as alice." in rows and rows[-1] == "alice>",
+                        "joined, and again after the server went away")
+        self.assertNotIn(b"hunter22", term.output)
+        term.type("\x1b[A")                                # Up: the nickname, no password
+        term.read_until(lambda rows: rows[-1] == "alice> alice", "the history")
+        term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_nick_password_file_answers_without_a_question(self):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "pw")
+        with open(path, "w") as f:
+            f.write("hunter22!\n")
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + password_question("alice"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.expect("/register hunter23!")
+            peer.send(now_ts() + "Sorry! \"alice\" is registered already.")
+            peer.expect_eof()
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice",
+                                  "--nick-password-file", path)
+        self.joined(term, "alice")
+        self.assertFalse(any(row.startswith("password for") for row in term.rows()))
+        term.type("/register hunter23!\r")
+        term.read_until(lambda rows: rows[-3:] == ["alice> /register ***", rows[-2][:18]
+                                                   + 'Sorry! "alice" is registered already.',
+                                                   "alice>"], "masked, and refused")
+        term.type("\x1b[A")                                 # not in the history
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "alice>")
+        self.assertFalse([row for row in term.rows() if "hunter2" in row])   # after Enter
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_kicked_ends_the_terminal_with_status_4_and_no_reconnect(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.send(now_ts() + kicked_you("root", "flooding"))
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        self.assertEqual(term.wait(), 4)
+        self.assertEqual([row for row in term.rows() if row][-1], kicked_you("root", "flooding"))
+        self.assertFalse(any("Reconnecting" in row for row in term.rows()))
+
+    def test_a_paste_of_more_than_five_lines_asks_first(self):
+        server = start_server(self)
+        bob = server.client().join("bob")
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        self.joined(term, "alice")
+        self.assertEqual(bob.said(), "alice connected!")
+        lines = ["line %d" % i for i in range(1, 8)]
+        term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
+        term.read_until(lambda rows: rows[-1] == "Send 7 lines? [y/N]", "the question")
+        term.type("y\r")
+        for text in lines:
+            self.assertEqual(bob.said(), "alice sent " + text)
+        term.read_until(lambda rows: rows[-1] == "alice>", "the prompt again")
+        term.type("\x1b[200~no\rnot these\rnor\rthis\ror\rthat\x1b[201~\r")
+        term.read_until(lambda rows: rows[-1] == "Send 6 lines? [y/N]", "the question")
+        term.type("\r")
+        term.read_until(lambda rows: rows[-2:] == ["Not sent: the 6 pasted lines.", "alice>"],
+                        "dropped")
+        bob.send("/users\n")
+        self.assertEqual(bob.said(), "Users (2): bob, alice")   # nothing came in between
+        bob.close()
+
+    def test_a_long_paste_counts_down_in_the_prompt_and_ctrl_c_drops_the_rest(self):
+        server = start_server(self, "--rate-limit", "2", "--rate-burst", "1")
+        bob = server.client().join("bob")
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        self.joined(term, "alice")
+        self.assertEqual(bob.said(), "alice connected!")
+        lines = ["line %d" % i for i in range(1, 21)]
+        term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
+        term.read_until(lambda rows: rows[-1] == "Send 20 lines? [y/N]", "the question")
+        term.type("y\r")
+        term.read_until(lambda rows: re.match(r"alice \(sending (\d+) of 20 lines\)>\Z",
+                                              rows[-1]), "the count in the prompt")
+        self.assertEqual(bob.said(), "alice sent line 1")
+        term.type("\x03")                                   # Ctrl-C: not the end, a question
+        term.read_until(lambda rows: re.match(r"Drop the \d+ pasted lines not sent yet\? "
+                                              r"\[y/N\]\Z", rows[-1]), "the question")
+        term.type("y\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and any(
+            re.match(r"Not sent: the \d+ pasted lines\.\Z", row) for row in rows),
+            "dropped, and the count gone when the rest is answered")
+        term.type("after\r")
+        got = []
+        while not got or got[-1] != "alice sent after":
+            got.append(bob.said())
+        self.assertEqual(got[:-1], ["alice sent " + text for text in lines[1:len(got)]])
+        self.assertLess(len(got), 15)                        # most of it never left
+        dropped = [row for row in term.rows() if row.startswith("Not sent: the ")][0]
+        self.assertEqual(dropped, "Not sent: the %d pasted lines." % (20 - len(got)))
+        self.assertIsNone(term.proc.poll())
+        bob.close()
+
+    def test_a_restart_that_brings_the_others_back_is_one_line(self):
+        crowd = ["bob", "carol", "dave", "erin", "frank"]
+        restarted = threading.Event()
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            if not restarted.is_set():
+                restarted.set()
+                self.v3_member("alice", users=crowd + ["alice"])(peer)
+                peer.send(now_ts() + SHUTTING_DOWN)
+                return
+            self.v3_member("alice")(peer)
+            peer.send(*[now_ts() + "%s connected!" % nick for nick in crowd])
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: "Back after the reconnect (5): bob, carol, dave, erin, "
+                        "frank." in rows, "one line for the five")
+        self.assertFalse([row for row in term.rows_after_ts() if row.endswith("connected!")])
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_a_wrong_password_is_asked_again_three_times_in_all(self):
+        server = start_server(self, env={"CHAT_PASSWORD": "s3cret"})
+        term = client_on_terminal(self, server.port, "--nick", "wendy")
+
+        def asked(times):
+            return lambda rows: rows.count(PASSWORD_PROMPT) == times and rows[-1] == "password>"
+        for attempt, typed in enumerate(("guess", "s3crat")):
+            term.read_until(asked(attempt + 1), "the password question")
+            term.type(typed + "\r")
+        term.read_until(asked(3), "asked a third time")
+        self.assertEqual(len([row for row in term.rows() if row.endswith(WRONG_PASSWORD)]), 2)
+        term.type("s3cret\r")
+        term.read_until(lambda rows: rows[-1] == "wendy>", "joined")
+        self.assertNotIn(b"s3cr", term.output)
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        term = client_on_terminal(self, server.port, "--nick", "walt")
+        for attempt in range(3):
+            term.read_until(asked(attempt + 1), "the password question")
+            term.type("wrong %d\r" % attempt)
+        self.assertEqual(term.wait(), 1)
+        self.assertEqual([row for row in term.rows() if row][-1], WRONG_PASSWORD)
+
+    def test_a_reconnect_goes_back_into_the_room_with_its_key(self):
+        first_done = threading.Event()
+
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            if not first_done.is_set():
+                first_done.set()
+                self.v3_member("alice", rooms=("#main (1)", "#ops (0, key)"))(peer)
+                peer.expect("/join #ops k3y")
+                peer.send(now_ts() + OK, now_ts() + in_room_now("#ops", 1))
+                self.v3_member("alice", rooms=("#main (0)", "#ops (1, key)"))(peer)
+                peer.send(now_ts() + SHUTTING_DOWN)
+                return
+            peer.expect("/join #ops k3y")                    # by itself, with the key
+            peer.send(now_ts() + OK, now_ts() + in_room_now("#ops", 1))
+            self.v3_member("alice", rooms=("#main (0)", "#ops (1, key)"))(peer)
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #main.", "alice>"],
+                        "joined")
+        term.type("/join #ops k3y\r")
+        term.read_until(lambda rows: "Reconnected as alice." in rows and rows[-2:] == [
+            "Nobody else is in #ops.", "alice #ops>"], "back in #ops after the restart")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_leaving_while_reconnecting_tells_the_unanswered_lines(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.expect("hello?")                            # taken, never answered
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #main.", "alice>"],
+                        "joined")
+        term.type("hello?\r")
+        term.read_until(lambda rows: "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."
+                        in rows, "offline")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 3)
+        self.assertEqual([row for row in term.rows() if row][-1],
+                         "Not confirmed, perhaps not sent: hello?")
+
+    def test_failover_to_the_second_server_says_which(self):
+        first, second = start_server(self), start_server(self)
+        watcher = second.client().join("watcher")
+        term = client_on_terminal(self, first.port, "--server", "127.0.0.1:%d,127.0.0.1:%d"
+                                  % (first.port, second.port), "--nick", "carol")
+        term.read_until(lambda rows: rows[-1] == "carol>", "joined the first")
+        first.stop()
+        term.read_until(lambda rows: rows[-1] == "carol>" and "Reconnected to 127.0.0.1:%d as "
+                        "carol." % second.port in rows, "on the second")
+        self.assertEqual(watcher.said(), "carol connected!")
+        term.type("here now\r")
+        self.assertEqual(watcher.said(), "carol sent here now")
+        watcher.close()
+
+    def test_a_line_typed_into_a_dead_connection_is_offered_again(self):
+        server = start_server(self)
+        watcher = server.client().join("watcher")
+        proxy = SwallowingProxy(self, server.port)
+        term = client_on_terminal(self, proxy.port, "--nick", "bob")
+        term.read_until(lambda rows: rows[-1] == "bob>", "joined")
+        self.assertEqual(watcher.said(), "bob connected!")
+        proxy.swallow()                                      # the network goes; no FIN
+        term.type("back from lunch, did I miss anything?\r")
+        # Noticed within seconds; the server still holds the old connection (its keepalive
+        # has not given up yet), so 'bob' is busy and the client tries again until it is not.
+        term.read_until(lambda rows: '"bob" is still held by the old connection. Trying again '
+                        'in 2 s...' in rows, "the loss noticed, the nickname held")
+        proxy.release()
+        self.assertEqual(watcher.said(), "bob disconnected!")
+        term.read_until(lambda rows: "Reconnected as bob." in rows and "Not confirmed, perhaps "
+                        "not sent (Enter sends it again): back from lunch, did I miss anything?"
+                        in rows and rows[-1] == "bob> back from lunch, did I miss anything?",
+                        "offered again")
+        self.assertEqual(watcher.said(), "bob connected!")
+        term.type("\r")
+        self.assertEqual(watcher.said(), "bob sent back from lunch, did I miss anything?")
+        watcher.close()
+
+
+class ClientWithVersion3ServerTests(unittest.TestCase):
+    """The client against the real version 3 server: rooms, a registered nickname, an operator's
+    kick, and a restart with the data file kept, on a terminal and in a pipe."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="chat-client-v3-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.data = os.path.join(self.folder, "chat.db")
+
+    def server(self, *options, port=None):
+        more = ("--port", str(port)) if port else ()
+        return start_server(self, "--data", self.data, *(options + more))
+
+    def test_rooms_on_a_terminal_and_back_into_the_room_after_a_restart(self):
+        server = self.server()
+        bob = server.client().join("bob")
+        bob.send("/join #dev\n")
+        self.assertEqual([bob.said(), bob.said()], [OK, in_room_now("#dev", 1)])
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        TerminalVersion3Tests.joined(term, "alice")
+        term.type("/join #d\t")                             # #dev, learned from /rooms
+        term.read_until(lambda rows: rows[-1] == "alice> /join #dev", "completed")
+        term.type("\r")
+        self.assertEqual(bob.said(), joined_room("alice", "#dev"))
+        term.read_until(lambda rows: rows[-2:] == ["With you in #dev: bob.", "alice #dev>"],
+                        "in #dev, with bob")
+        term.type("/join #ops k3y\r")
+        self.assertEqual(bob.said(), left_for("alice", "#ops"))
+        term.read_until(lambda rows: rows[-2:] == ["Nobody else is in #ops.", "alice #ops>"],
+                        "in #ops")
+        bob.close()
+        port = server.port
+        server.stop()
+        self.server(port=port)
+        term.read_until(lambda rows: "Reconnected as alice." in rows
+                        and rows[-1] == "alice #ops>", "back in #ops after the restart")
+        self.assertEqual(term.rows_after_ts().count(in_room_now("#ops", 1)), 2)
+        watcher = LineSocket(port).join("watcher")
+        watcher.send("/join #ops\n")
+        self.assertEqual(watcher.said(), needs_key("#ops"))  # made again, with its key
+        watcher.close()
+
+    def test_a_registered_nickname_asked_on_a_terminal_then_read_from_a_file(self):
+        server = self.server()
+        term = client_on_terminal(self, server.port, "--nick", "alice", width=200)
+        TerminalVersion3Tests.joined(term, "alice")
+        term.type("/register hunter22!\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows[-2].endswith(
+            registered("alice")), "registered")
+        self.assertEqual(term.rows()[-3], "alice> /register ***")
+        term.type("/quit\r")
+        self.assertEqual(term.wait(), 0)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
+        term.type("hunter22!\r")
+        TerminalVersion3Tests.joined(term, "alice")
+        self.assertFalse([row for row in term.rows() if "hunter22" in row])
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        path = os.path.join(self.folder, "nick-password")
+        with open(path, "w") as f:
+            f.write("hunter22!\n")
+        client = PipedClient(server.port, args=["--nick", "alice", "--nick-password-file", path])
+        self.addCleanup(client.kill)
+        client.type("hello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [password_question("alice"), OK, ALONE])
+
+    def test_an_operators_kick_ends_a_pipe_with_status_4(self):
+        server = self.server("--operators", "root")
+        root = server.client().join("root")
+        root.send("/register rootpass1\n")
+        self.assertEqual([root.said(), root.said()], [OK, registered("root")])
+        client = PipedClient(server.port, args=["--nick", "robot"])
+        self.addCleanup(client.kill)
+        self.assertEqual(root.said(), "robot connected!")
+        root.send("/kick robot flooding\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (4, kicked_you("root", "flooding") + "\n"))
+        self.assertEqual(split_ts(lines[-1])[1], kicked_you("root", "flooding"))
+        root.close()
+
+
 # =============================================================================================
 # 6. The repository and the shipped files: modules, docs and bench in step; build.sh's zipapps
 # run alone.
@@ -6913,8 +8140,14 @@ class RepositoryTests(InMemoryTestCase):
     def test_the_client_completes_exactly_the_commands_the_server_has(self):
         server, client = load_module("chat_server"), load_module("chat_client")
         names = [name for command in server.COMMANDS for name in (command.name,) + command.aliases]
-        self.assertEqual(sorted(name[1:] for name in client.Lines.COMMANDS), sorted(names))
+        self.assertEqual(sorted(name for command in client.COMMANDS for name in command.names),
+                         sorted(names))
         self.assertEqual(sorted(names), sorted(REAL_COMMANDS))
+        # Each command under the same names, and operators' only in both.
+        self.assertEqual({command.name: (command.aliases, command.operators)
+                          for command in server.COMMANDS},
+                         {command.name: (command.names[1:], command.operator)
+                          for command in client.COMMANDS})
 
     def test_the_bench_scripts_import(self):
         # They import helpers from this file: a rename here must not break them silently.
@@ -7482,11 +8715,11 @@ class WindowsClientTests(WindowsLeg, ClientTests):
         self.assertEqual(proc.returncode, 2)
         self.assertEqual(len(proc.stderr.splitlines()), 1)
 
-    def test_reset_while_sending_is_one_line_and_exits_1(self):
+    def test_reset_while_sending_tells_the_unanswered_lines_and_exits_3(self):
         # Under Wine recv() after a reset returns b"" (real Windows raises WSAECONNRESET), so the
         # client may say the server closed; either way one line and exit 1.
         self.expected_reset = r"^Connection (lost: [^\n]+|closed by the server)\.\n$"
-        super().test_reset_while_sending_is_one_line_and_exits_1()
+        super().test_reset_while_sending_tells_the_unanswered_lines_and_exits_3()
 
     def test_non_ascii_both_ways_through_pipes(self):
         # Windows gives a pipe the ANSI code page: this was mojibake one way and '????' the other.
@@ -7671,6 +8904,24 @@ class WindowsBuildTests(WindowsLeg, unittest.TestCase):
         self.assertEqual(proc.stderr.decode(), "build.bat: Python 3.8 or newer not found"
                          " (tried py -3, python, python3); install it from python.org\r\n")
         self.assertEqual(os.listdir(folder), [])
+
+
+class WindowsClientVersion3Tests(WindowsLeg, ClientVersion3Tests):
+    """The client's rooms, accounts, moderation, failover and dead connections in pipes on
+    Windows Python (its stdin thread, Windows sockets), against scripted and POSIX servers."""
+
+    windows_server = False
+    windows_client = True
+
+
+class WindowsClientWithVersion3ServerTests(WindowsLeg, ClientWithVersion3ServerTests):
+    """The Windows client in a pipe against the real version 3 server (the POSIX one)."""
+
+    windows_server = False
+    windows_client = True
+    # On a pseudo-terminal: the POSIX client only.
+    test_rooms_on_a_terminal_and_back_into_the_room_after_a_restart = None
+    test_a_registered_nickname_asked_on_a_terminal_then_read_from_a_file = None
 
 
 def windows_leg():
