@@ -154,8 +154,8 @@ class Lines:
     NO_BANS = "Bans (0)."
     # Version 3: a cluster and small refusals
     PAUSED = "The chat is paused: this server can't reach the others."
-    RESUMED = "The chat is back."
-    PAUSED_REFUSAL = "Sorry! The chat is paused. Try again in a moment."
+    BACK = "The chat is back."
+    PAUSED_JOIN = "Sorry! The chat is paused. Try again in a moment."
     PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
 
     # The client's own use of them
@@ -786,7 +786,7 @@ class Session:
         line = ServerLine(text)
         if line.ts and self._ends_or_waits(line):
             return
-        if line.ts and line.body in (Lines.PAUSED, Lines.RESUMED):
+        if line.ts and line.body in (Lines.PAUSED, Lines.BACK):
             self.paused = line.body == Lines.PAUSED
         if self.phase == Phase.MEMBER:
             self._member_line(line)
@@ -1117,7 +1117,7 @@ class Session:
         moment: try it again in a while rather than ask for another or end."""
         held = self.rejoining and is_line(line, Lines.NICK_BUSY) and \
             same_nick(line.nick, self.attempt)
-        if not (held or line.body == Lines.PAUSED_REFUSAL) or self.nick_retries >= NICK_RETRIES:
+        if not (held or line.body == Lines.PAUSED_JOIN) or self.nick_retries >= NICK_RETRIES:
             return False
         self.nick_retries += 1
         if self.interactive:
@@ -1286,7 +1286,7 @@ class Session:
             if refusal and head.typed is not None:
                 self.ui.show_typed(head.typed)   # refused: what was it?
         elif not head.ok_first and line.kind in _ANSWER_KINDS and \
-                line.body not in (Lines.PAUSED, Lines.RESUMED):
+                line.body not in (Lines.PAUSED, Lines.BACK):
             head.answered = True   # (not the answer it is owed: it was taken all the same)
         return True
 

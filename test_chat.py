@@ -214,8 +214,8 @@ VERSION_1_OPTIONS = ("--history", "0", "--rate-limit", "0")
 # into the fake server.
 OPERATOR_COMMANDS = ("kick", "ban", "unban", "bans", "mute", "unmute", "op", "deop", "drop")
 PAUSED = "The chat is paused: this server can't reach the others."
-RESUMED = "The chat is back."
-PAUSED_REFUSAL = "Sorry! The chat is paused. Try again in a moment."
+BACK = "The chat is back."
+PAUSED_JOIN = "Sorry! The chat is paused. Try again in a moment."
 MUTED = "Sorry! You are muted."
 ADDRESS_BANNED = "Sorry! You are banned."
 
@@ -5966,11 +5966,11 @@ class SessionVersion3Tests(InMemoryTestCase):
         session.typed("hello")
         session.server_line(T0 + PAUSED)
         self.assertFalse(session.expects_answer())
-        session.server_line(T0 + RESUMED)
+        session.server_line(T0 + BACK)
         self.assertTrue(session.expects_answer())
         session, ui = self.session(nick="robot")
         session.server_line(WELCOME)
-        session.server_line(T0 + PAUSED_REFUSAL)
+        session.server_line(T0 + PAUSED_JOIN)
         self.assertEqual((ui.nick_retries, session.phase), ([2], "nickname"))
         session.retry_nickname()
         self.assertEqual(ui.sent, ["robot", "robot"])
@@ -10949,11 +10949,6 @@ class RespMeasurementTests(InMemoryTestCase):
 # ---------------------------------------------------------------------------------------------
 # 8b.3 A cluster: several servers (nodes) on one real redis-server, one chat.
 # ---------------------------------------------------------------------------------------------
-
-PAUSED = "The chat is paused: this server can't reach the others."
-PAUSED_JOIN = "Sorry! The chat is paused. Try again in a moment."
-BACK = "The chat is back."
-
 
 class ClusterTests(unittest.TestCase):
     """Nodes as users run them (subprocesses with --redis) on a redis-server of the test's own:
