@@ -47,6 +47,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 import unicodedata
@@ -71,6 +72,7 @@ DEFAULT_DATA = "chat.db"
 DEFAULT_CLUSTER = "chat"  # --cluster: the prefix of every Redis key of one chat
 DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
 SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
+PRUNE_EVERY = 20          # a room's kept messages are pruned each time a 20th of --keep come
 DEFAULT_CATCH_UP = 200    # lines of "Messages since you left" at most
 MIN_PASSWORD_CHARS = 8    # an account's password
 MAX_WAITING = 100         # private messages waiting for one registered nickname
@@ -2045,8 +2047,9 @@ class MemoryStore:
 
     A line is the bytes the members received, ending in its message's text (``text_size``
     bytes, before the line end), which is what a search looks in; ``folded`` is a search's text,
-    casefolded. Positions grow with every message kept, in any room. Keys are what names are
-    compared by (casefolded look-alike skeletons), never what is shown.
+    casefolded. A message's position counts the room's messages (1, 2, ...), so what was missed
+    since one is a subtraction. Keys are what names are compared by (casefolded look-alike
+    skeletons), never what is shown.
     """
 
     answers_later = False   # every answer comes at once: nothing waits for it
@@ -2055,7 +2058,7 @@ class MemoryStore:
         self._keep = keep
         self._rooms = {}        # key -> RoomRecord
         self._messages = {}     # room key -> deque of (position, line, text_size)
-        self._position = 0
+        self._positions = {}    # room key -> its last message's position (they count them)
         self._accounts = {}     # key -> Account
         self._account_keys = {}   # each of an account's nickname keys -> its key
         self._seen = {}         # (account key, room key) -> position
@@ -2074,26 +2077,28 @@ class MemoryStore:
     def drop_room(self, key):
         self._rooms.pop(key, None)
         self._messages.pop(key, None)
+        self._positions.pop(key, None)
         for seen in [seen for seen in self._seen if seen[1] == key]:
             del self._seen[seen]
 
     # -- messages -------------------------------------------------------------------------------
     def keep(self, room_key, line, text_size):
+        position = self._positions.get(room_key, 0) + 1
+        self._positions[room_key] = position
         kept = self._messages.get(room_key)
         if kept is None:
             kept = self._messages[room_key] = collections.deque(maxlen=self._keep)
-        self._position += 1
-        kept.append((self._position, line, text_size))
-        return self._position
+        kept.append((position, line, text_size))
+        return position
 
     def recent(self, room_key, count):
         kept = self._messages.get(room_key, ())
         return [line for _, line, _ in list(kept)[-count:]] if count else []
 
     def since(self, room_key, position, count):
-        missed = [line for kept_at, line, _ in self._messages.get(room_key, ())
-                  if kept_at > position]
-        return len(missed), missed[-count:] if count else []
+        lines = [line for kept_at, line, _ in self._messages.get(room_key, ())
+                 if kept_at > position]
+        return self.position(room_key) - position, lines[-count:] if count else []
 
     def search(self, room_key, folded, count, done):
         found = [line for _, line, size in self._messages.get(room_key, ())
@@ -2101,11 +2106,10 @@ class MemoryStore:
         done(len(found), found[-count:] if count else [])
 
     def position(self, room_key):
-        kept = self._messages.get(room_key)
-        return kept[-1][0] if kept else 0
+        return self._positions.get(room_key, 0)
 
     def has_messages(self, room_key):
-        return bool(self._messages.get(room_key))
+        return self._positions.get(room_key, 0) > 0
 
     # -- accounts -------------------------------------------------------------------------------
     def account_for(self, keys):
@@ -2216,8 +2220,8 @@ class SQLiteStore(MemoryStore):
         self.log = log or (lambda line: None)
         self.clock = clock or Clock()
         self._pending = []      # (sql, parameters) of the turn, in order
-        self._new_messages = []   # (id, room key, line, text_at) rows of the turn
-        self._counts = {}       # room key -> its messages in the file (known once asked)
+        self._turn = {}         # room key -> [(line, text_size)] kept this turn, not yet written
+        self._pruned_at = {}    # room key -> the position at which it was last pruned
         self._failing = False   # a write failed: said so; say so again when one works
         self._lock = hold_lock_file(path + "-lock")
         try:
@@ -2225,7 +2229,6 @@ class SQLiteStore(MemoryStore):
         except BaseException:
             os.close(self._lock)
             raise
-        self._position = self._scalar("SELECT max(id) FROM messages") or 0
         self._load_small_tables()
 
     # -- opening ------------------------------------------------------------------------------
@@ -2253,7 +2256,6 @@ class SQLiteStore(MemoryStore):
         except DataFileError:
             db.close()
             raise
-        db.create_function("chat_text", 2, text_of_line, deterministic=True)
         return db
 
     def _check(self, db):
@@ -2302,7 +2304,7 @@ class SQLiteStore(MemoryStore):
         self._pending.append((sql, parameters))
 
     def commit(self):
-        if not (self._new_messages or self._pending):
+        if not (self._turn or self._pending):
             return
         import sqlite3
         try:
@@ -2320,35 +2322,39 @@ class SQLiteStore(MemoryStore):
         """Everything gathered so far, into the open transaction (begun if none is)."""
         if not self.db.in_transaction:
             self.db.execute("BEGIN")
-        if self._new_messages:
-            rows, self._new_messages = self._new_messages, []
-            self.db.executemany("INSERT INTO messages (id, room, line, text_at)"
-                                " VALUES (?, ?, ?, ?)", rows)
-            self._prune({row[1] for row in rows})
+        if self._turn:
+            turn, self._turn = self._turn, {}
+            self.db.executemany("INSERT INTO messages (room, last, lines, sizes) VALUES"
+                                " (?, ?, ?, ?)", [self._row(room, kept)
+                                                  for room, kept in turn.items()])
+            for room in turn:
+                self._prune(room)
         pending, self._pending = self._pending, []
         for sql, parameters in pending:
             self.db.execute(sql, parameters)
 
-    def _prune(self, rooms):
-        """Each room back to its last ``keep`` messages, in the same transaction: the file
-        stops growing. The oldest go, found through the index from their end."""
-        for room in rooms:
-            excess = self._count(room) - self._keep
-            if excess > 0:
-                self.db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-                                " WHERE room = ? ORDER BY id LIMIT ?)", (room, excess))
-                self._counts[room] = self._keep
+    def _row(self, room, kept):
+        """A room's lines of one turn as one row: (room, the last's position, the lines one
+        after the other, and each one's size and its text's size): a commit writes a row a
+        room, not a row a message (a busy turn's cost per message is a tenth)."""
+        sizes = []
+        for line, text_size in kept:
+            sizes += (len(line), text_size)
+        return (room, self._positions[room], b"".join(line for line, _ in kept),
+                struct.pack("<%dI" % len(sizes), *sizes))
 
-    def _count(self, room):
-        if room not in self._counts:
-            self._counts[room] = self._scalar("SELECT count(*) FROM messages WHERE room = ?",
-                                              (room,))
-        return self._counts[room]
+    def _prune(self, room):
+        """A room back to about its last ``keep`` messages (rows wholly older go), in the same
+        transaction, every twentieth of ``keep``: the file stops growing."""
+        position = self._positions[room]
+        if position - self._pruned_at.get(room, 0) >= max(self._keep // PRUNE_EVERY, 1):
+            self._pruned_at[room] = position
+            self.db.execute("DELETE FROM messages WHERE room = ? AND last <= ?",
+                            (room, position - self._keep))
 
     def _rollback(self):
         self._pending.clear()
-        self._new_messages.clear()
-        self._counts.clear()   # (counted again from the file when next needed)
+        self._turn.clear()
         try:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -2379,23 +2385,28 @@ class SQLiteStore(MemoryStore):
 
     def drop_room(self, key):
         MemoryStore.drop_room(self, key)
-        self._counts.pop(key, None)
+        self._turn.pop(key, None)
+        self._pruned_at.pop(key, None)
         self._later("DELETE FROM messages WHERE room = ?", (key,))
         self._later("DELETE FROM rooms WHERE key = ?", (key,))
         self._later("DELETE FROM seen WHERE room = ?", (key,))
 
     # -- messages -------------------------------------------------------------------------------
     def keep(self, room_key, line, text_size):
-        self._position += 1
-        self._new_messages.append((self._position, room_key, line, len(line) - text_size - 1))
-        counts = self._counts
-        if room_key in counts:
-            counts[room_key] += 1
-        return self._position
+        position = self._positions.get(room_key)
+        if position is None:
+            position = self.position(room_key)
+        position += 1
+        self._positions[room_key] = position
+        kept = self._turn.get(room_key)
+        if kept is None:
+            kept = self._turn[room_key] = []
+        kept.append((line, text_size))
+        return position
 
     def _read(self, sql, parameters):
         """Rows of a query that sees this turn's changes too."""
-        if self._new_messages or self._pending:
+        if self._turn or self._pending:
             import sqlite3
             try:
                 self._write_pending()
@@ -2404,30 +2415,70 @@ class SQLiteStore(MemoryStore):
                 self._failed(exc)
         return self.db.execute(sql, parameters).fetchall()
 
+    def _lines(self, room_key, after=0, most=None):
+        """The room's kept lines after ``after``, (position, line, text_size), the newest
+        ``most`` of them (every one, without), oldest first. Kept: the last ``keep`` (a row
+        may hold older ones until it is pruned)."""
+        after = max(after, self.position(room_key) - self._keep)
+        lines = []
+        for last, joined, sizes in self._read(
+                "SELECT last, lines, sizes FROM messages WHERE room = ? AND last > ?"
+                " ORDER BY last DESC", (room_key, after)):
+            sizes = struct.unpack("<%dI" % (len(sizes) // 4), sizes)
+            batch, end = [], len(joined)
+            for index in range(len(sizes) - 2, -1, -2):   # the row's lines, newest first
+                start = end - sizes[index]
+                batch.append((last, bytes(joined[start:end]), sizes[index + 1]))
+                last, end = last - 1, start
+            lines += [kept for kept in batch if kept[0] > after]
+            if most is not None and len(lines) >= most:
+                break
+        return lines[:most][::-1] if most is not None else lines[::-1]
+
     def recent(self, room_key, count):
-        rows = self._read("SELECT line FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?",
-                          (room_key, count))
-        return [bytes(line) for line, in reversed(rows)]
+        return [line for _, line, _ in self._lines(room_key, most=count)] if count else []
 
     def since(self, room_key, position, count):
-        missed = self._read("SELECT count(*) FROM messages WHERE room = ? AND id > ?",
-                            (room_key, position))[0][0]
-        rows = self._read("SELECT line FROM messages WHERE room = ? AND id > ?"
-                          " ORDER BY id DESC LIMIT ?", (room_key, position, count))
-        return missed, [bytes(line) for line, in reversed(rows)]
+        lines = self._lines(room_key, after=position, most=count) if count else []
+        return self.position(room_key) - position, [line for _, line, _ in lines]
 
     def search(self, room_key, folded, count, done):
-        rows = self._read("SELECT line FROM messages WHERE room = ?"
-                          " AND instr(chat_text(line, text_at), ?) > 0 ORDER BY id",
-                          (room_key, folded))
-        done(len(rows), [bytes(line) for line, in rows[-count:]] if count else [])
+        """The room's kept lines whose text holds ``folded``: rows that can't hold it (all
+        ASCII, and not even a line's whole holds it) are passed over without splitting."""
+        ascii_text = folded.encode() if folded.isascii() else None
+        first = self.position(room_key) - self._keep + 1   # (the oldest kept)
+        found = collections.deque(maxlen=count or None)   # (the last ``count`` are shown)
+        matches = 0
+        for last, joined, sizes in self._read(
+                "SELECT last, lines, sizes FROM messages WHERE room = ? AND last >= ?"
+                " ORDER BY last", (room_key, first)):
+            if ascii_text is not None and joined.isascii() and \
+                    ascii_text not in joined.lower():
+                continue
+            sizes = struct.unpack("<%dI" % (len(sizes) // 4), sizes)
+            position = last - len(sizes) // 2
+            start = 0
+            for index in range(0, len(sizes), 2):
+                end = start + sizes[index]
+                position += 1
+                text = joined[end - sizes[index + 1] - 1:end - 1]
+                if position >= first and (
+                        ascii_text in text.lower() if ascii_text is not None and text.isascii()
+                        else folded in text.decode("utf-8", "replace").casefold()):
+                    matches += 1
+                    found.append(bytes(joined[start:end]))
+                start = end
+        done(matches, list(found) if count else [])
 
     def position(self, room_key):
-        return self._read("SELECT coalesce(max(id), 0) FROM messages WHERE room = ?",
-                          (room_key,))[0][0]
+        position = self._positions.get(room_key)
+        if position is None:
+            position = self._positions[room_key] = self._scalar(
+                "SELECT coalesce(max(last), 0) FROM messages WHERE room = ?", (room_key,))
+        return position
 
     def has_messages(self, room_key):
-        return bool(self._read("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (room_key,)))
+        return self.position(room_key) > 0
 
     # -- accounts -------------------------------------------------------------------------------
     def account_for(self, keys):
@@ -2515,9 +2566,10 @@ MIGRATIONS = (
     (   # 1: rooms and their messages
         "CREATE TABLE rooms (key TEXT PRIMARY KEY, name TEXT NOT NULL, topic TEXT,"
         " key_hash TEXT)",
-        "CREATE TABLE messages (id INTEGER PRIMARY KEY, room TEXT NOT NULL, line BLOB NOT NULL,"
-        " text_at INTEGER NOT NULL)",
-        "CREATE INDEX messages_by_room ON messages (room, id)",
+        # A row holds a room's lines of one commit: ``last`` is the last one's position (the
+        # room's count of messages), ``sizes`` each line's size and its text's, 4 bytes each.
+        "CREATE TABLE messages (room TEXT NOT NULL, last INTEGER NOT NULL, lines BLOB NOT NULL,"
+        " sizes BLOB NOT NULL, PRIMARY KEY (room, last)) WITHOUT ROWID",
     ),
     (   # 2: accounts, where each left each room, private messages waiting for them
         "CREATE TABLE accounts (key TEXT PRIMARY KEY, nick TEXT NOT NULL,"
@@ -5158,31 +5210,6 @@ class ClusterStore(MemoryStore):
     def __init__(self, window, search):
         MemoryStore.__init__(self, keep=max(window, 1))
         self._search = search          # (room key, folded, count, done): Redis's answer
-        self._positions = {}           # room key -> its last message's number
-
-    def keep(self, room_key, line, text_size):
-        position = self._positions.get(room_key, 0) + 1
-        self._positions[room_key] = position
-        kept = self._messages.get(room_key)
-        if kept is None:
-            kept = self._messages[room_key] = collections.deque(maxlen=self._keep)
-        kept.append((position, line, text_size))
-        return position
-
-    def position(self, room_key):
-        return self._positions.get(room_key, 0)
-
-    def since(self, room_key, position, count):
-        lines = [line for kept_at, line, _ in self._messages.get(room_key, ())
-                 if kept_at > position]
-        return self.position(room_key) - position, lines[-count:] if count else []
-
-    def has_messages(self, room_key):
-        return self._positions.get(room_key, 0) > 0
-
-    def drop_room(self, key):
-        MemoryStore.drop_room(self, key)
-        self._positions.pop(key, None)
 
     def search(self, room_key, folded, count, done):
         self._search(room_key, folded, count, done)
