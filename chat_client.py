@@ -61,7 +61,7 @@ try:
 except ImportError:  # some minimal Python builds have no ssl: only --tls needs it
     ssl = None
 
-VERSION = "2.0.0"
+VERSION = "3.0.0"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

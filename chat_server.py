@@ -56,7 +56,7 @@ import unicodedata
 # 5 MiB of memory that a plain chat does without.
 ssl = None
 
-VERSION = "2.0.0"
+VERSION = "3.0.0"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
