@@ -2630,6 +2630,58 @@ class StoreTests(InMemoryTestCase):
             db.close()
 
 
+class ClientExpectationTests(RoomTestCase):
+    """What the client's command table says each command is answered with (a 'Server: ok!'
+    first, then lines of these kinds) is what the server's room core answers: each command,
+    typed as people type it, in one session."""
+
+    # (who types it, the line): every command, in an order where each makes sense.
+    SESSION = (("bob", "/help"), ("bob", "/users"), ("bob", "/msg carol hi"), ("bob", "/me waves"),
+               ("bob", "/nick bobby"), ("bobby", "/nick bob"), ("bob", "/away lunch"),
+               ("bob", "/back"), ("bob", "/join #x"), ("bob", "/topic plans"), ("bob", "/topic"),
+               ("bob", "/part"), ("bob", "/rooms"), ("bob", "/search hi"),
+               ("bob", "/register correcthorse"), ("bob", "/password correcthorse horsefly"),
+               ("bob", "/unregister horsefly"), ("root", "/mute carol"), ("root", "/unmute carol"),
+               ("root", "/op erin"), ("root", "/deop erin"), ("root", "/ban dave 2h"),
+               ("root", "/bans"), ("root", "/unban dave"), ("root", "/kick carol"),
+               ("root", "/drop #x"), ("bob", "/quit"))
+
+    def test_every_command_is_answered_as_the_client_expects(self):
+        client = load_module("chat_client")
+        self.chat = self.make_chat(clock=self.mod.Clock(now=lambda: 0), history=5,
+                                   operators=("root",))
+        peers = {}
+        for nick in ("root", "erin"):
+            peers[nick] = self.peer(nick)
+            self.send(peers[nick], "/register correct horse")
+        for nick in ("bob", "carol", "dave"):
+            peers[nick] = self.peer(nick)
+        self.send(peers["bob"], "/join #x")   # (a room for /drop to close at the end)
+        self.send(peers["bob"], "/part")
+        for peer in peers.values():
+            self.lines(peer)
+        table = {name: command for command in client.COMMANDS for name in command.names}
+        tried = set()
+        peers["bobby"] = peers["bob"]   # (the same member, renamed for a while)
+        for who, line in self.SESSION:
+            peer = peers[who]
+            name = line.split()[0][1:]
+            tried.add(table[name].name)
+            ok_first, answers = table[name].owed(bare=" " not in line)
+            self.send(peer, line)
+            said = self.said(peer)
+            self.assertTrue(said, line)
+            if ok_first:
+                self.assertEqual(said[0], OK, line)
+                said = said[1:]
+            if answers:
+                kinds = [client.ServerLine(self.ts + text).kind for text in said]
+                self.assertTrue(set(kinds) & set(answers), "%s: %r got %r" % (line, answers, said))
+            for peer_ in peers.values():
+                self.lines(peer_)
+        self.assertEqual(tried, {command.name for command in client.COMMANDS})
+
+
 class LookAlikeTests(RoomTestCase):
     """The look-alike letters, letter by letter, and the rule they keep, in memory."""
 
