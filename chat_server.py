@@ -397,6 +397,16 @@ def nickname_keys(nick):
     return keys
 
 
+def found_by_keys(table, keys):
+    """What ``table`` holds under the first of ``keys`` it has (a name's look-alike keys: the
+    member, room or account known by any of them), or None."""
+    for key in keys:
+        found = table.get(key)
+        if found is not None:
+            return found
+    return None
+
+
 def nickname_problem(nick, max_chars=MAX_NICK_CHARS):
     """The line that refuses a (normalised) nickname for what it is, or None if it may be used;
     whether it is taken is the room's question."""
@@ -956,11 +966,7 @@ class Arriving:
 
     def member_named(self, nick):
         """The member whose nickname looks like ``nick`` (normalised), or None."""
-        for key in nickname_keys(nick):
-            member = self.members.get(key)
-            if member is not None:
-                return member
-        return None
+        return found_by_keys(self.members, nickname_keys(nick))
 
 
 class Talking:
@@ -1928,11 +1934,7 @@ class Keeping:
 
     def room_named(self, name):
         """The room whose name looks like ``name`` (normalised), or None."""
-        for key in room_keys(name):
-            room = self.rooms.get(key)
-            if room is not None:
-                return room
-        return None
+        return found_by_keys(self.rooms, room_keys(name))
 
     def _forget_if_unused(self, room):
         """A room other than #main ends when it has no member, topic or kept message."""
@@ -2127,11 +2129,8 @@ class MemoryStore:
 
     # -- accounts -------------------------------------------------------------------------------
     def account_for(self, keys):
-        for key in keys:
-            owner = self._account_keys.get(key)
-            if owner is not None:
-                return self._accounts[owner]
-        return None
+        owner = found_by_keys(self._account_keys, keys)
+        return self._accounts[owner] if owner is not None else None
 
     def save_account(self, account, keys):
         self._accounts[account.key] = account
