@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Benchmark of the chat server's fan-out against the C reference and miniircd; standard library.
+"""Fan-out benchmark of the chat server against a C reference and IRC servers; standard library.
 
     python3 bench/chat_bench.py                          # every scenario, 3 runs each
-    python3 bench/chat_bench.py --vs "/tmp/limit_server {port}" \
-        --peer miniircd --peer miniircd-nodelay            # with the C reference and miniircd
+    python3 bench/chat_bench.py --vs "/tmp/limit_server {port}" --peer ngircd \
+        --peer inspircd --max-steal 0.05 --max-others 0.05  # with the C reference and C IRC servers
     python3 bench/chat_bench.py --only fanout-100-w1 --runs 5
     python3 bench/chat_bench.py --only fanout-10-w1 --runs 1 --duration 1 --warmup 0.3  # smoke
 
@@ -12,13 +12,26 @@ every limit in force), logging to a file (``--log file``), except ``--rate-limit
 loop below sends as fast as the server answers, which flood control would slow by design. Change
 that with ``--server-args``; ``--server`` picks another chat_server.py. Each run starts a fresh
 server. With ``--vs`` the scenarios also run against another server (the C reference: ``gcc -O2 -o
-/tmp/limit_server bench/limit_server.c``) and with ``--peer miniircd`` against miniircd
-2.3, a select-based Python IRC server (``pip install --user miniircd==2.3``, or a venv and
-``--miniircd``; bench only), as shipped, or with TCP_NODELAY (``--peer miniircd-nodelay``; see the
-comment at MINIIRCD_BACKLOG). The servers alternate run by run, the table shows the medians and
-the ratios chat_server / other from the same run. A failed run is reported and left out, and the
-command then exits 1. The servers' CPU time and RSS come from /proc (Linux); bench/RESULTS.md,
-"Method for version 2", says how to read them.
+/tmp/limit_server bench/limit_server.c``), and with ``--peer`` against IRC servers: ngIRCd
+(``ngircd``, as shipped, or ``ngircd-nopenalty`` without its per-client throttle) and InspIRCd
+(``inspircd``, its limits lifted), Debian's packages, each started in the foreground with a
+configuration this file writes into a temporary folder (see the comments at NGIRCD_CONFIG and
+INSPIRCD_CONFIG); and miniircd 2.3, a select-based Python IRC server (``pip install --user
+miniircd==2.3``, or a venv and ``--miniircd``), as shipped or with TCP_NODELAY
+(``miniircd-nodelay``; see the comment at MINIIRCD_BACKLOG). All of them bench only. The servers
+alternate run by run, the table shows the medians and the ratios chat_server / other from the same
+run. A failed run is reported and left out, and the command then exits 1. The servers' CPU time
+and RSS come from /proc (Linux); bench/RESULTS.md, "Method", says how to read them.
+
+The load generator of the plain fan-out scenarios is bench/chatload.c (C, epoll), built with
+``gcc -O2`` into a temporary folder by each command: the Python one runs near one core against the
+C reference and so caps it. ``--generator python`` (and a machine without gcc, with a note) uses
+the Python one; it always drives TLS, joins and idle clients. Every fan-out row reports the
+generator's CPU (``loadgen_cpu_share``). On a shared machine every run also reports the CPU others
+took during it: the hypervisor (``machine_steal_share``) and other processes
+(``machine_others_share``: /proc/stat's busy time minus the server's and the generator's);
+``--max-steal`` and ``--max-others`` do a run again above a share, and ``--max-others`` first waits
+(``--calm-wait``) for a calm machine.
 
 Scenarios:
   fanout-N-wW        N clients joined; each keeps W messages in flight (closed loop: a message is
@@ -36,9 +49,10 @@ Scenarios:
   join-2000-history  the same after 20 messages (a full default history): time until all have
                      their history too (the last history line), where the server sends one.
 
-miniircd runs only in the fan-out scenarios: it waits in select(), which cannot watch descriptors
-past FD_SETSIZE (1024), so 2,000 or 10,000 clients would crash it. TLS scenarios compare
-chat_server with itself (the C reference has no TLS).
+The IRC peers run only in the fan-out scenarios (the others measure chat_server's own protocol:
+history, nicknames); miniircd could not do more anyway: it waits in select(), which cannot watch
+descriptors past FD_SETSIZE (1024). TLS scenarios compare chat_server with itself (the C reference
+has no TLS).
 """
 
 import argparse
@@ -741,8 +755,8 @@ class Setup:
 
     def choose_generator(self, wanted):
         """(chatload's binary or None, what the report says about the generator)."""
-        python = ("Python (this process; the TLS fan-out, joins and idle scenarios always): "
-                  "near one core at 10 and 100 clients, which caps what it measures")
+        python = ("Python (chat_bench.py itself): near one core at 10 and 100 clients, which "
+                  "caps what it measures")
         if wanted == "python":
             return None, python
         binary, why_not = build_chatload(self.folder)
@@ -751,8 +765,8 @@ class Setup:
                 python, why_not)
             print("# note: %s" % note, file=sys.stderr, flush=True)
             return None, note
-        return binary, ("C, bench/chatload.c built with gcc -O2, for the plain fan-out "
-                        "scenarios; Python for the TLS fan-out, joins and idle scenarios")
+        return binary, ("C, bench/chatload.c built with gcc -O2, for the plain fan-out; the "
+                        "Python one for TLS, joins and idle clients")
 
     def close(self):
         shutil.rmtree(self.folder, ignore_errors=True)
