@@ -1128,11 +1128,13 @@ def measure_calmly(scenario, contender, limits, what):
         if not reasons:
             return metrics, False
         tried.append(metrics)
-        last = attempt == limits.retries
-        print("  %s: %s; %s" % (what, ", ".join(reasons), "kept the least disturbed of %d"
-                                % len(tried) if last else "done again"),
-              file=sys.stderr, flush=True)
-    return min(tried, key=Limits.disturbance), True
+        print("  %s: %s; done again" % (what, ", ".join(reasons)) if attempt < limits.retries
+              else "  %s: %s" % (what, ", ".join(reasons)), file=sys.stderr, flush=True)
+    kept = min(tried, key=Limits.disturbance)
+    print("  %s: every attempt disturbed; kept the least disturbed of %d (others %.1f%%, steal "
+          "%.1f%%)" % (what, len(tried), kept.get("machine_others_share", 0.0) * 100,
+                       kept.get("machine_steal_share", 0.0) * 100), file=sys.stderr, flush=True)
+    return kept, True
 
 
 def run(names, runs, setup, limits):
