@@ -2295,10 +2295,6 @@ class SQLiteStore(MemoryStore):
                 db.execute(statement)
             db.execute("PRAGMA user_version=%d" % number)
 
-    def _scalar(self, sql, parameters=()):
-        row = self.db.execute(sql, parameters).fetchone()
-        return row[0] if row else None
-
     def _load_small_tables(self):
         """What is small and asked for often: rooms, operators, bans and mutes, in memory."""
         for key, name, topic, key_hash in self.db.execute(
@@ -2418,15 +2414,17 @@ class SQLiteStore(MemoryStore):
         return position
 
     def _read(self, sql, parameters):
-        """Rows of a query that sees this turn's changes too."""
-        if self._turn or self._pending:
-            import sqlite3
-            try:
+        """Rows of a query that sees this turn's changes too. A file that fails to answer
+        (damaged while the server runs) is said once in the log, and answers nothing."""
+        import sqlite3
+        try:
+            if self._turn or self._pending:
                 self._write_pending()
-            except sqlite3.Error as exc:
-                self._rollback()
-                self._failed(exc)
-        return self.db.execute(sql, parameters).fetchall()
+            return self.db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._failed(exc)
+            return []
 
     def _lines(self, room_key, after=0, most=None):
         """The room's kept lines after ``after``, (position, line, text_size), the newest
@@ -2486,8 +2484,9 @@ class SQLiteStore(MemoryStore):
     def position(self, room_key):
         position = self._positions.get(room_key)
         if position is None:
-            position = self._positions[room_key] = self._scalar(
-                "SELECT coalesce(max(last), 0) FROM messages WHERE room = ?", (room_key,))
+            rows = self._read("SELECT coalesce(max(last), 0) FROM messages WHERE room = ?",
+                              (room_key,))
+            position = self._positions[room_key] = rows[0][0] if rows else 0
         return position
 
     def has_messages(self, room_key):
@@ -2525,7 +2524,8 @@ class SQLiteStore(MemoryStore):
                     (account_key, room_key, position))
 
     def waiting_count(self, account_key):
-        return self._read("SELECT count(*) FROM waiting WHERE account = ?", (account_key,))[0][0]
+        rows = self._read("SELECT count(*) FROM waiting WHERE account = ?", (account_key,))
+        return rows[0][0] if rows else 0
 
     def wait(self, account_key, line, most):
         if self.waiting_count(account_key) >= most:

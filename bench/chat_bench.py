@@ -166,8 +166,10 @@ class Server:
     def _start_chat_server(self, server_path, server_args):
         argv = [sys.executable, server_path, "--port", "0", "--log", "file",
                 "--log-file", os.path.join(self.dir, "chat.log")] + server_args
+        # In the run's own folder: its default data file (chat.db) is made there, new each run,
+        # as a server started in an empty folder would make it.
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=self.dir)
         # "Listening on HOST:PORT", with TLS the certificate's fingerprint, then READY.
         first = self._stdout_line()
         self.port = int(first.rsplit(":", 1)[1])
