@@ -5606,7 +5606,9 @@ class ClusterNode:
         elif kind in (Entry.JOIN, Entry.RENAME):
             data = (text["nick"], text["acct"] or None)
         elif kind == Entry.LEAVE:
-            if not peer.member:
+            # Applied once: a reaper's leave may follow the node's own. (Not peer.member: a
+            # member of this node is no longer one from the moment it asked to leave.)
+            if room is None or peer not in room.everyone:
                 return None
             data = (text["why"], text.get("tr") or None, text.get("tself") or None)
         elif kind == Entry.MOVE:

@@ -11058,7 +11058,16 @@ class ClusterTests(unittest.TestCase):
         alice.send("/quit\n")
         self.assertEqual(alice.said(), GOODBYE)
         self.assertEqual(bob.said(), "alice disconnected!")
-        self.member(b, "alice")   # the nickname is free again, on any node
+        carol = self.member(a, "carol")   # on the node alice left from: she is gone there too
+        self.assertEqual([carol.said() for _ in range(3)],
+                         ["Recent messages (2):", "alice sent hello from node a",
+                          "* bob waves from node b"])
+        carol.send("/join #ops\n")
+        self.assertEqual([carol.said(), carol.said()], [OK, in_room_now("#ops", 2)])
+        self.assertEqual(bob.said(), "carol joined #ops.")
+        carol.send("/users\n")
+        self.assertEqual(carol.said(), "Users (2): bob, carol")
+        self.member(a, "alice")   # the nickname is free again, on her own node too
 
     def test_history_accounts_and_catch_up_on_a_node_started_later(self):
         a, b = self.node(), self.node()
