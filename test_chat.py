@@ -471,7 +471,7 @@ class ServerProcess:
             self.stderr_copier.join(DEADLINE)  # the exited server's last words are in the file
         self.stderr_file.flush()
         with open(self.stderr_file.name, "rb") as f:
-            return f.read().decode("utf-8", "replace")
+            return f.read().decode("utf-8", "replace").replace("\r\n", "\n")  # (Windows')
 
     def client(self, **kwargs):
         """A LineSocket to this server; over TLS if the server speaks it."""
