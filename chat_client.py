@@ -2545,6 +2545,10 @@ KEEPALIVE_COUNT = 3
 USER_TIMEOUT = 30
 
 
+# macOS's numbers for the keepalive options Python names only from 3.10 (netinet/tcp.h).
+MACOS_KEEPALIVE_OPTIONS = {"TCP_KEEPALIVE": 0x10, "TCP_KEEPINTVL": 0x101, "TCP_KEEPCNT": 0x102}
+
+
 def keep_alive(sock):
     """Turn TCP keepalive on with our timings, as far as the platform lets us."""
     try:
@@ -2556,6 +2560,8 @@ def keep_alive(sock):
                ("TCP_USER_TIMEOUT", USER_TIMEOUT * 1000))
     for name, value in options:
         option = getattr(socket, name, None)
+        if option is None and sys.platform == "darwin":   # (named by Python only from 3.10)
+            option = MACOS_KEEPALIVE_OPTIONS.get(name)
         if option is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)

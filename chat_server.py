@@ -3,34 +3,46 @@
 
 The protocol is docs/PROTOCOL.md. The file reads top to bottom in this order:
 
-* settings, then the protocol's lines, spelled once (``Lines``), and the phases of a connection
-  with the moves between them (``Phase``, ``PHASE_MOVES``);
-* text rules: control characters, nicknames and their look-alike skeletons, the clock;
+* settings, then the protocol's lines, spelled once (``Lines``), the reasons a connection ends
+  (``Reason``), and the phases of a connection with the moves between them (``Phase``,
+  ``PHASE_MOVES``);
+* text rules: control characters, nicknames and their look-alike skeletons, room names, password
+  hashing (scrypt, on a worker thread: ``ThreadHashing``), the clock;
 * the room core (``Chat``, with ``Peer`` and ``Room``): a line from a connection in, queued bytes
   for each connection out, and the phase the connection moves to. It never touches a socket (the
-  shape of h11), so its rules are testable without a network. Commands are records in one table
-  (``COMMANDS``), from which /help is made. Whatever the members of a room see happen there is an
-  entry of the room log (``Entry``): the core decides, a sequencer orders, ``Chat.apply`` applies;
-* the store (``MemoryStore``): what outlives a connection, behind one small interface;
-* the loop (``Server``, cut along a connection's life: the turn, accepting, the TLS handshake,
-  reading and lines, writing, closing, timers, stopping). It enforces the limits (line length,
+  shape of h11), so its rules are testable without a network. ``Chat`` is made of parts, each a
+  class: Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leaving, Applying.
+  Commands are records in one table (``COMMANDS``), from which /help is made. Every change of the
+  chat's state is an entry of the room log (``Entry``): the core decides, a sequencer orders,
+  ``Chat.apply`` applies;
+* the store: what outlives a connection, behind one small interface, in three homes: memory
+  (``MemoryStore``), a SQLite file (``SQLiteStore``, the default), Redis (``ClusterStore``);
+* the loop (``Server``, cut along a connection's life: Loop (the turn), Accepting, Handshaking,
+  Reading, Writing, Closing, Timers, Watching, Stopping). It enforces the limits (line length,
   send queue, flood control) and writes every connection with new output once per turn just
   before it sleeps in ``select`` (the shape of Redis's beforeSleep);
-* what the loop uses: TLS, the logs, the platform;
-* the command line;
+* what the loop uses: TLS, the logs, a small Redis client (RESP2, non-blocking, in the loop);
+* the cluster (``ClusterNode``): the sequencer of several servers, one log stream in Redis;
+* the platform, then the command line;
 * an appendix: the tables of invisible and look-alike letters.
 
-The room log. An entry is a tuple ``(kind, room, peer, data)``: a message, a /me, a join, a leave
-or a rename (``Entry`` says what ``data`` holds for each), ``peer`` being the member it is about.
-Only the room core appends entries, and only once it has decided the change is allowed; the
-sequencer gives each entry its place in its room's order and hands it back to be applied, so what
-a member receives is the log applied in log order. In one process the sequencer applies at once.
+The room log. An entry is a tuple ``(kind, room, peer, data)``: a message, a /me, a join, a leave,
+a rename, a move between rooms, an account's change, an operator's deed (``Entry`` lists all
+seventeen kinds and what ``data`` holds for each), ``peer`` being the member it is about. Only the
+room core appends entries, and only once it has decided the change is allowed; the sequencer
+gives each entry its place in the order and hands it back to be applied, so what a member
+receives is the log applied in log order. In one process the sequencer (``LocalSequencer``)
+applies at once; in a cluster (``ClusterNode``) an entry is applied when it comes back from
+Redis, on every node alike.
 
 A connection lives through explicit phases (``Phase``), each entered in one place (``_move``),
 along the moves of ``PHASE_MOVES``:
 
     NEW -> HANDSHAKE (TLS only) -> PASSWORD (with a password only) -> NICKNAME -> MEMBER
-      \\________________\\______________________\\_____________\\_____> CLOSING -> LINGERING -> CLOSED
+      \________________\______________________\_____________\_____> CLOSING -> LINGERING -> CLOSED
+
+    NICKNAME <-> NICK_PASSWORD   (a registered nickname: its password asked; MEMBER once right)
+    MEMBER <-> RENAME_PASSWORD   (/nick to a registered nickname: the same question)
 
 Standard library only, Python 3.8 or newer: this file is zipped alone into chat_server.pyz.
 """
@@ -862,12 +874,16 @@ class Delivering:
         """Log a delivered line with a note for the operator before its line end."""
         self.log(line[:-1] + suffix.encode() + b"\n")
 
-    def _log_room_line(self, room, line):
-        """A room line as its members received it; "[in #room]" after it outside #main."""
-        if room is self.main:
-            self.log(line)
+    def _log_room_line(self, room, line, reason=None):
+        """A room line as its members received it; then why (a leave's ``reason``), and
+        "[in #room]" outside #main."""
+        suffix = "" if reason is None else Lines.LOG_REASON.format(reason=reason)
+        if room is not self.main:
+            suffix += Lines.LOG_IN_ROOM.format(room=room.name)
+        if suffix:
+            self._log_with(line, suffix)
         else:
-            self._log_with(line, Lines.LOG_IN_ROOM.format(room=room.name))
+            self.log(line)
 
 
 class Arriving:
@@ -1585,8 +1601,8 @@ class Leaving:
                 self.deliver(peer, notice)
                 self._remember_position(peer, room)
                 peer.member = False
-                self._log_with(self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
-                               Lines.LOG_REASON.format(reason=Reason.SHUTDOWN))
+                self._log_room_line(room, self.line(Lines.DISCONNECTED.format(nick=peer.nick)),
+                                    Reason.SHUTDOWN)
             room.members.clear()
         self.members.clear()
 
@@ -1731,8 +1747,7 @@ class Applying:
             self.on_phase(peer, Phase.CLOSING)
         announcement = self.line(told_room or Lines.DISCONNECTED.format(nick=peer.nick))
         self.to_room(room, announcement)
-        self._log_room_line(room, announcement[:-1] + Lines.LOG_REASON.format(
-            reason=reason).encode() + b"\n")
+        self._log_room_line(room, announcement, reason)
         self._forget_if_unused(room)
 
     def apply_rename(self, entry):
@@ -5824,32 +5839,52 @@ def print_traceback():
     traceback.print_exc(file=sys.stderr)
 
 
+# macOS's numbers for the keepalive options Python names only from 3.10 (netinet/tcp.h).
+MACOS_KEEPALIVE_OPTIONS = {"TCP_KEEPALIVE": 0x10, "TCP_KEEPINTVL": 0x101, "TCP_KEEPCNT": 0x102}
+
+
+def tcp_option(name, named=socket, platform=sys.platform):
+    """The socket option ``name`` as this platform numbers it, or None where it has none
+    (``named``: what Python names, the socket module)."""
+    option = getattr(named, name, None)
+    if option is None and platform == "darwin":
+        option = MACOS_KEEPALIVE_OPTIONS.get(name)
+    return option
+
+
 def tune_socket(sock, dead_peer=DEFAULT_DEAD_PEER):
     """Chat lines are small: no Nagle delay. A peer that vanished without a word (a laptop's
     lid, a pulled cable) is found within ``dead_peer`` seconds: keepalive probes after half of
     it idle, KEEPALIVE_PROBES of them over the other half; and, on Linux, TCP_USER_TIMEOUT for
     data sent and never acknowledged, which keepalive does not cover (it waits while any is).
-    macOS gets the idle time (TCP_KEEPALIVE) and its own probe count; Windows gets the idle
-    time and interval (its 10 probes are fixed)."""
+    The idle time is TCP_KEEPIDLE on Linux and Windows 10 1709+, TCP_KEEPALIVE on macOS;
+    older Windows takes idle and interval by ioctl (its 10 probes are fixed). Each option is
+    set on its own: one a platform refuses loses only itself."""
     idle = max(1, int(dead_peer / 2))
     interval = max(1, int((dead_peer - idle) / KEEPALIVE_PROBES))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):   # Linux, Windows 10 1709 and newer
-            for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
-                                  ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
-                if hasattr(socket, option):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        elif hasattr(socket, "TCP_KEEPALIVE"):   # macOS: the idle time's own name (3.10+'s)
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPALIVE"), idle)
-        elif hasattr(socket, "SIO_KEEPALIVE_VALS"):   # older Windows
-            sock.ioctl(socket.SIO_KEEPALIVE_VALS,   # (milliseconds; its probes are 10)
-                       (1, idle * 1000, max(1, int((dead_peer - idle) * 100))))
-        if hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer * 1000))
     except OSError:
-        pass  # the connection may already be gone; reading it will tell
+        return  # the connection may already be gone; reading it will tell
+    idle_set = False
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPALIVE", idle),
+                        ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+                        ("TCP_USER_TIMEOUT", int(dead_peer * 1000))):
+        option = tcp_option(name)
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            continue
+        idle_set = idle_set or name in ("TCP_KEEPIDLE", "TCP_KEEPALIVE")
+    if not idle_set and hasattr(socket, "SIO_KEEPALIVE_VALS"):   # older Windows, Wine
+        try:   # (milliseconds)
+            sock.ioctl(socket.SIO_KEEPALIVE_VALS,
+                       (1, idle * 1000, max(1, int((dead_peer - idle) * 100))))
+        except (OSError, ValueError):
+            pass
 
 
 def descriptors_for_clients():
@@ -5984,10 +6019,10 @@ def parse_args(argv):
                         metavar="SECONDS",
                         help="a client that vanished without a word (a closed laptop, a pulled"
                              " cable) is found and disconnected within this time (default 90)")
-    parser.add_argument("--data", default=DEFAULT_DATA, metavar="PATH",
+    parser.add_argument("--data", metavar="PATH",
                         help="the SQLite file that keeps rooms, messages, accounts and bans across"
-                             " restarts (default %(default)s; :memory: keeps nothing after the"
-                             " server stops)")
+                             " restarts (default %s; :memory: keeps nothing after the server"
+                             " stops)" % DEFAULT_DATA)
     parser.add_argument("--keep", type=count, default=DEFAULT_KEEP, metavar="N",
                         help="messages kept per room (default %(default)s)")
     parser.add_argument("--durable", action="store_true",
@@ -6031,6 +6066,11 @@ def parse_args(argv):
             parse_redis_url(args.redis)
         except ValueError as exc:
             parser.error("--redis: %s" % exc)
+        if args.data is not None or args.durable:   # (said, not silently ignored)
+            parser.error("--redis: a cluster keeps its memory in Redis, not in --data or"
+                         " --durable's file")
+    elif args.data is None:
+        args.data = DEFAULT_DATA
     return args
 
 

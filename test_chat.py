@@ -23,7 +23,8 @@ The sections mirror the modules:
  6. The repository and the shipped files: what keeps the modules and docs in step; the .pyz.
  7. Windows for real: classes above again on the Windows CPython under Wine, and Windows' own.
  8. Hardening: load, faults and hostile input, as functions that bench/soak.py runs big.
- 8b. The server's Redis client: its parser in memory, its connection against a real redis-server.
+ 8b. The server's Redis client: its parser in memory, its connection against a real redis-server;
+     then a cluster of nodes on one real redis-server.
  9. Running.
 """
 
@@ -1224,6 +1225,11 @@ class PtyClient:
         that says who else is here, which comes after the answer to the quiet /users."""
         self.read_until(lambda rows: WELCOME in rows, "the welcome")
         self.type(nick + "\r")
+        self.joined(nick, told_who_is_here)
+
+    def joined(self, nick, told_who_is_here=True):
+        """Wait until joined as ``nick``: the prompt and (a version 2 or 3 server) the line that
+        says who else is here, so that nothing of the join lands after what the test types."""
         self.read_until(lambda rows: rows[-1] == nick + ">" and (not told_who_is_here or any(
             row.startswith(("Nobody else is in ", "With you in ")) for row in rows)),
             "the prompt %s>" % nick)
@@ -4039,6 +4045,17 @@ class ServerProgramTests(unittest.TestCase):
                          ["alice disconnected! [shutdown]", "Server stopped"])
         alice.close()
 
+    def test_a_member_of_another_room_is_logged_leaving_at_shutdown_with_its_room(self):
+        server = start_server(self)
+        carol = server.client().join("carol")
+        carol.send("/join #ops\n")
+        self.assertEqual([carol.said(), carol.said()], [OK, in_room_now("#ops", 1)])
+        status, _ = server.stop()
+        self.assertEqual(status, 0)
+        self.assertEqual([split_ts(line)[1] for line in server.log_lines()[-2:]],
+                         ["carol disconnected! [shutdown] [in #ops]", "Server stopped"])
+        carol.close()
+
     def test_a_log_file_that_cannot_be_written_does_not_stop_the_chat(self):
         if not os.path.exists("/dev/full"):
             self.skipTest("no /dev/full here")
@@ -4305,6 +4322,44 @@ class VanishedPeerTests(unittest.TestCase):
             alice.send("are you there %d\n" % n)
             self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS are you there %d" % n])
         self.assert_gone_with_a_timeout(server, alice, "ghost", started, 6)
+
+
+class KeepaliveSettingsTests(unittest.TestCase):
+    """What tune_socket asks of the kernel, read back from a real connection: --dead-peer-timeout
+    split into idle time, probes and (Linux) the unacknowledged-data limit."""
+
+    def test_a_connection_gets_the_dead_peer_timings_the_platform_names(self):
+        chat_server = load_module("chat_server")
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        sock = socket.create_connection(listener.getsockname())
+        self.addCleanup(sock.close)
+        chat_server.tune_socket(sock, dead_peer=60)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        expected = {"TCP_KEEPIDLE": 30, "TCP_KEEPALIVE": 30, "TCP_KEEPINTVL": 7,
+                    "TCP_KEEPCNT": chat_server.KEEPALIVE_PROBES, "TCP_USER_TIMEOUT": 60000}
+        named = [name for name in expected if hasattr(socket, name)]
+        if not named:
+            self.skipTest("this platform names none of the keepalive options")
+        for name in named:
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name)),
+                             expected[name], name)
+
+
+class MacKeepaliveOptionTests(InMemoryTestCase):
+    """Python names macOS's keepalive options only from 3.10: the server and the client use
+    macOS's own numbers before that, so a Mac on 3.8 finds a vanished peer in the same time."""
+
+    def test_macos_numbers_stand_in_for_the_names_python_lacks(self):
+        chat_server = load_module("chat_server")
+        python_38 = object()   # (names none of them)
+        self.assertEqual([chat_server.tcp_option(name, python_38, "darwin") for name in
+                          ("TCP_KEEPALIVE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_KEEPIDLE")],
+                         [0x10, 0x101, 0x102, None])
+        self.assertIsNone(chat_server.tcp_option("TCP_KEEPALIVE", python_38, "linux"))
+        chat_client = load_module("chat_client")
+        self.assertEqual(chat_client.MACOS_KEEPALIVE_OPTIONS, chat_server.MACOS_KEEPALIVE_OPTIONS)
 
 
 class PrivateFileTests(unittest.TestCase):
@@ -7166,7 +7221,7 @@ class TerminalSessionTests(unittest.TestCase):
         server = start_server(self)
         alice = server.client().join("alice")
         term = client_on_terminal(self, server.port, "--nick", "liam")
-        term.read_until(lambda rows: rows[-1] == "liam>", "joined")
+        term.joined("liam")
         term.proc.send_signal(signal.SIGSTOP)
         cooked = termios.tcgetattr(term.master)
         cooked[3] |= termios.ICANON | termios.ECHO
@@ -7211,7 +7266,7 @@ class TerminalSessionTests(unittest.TestCase):
         server = start_server(self)
         bob = server.client().join("bobby")          # here before the client: /users says so
         term = client_on_terminal(self, server.port, "--nick", "quinn")
-        term.read_until(lambda rows: rows[-1] == "quinn>", "joined")
+        term.joined("quinn")
         self.assertEqual(bob.said(), "quinn connected!")
         term.settle(0.2)                     # the quiet /users answered (and not shown)
         self.assertFalse(any("Users (" in row for row in term.rows()), term.rows())
@@ -7234,7 +7289,7 @@ class TerminalSessionTests(unittest.TestCase):
         mallory.send("/away x), eve, zed\n")
         self.assertEqual(mallory.said(), OK)
         term = client_on_terminal(self, server.port, "--nick", "quinn")
-        term.read_until(lambda rows: rows[-1] == "quinn>", "joined")
+        term.joined("quinn")
         self.assertEqual(mallory.said(), "quinn connected!")
         term.settle(0.2)                     # the quiet /users answered
         term.type("/msg e\t")
@@ -7248,7 +7303,7 @@ class TerminalSessionTests(unittest.TestCase):
         server = start_server(self)
         watcher = server.client().join("watcher")
         term = client_on_terminal(self, server.port, "--nick", "rosa")
-        term.read_until(lambda rows: rows[-1] == "rosa>", "joined")
+        term.joined("rosa")
         term.type("/nick rosalind\r")
         term.read_until(lambda rows: rows[-1] == "rosalind>" and
                         rows[-2].endswith("rosa is now known as rosalind"), "the new prompt")
@@ -7264,7 +7319,7 @@ class TerminalSessionTests(unittest.TestCase):
         import termios
         server = start_server(self)
         term = client_on_terminal(self, server.port, "--nick", "xena")
-        term.read_until(lambda rows: rows[-1] == "xena>", "joined")
+        term.joined("xena")
         self.assertEqual(term.termios_lflag() & termios.ICANON, 0)   # readline's raw mode
         term.proc.send_signal(signal.SIGTERM)
         self.assertEqual(term.wait(), -signal.SIGTERM)
@@ -7275,7 +7330,7 @@ class TerminalSessionTests(unittest.TestCase):
     def test_ctrl_c_while_waiting_to_reconnect_exits_0(self):
         server = start_server(self)
         term = client_on_terminal(self, server.port, "--nick", "nina")
-        term.read_until(lambda rows: rows[-1] == "nina>", "joined")
+        term.joined("nina")
         server.stop(signal.SIGKILL)
         note = "Connection lost. Reconnecting in 1 s (Ctrl-C to quit)..."   # no shutdown said
         term.read_until(lambda rows: rows[-2:] == [note, "(offline) nina>"], "offline")
@@ -7292,7 +7347,7 @@ class TerminalSessionTests(unittest.TestCase):
         holder.close()
         server2 = start_server(self)
         term = client_on_terminal(self, server2.port, "--nick", "omar", "--no-reconnect")
-        term.read_until(lambda rows: rows[-1] == "omar>", "joined")
+        term.joined("omar")
         server2.stop()
         self.assertEqual(term.wait(), 1)
         self.assertEqual([row for row in term.rows() if row][-1], SHUTTING_DOWN)  # stderr
@@ -7339,7 +7394,7 @@ class TerminalSecurityTests(unittest.TestCase):
         term.type("hunter3\x7f2 \u00e9t\u00e9\x1b[D\r")   # a typo, Backspace, an arrow key
         term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
         term.type("vic\r")
-        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        term.joined("vic")
         term.type("\x1b[A")                                # Up: the nickname, nothing older
         term.read_until(lambda rows: rows[-1] == "vic> vic", "history")
         term.type("\x1b[A")
@@ -7370,7 +7425,7 @@ class TerminalSecurityTests(unittest.TestCase):
         typed_meanwhile.set()
         term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
         term.type("vic\r")
-        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        term.joined("vic")
         term.type("\x1b[A")                           # Up: the nickname, nothing older
         term.read_until(lambda rows: rows[-1] == "vic> vic", "history")
         term.type("\x1b[A")
@@ -7392,7 +7447,7 @@ class TerminalSecurityTests(unittest.TestCase):
         self.assertIn("TheTLScertificateof127.0.0.1:%disnotknownyet." % server.port, shown)
         self.assertEqual(term.rows()[-2], "  " + self.fingerprint)   # alone: nothing after it
         term.type("y\r")
-        term.read_until(lambda rows: rows[-1] == "tess>", "joined")
+        term.joined("tess")
         with open(path) as f:
             self.assertEqual(f.read(), "127.0.0.1:%d %s\n" % (server.port, self.fingerprint))
         term.type("\x04")
@@ -7503,7 +7558,7 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         term.type("s3cret\r")
         term.read_until(lambda rows: rows[-1] == "nickname>", "the nickname prompt")
         term.type("uma\r")
-        term.read_until(lambda rows: rows[-1] == "uma>", "joined")
+        term.joined("uma")
         self.assertNotIn(b"s3cret", term.output)
         with open(known) as f:
             self.assertEqual(f.read(), "127.0.0.1:%d %s\n" % (port, server.fingerprint))
@@ -7528,7 +7583,7 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         first = start_server(self)
         port = first.port
         term = client_on_terminal(self, port, "--nick", "una")
-        term.read_until(lambda rows: rows[-1] == "una>", "joined")
+        term.joined("una")
         first.stop()
         start_server(self, "--port", str(port), tls=True)
         self.assertEqual(term.wait(), 1)
@@ -7544,7 +7599,7 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         port = first.port
         term = client_on_terminal(self, port, "--nick", "vic", "--tls-fingerprint",
                                   first.fingerprint)
-        term.read_until(lambda rows: rows[-1] == "vic>", "joined")
+        term.joined("vic")
         first.stop()
         start_server(self, "--port", str(port))
         self.assertEqual(term.wait(), 1)
@@ -7575,7 +7630,7 @@ class TerminalWithVersion1ServerTests(unittest.TestCase):
     def test_the_quiet_users_is_answered_as_a_message_and_left_out(self):
         bob = self.server.client().join("bob")
         term = client_on_terminal(self, self.server.port, "--nick", "carol")
-        term.read_until(lambda rows: rows[-1] == "carol>", "joined")
+        term.joined("carol")
         self.assertEqual(bob.said(), "carol connected!")
         self.assertEqual(bob.said(), "carol sent /users")   # it can't be helped
         term.type("hello\r")
@@ -7591,7 +7646,7 @@ class TerminalWithVersion1ServerTests(unittest.TestCase):
 
     def test_alone_the_quiet_users_is_left_out_too(self):
         term = client_on_terminal(self, self.server.port, "--nick", "dora")
-        term.read_until(lambda rows: rows[-1] == "dora>", "joined")
+        term.joined("dora")
         term.type("anyone?\r")
         term.read_until(lambda rows: rows[-1] == "dora>" and rows[-2].endswith(ALONE),
                         "the answer to anyone?")
@@ -7973,7 +8028,7 @@ class TerminalVersion3Tests(unittest.TestCase):
         term.read_until(asked(3), "asked a third time")
         self.assertEqual(len([row for row in term.rows() if row.endswith(WRONG_PASSWORD)]), 2)
         term.type("s3cret\r")
-        term.read_until(lambda rows: rows[-1] == "wendy>", "joined")
+        term.joined("wendy")
         self.assertNotIn(b"s3cr", term.output)
         term.type("\x04")
         self.assertEqual(term.wait(), 0)
@@ -8051,7 +8106,7 @@ class TerminalVersion3Tests(unittest.TestCase):
         watcher = server.client().join("watcher")
         proxy = SwallowingProxy(self, server.port)
         term = client_on_terminal(self, proxy.port, "--nick", "bob")
-        term.read_until(lambda rows: rows[-1] == "bob>", "joined")
+        term.joined("bob")
         self.assertEqual(watcher.said(), "bob connected!")
         proxy.swallow()                                      # the network goes; no FIN
         term.type("back from lunch, did I miss anything?\r")
@@ -8170,7 +8225,7 @@ class RepositoryTests(InMemoryTestCase):
             doc = f.read()
         checked = 0
         for name, template in vars(server.Lines).items():
-            if name.startswith("_") or name == "OPEN_TO_ALL":  # (a stderr warning, in README)
+            if name.startswith("_") or name == "OPEN_TO_ALL":  # (see the test below)
                 continue
             for fragment in re.split(r"\{[a-z_]+\}", template):
                 if fragment.strip():
@@ -8178,6 +8233,20 @@ class RepositoryTests(InMemoryTestCase):
                                     % (name, fragment))
                     checked += 1
         self.assertGreater(checked, 50)
+
+    def test_the_warnings_of_an_open_server_are_in_operations(self):
+        # Said on stderr to whoever starts the server, not to a client: OPERATIONS.md's business.
+        server = load_module("chat_server")
+        with open(os.path.join(HERE, "docs", "OPERATIONS.md"), encoding="utf-8") as f:
+            doc = f.read()
+        for template in (server.Lines.OPEN_TO_ALL, server.Lines.PASSWORD_IN_CLEAR):
+            self.assertIn(template.format(address="0.0.0.0:8000"), doc)
+
+    def test_readme_links_the_client_guide_and_the_operators_and_developers_docs(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for doc in ("docs/CLIENT.md", "docs/OPERATIONS.md", "docs/DEVELOPMENT.md"):
+            self.assertIn("(%s" % doc, readme)
 
     def test_readme_links_the_protocol_in_this_repository(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
@@ -11003,7 +11072,7 @@ class RespMeasurementTests(InMemoryTestCase):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8b.3 A cluster: several servers (nodes) on one real redis-server, one chat.
+# 8b.5 A cluster: several servers (nodes) on one real redis-server, one chat.
 # ---------------------------------------------------------------------------------------------
 
 class ClusterTests(unittest.TestCase):
@@ -11235,12 +11304,23 @@ class ClusterTests(unittest.TestCase):
         self.assertNotIn("s3cret", proc.stderr)
 
 
+    def test_a_data_file_asked_of_a_node_is_refused_not_ignored(self):
+        for options in (["--data", "chat.db"], ["--durable"]):
+            proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off",
+                                   "--redis", self.redis.url] + options,
+                                  capture_output=True, text=True, timeout=DEADLINE)
+            self.assertEqual((proc.returncode, proc.stdout), (2, ""))
+            self.assertTrue(proc.stderr.endswith(
+                "chat_server: error: --redis: a cluster keeps its memory in Redis, not in --data"
+                " or --durable's file (see --help)\n"), proc.stderr)
+
 class WindowsClusterTests(WindowsLeg, ClusterTests):
     """Nodes on the Windows CPython (its sockets, its select loop) in a cluster on the Linux
     redis-server. (The leg skips nothing: the start without Redis runs this Python's server;
     the long faults are the Linux leg's.)"""
     test_a_node_that_cannot_reach_redis_at_start_says_so_and_exits_1 = None
     test_cut_off_longer_than_the_lease_closes_the_nodes_members = None
+    test_a_data_file_asked_of_a_node_is_refused_not_ignored = None
 
 
 # =============================================================================================
