@@ -1894,8 +1894,8 @@ class Readline:
         lib.rl_set_screen_size.argtypes = [ctypes.c_int, ctypes.c_int]
         self.point = ctypes.c_int.in_dll(lib, "rl_point")
         self.line_buffer = ctypes.c_char_p.in_dll(lib, "rl_line_buffer")
-        # Signals are the loop's business (see TerminalSignals): Ctrl-C must reach Python as
-        # KeyboardInterrupt, and readline must not act on SIGWINCH or SIGTSTP by itself.
+        # Signals are the loop's business (see TerminalSignals): Ctrl-C reaches the loop, which
+        # acts on it between events, and readline must not act on SIGWINCH or SIGTSTP itself.
         ctypes.c_int.in_dll(lib, "rl_catch_signals").value = 0
         self._set_int("rl_catch_sigwinch", 0)
         self._set_int("rl_erase_empty_line", 1)   # Enter on an empty line leaves no row
@@ -2167,11 +2167,13 @@ class KilledBySignal(Exception):
 
 
 class TerminalSignals:
-    """SIGWINCH, SIGTSTP, SIGCONT, SIGTERM and SIGHUP reach the select loop as bytes on a
-    socketpair (signal.set_wakeup_fd): a Python handler may run in the middle of a redisplay,
-    so the handlers do nothing and the loop acts between two events."""
+    """SIGINT, SIGWINCH, SIGTSTP, SIGCONT, SIGTERM and SIGHUP reach the select loop as bytes on
+    a socketpair (signal.set_wakeup_fd): a Python handler may run in the middle of a redisplay,
+    or of the server's lines (a KeyboardInterrupt there lost the rest of what was read, and an
+    answer with it: the line it answered was later taken for unanswered and the connection for
+    dead), so the handlers do nothing and the loop acts between two events."""
 
-    NAMES = ("SIGWINCH", "SIGTSTP", "SIGCONT", "SIGTERM", "SIGHUP")
+    NAMES = ("SIGINT", "SIGWINCH", "SIGTSTP", "SIGCONT", "SIGTERM", "SIGHUP")
 
     def __init__(self):
         self.reader, self.writer = socket.socketpair()
@@ -2681,6 +2683,7 @@ class Client:
         self.owed_since = None
         self.heard_at = 0.0
         self.question = None           # answers the next typed line (trust, a long paste)
+        self.interrupted = False       # Ctrl-C came: acted on once the turn's events are done
         # Rows of the reconnect status while it is the last thing printed above the input
         # (0: it is not): the next attempt's status then takes its place.
         self.status_rows = 0
@@ -2707,6 +2710,9 @@ class Client:
         self._watch()
         for key, mask in self.selector.select(self._timeout()):
             key.data(mask)
+        if self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt   # (run() asks or leaves: between events, nothing half done)
         if self.connection is not None and self.connection.error:
             self._lost(Notes.CONNECTION_LOST.format(reason=clause(self.connection.error)))
         self._run_timers()
@@ -3064,7 +3070,9 @@ class Client:
             self.status_rows = 0   # rows may have moved (a resize, the shell's lines after ^Z)
         while pending:
             number = pending.pop(0)
-            if number == signal.SIGWINCH:
+            if number == signal.SIGINT:
+                self.interrupted = True   # not here: this may be in the middle of a line shown
+            elif number == signal.SIGWINCH:
                 self.readline.resized(terminal_reflows(os.environ))
             elif number == signal.SIGTSTP:
                 self.readline.suspend(number)
