@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Console chat server: one thread, one non-blocking selectors loop, a line protocol.
+r"""Console chat server: one thread, one non-blocking selectors loop, a line protocol.
 
 The protocol is docs/PROTOCOL.md. The file reads top to bottom in this order:
 
