@@ -3527,7 +3527,9 @@ class Timers:
             self._close(conn, Reason.CLOSED)  # no TLS yet, so nothing can be said
         elif conn.phase is Phase.PASSWORD:
             self._enter(conn, self.chat.refuse(conn.peer, Lines.PASSWORD_TIMEOUT))
-        elif conn.phase is Phase.NICKNAME:
+        elif conn.phase is Phase.NICKNAME or conn.phase is Phase.NICK_PASSWORD:
+            # (a registered nickname named and its password never given: no nickname yet, and
+            # such a connection must not hold a place for ever)
             self._enter(conn, self.chat.refuse(conn.peer, Lines.JOIN_TIMEOUT))
 
     def _closing_expired(self, conn):

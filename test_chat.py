@@ -5109,6 +5109,22 @@ class AccountTests(unittest.TestCase):
                          [password_question("alice"), wrong_password_for("alice")])
         self.log_in("alice", second)
 
+    def test_the_join_timeout_ends_a_registered_nickname_whose_password_never_comes(self):
+        server = start_server(self, "--data", self.data.path + "2", "--join-timeout", "0.5")
+        owner = server.client().join("alice")
+        owner.send("/register %s\n" % self.password)
+        self.assertEqual([owner.said(), owner.said()], [OK, registered("alice")])
+        owner.send("/quit\n")
+        self.assertEqual(owner.said(), GOODBYE)
+        squatter = server.client()
+        self.assertEqual(squatter.line(), WELCOME)
+        squatter.send("alice\n")
+        self.assertEqual(squatter.said(), password_question("alice"))
+        self.assertEqual(squatter.said(), JOIN_TIMEOUT)      # (not a place held for ever)
+        squatter.expect_eof()
+        self.assertIn("%s [from %s]" % (JOIN_TIMEOUT, squatter.address), logged(server))
+        self.log_in("alice", server)
+
     def test_no_password_reaches_the_log_stderr_or_the_file(self):
         alice = self.register("alice")
         alice.send("/password correct a-new-secret-pass\n")   # OLD is "correct": wrong
