@@ -2447,9 +2447,12 @@ class SQLiteStore(MemoryStore):
         may hold older ones until it is pruned)."""
         after = max(after, self.position(room_key) - self._keep)
         lines = []
+        # Each row holds at least one line after ``after`` (its last): ``most`` rows are
+        # enough, and only they are read (start-up asks every room for its history: a read of
+        # every kept row made it grow with the file, 11 s for 10 million messages).
         for last, joined, sizes in self._read(
                 "SELECT last, lines, sizes FROM messages WHERE room = ? AND last > ?"
-                " ORDER BY last DESC", (room_key, after)):
+                " ORDER BY last DESC LIMIT ?", (room_key, after, -1 if most is None else most)):
             sizes = struct.unpack("<%dI" % (len(sizes) // 4), sizes)
             batch, end = [], len(joined)
             for index in range(len(sizes) - 2, -1, -2):   # the row's lines, newest first
