@@ -2584,6 +2584,38 @@ class StoreTests(InMemoryTestCase):
                          (400, [b"2026-12-07 10:00: bob sent line %d\n" % n for n in (499, 500)]))
         self.assertEqual(rows_read, [3, 2])
 
+    def test_search_over_many_rows_answers_as_memory_does(self):
+        # The data file reads rows of one to three lines and passes over all-ASCII rows that
+        # can't hold the text: the same answers as the memory store, wherever the text falls.
+        server = load_module("chat_server")
+        folder = tempfile.mkdtemp(prefix="chat-store-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        stores = [server.MemoryStore(keep=500), server.SQLiteStore(
+            os.path.join(folder, "chat.db"), keep=500)]
+        self.addCleanup(stores[1].close)
+        words = {"#plain": ["Apple", "banana", "cherry", "apple pie", "tAIl", "x"],
+                 "#mixed": ["Apple", "banana", "apple pie", "tAIl", "Äpfel", "x"]}
+        for store in stores:
+            for n in range(600):   # (100 more than kept: the oldest are left out)
+                for room, said in words.items():
+                    text = b"%s %d" % (said[n % len(said)].encode(), n)
+                    store.keep(room, b"2026-12-07 10:00: bob sent " + text + b"\n", len(text))
+                if n % 3 == 0:
+                    store.commit()   # rows of one to three lines
+            store.commit()
+        for room in words:
+            for wanted in ("apple", "pie", "tail", "äpfel", "nothing", "bob", "9", "e 59",
+                           "2026-12"):   # (at the very start of every row, and never a text)
+                answers = []
+                for store in stores:
+                    store.search(room, wanted.casefold(), 20,
+                                 lambda *found: answers.append(found))
+                self.assertEqual(answers[0], answers[1], (room, wanted))
+                if wanted in ("nothing", "bob", "2026-12") or (wanted, room) == ("äpfel", "#plain"):
+                    self.assertEqual(answers[0], (0, []))
+                else:
+                    self.assertGreater(answers[0][0], 0)
+
     def test_both_stores_answer_alike(self):
         server, stores = self.stores()
         answers = []
