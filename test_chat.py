@@ -4434,6 +4434,34 @@ print(trimmed, before - rss())
         self.assertGreater(int(released), 10 * 1024 * 1024)
 
 
+class TrimAfterChurnTests(unittest.TestCase):
+    """After many connections came and went (a join storm: every join told to every member),
+    the loop gives the freed memory back once they stop for a moment: 10,000 members held
+    83 MiB instead of 44. Counted here through release_unused_memory, the loop in-process."""
+
+    def test_memory_is_given_back_once_a_storm_of_connections_is_over(self):
+        chat_server = load_module("chat_server")
+        trims = []
+        self.addCleanup(setattr, chat_server, "release_unused_memory",
+                        chat_server.release_unused_memory)
+        self.addCleanup(setattr, chat_server, "TRIM_AFTER_CHURN", chat_server.TRIM_AFTER_CHURN)
+        self.addCleanup(setattr, chat_server, "TRIM_QUIET", chat_server.TRIM_QUIET)
+        chat_server.release_unused_memory = lambda collect=True: trims.append(time.monotonic())
+        chat_server.TRIM_AFTER_CHURN, chat_server.TRIM_QUIET = 10, 0.3
+        server = InProcessServer(self)
+        members = [LineSocket(server.port).join(fresh_nick("storm")) for _ in range(3)]
+        for member in members:   # (3 opened so far, fewer than 10: nothing given back)
+            self.addCleanup(member.close)
+        quiet_from = None
+        for _ in range(5):   # now 8 opened and 5 closed: 13
+            client = LineSocket(server.port).join(fresh_nick("storm"))
+            client.close()
+            quiet_from = time.monotonic()
+        wait_until(lambda: trims, "memory given back")
+        self.assertEqual(len(trims), 1)
+        self.assertGreaterEqual(trims[0] - quiet_from, 0.3 - 0.05)   # once the storm was over
+
+
 class MacKeepaliveOptionTests(InMemoryTestCase):
     """Python names macOS's keepalive options only from 3.10: the server and the client use
     macOS's own numbers before that, so a Mac on 3.8 finds a vanished peer in the same time."""
