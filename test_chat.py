@@ -1234,6 +1234,19 @@ class PtyClient:
             row.startswith(("Nobody else is in ", "With you in ")) for row in rows)),
             "the prompt %s>" % nick)
 
+    def rejoined(self, nick, last_row=None):
+        """Wait until back as ``nick`` after a reconnect: its note, then the line that says who
+        else is here (it may come with the note or later: waiting for it is what makes the
+        screen settle), and ``last_row`` (the prompt) at the bottom."""
+        note = "Reconnected as %s." % nick
+
+        def back(rows):
+            if note not in rows or rows[-1] != (last_row or nick + ">"):
+                return False
+            since = rows[len(rows) - 1 - rows[::-1].index(note):]
+            return any(row.startswith(("Nobody else is in ", "With you in ")) for row in since)
+        self.read_until(back, "rejoined as %s" % nick)
+
     def resize(self, width, height=None):
         """A new window size; the kernel sends SIGWINCH to the client."""
         self.settle(0.1)
@@ -7385,8 +7398,7 @@ class TerminalSessionTests(unittest.TestCase):
         self.assertTrue(term.rows()[-3].endswith(SHUTTING_DOWN))
         second = start_server(self, "--port", str(port))
         watcher = second.client().join("watcher")
-        term.read_until(lambda rows: rows[-2] == "Reconnected as mia."
-                        and rows[-1] == "mia> half typed", "rejoined")
+        term.rejoined("mia", "mia> half typed")
         self.assertEqual(term.rows().count(WELCOME), 1)
         self.assertEqual(watcher.said(), "mia connected!")
         term.type(", sent after\r")
@@ -7662,7 +7674,7 @@ class TerminalWindowsPathTests(unittest.TestCase):
         self.assertEqual(len([row for row in term.rows() if "Reconnecting" in row]), 1)
         second = start_server(self, "--port", str(port))
         watcher = second.client().join("watcher")
-        term.read_until(lambda rows: rows[-2] == "Reconnected as wanda.", "rejoined")
+        term.rejoined("wanda")
         self.assertEqual(watcher.said(), "wanda connected!")
         term.type("back again\r")
         self.assertEqual(watcher.said(), "wanda sent back again")
@@ -7697,8 +7709,7 @@ class TerminalWithProtectedServerTests(unittest.TestCase):
         server.stop()
         term.read_until(lambda rows: rows[-1] == "(offline) uma> still here", "offline")
         second = start_server(self, "--port", str(port), env=env, tls=True)
-        term.read_until(lambda rows: rows[-2:] == ["Reconnected as uma.", "uma> still here"],
-                        "rejoined: trusted, password and nickname sent again")
+        term.rejoined("uma", "uma> still here")   # trusted, password and nickname sent again
         watcher = second.client()
         self.assertEqual(watcher.line(), PASSWORD_PROMPT)
         watcher.send("s3cret\n")
