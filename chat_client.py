@@ -2967,21 +2967,15 @@ class Client:
                                                                  actual=actual))
         conn.reading = False   # the server's lines wait in the kernel until this is answered
         self.note(Notes.TLS_FIRST_USE.format(address=conn.address, actual=actual))
-        if self.readline:
-            self.readline.keep_history = False
 
         def answer(text):
-            self.question = None
-            if self.readline:
-                self.readline.keep_history = True
             if text.strip().lower() not in ("y", "yes"):
                 raise ClientExit(1, Notes.TLS_NOT_TRUSTED.format(address=conn.address))
             self.known.remember(conn.address, actual)
             self.note(Notes.TLS_REMEMBERED.format(path=self.known.path))
             conn.reading = True
             self.session.connected(conn.address)
-        self.question = answer
-        self.output.ask(Notes.TRUST_PROMPT)
+        self.ask(Notes.TRUST_PROMPT, answer)
 
     # -- standard input -------------------------------------------------------------------
     def _on_input(self, mask):
