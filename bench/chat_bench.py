@@ -553,19 +553,28 @@ def scenario_fanout_c(server, clients, window, warmup, duration, chatload):
     cpu = out.get("server_cpu_s", float("nan"))  # absent: the server's /proc entry unreadable
     own = out["loadgen_cpu_s"]
     nan = float("nan")
-    metrics = {
-        "deliveries_per_s": deliveries / elapsed,
-        "messages_per_s": out["messages"] / elapsed,
-        "rtt_p50_ms": out["rtt_p50_ms"] if out["rtt_p50_ms"] >= 0 else nan,
-        "rtt_p99_ms": out["rtt_p99_ms"] if out["rtt_p99_ms"] >= 0 else nan,
+    metrics = chatload_rates(out)
+    metrics.update({
         "cpu_us_per_delivery": cpu / deliveries * 1e6 if deliveries else nan,
         "server_cpu_share": cpu / elapsed,
         "loadgen_cpu_share": own / elapsed,
         "rss_mib": out.get("server_rss_kib", nan) / 1024,
-    }
+    })
     metrics.update(machine_shares(out["stat_before"], out["stat_after"], cpu + own,
                                   out["clk_tck"]))
     return metrics
+
+
+def chatload_rates(out):
+    """What every fan-out table shows of chatload's JSON line: deliveries and messages a second,
+    and the round trip's p50 and p99 (NaN where chatload had none: it says -1)."""
+    elapsed, nan = out["elapsed_s"], float("nan")
+    return {
+        "deliveries_per_s": out["deliveries"] / elapsed,
+        "messages_per_s": out["messages"] / elapsed,
+        "rtt_p50_ms": out["rtt_p50_ms"] if out["rtt_p50_ms"] >= 0 else nan,
+        "rtt_p99_ms": out["rtt_p99_ms"] if out["rtt_p99_ms"] >= 0 else nan,
+    }
 
 
 CHATLOAD_SOURCE = os.path.join(HERE, "chatload.c")

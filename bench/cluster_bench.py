@@ -272,12 +272,7 @@ def scenario_fanout(rig, clients, window, warmup, duration, chatload, profile=No
     calls = calls_between(calls0, command_calls(rig.redis.port)) if rig.redis else {}
     elapsed, deliveries = out["elapsed_s"], out["deliveries"]
     nan = float("nan")
-    metrics = {
-        "deliveries_per_s": deliveries / elapsed,
-        "messages_per_s": out["messages"] / elapsed,
-        "rtt_p50_ms": out["rtt_p50_ms"] if out["rtt_p50_ms"] >= 0 else nan,
-        "rtt_p99_ms": out["rtt_p99_ms"] if out["rtt_p99_ms"] >= 0 else nan,
-    }
+    metrics = chat_bench.chatload_rates(out)
     ours = 0.0
     for (label, _), process in zip(rig.processes(), out["processes"]):
         cpu = process.get("cpu_s", nan)
