@@ -2617,7 +2617,7 @@ class StoreTests(InMemoryTestCase):
                 for room, said in words.items():
                     text = b"%s %d" % (said[n % len(said)].encode(), n)
                     store.keep(room, b"2026-12-07 10:00: bob sent " + text + b"\n", len(text))
-                if n % 3 == 0:
+                if n % 3 == 0 or n % 7 == 0:
                     store.commit()   # rows of one to three lines
             store.commit()
         for room in words:
