@@ -2215,6 +2215,10 @@ class MemoryStore:
     def commit(self):
         pass   # memory: kept as soon as it is changed, until the server stops
 
+    def has_changes(self):
+        """Whether changes wait for ``commit()`` (never, in memory)."""
+        return False
+
     def close(self):
         pass
 
@@ -2329,6 +2333,9 @@ class SQLiteStore(MemoryStore):
     # -- writing: gathered, then one transaction a turn -----------------------------------------
     def _later(self, sql, parameters):
         self._pending.append((sql, parameters))
+
+    def has_changes(self):
+        return bool(self._turn or self._pending)
 
     def commit(self):
         if not (self._turn or self._pending):
@@ -3176,6 +3183,7 @@ class Reading:
             if conn.tls:
                 data = self._read_tls_rest(conn, data)
                 if conn.tls_retry and not conn.write_blocked:
+                    self._keep_before_writing()
                     self._send(conn)  # a write that waited for this read (see _send)
         else:
             conn.input_ended = True
@@ -3375,9 +3383,17 @@ class Writing:
         if conn.phase is Phase.HANDSHAKE:
             self._handshake(conn)
             return
+        self._keep_before_writing()
         self._send(conn)
         if conn.phase is not Phase.CLOSED:
             self._after_send(conn)
+
+    def _keep_before_writing(self):
+        """A write in the middle of a turn (a connection that can take more now, a TLS write
+        that waited for a read) may carry this turn's lines: what they say is committed first,
+        as at the turn's end, so that nothing is acknowledged before it is kept."""
+        if self.store.has_changes():
+            self.store.commit()
 
     def _send(self, conn):
         peer = conn.peer

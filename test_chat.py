@@ -4627,6 +4627,53 @@ class FaultIsolationTests(unittest.TestCase):
         self.assertIn("RuntimeError: a timer went wrong", errors.getvalue())
         self.assertEqual([c.peer.nick for c in members()], ["alice"])
 
+    def test_a_write_in_the_middle_of_a_turn_comes_after_the_commit(self):
+        # One turn: bob's line (kept: a change to commit), then alice's socket can take more
+        # (she was behind). Her write must not carry bob's line, nor his echo, before the
+        # commit: acknowledged means kept.
+        chat_server = load_module("chat_server")
+
+        class Store(chat_server.MemoryStore):
+            """Says whether a change waits for its commit."""
+            uncommitted = False
+
+            def keep(self, room_key, line, text_size):
+                self.uncommitted = True
+                return chat_server.MemoryStore.keep(self, room_key, line, text_size)
+
+            def has_changes(self):
+                return self.uncommitted
+
+            def commit(self):
+                self.uncommitted = False
+
+        store = Store()
+        server = chat_server.Server(port=0, rate_limit=0, history=0, store=store)
+        self.addCleanup(server.close)
+        port = server.listen()[1]
+        alice, bob = LineSocket(port), LineSocket(port)
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        turn = lambda: server.run_once(timeout=0.01)  # noqa: E731
+        for sock, nick in ((alice, "alice"), (bob, "bob")):
+            sock.send(nick + "\n")
+            wait_until(lambda: turn() or any(c.peer.nick == nick and c.phase is chat_server.MEMBER
+                                             for c in server.conns.values()), nick + " to join")
+        conns = {c.peer.nick: c for c in server.conns.values()}
+        wait_until(lambda: turn() or not any(c.peer.out for c in conns.values()), "quiet")
+        writes = []
+        send = server._send
+        server._send = lambda conn: writes.append((conn.peer.nick, store.uncommitted)) or \
+            send(conn)
+        bob.send("hello\n")
+        wait_until(lambda: select.select([conns["bob"].sock], [], [], 0)[0], "bob's line")
+        readable, writable = server.poller.readable, server.poller.writable
+        server._handle_events([(conns["bob"], readable & ~writable),   # (no error bits)
+                               (conns["alice"], writable & ~readable)])
+        self.assertEqual(writes, [("alice", False)])
+        lines = [alice.line() for _ in range(4)]   # (the welcome, her join, bob's, his line)
+        self.assertEqual(split_ts(lines[-1])[1], "bob sent hello", lines)
+
     def test_an_error_before_joining_is_logged_with_the_address(self):
         chat_server = load_module("chat_server")
         records = []
