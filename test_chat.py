@@ -2568,29 +2568,37 @@ class StoreTests(InMemoryTestCase):
     """The store interface, the same on both stores (MemoryStore, SQLiteStore on a real file),
     and the data file's schema brought up from each older version."""
 
-    def stores(self):
-        server = load_module("chat_server")
-        folder = tempfile.mkdtemp(prefix="chat-store-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        sqlite = server.SQLiteStore(os.path.join(folder, "chat.db"), keep=3)
-        self.addCleanup(sqlite.close)
-        return server, [server.MemoryStore(keep=3), sqlite]
+    def stores(self, keep=3):
+        """The chat_server module, and a MemoryStore and an SQLiteStore keeping ``keep``."""
+        server, sqlite = self.sqlite_store(keep=keep)
+        return server, [server.MemoryStore(keep=keep), sqlite]
 
-    def test_history_and_catch_up_read_only_the_rows_they_show(self):
-        # Start-up asks every room for its history: a read of every kept row made start-up
-        # grow with the data file (11 s with 1,000 rooms of 10,000 messages).
+    def sqlite_store(self, **options):
+        """The chat_server module, and an SQLiteStore on a new file, closed after the test."""
         server = load_module("chat_server")
         folder = tempfile.mkdtemp(prefix="chat-store-")
         self.addCleanup(shutil.rmtree, folder, True)
-        store = server.SQLiteStore(os.path.join(folder, "chat.db"))
+        store = server.SQLiteStore(os.path.join(folder, "chat.db"), **options)
         self.addCleanup(store.close)
-        for n in range(1, 501):   # one commit each: a row each
-            store.keep("#main", b"2026-12-07 10:00: bob sent line %d\n" % n, len(b"line %d" % n))
-            store.commit()
+        return server, store
+
+    @staticmethod
+    def count_rows_read(store):
+        """A list that gets the number of rows of each read ``store`` makes from now on."""
         rows_read = []
         read = store._read
         store._read = lambda sql, parameters: rows_read.append(len(read(sql, parameters))) \
             or read(sql, parameters)
+        return rows_read
+
+    def test_history_and_catch_up_read_only_the_rows_they_show(self):
+        # Start-up asks every room for its history: a read of every kept row made start-up
+        # grow with the data file (11 s with 1,000 rooms of 10,000 messages).
+        _, store = self.sqlite_store()
+        for n in range(1, 501):   # one commit each: a row each
+            store.keep("#main", b"2026-12-07 10:00: bob sent line %d\n" % n, len(b"line %d" % n))
+            store.commit()
+        rows_read = self.count_rows_read(store)
         self.assertEqual(store.recent("#main", 3), [b"2026-12-07 10:00: bob sent line %d\n" % n
                                                      for n in (498, 499, 500)])
         self.assertEqual(store.since("#main", 100, 2),
@@ -2600,12 +2608,7 @@ class StoreTests(InMemoryTestCase):
     def test_search_over_many_rows_answers_as_memory_does(self):
         # The data file reads rows of one to three lines and passes over all-ASCII rows that
         # can't hold the text: the same answers as the memory store, wherever the text falls.
-        server = load_module("chat_server")
-        folder = tempfile.mkdtemp(prefix="chat-store-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        stores = [server.MemoryStore(keep=500), server.SQLiteStore(
-            os.path.join(folder, "chat.db"), keep=500)]
-        self.addCleanup(stores[1].close)
+        _, stores = self.stores(keep=500)
         # (#mixed: what casefolds to ASCII from elsewhere, the Kelvin sign, the long s, a
         # ligature; #plain: what a LIKE pattern would take for a wildcard or an escape)
         words = {"#plain": ["Apple", "banana", "cherry", "apple pie", "tAIl", "x", "100%",
@@ -2641,20 +2644,13 @@ class StoreTests(InMemoryTestCase):
     def test_search_reads_only_the_rows_that_may_hold_the_text(self):
         # A search that read every row of the room into Python took 16 ms in 10,000 rows to
         # find nothing; SQLite passes over the rows that can't hold the text.
-        server = load_module("chat_server")
-        folder = tempfile.mkdtemp(prefix="chat-store-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        store = server.SQLiteStore(os.path.join(folder, "chat.db"))
-        self.addCleanup(store.close)
+        _, store = self.sqlite_store()
         for n in range(1, 301):   # one commit each: a row each
             text = "line %d%s" % (n, {7: " Needle", 8: " n\u212a", 9: " Nadel"}.get(n, ""))
             store.keep("#main", b"2026-12-07 10:00: bob sent %s\n" % text.encode(),
                        len(text.encode()))
             store.commit()
-        rows_read = []
-        read = store._read
-        store._read = lambda sql, parameters: rows_read.append(len(read(sql, parameters))) \
-            or read(sql, parameters)
+        rows_read = self.count_rows_read(store)
         for wanted, rows, lines in (("needle", 2, [7]), ("nk", 1, [8]), ("\u212a", 1, [8]),
                                     ("zebra", 1, []), ("line 30", 3, [30, 300])):
             rows_read.clear()
