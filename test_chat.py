@@ -4653,8 +4653,9 @@ class FaultIsolationTests(unittest.TestCase):
         turn = lambda: server.run_once(timeout=0.01)  # noqa: E731
         for sock, nick in ((alice, "alice"), (bob, "bob")):
             sock.send(nick + "\n")
-            wait_until(lambda: turn() or any(c.peer.nick == nick and c.phase is chat_server.MEMBER
-                                             for c in server.conns.values()), nick + " to join")
+            wait_until(lambda nick=nick: turn() or any(
+                c.peer.nick == nick and c.phase is chat_server.MEMBER
+                for c in server.conns.values()), nick + " to join")
         conns = {c.peer.nick: c for c in server.conns.values()}
         wait_until(lambda: turn() or not any(c.peer.out for c in conns.values()), "quiet")
         writes = []
