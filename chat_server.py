@@ -760,10 +760,16 @@ SAY = Entry.SAY   # (the hot path's kind, one lookup)
 
 class LocalSequencer:
     """The sequencer of one process: an entry's place is the order in which it is appended, and
-    it is applied at once, so a line costs no more than if the room delivered it itself."""
+    it is applied at once, so a line costs no more than if the room delivered it itself.
 
-    def __init__(self, apply):
+    ``append_say`` takes a message, the entry of every line said: in one process it goes
+    straight to its applier, without ``apply``'s look-up by kind (that call is a twentieth of
+    the room core's time per message). Appended through either, an entry keeps its place, since
+    each is applied as it comes."""
+
+    def __init__(self, apply, apply_say):
         self.append = apply
+        self.append_say = apply_say
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1019,7 +1025,7 @@ class Talking:
         elif len(peer.room.everyone) < 2:
             self.notice(peer, Lines.ALONE)
         else:
-            self.append((SAY, peer.room, peer, body))
+            self.append_say((SAY, peer.room, peer, body))
 
     def line_too_long(self, peer, limit):
         self.notice(peer, Lines.TOO_LONG.format(limit=limit))
@@ -2032,7 +2038,8 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
                 self.commands[name] = (getattr(self, command.handler), command)
         self.help = help_line(commands)
         self.operator_help = help_line(commands, operator=True)
-        self.append = LocalSequencer(self.apply).append  # the log: entries in, applied
+        sequencer = LocalSequencer(self.apply, self.apply_say)   # the log: entries in, applied
+        self.append, self.append_say = sequencer.append, sequencer.append_say
         self._keep_message = self.store.keep   # (the hot path's, looked up once)
         self._appliers = {kind: getattr(self, "apply_" + kind)
                           for name, kind in vars(Entry).items() if not name.startswith("_")}
@@ -3793,7 +3800,7 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, Wa
         self.chat.on_timer = lambda seconds, action: self.after(seconds, lambda _: action(),
                                                                 None)
         if self.cluster is not None:
-            self.chat.append = self.cluster.append
+            self.chat.append = self.chat.append_say = self.cluster.append  # (every kind alike)
             self.cluster.chat = self.chat
         self._line_handlers = self.chat.line_handlers()
         self.chat.schedule_endings()   # (the bans and mutes of before a restart)
