@@ -1994,8 +1994,8 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
 
     # The attributes every message touches, in slots (see FEW_ENOUGH_ATTRIBUTES); the rest are
     # in the instance's dict, which must stay under that number.
-    __slots__ = ("log", "clock", "store", "main", "mutes", "pending", "_pending_rooms", "append",
-                 "append_say", "_keep_message", "_appliers")
+    __slots__ = ("_appliers", "_keep_message", "_pending_rooms", "append", "append_say", "clock",
+                 "log", "main", "mutes", "pending", "store")
 
     # The phases whose lines the room reads, and the method that takes each one's lines.
     LINE_HANDLERS = {Phase.MEMBER: "member_line", Phase.NICKNAME: "nickname_line",
@@ -3734,9 +3734,9 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, Wa
 
     # The attributes every turn touches, in slots (see FEW_ENOUGH_ATTRIBUTES); the rest are in
     # the instance's dict, which must stay under that number.
-    __slots__ = ("chat", "poller", "backlog", "tls_buffered", "_share", "_line_handlers",
-                 "max_line_bytes", "_throttle_items", "high_water", "low_water", "input_limit",
-                 "max_send_queue", "stopping", "timers", "deadlines", "store", "cluster", "log")
+    __slots__ = ("_line_handlers", "_share", "_throttle_items", "backlog", "chat", "cluster",
+                 "deadlines", "high_water", "input_limit", "log", "low_water", "max_line_bytes",
+                 "max_send_queue", "poller", "stopping", "store", "timers", "tls_buffered")
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, log=None,
                  max_clients=None, max_line_bytes=DEFAULT_MAX_LINE_BYTES,
