@@ -5262,57 +5262,79 @@ REAP_EVERY = 2.0            # how often a node looks for nodes whose lease ended
 SNAPSHOT_EVERY = 60.0       # how often a node tries to be the one that writes the snapshot
 LOG_READ_BLOCK_MS = 1000    # XREAD BLOCK: the reader's wait for new entries
 LOG_READ_COUNT = 1000       # entries a read brings at most
+APPEND_BATCH = 500          # entries one run of the APPEND script takes at most (Redis waits
+                            # for nothing else meanwhile: some 5 ms)
 
 # The scripts: run atomically in Redis. ARGV[1] is always the cluster's key prefix.
+#
+# APPEND: a loop turn's entries of this node, in one run (one EVALSHA a turn, not one an entry:
+# the command's cost in both processes is paid once). ARGV: prefix, node, lease token, --keep,
+# then each entry: the node's number for it, kind, owner ("node/connection"), nickname keys to
+# claim, keys to release, room key, the count of its fields, then its fields (name, value...).
+# The lease is checked once, for all of them (the script is atomic: no lease can end midway).
+# The reply: one element per entry, in their order: its id in the log, "again" (sent again after
+# a lost connection, and done already: once is enough), or an error (BUSY KEY: that nickname is
+# someone else's; the entries after it go on, as if each had been sent alone).
 APPEND_SCRIPT = r"""
-local P, node, token, opid, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local owner, claim, release = ARGV[6], ARGV[7], ARGV[8]
-local room, keep = ARGV[9], tonumber(ARGV[10])
+local P, node, token, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if redis.call('GET', P .. ':lease:' .. node) ~= token then
   return redis.error_reply('LEASE the lease of this node has ended')
 end
-local seq = tonumber(opid)
-if seq <= tonumber(redis.call('HGET', P .. ':sent', node) or '0') then
-  return 'again'      -- sent again after a lost connection, and done already: once is enough
-end
-if claim ~= '' then
-  for key in string.gmatch(claim, '%S+') do
-    local holder = redis.call('HGET', P .. ':claims', key)
-    if holder and holder ~= owner then return redis.error_reply('BUSY ' .. key) end
-  end
-end
-local at = string.find(owner, '/', 1, true)
-local owner_node, conn = string.sub(owner, 1, at - 1), string.sub(owner, at + 1)
-if release ~= '' then
-  for key in string.gmatch(release, '%S+') do
-    if redis.call('HGET', P .. ':claims', key) == owner then
-      redis.call('HDEL', P .. ':claims', key)
-    end
-  end
-end
-if claim ~= '' then
-  for key in string.gmatch(claim, '%S+') do redis.call('HSET', P .. ':claims', key, owner) end
-  redis.call('HSET', P .. ':conns:' .. owner_node, conn, claim)
-elseif kind == 'leave' then
-  redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
-end
+local sent = tonumber(redis.call('HGET', P .. ':sent', node) or '0')
+local done = sent
 local time = redis.call('TIME')
 local t = time[1] .. '.' .. string.format('%06d', time[2])
-local n = redis.call('INCR', P .. ':n')
-local fields = {'n', n, 't', t, 'k', kind, 'o', owner}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', P .. ':log', '*', unpack(fields))
-if kind == 'say' or kind == 'act' then
-  local s = redis.call('HINCRBY', P .. ':positions', room, 1)
-  local kept = {'MAXLEN', '~', keep, id, 's', s, 't', t, 'k', kind}
-  for i = 11, #ARGV do kept[#kept + 1] = ARGV[i] end
-  redis.call('XADD', P .. ':messages:' .. room, unpack(kept))
-elseif kind == 'drop' then
-  redis.call('DEL', P .. ':messages:' .. room)
-  redis.call('HDEL', P .. ':positions', room)
+
+local function append(seq, kind, owner, claim, release, room, first, last)
+  if seq <= sent then return 'again' end
+  if claim ~= '' then
+    for key in string.gmatch(claim, '%S+') do
+      local holder = redis.call('HGET', P .. ':claims', key)
+      if holder and holder ~= owner then return redis.error_reply('BUSY ' .. key) end
+    end
+  end
+  local at = string.find(owner, '/', 1, true)
+  local owner_node, conn = string.sub(owner, 1, at - 1), string.sub(owner, at + 1)
+  if release ~= '' then
+    for key in string.gmatch(release, '%S+') do
+      if redis.call('HGET', P .. ':claims', key) == owner then
+        redis.call('HDEL', P .. ':claims', key)
+      end
+    end
+  end
+  if claim ~= '' then
+    for key in string.gmatch(claim, '%S+') do redis.call('HSET', P .. ':claims', key, owner) end
+    redis.call('HSET', P .. ':conns:' .. owner_node, conn, claim)
+  elseif kind == 'leave' then
+    redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
+  end
+  local n = redis.call('INCR', P .. ':n')
+  local fields = {'n', n, 't', t, 'k', kind, 'o', owner}
+  for i = first, last do fields[#fields + 1] = ARGV[i] end
+  local id = redis.call('XADD', P .. ':log', '*', unpack(fields))
+  if kind == 'say' or kind == 'act' then
+    local s = redis.call('HINCRBY', P .. ':positions', room, 1)
+    local kept = {'MAXLEN', '~', keep, id, 's', s, 't', t, 'k', kind}
+    for i = first, last do kept[#kept + 1] = ARGV[i] end
+    redis.call('XADD', P .. ':messages:' .. room, unpack(kept))
+  elseif kind == 'drop' then
+    redis.call('DEL', P .. ':messages:' .. room)
+    redis.call('HDEL', P .. ':positions', room)
+  end
+  done = seq
+  return id
 end
-redis.call('HSET', P .. ':sent', node, seq)
-return id
+
+local replies = {}
+local i = 5
+while i <= #ARGV do
+  local first, last = i + 7, i + 6 + 2 * tonumber(ARGV[i + 6])
+  replies[#replies + 1] = append(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+                                 ARGV[i + 4], ARGV[i + 5], first, last)
+  i = last + 1
+end
+if done > sent then redis.call('HSET', P .. ':sent', node, done) end
+return replies
 """
 
 RENEW_SCRIPT = r"""
@@ -5471,6 +5493,7 @@ class ClusterNode:
         self.local = {}           # connection id -> Peer, of this node
         self.remote = {}          # "node/conn" -> Peer of another node
         self._in_flight = []      # appends sent and not yet answered (to send again)
+        self._batch = []          # this turn's entries: [(their APPEND arguments, entry)]
         self._awaiting = {}       # Peer -> the join or rename whose application it waits for
         self.lease_until = 0.0
         self._snapshot_due = time.monotonic() + SNAPSHOT_EVERY
@@ -5669,21 +5692,42 @@ class ClusterNode:
         if kind == Entry.DROP:
             room_key = room.key
         self._op_ids += 1
-        args = [self.prefix, self.node, self.token, self._op_ids, kind,
-                peer.ident, claim, release, room_key, self.keep]
-        for name, value in self._encode(entry):
-            args += [name, value]
-        self._send_append(args, entry)
+        fields = self._encode(entry)
+        args = [self._op_ids, kind, peer.ident, claim, release, room_key, len(fields)]
+        for name, value in fields:
+            args += (name, value)
+        self._batch.append((args, entry))
 
-    def _send_append(self, args, entry):
-        def answered(reply):
-            if isinstance(reply, RedisError):
-                self._refused(entry, reply)
-        if self.writer.ready and self.state == self.READY:
-            self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+    def _send_batch(self):
+        """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
+        to be sent when it is back)."""
+        while self._batch:
+            batch, self._batch = self._batch[:APPEND_BATCH], self._batch[APPEND_BATCH:]
+            args = [self.prefix, self.node, self.token, self.keep]
+            for entry_args, _ in batch:
+                args += entry_args
+            entries = [entry for _, entry in batch]
+
+            def answered(reply, entries=entries):
+                self._batch_answered(entries, reply)
+            if self.writer.ready and self.state == self.READY:
+                self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+            else:
+                self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
+                                                    APPEND_SCRIPT))
+
+    def _batch_answered(self, entries, reply):
+        """Each entry's reply: its id (it comes back through the log, where it is applied and
+        acknowledged), "again", or a refusal; or one error for all (the lease, a failure)."""
+        if isinstance(reply, RedisError):
+            replies = [reply] * len(entries)
+        elif isinstance(reply, list) and len(reply) == len(entries):
+            replies = reply
         else:
-            self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
-                                                APPEND_SCRIPT))
+            return self._lose("Redis answered %d entries with %r" % (len(entries), reply))
+        for entry, one in zip(entries, replies):
+            if isinstance(one, RedisError):
+                self._refused(entry, one)
 
     def _refused(self, entry, reply):
         kind, _, peer, data = entry
@@ -5929,6 +5973,9 @@ class ClusterNode:
             self._register()
 
     def flush(self):
+        """The loop's turn is over: its entries go out, in one command, with the rest."""
+        if self._batch:
+            self._send_batch()
         self.writer.flush()
         if self.reader is not None:
             self.reader.flush()
@@ -5937,6 +5984,7 @@ class ClusterNode:
         """A clean stop: this node's members' leaves are in the log, a snapshot written (the
         next node to start reads little of the log), its lease given back."""
         if self.state == self.READY:
+            self._send_batch()   # (the members' leaves: before the lease is given back)
             self.write_snapshot()
             self.writer.send(("DEL", self._key("lease:" + self.node)), lambda reply: None)
             self.writer.send(("HDEL", self._key("nodes"), self.node), lambda reply: None)
