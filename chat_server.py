@@ -5460,6 +5460,20 @@ def cluster_text(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+class _FieldNames(dict):
+    """Stream field names (bytes) -> text, each decoded once: the log's entries have a dozen
+    names between them, so ``ClusterNode._fields`` finds them in this dict, in C."""
+
+    def __missing__(self, name):
+        text = cluster_text(name)
+        if len(self) < 256:    # (names are the program's; a stranger's stream can't grow this)
+            self[name] = text
+        return text
+
+
+_FIELD_NAMES = _FieldNames()
+
+
 class ClusterNode:
     """This server as one node of a cluster: its lease, its two connections to Redis (one writes,
     one reads the log), the log applied to the room core, the reaper, the snapshots, and what
@@ -5637,7 +5651,9 @@ class ClusterNode:
 
     @staticmethod
     def _fields(values):
-        return {cluster_text(values[i]): values[i + 1] for i in range(0, len(values), 2)}
+        """A stream entry's [name, value, ...] as a dict, names as text, values as Redis gave
+        them (bytes), built in C: the names are few, and decoded once each (_FieldNames)."""
+        return dict(zip(map(_FIELD_NAMES.__getitem__, values[::2]), values[1::2]))
 
     def _apply_one(self, entry_id, fields):
         """One entry of the log, applied to the replica (in order: a gap, or a log that went
@@ -5777,6 +5793,8 @@ class ClusterNode:
     def _decode(self, fields):
         """A log entry as the room core's tuple, its peers and rooms this node's objects."""
         kind = cluster_text(fields["k"])
+        if kind == Entry.SAY:
+            return self._decode_say(fields)
         text = {name: cluster_text(value) for name, value in fields.items() if name != "b"}
         owner = text["o"]
         if kind == Entry.JOIN:
@@ -5829,6 +5847,21 @@ class ClusterNode:
         else:
             data = None
         return (kind, room, peer, data)
+
+    def _decode_say(self, fields):
+        """A message, the entry nearly every one is: decoded without the general case's dict of
+        every field as text."""
+        peer = self._peer(cluster_text(fields["o"]))
+        if peer is None:
+            return None
+        room = peer.room
+        if "r" in fields:
+            name = cluster_text(fields["r"])
+            if room is None or room.name != name:   # (the same name: the same room)
+                room = self.chat.room_named(name)
+                if room is None:
+                    return None
+        return (Entry.SAY, room, peer, fields["b"])
 
     def _peer(self, ident):
         node, _, conn = ident.partition("/")
