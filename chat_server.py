@@ -4447,19 +4447,34 @@ def encode_command(*args):
     Arguments are str (sent as UTF-8), bytes or int; anything else is a TypeError, rather than
     a guess at how Redis should read it."""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
     for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
+        kind = type(arg)    # (the exact types first: a batch of entries has thousands of these)
+        if kind is str:
             data = arg.encode("utf-8")
-        elif isinstance(arg, int) and not isinstance(arg, bool):
+        elif kind is bytes:
+            data = arg
+        elif kind is int:
             data = b"%d" % arg
-        elif isinstance(arg, (bytearray, memoryview)):
-            data = bytes(arg)
         else:
-            raise TypeError("a Redis argument is str, bytes or int, not %s" % type(arg).__name__)
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+            data = _encoded_argument(arg)
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
     return b"".join(parts)
+
+
+def _encoded_argument(arg):
+    """An argument of a subclass or a buffer type, as encode_command sends it."""
+    if isinstance(arg, bytes):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return arg.encode("utf-8")
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return b"%d" % arg
+    if isinstance(arg, (bytearray, memoryview)):
+        return bytes(arg)
+    raise TypeError("a Redis argument is str, bytes or int, not %s" % type(arg).__name__)
 
 
 @functools.lru_cache(maxsize=64)
