@@ -2839,10 +2839,15 @@ class Loop:
         self._run_timers()
         self.store.commit()    # before any reply: nothing is acknowledged that is not kept
         self.log.flush()       # then what a client has seen is logged already
+        if self.cluster is not None:
+            # The turn's appends to Redis, in one write, before the members' writes: Redis runs
+            # them meanwhile (a cluster's message waits for that round trip; nothing is
+            # acknowledged before the entry comes back, so the order of the two is free).
+            self.cluster.flush()
         self._flush_pending()
         self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
         if self.cluster is not None:
-            self.cluster.flush()   # the turn's appends to Redis, in one write
+            self.cluster.flush()   # (and its leave: a no-op when the writes caused nothing)
 
     def _handle_events(self, ready):
         if not ready:
