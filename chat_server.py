@@ -4450,27 +4450,28 @@ def _whole_value(pieces, at, last, depth):
 def encode_command(*args):
     """``encode_command("SET", "k", 1)`` -> ``b"*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\n1\\r\\n"``.
     Arguments are str (sent as UTF-8), bytes or int; anything else is a TypeError, rather than
-    a guess at how Redis should read it."""
-    parts = [b"*%d\r\n" % len(args)]
-    append = parts.append
-    for arg in args:
-        kind = type(arg)    # (the exact types first: a batch of entries has thousands of these)
-        if kind is str:
-            data = arg.encode("utf-8")
-        elif kind is bytes:
-            data = arg
-        elif kind is int:
-            data = b"%d" % arg
-        else:
-            data = _encoded_argument(arg)
-        append(b"$%d\r\n" % len(data))
-        append(data)
-        append(b"\r\n")
-    return b"".join(parts)
+    a guess at how Redis should read it.
+
+    A batch of the cluster's entries is thousands of arguments: each is made bytes in one
+    comprehension (the exact types first), their headers are found by length in C
+    (_BULK_HEADS), and the whole is one join at CRLF."""
+    data = [arg.encode("utf-8") if type(arg) is str else arg if type(arg) is bytes
+            else _encoded_argument(arg) for arg in args]
+    try:
+        heads = list(map(_BULK_HEADS.__getitem__, map(len, data)))
+    except IndexError:   # (a long argument)
+        heads = [b"$%d" % len(one) for one in data]
+    lines = [b""] * (2 * len(data) + 2)    # the count, then header and data of each, then b""
+    lines[0] = b"*%d" % len(data)
+    lines[1:-1:2] = heads
+    lines[2:-1:2] = data
+    return b"\r\n".join(lines)
 
 
 def _encoded_argument(arg):
-    """An argument of a subclass or a buffer type, as encode_command sends it."""
+    """An argument other than an exact str or bytes, as encode_command sends it."""
+    if type(arg) is int:
+        return b"%d" % arg
     if isinstance(arg, bytes):
         return bytes(arg)
     if isinstance(arg, str):
