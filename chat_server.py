@@ -4156,7 +4156,8 @@ def open_log(mode, log_file, syslog_address, warn):
 #   gets() until it returns RESP_INCOMPLETE. A reply may arrive split over any number of reads;
 #   nested arrays are filled through a stack, not recursion. An error reply is a RedisError
 #   *value*, so the replies of a pipeline can hold one among the others; bytes that are not
-#   RESP raise RespProtocolError.
+#   RESP raise RespProtocolError. The replies already whole are parsed at once, the fast way
+#   (_whole_replies: one split at CRLF, arrays of bulk strings as checked slices).
 # * encode_command(*args): a command as a RESP array of bulk strings.
 # * parse_redis_url(url) -> RedisAddress; redact_redis_url(url) for messages.
 # * RedisConnection: one connection's life inside the loop, never blocking: connect, TLS for
