@@ -4417,7 +4417,9 @@ def _whole_value(pieces, at, last, depth):
                 return ([] if size == 0 else None), at + 1
             raise _NotFast()
         first, end = at + 1, at + 1 + 2 * size
-        if end <= last:
+        # All bulk strings? Tried when the first and last elements are (a stream entry's
+        # [id, [fields]] is not: its fields are).
+        if end <= last and pieces[first][:1] == b"$" and pieces[end - 2][:1] == b"$":
             values = pieces[first + 1:end:2]
             try:
                 if list(map(_BULK_HEADS.__getitem__, map(len, values))) == pieces[first:end:2]:
