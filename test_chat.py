@@ -10595,8 +10595,9 @@ class RespParserTests(InMemoryTestCase):
         odd_entry = (b"*1\r\n*2\r\n$3\r\nlog\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\nb\r\n"
                      b"$7\r\na\r\n$1\r\n\r\n$1\r\nk\r\n$-1\r\n")
         mixed = b"*4\r\n$1\r\nx\r\n:5\r\n$2\r\nyz\r\n$-1\r\n"
+        long_field = b"*2\r\n$3000\r\n" + b"y" * 3000 + b"\r\n$1\r\nz\r\n"   # (past _BULK_HEADS)
         data = (xread_reply(20) + odd_entry + mixed + b"".join(d for d, _ in RESP_SAMPLES)
-                + xread_reply(3))
+                + xread_reply(3) + long_field)
         reference = module.RespParser()
         reference.feed(data)
         expected = []
@@ -10607,6 +10608,7 @@ class RespParserTests(InMemoryTestCase):
             expected.append(plain(reply))
         self.assertEqual(expected[1], [[b"log", [[b"1-0", [b"b", b"a\r\n$1\r\n", b"k", None]]]]])
         self.assertEqual(expected[2], [b"x", 5, b"yz", None])
+        self.assertEqual(expected[-1], [b"y" * 3000, b"z"])
         self.assertEqual([plain(r) for r in parse_pieces([data])], expected)
         for size in (1, 2, 3, 5, 8, 13, 100, 1000, 4096):
             pieces = [data[i:i + size] for i in range(0, len(data), size)]
