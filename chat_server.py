@@ -2904,10 +2904,15 @@ class Loop:
         self._run_timers()
         self.store.commit()    # before any reply: nothing is acknowledged that is not kept
         self.log.flush()       # then what a client has seen is logged already
+        if self.cluster is not None:
+            # The turn's appends to Redis, in one write, before the members' writes: Redis runs
+            # them meanwhile (a cluster's message waits for that round trip; nothing is
+            # acknowledged before the entry comes back, so the order of the two is free).
+            self.cluster.flush()
         self._flush_pending()
         self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
         if self.cluster is not None:
-            self.cluster.flush()   # the turn's appends to Redis, in one write
+            self.cluster.flush()   # (and its leave: a no-op when the writes caused nothing)
 
     def _handle_events(self, ready):
         if not ready:
@@ -4231,7 +4236,8 @@ def open_log(mode, log_file, syslog_address, warn):
 #   gets() until it returns RESP_INCOMPLETE. A reply may arrive split over any number of reads;
 #   nested arrays are filled through a stack, not recursion. An error reply is a RedisError
 #   *value*, so the replies of a pipeline can hold one among the others; bytes that are not
-#   RESP raise RespProtocolError.
+#   RESP raise RespProtocolError. The replies already whole are parsed at once, the fast way
+#   (_whole_replies: one split at CRLF, arrays of bulk strings as checked slices).
 # * encode_command(*args): a command as a RESP array of bulk strings.
 # * parse_redis_url(url) -> RedisAddress; redact_redis_url(url) for messages.
 # * RedisConnection: one connection's life inside the loop, never blocking: connect, TLS for
@@ -4301,6 +4307,12 @@ class RespParser:
     the input as soon as each is whole, so what waits for more bytes is at most one element; a
     long bulk string that waits for its end collects the pieces in a list and joins them once it
     is all there. Nothing is copied over and over, however the reply is cut.
+
+    That step-by-step parser costs a few method calls per element, and an XREAD reply of the
+    cluster's log has some twenty elements per entry: so the replies that are whole when gets()
+    is called are parsed first by ``_whole_replies``, which splits the input at every CRLF once
+    and takes arrays of bulk strings (a stream entry's fields) as slices of that split, checked
+    in C. Either way the values are the same; the tests compare the two.
     """
 
     def __init__(self):
@@ -4311,6 +4323,7 @@ class RespParser:
         self._need = 1           # bytes from _pos that the next step needs at least
         self._stack = []         # (items, size) of each array being filled, outermost first
         self._broken = None      # a protocol error: every later gets() raises it again
+        self._ahead = collections.deque()  # whole replies parsed already, not yet taken
 
     def feed(self, data):
         if self._pos == len(self._buf) and not self._more:
@@ -4325,6 +4338,8 @@ class RespParser:
         RESP (and from then on: after one, the parser's place in the stream is lost)."""
         if self._broken is not None:
             raise RespProtocolError(self._broken)
+        if self._ahead:
+            return self._ahead.popleft()
         if self._more:
             if len(self._buf) - self._pos + self._more_size < self._need:
                 return RESP_INCOMPLETE
@@ -4332,6 +4347,16 @@ class RespParser:
             self._pos = 0
             self._more = []
             self._more_size = 0
+        if not self._stack and self._pos < len(self._buf):
+            # Between replies: every whole one there is, at once (the fast way, see
+            # _whole_replies); what it leaves (the last, incomplete one, or an odd one) is the
+            # step-by-step parser's below.
+            replies, self._pos = _whole_replies(self._buf, self._pos)
+            if replies:
+                self._ahead.extend(replies)
+                if self._pos == len(self._buf):
+                    self._buf, self._pos = b"", 0
+                return self._ahead.popleft()
         try:
             return self._parse()
         except (RespProtocolError, ValueError) as exc:
@@ -4420,24 +4445,127 @@ class RespParser:
             self._pos = pos
 
 
+# A bulk string's header, by its length: an array of bulk strings is checked against these in C.
+# Up to 1 KiB (45 KiB of memory in every server; 4 KiB would be 183): a longer one is checked by
+# the slower way, its array only.
+_BULK_HEADS = [b"$%d" % size for size in range(1024)]
+_FAST_DEPTH = 8    # arrays nested deeper are left to the step-by-step parser
+
+
+class _NotFast(Exception):
+    """The fast parser stops: this reply is incomplete, or not one it takes (a bulk string with
+    CRLF inside, garbage); RespParser._parse takes it from there, or says what is wrong."""
+
+
+def _whole_replies(buf, pos):
+    """The whole replies in ``buf`` from ``pos`` on, parsed at once: (replies, where the first
+    reply not taken starts). The input is split at every CRLF; a bulk string is whole when its
+    data is one piece of the split of exactly its length (a CRLF inside it stops the fast way
+    at that reply, as does an incomplete or a wrong reply)."""
+    pieces = buf[pos:].split(b"\r\n") if pos else buf.split(b"\r\n")
+    last = len(pieces) - 1     # pieces[last] is what follows the last CRLF: no whole line
+    replies = []
+    taken = 0
+    while taken < last:
+        try:
+            value, after = _whole_value(pieces, taken, last, 0)
+        except (_NotFast, ValueError, IndexError):
+            break
+        replies.append(value)
+        taken = after
+    if not replies:
+        return replies, pos
+    if taken == last:          # the usual case: all taken, the rest is what follows the last CRLF
+        return replies, len(buf) - len(pieces[last])
+    return replies, pos + sum(map(len, pieces[:taken])) + 2 * taken
+
+
+def _whole_value(pieces, at, last, depth):
+    """The value whose header is ``pieces[at]``, and the index of the piece after it."""
+    if at >= last:
+        raise _NotFast()     # (the rest of the reply has not come yet)
+    head = pieces[at]
+    kind = head[0]
+    if kind == 36:                                        # $ bulk string
+        if head == b"$-1":
+            return None, at + 1
+        if at + 1 >= last or len(pieces[at + 1]) != int(head[1:]):
+            raise _NotFast()
+        return pieces[at + 1], at + 2
+    if kind == 42:                                        # * array
+        size = int(head[1:])
+        if size <= 0:
+            if size == 0 or size == -1:
+                return ([] if size == 0 else None), at + 1
+            raise _NotFast()
+        first, end = at + 1, at + 1 + 2 * size
+        # All bulk strings? Tried when the first and last elements are (a stream entry's
+        # [id, [fields]] is not: its fields are).
+        if end <= last and pieces[first][:1] == b"$" and pieces[end - 2][:1] == b"$":
+            values = pieces[first + 1:end:2]
+            try:
+                if list(map(_BULK_HEADS.__getitem__, map(len, values))) == pieces[first:end:2]:
+                    return values, end     # all bulk strings, each exactly its length
+            except IndexError:
+                pass                       # (a long one: checked one by one below)
+        if depth >= _FAST_DEPTH:
+            raise _NotFast()
+        items = []
+        at = first
+        for _ in range(size):
+            head = pieces[at]
+            if head[:1] == b"$" and at + 1 < last and head != b"$-1":
+                value = pieces[at + 1]         # (a bulk string, the usual element, here)
+                if len(value) != int(head[1:]):
+                    raise _NotFast()
+                at += 2
+            else:
+                value, at = _whole_value(pieces, at, last, depth + 1)
+            items.append(value)
+        return items, at
+    if kind == 58:                                        # : integer
+        return int(head[1:]), at + 1
+    if kind == 43:                                        # + simple string
+        return head[1:].decode("utf-8", "replace"), at + 1
+    if kind == 45:                                        # - error
+        return RedisError(head[1:].decode("utf-8", "replace")), at + 1
+    raise _NotFast()
+
+
 def encode_command(*args):
     """``encode_command("SET", "k", 1)`` -> ``b"*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\n1\\r\\n"``.
     Arguments are str (sent as UTF-8), bytes or int; anything else is a TypeError, rather than
-    a guess at how Redis should read it."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode("utf-8")
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            data = b"%d" % arg
-        elif isinstance(arg, (bytearray, memoryview)):
-            data = bytes(arg)
-        else:
-            raise TypeError("a Redis argument is str, bytes or int, not %s" % type(arg).__name__)
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    a guess at how Redis should read it.
+
+    A batch of the cluster's entries is thousands of arguments: each is made bytes in one
+    comprehension (the exact types first), their headers are found by length in C
+    (_BULK_HEADS), and the whole is one join at CRLF."""
+    data = [arg.encode("utf-8") if type(arg) is str else arg if type(arg) is bytes
+            else _encoded_argument(arg) for arg in args]
+    try:
+        heads = list(map(_BULK_HEADS.__getitem__, map(len, data)))
+    except IndexError:   # (a long argument)
+        heads = [b"$%d" % len(one) for one in data]
+    lines = [b""] * (2 * len(data) + 2)    # the count, then header and data of each, then b""
+    lines[0] = b"*%d" % len(data)
+    lines[1:-1:2] = heads
+    lines[2:-1:2] = data
+    return b"\r\n".join(lines)
+
+
+def _encoded_argument(arg):
+    """An argument other than an exact str or bytes, as encode_command sends it."""
+    if type(arg) is int:
+        return b"%d" % arg
+    if isinstance(arg, bytes):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return arg.encode("utf-8")
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return b"%d" % arg
+    if isinstance(arg, (bytearray, memoryview)):
+        return bytes(arg)
+    raise TypeError("a Redis argument is str, bytes or int, not %s" % type(arg).__name__)
 
 
 @functools.lru_cache(maxsize=64)
@@ -5240,57 +5368,79 @@ REAP_EVERY = 2.0            # how often a node looks for nodes whose lease ended
 SNAPSHOT_EVERY = 60.0       # how often a node tries to be the one that writes the snapshot
 LOG_READ_BLOCK_MS = 1000    # XREAD BLOCK: the reader's wait for new entries
 LOG_READ_COUNT = 1000       # entries a read brings at most
+APPEND_BATCH = 500          # entries one run of the APPEND script takes at most (Redis waits
+                            # for nothing else meanwhile: some 5 ms)
 
 # The scripts: run atomically in Redis. ARGV[1] is always the cluster's key prefix.
+#
+# APPEND: a loop turn's entries of this node, in one run (one EVALSHA a turn, not one an entry:
+# the command's cost in both processes is paid once). ARGV: prefix, node, lease token, --keep,
+# then each entry: the node's number for it, kind, owner ("node/connection"), nickname keys to
+# claim, keys to release, room key, the count of its fields, then its fields (name, value...).
+# The lease is checked once, for all of them (the script is atomic: no lease can end midway).
+# The reply: one element per entry, in their order: its id in the log, "again" (sent again after
+# a lost connection, and done already: once is enough), or an error (BUSY KEY: that nickname is
+# someone else's; the entries after it go on, as if each had been sent alone).
 APPEND_SCRIPT = r"""
-local P, node, token, opid, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local owner, claim, release = ARGV[6], ARGV[7], ARGV[8]
-local room, keep = ARGV[9], tonumber(ARGV[10])
+local P, node, token, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if redis.call('GET', P .. ':lease:' .. node) ~= token then
   return redis.error_reply('LEASE the lease of this node has ended')
 end
-local seq = tonumber(opid)
-if seq <= tonumber(redis.call('HGET', P .. ':sent', node) or '0') then
-  return 'again'      -- sent again after a lost connection, and done already: once is enough
-end
-if claim ~= '' then
-  for key in string.gmatch(claim, '%S+') do
-    local holder = redis.call('HGET', P .. ':claims', key)
-    if holder and holder ~= owner then return redis.error_reply('BUSY ' .. key) end
-  end
-end
-local at = string.find(owner, '/', 1, true)
-local owner_node, conn = string.sub(owner, 1, at - 1), string.sub(owner, at + 1)
-if release ~= '' then
-  for key in string.gmatch(release, '%S+') do
-    if redis.call('HGET', P .. ':claims', key) == owner then
-      redis.call('HDEL', P .. ':claims', key)
-    end
-  end
-end
-if claim ~= '' then
-  for key in string.gmatch(claim, '%S+') do redis.call('HSET', P .. ':claims', key, owner) end
-  redis.call('HSET', P .. ':conns:' .. owner_node, conn, claim)
-elseif kind == 'leave' then
-  redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
-end
+local sent = tonumber(redis.call('HGET', P .. ':sent', node) or '0')
+local done = sent
 local time = redis.call('TIME')
 local t = time[1] .. '.' .. string.format('%06d', time[2])
-local n = redis.call('INCR', P .. ':n')
-local fields = {'n', n, 't', t, 'k', kind, 'o', owner}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', P .. ':log', '*', unpack(fields))
-if kind == 'say' or kind == 'act' then
-  local s = redis.call('HINCRBY', P .. ':positions', room, 1)
-  local kept = {'MAXLEN', '~', keep, id, 's', s, 't', t, 'k', kind}
-  for i = 11, #ARGV do kept[#kept + 1] = ARGV[i] end
-  redis.call('XADD', P .. ':messages:' .. room, unpack(kept))
-elseif kind == 'drop' then
-  redis.call('DEL', P .. ':messages:' .. room)
-  redis.call('HDEL', P .. ':positions', room)
+
+local function append(seq, kind, owner, claim, release, room, first, last)
+  if seq <= sent then return 'again' end
+  if claim ~= '' then
+    for key in string.gmatch(claim, '%S+') do
+      local holder = redis.call('HGET', P .. ':claims', key)
+      if holder and holder ~= owner then return redis.error_reply('BUSY ' .. key) end
+    end
+  end
+  local at = string.find(owner, '/', 1, true)
+  local owner_node, conn = string.sub(owner, 1, at - 1), string.sub(owner, at + 1)
+  if release ~= '' then
+    for key in string.gmatch(release, '%S+') do
+      if redis.call('HGET', P .. ':claims', key) == owner then
+        redis.call('HDEL', P .. ':claims', key)
+      end
+    end
+  end
+  if claim ~= '' then
+    for key in string.gmatch(claim, '%S+') do redis.call('HSET', P .. ':claims', key, owner) end
+    redis.call('HSET', P .. ':conns:' .. owner_node, conn, claim)
+  elseif kind == 'leave' then
+    redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
+  end
+  local n = redis.call('INCR', P .. ':n')
+  local fields = {'n', n, 't', t, 'k', kind, 'o', owner}
+  for i = first, last do fields[#fields + 1] = ARGV[i] end
+  local id = redis.call('XADD', P .. ':log', '*', unpack(fields))
+  if kind == 'say' or kind == 'act' then
+    local s = redis.call('HINCRBY', P .. ':positions', room, 1)
+    local kept = {'MAXLEN', '~', keep, id, 's', s, 't', t, 'k', kind}
+    for i = first, last do kept[#kept + 1] = ARGV[i] end
+    redis.call('XADD', P .. ':messages:' .. room, unpack(kept))
+  elseif kind == 'drop' then
+    redis.call('DEL', P .. ':messages:' .. room)
+    redis.call('HDEL', P .. ':positions', room)
+  end
+  done = seq
+  return id
 end
-redis.call('HSET', P .. ':sent', node, seq)
-return id
+
+local replies = {}
+local i = 5
+while i <= #ARGV do
+  local first, last = i + 7, i + 6 + 2 * tonumber(ARGV[i + 6])
+  replies[#replies + 1] = append(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+                                 ARGV[i + 4], ARGV[i + 5], first, last)
+  i = last + 1
+end
+if done > sent then redis.call('HSET', P .. ':sent', node, done) end
+return replies
 """
 
 RENEW_SCRIPT = r"""
@@ -5416,6 +5566,20 @@ def cluster_text(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+class _FieldNames(dict):
+    """Stream field names (bytes) -> text, each decoded once: the log's entries have a dozen
+    names between them, so ``ClusterNode._fields`` finds them in this dict, in C."""
+
+    def __missing__(self, name):
+        text = cluster_text(name)
+        if len(self) < 256:    # (names are the program's; a stranger's stream can't grow this)
+            self[name] = text
+        return text
+
+
+_FIELD_NAMES = _FieldNames()
+
+
 class ClusterNode:
     """This server as one node of a cluster: its lease, its two connections to Redis (one writes,
     one reads the log), the log applied to the room core, the reaper, the snapshots, and what
@@ -5449,6 +5613,7 @@ class ClusterNode:
         self.local = {}           # connection id -> Peer, of this node
         self.remote = {}          # "node/conn" -> Peer of another node
         self._in_flight = []      # appends sent and not yet answered (to send again)
+        self._batch = []          # this turn's entries: [(their APPEND arguments, entry)]
         self._awaiting = {}       # Peer -> the join or rename whose application it waits for
         self.lease_until = 0.0
         self._snapshot_due = time.monotonic() + SNAPSHOT_EVERY
@@ -5592,7 +5757,9 @@ class ClusterNode:
 
     @staticmethod
     def _fields(values):
-        return {cluster_text(values[i]): values[i + 1] for i in range(0, len(values), 2)}
+        """A stream entry's [name, value, ...] as a dict, names as text, values as Redis gave
+        them (bytes), built in C: the names are few, and decoded once each (_FieldNames)."""
+        return dict(zip(map(_FIELD_NAMES.__getitem__, values[::2]), values[1::2]))
 
     def _apply_one(self, entry_id, fields):
         """One entry of the log, applied to the replica (in order: a gap, or a log that went
@@ -5647,21 +5814,42 @@ class ClusterNode:
         if kind == Entry.DROP:
             room_key = room.key
         self._op_ids += 1
-        args = [self.prefix, self.node, self.token, self._op_ids, kind,
-                peer.ident, claim, release, room_key, self.keep]
-        for name, value in self._encode(entry):
-            args += [name, value]
-        self._send_append(args, entry)
+        fields = self._encode(entry)
+        args = [self._op_ids, kind, peer.ident, claim, release, room_key, len(fields)]
+        for name, value in fields:
+            args += (name, value)
+        self._batch.append((args, entry))
 
-    def _send_append(self, args, entry):
-        def answered(reply):
-            if isinstance(reply, RedisError):
-                self._refused(entry, reply)
-        if self.writer.ready and self.state == self.READY:
-            self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+    def _send_batch(self):
+        """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
+        to be sent when it is back)."""
+        while self._batch:
+            batch, self._batch = self._batch[:APPEND_BATCH], self._batch[APPEND_BATCH:]
+            args = [self.prefix, self.node, self.token, self.keep]
+            for entry_args, _ in batch:
+                args += entry_args
+            entries = [entry for _, entry in batch]
+
+            def answered(reply, entries=entries):
+                self._batch_answered(entries, reply)
+            if self.writer.ready and self.state == self.READY:
+                self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+            else:
+                self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
+                                                    APPEND_SCRIPT))
+
+    def _batch_answered(self, entries, reply):
+        """Each entry's reply: its id (it comes back through the log, where it is applied and
+        acknowledged), "again", or a refusal; or one error for all (the lease, a failure)."""
+        if isinstance(reply, RedisError):
+            replies = [reply] * len(entries)
+        elif isinstance(reply, list) and len(reply) == len(entries):
+            replies = reply
         else:
-            self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
-                                                APPEND_SCRIPT))
+            return self._lose("Redis answered %d entries with %r" % (len(entries), reply))
+        for entry, one in zip(entries, replies):
+            if isinstance(one, RedisError):
+                self._refused(entry, one)
 
     def _refused(self, entry, reply):
         kind, _, peer, data = entry
@@ -5711,6 +5899,8 @@ class ClusterNode:
     def _decode(self, fields):
         """A log entry as the room core's tuple, its peers and rooms this node's objects."""
         kind = cluster_text(fields["k"])
+        if kind == Entry.SAY:
+            return self._decode_say(fields)
         text = {name: cluster_text(value) for name, value in fields.items() if name != "b"}
         owner = text["o"]
         if kind == Entry.JOIN:
@@ -5763,6 +5953,21 @@ class ClusterNode:
         else:
             data = None
         return (kind, room, peer, data)
+
+    def _decode_say(self, fields):
+        """A message, the entry nearly every one is: decoded without the general case's dict of
+        every field as text."""
+        peer = self._peer(cluster_text(fields["o"]))
+        if peer is None:
+            return None
+        room = peer.room
+        if "r" in fields:
+            name = cluster_text(fields["r"])
+            if room is None or room.name != name:   # (the same name: the same room)
+                room = self.chat.room_named(name)
+                if room is None:
+                    return None
+        return (Entry.SAY, room, peer, fields["b"])
 
     def _peer(self, ident):
         node, _, conn = ident.partition("/")
@@ -5907,6 +6112,9 @@ class ClusterNode:
             self._register()
 
     def flush(self):
+        """The loop's turn is over: its entries go out, in one command, with the rest."""
+        if self._batch:
+            self._send_batch()
         self.writer.flush()
         if self.reader is not None:
             self.reader.flush()
@@ -5915,6 +6123,7 @@ class ClusterNode:
         """A clean stop: this node's members' leaves are in the log, a snapshot written (the
         next node to start reads little of the log), its lease given back."""
         if self.state == self.READY:
+            self._send_batch()   # (the members' leaves: before the lease is given back)
             self.write_snapshot()
             self.writer.send(("DEL", self._key("lease:" + self.node)), lambda reply: None)
             self.writer.send(("HDEL", self._key("nodes"), self.node), lambda reply: None)

@@ -10675,6 +10675,49 @@ class RespParserTests(InMemoryTestCase):
         pieces = [data[i:i + 7] for i in range(0, len(data), 7)]
         self.assertEqual([plain(r) for r in parse_pieces(pieces)], [e for _, e in RESP_SAMPLES])
 
+    def test_the_fast_way_and_the_step_by_step_way_give_the_same_replies(self):
+        # gets() parses the replies that are whole at once (_whole_replies); _parse, the step by
+        # step parser, is the reference. Every sample, pipelined behind an XREAD reply and its
+        # look-alikes: a bulk string with CRLF inside an entry's fields, an array of mixed
+        # kinds, an entry with a null field.
+        module = redis_part()
+        odd_entry = (b"*1\r\n*2\r\n$3\r\nlog\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\nb\r\n"
+                     b"$7\r\na\r\n$1\r\n\r\n$1\r\nk\r\n$-1\r\n")
+        mixed = b"*4\r\n$1\r\nx\r\n:5\r\n$2\r\nyz\r\n$-1\r\n"
+        long_field = b"*2\r\n$3000\r\n" + b"y" * 3000 + b"\r\n$1\r\nz\r\n"   # (past _BULK_HEADS)
+        data = (xread_reply(20) + odd_entry + mixed + b"".join(d for d, _ in RESP_SAMPLES)
+                + xread_reply(3) + long_field)
+        reference = module.RespParser()
+        reference.feed(data)
+        expected = []
+        while True:
+            reply = reference._parse()
+            if reply is module.RESP_INCOMPLETE:
+                break
+            expected.append(plain(reply))
+        self.assertEqual(expected[1], [[b"log", [[b"1-0", [b"b", b"a\r\n$1\r\n", b"k", None]]]]])
+        self.assertEqual(expected[2], [b"x", 5, b"yz", None])
+        self.assertEqual(expected[-1], [b"y" * 3000, b"z"])
+        self.assertEqual([plain(r) for r in parse_pieces([data])], expected)
+        for size in (1, 2, 3, 5, 8, 13, 100, 1000, 4096):
+            pieces = [data[i:i + size] for i in range(0, len(data), size)]
+            self.assertEqual([plain(r) for r in parse_pieces(pieces)], expected, size)
+
+    def test_every_split_position_of_pipelined_xread_replies(self):
+        data = xread_reply(2) + b"+OK\r\n" + xread_reply(1)
+        expected = parse_pieces([data])
+        self.assertEqual(len(expected), 3)
+        for cut in range(len(data) + 1):
+            self.assertEqual(parse_pieces([data[:cut], data[cut:]]), expected, cut)
+
+    def test_the_fast_way_takes_whole_replies_and_leaves_the_rest_where_it_starts(self):
+        module = redis_part()
+        whole = xread_reply(2)
+        for rest in (b"", b"*2\r\n$1\r\na", b"$6\r\na\r\nb\x00\xff\r\n+OK\r\n", b"!garbage\r\n"):
+            replies, at = module._whole_replies(b"+OK\r\n" + whole + rest, 0)
+            self.assertEqual((len(replies), at), (2, 5 + len(whole)), rest)
+            self.assertEqual(replies[1], parse_pieces([whole])[0])
+
 
 class RedisCommandEncodingTests(InMemoryTestCase):
 
@@ -11340,6 +11383,71 @@ class ClusterTests(unittest.TestCase):
         for other in waiting:
             self.assertEqual(other.said(), "%s connected!" % nick)
         return client
+
+    def append_batch(self, link, loop, token, entries):
+        """The APPEND script's reply to ``entries`` ((seq, kind, owner, claim, room, fields)),
+        node "n1" with lease ``token``, as a node's turn sends them."""
+        module = redis_part()
+        args = ["chat", "n1", token, 100]
+        for seq, kind, owner, claim, room, fields in entries:
+            args += [seq, kind, owner, claim, "", room, len(fields) // 2] + list(fields)
+        replies = []
+        link.evalsha(module.APPEND_SCRIPT, (), args, replies.append)
+        loop.run_until(lambda: replies, "the APPEND script's reply")
+        return replies[0]
+
+    def test_the_append_script_answers_each_entry_of_a_batch(self):
+        module = redis_part()
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        self.assertEqual(redis_call(loop, link, "SET", "chat:lease:n1", "token"), "OK")
+        redis_call(loop, link, "HSET", "chat:claims", "bob", "n2/7")  # bob: another node's
+        batch = [(1, "join", "n1/1", "alice", "", ("r", "#main", "nick", "alice")),
+                 (2, "join", "n1/2", "bob", "", ("r", "#main", "nick", "bob")),   # refused
+                 (3, "say", "n1/1", "", "#main", ("r", "#main", "b", b"hi\r\n\x00", "nick",
+                                                  "alice")),
+                 (4, "join", "n1/3", "alice", "", ("r", "#main", "nick", "alice"))]  # refused
+        first, busy, said, taken = self.append_batch(link, loop, "token", batch)
+        self.assertIsInstance(busy, module.RedisError)
+        self.assertEqual((busy.message, taken.message), ("BUSY bob", "BUSY alice"))
+        log = redis_call(loop, link, "XRANGE", "chat:log", "-", "+")
+        self.assertEqual([entry_id for entry_id, _ in log], [first, said])
+        self.assertEqual([dict(zip(f[::2], f[1::2]))[b"n"] for _, f in log], [b"1", b"2"])
+        self.assertEqual(dict(zip(log[1][1][::2], log[1][1][1::2]))[b"b"], b"hi\r\n\x00")
+        kept = redis_call(loop, link, "XRANGE", "chat:messages:#main", "-", "+")
+        self.assertEqual(len(kept), 1)
+        self.assertEqual(redis_call(loop, link, "HGET", "chat:claims", "alice"), b"n1/1")
+        self.assertEqual(redis_call(loop, link, "HGET", "chat:sent", "n1"), b"3")
+        # Sent again (its reply lost with a connection): nothing is done twice. A refusal
+        # before the node's last entry done is "again" too; the last one is asked again, and
+        # refused again.
+        again = self.append_batch(link, loop, "token", batch)
+        self.assertEqual(again[:3], [b"again"] * 3)
+        self.assertEqual(again[3].message, "BUSY alice")
+        self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
+        # A batch after it goes on from there; with another token, nothing of it is done.
+        later = [(5, "say", "n1/1", "", "#main", ("r", "#main", "b", b"again", "nick", "alice"))]
+        refused = self.append_batch(link, loop, "not the token", later)
+        self.assertIsInstance(refused, module.RedisError)
+        self.assertEqual(refused.code, "LEASE")
+        self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
+        [entry_id] = self.append_batch(link, loop, "token", later)
+        self.assertEqual(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")[-1][0], entry_id)
+
+    def test_a_turn_of_many_lines_is_one_append_and_every_line_is_acknowledged_in_order(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        before = self.redis.cli("INFO", "commandstats")
+        lines = ["line %d" % n for n in range(40)]   # (within the default burst of 50)
+        alice.send("".join(line + "\n" for line in lines))   # read by node a in one turn or few
+        for line in lines:
+            self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS " + line])
+            self.assertEqual(bob.said(), "alice sent " + line)
+        calls = [int(re.search(r"cmdstat_evalsha:calls=(\d+)", stats).group(1))
+                 for stats in (before, self.redis.cli("INFO", "commandstats"))]
+        # One a line before batching: 40, and the leases' and reapers' runs meanwhile.
+        self.assertLess(calls[1] - calls[0], 20)
 
     def test_members_of_two_nodes_chat_as_one(self):
         a, b = self.node(), self.node()
