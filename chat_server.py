@@ -2298,6 +2298,7 @@ class SQLiteStore(MemoryStore):
             self._check(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))
+            db.execute("PRAGMA case_sensitive_like=OFF")   # (a search's LIKE, whatever the build)
             db.execute("BEGIN IMMEDIATE")
             self._migrate(db)
             db.execute("COMMIT")
@@ -2354,10 +2355,12 @@ class SQLiteStore(MemoryStore):
         self._pending.append((sql, parameters))
 
     def has_changes(self):
-        return bool(self._turn or self._pending)
+        # (A read writes what was gathered into the open transaction, so that it sees it: the
+        # transaction is then a change too.)
+        return bool(self._turn or self._pending) or self.db.in_transaction
 
     def commit(self):
-        if not (self._turn or self._pending):
+        if not self.has_changes():
             return
         import sqlite3
         try:
@@ -2461,13 +2464,17 @@ class SQLiteStore(MemoryStore):
         """Rows of a query that sees this turn's changes too. A file that fails to answer
         (damaged while the server runs) is said once in the log, and answers nothing."""
         import sqlite3
-        try:
-            if self._turn or self._pending:
+        if self._turn or self._pending:
+            try:
                 self._write_pending()
+            except sqlite3.Error as exc:
+                self._rollback()   # (the turn's writes failed: none of them is kept)
+                self._failed(exc)
+                return []
+        try:
             return self.db.execute(sql, parameters).fetchall()
         except sqlite3.Error as exc:
-            self._rollback()
-            self._failed(exc)
+            self._failed(exc)   # the read alone: what the turn wrote stays, for its commit
             return []
 
     def _lines(self, room_key, after=0, most=None):
@@ -3418,6 +3425,7 @@ class Writing:
         as at the turn's end, so that nothing is acknowledged before it is kept."""
         if self.store.has_changes():
             self.store.commit()
+        self.log.flush()   # (and what a client sees is logged already)
 
     def _send(self, conn):
         peer = conn.peer
@@ -5842,23 +5850,29 @@ class ClusterNode:
         """Each entry's reply: its id (it comes back through the log, where it is applied and
         acknowledged), "again", or a refusal; or one error for all (the lease, a failure)."""
         if isinstance(reply, RedisError):
-            replies = [reply] * len(entries)
-        elif isinstance(reply, list) and len(reply) == len(entries):
-            replies = reply
-        else:
+            # One error for all: the lease ended, or Redis could not run the script (busy with
+            # another, loading, out of memory): none of them is known to be in the log, so
+            # none is acknowledged; the node starts again (as when a command times out).
+            if reply.code == "LEASE":
+                return self._lose("the lease of this node has ended")
+            return self._lose("Redis refused %d entries: %s" % (len(entries), reply))
+        if not (isinstance(reply, list) and len(reply) == len(entries)):
             return self._lose("Redis answered %d entries with %r" % (len(entries), reply))
-        for entry, one in zip(entries, replies):
+        for entry, one in zip(entries, reply):
             if isinstance(one, RedisError):
                 self._refused(entry, one)
 
     def _refused(self, entry, reply):
+        """One entry of a batch refused: a nickname claimed by someone else (BUSY KEY) is the
+        only refusal the script makes of one entry alone."""
         kind, _, peer, data = entry
-        if reply.code == "BUSY" and peer.local:
-            self._awaiting.pop(peer, None)
-            self.chat.on_hold(peer, False)
-            self.chat.notice(peer, Lines.NICK_BUSY.format(nick=data[0]))
-        elif reply.code == "LEASE":
-            self._lose("the lease of this node has ended")
+        if reply.code == "BUSY" and kind in (Entry.JOIN, Entry.RENAME):
+            if peer.local:
+                self._awaiting.pop(peer, None)
+                self.chat.on_hold(peer, False)
+                self.chat.notice(peer, Lines.NICK_BUSY.format(nick=data[0]))
+        else:
+            self._lose("Redis refused an entry (%s): %s" % (kind, reply))
 
     def _encode(self, entry):
         """The entry's data as stream fields (the room and the peer go in the script's own)."""

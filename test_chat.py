@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unicodedata
 import unittest
 from collections import deque
@@ -2593,6 +2594,17 @@ class StoreTests(InMemoryTestCase):
         return server, store
 
     @staticmethod
+    def messages_in_file(store):
+        """The lines kept in ``store``'s file, as another program reading it sees them."""
+        import sqlite3
+        db = sqlite3.connect(store.path)
+        try:
+            return db.execute("SELECT coalesce(sum(length(sizes)) / 8, 0) FROM messages"
+                              ).fetchone()[0]
+        finally:
+            db.close()
+
+    @staticmethod
     def count_rows_read(store):
         """A list that gets the number of rows of each read ``store`` makes from now on."""
         rows_read = []
@@ -2650,6 +2662,31 @@ class StoreTests(InMemoryTestCase):
                     self.assertEqual(answers[0], (0, []), (room, wanted))
                 else:
                     self.assertGreater(answers[0][0], 0, (room, wanted))
+
+    def test_a_turn_that_reads_after_its_changes_still_commits_them(self):
+        # A read writes the turn's changes into the open transaction (to see them); the turn's
+        # commit must still commit it, or an acknowledged line is lost at the next stop.
+        server, store = self.sqlite_store()
+        store.keep("#main", b"2026-12-07 10:00: bob sent hello\n", len(b"hello"))
+        self.assertIsNone(store.account_for(["carol"]))   # (someone joins in the same turn)
+        store.commit()
+        self.assertEqual(self.messages_in_file(store), 1)
+
+    def test_a_read_that_fails_leaves_the_turns_changes_to_be_committed(self):
+        server, store = self.sqlite_store()
+        if not hasattr(store.db, "setlimit"):
+            self.skipTest("Connection.setlimit is Python 3.11's")
+        logged = []
+        store.log = logged.append
+        store.keep("#main", b"2026-12-07 10:00: bob sent hello\n", len(b"hello"))
+        import sqlite3
+        store.db.setlimit(sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 4)
+        answers = []
+        store.search("#main", "hello", 20, lambda *found: answers.append(found))
+        self.assertEqual(answers, [(0, [])])   # (the search failed: found nothing)
+        self.assertIn(b"Cannot write", logged[0])
+        store.commit()
+        self.assertEqual(self.messages_in_file(store), 1)
 
     def test_search_reads_only_the_rows_that_may_hold_the_text(self):
         # A search that read every row of the room into Python took 16 ms in 10,000 rows to
@@ -10717,6 +10754,56 @@ class RespParserTests(InMemoryTestCase):
             replies, at = module._whole_replies(b"+OK\r\n" + whole + rest, 0)
             self.assertEqual((len(replies), at), (2, 5 + len(whole)), rest)
             self.assertEqual(replies[1], parse_pieces([whole])[0])
+
+
+class ClusterBatchReplyTests(InMemoryTestCase):
+    """What a node does with the APPEND script's answer to a turn's entries: each entry's
+    refusal, or one error for all of them."""
+
+    def answer(self, entries, reply):
+        """ClusterNode._batch_answered on a node that only records what it would do."""
+        server = load_module("chat_server")
+        node = types.SimpleNamespace(lost=[], notices=[], held=[], _awaiting={})
+        node._lose = node.lost.append
+        node._refused = lambda entry, one: server.ClusterNode._refused(node, entry, one)
+        node.chat = types.SimpleNamespace(
+            on_hold=lambda peer, held: node.held.append((peer.nick, held)),
+            notice=lambda peer, line: node.notices.append((peer.nick, line)))
+        server.ClusterNode._batch_answered(node, entries, reply)
+        return node
+
+    def entries(self):
+        server = load_module("chat_server")
+        peer = types.SimpleNamespace(nick="ann", local=True)
+        newcomer = types.SimpleNamespace(nick=None, local=True)
+        return server, [(server.Entry.SAY, None, peer, b"hello"),
+                        (server.Entry.AWAY, None, peer, None),
+                        (server.Entry.JOIN, None, newcomer, ("bob", None))]
+
+    def test_a_nickname_refused_in_a_batch_is_said_to_its_claimant_alone(self):
+        server, entries = self.entries()
+        busy = server.RedisError("BUSY nick:bob")
+        node = self.answer(entries, [b"1-1", b"1-2", busy])
+        self.assertEqual(node.lost, [])
+        self.assertEqual(node.notices, [(None, server.Lines.NICK_BUSY.format(nick="bob"))])
+        self.assertEqual(node.held, [(None, False)])
+
+    def test_one_error_for_the_whole_batch_starts_the_node_again(self):
+        # Redis's own BUSY (a script running too long) shares the script's code: it is not a
+        # nickname refused, and /away's entry has no nickname to show.
+        server, entries = self.entries()
+        for error in ("BUSY Redis is busy running a script. You can only call SCRIPT KILL",
+                      "LOADING Redis is loading the dataset in memory",
+                      "LEASE the lease of this node has ended"):
+            node = self.answer(entries, server.RedisError(error))
+            self.assertEqual(len(node.lost), 1, error)
+            self.assertEqual(node.notices, [], error)
+
+    def test_a_refusal_the_script_never_makes_alone_starts_the_node_again(self):
+        server, entries = self.entries()
+        node = self.answer(entries, [server.RedisError("BUSY nick:x"), b"1-2", b"1-3"])
+        self.assertEqual(len(node.lost), 1)
+        self.assertEqual(node.notices, [])
 
 
 class RedisCommandEncodingTests(InMemoryTestCase):
