@@ -5388,7 +5388,11 @@ APPEND_BATCH = 500          # entries one run of the APPEND script takes at most
 # The lease is checked once, for all of them (the script is atomic: no lease can end midway).
 # The reply: one element per entry, in their order: its id in the log, "again" (sent again after
 # a lost connection, and done already: once is enough), or an error (BUSY KEY: that nickname is
-# someone else's; the entries after it go on, as if each had been sent alone).
+# someone else's; the entries after it go on, as if each had been sent alone; sent again, it is
+# refused again, from the node's refusals, kept an hour). A batch whose first entry is past the
+# node's next (an earlier batch has not run: Redis forgot the script, and the earlier one is
+# being loaded and run again after it) is refused whole (GAP), and the node starts again: an
+# entry must never run before one the node sent earlier, or that one would be taken for done.
 APPEND_SCRIPT = r"""
 local P, node, token, keep = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if redis.call('GET', P .. ':lease:' .. node) ~= token then
@@ -5399,12 +5403,23 @@ local done = sent
 local time = redis.call('TIME')
 local t = time[1] .. '.' .. string.format('%06d', time[2])
 
+local refusals = P .. ':refused:' .. node
+
 local function append(seq, kind, owner, claim, release, room, first, last)
-  if seq <= sent then return 'again' end
+  if seq <= sent then   -- sent again: done (or refused) once already
+    local refused = redis.call('HGET', refusals, seq)
+    if refused then return redis.error_reply('BUSY ' .. refused) end
+    return 'again'
+  end
+  done = seq
   if claim ~= '' then
     for key in string.gmatch(claim, '%S+') do
       local holder = redis.call('HGET', P .. ':claims', key)
-      if holder and holder ~= owner then return redis.error_reply('BUSY ' .. key) end
+      if holder and holder ~= owner then
+        redis.call('HSET', refusals, seq, key)
+        redis.call('PEXPIRE', refusals, 3600000)   -- (an hour: a resend comes long before)
+        return redis.error_reply('BUSY ' .. key)
+      end
     end
   end
   local at = string.find(owner, '/', 1, true)
@@ -5435,8 +5450,11 @@ local function append(seq, kind, owner, claim, release, room, first, last)
     redis.call('DEL', P .. ':messages:' .. room)
     redis.call('HDEL', P .. ':positions', room)
   end
-  done = seq
   return id
+end
+
+if tonumber(ARGV[5]) > sent + 1 then   -- an earlier batch has not run: this one must not
+  return redis.error_reply('GAP this node sent entry ' .. sent .. ', not ' .. ARGV[5] - 1)
 end
 
 local replies = {}

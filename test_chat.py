@@ -11504,13 +11504,18 @@ class ClusterTests(unittest.TestCase):
         kept = redis_call(loop, link, "XRANGE", "chat:messages:#main", "-", "+")
         self.assertEqual(len(kept), 1)
         self.assertEqual(redis_call(loop, link, "HGET", "chat:claims", "alice"), b"n1/1")
-        self.assertEqual(redis_call(loop, link, "HGET", "chat:sent", "n1"), b"3")
-        # Sent again (its reply lost with a connection): nothing is done twice. A refusal
-        # before the node's last entry done is "again" too; the last one is asked again, and
-        # refused again.
+        self.assertEqual(redis_call(loop, link, "HGET", "chat:sent", "n1"), b"4")
+        # Sent again (its reply lost with a connection): nothing is done twice, and what was
+        # refused is refused again (taken for done, bob's join would be waited for for ever).
         again = self.append_batch(link, loop, "token", batch)
-        self.assertEqual(again[:3], [b"again"] * 3)
-        self.assertEqual(again[3].message, "BUSY alice")
+        self.assertEqual([again[0], again[2]], [b"again"] * 2)
+        self.assertEqual((again[1].message, again[3].message), ("BUSY bob", "BUSY alice"))
+        self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
+        # A batch that would run before an earlier one (which Redis has not run yet) is refused
+        # whole, and nothing of it is done.
+        early = [(6, "say", "n1/1", "", "#main", ("r", "#main", "b", b"early", "nick", "alice"))]
+        [gap] = [self.append_batch(link, loop, "token", early)]
+        self.assertEqual(gap.code, "GAP")
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         # A batch after it goes on from there; with another token, nothing of it is done.
         later = [(5, "say", "n1/1", "", "#main", ("r", "#main", "b", b"again", "nick", "alice"))]
