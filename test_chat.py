@@ -2613,6 +2613,62 @@ class StoreTests(InMemoryTestCase):
             or read(sql, parameters)
         return rows_read
 
+    @staticmethod
+    def in_data_file_itself(store, text):
+        """Whether ``text`` is in the data file itself, not only in its WAL (where a commit
+        puts it until a checkpoint folds it in)."""
+        with open(store.path, "rb") as data_file:
+            return text in data_file.read()
+
+    def test_the_wal_is_folded_into_the_file_by_a_thread_not_by_the_loops_commits(self):
+        # A checkpoint waits for the disk twice: done by the loop's commit (SQLite's default,
+        # every 1000 pages), it stalled a turn for 10-30 ms. The loop's commits leave it to the
+        # Checkpointer's thread.
+        _, store = self.sqlite_store()
+        store.keep("#main", b"2026-12-07 10:00: bob: folded by the thread\n", 17)
+        store.commit()
+        wait_until(lambda: self.in_data_file_itself(store, b"folded by the thread"),
+                   "the checkpointer to fold the WAL into the data file")
+        store._checkpointer.stop()   # from here, only the loop's commits
+        for n in range(1500):        # some 3,000 pages: three times SQLite's checkpoint point
+            store.keep("#main", b"2026-12-07 10:00: bob: line %d %s\n" % (n, b"x" * 3000), 3010)
+            store.commit()
+        self.assertFalse(self.in_data_file_itself(store, b"bob: line 0 "),
+                         "a commit of the loop folded the WAL in (waited for the disk)")
+        store.close()
+        self.assertTrue(self.in_data_file_itself(store, b"bob: line 1499 "),
+                        "the stop did not fold the WAL in")
+
+    def test_the_loop_folds_the_wal_in_when_the_thread_cannot_finish(self):
+        # Under commits without a pause the thread's checkpoints never catch up, and the WAL
+        # starts again from its beginning only once all of it is in the file: past
+        # WAL_MOST_PAGES the loop's commit does it, so the WAL file stops growing.
+        server, store = self.sqlite_store()
+        store._checkpointer.stop()
+        wal = store.path + "-wal"
+        for n in range(200):
+            store.keep("#main", b"2026-12-07 10:00: bob: line %d %s\n" % (n, b"x" * 3000), 3010)
+            store.commit()
+        store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1   # (what the thread would see)
+        store.keep("#main", b"2026-12-07 10:00: bob: the last before the fold\n", 24)
+        store.commit()
+        grown = os.path.getsize(wal)
+        self.assertTrue(self.in_data_file_itself(store, b"the last before the fold"))
+        for n in range(100):
+            store.keep("#main", b"2026-12-07 10:00: bob: again %d %s\n" % (n, b"x" * 3000), 3010)
+            store.commit()
+        self.assertEqual(os.path.getsize(wal), grown, "the WAL did not start again")
+
+    def test_without_a_checkpoint_thread_sqlite_checkpoints_itself(self):
+        _, store = self.sqlite_store()
+        store._checkpointer.stop()
+        store._checkpointer.failed = True   # (as when its connection can't be opened)
+        store._checkpointer.wal_pages = 10 ** 9
+        store.keep("#main", b"2026-12-07 10:00: bob: hello\n", 5)
+        store.commit()
+        self.assertEqual(store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 1000)
+        self.assertTrue(self.in_data_file_itself(store, b"bob: hello"))
+
     def test_history_and_catch_up_read_only_the_rows_they_show(self):
         # Start-up asks every room for its history: a read of every kept row made start-up
         # grow with the data file (11 s with 1,000 rooms of 10,000 messages).
