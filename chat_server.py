@@ -2254,8 +2254,9 @@ class Checkpointer:
     its append-only file on a background thread, bio.c, for the same reason).
 
     A checkpoint waits for the disk twice (the WAL flushed, then the file); done by the loop
-    (SQLite's default, every 1000 pages) it stalled a turn for 10-30 ms and doubled the mean
-    cost of a commit. Here it runs at most every CHECKPOINT_EVERY seconds after a commit
+    (SQLite's default, every 1000 pages) it stalls a turn for as long, and on a disk whose flush
+    takes 10 ms it doubled the mean cost of a commit (bench/commit_cost.py, RESULTS). Here it
+    runs at most every CHECKPOINT_EVERY seconds after a commit
     (``wanted``), PASSIVE: it never stops the loop's commits (sqlite3 lets go of the GIL while
     it works). What it leaves: under commits without a pause, the frames written while it
     worked; the WAL restarts from its beginning only once every frame is in the file, so past
@@ -2275,20 +2276,19 @@ class Checkpointer:
         import sqlite3
         try:
             db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
-        except sqlite3.Error:
+            try:
+                while not self._stopping.is_set():
+                    self.wanted.wait()
+                    self.wanted.clear()
+                    if self._stopping.is_set():
+                        break
+                    self._checkpoint(db)
+                    self._stopping.wait(CHECKPOINT_EVERY)
+            finally:
+                db.close()
+        except BaseException:   # (no connection, or anything unforeseen: never a silent end)
             self.failed = True
             self.wal_pages = WAL_MOST_PAGES + 1   # (the loop sees it at its next commit)
-            return
-        try:
-            while not self._stopping.is_set():
-                self.wanted.wait()
-                self.wanted.clear()
-                if self._stopping.is_set():
-                    break
-                self._checkpoint(db)
-                self._stopping.wait(CHECKPOINT_EVERY)
-        finally:
-            db.close()
 
     def _checkpoint(self, db):
         import sqlite3
@@ -2427,14 +2427,15 @@ class SQLiteStore(MemoryStore):
         try:
             self._write_pending()
             self.db.execute("COMMIT")
-            if self._checkpointer.wal_pages > WAL_MOST_PAGES:
-                self._fold_wal_in()
         except sqlite3.Error as exc:
             self._rollback()
             self._failed(exc)
             return
-        if not self._checkpointer.wanted.is_set():
-            self._checkpointer.wanted.set()
+        checkpointer = self._checkpointer
+        if checkpointer.wal_pages > WAL_MOST_PAGES:
+            self._fold_wal_in()
+        if not checkpointer.wanted.is_set():
+            checkpointer.wanted.set()
         if self._failing:
             self._failing = False
             self.log(self._record(Lines.LOG_WRITING_AGAIN.format(path=self.path)))
@@ -2443,11 +2444,15 @@ class SQLiteStore(MemoryStore):
         """The WAL folded into the file by the loop itself, at once (a wait for the disk): only
         when the Checkpointer's thread can't finish, because commits keep coming while it works
         (the WAL starts again from its beginning only when all of it is in the file)."""
+        import sqlite3
         checkpointer = self._checkpointer
         checkpointer.wal_pages = 0
-        if checkpointer.failed:   # its thread has no connection: SQLite's own checkpoints, then
-            self.db.execute("PRAGMA wal_autocheckpoint=1000")
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        try:
+            if checkpointer.failed:   # its thread has ended: SQLite's own checkpoints, then
+                self.db.execute("PRAGMA wal_autocheckpoint=1000")
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass   # (the commit is done: a checkpoint that fails loses nothing, and comes again)
 
     def _write_pending(self):
         """Everything gathered so far, into the open transaction (begun if none is)."""
