@@ -10806,6 +10806,113 @@ class ClusterBatchReplyTests(InMemoryTestCase):
         self.assertEqual(node.notices, [])
 
 
+class PackedEntryTests(RoomTestCase):
+    """A log entry as Redis keeps it: one field, packed (number, time, kind, owner, then the
+    entry's own fields by ENTRY_FIELDS), and what a node makes of it; the entries of the
+    versions before (a field each) still read."""
+
+    def node(self):
+        """A node of cluster "chat" on this test's Chat, with bob (another node's) in #main."""
+        node = self.mod.ClusterNode("redis://127.0.0.1:1")
+        node.chat = self.chat
+        self.bob = node._remote("n2/1", "10.0.0.2:4000")
+        self.chat._named(self.bob, "bob", None)
+        self.bob.member = True
+        self.chat._enter_room(self.bob, self.chat.main)
+        return node
+
+    def packed(self, kind, data, n=9, owner="n2/1"):
+        """The "e" field the APPEND script writes for ``data`` (the node's packed fields)."""
+        return b"%d\n1733500000.000001\n%s\n%s\n" % (n, kind.encode(), owner.encode()) + data
+
+    def test_each_kind_of_entry_comes_back_as_it_went(self):
+        mod, node = self.mod, self.node()
+        main, Entry = self.chat.main, mod.Entry
+        ban = mod.Ban("nick", "eve", "Eve", 1.5, "spam,\tand more")
+        entries = [
+            (Entry.SAY, main, self.bob, b"hi \xff\r\nthere\n"),   # (the last field: anything)
+            (Entry.ACT, main, self.bob, "waves\n"),
+            (Entry.TOPIC, main, self.bob, "a topic"),
+            (Entry.TOPIC, main, self.bob, None),          # cleared
+            (Entry.AWAY, main, self.bob, ""),             # away, without a text
+            (Entry.AWAY, main, self.bob, None),           # back
+            (Entry.RENAME, main, self.bob, ("robert", "robert")),
+            (Entry.RENAME, main, self.bob, ("bobby", None)),
+            (Entry.LEAVE, main, self.bob, (mod.Reason.KICKED, "bob was kicked by ann: x", None)),
+            (Entry.LEAVE, main, self.bob, (mod.Reason.QUIT, None, None)),
+            (Entry.MOVE, main, self.bob, ("#new", "abc123")),
+            (Entry.MOVE, main, self.bob, ("#old", None)),
+            (Entry.PRIVATE, main, self.bob, (self.bob, "psst")),
+            (Entry.WAIT, main, self.bob, ("ann", "Ann", "later")),
+            (Entry.ACCOUNT, main, self.bob, ("register", "bob", "bob", "scrypt$1$2")),
+            (Entry.ACCOUNT, main, self.bob, ("unregister", "bob", "bob", None)),
+            (Entry.BAN, main, self.bob, ban),
+            (Entry.UNBAN, main, self.bob, ("nick", "eve")),
+            (Entry.MUTE, main, self.bob, (self.bob, mod.Mute("bob", "bob", 2.5))),
+            (Entry.UNMUTE, main, self.bob, "bob"),
+            (Entry.OPERATOR, main, self.bob, (True, "ann", "Ann")),
+            (Entry.OPERATOR, main, self.bob, (False, "ann", "Ann")),
+            (Entry.DROP, main, self.bob, None),
+        ]
+        self.assertEqual({entry[0] for entry in entries} | {Entry.JOIN},
+                         set(mod.ENTRY_FIELDS), "a kind left out of this test")
+        for entry in entries:
+            value = self.packed(entry[0], node._encode(entry))
+            fields = mod.stream_fields([b"e", value])
+            self.assertEqual((fields["n"], fields["t"], fields["k"], fields["o"]),
+                             (b"9", b"1733500000.000001", entry[0].encode(), b"n2/1"))
+            self.assertEqual(node._decode(fields), entry, entry)
+
+    def test_a_join_names_a_connection_this_node_did_not_know(self):
+        mod, node = self.mod, self.node()
+        newcomer = mod.Peer("10.0.0.3:5000", local=False)
+        newcomer.ident = "n2/2"
+        data = node._encode((mod.Entry.JOIN, None, newcomer, ("carol", "carol")))
+        kind, room, peer, joined = node._decode(mod.stream_fields(
+            [b"e", self.packed(mod.Entry.JOIN, data, owner="n2/2")]))
+        self.assertEqual((kind, room, joined), (mod.Entry.JOIN, self.chat.main, ("carol", "carol")))
+        self.assertEqual((peer.ident, peer.address), ("n2/2", "10.0.0.3:5000"))
+
+    def test_a_newline_in_a_field_but_the_last_is_refused(self):
+        # It would shift every field after it: the entry would say something else.
+        with self.assertRaises(ValueError):
+            self.mod.pack_fields(["#main", "bob\nsays", b"hi"])
+        self.assertEqual(self.mod.pack_fields(["#main", "bob", b"hi\nthere"]),
+                         b"#main\nbob\nhi\nthere")
+        self.assertEqual(self.mod.pack_fields(["#main"]), b"#main")
+
+    def test_a_kept_message_has_its_position_and_the_packed_entry(self):
+        mod = self.mod
+        value = self.packed("say", b"#main\nbob\nhello")
+        fields = mod.stream_fields([b"s", b"41", b"e", value])
+        self.assertEqual((fields["s"], fields["t"], fields["nick"], fields["b"]),
+                         (b"41", b"1733500000.000001", b"bob", b"hello"))
+
+    def test_the_entries_of_the_version_before_still_read(self):
+        # Written by a node of the version before: a field each (in the log after the snapshot,
+        # and in a room's kept messages, which outlive an upgrade).
+        mod, node = self.mod, self.node()
+        said = [b"n", b"3", b"t", b"1733500000.5", b"k", b"say", b"o", b"n2/1", b"r", b"#main",
+                b"b", b"hi", b"nick", b"bob"]
+        self.assertEqual(node._decode(mod.stream_fields(said)),
+                         (mod.Entry.SAY, self.chat.main, self.bob, b"hi"))
+        away = [b"n", b"4", b"t", b"1.5", b"k", b"away", b"o", b"n2/1", b"r", b"#main"]
+        self.assertEqual(node._decode(mod.stream_fields(away)),
+                         (mod.Entry.AWAY, self.chat.main, self.bob, None))
+        kept = [b"s", b"7", b"t", b"1733500000.5", b"k", b"say", b"r", b"#main", b"b", b"hi",
+                b"nick", b"bob"]
+        line, size = node._message_line(mod.stream_fields(kept))
+        self.assertEqual((line.endswith(b"bob sent hi\n") or line, size), (True, 2))
+
+    def test_the_reapers_leave_reads_as_a_leave_for_a_node_gone(self):
+        mod, node = self.mod, self.node()
+        # (as REAP_SCRIPT writes it: no room, then the reason)
+        self.assertIn("'\\nleave\\n' .. owner .. '\\n\\nnode gone'", mod.REAP_SCRIPT)
+        value = b"5\n1.5\nleave\nn2/1\n\nnode gone"
+        self.assertEqual(node._decode(mod.stream_fields([b"e", value])),
+                         (mod.Entry.LEAVE, self.chat.main, self.bob, ("node gone", None, None)))
+
+
 class RedisCommandEncodingTests(InMemoryTestCase):
 
     def test_arrays_of_bulk_strings(self):
@@ -11472,12 +11579,13 @@ class ClusterTests(unittest.TestCase):
         return client
 
     def append_batch(self, link, loop, token, entries):
-        """The APPEND script's reply to ``entries`` ((seq, kind, owner, claim, room, fields)),
-        node "n1" with lease ``token``, as a node's turn sends them."""
+        """The APPEND script's reply to ``entries`` ((seq, kind, owner, claim, room, fields:
+        the entry's own, in ENTRY_FIELDS' order)), node "n1" with lease ``token``, as a node's
+        turn sends them."""
         module = redis_part()
         args = ["chat", "n1", token, 100]
         for seq, kind, owner, claim, room, fields in entries:
-            args += [seq, kind, owner, claim, "", room, len(fields) // 2] + list(fields)
+            args += [seq, kind, owner, claim, "", room, module.pack_fields(fields)]
         replies = []
         link.evalsha(module.APPEND_SCRIPT, (), args, replies.append)
         loop.run_until(lambda: replies, "the APPEND script's reply")
@@ -11489,20 +11597,28 @@ class ClusterTests(unittest.TestCase):
         link, _ = ready_link(self, loop, self.redis.url)
         self.assertEqual(redis_call(loop, link, "SET", "chat:lease:n1", "token"), "OK")
         redis_call(loop, link, "HSET", "chat:claims", "bob", "n2/7")  # bob: another node's
-        batch = [(1, "join", "n1/1", "alice", "", ("r", "#main", "nick", "alice")),
-                 (2, "join", "n1/2", "bob", "", ("r", "#main", "nick", "bob")),   # refused
-                 (3, "say", "n1/1", "", "#main", ("r", "#main", "b", b"hi\r\n\x00", "nick",
-                                                  "alice")),
-                 (4, "join", "n1/3", "alice", "", ("r", "#main", "nick", "alice"))]  # refused
+        batch = [(1, "join", "n1/1", "alice", "", ("", "alice", "", "::1")),
+                 (2, "join", "n1/2", "bob", "", ("", "bob", "", "::1")),   # refused
+                 (3, "say", "n1/1", "", "#main", ("#main", "alice", b"hi\r\n\x00\nthere")),
+                 (4, "join", "n1/3", "alice", "", ("", "alice", "", "::1"))]  # refused
         first, busy, said, taken = self.append_batch(link, loop, "token", batch)
         self.assertIsInstance(busy, module.RedisError)
         self.assertEqual((busy.message, taken.message), ("BUSY bob", "BUSY alice"))
         log = redis_call(loop, link, "XRANGE", "chat:log", "-", "+")
         self.assertEqual([entry_id for entry_id, _ in log], [first, said])
-        self.assertEqual([dict(zip(f[::2], f[1::2]))[b"n"] for _, f in log], [b"1", b"2"])
-        self.assertEqual(dict(zip(log[1][1][::2], log[1][1][1::2]))[b"b"], b"hi\r\n\x00")
+        # One field each, packed: number, time, kind, owner, then the entry's own fields.
+        self.assertEqual([len(fields) for _, fields in log], [2, 2])
+        entries = [module.stream_fields(fields) for _, fields in log]
+        self.assertEqual([fields["n"] for fields in entries], [b"1", b"2"])
+        self.assertEqual([fields["k"] for fields in entries], [b"join", b"say"])
+        self.assertEqual(entries[0]["addr"], b"::1")
+        self.assertEqual((entries[1]["o"], entries[1]["r"], entries[1]["nick"], entries[1]["b"]),
+                         (b"n1/1", b"#main", b"alice", b"hi\r\n\x00\nthere"))
         kept = redis_call(loop, link, "XRANGE", "chat:messages:#main", "-", "+")
         self.assertEqual(len(kept), 1)
+        message = module.stream_fields(kept[0][1])
+        self.assertEqual((message["s"], message["t"], message["b"]),
+                         (b"1", entries[1]["t"], b"hi\r\n\x00\nthere"))
         self.assertEqual(redis_call(loop, link, "HGET", "chat:claims", "alice"), b"n1/1")
         self.assertEqual(redis_call(loop, link, "HGET", "chat:sent", "n1"), b"4")
         # Sent again (its reply lost with a connection): nothing is done twice, and what was
@@ -11513,12 +11629,12 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         # A batch that would run before an earlier one (which Redis has not run yet) is refused
         # whole, and nothing of it is done.
-        early = [(6, "say", "n1/1", "", "#main", ("r", "#main", "b", b"early", "nick", "alice"))]
+        early = [(6, "say", "n1/1", "", "#main", ("#main", "alice", b"early"))]
         [gap] = [self.append_batch(link, loop, "token", early)]
         self.assertEqual(gap.code, "GAP")
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         # A batch after it goes on from there; with another token, nothing of it is done.
-        later = [(5, "say", "n1/1", "", "#main", ("r", "#main", "b", b"again", "nick", "alice"))]
+        later = [(5, "say", "n1/1", "", "#main", ("#main", "alice", b"again"))]
         refused = self.append_batch(link, loop, "not the token", later)
         self.assertIsInstance(refused, module.RedisError)
         self.assertEqual(refused.code, "LEASE")
