@@ -5416,6 +5416,19 @@ local t = time[1] .. '.' .. string.format('%06d', time[2])
 
 local refusals = P .. ':refused:' .. node
 
+-- The log's number and the rooms' positions: read once, counted here, written once at the end
+-- (the script is atomic: nothing else can count meanwhile). A redis.call is most of an entry's
+-- cost in Redis, and Redis runs the script while the node waits for its entries to come back.
+local n0 = tonumber(redis.call('GET', P .. ':n') or '0')
+local n = n0
+local positions = {}    -- room key -> its last position (0: its messages dropped)
+local function next_position(room)
+  local s = positions[room]
+  if s == nil then s = tonumber(redis.call('HGET', P .. ':positions', room) or '0') end
+  positions[room] = s + 1
+  return s + 1
+end
+
 local function append(seq, kind, owner, claim, release, room, data)
   if seq <= sent then   -- sent again: done (or refused) once already
     local refused = redis.call('HGET', refusals, seq)
@@ -5448,15 +5461,15 @@ local function append(seq, kind, owner, claim, release, room, data)
   elseif kind == 'leave' then
     redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
   end
-  local n = redis.call('INCR', P .. ':n')
+  n = n + 1
   local entry = n .. '\n' .. t .. '\n' .. kind .. '\n' .. owner .. '\n' .. data   -- packed
   local id = redis.call('XADD', P .. ':log', '*', 'e', entry)
   if kind == 'say' or kind == 'act' then
-    local s = redis.call('HINCRBY', P .. ':positions', room, 1)
-    redis.call('XADD', P .. ':messages:' .. room, 'MAXLEN', '~', keep, id, 's', s, 'e', entry)
+    redis.call('XADD', P .. ':messages:' .. room, 'MAXLEN', '~', keep, id,
+               's', next_position(room), 'e', entry)
   elseif kind == 'drop' then
     redis.call('DEL', P .. ':messages:' .. room)
-    redis.call('HDEL', P .. ':positions', room)
+    positions[room] = 0
   end
   return id
 end
@@ -5471,6 +5484,14 @@ for i = 5, #ARGV, 7 do
                                  ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
 end
 if done > sent then redis.call('HSET', P .. ':sent', node, done) end
+if n > n0 then redis.call('SET', P .. ':n', n) end
+for room, s in pairs(positions) do
+  if s == 0 then
+    redis.call('HDEL', P .. ':positions', room)
+  else
+    redis.call('HSET', P .. ':positions', room, s)
+  end
+end
 return replies
 """
 

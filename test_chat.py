@@ -11642,6 +11642,34 @@ class ClusterTests(unittest.TestCase):
         [entry_id] = self.append_batch(link, loop, "token", later)
         self.assertEqual(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")[-1][0], entry_id)
 
+    def test_the_append_script_counts_numbers_and_positions_across_a_batch(self):
+        # The script reads the log's number and each room's position once and writes them once
+        # at its end: within a batch and after it they go on one by one, a room's messages
+        # dropped start again from 1, and a dropped room leaves no position behind.
+        module = redis_part()
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        self.assertEqual(redis_call(loop, link, "SET", "chat:lease:n1", "token"), "OK")
+
+        def say(seq, room, text):
+            return (seq, "say", "n1/1", "", room, (room, "alice", text))
+        batch = [say(1, "#main", b"one"), say(2, "#main", b"two"), say(3, "#b", b"three"),
+                 (4, "drop", "n1/1", "", "#b", ("#b",)), say(5, "#main", b"four")]
+        self.assertEqual(len(self.append_batch(link, loop, "token", batch)), 5)
+
+        def kept(room):
+            return [(fields["s"], fields["n"]) for fields in
+                    (module.stream_fields(values) for _, values in
+                     redis_call(loop, link, "XRANGE", "chat:messages:" + room, "-", "+"))]
+        self.assertEqual(kept("#main"), [(b"1", b"1"), (b"2", b"2"), (b"3", b"5")])
+        self.assertEqual(kept("#b"), [])
+        self.assertEqual(redis_call(loop, link, "GET", "chat:n"), b"5")
+        self.assertEqual(redis_call(loop, link, "HGETALL", "chat:positions"), [b"#main", b"3"])
+        self.append_batch(link, loop, "token", [say(6, "#b", b"five"), say(7, "#main", b"six")])
+        self.assertEqual(kept("#b"), [(b"1", b"6")])
+        self.assertEqual(kept("#main")[-1], (b"4", b"7"))
+        self.assertEqual(redis_call(loop, link, "GET", "chat:n"), b"7")
+
     def test_a_turn_of_many_lines_is_one_append_and_every_line_is_acknowledged_in_order(self):
         a, b = self.node(), self.node()
         alice = self.member(a, "alice")
