@@ -4516,6 +4516,10 @@ def _whole_value(pieces, at, last, depth):
                     return values, end     # all bulk strings, each exactly its length
             except IndexError:
                 pass                       # (a long one: checked one by one below)
+        if pieces[first] == b"*2":    # (arrays of pairs: perhaps the log's packed entries)
+            entries = _stream_entries(pieces, first, size, last)
+            if entries is not None:
+                return entries, first + 8 * size
         if depth >= _FAST_DEPTH:
             raise _NotFast()
         items = []
@@ -4538,6 +4542,26 @@ def _whole_value(pieces, at, last, depth):
     if kind == 45:                                        # - error
         return RedisError(head[1:].decode("utf-8", "replace")), at + 1
     raise _NotFast()
+
+
+def _stream_entries(pieces, first, size, last):
+    """``size`` stream entries of one field each ([id, [name, value]], the cluster's packed log
+    entries) from ``pieces[first]`` on, taken as slices of the split and checked in C: every
+    entry is the same 8 pieces. None if they are not that (then the general way takes them)."""
+    end = first + 8 * size
+    if end > last:
+        return None
+    if (pieces[first:end:8] + pieces[first + 3:end:8]).count(b"*2") != 2 * size:
+        return None
+    try:
+        for head in (1, 4, 6):    # the id's, the name's and the value's headers
+            if (list(map(_BULK_HEADS.__getitem__, map(len, pieces[first + head + 1:end:8])))
+                    != pieces[first + head:end:8]):
+                return None
+    except IndexError:
+        return None               # (a value past _BULK_HEADS: the general way checks it)
+    return [[entry_id, [name, value]] for entry_id, name, value in
+            zip(pieces[first + 2:end:8], pieces[first + 5:end:8], pieces[first + 7:end:8])]
 
 
 def encode_command(*args):

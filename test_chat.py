@@ -10607,6 +10607,16 @@ def xread_reply(entries, stream=b"chat:{#main}:log"):
     return b"".join(parts)
 
 
+def packed_xread_reply(values, stream=b"chat:log", first=1):
+    """What XREAD returns for log entries of one packed field ("e") each: the bytes."""
+    parts = [b"*1\r\n*2\r\n$%d\r\n%s\r\n*%d\r\n" % (len(stream), stream, len(values))]
+    for number, value in enumerate(values, first):
+        entry_id = b"1733500000%03d-%d" % (number, number)
+        parts.append(b"*2\r\n$%d\r\n%s\r\n*2\r\n$1\r\ne\r\n$%d\r\n%s\r\n"
+                     % (len(entry_id), entry_id, len(value), value))
+    return b"".join(parts)
+
+
 class RespParserTests(InMemoryTestCase):
 
     def test_every_type_alone(self):
@@ -10739,6 +10749,48 @@ class RespParserTests(InMemoryTestCase):
         for size in (1, 2, 3, 5, 8, 13, 100, 1000, 4096):
             pieces = [data[i:i + size] for i in range(0, len(data), size)]
             self.assertEqual([plain(r) for r in parse_pieces(pieces)], expected, size)
+
+    def test_the_logs_packed_entries_are_taken_at_once_and_the_same_either_way(self):
+        # Every packed entry is the same 8 pieces of the split: _stream_entries takes them as
+        # slices; what is not that shape (a CRLF inside a value, a value past _BULK_HEADS, a
+        # field more, a wrong length) goes the general way. The step-by-step parser is the
+        # reference.
+        module = redis_part()
+        values = [b"%d\n1733500000.5\nsay\nn1/1\n#main\nalice\nline %d" % (n, n)
+                  for n in range(1, 31)]
+        regular = packed_xread_reply(values)
+        pieces = regular.split(b"\r\n")
+        entries = module._stream_entries(pieces, 5, 30, len(pieces) - 1)
+        self.assertEqual(entries, [[b"1733500000%03d-%d" % (n, n), [b"e", values[n - 1]]]
+                                   for n in range(1, 31)])
+        crlf = packed_xread_reply([values[0], b"a\r\nb", values[2]])
+        long_value = packed_xread_reply([values[0], b"v" * 5000])
+        two_fields = (b"*1\r\n*2\r\n$3\r\nlog\r\n*2\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\ne\r\n"
+                      b"$1\r\nx\r\n*2\r\n$3\r\n1-2\r\n*4\r\n$1\r\ns\r\n$1\r\n7\r\n$1\r\ne\r\n"
+                      b"$1\r\ny\r\n")
+        wrong_length = packed_xread_reply([b"abc"]).replace(b"$3\r\nabc", b"$2\r\nabc")
+        for data in (crlf, long_value, two_fields):
+            pieces = data.split(b"\r\n")
+            self.assertIsNone(module._stream_entries(pieces, 5, int(pieces[4][1:]),
+                                                     len(pieces) - 1), data)
+        data = regular + crlf + b"+OK\r\n" + long_value + two_fields + regular
+        reference = module.RespParser()
+        reference.feed(data)
+        expected = []
+        while True:
+            reply = reference._parse()
+            if reply is module.RESP_INCOMPLETE:
+                break
+            expected.append(plain(reply))
+        self.assertEqual(len(expected), 6)
+        self.assertEqual(expected[1][0][1][1], [b"1733500000002-2", [b"e", b"a\r\nb"]])
+        self.assertEqual(expected[4][0][1][1], [b"1-2", [b"s", b"7", b"e", b"y"]])
+        self.assertEqual([plain(r) for r in parse_pieces([data])], expected)
+        for size in (1, 7, 100, 1000):
+            cut = [data[i:i + size] for i in range(0, len(data), size)]
+            self.assertEqual([plain(r) for r in parse_pieces(cut)], expected, size)
+        with self.assertRaises(module.RespProtocolError):
+            parse_pieces([wrong_length])
 
     def test_every_split_position_of_pipelined_xread_replies(self):
         data = xread_reply(2) + b"+OK\r\n" + xread_reply(1)
