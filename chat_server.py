@@ -5844,7 +5844,7 @@ class ClusterNode:
         if isinstance(reply, RedisError):
             return self._fail_start("Redis refused: %s" % reply.message)
         for entry_id, values in reply:
-            self._apply_one(cluster_text(entry_id), stream_fields(values))
+            self._apply_one(cluster_text(entry_id), values)
         if len(reply) == LOG_READ_COUNT:
             return self._read_log_after(self.last_id)   # more: on, a batch at a time
         self._start_reading()
@@ -5888,25 +5888,35 @@ class ClusterNode:
             return self._pause()
         for _, entries in reply or ():
             for entry_id, values in entries:
-                self._apply_one(cluster_text(entry_id), stream_fields(values))
+                self._apply_one(cluster_text(entry_id), values)
         if self.state in (self.READY, self.PAUSED, self.STARTING):
             self._read_more()
 
-    def _apply_one(self, entry_id, fields):
-        """One entry of the log, applied to the replica (in order: a gap, or a log that went
-        back, means this node's replica can't be trusted: it starts again)."""
+    def _apply_one(self, entry_id, values):
+        """One entry of the log (its stream fields as Redis gave them), applied to the replica
+        (in order: a gap, or a log that went back, means this node's replica can't be trusted:
+        it starts again)."""
         if self.state == self.STOPPED:
             return
-        n = int(fields["n"])
+        if len(values) == 2 and values[0] == b"e":     # packed: see ENTRY_FIELDS
+            n, t, kind, owner, data = values[1].split(b"\n", 4)
+        else:                                           # the version before's: a field each
+            fields = stream_fields(values)
+            n, t, kind, data = fields["n"], fields["t"], None, None
+        n = int(n)
         if n != self.last_n + 1 and self.last_n:
             return self._lose("the log of %s has a gap (%d after %d)"
                               % (self.address.shown, n, self.last_n))
         self.last_id, self.last_n = entry_id, n
-        entry = self._decode(fields)
+        if kind == b"say":    # (nearly every entry: its fields split here, without a dict)
+            room_name, _, body = data.split(b"\n", 2)
+            entry = self._decode_say(owner, room_name, body)
+        else:
+            entry = self._decode(unpack_entry(values[1]) if data is not None else fields)
         if entry is None:
             return
         chat = self.chat
-        chat.clock.pin(float(fields["t"]))
+        chat.clock.pin(float(t))
         try:
             chat.apply(entry)
         finally:
@@ -6032,7 +6042,7 @@ class ClusterNode:
         """A log entry as the room core's tuple, its peers and rooms this node's objects."""
         kind = cluster_text(fields["k"])
         if kind == Entry.SAY:
-            return self._decode_say(fields)
+            return self._decode_say(fields["o"], fields.get("r", b""), fields["b"])
         text = {name: cluster_text(value) for name, value in fields.items() if name != "b"}
         owner = text["o"]
         if kind == Entry.JOIN:
@@ -6087,20 +6097,20 @@ class ClusterNode:
             data = None
         return (kind, room, peer, data)
 
-    def _decode_say(self, fields):
-        """A message, the entry nearly every one is: decoded without the general case's dict of
-        every field as text."""
-        peer = self._peer(cluster_text(fields["o"]))
+    def _decode_say(self, owner, room_name, body):
+        """A message, the entry nearly every one is (its owner, room name and text as Redis gave
+        them): decoded without the general case's dict of every field as text."""
+        peer = self._peer(cluster_text(owner))
         if peer is None:
             return None
         room = peer.room
-        if fields.get("r"):    # ("": none, in a packed entry)
-            name = cluster_text(fields["r"])
+        if room_name:    # ("": none)
+            name = cluster_text(room_name)
             if room is None or room.name != name:   # (the same name: the same room)
                 room = self.chat.room_named(name)
                 if room is None:
                     return None
-        return (Entry.SAY, room, peer, fields["b"])
+        return (Entry.SAY, room, peer, body)
 
     def _peer(self, ident):
         node, _, conn = ident.partition("/")

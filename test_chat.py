@@ -10915,6 +10915,33 @@ class PackedEntryTests(RoomTestCase):
                              (b"9", b"1733500000.000001", entry[0].encode(), b"n2/1"))
             self.assertEqual(node._decode(fields), entry, entry)
 
+    def test_a_node_applies_packed_entries_and_the_version_befores_in_the_logs_order(self):
+        mod, node = self.mod, self.node()
+        node.state = node.READY
+        applied, lost = [], []
+        self.chat.apply = lambda entry: applied.append((entry, self.chat.clock.prefix()))
+        node._lose = lost.append
+        old_say = [b"n", b"1", b"t", b"0.5", b"k", b"say", b"o", b"n2/1", b"r", b"#main",
+                   b"b", b"old", b"nick", b"bob"]
+        node._apply_one("1-1", old_say)
+        node._apply_one("2-1", [b"e", self.packed("say", b"#main\nbob\nnew\nline", n=2)])
+        node._apply_one("3-1", [b"e", self.packed("away", b"#main\nlunch", n=3)])
+        node._apply_one("4-1", [b"e", self.packed("say", b"\nbob\nno room named", n=4)])
+        main = self.chat.main
+        self.assertEqual([entry for entry, _ in applied],
+                         [(mod.Entry.SAY, main, self.bob, b"old"),
+                          (mod.Entry.SAY, main, self.bob, b"new\nline"),
+                          (mod.Entry.AWAY, main, self.bob, "lunch"),
+                          (mod.Entry.SAY, main, self.bob, b"no room named")])
+        # Each applied at its entry's time (the same {ts} on every node).
+        stamp = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(1733500000))
+        self.assertEqual(applied[1][1], stamp)
+        self.assertEqual((node.last_id, node.last_n, lost), ("4-1", 4, []))
+        node._apply_one("6-1", [b"e", self.packed("say", b"#main\nbob\nafter a gap", n=6)])
+        self.assertEqual(len(applied), 4)
+        self.assertEqual(len(lost), 1)
+        self.assertIn("gap", lost[0])
+
     def test_a_join_names_a_connection_this_node_did_not_know(self):
         mod, node = self.mod, self.node()
         newcomer = mod.Peer("10.0.0.3:5000", local=False)
