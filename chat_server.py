@@ -5440,17 +5440,31 @@ local t = time[1] .. '.' .. string.format('%06d', time[2])
 
 local refusals = P .. ':refused:' .. node
 
--- The log's number and the rooms' positions: read once, counted here, written once at the end
--- (the script is atomic: nothing else can count meanwhile). A redis.call is most of an entry's
--- cost in Redis, and Redis runs the script while the node waits for its entries to come back.
-local n0 = tonumber(redis.call('GET', P .. ':n') or '0')
-local n = n0
-local positions = {}    -- room key -> its last position (0: its messages dropped)
+-- The log's number and each room's position: counted in Redis by the batch's first entry
+-- (INCR, HINCRBY), then here, and written once at the end (the script is atomic: nothing else
+-- counts meanwhile). A redis.call is most of an entry's cost in Redis, and Redis runs the
+-- script while the node waits for its entries to come back; a batch of one costs what it did.
+local n, n_written      -- the log's last number: as counted here, as in Redis
+local function next_number()
+  if n == nil then
+    n = redis.call('INCR', P .. ':n')
+    n_written = n
+  else
+    n = n + 1
+  end
+  return n
+end
+local positions, positions_written = {}, {}   -- room key -> its last position: here, in Redis
 local function next_position(room)
   local s = positions[room]
-  if s == nil then s = tonumber(redis.call('HGET', P .. ':positions', room) or '0') end
-  positions[room] = s + 1
-  return s + 1
+  if s == nil then
+    s = redis.call('HINCRBY', P .. ':positions', room, 1)
+    positions_written[room] = s
+  else
+    s = s + 1
+  end
+  positions[room] = s
+  return s
 end
 
 local function append(seq, kind, owner, claim, release, room, data)
@@ -5485,15 +5499,15 @@ local function append(seq, kind, owner, claim, release, room, data)
   elseif kind == 'leave' then
     redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
   end
-  n = n + 1
-  local entry = n .. '\n' .. t .. '\n' .. kind .. '\n' .. owner .. '\n' .. data   -- packed
+  local entry = next_number() .. '\n' .. t .. '\n' .. kind .. '\n' .. owner .. '\n' .. data
   local id = redis.call('XADD', P .. ':log', '*', 'e', entry)
   if kind == 'say' or kind == 'act' then
     redis.call('XADD', P .. ':messages:' .. room, 'MAXLEN', '~', keep, id,
                's', next_position(room), 'e', entry)
   elseif kind == 'drop' then
     redis.call('DEL', P .. ':messages:' .. room)
-    positions[room] = 0
+    redis.call('HDEL', P .. ':positions', room)
+    positions[room], positions_written[room] = nil, nil   -- (a say after it: from 1 again)
   end
   return id
 end
@@ -5508,13 +5522,9 @@ for i = 5, #ARGV, 7 do
                                  ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
 end
 if done > sent then redis.call('HSET', P .. ':sent', node, done) end
-if n > n0 then redis.call('SET', P .. ':n', n) end
+if n ~= n_written then redis.call('SET', P .. ':n', n) end
 for room, s in pairs(positions) do
-  if s == 0 then
-    redis.call('HDEL', P .. ':positions', room)
-  else
-    redis.call('HSET', P .. ':positions', room, s)
-  end
+  if s ~= positions_written[room] then redis.call('HSET', P .. ':positions', room, s) end
 end
 return replies
 """
