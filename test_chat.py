@@ -11840,6 +11840,29 @@ class ClusterTests(unittest.TestCase):
         self.addCleanup(carol.close)
         self.assertEqual(carol.said(), "Recent messages (3):")
 
+    def test_a_node_reads_what_the_version_before_left_in_redis(self):
+        # Entries of a field each, as nodes wrote them before the packed format: the log after
+        # the snapshot and a room's kept messages outlive an upgrade, and are read as they were.
+        now, cli = "%.6f" % time.time(), self.redis.cli
+        cli("XADD", "chat:log", "*", "n", "1", "t", now, "k", "join", "o", "old1/1",
+            "nick", "bob", "acct", "", "addr", "10.0.0.9:4000")
+        said = cli("XADD", "chat:log", "*", "n", "2", "t", now, "k", "say", "o", "old1/1",
+                   "r", "#main", "b", "hello from before", "nick", "bob")
+        cli("XADD", "chat:messages:#main", said, "s", "1", "t", now, "k", "say", "r", "#main",
+            "b", "hello from before", "nick", "bob")
+        cli("SET", "chat:n", "2")
+        cli("HSET", "chat:positions", "#main", "1")
+        carol = self.member(self.node(), "carol")
+        self.assertEqual([carol.said(), carol.said()],
+                         ["Recent messages (1):", "bob sent hello from before"])
+        carol.send("/search BEFORE\n")
+        self.assertEqual([carol.said(), carol.said()],
+                         [found(1, "BEFORE", "#main"), "bob sent hello from before"])
+        carol.send("hi bob\n")
+        self.assertEqual([carol.said(), carol.said()], [OK, "YOU SEND USERS hi bob"])
+        self.assertEqual(cli("GET", "chat:n"), "4")   # (carol's join, her line: packed, after)
+        self.assertEqual(cli("HGET", "chat:positions", "#main"), "2")
+
     def test_a_node_that_starts_later_reads_the_snapshot_and_the_log_after_it(self):
         a = self.node()
         alice = self.member(a, "alice")
