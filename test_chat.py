@@ -10949,7 +10949,8 @@ class PackedEntryTests(RoomTestCase):
         data = node._encode((mod.Entry.JOIN, None, newcomer, ("carol", "carol")))
         kind, room, peer, joined = node._decode(mod.stream_fields(
             [b"e", self.packed(mod.Entry.JOIN, data, owner="n2/2")]))
-        self.assertEqual((kind, room, joined), (mod.Entry.JOIN, self.chat.main, ("carol", "carol")))
+        self.assertEqual((kind, room, joined),
+                         (mod.Entry.JOIN, self.chat.main, ("carol", "carol")))
         self.assertEqual((peer.ident, peer.address), ("n2/2", "10.0.0.3:5000"))
 
     def test_a_newline_in_a_field_but_the_last_is_refused(self):
