@@ -4600,6 +4600,10 @@ def _whole_value(pieces, at, last, depth):
                     return values, end     # all bulk strings, each exactly its length
             except IndexError:
                 pass                       # (a long one: checked one by one below)
+        if pieces[first] == b"*2":    # (arrays of pairs: perhaps the log's packed entries)
+            entries = _stream_entries(pieces, first, size, last)
+            if entries is not None:
+                return entries, first + 8 * size
         if depth >= _FAST_DEPTH:
             raise _NotFast()
         items = []
@@ -4622,6 +4626,26 @@ def _whole_value(pieces, at, last, depth):
     if kind == 45:                                        # - error
         return RedisError(head[1:].decode("utf-8", "replace")), at + 1
     raise _NotFast()
+
+
+def _stream_entries(pieces, first, size, last):
+    """``size`` stream entries of one field each ([id, [name, value]], the cluster's packed log
+    entries) from ``pieces[first]`` on, taken as slices of the split and checked in C: every
+    entry is the same 8 pieces. None if they are not that (then the general way takes them)."""
+    end = first + 8 * size
+    if end > last:
+        return None
+    if (pieces[first:end:8] + pieces[first + 3:end:8]).count(b"*2") != 2 * size:
+        return None
+    try:
+        for head in (1, 4, 6):    # the id's, the name's and the value's headers
+            if (list(map(_BULK_HEADS.__getitem__, map(len, pieces[first + head + 1:end:8])))
+                    != pieces[first + head:end:8]):
+                return None
+    except IndexError:
+        return None               # (a value past _BULK_HEADS: the general way checks it)
+    return [[entry_id, [name, value]] for entry_id, name, value in
+            zip(pieces[first + 2:end:8], pieces[first + 5:end:8], pieces[first + 7:end:8])]
 
 
 def encode_command(*args):
@@ -5450,6 +5474,16 @@ class RedisLink:
 # its members' connections itself; the others' reaper then appends their leaves, once, and frees
 # their nicknames. While Redis is unreachable, a node holds its members' lines (nothing is lost,
 # nothing acknowledged) and says so.
+#
+# An entry in Redis is one stream field, "e": its number, time, kind and owner, then its own
+# fields (ENTRY_FIELDS, by kind), joined by "\n" (a kept message adds its position, "s"). The
+# script writes it without reading it, a node splits it twice: a message is 5 RESP elements in
+# an XREAD, not 19 (a field and a name each), in the script 7 arguments, not 13. No field but
+# an entry's last may hold a "\n" (every one is a name, a key, a number, JSON or part of one
+# line, which never has one); the last, a message's text, may hold anything. A node still reads
+# the entries of the versions before (a field for each: "n", "t", "k", "o"...), in the log after
+# the snapshot and in the rooms' kept messages, which outlive an upgrade; it does not write them,
+# so every node of a cluster is stopped before the new version starts (see OPERATIONS.md).
 # =============================================================================================
 
 LEASE_SECONDS = 10.0        # a node's lease: past it, its members are the reaper's
@@ -5467,8 +5501,9 @@ APPEND_BATCH = 500          # entries one run of the APPEND script takes at most
 #
 # APPEND: a loop turn's entries of this node, in one run (one EVALSHA a turn, not one an entry:
 # the command's cost in both processes is paid once). ARGV: prefix, node, lease token, --keep,
-# then each entry: the node's number for it, kind, owner ("node/connection"), nickname keys to
-# claim, keys to release, room key, the count of its fields, then its fields (name, value...).
+# then seven for each entry: the node's number for it, kind, owner ("node/connection"), nickname
+# keys to claim, keys to release, room key, and its own fields packed (ENTRY_FIELDS), which the
+# script puts after the entry's number, time, kind and owner without reading them.
 # The lease is checked once, for all of them (the script is atomic: no lease can end midway).
 # The reply: one element per entry, in their order: its id in the log, "again" (sent again after
 # a lost connection, and done already: once is enough), or an error (BUSY KEY: that nickname is
@@ -5489,7 +5524,34 @@ local t = time[1] .. '.' .. string.format('%06d', time[2])
 
 local refusals = P .. ':refused:' .. node
 
-local function append(seq, kind, owner, claim, release, room, first, last)
+-- The log's number and each room's position: counted in Redis by the batch's first entry
+-- (INCR, HINCRBY), then here, and written once at the end (the script is atomic: nothing else
+-- counts meanwhile). A redis.call is most of an entry's cost in Redis, and Redis runs the
+-- script while the node waits for its entries to come back; a batch of one costs what it did.
+local n, n_written      -- the log's last number: as counted here, as in Redis
+local function next_number()
+  if n == nil then
+    n = redis.call('INCR', P .. ':n')
+    n_written = n
+  else
+    n = n + 1
+  end
+  return n
+end
+local positions, positions_written = {}, {}   -- room key -> its last position: here, in Redis
+local function next_position(room)
+  local s = positions[room]
+  if s == nil then
+    s = redis.call('HINCRBY', P .. ':positions', room, 1)
+    positions_written[room] = s
+  else
+    s = s + 1
+  end
+  positions[room] = s
+  return s
+end
+
+local function append(seq, kind, owner, claim, release, room, data)
   if seq <= sent then   -- sent again: done (or refused) once already
     local refused = redis.call('HGET', refusals, seq)
     if refused then return redis.error_reply('BUSY ' .. refused) end
@@ -5521,18 +5583,15 @@ local function append(seq, kind, owner, claim, release, room, first, last)
   elseif kind == 'leave' then
     redis.call('HDEL', P .. ':conns:' .. owner_node, conn)
   end
-  local n = redis.call('INCR', P .. ':n')
-  local fields = {'n', n, 't', t, 'k', kind, 'o', owner}
-  for i = first, last do fields[#fields + 1] = ARGV[i] end
-  local id = redis.call('XADD', P .. ':log', '*', unpack(fields))
+  local entry = next_number() .. '\n' .. t .. '\n' .. kind .. '\n' .. owner .. '\n' .. data
+  local id = redis.call('XADD', P .. ':log', '*', 'e', entry)
   if kind == 'say' or kind == 'act' then
-    local s = redis.call('HINCRBY', P .. ':positions', room, 1)
-    local kept = {'MAXLEN', '~', keep, id, 's', s, 't', t, 'k', kind}
-    for i = first, last do kept[#kept + 1] = ARGV[i] end
-    redis.call('XADD', P .. ':messages:' .. room, unpack(kept))
+    redis.call('XADD', P .. ':messages:' .. room, 'MAXLEN', '~', keep, id,
+               's', next_position(room), 'e', entry)
   elseif kind == 'drop' then
     redis.call('DEL', P .. ':messages:' .. room)
     redis.call('HDEL', P .. ':positions', room)
+    positions[room], positions_written[room] = nil, nil   -- (a say after it: from 1 again)
   end
   return id
 end
@@ -5542,14 +5601,15 @@ if tonumber(ARGV[5]) > sent + 1 then   -- an earlier batch has not run: this one
 end
 
 local replies = {}
-local i = 5
-while i <= #ARGV do
-  local first, last = i + 7, i + 6 + 2 * tonumber(ARGV[i + 6])
+for i = 5, #ARGV, 7 do
   replies[#replies + 1] = append(tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-                                 ARGV[i + 4], ARGV[i + 5], first, last)
-  i = last + 1
+                                 ARGV[i + 4], ARGV[i + 5], ARGV[i + 6])
 end
 if done > sent then redis.call('HSET', P .. ':sent', node, done) end
+if n ~= n_written then redis.call('SET', P .. ':n', n) end
+for room, s in pairs(positions) do
+  if s ~= positions_written[room] then redis.call('HSET', P .. ':positions', room, s) end
+end
 return replies
 """
 
@@ -5576,8 +5636,8 @@ for _, node in ipairs(redis.call('HKEYS', P .. ':nodes')) do
       local time = redis.call('TIME')
       local t = time[1] .. '.' .. string.format('%06d', time[2])
       local n = redis.call('INCR', P .. ':n')
-      redis.call('XADD', P .. ':log', '*', 'n', n, 't', t, 'k', 'leave', 'o', owner,
-                 'why', 'node gone')
+      redis.call('XADD', P .. ':log', '*', 'e',      -- packed: no room, why "node gone"
+                 n .. '\n' .. t .. '\nleave\n' .. owner .. '\n\nnode gone')
     end
     redis.call('DEL', P .. ':conns:' .. node)
     redis.call('HDEL', P .. ':nodes', node)
@@ -5596,6 +5656,67 @@ redis.call('HSET', P .. ':snapshot', 'n', n, 'id', id, 'data', data)
 redis.call('XTRIM', P .. ':log', 'MINID', id)
 return 1
 """
+
+
+# Each kind's own fields in a packed entry, in their order; the room's name ("r", "" for none)
+# first; the only one that may hold a "\n" last. A field that is None is left off the end
+# (the text of /away or /topic: None is "back" or "cleared", "" an empty text).
+ENTRY_FIELDS = {
+    Entry.SAY: ("r", "nick", "b"),
+    Entry.ACT: ("r", "nick", "x"),
+    Entry.TOPIC: ("r", "x"),
+    Entry.AWAY: ("r", "x"),
+    Entry.JOIN: ("r", "nick", "acct", "addr"),
+    Entry.RENAME: ("r", "nick", "acct", "addr"),
+    Entry.LEAVE: ("r", "why", "tr", "tself"),
+    Entry.MOVE: ("r", "to", "kh"),
+    Entry.PRIVATE: ("r", "to", "x"),
+    Entry.WAIT: ("r", "acct", "nick", "x"),
+    Entry.ACCOUNT: ("r", "do", "key", "nick", "hash"),
+    Entry.BAN: ("r", "ban"),
+    Entry.UNBAN: ("r", "ban"),
+    Entry.MUTE: ("r", "to", "mute"),
+    Entry.UNMUTE: ("r", "key"),
+    Entry.OPERATOR: ("r", "made", "key", "nick"),
+    Entry.DROP: ("r",),
+}
+
+
+def pack_fields(values):
+    """An entry's own fields (text; the last may be bytes), in ENTRY_FIELDS' order, as the one
+    value the APPEND script takes. A "\n" in any but the last would shift the fields after it:
+    a program error, refused here rather than written to the log."""
+    *head, last = values
+    for value in head:
+        if "\n" in value:
+            raise ValueError("a log entry's field other than its last holds a newline: %r"
+                             % value)
+    head = "\n".join(head).encode("utf-8")
+    last = last if isinstance(last, bytes) else last.encode("utf-8")
+    return head + b"\n" + last if values[:-1] else last
+
+
+def unpack_entry(value):
+    """A packed entry (the "e" field) as the fields of a stream entry of the versions before:
+    a dict of names (text) to values (bytes), "n", "t", "k" and "o" included."""
+    n, t, kind, owner, data = value.split(b"\n", 4)
+    names = ENTRY_FIELDS.get(_FIELD_NAMES[kind], ("r",))
+    fields = dict(zip(names, data.split(b"\n", len(names) - 1)))
+    fields["n"], fields["t"], fields["k"], fields["o"] = n, t, kind, owner
+    return fields
+
+
+def stream_fields(values):
+    """A stream entry's [name, value, ...] (of the log, or of a room's kept messages) as a dict,
+    names as text, values as Redis gave them (bytes): packed ("e", last) or, written by a
+    version before, a field each."""
+    if len(values) >= 2 and values[-2] == b"e":
+        fields = unpack_entry(values[-1])
+        if len(values) > 2:      # (a kept message: its position "s" first)
+            fields.update(zip(map(_FIELD_NAMES.__getitem__, values[:-2:2]), values[1:-2:2]))
+        return fields
+    # Built in C: the names are few, and decoded once each (_FieldNames).
+    return dict(zip(map(_FIELD_NAMES.__getitem__, values[::2]), values[1::2]))
 
 
 class ClusterStore(MemoryStore):
@@ -5678,7 +5799,7 @@ def cluster_text(value):
 
 class _FieldNames(dict):
     """Stream field names (bytes) -> text, each decoded once: the log's entries have a dozen
-    names between them, so ``ClusterNode._fields`` finds them in this dict, in C."""
+    names between them, so ``stream_fields`` finds them in this dict, in C."""
 
     def __missing__(self, name):
         text = cluster_text(name)
@@ -5798,7 +5919,7 @@ class ClusterNode:
             return
         kept = []
         for _, values in reversed(reply):
-            fields = self._fields(values)
+            fields = stream_fields(values)
             line, size = self._message_line(fields)
             kept.append((int(fields["s"]), line, size))
         self.chat.store.window(key, kept)
@@ -5817,7 +5938,7 @@ class ClusterNode:
         if isinstance(reply, RedisError):
             return self._fail_start("Redis refused: %s" % reply.message)
         for entry_id, values in reply:
-            self._apply_one(cluster_text(entry_id), self._fields(values))
+            self._apply_one(cluster_text(entry_id), values)
         if len(reply) == LOG_READ_COUNT:
             return self._read_log_after(self.last_id)   # more: on, a batch at a time
         self._start_reading()
@@ -5861,31 +5982,35 @@ class ClusterNode:
             return self._pause()
         for _, entries in reply or ():
             for entry_id, values in entries:
-                self._apply_one(cluster_text(entry_id), self._fields(values))
+                self._apply_one(cluster_text(entry_id), values)
         if self.state in (self.READY, self.PAUSED, self.STARTING):
             self._read_more()
 
-    @staticmethod
-    def _fields(values):
-        """A stream entry's [name, value, ...] as a dict, names as text, values as Redis gave
-        them (bytes), built in C: the names are few, and decoded once each (_FieldNames)."""
-        return dict(zip(map(_FIELD_NAMES.__getitem__, values[::2]), values[1::2]))
-
-    def _apply_one(self, entry_id, fields):
-        """One entry of the log, applied to the replica (in order: a gap, or a log that went
-        back, means this node's replica can't be trusted: it starts again)."""
+    def _apply_one(self, entry_id, values):
+        """One entry of the log (its stream fields as Redis gave them), applied to the replica
+        (in order: a gap, or a log that went back, means this node's replica can't be trusted:
+        it starts again)."""
         if self.state == self.STOPPED:
             return
-        n = int(fields["n"])
+        if len(values) == 2 and values[0] == b"e":     # packed: see ENTRY_FIELDS
+            n, t, kind, owner, data = values[1].split(b"\n", 4)
+        else:                                           # the version before's: a field each
+            fields = stream_fields(values)
+            n, t, kind, data = fields["n"], fields["t"], None, None
+        n = int(n)
         if n != self.last_n + 1 and self.last_n:
             return self._lose("the log of %s has a gap (%d after %d)"
                               % (self.address.shown, n, self.last_n))
         self.last_id, self.last_n = entry_id, n
-        entry = self._decode(fields)
+        if kind == b"say":    # (nearly every entry: its fields split here, without a dict)
+            room_name, _, body = data.split(b"\n", 2)
+            entry = self._decode_say(owner, room_name, body)
+        else:
+            entry = self._decode(unpack_entry(values[1]) if data is not None else fields)
         if entry is None:
             return
         chat = self.chat
-        chat.clock.pin(float(fields["t"]))
+        chat.clock.pin(float(t))
         try:
             chat.apply(entry)
         finally:
@@ -5924,11 +6049,8 @@ class ClusterNode:
         if kind == Entry.DROP:
             room_key = room.key
         self._op_ids += 1
-        fields = self._encode(entry)
-        args = [self._op_ids, kind, peer.ident, claim, release, room_key, len(fields)]
-        for name, value in fields:
-            args += (name, value)
-        self._batch.append((args, entry))
+        self._batch.append(([self._op_ids, kind, peer.ident, claim, release, room_key,
+                             self._encode(entry)], entry))
 
     def _send_batch(self):
         """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
@@ -5977,46 +6099,44 @@ class ClusterNode:
             self._lose("Redis refused an entry (%s): %s" % (kind, reply))
 
     def _encode(self, entry):
-        """The entry's data as stream fields (the room and the peer go in the script's own)."""
+        """The entry's own fields, packed (ENTRY_FIELDS; the peer goes in the script's own)."""
         kind, room, peer, data = entry
-        fields = [("r", room.name)] if room is not None else []
-        if kind == Entry.SAY:
-            fields.append(("b", data))
-        elif kind in (Entry.ACT, Entry.TOPIC, Entry.AWAY):
-            if data is not None:
-                fields.append(("x", data))
+        room_name = room.name if room is not None else ""
+        if kind == SAY:   # (nearly every entry: a room's name and a nickname never hold "\n")
+            return b"\n".join((room_name.encode("utf-8"), peer.nick.encode("utf-8"), data))
+        if kind == Entry.ACT:
+            values = [room_name, peer.nick, data]
+        elif kind in (Entry.TOPIC, Entry.AWAY):
+            values = [room_name] if data is None else [room_name, data]
         elif kind in (Entry.JOIN, Entry.RENAME):
-            fields += [("nick", data[0]), ("acct", data[1] or ""), ("addr", peer.address)]
+            values = [room_name, data[0], data[1] or "", peer.address]
         elif kind == Entry.LEAVE:
-            fields += [("why", data[0]), ("tr", data[1] or ""), ("tself", data[2] or "")]
+            values = [room_name, data[0], data[1] or "", data[2] or ""]
         elif kind == Entry.MOVE:
-            fields += [("to", data[0]), ("kh", data[1] or "")]
+            values = [room_name, data[0], data[1] or ""]
         elif kind == Entry.PRIVATE:
-            fields += [("to", data[0].ident), ("x", data[1])]
+            values = [room_name, data[0].ident, data[1]]
         elif kind == Entry.WAIT:
-            fields += [("acct", data[0]), ("nick", data[1]), ("x", data[2])]
+            values = [room_name, data[0], data[1], data[2]]
         elif kind == Entry.ACCOUNT:
-            fields += [("do", data[0]), ("key", data[1]), ("nick", data[2]),
-                       ("hash", data[3] or "")]
-        elif kind == Entry.BAN:
-            fields += [("ban", _json().dumps(list(data)))]
-        elif kind == Entry.UNBAN:
-            fields += [("ban", _json().dumps(list(data)))]
+            values = [room_name, data[0], data[1], data[2], data[3] or ""]
+        elif kind in (Entry.BAN, Entry.UNBAN):
+            values = [room_name, _json().dumps(list(data))]
         elif kind == Entry.MUTE:
-            fields += [("to", data[0].ident), ("mute", _json().dumps(list(data[1])))]
+            values = [room_name, data[0].ident, _json().dumps(list(data[1]))]
         elif kind == Entry.UNMUTE:
-            fields.append(("key", data))
+            values = [room_name, data]
         elif kind == Entry.OPERATOR:
-            fields += [("made", "1" if data[0] else ""), ("key", data[1]), ("nick", data[2])]
-        if kind == Entry.SAY or kind == Entry.ACT:
-            fields.append(("nick", peer.nick))
-        return fields
+            values = [room_name, "1" if data[0] else "", data[1], data[2]]
+        else:
+            values = [room_name]
+        return pack_fields(values)
 
     def _decode(self, fields):
         """A log entry as the room core's tuple, its peers and rooms this node's objects."""
         kind = cluster_text(fields["k"])
         if kind == Entry.SAY:
-            return self._decode_say(fields)
+            return self._decode_say(fields["o"], fields.get("r", b""), fields["b"])
         text = {name: cluster_text(value) for name, value in fields.items() if name != "b"}
         owner = text["o"]
         if kind == Entry.JOIN:
@@ -6027,7 +6147,8 @@ class ClusterNode:
             return None   # (an entry about a connection this replica never knew: none of ours)
         chat = self.chat
         room = peer.room if kind not in (Entry.JOIN, Entry.DROP) else chat.main
-        if "r" in text and kind in (Entry.SAY, Entry.ACT, Entry.TOPIC, Entry.DROP, Entry.MUTE):
+        if text.get("r") and kind in (Entry.SAY, Entry.ACT, Entry.TOPIC, Entry.DROP,
+                                      Entry.MUTE):   # ("": none, in a packed entry)
             room = chat.room_named(text["r"])
             if room is None:
                 return None
@@ -6070,20 +6191,20 @@ class ClusterNode:
             data = None
         return (kind, room, peer, data)
 
-    def _decode_say(self, fields):
-        """A message, the entry nearly every one is: decoded without the general case's dict of
-        every field as text."""
-        peer = self._peer(cluster_text(fields["o"]))
+    def _decode_say(self, owner, room_name, body):
+        """A message, the entry nearly every one is (its owner, room name and text as Redis gave
+        them): decoded without the general case's dict of every field as text."""
+        peer = self._peer(cluster_text(owner))
         if peer is None:
             return None
         room = peer.room
-        if "r" in fields:
-            name = cluster_text(fields["r"])
+        if room_name:    # ("": none)
+            name = cluster_text(room_name)
             if room is None or room.name != name:   # (the same name: the same room)
                 room = self.chat.room_named(name)
                 if room is None:
                     return None
-        return (Entry.SAY, room, peer, fields["b"])
+        return (Entry.SAY, room, peer, body)
 
     def _peer(self, ident):
         node, _, conn = ident.partition("/")
@@ -6129,7 +6250,7 @@ class ClusterNode:
                 reply = []
             found = []
             for _, values in reversed(reply):
-                fields = self._fields(values)
+                fields = stream_fields(values)
                 line, size = self._message_line(fields)
                 if folded in text_of_line(line, len(line) - size - 1):
                     found.append(line)

@@ -10663,6 +10663,16 @@ def xread_reply(entries, stream=b"chat:{#main}:log"):
     return b"".join(parts)
 
 
+def packed_xread_reply(values, stream=b"chat:log", first=1):
+    """What XREAD returns for log entries of one packed field ("e") each: the bytes."""
+    parts = [b"*1\r\n*2\r\n$%d\r\n%s\r\n*%d\r\n" % (len(stream), stream, len(values))]
+    for number, value in enumerate(values, first):
+        entry_id = b"1733500000%03d-%d" % (number, number)
+        parts.append(b"*2\r\n$%d\r\n%s\r\n*2\r\n$1\r\ne\r\n$%d\r\n%s\r\n"
+                     % (len(entry_id), entry_id, len(value), value))
+    return b"".join(parts)
+
+
 class RespParserTests(InMemoryTestCase):
 
     def test_every_type_alone(self):
@@ -10796,6 +10806,48 @@ class RespParserTests(InMemoryTestCase):
             pieces = [data[i:i + size] for i in range(0, len(data), size)]
             self.assertEqual([plain(r) for r in parse_pieces(pieces)], expected, size)
 
+    def test_the_logs_packed_entries_are_taken_at_once_and_the_same_either_way(self):
+        # Every packed entry is the same 8 pieces of the split: _stream_entries takes them as
+        # slices; what is not that shape (a CRLF inside a value, a value past _BULK_HEADS, a
+        # field more, a wrong length) goes the general way. The step-by-step parser is the
+        # reference.
+        module = redis_part()
+        values = [b"%d\n1733500000.5\nsay\nn1/1\n#main\nalice\nline %d" % (n, n)
+                  for n in range(1, 31)]
+        regular = packed_xread_reply(values)
+        pieces = regular.split(b"\r\n")
+        entries = module._stream_entries(pieces, 5, 30, len(pieces) - 1)
+        self.assertEqual(entries, [[b"1733500000%03d-%d" % (n, n), [b"e", values[n - 1]]]
+                                   for n in range(1, 31)])
+        crlf = packed_xread_reply([values[0], b"a\r\nb", values[2]])
+        long_value = packed_xread_reply([values[0], b"v" * 5000])
+        two_fields = (b"*1\r\n*2\r\n$3\r\nlog\r\n*2\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\ne\r\n"
+                      b"$1\r\nx\r\n*2\r\n$3\r\n1-2\r\n*4\r\n$1\r\ns\r\n$1\r\n7\r\n$1\r\ne\r\n"
+                      b"$1\r\ny\r\n")
+        wrong_length = packed_xread_reply([b"abc"]).replace(b"$3\r\nabc", b"$2\r\nabc")
+        for data in (crlf, long_value, two_fields):
+            pieces = data.split(b"\r\n")
+            self.assertIsNone(module._stream_entries(pieces, 5, int(pieces[4][1:]),
+                                                     len(pieces) - 1), data)
+        data = regular + crlf + b"+OK\r\n" + long_value + two_fields + regular
+        reference = module.RespParser()
+        reference.feed(data)
+        expected = []
+        while True:
+            reply = reference._parse()
+            if reply is module.RESP_INCOMPLETE:
+                break
+            expected.append(plain(reply))
+        self.assertEqual(len(expected), 6)
+        self.assertEqual(expected[1][0][1][1], [b"1733500000002-2", [b"e", b"a\r\nb"]])
+        self.assertEqual(expected[4][0][1][1], [b"1-2", [b"s", b"7", b"e", b"y"]])
+        self.assertEqual([plain(r) for r in parse_pieces([data])], expected)
+        for size in (1, 7, 100, 1000):
+            cut = [data[i:i + size] for i in range(0, len(data), size)]
+            self.assertEqual([plain(r) for r in parse_pieces(cut)], expected, size)
+        with self.assertRaises(module.RespProtocolError):
+            parse_pieces([wrong_length])
+
     def test_every_split_position_of_pipelined_xread_replies(self):
         data = xread_reply(2) + b"+OK\r\n" + xread_reply(1)
         expected = parse_pieces([data])
@@ -10860,6 +10912,141 @@ class ClusterBatchReplyTests(InMemoryTestCase):
         node = self.answer(entries, [server.RedisError("BUSY nick:x"), b"1-2", b"1-3"])
         self.assertEqual(len(node.lost), 1)
         self.assertEqual(node.notices, [])
+
+
+class PackedEntryTests(RoomTestCase):
+    """A log entry as Redis keeps it: one field, packed (number, time, kind, owner, then the
+    entry's own fields by ENTRY_FIELDS), and what a node makes of it; the entries of the
+    versions before (a field each) still read."""
+
+    def node(self):
+        """A node of cluster "chat" on this test's Chat, with bob (another node's) in #main."""
+        node = self.mod.ClusterNode("redis://127.0.0.1:1")
+        node.chat = self.chat
+        self.bob = node._remote("n2/1", "10.0.0.2:4000")
+        self.chat._named(self.bob, "bob", None)
+        self.bob.member = True
+        self.chat._enter_room(self.bob, self.chat.main)
+        return node
+
+    def packed(self, kind, data, n=9, owner="n2/1"):
+        """The "e" field the APPEND script writes for ``data`` (the node's packed fields)."""
+        return b"%d\n1733500000.000001\n%s\n%s\n" % (n, kind.encode(), owner.encode()) + data
+
+    def test_each_kind_of_entry_comes_back_as_it_went(self):
+        mod, node = self.mod, self.node()
+        main, Entry = self.chat.main, mod.Entry
+        ban = mod.Ban("nick", "eve", "Eve", 1.5, "spam,\tand more")
+        entries = [
+            (Entry.SAY, main, self.bob, b"hi \xff\r\nthere\n"),   # (the last field: anything)
+            (Entry.ACT, main, self.bob, "waves\n"),
+            (Entry.TOPIC, main, self.bob, "a topic"),
+            (Entry.TOPIC, main, self.bob, None),          # cleared
+            (Entry.AWAY, main, self.bob, ""),             # away, without a text
+            (Entry.AWAY, main, self.bob, None),           # back
+            (Entry.RENAME, main, self.bob, ("robert", "robert")),
+            (Entry.RENAME, main, self.bob, ("bobby", None)),
+            (Entry.LEAVE, main, self.bob, (mod.Reason.KICKED, "bob was kicked by ann: x", None)),
+            (Entry.LEAVE, main, self.bob, (mod.Reason.QUIT, None, None)),
+            (Entry.MOVE, main, self.bob, ("#new", "abc123")),
+            (Entry.MOVE, main, self.bob, ("#old", None)),
+            (Entry.PRIVATE, main, self.bob, (self.bob, "psst")),
+            (Entry.WAIT, main, self.bob, ("ann", "Ann", "later")),
+            (Entry.ACCOUNT, main, self.bob, ("register", "bob", "bob", "scrypt$1$2")),
+            (Entry.ACCOUNT, main, self.bob, ("unregister", "bob", "bob", None)),
+            (Entry.BAN, main, self.bob, ban),
+            (Entry.UNBAN, main, self.bob, ("nick", "eve")),
+            (Entry.MUTE, main, self.bob, (self.bob, mod.Mute("bob", "bob", 2.5))),
+            (Entry.UNMUTE, main, self.bob, "bob"),
+            (Entry.OPERATOR, main, self.bob, (True, "ann", "Ann")),
+            (Entry.OPERATOR, main, self.bob, (False, "ann", "Ann")),
+            (Entry.DROP, main, self.bob, None),
+        ]
+        self.assertEqual({entry[0] for entry in entries} | {Entry.JOIN},
+                         set(mod.ENTRY_FIELDS), "a kind left out of this test")
+        for entry in entries:
+            value = self.packed(entry[0], node._encode(entry))
+            fields = mod.stream_fields([b"e", value])
+            self.assertEqual((fields["n"], fields["t"], fields["k"], fields["o"]),
+                             (b"9", b"1733500000.000001", entry[0].encode(), b"n2/1"))
+            self.assertEqual(node._decode(fields), entry, entry)
+
+    def test_a_node_applies_packed_entries_and_the_version_befores_in_the_logs_order(self):
+        mod, node = self.mod, self.node()
+        node.state = node.READY
+        applied, lost = [], []
+        self.chat.apply = lambda entry: applied.append((entry, self.chat.clock.prefix()))
+        node._lose = lost.append
+        old_say = [b"n", b"1", b"t", b"0.5", b"k", b"say", b"o", b"n2/1", b"r", b"#main",
+                   b"b", b"old", b"nick", b"bob"]
+        node._apply_one("1-1", old_say)
+        node._apply_one("2-1", [b"e", self.packed("say", b"#main\nbob\nnew\nline", n=2)])
+        node._apply_one("3-1", [b"e", self.packed("away", b"#main\nlunch", n=3)])
+        node._apply_one("4-1", [b"e", self.packed("say", b"\nbob\nno room named", n=4)])
+        main = self.chat.main
+        self.assertEqual([entry for entry, _ in applied],
+                         [(mod.Entry.SAY, main, self.bob, b"old"),
+                          (mod.Entry.SAY, main, self.bob, b"new\nline"),
+                          (mod.Entry.AWAY, main, self.bob, "lunch"),
+                          (mod.Entry.SAY, main, self.bob, b"no room named")])
+        # Each applied at its entry's time (the same {ts} on every node).
+        stamp = time.strftime("%Y-%m-%d %H:%M: ", time.localtime(1733500000))
+        self.assertEqual(applied[1][1], stamp)
+        self.assertEqual((node.last_id, node.last_n, lost), ("4-1", 4, []))
+        node._apply_one("6-1", [b"e", self.packed("say", b"#main\nbob\nafter a gap", n=6)])
+        self.assertEqual(len(applied), 4)
+        self.assertEqual(len(lost), 1)
+        self.assertIn("gap", lost[0])
+
+    def test_a_join_names_a_connection_this_node_did_not_know(self):
+        mod, node = self.mod, self.node()
+        newcomer = mod.Peer("10.0.0.3:5000", local=False)
+        newcomer.ident = "n2/2"
+        data = node._encode((mod.Entry.JOIN, None, newcomer, ("carol", "carol")))
+        kind, room, peer, joined = node._decode(mod.stream_fields(
+            [b"e", self.packed(mod.Entry.JOIN, data, owner="n2/2")]))
+        self.assertEqual((kind, room, joined),
+                         (mod.Entry.JOIN, self.chat.main, ("carol", "carol")))
+        self.assertEqual((peer.ident, peer.address), ("n2/2", "10.0.0.3:5000"))
+
+    def test_a_newline_in_a_field_but_the_last_is_refused(self):
+        # It would shift every field after it: the entry would say something else.
+        with self.assertRaises(ValueError):
+            self.mod.pack_fields(["#main", "bob\nsays", b"hi"])
+        self.assertEqual(self.mod.pack_fields(["#main", "bob", b"hi\nthere"]),
+                         b"#main\nbob\nhi\nthere")
+        self.assertEqual(self.mod.pack_fields(["#main"]), b"#main")
+
+    def test_a_kept_message_has_its_position_and_the_packed_entry(self):
+        mod = self.mod
+        value = self.packed("say", b"#main\nbob\nhello")
+        fields = mod.stream_fields([b"s", b"41", b"e", value])
+        self.assertEqual((fields["s"], fields["t"], fields["nick"], fields["b"]),
+                         (b"41", b"1733500000.000001", b"bob", b"hello"))
+
+    def test_the_entries_of_the_version_before_still_read(self):
+        # Written by a node of the version before: a field each (in the log after the snapshot,
+        # and in a room's kept messages, which outlive an upgrade).
+        mod, node = self.mod, self.node()
+        said = [b"n", b"3", b"t", b"1733500000.5", b"k", b"say", b"o", b"n2/1", b"r", b"#main",
+                b"b", b"hi", b"nick", b"bob"]
+        self.assertEqual(node._decode(mod.stream_fields(said)),
+                         (mod.Entry.SAY, self.chat.main, self.bob, b"hi"))
+        away = [b"n", b"4", b"t", b"1.5", b"k", b"away", b"o", b"n2/1", b"r", b"#main"]
+        self.assertEqual(node._decode(mod.stream_fields(away)),
+                         (mod.Entry.AWAY, self.chat.main, self.bob, None))
+        kept = [b"s", b"7", b"t", b"1733500000.5", b"k", b"say", b"r", b"#main", b"b", b"hi",
+                b"nick", b"bob"]
+        line, size = node._message_line(mod.stream_fields(kept))
+        self.assertEqual((line.endswith(b"bob sent hi\n") or line, size), (True, 2))
+
+    def test_the_reapers_leave_reads_as_a_leave_for_a_node_gone(self):
+        mod, node = self.mod, self.node()
+        # (as REAP_SCRIPT writes it: no room, then the reason)
+        self.assertIn("'\\nleave\\n' .. owner .. '\\n\\nnode gone'", mod.REAP_SCRIPT)
+        value = b"5\n1.5\nleave\nn2/1\n\nnode gone"
+        self.assertEqual(node._decode(mod.stream_fields([b"e", value])),
+                         (mod.Entry.LEAVE, self.chat.main, self.bob, ("node gone", None, None)))
 
 
 class RedisCommandEncodingTests(InMemoryTestCase):
@@ -11528,12 +11715,13 @@ class ClusterTests(unittest.TestCase):
         return client
 
     def append_batch(self, link, loop, token, entries):
-        """The APPEND script's reply to ``entries`` ((seq, kind, owner, claim, room, fields)),
-        node "n1" with lease ``token``, as a node's turn sends them."""
+        """The APPEND script's reply to ``entries`` ((seq, kind, owner, claim, room, fields:
+        the entry's own, in ENTRY_FIELDS' order)), node "n1" with lease ``token``, as a node's
+        turn sends them."""
         module = redis_part()
         args = ["chat", "n1", token, 100]
         for seq, kind, owner, claim, room, fields in entries:
-            args += [seq, kind, owner, claim, "", room, len(fields) // 2] + list(fields)
+            args += [seq, kind, owner, claim, "", room, module.pack_fields(fields)]
         replies = []
         link.evalsha(module.APPEND_SCRIPT, (), args, replies.append)
         loop.run_until(lambda: replies, "the APPEND script's reply")
@@ -11545,20 +11733,28 @@ class ClusterTests(unittest.TestCase):
         link, _ = ready_link(self, loop, self.redis.url)
         self.assertEqual(redis_call(loop, link, "SET", "chat:lease:n1", "token"), "OK")
         redis_call(loop, link, "HSET", "chat:claims", "bob", "n2/7")  # bob: another node's
-        batch = [(1, "join", "n1/1", "alice", "", ("r", "#main", "nick", "alice")),
-                 (2, "join", "n1/2", "bob", "", ("r", "#main", "nick", "bob")),   # refused
-                 (3, "say", "n1/1", "", "#main", ("r", "#main", "b", b"hi\r\n\x00", "nick",
-                                                  "alice")),
-                 (4, "join", "n1/3", "alice", "", ("r", "#main", "nick", "alice"))]  # refused
+        batch = [(1, "join", "n1/1", "alice", "", ("", "alice", "", "::1")),
+                 (2, "join", "n1/2", "bob", "", ("", "bob", "", "::1")),   # refused
+                 (3, "say", "n1/1", "", "#main", ("#main", "alice", b"hi\r\n\x00\nthere")),
+                 (4, "join", "n1/3", "alice", "", ("", "alice", "", "::1"))]  # refused
         first, busy, said, taken = self.append_batch(link, loop, "token", batch)
         self.assertIsInstance(busy, module.RedisError)
         self.assertEqual((busy.message, taken.message), ("BUSY bob", "BUSY alice"))
         log = redis_call(loop, link, "XRANGE", "chat:log", "-", "+")
         self.assertEqual([entry_id for entry_id, _ in log], [first, said])
-        self.assertEqual([dict(zip(f[::2], f[1::2]))[b"n"] for _, f in log], [b"1", b"2"])
-        self.assertEqual(dict(zip(log[1][1][::2], log[1][1][1::2]))[b"b"], b"hi\r\n\x00")
+        # One field each, packed: number, time, kind, owner, then the entry's own fields.
+        self.assertEqual([len(fields) for _, fields in log], [2, 2])
+        entries = [module.stream_fields(fields) for _, fields in log]
+        self.assertEqual([fields["n"] for fields in entries], [b"1", b"2"])
+        self.assertEqual([fields["k"] for fields in entries], [b"join", b"say"])
+        self.assertEqual(entries[0]["addr"], b"::1")
+        self.assertEqual((entries[1]["o"], entries[1]["r"], entries[1]["nick"], entries[1]["b"]),
+                         (b"n1/1", b"#main", b"alice", b"hi\r\n\x00\nthere"))
         kept = redis_call(loop, link, "XRANGE", "chat:messages:#main", "-", "+")
         self.assertEqual(len(kept), 1)
+        message = module.stream_fields(kept[0][1])
+        self.assertEqual((message["s"], message["t"], message["b"]),
+                         (b"1", entries[1]["t"], b"hi\r\n\x00\nthere"))
         self.assertEqual(redis_call(loop, link, "HGET", "chat:claims", "alice"), b"n1/1")
         self.assertEqual(redis_call(loop, link, "HGET", "chat:sent", "n1"), b"4")
         # Sent again (its reply lost with a connection): nothing is done twice, and what was
@@ -11569,18 +11765,46 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         # A batch that would run before an earlier one (which Redis has not run yet) is refused
         # whole, and nothing of it is done.
-        early = [(6, "say", "n1/1", "", "#main", ("r", "#main", "b", b"early", "nick", "alice"))]
+        early = [(6, "say", "n1/1", "", "#main", ("#main", "alice", b"early"))]
         [gap] = [self.append_batch(link, loop, "token", early)]
         self.assertEqual(gap.code, "GAP")
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         # A batch after it goes on from there; with another token, nothing of it is done.
-        later = [(5, "say", "n1/1", "", "#main", ("r", "#main", "b", b"again", "nick", "alice"))]
+        later = [(5, "say", "n1/1", "", "#main", ("#main", "alice", b"again"))]
         refused = self.append_batch(link, loop, "not the token", later)
         self.assertIsInstance(refused, module.RedisError)
         self.assertEqual(refused.code, "LEASE")
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         [entry_id] = self.append_batch(link, loop, "token", later)
         self.assertEqual(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")[-1][0], entry_id)
+
+    def test_the_append_script_counts_numbers_and_positions_across_a_batch(self):
+        # The script reads the log's number and each room's position once and writes them once
+        # at its end: within a batch and after it they go on one by one, a room's messages
+        # dropped start again from 1, and a dropped room leaves no position behind.
+        module = redis_part()
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        self.assertEqual(redis_call(loop, link, "SET", "chat:lease:n1", "token"), "OK")
+
+        def say(seq, room, text):
+            return (seq, "say", "n1/1", "", room, (room, "alice", text))
+        batch = [say(1, "#main", b"one"), say(2, "#main", b"two"), say(3, "#b", b"three"),
+                 (4, "drop", "n1/1", "", "#b", ("#b",)), say(5, "#main", b"four")]
+        self.assertEqual(len(self.append_batch(link, loop, "token", batch)), 5)
+
+        def kept(room):
+            return [(fields["s"], fields["n"]) for fields in
+                    (module.stream_fields(values) for _, values in
+                     redis_call(loop, link, "XRANGE", "chat:messages:" + room, "-", "+"))]
+        self.assertEqual(kept("#main"), [(b"1", b"1"), (b"2", b"2"), (b"3", b"5")])
+        self.assertEqual(kept("#b"), [])
+        self.assertEqual(redis_call(loop, link, "GET", "chat:n"), b"5")
+        self.assertEqual(redis_call(loop, link, "HGETALL", "chat:positions"), [b"#main", b"3"])
+        self.append_batch(link, loop, "token", [say(6, "#b", b"five"), say(7, "#main", b"six")])
+        self.assertEqual(kept("#b"), [(b"1", b"6")])
+        self.assertEqual(kept("#main")[-1], (b"4", b"7"))
+        self.assertEqual(redis_call(loop, link, "GET", "chat:n"), b"7")
 
     def test_a_turn_of_many_lines_is_one_append_and_every_line_is_acknowledged_in_order(self):
         a, b = self.node(), self.node()
@@ -11672,6 +11896,29 @@ class ClusterTests(unittest.TestCase):
         carol = c.client().join("carol")
         self.addCleanup(carol.close)
         self.assertEqual(carol.said(), "Recent messages (3):")
+
+    def test_a_node_reads_what_the_version_before_left_in_redis(self):
+        # Entries of a field each, as nodes wrote them before the packed format: the log after
+        # the snapshot and a room's kept messages outlive an upgrade, and are read as they were.
+        now, cli = "%.6f" % time.time(), self.redis.cli
+        cli("XADD", "chat:log", "*", "n", "1", "t", now, "k", "join", "o", "old1/1",
+            "nick", "bob", "acct", "", "addr", "10.0.0.9:4000")
+        said = cli("XADD", "chat:log", "*", "n", "2", "t", now, "k", "say", "o", "old1/1",
+                   "r", "#main", "b", "hello from before", "nick", "bob")
+        cli("XADD", "chat:messages:#main", said, "s", "1", "t", now, "k", "say", "r", "#main",
+            "b", "hello from before", "nick", "bob")
+        cli("SET", "chat:n", "2")
+        cli("HSET", "chat:positions", "#main", "1")
+        carol = self.member(self.node(), "carol")
+        self.assertEqual([carol.said(), carol.said()],
+                         ["Recent messages (1):", "bob sent hello from before"])
+        carol.send("/search BEFORE\n")
+        self.assertEqual([carol.said(), carol.said()],
+                         [found(1, "BEFORE", "#main"), "bob sent hello from before"])
+        carol.send("hi bob\n")
+        self.assertEqual([carol.said(), carol.said()], [OK, "YOU SEND USERS hi bob"])
+        self.assertEqual(cli("GET", "chat:n"), "4")   # (carol's join, her line: packed, after)
+        self.assertEqual(cli("HGET", "chat:positions", "#main"), "2")
 
     def test_a_node_that_starts_later_reads_the_snapshot_and_the_log_after_it(self):
         a = self.node()
