@@ -5613,6 +5613,24 @@ end
 return replies
 """
 
+# The chat's log format (PREFIX:format): what its nodes write. 2: an entry is one packed field.
+# (Format 1, a field each, had no marker: a chat without one whose nodes are alive is served by
+# nodes of that earlier version.) A node of another format refuses to start, rather than misread
+# the log or have its entries misread.
+LOG_FORMAT = 2
+FORMAT_SCRIPT = r"""
+local P, format, me = ARGV[1], ARGV[2], ARGV[3]
+local marked = redis.call('GET', P .. ':format')
+if marked then return marked end
+for _, node in ipairs(redis.call('HKEYS', P .. ':nodes')) do
+  if node ~= me and redis.call('EXISTS', P .. ':lease:' .. node) == 1 then
+    return 'running ' .. node
+  end
+end
+redis.call('SET', P .. ':format', format)
+return format
+"""
+
 RENEW_SCRIPT = r"""
 if redis.call('GET', ARGV[1] .. ':lease:' .. ARGV[2]) ~= ARGV[3] then return 0 end
 redis.call('PEXPIRE', ARGV[1] .. ':lease:' .. ARGV[2], ARGV[4])
@@ -5830,6 +5848,7 @@ class ClusterNode:
         self.address = parse_redis_url(url)
         self.state = self.STARTING
         self.problem = None       # why it could not start (Redis unreachable), in words
+        self.refused = False      # ... because of what Redis holds (another version's chat)
         self.server = None        # the Server, which calls ``attach`` once it has its chat
         self.chat = None
         self._new_identity()
@@ -5865,6 +5884,32 @@ class ClusterNode:
             self._resume()
 
     def _register(self):
+        """First the chat's log format (a node of another version must not serve it with this
+        one), then the lease, this node's entry, and the snapshot to start from."""
+        self.writer.evalsha(FORMAT_SCRIPT, (), (self.prefix, LOG_FORMAT, self.node),
+                            self._format_read)
+
+    def _format_read(self, reply):
+        if isinstance(reply, RedisError):
+            return self._fail_start("Redis refused: %s" % reply.message)
+        marked = cluster_text(reply)
+        if marked == str(LOG_FORMAT):
+            return self._register_node()
+        if marked.startswith("running "):
+            self._refuse_start("node %s of an earlier version serves it; stop every node, then"
+                               " start this version" % marked[len("running "):])
+        else:
+            self._refuse_start("its nodes write log format %s and this chat_server writes %d;"
+                               " every node of one chat runs the same version"
+                               % (marked, LOG_FORMAT))
+
+    def _refuse_start(self, problem):
+        """What Redis holds rules this node out (not Redis unreachable): it does not start."""
+        if self.state == self.STARTING:
+            self.refused = True
+            self.problem = problem
+
+    def _register_node(self):
         lease = self._key("lease:" + self.node)
         self.writer.send(("SET", lease, self.token, "PX", int(LEASE_SECONDS * 1000), "NX"),
                          self._checked)
@@ -6759,7 +6804,8 @@ def main(argv=None):
                     max_rooms=args.max_rooms, store=store, catch_up=args.catch_up,
                     operators=args.operators, cluster=cluster)
     if cluster is not None and not server.start_cluster():
-        warn("cannot reach Redis at %s: %s" % (cluster.address.shown, cluster.problem))
+        warn(("cannot serve the chat in Redis at %s: %s" if cluster.refused else
+              "cannot reach Redis at %s: %s") % (cluster.address.shown, cluster.problem))
         server.close()
         return 1
     for nick in args.operators:

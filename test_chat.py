@@ -12054,6 +12054,52 @@ class ClusterTests(unittest.TestCase):
         self.assertNotIn("s3cret", proc.stderr)
 
 
+    def refused_node(self):
+        """A node started on this test's Redis that is expected to refuse: (status, stderr)."""
+        proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off",
+                               "--redis", self.redis.url],
+                              capture_output=True, text=True, timeout=DEADLINE)
+        self.assertEqual(proc.stdout, "")
+        return proc.returncode, proc.stderr
+
+    def test_a_new_chat_is_marked_with_the_log_format_its_nodes_write(self):
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        self.assertIsNone(redis_call(loop, link, "GET", "chat:format"))
+        a = self.node()
+        self.member(a, "alice")
+        self.assertEqual(redis_call(loop, link, "GET", "chat:format"), b"2")
+        self.member(self.node(), "bob")   # a second node of the same version joins it
+
+    def test_a_node_refuses_a_chat_whose_nodes_write_another_log_format(self):
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        redis_call(loop, link, "SET", "chat:format", "3")
+        status, stderr = self.refused_node()
+        self.assertEqual(status, 1)
+        self.assertRegex(stderr, r"\Achat_server: cannot serve the chat in Redis at "
+                                 r"redis://127\.0\.0\.1:%d/0: its nodes write log format 3 and"
+                                 r" this chat_server writes 2; every node of one chat runs the"
+                                 r" same version\n\Z" % self.redis.port)
+        self.assertEqual(redis_call(loop, link, "HKEYS", "chat:nodes"), [])   # not registered
+
+    def test_a_node_refuses_a_chat_served_by_nodes_of_an_earlier_version(self):
+        # Format 1 had no marker: a chat without one whose nodes hold their leases is theirs.
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        redis_call(loop, link, "HSET", "chat:nodes", "old1", "{}")
+        redis_call(loop, link, "SET", "chat:lease:old1", "token", "PX", "60000")
+        status, stderr = self.refused_node()
+        self.assertEqual(status, 1)
+        self.assertRegex(stderr, r"\Achat_server: cannot serve the chat in Redis at "
+                                 r"redis://127\.0\.0\.1:%d/0: node old1 of an earlier version"
+                                 r" serves it; stop every node, then start this version\n\Z"
+                         % self.redis.port)
+        self.assertIsNone(redis_call(loop, link, "GET", "chat:format"))
+        redis_call(loop, link, "DEL", "chat:lease:old1")   # stopped: the chat is this version's
+        self.member(self.node(), "alice")
+        self.assertEqual(redis_call(loop, link, "GET", "chat:format"), b"2")
+
     def test_a_data_file_asked_of_a_node_is_refused_not_ignored(self):
         for options in (["--data", "chat.db"], ["--durable"]):
             proc = subprocess.run([sys.executable, SERVER, "--port", "0", "--log", "off",
