@@ -3972,6 +3972,9 @@ class Server(Loop, Accepting, Handshaking, Reading, Writing, Closing, Timers, Wa
         if self.cluster is not None:
             self.chat.append = self.chat.append_say = self.cluster.append  # (every kind alike)
             self.cluster.chat = self.chat
+            # Nobody joins until the node has its replica (READY): starting again after a
+            # loss, a nickname sent meanwhile was taken and never answered.
+            self.chat.paused = self.cluster.state != ClusterNode.READY
         self._line_handlers = self.chat.line_handlers()
         self.chat.schedule_endings()   # (the bans and mutes of before a restart)
 
@@ -5622,8 +5625,11 @@ FORMAT_SCRIPT = r"""
 local P, format, me = ARGV[1], ARGV[2], ARGV[3]
 local marked = redis.call('GET', P .. ':format')
 if marked then return marked end
-for _, node in ipairs(redis.call('HKEYS', P .. ':nodes')) do
-  if node ~= me and redis.call('EXISTS', P .. ':lease:' .. node) == 1 then
+local nodes = redis.call('HGETALL', P .. ':nodes')
+for i = 1, #nodes, 2 do   -- a live node whose entry names no format is of the earlier version
+  local node, entry = nodes[i], nodes[i + 1]
+  if node ~= me and not string.find(entry, '"format"', 1, true)
+      and redis.call('EXISTS', P .. ':lease:' .. node) == 1 then
     return 'running ' .. node
   end
 end
@@ -5849,11 +5855,14 @@ class ClusterNode:
         self.state = self.STARTING
         self.problem = None       # why it could not start (Redis unreachable), in words
         self.refused = False      # ... because of what Redis holds (another version's chat)
+        self.started = False      # it has served: a refusal now stops the server, saying why
         self.server = None        # the Server, which calls ``attach`` once it has its chat
         self.chat = None
+        self.identities = 0       # identities taken: a timer of an earlier one does nothing
         self._new_identity()
 
     def _new_identity(self):
+        self.identities += 1
         self.node = os.urandom(6).hex()
         self.token = os.urandom(12).hex()
         self.last_id = "0-0"      # the last entry of the log applied
@@ -5904,17 +5913,25 @@ class ClusterNode:
                                % (marked, LOG_FORMAT))
 
     def _refuse_start(self, problem):
-        """What Redis holds rules this node out (not Redis unreachable): it does not start."""
-        if self.state == self.STARTING:
-            self.refused = True
-            self.problem = problem
+        """What Redis holds rules this node out (not Redis unreachable): it does not start, or,
+        starting again after a loss, the server stops (exit status 1), saying why."""
+        if self.state != self.STARTING:
+            return
+        self.refused = True
+        self.problem = problem
+        if self.started:
+            sys.stderr.write("chat_server: cannot serve the chat in Redis at %s: %s\n"
+                             % (self.address.shown, problem))
+            self.state = self.STOPPED
+            self.server.stopping = True
 
     def _register_node(self):
         lease = self._key("lease:" + self.node)
         self.writer.send(("SET", lease, self.token, "PX", int(LEASE_SECONDS * 1000), "NX"),
                          self._checked)
         self.writer.send(("HSET", self._key("nodes"), self.node,
-                          _json().dumps({"started": time.time(), "pid": os.getpid()})),
+                          _json().dumps({"started": time.time(), "pid": os.getpid(),
+                                         "format": LOG_FORMAT})),
                          self._checked)
         self.lease_until = time.monotonic() + LEASE_SECONDS
         self.writer.send(("HGETALL", self._key("snapshot")), self._snapshot_read)
@@ -5988,12 +6005,32 @@ class ClusterNode:
             return self._read_log_after(self.last_id)   # more: on, a batch at a time
         self._start_reading()
         self.state = self.READY
-        self._schedule(LEASE_RENEW_EVERY, self._renew)
-        self._schedule(REAP_EVERY, self._reap)
+        self.started = True
+        self.chat.paused = False
+        self._schedule(LEASE_RENEW_EVERY, functools.partial(self._renew, self.identities))
+        self._schedule(REAP_EVERY, functools.partial(self._reap, self.identities))
 
     def _fail_start(self, problem):
-        if self.state == self.STARTING:
+        """Redis refused a command of the start. The first start ends (the server exits 1,
+        saying why); starting again after a loss, the node tries again in a moment, as a new
+        node (a restarted Redis answers LOADING until its data is read: that must not leave a
+        node that greets people and never lets them in)."""
+        if self.state != self.STARTING:
+            return
+        if not self.started:
             self.problem = problem
+            return
+        sys.stderr.write("chat_server: starting again: %s; trying again\n" % problem)
+        self.state = self.LOST
+        self.server.cluster_lost()   # (what the attempt applied goes with the old room core)
+        self._new_identity()
+        self.state = self.STARTING
+        self._schedule(REDIS_RECONNECT_MAX, functools.partial(self._register_again,
+                                                               self.identities))
+
+    def _register_again(self, identity):
+        if identity == self.identities and self.state == self.STARTING and self.writer.ready:
+            self._register()
 
     def _writer_lost(self, reason, unanswered):
         if self.state == self.STARTING and self.last_n == 0 and not self._in_flight:
@@ -6309,10 +6346,12 @@ class ClusterNode:
     def _schedule(self, seconds, action):
         self.server.call_later(seconds, action)
 
-    def _renew(self):
-        if self.state in (self.STOPPED, self.LOST):
+    def _renew(self, identity):
+        # (Only this identity's, READY or PAUSED: starting again, the writer may not be ready,
+        # and the new identity's READY starts a chain of its own.)
+        if identity != self.identities or self.state not in (self.READY, self.PAUSED):
             return
-        self._schedule(LEASE_RENEW_EVERY, self._renew)
+        self._schedule(LEASE_RENEW_EVERY, functools.partial(self._renew, identity))
         if self.state == self.PAUSED:
             return self._check_lease()
         sent = time.monotonic()
@@ -6334,10 +6373,10 @@ class ClusterNode:
         if time.monotonic() >= self.lease_until - LEASE_MARGIN:
             self._lose("Redis was unreachable for longer than the lease")
 
-    def _reap(self):
-        if self.state in (self.STOPPED, self.LOST):
+    def _reap(self, identity):
+        if identity != self.identities or self.state not in (self.READY, self.PAUSED):
             return
-        self._schedule(REAP_EVERY, self._reap)
+        self._schedule(REAP_EVERY, functools.partial(self._reap, identity))
         if self.state == self.READY:
             self.writer.evalsha(REAP_SCRIPT, (), (self.prefix, self.node), lambda reply: None)
 
@@ -6838,7 +6877,7 @@ def main(argv=None):
         server.close()
     # On a terminal, Ctrl-C left "^C" where the line would begin: start it over.
     print_now(("\r" if sys.stdout.isatty() else "") + Lines.STOPPED)
-    return 0
+    return 1 if cluster is not None and cluster.refused else 0
 
 
 # =============================================================================================

@@ -114,6 +114,7 @@ ALONE = "Server: there are no other users!"
 FULL = "Sorry! The chat is full."
 JOIN_TIMEOUT = "Sorry! You took too long to choose a nickname."
 SHUTTING_DOWN = "Server is shutting down."
+LEASE_RENEW_EVERY_IN_TESTS = 1.0   # chat_server's LEASE_RENEW_EVERY: how often a node's timers run
 PASSWORD_TIMEOUT = "Sorry! You took too long to give the password."
 TLS_HINT = "This server speaks TLS: use chat_client --tls, or openssl s_client."
 READY = "Server is ready for work!"
@@ -12099,6 +12100,61 @@ class ClusterTests(unittest.TestCase):
         redis_call(loop, link, "DEL", "chat:lease:old1")   # stopped: the chat is this version's
         self.member(self.node(), "alice")
         self.assertEqual(redis_call(loop, link, "GET", "chat:format"), b"2")
+
+    def test_a_chat_that_lost_its_mark_is_not_refused_while_nodes_of_this_version_live(self):
+        # Only a live node whose entry names no format is of the earlier version (review: a
+        # node of this version, or this node's own earlier identity, was taken for one).
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        a = self.node()
+        alice = self.member(a, "alice")
+        redis_call(loop, link, "DEL", "chat:format")
+        self.member(self.node(), "bob", alice)
+        self.assertEqual(redis_call(loop, link, "GET", "chat:format"), b"2")
+
+    def test_a_node_that_starts_again_on_a_chat_of_another_format_stops_and_says_why(self):
+        # Starting again after a loss, a refusal is not a silent hang: the server stops, exit 1.
+        loop = TestLoop(self)
+        link, _ = ready_link(self, loop, self.redis.url)
+        a = self.node()
+        alice = self.member(a, "alice")
+        (node,) = redis_call(loop, link, "HKEYS", "chat:nodes")
+        redis_call(loop, link, "SET", "chat:format", "3")
+        redis_call(loop, link, "DEL", b"chat:lease:" + node)   # its lease ends: it starts again
+        self.assertEqual(a.proc.wait(timeout=DEADLINE), 1)
+        self.assertIn("chat_server: cannot serve the chat in Redis at redis://127.0.0.1:%d/0: its"
+                      " nodes write log format 3 and this chat_server writes 2; every node of"
+                      " one chat runs the same version\n" % self.redis.port, a.stderr())
+        self.assertEqual(alice.said(), SHUTTING_DOWN)   # (its members, when the lease ended)
+        alice.expect_eof()
+
+    def test_a_node_outlives_redis_gone_for_longer_than_its_lease(self):
+        # Its lease ended while Redis was gone: it starts again as a new node, with no writer
+        # yet. The renewal timer of its old identity then asked the writer for a command and
+        # the loop died with "is not ready" (review).
+        a = self.node()
+        alice = self.member(a, "alice")
+        self.redis.stop()
+        self.assertEqual(alice.said(deadline=8), PAUSED)
+        self.assertEqual(alice.said(deadline=15), SHUTTING_DOWN)
+        alice.expect_eof()
+        time.sleep(LEASE_RENEW_EVERY_IN_TESTS * 3)   # (the old timers' turns, with Redis gone)
+        self.assertIsNone(a.proc.poll(), "the node died: %r" % a.stderr())
+        self.redis.start()
+        # It starts again as a new node: until it has, a nickname is told to try again.
+        bob = a.client()
+        self.addCleanup(bob.close)
+        self.assertEqual(bob.line(), WELCOME)
+        give_up = time.monotonic() + DEADLINE
+        while True:
+            bob.send("bob\n")
+            answer = bob.said()
+            if answer == OK:
+                break
+            self.assertEqual(answer, PAUSED_JOIN)
+            self.assertLess(time.monotonic(), give_up, "the node never let anyone in again")
+            time.sleep(0.2)   # (as a person would, before trying again)
+        self.assertNotIn("Traceback", a.stderr())
 
     def test_a_data_file_asked_of_a_node_is_refused_not_ignored(self):
         for options in (["--data", "chat.db"], ["--durable"]):
