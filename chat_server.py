@@ -2363,6 +2363,9 @@ class SQLiteStore(MemoryStore):
             db.execute("BEGIN IMMEDIATE")
             self._migrate(db)
             db.execute("COMMIT")
+            # From here a lock is waited for, briefly: the Checkpointer's connection takes the
+            # WAL's write lock for an instant when it finds the WAL's header being written.
+            db.execute("PRAGMA busy_timeout=50")
         except sqlite3.OperationalError as exc:
             db.close()
             raise DataFileError("cannot use %s: %s" % (path, exc))
