@@ -87,6 +87,7 @@ SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
 PRUNE_EVERY = 20          # a room's kept messages are pruned each time a 20th of --keep come
 CHECKPOINT_EVERY = 0.2    # seconds: how often the data file's WAL is folded into it, at most
 WAL_MOST_PAGES = 10000    # past this (some 40 MB), the loop folds the WAL in itself (see Checkpointer)
+WAL_FILE_MOST_BYTES = 16 * 1024 * 1024   # the WAL file is cut back to this when it starts again
 LIKE_PATTERN_MOST = 50000  # bytes: SQLite's longest LIKE pattern (its default)
 DEFAULT_CATCH_UP = 200    # lines of "Messages since you left" at most
 MIN_PASSWORD_CHARS = 8    # an account's password
@@ -2270,7 +2271,12 @@ class Checkpointer:
         self.failed = False                 # no connection of its own: SQLite's checkpoints then
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:   # ("can't start new thread": SQLite's own checkpoints, then)
+            self._thread = None
+            self.failed = True
+            self.wal_pages = WAL_MOST_PAGES + 1
 
     def _run(self):
         import sqlite3
@@ -2301,7 +2307,8 @@ class Checkpointer:
     def stop(self):
         self._stopping.set()
         self.wanted.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class SQLiteStore(MemoryStore):
@@ -2337,13 +2344,16 @@ class SQLiteStore(MemoryStore):
         self._failing = False   # a write failed: said so; say so again when one works
         self._closed = False
         self._lock = hold_lock_file(path + "-lock")
+        self.db = None
         try:
             self.db = self._open(path, durable)
-        except BaseException:
+            self._load_small_tables()
+            self._checkpointer = Checkpointer(path)
+        except BaseException:   # (nothing left open: the caller may go on in memory)
+            if self.db is not None:
+                self.db.close()
             os.close(self._lock)
             raise
-        self._load_small_tables()
-        self._checkpointer = Checkpointer(path)
 
     # -- opening ------------------------------------------------------------------------------
     def _open(self, path, durable):
@@ -2360,6 +2370,9 @@ class SQLiteStore(MemoryStore):
             db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))
             db.execute("PRAGMA case_sensitive_like=OFF")   # (a search's LIKE, whatever the build)
             db.execute("PRAGMA wal_autocheckpoint=0")      # (the Checkpointer's thread does it)
+            # When the WAL starts again from its beginning, its file is cut back to this size:
+            # a burst that grew it leaves no file of that size behind.
+            db.execute("PRAGMA journal_size_limit=%d" % WAL_FILE_MOST_BYTES)
             db.execute("BEGIN IMMEDIATE")
             self._migrate(db)
             db.execute("COMMIT")
@@ -2403,6 +2416,13 @@ class SQLiteStore(MemoryStore):
 
     def _load_small_tables(self):
         """What is small and asked for often: rooms, operators, bans and mutes, in memory."""
+        import sqlite3
+        try:
+            self._read_small_tables()
+        except sqlite3.DatabaseError as exc:   # (a page of them damaged: the header was fine)
+            raise DataFileError("%s is damaged or not a chat data file (%s)" % (self.path, exc))
+
+    def _read_small_tables(self):
         for key, name, topic, key_hash in self.db.execute(
                 "SELECT key, name, topic, key_hash FROM rooms"):
             self._rooms[key] = RoomRecord(key, name, topic, key_hash)
@@ -2449,13 +2469,18 @@ class SQLiteStore(MemoryStore):
         (the WAL starts again from its beginning only when all of it is in the file)."""
         import sqlite3
         checkpointer = self._checkpointer
-        checkpointer.wal_pages = 0
         try:
             if checkpointer.failed:   # its thread has ended: SQLite's own checkpoints, then
                 self.db.execute("PRAGMA wal_autocheckpoint=1000")
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            busy, pages, folded = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
-            pass   # (the commit is done: a checkpoint that fails loses nothing, and comes again)
+            return   # (the commit is done: a checkpoint that fails loses nothing, and comes again)
+        # Only a whole fold lets the WAL start again. One cut short (the thread's checkpoint
+        # running, a reader such as a backup in the middle of its read) is tried again at the
+        # next commit, which costs little (PASSIVE never waits): counting it done let the WAL
+        # grow another WAL_MOST_PAGES each time, to 108 MB in one stress run.
+        if (not busy and folded == pages) or checkpointer.failed:
+            checkpointer.wal_pages = 0   # (failed: SQLite's own checkpoints from now on)
 
     def _write_pending(self):
         """Everything gathered so far, into the open transaction (begun if none is)."""

@@ -2660,6 +2660,65 @@ class StoreTests(InMemoryTestCase):
             store.commit()
         self.assertEqual(os.path.getsize(wal), grown, "the WAL did not start again")
 
+    def test_a_fold_cut_short_is_tried_again_and_the_wal_file_is_cut_back(self):
+        # A reader in the middle of its read (a backup) stops the loop's fold short of the
+        # WAL's end. Counted as done, the WAL grew another WAL_MOST_PAGES each time (108 MB);
+        # it is tried again at the next commit instead. Once the WAL starts again, its file is
+        # cut back to WAL_FILE_MOST_BYTES.
+        import sqlite3
+        server, store = self.sqlite_store()
+        store._checkpointer.stop()
+        wal = store.path + "-wal"
+        line = b"2026-12-07 10:00: bob: line %d " + b"x" * 3000 + b"\n"
+        store.keep("#main", line % 0, 3010)
+        store.commit()
+        backup = sqlite3.connect(store.path)
+        self.addCleanup(backup.close)
+        backup.execute("BEGIN")
+        backup.execute("SELECT count(*) FROM messages").fetchone()   # its snapshot: line 0
+        for n in range(1, 200):
+            store.keep("#main", line % n, 3010)
+            store.commit()
+        self.assertGreater(os.path.getsize(wal), server.WAL_FILE_MOST_BYTES // 64)
+        store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1
+        store.keep("#main", line % 200, 3010)
+        store.commit()              # the fold stops at the backup's snapshot
+        self.assertGreater(store._checkpointer.wal_pages, server.WAL_MOST_PAGES,
+                           "a fold cut short was counted as done")
+        backup.execute("COMMIT")    # the backup's read ends
+        store.keep("#main", line % 201, 3010)
+        store.commit()              # tried again: whole this time
+        self.assertEqual(store._checkpointer.wal_pages, 0)
+        self.assertTrue(self.in_data_file_itself(store, b"bob: line 201 "))
+        self.assertEqual(store.db.execute("PRAGMA journal_size_limit").fetchone()[0],
+                         server.WAL_FILE_MOST_BYTES)
+        store.db.execute("PRAGMA journal_size_limit=%d" % (16 * 1024))   # (a test-sized limit)
+        grown = os.path.getsize(wal)
+        store.keep("#main", b"2026-12-07 10:00: bob: a short one\n", 11)
+        store.commit()              # the WAL starts again from its beginning: cut back
+        self.assertLessEqual(os.path.getsize(wal), 16 * 1024, "grown to %d" % grown)
+
+    def test_a_checkpoint_thread_that_cannot_start_leaves_sqlite_to_checkpoint(self):
+        # ("can't start new thread", under a process limit): the store still opens, SQLite's
+        # own checkpoints take over at the first commit, and it closes as usual.
+        start = threading.Thread.start
+
+        def refuse(thread):
+            if thread.name == "checkpoint":
+                raise RuntimeError("can't start new thread")
+            return start(thread)
+        threading.Thread.start = refuse
+        try:
+            _, store = self.sqlite_store()
+        finally:
+            threading.Thread.start = start
+        self.assertTrue(store._checkpointer.failed)
+        store.keep("#main", b"2026-12-07 10:00: bob: hello\n", 5)
+        store.commit()
+        self.assertEqual(store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 1000)
+        store.close()
+        self.assertEqual(self.messages_in_file(store), 1)
+
     def test_without_a_checkpoint_thread_sqlite_checkpoints_itself(self):
         _, store = self.sqlite_store()
         store._checkpointer.stop()
@@ -5244,6 +5303,22 @@ class MemoryTests(unittest.TestCase):
         self.server(data).stop()
         raw = bytearray(data.bytes())
         raw[100:4096] = b"\xff" * (4096 - 100)   # the first page: the schema, destroyed
+        with open(data.path, "wb") as f:
+            f.write(raw)
+        self.assertRefusedAsDamaged(data)
+
+    def test_a_file_with_a_damaged_table_is_refused_untouched(self):
+        # The first page (the schema) fine, the rooms' table's page destroyed: start-up reads
+        # that table first; it said so with a traceback.
+        data = DataFile(self)
+        self.server(data).stop()
+        import sqlite3
+        db = sqlite3.connect(data.path)
+        root, = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'rooms'").fetchone()
+        size, = db.execute("PRAGMA page_size").fetchone()
+        db.close()
+        raw = bytearray(data.bytes())
+        raw[(root - 1) * size:root * size] = b"\xff" * size
         with open(data.path, "wb") as f:
             f.write(raw)
         self.assertRefusedAsDamaged(data)
