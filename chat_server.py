@@ -99,7 +99,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 PBKDF2_ITERATIONS = 600000
 DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?\Z")   # 30m, 2h, 7d, 1d12h
 MAX_DURATION_DAYS = 36500
-HASHES_QUEUED = 2         # hashes handed to the worker thread at once; the rest wait their turn
+HASHES_QUEUED = 2         # hashes handed to each worker thread at once; the rest wait their turn
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
 ROOM_KEY_SALT_BYTES = 16
@@ -533,15 +533,28 @@ class InlineHashing:
         done(password_matches(kept, password))
 
 
-class ThreadHashing(InlineHashing):
-    """Password work off the loop (asyncio's run_in_executor): one worker thread computes the
-    hashes (hashlib lets go of the GIL meanwhile), the loop is woken through its wakeup socket
-    and calls each ``done`` in its own thread. At most HASHES_QUEUED jobs are with the worker;
-    the rest wait here in order, so a crowd trying passwords waits for itself, not the chat."""
+def hash_workers():
+    """How many threads hash passwords: one less than the cores this process may run on (the
+    loop keeps one), at least one. A crowd logging in at once (everyone back after a restart)
+    gets in that many times sooner, and never slows the loop's core."""
+    try:
+        cores = len(os.sched_getaffinity(0))   # (a container's share, where Linux says it)
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
-    def __init__(self, wake, scrypt_n=SCRYPT_N):
+
+class ThreadHashing(InlineHashing):
+    """Password work off the loop (asyncio's run_in_executor): worker threads compute the
+    hashes (hashlib lets go of the GIL meanwhile), the loop is woken through its wakeup socket
+    and calls each ``done`` in its own thread. At most HASHES_QUEUED jobs a worker are with the
+    workers; the rest wait here in order, so a crowd trying passwords waits for itself, not the
+    chat. (A connection has one job at most: its later lines wait for the answer.)"""
+
+    def __init__(self, wake, scrypt_n=SCRYPT_N, workers=None):
         InlineHashing.__init__(self, scrypt_n)
-        self.wake = wake            # called from the worker when a result is ready
+        self.wake = wake            # called from a worker when a result is ready
+        self.workers = workers or hash_workers()
         self._waiting = collections.deque()   # (work, done) not yet with the worker
         self._results = collections.deque()   # (done, result) for the loop
         self._handed = 0            # jobs with the worker
@@ -562,8 +575,9 @@ class ThreadHashing(InlineHashing):
             import queue
             import threading
             self._jobs = queue.Queue()
-            threading.Thread(target=self._work, name="password hashing", daemon=True).start()
-        while self._waiting and self._handed < HASHES_QUEUED:
+            for _ in range(self.workers):
+                threading.Thread(target=self._work, name="password hashing", daemon=True).start()
+        while self._waiting and self._handed < HASHES_QUEUED * self.workers:
             self._handed += 1
             self._jobs.put(self._waiting.popleft())
 

@@ -2378,6 +2378,37 @@ class AccountCoreTests(RoomTestCase):
                                             "carol sent main 1", "carol sent main 2"])
 
 
+class HashingTests(InMemoryTestCase):
+    """Password hashing off the loop, on as many workers as the cores but the loop's."""
+
+    def test_workers_hash_at_the_same_time(self):
+        # Two logins at once on two workers: each job waits until the other has started, so
+        # with one worker (or the jobs handed out one by one) the first gives up.
+        chat_server = load_module("chat_server")
+        woken = threading.Event()
+        hashing = chat_server.ThreadHashing(woken.set, workers=2)
+        both = threading.Barrier(2, timeout=DEADLINE / 4)
+        results = []
+        for _ in range(2):
+            hashing._submit(lambda: both.wait() is not None, results.append)
+
+        def finished():
+            woken.wait(0.05)
+            woken.clear()
+            hashing.finish()
+            return len(results) == 2
+        wait_until(finished, "both hashes")
+        self.assertEqual(results, [True, True])
+
+    def test_one_worker_a_core_but_the_loops(self):
+        chat_server = load_module("chat_server")
+        self.assertGreaterEqual(chat_server.hash_workers(), 1)
+        if hasattr(os, "sched_getaffinity"):
+            self.assertEqual(chat_server.hash_workers(),
+                             max(1, len(os.sched_getaffinity(0)) - 1))
+        self.assertEqual(chat_server.ThreadHashing(lambda: None, workers=3).workers, 3)
+
+
 class ModerationCoreTests(RoomTestCase):
     """Operators in the room core: every row of the spec's Moderation table, at a wall-clock time
     the test sets, with the timers the room asks for fired by hand."""
