@@ -7,7 +7,7 @@ The protocol is docs/PROTOCOL.md. The file reads top to bottom in this order:
   (``Reason``), and the phases of a connection with the moves between them (``Phase``,
   ``PHASE_MOVES``);
 * text rules: control characters, nicknames and their look-alike skeletons, room names, password
-  hashing (scrypt, on a worker thread: ``ThreadHashing``), the clock;
+  hashing (scrypt, on worker threads: ``ThreadHashing``), the clock;
 * the room core (``Chat``, with ``Peer`` and ``Room``): a line from a connection in, queued bytes
   for each connection out, and the phase the connection moves to. It never touches a socket (the
   shape of h11), so its rules are testable without a network. ``Chat`` is made of parts, each a
@@ -99,7 +99,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 PBKDF2_ITERATIONS = 600000
 DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?\Z")   # 30m, 2h, 7d, 1d12h
 MAX_DURATION_DAYS = 36500
-HASHES_QUEUED = 2         # hashes handed to each worker thread at once; the rest wait their turn
+HASHES_QUEUED = 2         # hashes with the worker threads at once, per worker; the rest wait their turn
+HASH_WORKERS_MOST = 4     # worker threads that hash passwords, at most (32 MiB each while hashing)
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
 ROOM_KEY_SALT_BYTES = 16
@@ -534,14 +535,28 @@ class InlineHashing:
 
 
 def hash_workers():
-    """How many threads hash passwords: one less than the cores this process may run on (the
-    loop keeps one), at least one. A crowd logging in at once (everyone back after a restart)
-    gets in that many times sooner, and never slows the loop's core."""
+    """How many threads hash passwords: one less than the cores this process may use (the
+    loop keeps one), at least one and at most HASH_WORKERS_MOST (each holds 32 MiB while it
+    hashes). A crowd logging in at once (everyone back after a restart) gets in that many times
+    sooner, without taking the loop's core."""
+    return max(1, min(usable_cores() - 1, HASH_WORKERS_MOST))
+
+
+def usable_cores():
+    """The cores this process may run on (its CPU affinity), fewer under a cgroup v2 CPU quota
+    (a container's ``--cpus``: the quota spent by more threads would stop the loop too)."""
     try:
-        cores = len(os.sched_getaffinity(0))   # (a container's share, where Linux says it)
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limits:
+            quota, period = limits.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass   # (no cgroup v2, or no quota: the affinity)
+    return cores
 
 
 class ThreadHashing(InlineHashing):
@@ -571,24 +586,47 @@ class ThreadHashing(InlineHashing):
         self._hand_over()
 
     def _hand_over(self):
-        if self._jobs is None:
-            import queue
-            import threading
-            self._jobs = queue.Queue()
-            for _ in range(self.workers):
-                threading.Thread(target=self._work, name="password hashing", daemon=True).start()
+        if self._jobs is None and not self._start_workers():
+            # No thread could be started (a process limit): hashed in the loop, which stalls
+            # the chat a tenth of a second a password, but no login waits for ever.
+            while self._waiting:
+                work, done = self._waiting.popleft()
+                done(self._run(work))
+            return
         while self._waiting and self._handed < HASHES_QUEUED * self.workers:
             self._handed += 1
             self._jobs.put(self._waiting.popleft())
 
-    def _work(self):
-        while True:
-            work, done = self._jobs.get()
+    def _start_workers(self):
+        """The worker threads, started; False if not one could be (they are tried again at
+        the next password)."""
+        import queue
+        import threading
+        jobs = queue.Queue()
+        started = 0
+        for _ in range(self.workers):
             try:
-                result = work()
-            except Exception:   # (a kept hash the code can't read: no match)
-                result = False
-            self._results.append((done, result))   # (deque appends are atomic)
+                threading.Thread(target=self._work, args=(jobs,), name="password hashing",
+                                 daemon=True).start()
+            except RuntimeError:   # ("can't start new thread")
+                break
+            started += 1
+        if started:
+            self._jobs = jobs
+            self.workers = started
+        return bool(started)
+
+    @staticmethod
+    def _run(work):
+        try:
+            return work()
+        except Exception:   # (a kept hash the code can't read: no match)
+            return False
+
+    def _work(self, jobs):
+        while True:
+            work, done = jobs.get()
+            self._results.append((done, self._run(work)))   # (deque appends are atomic)
             self.wake()
 
     def finish(self):
@@ -2433,6 +2471,8 @@ class SQLiteStore(MemoryStore):
         import sqlite3
         try:
             self._read_small_tables()
+        except sqlite3.OperationalError as exc:   # (an I/O error, a lock: as _open says it)
+            raise DataFileError("cannot use %s: %s" % (self.path, exc))
         except sqlite3.DatabaseError as exc:   # (a page of them damaged: the header was fine)
             raise DataFileError("%s is damaged or not a chat data file (%s)" % (self.path, exc))
 
@@ -2489,11 +2529,13 @@ class SQLiteStore(MemoryStore):
             busy, pages, folded = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
             return   # (the commit is done: a checkpoint that fails loses nothing, and comes again)
-        # Only a whole fold lets the WAL start again. One cut short (the thread's checkpoint
-        # running, a reader such as a backup in the middle of its read) is tried again at the
-        # next commit, which costs little (PASSIVE never waits): counting it done let the WAL
-        # grow another WAL_MOST_PAGES each time, to 108 MB in one stress run.
-        if (not busy and folded == pages) or checkpointer.failed:
+        # Refused because the thread's own checkpoint was running: tried again at the next
+        # commit, which costs nothing (PASSIVE never waits); counted as done, it let the WAL
+        # grow another WAL_MOST_PAGES each time, to 108 MB in one stress run. Cut short by a
+        # reader (a backup in the middle of its read) it is not tried at every commit: once
+        # the reader lets go, the thread folds what piled up meanwhile, off the loop (the loop
+        # doing it had a commit wait 0.7 s after a long read).
+        if not busy or checkpointer.failed:
             checkpointer.wal_pages = 0   # (failed: SQLite's own checkpoints from now on)
 
     def _write_pending(self):

@@ -2400,13 +2400,47 @@ class HashingTests(InMemoryTestCase):
         wait_until(finished, "both hashes")
         self.assertEqual(results, [True, True])
 
-    def test_one_worker_a_core_but_the_loops(self):
+    def test_workers_are_one_a_core_but_the_loops_and_at_most_four(self):
         chat_server = load_module("chat_server")
-        self.assertGreaterEqual(chat_server.hash_workers(), 1)
-        if hasattr(os, "sched_getaffinity"):
-            self.assertEqual(chat_server.hash_workers(),
-                             max(1, len(os.sched_getaffinity(0)) - 1))
-        self.assertEqual(chat_server.ThreadHashing(lambda: None, workers=3).workers, 3)
+        usable = chat_server.usable_cores
+        self.addCleanup(setattr, chat_server, "usable_cores", usable)
+        for cores, workers in ((1, 1), (2, 1), (3, 2), (5, 4), (64, 4)):
+            chat_server.usable_cores = lambda cores=cores: cores
+            self.assertEqual(chat_server.hash_workers(), workers, cores)
+
+    def test_a_cpu_quota_counts_as_fewer_cores(self):
+        chat_server = load_module("chat_server")
+        opened = []
+        real_open = open
+
+        def cgroup(path, *args, **kwargs):
+            if path == "/sys/fs/cgroup/cpu.max":
+                opened.append(path)
+                return io.StringIO("150000 100000\n")   # docker --cpus 1.5
+            return real_open(path, *args, **kwargs)
+        chat_server.open = cgroup
+        self.addCleanup(delattr, chat_server, "open")
+        self.assertEqual(chat_server.usable_cores(), 1)
+        self.assertEqual(opened, ["/sys/fs/cgroup/cpu.max"])
+
+    def test_when_no_thread_can_start_passwords_are_hashed_in_the_loop(self):
+        # (it queued them for workers that never ran: every later login waited for ever)
+        chat_server = load_module("chat_server")
+        hashing = chat_server.ThreadHashing(lambda: None, workers=2)
+        start = threading.Thread.start
+
+        def refuse(thread):
+            raise RuntimeError("can't start new thread")
+        threading.Thread.start = refuse
+        try:
+            results = []
+            hashing._submit(lambda: "hashed", results.append)
+        finally:
+            threading.Thread.start = start
+        self.assertEqual(results, ["hashed"])
+        hashing._submit(lambda: "again", results.append)   # threads start now
+        wait_until(lambda: hashing.finish() or len(results) == 2, "the worker's result")
+        self.assertEqual(results, ["hashed", "again"])
 
 
 class ModerationCoreTests(RoomTestCase):
@@ -2691,11 +2725,40 @@ class StoreTests(InMemoryTestCase):
             store.commit()
         self.assertEqual(os.path.getsize(wal), grown, "the WAL did not start again")
 
-    def test_a_fold_cut_short_is_tried_again_and_the_wal_file_is_cut_back(self):
-        # A reader in the middle of its read (a backup) stops the loop's fold short of the
-        # WAL's end. Counted as done, the WAL grew another WAL_MOST_PAGES each time (108 MB);
-        # it is tried again at the next commit instead. Once the WAL starts again, its file is
-        # cut back to WAL_FILE_MOST_BYTES.
+    def test_a_fold_refused_while_the_thread_checkpoints_is_tried_again(self):
+        # The loop's fold refused (busy) because the Checkpointer's own checkpoint is running:
+        # counted as done, the WAL grew another WAL_MOST_PAGES each time (108 MB); it is tried
+        # again at the next commit instead.
+        server, store = self.sqlite_store()
+        store._checkpointer.stop()
+        real = store.db
+
+        class ThreadCheckpointing:
+            """The store's connection, but a checkpoint finds another one running."""
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def execute(self, sql, *parameters):
+                if sql.startswith("PRAGMA wal_checkpoint"):
+                    return real.execute("SELECT 1, -1, -1")   # (SQLite's answer then)
+                return real.execute(sql, *parameters)
+        store.db = ThreadCheckpointing()
+        store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1
+        store.keep("#main", b"2026-12-07 10:00: bob: refused\n", 7)
+        store.commit()
+        self.assertGreater(store._checkpointer.wal_pages, server.WAL_MOST_PAGES,
+                           "a refused fold was counted as done")
+        store.db = real
+        store.keep("#main", b"2026-12-07 10:00: bob: folded\n", 6)
+        store.commit()                  # tried again: whole this time
+        self.assertEqual(store._checkpointer.wal_pages, 0)
+        self.assertTrue(self.in_data_file_itself(store, b"bob: folded"))
+
+    def test_a_fold_cut_short_by_a_reader_is_left_to_the_thread_and_the_wal_is_cut_back(self):
+        # A reader in the middle of its read (a backup) stops the loop's fold at its snapshot:
+        # not tried again at every commit (once the reader let go, the loop would fold all that
+        # piled up meanwhile itself: 0.7 s). Once the WAL starts again, its file is cut back to
+        # WAL_FILE_MOST_BYTES.
         import sqlite3
         server, store = self.sqlite_store()
         store._checkpointer.stop()
@@ -2710,21 +2773,24 @@ class StoreTests(InMemoryTestCase):
         for n in range(1, 200):
             store.keep("#main", line % n, 3010)
             store.commit()
-        self.assertGreater(os.path.getsize(wal), server.WAL_FILE_MOST_BYTES // 64)
+        folds = []
+        fold = store._fold_wal_in
+        store._fold_wal_in = lambda: folds.append(1) or fold()
         store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1
         store.keep("#main", line % 200, 3010)
         store.commit()              # the fold stops at the backup's snapshot
-        self.assertGreater(store._checkpointer.wal_pages, server.WAL_MOST_PAGES,
-                           "a fold cut short was counted as done")
-        backup.execute("COMMIT")    # the backup's read ends
         store.keep("#main", line % 201, 3010)
-        store.commit()              # tried again: whole this time
-        self.assertEqual(store._checkpointer.wal_pages, 0)
+        store.commit()
+        self.assertEqual(folds, [1], "a fold cut short by a reader was tried at every commit")
+        self.assertFalse(self.in_data_file_itself(store, b"bob: line 200 "))
+        backup.execute("COMMIT")    # the backup's read ends; the thread's next checkpoint:
+        store._checkpointer._checkpoint(sqlite3.connect(store.path))
         self.assertTrue(self.in_data_file_itself(store, b"bob: line 201 "))
         self.assertEqual(store.db.execute("PRAGMA journal_size_limit").fetchone()[0],
                          server.WAL_FILE_MOST_BYTES)
         store.db.execute("PRAGMA journal_size_limit=%d" % (16 * 1024))   # (a test-sized limit)
         grown = os.path.getsize(wal)
+        self.assertGreater(grown, 16 * 1024)
         store.keep("#main", b"2026-12-07 10:00: bob: a short one\n", 11)
         store.commit()              # the WAL starts again from its beginning: cut back
         self.assertLessEqual(os.path.getsize(wal), 16 * 1024, "grown to %d" % grown)
