@@ -156,12 +156,14 @@ def room_name(index):
 
 def kept_rows(room_key, count):
     """A room's ``count`` messages as the server keeps them, one a row (a chat at human pace
-    commits one line a turn): (room, position, the line, its size and its text's). Message i
-    holds "tag{i mod 100}", which 1% of them share, and the benchmark's sentence."""
+    commits one line a turn): (room, position, the line, its size and its text's, where its
+    text starts). Message i holds "tag{i mod 100}", which 1% of them share, and the
+    benchmark's sentence."""
     for position in range(1, count + 1):
         text = b"message %d tag%03d %s" % (position, position % 100, chat_bench.TEXT)
         line = STAMP + b"u%d sent " % (position % 10) + text + b"\n"
-        yield room_key, position, line, struct.pack("<II", len(line), len(text))
+        yield (room_key, position, line, struct.pack("<II", len(line), len(text)),
+               len(line) - len(text))
 
 
 def build_rooms_file(path, rooms, per_room):
@@ -177,8 +179,8 @@ def build_rooms_file(path, rooms, per_room):
             key = chat_server.room_keys(name)[0]
             db.execute("INSERT INTO rooms (key, name, topic, key_hash) VALUES (?, ?, NULL, NULL)",
                        (key, name))
-            db.executemany("INSERT INTO messages (room, last, lines, sizes) VALUES (?, ?, ?, ?)",
-                           kept_rows(key, per_room))
+            db.executemany("INSERT INTO messages (room, last, lines, sizes, text_at)"
+                           " VALUES (?, ?, ?, ?, ?)", kept_rows(key, per_room))
         db.execute("COMMIT")
         db.execute("PRAGMA journal_mode=WAL")   # (as the server leaves it)
     finally:
@@ -186,7 +188,7 @@ def build_rooms_file(path, rooms, per_room):
 
 
 def rooms_file(rooms, per_room):
-    return cached_file("rooms-%dx%d.db" % (rooms, per_room),
+    return cached_file("rooms-%dx%d-v4.db" % (rooms, per_room),   # (v4: text_at)
                        lambda path: build_rooms_file(path, rooms, per_room))
 
 
