@@ -4996,6 +4996,19 @@ class RedisConnection:
                 self.state is RedisState.READY or self.state is RedisState.STARTING):
             self._write()
 
+    def waitable(self):
+        """The socket to wait on for replies (the owner waiting for one inside its turn), or
+        None when replies can be taken now without waiting: TLS holds some decrypted already."""
+        if self._tls_context is not None and self._sock.pending():
+            return None
+        return self._sock
+
+    def take_replies(self):
+        """Read what Redis has sent and hand each whole reply to its command, now: as the loop
+        does when the socket is readable, for an owner that waits for a reply inside its turn.
+        (An exception raised by a callback closes the connection and goes on up, as there.)"""
+        self._on_event(True, False)
+
     def close(self):
         """Close now, without on_lost; returns the unanswered commands (as on_lost would).
         Replies held back behind a script being run again (see evalsha) are delivered first:
@@ -5500,6 +5513,9 @@ REAP_EVERY = 2.0            # how often a node looks for nodes whose lease ended
 SNAPSHOT_EVERY = 60.0       # how often a node tries to be the one that writes the snapshot
 LOG_READ_BLOCK_MS = 1000    # XREAD BLOCK: the reader's wait for new entries
 LOG_READ_COUNT = 1000       # entries a read brings at most
+LOG_WAIT = 0.01             # a turn that appended waits this long at most for its entries to
+                            # come back (see ClusterNode.flush); one that waited in vain:
+LOG_WAIT_REST = 1.0         # no turn waits for this long after it
 APPEND_BATCH = 500          # entries one run of the APPEND script takes at most (Redis waits
                             # for nothing else meanwhile: some 5 ms)
 
@@ -5862,6 +5878,9 @@ class ClusterNode:
         self.server = None        # the Server, which calls ``attach`` once it has its chat
         self.chat = None
         self.identities = 0       # identities taken: a timer of an earlier one does nothing
+        self.log_wait = LOG_WAIT  # see flush
+        self._waiter = None       # (writer, reader, a selector on their sockets), for flush
+        self._rest_until = 0.0    # no turn waits for its entries before this (monotonic)
         self._new_identity()
 
     def _new_identity(self):
@@ -5876,6 +5895,8 @@ class ClusterNode:
         self.remote = {}          # "node/conn" -> Peer of another node
         self._in_flight = []      # appends sent and not yet answered (to send again)
         self._batch = []          # this turn's entries: [(their APPEND arguments, entry)]
+        self._awaited = None      # the entries of the turn's last run of the script, unanswered
+        self._own_last = None     # the log id of the last entry it added (None: it added none)
         self._awaiting = {}       # Peer -> the join or rename whose application it waits for
         self.lease_until = 0.0
         self._snapshot_due = time.monotonic() + SNAPSHOT_EVERY
@@ -6139,7 +6160,8 @@ class ClusterNode:
 
     def _send_batch(self):
         """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
-        to be sent when it is back)."""
+        to be sent when it is back). True if Redis has them to run."""
+        sent = False
         while self._batch:
             batch, self._batch = self._batch[:APPEND_BATCH], self._batch[APPEND_BATCH:]
             args = [self.prefix, self.node, self.token, self.keep]
@@ -6151,13 +6173,23 @@ class ClusterNode:
                 self._batch_answered(entries, reply)
             if self.writer.ready and self.state == self.READY:
                 self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+                self._awaited, sent = entries, True
             else:
                 self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
                                                     APPEND_SCRIPT))
+        return sent
 
     def _batch_answered(self, entries, reply):
         """Each entry's reply: its id (it comes back through the log, where it is applied and
         acknowledged), "again", or a refusal; or one error for all (the lease, a failure)."""
+        if entries is self._awaited:   # (flush waits for the last one it added to come back)
+            self._awaited = None
+            self._own_last = None
+            if isinstance(reply, list):
+                for one in reversed(reply):
+                    if isinstance(one, bytes) and one != b"again":
+                        self._own_last = one
+                        break
         if isinstance(reply, RedisError):
             # One error for all: the lease ended, or Redis could not run the script (busy with
             # another, loading, out of memory): none of them is known to be in the log, so
@@ -6436,12 +6468,79 @@ class ClusterNode:
             self._register()
 
     def flush(self):
-        """The loop's turn is over: its entries go out, in one command, with the rest."""
-        if self._batch:
-            self._send_batch()
+        """The loop's turn is over: its entries go out, in one command, with the rest; and
+        the turn waits for them to come back (see _wait_for_own_entries)."""
+        sent = self._send_batch() if self._batch else False
         self.writer.flush()
         if self.reader is not None:
             self.reader.flush()
+            if sent:
+                self._wait_for_own_entries()
+
+    def _wait_for_own_entries(self):
+        """Wait, briefly, until the entries this turn added are back through XREAD and applied,
+        so that the turn's writes carry their senders' echoes and their deliveries, as the
+        server alone writes a turn's lines once its commit is done.
+
+        Without it each line takes two turns at least, read in one, applied in another, and
+        the members' lines are split between the turns: a write to each member every turn
+        with half of a round of lines, twice the writes a line; and the node, Redis and the
+        clients all run at once, waiting for each other's processor on a small machine.
+        Redis runs a batch in well under a millisecond a few dozen entries, so the wait is
+        short; it is bounded (``log_wait``), and after a wait in vain (a Redis far away, or
+        too busy), no turn waits for LOG_WAIT_REST seconds: the entries are applied when they
+        come, as ever (the wait changes when, never what, nor in what order)."""
+        now = time.monotonic()
+        if now < self._rest_until:
+            return
+        writer, reader = self.writer.connection, self.reader.connection
+        if writer is None or reader is None:
+            return
+        waiter = self._waiter
+        if waiter is None or waiter[0] is not writer or waiter[1] is not reader:
+            self._close_waiter()
+            selector = selectors.DefaultSelector()
+            self._waiter = waiter = (writer, reader, selector)
+            for connection in (writer, reader):
+                sock = connection.waitable()
+                if sock is not None:
+                    selector.register(sock, selectors.EVENT_READ, connection)
+        selector = waiter[2]
+        deadline = now + self.log_wait
+        try:
+            while (self.state == self.READY and writer.state is RedisState.READY
+                   and reader.state is RedisState.READY):
+                if self._awaited is None and (self._own_last is None or self._applied(
+                        self._own_last)):
+                    break
+                buffered = [c for c in (writer, reader) if c.waitable() is None]
+                if buffered:
+                    ready = buffered
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._rest_until = time.monotonic() + LOG_WAIT_REST
+                        break
+                    ready = [key.data for key, _ in selector.select(left)]
+                for connection in ready:
+                    if connection.state is RedisState.READY:
+                        connection.take_replies()
+                self.reader.flush()   # (the next XREAD, once one was answered)
+        except Exception:
+            print_traceback()   # (the connection is closed; the loop goes on, as with events)
+        self.writer.flush()
+        self.reader.flush()
+
+    def _applied(self, entry_id):
+        """Whether the log has been applied up to ``entry_id`` (bytes, as Redis gave it)."""
+        ms, _, seq = entry_id.partition(b"-")
+        last_ms, _, last_seq = self.last_id.partition("-")
+        return (int(last_ms), int(last_seq)) >= (int(ms), int(seq))
+
+    def _close_waiter(self):
+        if self._waiter is not None:
+            self._waiter[2].close()
+            self._waiter = None
 
     def stop(self):
         """A clean stop: this node's members' leaves are in the log, a snapshot written (the
@@ -6454,6 +6553,7 @@ class ClusterNode:
         self.state = self.STOPPED
 
     def close(self):
+        self._close_waiter()
         for link in (self.writer, self.reader):
             if link is not None:
                 link.close()
