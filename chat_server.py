@@ -5516,6 +5516,7 @@ LOG_READ_COUNT = 1000       # entries a read brings at most
 LOG_WAIT = 0.01             # a turn that appended waits this long at most for its entries to
                             # come back (see ClusterNode.flush); one that waited in vain:
 LOG_WAIT_REST = 1.0         # no turn waits for this long after it
+APPEND_EARLY = 32           # a turn sends its entries as soon as it has this many (see append)
 APPEND_BATCH = 500          # entries one run of the APPEND script takes at most (Redis waits
                             # for nothing else meanwhile: some 5 ms)
 
@@ -5895,6 +5896,7 @@ class ClusterNode:
         self.remote = {}          # "node/conn" -> Peer of another node
         self._in_flight = []      # appends sent and not yet answered (to send again)
         self._batch = []          # this turn's entries: [(their APPEND arguments, entry)]
+        self._sent_in_turn = False  # a run of the script was sent earlier in this turn
         self._awaited = None      # the entries of the turn's last run of the script, unanswered
         self._own_last = None     # the log id of the last entry it added (None: it added none)
         self._awaiting = {}       # Peer -> the join or rename whose application it waits for
@@ -6157,6 +6159,11 @@ class ClusterNode:
         self._op_ids += 1
         self._batch.append(([self._op_ids, kind, peer.ident, claim, release, room_key,
                              self._encode(entry)], entry))
+        if len(self._batch) >= APPEND_EARLY and self.state == self.READY and self.writer.ready:
+            # A turn with many lines: Redis runs these while the node reads the rest, so
+            # that the turn's wait for its entries (see flush) is for its last ones only.
+            self._sent_in_turn = self._send_batch() or self._sent_in_turn
+            self.writer.flush()
 
     def _send_batch(self):
         """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
@@ -6471,6 +6478,7 @@ class ClusterNode:
         """The loop's turn is over: its entries go out, in one command, with the rest; and
         the turn waits for them to come back (see _wait_for_own_entries)."""
         sent = self._send_batch() if self._batch else False
+        sent, self._sent_in_turn = sent or self._sent_in_turn, False
         self.writer.flush()
         if self.reader is not None:
             self.reader.flush()

@@ -11821,6 +11821,28 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual([alice.said(1.0), alice.said(1.0)], [OK, "YOU SEND USERS hello"])
         self.assertEqual(bob.said(1.0), "alice sent hello")
 
+    def test_a_turn_with_many_lines_sends_them_to_redis_as_it_reads_them(self):
+        # Redis runs the first APPEND_EARLY entries while the node reads the rest: the turn's
+        # wait is then for its last entries only. Every line still comes back in that turn.
+        module = redis_part()
+        server, alice, bob, conn = self.in_process_node(log_wait=DEADLINE)
+        runs = []
+        evalsha = server.cluster.writer.evalsha
+
+        def counted(script, keys, args, callback):
+            runs.append((len(args) - 4) // 7)   # (4 arguments, then 7 an entry)
+            evalsha(script, keys, args, callback)
+        server.cluster.writer.evalsha = counted
+        count = module.APPEND_EARLY + 8
+        alice.send("".join("line %d\n" % n for n in range(count)))
+        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "her lines at the node")
+        time.sleep(0.1)   # (all of them: one read)
+        server.run_once(timeout=0)
+        self.assertEqual(runs, [module.APPEND_EARLY, 8])
+        said = [alice.said(1.0) for _ in range(2 * count)]
+        self.assertEqual(said[-2:], [OK, "YOU SEND USERS line %d" % (count - 1)])
+        self.assertEqual(bob.said(1.0), "alice sent line 0")
+
     def test_a_turn_waits_for_its_lines_a_short_time_only(self):
         # Redis does not answer (paused): the turn gives up after log_wait, and the turns after
         # it do not wait at all for a while; nothing is lost: the lines come when Redis does.
