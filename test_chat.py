@@ -10872,7 +10872,7 @@ class ClusterBatchReplyTests(InMemoryTestCase):
     def answer(self, entries, reply):
         """ClusterNode._batch_answered on a node that only records what it would do."""
         server = load_module("chat_server")
-        node = types.SimpleNamespace(lost=[], notices=[], held=[], _awaiting={})
+        node = types.SimpleNamespace(lost=[], notices=[], held=[], _awaiting={}, _awaited=None)
         node._lose = node.lost.append
         node._refused = lambda entry, one: server.ClusterNode._refused(node, entry, one)
         node.chat = types.SimpleNamespace(
