@@ -4996,12 +4996,15 @@ class RedisConnection:
                 self.state is RedisState.READY or self.state is RedisState.STARTING):
             self._write()
 
-    def waitable(self):
-        """The socket to wait on for replies (the owner waiting for one inside its turn), or
-        None when replies can be taken now without waiting: TLS holds some decrypted already."""
-        if self._tls_context is not None and self._sock.pending():
-            return None
+    @property
+    def socket(self):
+        """The socket, for an owner that waits for a reply inside its turn (see buffered)."""
         return self._sock
+
+    def buffered(self):
+        """Whether replies can be taken now without waiting for the socket: TLS holds bytes it
+        has decrypted already, which never make the socket readable."""
+        return self._tls_context is not None and self._sock.pending() > 0
 
     def take_replies(self):
         """Read what Redis has sent and hand each whole reply to its command, now: as the loop
@@ -6510,9 +6513,7 @@ class ClusterNode:
             selector = selectors.DefaultSelector()
             self._waiter = waiter = (writer, reader, selector)
             for connection in (writer, reader):
-                sock = connection.waitable()
-                if sock is not None:
-                    selector.register(sock, selectors.EVENT_READ, connection)
+                selector.register(connection.socket, selectors.EVENT_READ, connection)
         selector = waiter[2]
         deadline = now + self.log_wait
         try:
@@ -6521,7 +6522,7 @@ class ClusterNode:
                 if self._awaited is None and (self._own_last is None or self._applied(
                         self._own_last)):
                     break
-                buffered = [c for c in (writer, reader) if c.waitable() is None]
+                buffered = [c for c in (writer, reader) if c.buffered()]
                 if buffered:
                     ready = buffered
                 else:
