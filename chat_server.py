@@ -5526,10 +5526,11 @@ APPEND_BATCH = 500          # entries one run of the APPEND script takes at most
 # The scripts: run atomically in Redis. ARGV[1] is always the cluster's key prefix.
 #
 # APPEND: a loop turn's entries of this node, in one run (one EVALSHA a turn, not one an entry:
-# the command's cost in both processes is paid once). ARGV: prefix, node, lease token, --keep,
-# then seven for each entry: the node's number for it, kind, owner ("node/connection"), nickname
-# keys to claim, keys to release, room key, and its own fields packed (ENTRY_FIELDS), which the
-# script puts after the entry's number, time, kind and owner without reading them.
+# the command's cost in both processes is paid once; a turn with many lines sends them in runs
+# of APPEND_EARLY as it reads them, see ClusterNode.append). ARGV: prefix, node, lease token,
+# --keep, then seven for each entry: the node's number for it, kind, owner ("node/connection"),
+# nickname keys to claim, keys to release, room key, and its own fields packed (ENTRY_FIELDS),
+# which the script puts after the entry's number, time, kind and owner without reading them.
 # The lease is checked once, for all of them (the script is atomic: no lease can end midway).
 # The reply: one element per entry, in their order: its id in the log, "again" (sent again after
 # a lost connection, and done already: once is enough), or an error (BUSY KEY: that nickname is
@@ -6169,8 +6170,8 @@ class ClusterNode:
             self.writer.flush()
 
     def _send_batch(self):
-        """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
-        to be sent when it is back). True if Redis has them to run."""
+        """The entries appended since the last run, in one run of the APPEND script (or, while
+        Redis is away, kept to be sent when it is back). True if Redis has them to run."""
         sent = False
         while self._batch:
             batch, self._batch = self._batch[:APPEND_BATCH], self._batch[APPEND_BATCH:]
