@@ -5108,6 +5108,22 @@ class RedisConnection:
                 self.state is RedisState.READY or self.state is RedisState.STARTING):
             self._write()
 
+    @property
+    def socket(self):
+        """The socket, for an owner that waits for a reply inside its turn (see buffered)."""
+        return self._sock
+
+    def buffered(self):
+        """Whether replies can be taken now without waiting for the socket: TLS holds bytes it
+        has decrypted already, which never make the socket readable."""
+        return self._tls_context is not None and self._sock.pending() > 0
+
+    def take_replies(self):
+        """Read what Redis has sent and hand each whole reply to its command, now: as the loop
+        does when the socket is readable, for an owner that waits for a reply inside its turn.
+        (An exception raised by a callback closes the connection and goes on up, as there.)"""
+        self._on_event(True, False)
+
     def close(self):
         """Close now, without on_lost; returns the unanswered commands (as on_lost would).
         Replies held back behind a script being run again (see evalsha) are delivered first:
@@ -5612,16 +5628,21 @@ REAP_EVERY = 2.0            # how often a node looks for nodes whose lease ended
 SNAPSHOT_EVERY = 60.0       # how often a node tries to be the one that writes the snapshot
 LOG_READ_BLOCK_MS = 1000    # XREAD BLOCK: the reader's wait for new entries
 LOG_READ_COUNT = 1000       # entries a read brings at most
+LOG_WAIT = 0.01             # a turn that appended waits this long at most for its entries to
+                            # come back (see ClusterNode.flush); one that waited in vain:
+LOG_WAIT_REST = 1.0         # no turn waits for this long after it
+APPEND_EARLY = 32           # a turn sends its entries as soon as it has this many (see append)
 APPEND_BATCH = 500          # entries one run of the APPEND script takes at most (Redis waits
                             # for nothing else meanwhile: some 5 ms)
 
 # The scripts: run atomically in Redis. ARGV[1] is always the cluster's key prefix.
 #
 # APPEND: a loop turn's entries of this node, in one run (one EVALSHA a turn, not one an entry:
-# the command's cost in both processes is paid once). ARGV: prefix, node, lease token, --keep,
-# then seven for each entry: the node's number for it, kind, owner ("node/connection"), nickname
-# keys to claim, keys to release, room key, and its own fields packed (ENTRY_FIELDS), which the
-# script puts after the entry's number, time, kind and owner without reading them.
+# the command's cost in both processes is paid once; a turn with many lines sends them in runs
+# of APPEND_EARLY as it reads them, see ClusterNode.append). ARGV: prefix, node, lease token,
+# --keep, then seven for each entry: the node's number for it, kind, owner ("node/connection"),
+# nickname keys to claim, keys to release, room key, and its own fields packed (ENTRY_FIELDS),
+# which the script puts after the entry's number, time, kind and owner without reading them.
 # The lease is checked once, for all of them (the script is atomic: no lease can end midway).
 # The reply: one element per entry, in their order: its id in the log, "again" (sent again after
 # a lost connection, and done already: once is enough), or an error (BUSY KEY: that nickname is
@@ -5974,6 +5995,9 @@ class ClusterNode:
         self.server = None        # the Server, which calls ``attach`` once it has its chat
         self.chat = None
         self.identities = 0       # identities taken: a timer of an earlier one does nothing
+        self.log_wait = LOG_WAIT  # see flush
+        self._waiter = None       # (writer, reader, a selector on their sockets), for flush
+        self._rest_until = 0.0    # no turn waits for its entries before this (monotonic)
         self._new_identity()
 
     def _new_identity(self):
@@ -5988,6 +6012,9 @@ class ClusterNode:
         self.remote = {}          # "node/conn" -> Peer of another node
         self._in_flight = []      # appends sent and not yet answered (to send again)
         self._batch = []          # this turn's entries: [(their APPEND arguments, entry)]
+        self._sent_in_turn = False  # a run of the script was sent earlier in this turn
+        self._awaited = None      # the entries of the turn's last run of the script, unanswered
+        self._own_last = None     # the log id of the last entry it added (None: it added none)
         self._awaiting = {}       # Peer -> the join or rename whose application it waits for
         self.lease_until = 0.0
         self._snapshot_due = time.monotonic() + SNAPSHOT_EVERY
@@ -6248,10 +6275,16 @@ class ClusterNode:
         self._op_ids += 1
         self._batch.append(([self._op_ids, kind, peer.ident, claim, release, room_key,
                              self._encode(entry)], entry))
+        if len(self._batch) >= APPEND_EARLY and self.state == self.READY and self.writer.ready:
+            # A turn with many lines: Redis runs these while the node reads the rest, so
+            # that the turn's wait for its entries (see flush) is for its last ones only.
+            self._sent_in_turn = self._send_batch() or self._sent_in_turn
+            self.writer.flush()
 
     def _send_batch(self):
-        """The turn's entries, in one run of the APPEND script (or, while Redis is away, kept
-        to be sent when it is back)."""
+        """The entries appended since the last run, in one run of the APPEND script (or, while
+        Redis is away, kept to be sent when it is back). True if Redis has them to run."""
+        sent = False
         while self._batch:
             batch, self._batch = self._batch[:APPEND_BATCH], self._batch[APPEND_BATCH:]
             args = [self.prefix, self.node, self.token, self.keep]
@@ -6263,13 +6296,23 @@ class ClusterNode:
                 self._batch_answered(entries, reply)
             if self.writer.ready and self.state == self.READY:
                 self.writer.evalsha(APPEND_SCRIPT, (), args, answered)
+                self._awaited, sent = entries, True
             else:
                 self._in_flight.append(RedisCommand(("EVALSHA", "", 0) + tuple(args), answered,
                                                     APPEND_SCRIPT))
+        return sent
 
     def _batch_answered(self, entries, reply):
         """Each entry's reply: its id (it comes back through the log, where it is applied and
         acknowledged), "again", or a refusal; or one error for all (the lease, a failure)."""
+        if entries is self._awaited:   # (flush waits for the last one it added to come back)
+            self._awaited = None
+            self._own_last = None
+            if isinstance(reply, list):
+                for one in reversed(reply):
+                    if isinstance(one, bytes) and one != b"again":
+                        self._own_last = one
+                        break
         if isinstance(reply, RedisError):
             # One error for all: the lease ended, or Redis could not run the script (busy with
             # another, loading, out of memory): none of them is known to be in the log, so
@@ -6548,12 +6591,78 @@ class ClusterNode:
             self._register()
 
     def flush(self):
-        """The loop's turn is over: its entries go out, in one command, with the rest."""
-        if self._batch:
-            self._send_batch()
+        """The loop's turn is over: its entries go out, in one command, with the rest; and
+        the turn waits for them to come back (see _wait_for_own_entries)."""
+        sent = self._send_batch() if self._batch else False
+        sent, self._sent_in_turn = sent or self._sent_in_turn, False
         self.writer.flush()
         if self.reader is not None:
             self.reader.flush()
+            if sent:
+                self._wait_for_own_entries()
+
+    def _wait_for_own_entries(self):
+        """Wait, briefly, until the entries this turn added are back through XREAD and applied,
+        so that the turn's writes carry their senders' echoes and their deliveries, as the
+        server alone writes a turn's lines once its commit is done.
+
+        Without it each line takes two turns at least, read in one, applied in another, and
+        the members' lines are split between the turns: a write to each member every turn
+        with half of a round of lines, twice the writes a line; and the node, Redis and the
+        clients all run at once, waiting for each other's processor on a small machine.
+        Redis runs a batch in well under a millisecond a few dozen entries, so the wait is
+        short; it is bounded (``log_wait``), and after a wait in vain (a Redis far away, or
+        too busy), no turn waits for LOG_WAIT_REST seconds: the entries are applied when they
+        come, as ever (the wait changes when, never what, nor in what order)."""
+        now = time.monotonic()
+        if now < self._rest_until:
+            return
+        writer, reader = self.writer.connection, self.reader.connection
+        if writer is None or reader is None:
+            return
+        waiter = self._waiter
+        if waiter is None or waiter[0] is not writer or waiter[1] is not reader:
+            self._close_waiter()
+            selector = selectors.DefaultSelector()
+            self._waiter = waiter = (writer, reader, selector)
+            for connection in (writer, reader):
+                selector.register(connection.socket, selectors.EVENT_READ, connection)
+        selector = waiter[2]
+        deadline = now + self.log_wait
+        try:
+            while (self.state == self.READY and writer.state is RedisState.READY
+                   and reader.state is RedisState.READY):
+                if self._awaited is None and (self._own_last is None or self._applied(
+                        self._own_last)):
+                    break
+                buffered = [c for c in (writer, reader) if c.buffered()]
+                if buffered:
+                    ready = buffered
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._rest_until = time.monotonic() + LOG_WAIT_REST
+                        break
+                    ready = [key.data for key, _ in selector.select(left)]
+                for connection in ready:
+                    if connection.state is RedisState.READY:
+                        connection.take_replies()
+                self.reader.flush()   # (the next XREAD, once one was answered)
+        except Exception:
+            print_traceback()   # (the connection is closed; the loop goes on, as with events)
+        self.writer.flush()
+        self.reader.flush()
+
+    def _applied(self, entry_id):
+        """Whether the log has been applied up to ``entry_id`` (bytes, as Redis gave it)."""
+        ms, _, seq = entry_id.partition(b"-")
+        last_ms, _, last_seq = self.last_id.partition("-")
+        return (int(last_ms), int(last_seq)) >= (int(ms), int(seq))
+
+    def _close_waiter(self):
+        if self._waiter is not None:
+            self._waiter[2].close()
+            self._waiter = None
 
     def stop(self):
         """A clean stop: this node's members' leaves are in the log, a snapshot written (the
@@ -6566,6 +6675,7 @@ class ClusterNode:
         self.state = self.STOPPED
 
     def close(self):
+        self._close_waiter()
         for link in (self.writer, self.reader):
             if link is not None:
                 link.close()

@@ -11075,7 +11075,7 @@ class ClusterBatchReplyTests(InMemoryTestCase):
     def answer(self, entries, reply):
         """ClusterNode._batch_answered on a node that only records what it would do."""
         server = load_module("chat_server")
-        node = types.SimpleNamespace(lost=[], notices=[], held=[], _awaiting={})
+        node = types.SimpleNamespace(lost=[], notices=[], held=[], _awaiting={}, _awaited=None)
         node._lose = node.lost.append
         node._refused = lambda entry, one: server.ClusterNode._refused(node, entry, one)
         node.chat = types.SimpleNamespace(
@@ -11981,6 +11981,99 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(len(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")), 2)
         [entry_id] = self.append_batch(link, loop, "token", later)
         self.assertEqual(redis_call(loop, link, "XRANGE", "chat:log", "-", "+")[-1][0], entry_id)
+
+    def in_process_node(self, log_wait):
+        """A node in this process (its turns run by the test), with alice and bob joined."""
+        module = redis_part()
+        node = module.ClusterNode(self.redis.url)
+        node.log_wait = log_wait
+        server = module.Server(port=0, rate_limit=0, history=0, cluster=node)
+        self.addCleanup(server.close)
+        self.assertTrue(server.start_cluster(), node.problem)
+        port = server.listen()[1]
+        stop = threading.Event()
+
+        def serve():
+            while not stop.is_set():
+                server.run_once(timeout=0.01)
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            alice = LineSocket(port)
+            self.addCleanup(alice.close)
+            alice.join("alice")
+            bob = LineSocket(port)
+            self.addCleanup(bob.close)
+            bob.join("bob")
+            self.assertEqual(alice.said(), "bob connected!")
+        finally:
+            stop.set()
+            thread.join()
+        conn = next(c for c in server.conns.values() if c.peer.nick == "alice")
+        return server, alice, bob, conn
+
+    def test_a_turn_writes_the_lines_it_read_once_they_are_back_from_the_log(self):
+        # The turn that reads a member's line appends it and waits for it to come back through
+        # the log (as the server alone commits a turn's lines before writing): the echo and
+        # the deliveries go out in that very turn's writes, not in a later turn's (every line
+        # two turns at least, each turn's writes carrying half the lines).
+        server, alice, bob, conn = self.in_process_node(log_wait=DEADLINE)
+        alice.send("hello\n")
+        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "her line at the node")
+        server.run_once(timeout=0)   # one turn: no other turn runs before the lines are read
+        self.assertEqual([alice.said(1.0), alice.said(1.0)], [OK, "YOU SEND USERS hello"])
+        self.assertEqual(bob.said(1.0), "alice sent hello")
+
+    def test_a_turn_with_many_lines_sends_them_to_redis_as_it_reads_them(self):
+        # Redis runs the first APPEND_EARLY entries while the node reads the rest: the turn's
+        # wait is then for its last entries only. Every line still comes back in that turn.
+        module = redis_part()
+        server, alice, bob, conn = self.in_process_node(log_wait=DEADLINE)
+        runs = []
+        evalsha = server.cluster.writer.evalsha
+
+        def counted(script, keys, args, callback):
+            runs.append((len(args) - 4) // 7)   # (4 arguments, then 7 an entry)
+            evalsha(script, keys, args, callback)
+        server.cluster.writer.evalsha = counted
+        count = module.APPEND_EARLY + 8
+        alice.send("".join("line %d\n" % n for n in range(count)))
+        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "her lines at the node")
+        time.sleep(0.1)   # (all of them: one read)
+        server.run_once(timeout=0)
+        self.assertEqual(runs, [module.APPEND_EARLY, 8])
+        said = [alice.said(1.0) for _ in range(2 * count)]
+        self.assertEqual(said[-2:], [OK, "YOU SEND USERS line %d" % (count - 1)])
+        self.assertEqual(bob.said(1.0), "alice sent line 0")
+
+    def test_a_turn_waits_for_its_lines_a_short_time_only(self):
+        # Redis does not answer (paused): the turn gives up after log_wait, and the turns after
+        # it do not wait at all for a while; nothing is lost: the lines come when Redis does.
+        server, alice, bob, conn = self.in_process_node(log_wait=0.3)
+        self.redis.pause()
+        try:
+            timings = []
+            for word in ("one", "two"):
+                alice.send(word + "\n")
+                wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "her line")
+                start = time.monotonic()
+                server.run_once(timeout=0)
+                timings.append(time.monotonic() - start)
+        finally:
+            self.redis.resume()
+        self.assertGreaterEqual(timings[0], 0.3)
+        self.assertLess(timings[1], 0.2)
+        lines = []
+
+        def both_came():
+            server.run_once(timeout=0.01)
+            try:
+                lines.append(bob.said(0.01))
+            except AssertionError:
+                pass   # (not yet: what came of a line waits in bob's buffer)
+            return len(lines) == 2
+        wait_until(both_came, "bob to get both lines")
+        self.assertEqual(lines, ["alice sent one", "alice sent two"])
 
     def test_the_append_script_counts_numbers_and_positions_across_a_batch(self):
         # The script reads the log's number and each room's position once and writes them once
