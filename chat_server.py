@@ -3109,13 +3109,13 @@ class Loop:
         self._handle_backlog()
         self._run_timers()
         self.store.commit()    # before any reply: nothing is acknowledged that is not kept
-        self.log.flush()       # then what a client has seen is logged already
         if self.cluster is not None:
-            # The turn's appends to Redis, in one write, before the members' writes: Redis runs
-            # them meanwhile (a cluster's message waits for that round trip; nothing is
-            # acknowledged before the entry comes back, so the order of the two is free).
+            # The turn's appends to Redis, before the members' writes; the node waits (briefly)
+            # for them to come back through the log and applies them, so that the writes below
+            # carry them (nothing is acknowledged before its entry comes back).
             self.cluster.flush()
-        self._flush_pending()
+        self.log.flush()       # then what a client has seen is logged already (the entries
+        self._flush_pending()  # just applied included)
         self.log.flush()       # (what the writes caused: a reader cut off at its send queue)
         if self.cluster is not None:
             self.cluster.flush()   # (and its leave: a no-op when the writes caused nothing)

@@ -66,6 +66,14 @@ DEADLINE = 15.0          # seconds any single wait may take before the test fail
 TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d): ")
 
 
+def bytes_waiting(sock):
+    """How many bytes wait in ``sock``'s receive buffer (Linux and macOS: FIONREAD)."""
+    import fcntl
+    import termios
+    count = struct.pack("i", 0)
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, count))[0]
+
+
 def wait_until(condition, what, deadline=DEADLINE, interval=0.01):
     """Poll ``condition`` until it is true; fail with ``what`` after ``deadline`` seconds."""
     end = time.monotonic() + deadline
@@ -12024,6 +12032,22 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual([alice.said(1.0), alice.said(1.0)], [OK, "YOU SEND USERS hello"])
         self.assertEqual(bob.said(1.0), "alice sent hello")
 
+    def test_a_line_applied_in_the_turns_wait_is_logged_before_it_is_written(self):
+        # What a client has seen is logged already: the lines the turn's wait applied are in
+        # the log's flush that comes before the members' writes, not in the one after them.
+        server, alice, bob, conn = self.in_process_node(log_wait=DEADLINE)
+        order = []
+        flush, send = server.log.flush, server._send
+        server.log.flush = lambda: order.append(("log", b"".join(server.log._lines))) or flush()
+        server._send = lambda conn: order.append(("send", conn.peer.nick)) or send(conn)
+        alice.send("hello\n")
+        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "her line at the node")
+        server.run_once(timeout=0)
+        self.assertEqual(bob.said(1.0), "alice sent hello")
+        first_send = order.index(("send", "bob"))
+        self.assertTrue(any(kind == "log" and b"hello" in what
+                            for kind, what in order[:first_send]), order)
+
     def test_a_turn_with_many_lines_sends_them_to_redis_as_it_reads_them(self):
         # Redis runs the first APPEND_EARLY entries while the node reads the rest: the turn's
         # wait is then for its last entries only. Every line still comes back in that turn.
@@ -12037,9 +12061,9 @@ class ClusterTests(unittest.TestCase):
             evalsha(script, keys, args, callback)
         server.cluster.writer.evalsha = counted
         count = module.APPEND_EARLY + 8
-        alice.send("".join("line %d\n" % n for n in range(count)))
-        wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "her lines at the node")
-        time.sleep(0.1)   # (all of them: one read)
+        lines = "".join("line %d\n" % n for n in range(count)).encode()
+        alice.send(lines)
+        wait_until(lambda: bytes_waiting(conn.sock) == len(lines), "all her lines at the node")
         server.run_once(timeout=0)
         self.assertEqual(runs, [module.APPEND_EARLY, 8])
         said = [alice.said(1.0) for _ in range(2 * count)]
