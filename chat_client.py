@@ -138,6 +138,7 @@ class Lines:
     REGISTERED = ('"{nick}" is registered to you. Next time you join with it you will be asked'
                   ' for its password.')
     UNREGISTERED = '"{nick}" is no longer registered.'
+    LOGIN_TOKEN = 'Login token for "{nick}": {token}'
     REPLACED = "You joined from somewhere else."
     # Version 3: moderation
     KICKED = "You were kicked by {op}."
@@ -207,6 +208,7 @@ class Kind:
     ROOM_CLOSED = "room closed"
     NICK_QUESTION = "nick question"   # "{nick}" is registered. Please enter its password
     REGISTERED = "registered"      # "{nick}" is registered to you. / ... no longer registered.
+    LOGIN_TOKEN = "login token"    # Login token for "{nick}": {token}
     KICKED_YOU = "kicked you"
     BANNED_YOU = "banned you"      # also a banned address's refusal
     HELP = "help"                  # Commands: ...
@@ -248,6 +250,7 @@ _TEMPLATES = (
     (Kind.NICK_QUESTION, Lines.NICK_PASSWORD_PROMPT),
     (Kind.REGISTERED, Lines.REGISTERED),
     (Kind.REGISTERED, Lines.UNREGISTERED),
+    (Kind.LOGIN_TOKEN, Lines.LOGIN_TOKEN),
     (Kind.KICKED_YOU, Lines.KICKED),
     (Kind.KICKED_YOU, Lines.KICKED_FOR),
     (Kind.BANNED_YOU, Lines.BANNED),
@@ -495,6 +498,7 @@ COMMANDS = (
     Command(("register",), ok_first=True, answers=(Kind.REGISTERED,), secret=True),
     Command(("password",), ok_first=True, secret=True),
     Command(("unregister",), ok_first=True, answers=(Kind.REGISTERED,), secret=True),
+    Command(("token",), ok_first=True, answers=(Kind.LOGIN_TOKEN,)),
     Command(("kick",), ok_first=True, operator=True, completes=NICK),
     Command(("ban",), ok_first=True, operator=True, completes=NICK),
     Command(("unban",), ok_first=True, operator=True),
