@@ -101,6 +101,8 @@ DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?\Z")   # 30m, 2h, 7d, 1
 MAX_DURATION_DAYS = 36500
 HASHES_QUEUED = 2         # hashes with the worker threads at once, per worker; the rest wait their turn
 HASH_WORKERS_MOST = 4     # worker threads that hash passwords, at most (32 MiB each while hashing)
+ACCOUNTS_READ_MOST = 10000   # accounts (or their absence) the data file's store remembers
+LINES_READ_MOST = 64      # reads of a room's lines the data file's store remembers (catch-ups)
 TOKEN_BYTES = 32          # a login token's randomness (43 characters once base64url-encoded)
 TOKENS_MOST = 10          # login tokens a nickname holds at most (one per device); a new one ends the oldest
 TOKEN_FORM = re.compile(r"[A-Za-z0-9_-]{43}\Z")
@@ -2440,7 +2442,8 @@ class SQLiteStore(MemoryStore):
     What is kept in memory, for speed, is only what a room needs at once (MemoryStore's rooms
     and operators, bans and mutes, which are few); messages, accounts and waiting messages are
     read from the file when asked for, through indexes that touch one room's or one account's
-    rows, so start-up does not grow with the file.
+    rows, so start-up does not grow with the file. Reads a crowd of logins repeats (an account,
+    the same catch-up) are remembered, boundedly, until what they read changes.
     """
 
     APPLICATION_ID = 0x43484154   # "CHAT": what says a SQLite file is a chat's data file
@@ -2455,6 +2458,17 @@ class SQLiteStore(MemoryStore):
         self._pruned_at = {}    # room key -> the position at which it was last pruned
         self._failing = False   # a write failed: said so; say so again when one works
         self._closed = False
+        # Accounts as read, by the key asked for (None: no account), so that a login reads its
+        # account once, not at each of its steps (a crowd logging in with tokens spent 10% of
+        # the loop in those reads). Every change of an account goes through this store:
+        # forgotten at each, and when a commit fails (the file is then what is true).
+        self._accounts_read = {}
+        # The last reads of a room's lines, by (room, after, most): (the room's position then,
+        # the lines). A crowd coming back at once (after a restart, a network cut) left at the
+        # same place and asks for the same lines: read once while the room says nothing new.
+        self._lines_read = {}
+        # The accounts that may have private messages waiting (no query for the others).
+        self._waiting_for = set()
         self._lock = hold_lock_file(path + "-lock")
         self.db = None
         try:
@@ -2547,6 +2561,8 @@ class SQLiteStore(MemoryStore):
             self._bans[row[0], row[1]] = Ban(*row)
         for row in self.db.execute("SELECT key, nick, until FROM mutes"):
             self._mutes[row[0]] = Mute(*row)
+        self._waiting_for.update(key for key, in self.db.execute(
+            "SELECT DISTINCT account FROM waiting"))
 
     # -- writing: gathered, then one transaction a turn -----------------------------------------
     def _later(self, sql, parameters):
@@ -2640,6 +2656,8 @@ class SQLiteStore(MemoryStore):
     def _rollback(self):
         self._pending.clear()
         self._turn.clear()
+        self._accounts_read.clear()
+        self._lines_read.clear()
         try:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -2676,6 +2694,7 @@ class SQLiteStore(MemoryStore):
         MemoryStore.drop_room(self, key)
         self._turn.pop(key, None)
         self._pruned_at.pop(key, None)
+        self._lines_read.clear()   # (a room made again under its name counts from 0 again)
         self._later("DELETE FROM messages WHERE room = ?", (key,))
         self._later("DELETE FROM rooms WHERE key = ?", (key,))
         self._later("DELETE FROM seen WHERE room = ?", (key,))
@@ -2714,7 +2733,18 @@ class SQLiteStore(MemoryStore):
         """The room's kept lines after ``after``, (position, line, text_size), the newest
         ``most`` of them (every one, without), oldest first. Kept: the last ``keep`` (a row
         may hold older ones until it is pruned)."""
-        after = max(after, self.position(room_key) - self._keep)
+        position = self.position(room_key)
+        asked = (room_key, after, most)
+        read = self._lines_read.get(asked)
+        if read is not None and read[0] == position:
+            return read[1]
+        lines = self._read_lines(room_key, max(after, position - self._keep), most)
+        if len(self._lines_read) >= LINES_READ_MOST:
+            self._lines_read.clear()
+        self._lines_read[asked] = (position, lines)
+        return lines
+
+    def _read_lines(self, room_key, after, most):
         lines = []
         # Each row holds at least one line after ``after`` (its last): ``most`` rows are
         # enough, and only they are read (start-up asks every room for its history: a read of
@@ -2834,15 +2864,29 @@ class SQLiteStore(MemoryStore):
     # -- accounts -------------------------------------------------------------------------------
     def account_for(self, keys):
         for key in keys:
-            rows = self._read("SELECT accounts.key, nick, password_hash, tokens FROM"
-                              " account_keys JOIN accounts ON accounts.key = account_keys.account"
-                              " WHERE account_keys.key = ?", (key,))
-            if rows:
-                key, nick, password_hash, tokens = rows[0]
-                return Account(key, nick, password_hash, tuple(tokens.split()))
+            account = self._account_by_key(key)
+            if account is not None:
+                return account
         return None
 
+    def _account_by_key(self, key):
+        read = self._accounts_read
+        if key in read:
+            return read[key]
+        rows = self._read("SELECT accounts.key, nick, password_hash, tokens FROM"
+                          " account_keys JOIN accounts ON accounts.key = account_keys.account"
+                          " WHERE account_keys.key = ?", (key,))
+        account = None
+        if rows:
+            owner, nick, password_hash, tokens = rows[0]
+            account = Account(owner, nick, password_hash, tuple(tokens.split()))
+        if len(read) >= ACCOUNTS_READ_MOST:
+            read.clear()   # (bounded: a crowd trying names can't grow it)
+        read[key] = account
+        return account
+
     def save_account(self, account, keys):
+        self._accounts_read.clear()
         self._later("INSERT OR REPLACE INTO accounts (key, nick, password_hash, tokens) VALUES"
                     " (?, ?, ?, ?)", account[:3] + (" ".join(account.tokens),))
         for key in keys:
@@ -2850,6 +2894,7 @@ class SQLiteStore(MemoryStore):
                         (key, account.key))
 
     def drop_account(self, key):
+        self._accounts_read.clear()
         for table, column in (("accounts", "key"), ("account_keys", "account"),
                               ("seen", "account"), ("waiting", "account")):
             self._later("DELETE FROM %s WHERE %s = ?" % (table, column), (key,))
@@ -2864,6 +2909,8 @@ class SQLiteStore(MemoryStore):
                     (account_key, room_key, position))
 
     def waiting_count(self, account_key):
+        if account_key not in self._waiting_for:
+            return 0
         rows = self._read("SELECT count(*) FROM waiting WHERE account = ?", (account_key,))
         return rows[0][0] if rows else 0
 
@@ -2871,9 +2918,13 @@ class SQLiteStore(MemoryStore):
         if self.waiting_count(account_key) >= most:
             return False
         self._later("INSERT INTO waiting (account, line) VALUES (?, ?)", (account_key, line))
+        self._waiting_for.add(account_key)
         return True
 
     def take_waiting(self, account_key):
+        if account_key not in self._waiting_for:
+            return []
+        self._waiting_for.discard(account_key)
         rows = self._read("SELECT line FROM waiting WHERE account = ? ORDER BY id",
                           (account_key,))
         if rows:

@@ -3141,6 +3141,68 @@ class StoreTests(InMemoryTestCase):
             (2, [b"2026-12-07 10:00: bob sent line 3\n", b"2026-12-07 10:00: bob sent line 4\n"]),
             (3, [b"2026-12-07 10:00: bob sent line %d\n" % n for n in (2, 3, 4)])])
 
+    @staticmethod
+    def count_queries(store):
+        """A list that gets the SQL of each query ``store`` sends to its file from now on."""
+        queries = []
+        store.db.set_trace_callback(queries.append)
+        return queries
+
+    def test_a_crowd_back_at_one_place_reads_its_lines_once_until_the_room_says_more(self):
+        server, store = self.sqlite_store(keep=100)
+        for n in range(3):
+            store.keep("#main", b"line %d\n" % n, 6)
+        store.commit()
+        queries = self.count_queries(store)
+        for _ in range(5):   # five members who left after line 0
+            self.assertEqual(store.since("#main", 1, 200), (2, [b"line 1\n", b"line 2\n"]))
+        self.assertEqual(len([q for q in queries if "FROM messages" in q]), 1)
+        store.keep("#main", b"line 3\n", 6)   # the room says more: read again, with it
+        self.assertEqual(store.since("#main", 1, 200),
+                         (3, [b"line 1\n", b"line 2\n", b"line 3\n"]))
+        store.commit()
+        store.drop_room("#main")   # made again under its name: counted from 0 again
+        store.commit()
+        for n in range(4):
+            store.keep("#main", b"new %d\n" % n, 5)
+        self.assertEqual(store.since("#main", 1, 200), (3, [b"new 1\n", b"new 2\n", b"new 3\n"]))
+
+    def test_a_login_reads_its_account_once_and_sees_every_change(self):
+        server, store = self.sqlite_store()
+        keys = server.nickname_keys("alice")
+        store.save_account(server.Account(keys[0], "alice", "scrypt$1"), keys)
+        store.commit()
+        queries = self.count_queries(store)
+        for _ in range(3):   # (a login asks at its nickname, its question and its answer)
+            self.assertEqual(store.account_for(keys).password_hash, "scrypt$1")
+        self.assertEqual(len([q for q in queries if "FROM account_keys" in q]), 1)
+        self.assertIsNone(store.account_for(server.nickname_keys("bob")))
+        store.save_account(server.Account(keys[0], "alice", "scrypt$2", ("d1",)), keys)
+        self.assertEqual(store.account_for(keys), server.Account(keys[0], "alice", "scrypt$2",
+                                                                 ("d1",)))
+        store.drop_account(keys[0])
+        self.assertIsNone(store.account_for(keys))
+        store.commit()
+        store.close()
+        again = server.SQLiteStore(store.path)   # and the file says the same
+        self.addCleanup(again.close)
+        self.assertIsNone(again.account_for(keys))
+
+    def test_waiting_messages_are_looked_for_only_where_some_may_wait(self):
+        server, store = self.sqlite_store()
+        self.assertTrue(store.wait("alice", b"for alice\n", 100))
+        store.commit()
+        queries = self.count_queries(store)
+        self.assertEqual(store.take_waiting("bob"), [])
+        self.assertEqual(store.waiting_count("bob"), 0)
+        self.assertEqual(queries, [])
+        store.close()
+        again = server.SQLiteStore(store.path)   # (after a restart too)
+        self.addCleanup(again.close)
+        self.assertEqual(again.waiting_count("alice"), 1)
+        self.assertEqual(again.take_waiting("alice"), [b"for alice\n"])
+        self.assertEqual(again.take_waiting("alice"), [])
+
     def test_the_schema_comes_up_from_each_older_version(self):
         import sqlite3
         server = load_module("chat_server")
