@@ -26,6 +26,8 @@ How it is built, top to bottom:
 * ``Connection``: TCP (with keepalive), then TLS when asked, never blocking: the handshake, reads
   and writes are driven by the selector, and bytes TLS already decrypted (``pending()``) are
   drained.
+* ``LoginTokens``: the login tokens /token gets, in a JSON file of their own (readable by the
+  user only, replaced whole), which answer a registered nickname's password question.
 * ``Client``: one selectors loop over the connection, the input and (POSIX terminals) the
   signals; timers for connecting, reconnecting (to the next server, when there are several), the
   plain-text probe, the answer the server owes, a nickname held by a lost connection, and
