@@ -8479,6 +8479,64 @@ class ClientVersion3Tests(unittest.TestCase):
                           in_room_now("#ops", 2), OK, "YOU SEND USERS deploying now",
                           kicked_you("root", "spam")])
 
+    def test_a_login_token_kept_off_stdout_then_tried_before_the_password_and_forgotten(self):
+        # On Windows too (the Windows leg's subclass): the file is made and replaced there. The
+        # first server speaks TLS: its token is kept apart, never sent to a plain one.
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        tokens = os.path.join(folder, "tokens")
+
+        def first(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect("hunter22!")                        # no token yet
+            peer.send(now_ts() + OK)
+            peer.expect("/token")
+            peer.send(now_ts() + OK, now_ts() + login_token("robot", TOKEN))
+            peer.expect_eof()
+
+        def second(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect(TOKEN)                              # the token first
+            peer.send(now_ts() + wrong_password_for("robot"))
+            peer.expect("robot")                            # tried again: the password answers
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            peer.expect("hello")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS hello")
+            peer.expect_eof()
+        args = ["--nick", "robot", "--nick-password-file", self.password_file("hunter22!"),
+                "--token-file", tokens]
+        server = FakeServer(self, first, tls=tls_server_context())
+        client = self.client(server.port, args + ["--tls-fingerprint", test_certificate()[2]])
+        client.type("/token\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Login token saved in %s: next time you join as robot"
+                                            " on this server, it answers the password question.\n"
+                                         % tokens))
+        self.assertEqual([lines[0]] + [split_ts(line)[1] for line in lines[1:]],
+                         [WELCOME, password_question("robot"), OK, OK])
+        tls_key = "127.0.0.1:%d tls" % server.port
+        with open(tokens, encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {tls_key: {"robot": TOKEN}})
+        server = FakeServer(self, second)
+        with open(tokens, "w", encoding="utf-8") as f:     # (the scripted server's port)
+            json.dump({tls_key: {"robot": TOKEN}, "127.0.0.1:%d" % server.port: {"robot": TOKEN}},
+                      f)
+        client = self.client(server.port, args)
+        client.type("hello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "The login token saved for robot no longer works (its"
+                                            " password was changed, or the token was ended): "
+                                            "forgotten.\n"))
+        self.assertNotIn(wrong_password_for("robot"), "\n".join(lines))
+        with open(tokens, encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {tls_key: {"robot": TOKEN}})
+
     def test_a_script_answers_the_nickname_question_from_the_pipe_and_a_ban_ends_with_5(self):
         def script(peer):
             peer.send(WELCOME)
@@ -8673,6 +8731,51 @@ class TerminalVersion3Tests(unittest.TestCase):
         term.type("\x1b[A")                                # Up: the nickname, no password
         term.read_until(lambda rows: rows[-1] == "alice> alice", "the history")
         term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_a_login_token_never_on_screen_answers_the_question_of_the_next_run(self):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        tokens = os.path.join(folder, "tokens")
+        runs = []
+
+        def script(peer):
+            runs.append(peer)
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + password_question("alice"))
+            if len(runs) == 1:
+                peer.expect("hunter22!")
+                peer.send(now_ts() + OK)
+                self.v3_member("alice")(peer)
+                peer.expect("/token")
+                peer.send(now_ts() + OK, now_ts() + login_token("alice", TOKEN))
+            else:
+                peer.expect(TOKEN)
+                peer.send(now_ts() + OK)
+                self.v3_member("alice")(peer)
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port, "--nick", "alice", "--token-file", tokens,
+                                  width=200)
+        term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
+        term.type("hunter22!\r")
+        self.joined(term, "alice")
+        term.type("/token\r")
+        saved = ("Login token saved in %s: next time you join as alice on this server, it "
+                 "answers the password question." % tokens)
+        term.read_until(lambda rows: rows[-2:] == [saved, "alice>"], "the note")
+        self.assertEqual(term.rows_after_ts().count(OK), 1)     # the join's: not the /token's
+        term.type("\x1b[A")                                    # Up: /token, not the token
+        term.read_until(lambda rows: rows[-1] == "alice> /token", "the history")
+        term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(TOKEN.encode(), term.output)
+        term = client_on_terminal(self, server.port, "--nick", "alice", "--token-file", tokens)
+        self.joined(term, "alice")
+        self.assertFalse([row for row in term.rows() if row.startswith("password for")])
+        self.assertNotIn(TOKEN.encode(), term.output)
+        term.type("\x04")
         self.assertEqual(term.wait(), 0)
 
     def test_nick_password_file_answers_without_a_question(self):
