@@ -101,6 +101,9 @@ DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?\Z")   # 30m, 2h, 7d, 1
 MAX_DURATION_DAYS = 36500
 HASHES_QUEUED = 2         # hashes with the worker threads at once, per worker; the rest wait their turn
 HASH_WORKERS_MOST = 4     # worker threads that hash passwords, at most (32 MiB each while hashing)
+TOKEN_BYTES = 32          # a login token's randomness (43 characters once base64url-encoded)
+TOKENS_MOST = 10          # login tokens a nickname holds at most (one per device); a new one ends the oldest
+TOKEN_FORM = re.compile(r"[A-Za-z0-9_-]{43}\Z")
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
 ROOM_KEY_SALT_BYTES = 16
@@ -202,6 +205,7 @@ class Lines:
     NICK_PASSWORD_PROMPT = '"{nick}" is registered. Please enter its password'
     REPLACED = "You joined from somewhere else."
     NOT_REGISTERED = 'Sorry! "{nick}" is not registered.'
+    LOGIN_TOKEN = 'Login token for "{nick}": {token}'
     OFFLINE = "{target} is offline; they will get it when they join."
     TOO_MANY_WAITING = "Sorry! {target} has too many waiting messages."
     WAITING = "Private messages while you were away ({count}):"
@@ -273,6 +277,7 @@ class Lines:
     LOG_REGISTERED = "{nick} registered their nickname"
     LOG_UNREGISTERED = "{nick} unregistered their nickname"
     LOG_NEW_PASSWORD = "{nick} changed the password of their nickname"
+    LOG_TOKEN = "{nick} made a login token"
     LOG_CANNOT_WRITE = "Cannot write {path}: {error}; messages are not kept until it can"
     LOG_WRITING_AGAIN = "Writing {path} again"
     LOG_STARTED = "Server started on {address}"
@@ -518,6 +523,32 @@ def password_matches(kept, password):
         iterations, salt, digest = fields
         given = hashlib.pbkdf2_hmac("sha256", secret, bytes.fromhex(salt), int(iterations))
     return hmac.compare_digest(given, bytes.fromhex(digest))
+
+
+def new_login_token():
+    """A login token and its digest, the only form in which it is kept. 256 random bits can't
+    be guessed, so a fast hash is enough (a password needs a slow one: people choose those)."""
+    import base64
+    token = base64.urlsafe_b64encode(os.urandom(TOKEN_BYTES)).decode("ascii").rstrip("=")
+    return token, token_digest(token)
+
+
+def token_digest(token):
+    import hashlib
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def is_login_token(digests, answer):
+    """Is ``answer`` (a password question's answer) one of the login tokens kept as ``digests``?
+    Each digest compared in constant time, all of them whatever matches."""
+    import hmac
+    if not digests or not TOKEN_FORM.match(answer):
+        return False
+    given = token_digest(answer)
+    found = False
+    for digest in digests:
+        found |= hmac.compare_digest(digest, given)
+    return found
 
 
 class InlineHashing:
@@ -806,8 +837,8 @@ class Entry:
     PRIVATE = "private"   # a private message: (the member it is for, the text)
     WAIT = "wait"       # a private message waiting for a registered nickname: (account key,
                         # the nickname, the text)
-    ACCOUNT = "account"   # the peer's account: ("register" | "password" | "unregister", key,
-                          # nickname, password hash or None)
+    ACCOUNT = "account"   # the peer's account: ("register" | "password" | "unregister" |
+                          # "token", key, nickname, password hash or token digest or None)
     BAN = "ban"         # an operator's ban: a Ban
     UNBAN = "unban"     # (kind, value)
     MUTE = "mute"       # an operator's mute of a member: (the member, a Mute)
@@ -862,6 +893,7 @@ COMMANDS = (   # in the order /help lists them
     Command("register", (), "/register PASSWORD", "cmd_register", needs_words=True),
     Command("password", (), "/password OLD NEW", "cmd_password", needs_words=True),
     Command("unregister", (), "/unregister PASSWORD", "cmd_unregister", needs_words=True),
+    Command("token", (), "/token", "cmd_token"),
     Command("kick", (), "/kick NICK [REASON]", "cmd_kick", True, True),
     Command("ban", (), "/ban NICK [DURATION] [REASON]", "cmd_ban", True, True),
     Command("unban", (), "/unban NICK|ADDRESS", "cmd_unban", True, True),
@@ -1262,7 +1294,12 @@ class Registering:
         if self._locked_out(peer.host):   # (by other tries meanwhile, from that address)
             return self._locked_out_now(peer)
         asked = peer.asked
-        self._check_password(peer, asked[1], password_text(line),
+        answer = password_text(line)
+        account = self.store.account_for((asked[1].key,))   # (its tokens now, not when asked)
+        if account is not None and is_login_token(account.tokens, answer):
+            right(peer, asked)   # a login token: no slow check, nothing to wait for
+            return None
+        self._check_password(peer, asked[1], answer,
                              lambda: right(peer, asked), lambda: self._wrong_asked(peer, asked))
         return None
 
@@ -1371,6 +1408,15 @@ class Registering:
                 lambda: self.append((Entry.ACCOUNT, peer.room, peer,
                                      ("unregister", account.key, peer.nick, None))),
                 lambda: self._wrong_account_password(peer, peer.nick))
+
+    def cmd_token(self, peer, rest):
+        """A new login token for the member's registered nickname, given once it is kept."""
+        account = self._own_account(peer)
+        if account is not None:
+            token, digest = new_login_token()
+            self._tokens_made[digest] = token   # (the log and the store see the digest only)
+            self.append((Entry.ACCOUNT, peer.room, peer, ("token", account.key, peer.nick,
+                                                           digest)))
 
     def _remember_position(self, peer, room):
         """A registered member leaves ``room``: what it has seen there, for its catch-up."""
@@ -1911,9 +1957,21 @@ class Applying:
             self.store.save_account(Account(key, nick, kept), keys)
             peer.account = key
             replies, record = (Lines.OK, Lines.REGISTERED.format(nick=nick)), Lines.LOG_REGISTERED
-        elif action == "password":
+        elif action == "password":   # (a new password ends the login tokens)
             self.store.save_account(Account(key, nick, kept), nickname_keys(nick))
             replies, record = (Lines.OK,), Lines.LOG_NEW_PASSWORD
+        elif action == "token":
+            token = self._tokens_made.pop(kept, None) if mine else None
+            account = self.store.account_for((key,))
+            if account is None:   # unregistered meanwhile
+                if mine:
+                    self.notice(peer, Lines.NOT_REGISTERED.format(nick=nick))
+                return
+            tokens = (tuple(account.tokens) + (kept,))[-TOKENS_MOST:]
+            self.store.save_account(account._replace(tokens=tokens), nickname_keys(account.nick))
+            replies = (Lines.OK,) + ((Lines.LOGIN_TOKEN.format(nick=nick, token=token),)
+                                     if token is not None else ())
+            record = Lines.LOG_TOKEN
         else:
             self.store.drop_account(key)
             if key in self.operators:
@@ -2098,6 +2156,7 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
         self.pending = []       # peers given a line of their own since the last take_pending()
         self._pending_rooms = []    # rooms whose every member has new output since then
         self._wrong_passwords = {}  # host -> [recent wrong-password times, locked until]
+        self._tokens_made = {}      # digest -> login token, until its entry is applied
         commands = COMMANDS if commands is None else commands
         self.commands = {}      # every name of every command -> (its handler, its record)
         for command in commands:
@@ -2122,7 +2181,8 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
 # =============================================================================================
 
 RoomRecord = collections.namedtuple("RoomRecord", "key name topic key_hash")
-Account = collections.namedtuple("Account", "key nick password_hash")
+Account = collections.namedtuple("Account", "key nick password_hash tokens",
+                                 defaults=((),))   # tokens: the login tokens' digests, oldest first
 Ban = collections.namedtuple("Ban", "kind value shown until reason")   # kind: "nick", "address"
 Mute = collections.namedtuple("Mute", "key nick until")
 
@@ -2774,16 +2834,17 @@ class SQLiteStore(MemoryStore):
     # -- accounts -------------------------------------------------------------------------------
     def account_for(self, keys):
         for key in keys:
-            rows = self._read("SELECT accounts.key, nick, password_hash FROM account_keys"
-                              " JOIN accounts ON accounts.key = account_keys.account"
+            rows = self._read("SELECT accounts.key, nick, password_hash, tokens FROM"
+                              " account_keys JOIN accounts ON accounts.key = account_keys.account"
                               " WHERE account_keys.key = ?", (key,))
             if rows:
-                return Account(*rows[0])
+                key, nick, password_hash, tokens = rows[0]
+                return Account(key, nick, password_hash, tuple(tokens.split()))
         return None
 
     def save_account(self, account, keys):
-        self._later("INSERT OR REPLACE INTO accounts (key, nick, password_hash) VALUES"
-                    " (?, ?, ?)", account)
+        self._later("INSERT OR REPLACE INTO accounts (key, nick, password_hash, tokens) VALUES"
+                    " (?, ?, ?, ?)", account[:3] + (" ".join(account.tokens),))
         for key in keys:
             self._later("INSERT OR REPLACE INTO account_keys (key, account) VALUES (?, ?)",
                         (key, account.key))
@@ -2891,6 +2952,9 @@ MIGRATIONS = (
     (   # 4: where the text of a row of one line, all ASCII, starts (from 1), so that /search
         # counts such rows that hold a text in SQLite, without reading them (NULL: any other)
         "ALTER TABLE messages ADD COLUMN text_at INTEGER",
+    ),
+    (   # 5: each account's login tokens, as their SHA-256 digests (hex), oldest first, spaced
+        "ALTER TABLE accounts ADD COLUMN tokens TEXT NOT NULL DEFAULT ''",
     ),
 )
 

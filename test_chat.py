@@ -170,7 +170,7 @@ REAL_COMMANDS = ("help", "users", "who", "names", "msg", "me", "nick", "away", "
                  "deop", "drop")
 HELP = ("Commands: /users, /msg NICK TEXT, /me TEXT, /nick NEWNICK, /away [TEXT], /back,"
         " /join #room [KEY], /part, /rooms, /topic [TEXT], /search TEXT, /register PASSWORD,"
-        " /password OLD NEW, /unregister PASSWORD, /quit, /help."
+        " /password OLD NEW, /unregister PASSWORD, /token, /quit, /help."
         " Start a line with // to send a line that begins with /.")
 
 
@@ -215,6 +215,9 @@ def not_registered(nick):
 
 def login_token(nick, token):
     return 'Login token for "%s": %s' % (nick, token)
+
+
+LOGIN_TOKEN = re.compile(r'Login token for "(?P<nick>[^"]+)": (?P<token>[A-Za-z0-9_-]{43})\Z')
 
 
 def offline(nick):
@@ -2390,6 +2393,148 @@ class AccountCoreTests(RoomTestCase):
                                             "Messages since you left (2 of 3):",
                                             "carol sent main 1", "carol sent main 2"])
 
+    # -- login tokens ---------------------------------------------------------------------------
+    def token(self, peer):
+        """/token: the reply's two lines checked, the token returned."""
+        self.send(peer, "/token")
+        said = self.said(peer)
+        self.assertEqual(len(said), 2, said)
+        self.assertEqual(said[0], OK)
+        made = LOGIN_TOKEN.match(said[1])
+        self.assertIsNotNone(made, said[1])
+        self.assertEqual(made.group("nick"), peer.nick)
+        return made.group("token")
+
+    def count_hashing(self):
+        """Passwords checked the slow way from now on, as a list that grows."""
+        checked = []
+        hashing = self.chat.hashing
+        original = hashing.check
+
+        def check(kept, password, done):
+            checked.append(password)
+            original(kept, password, done)
+        hashing.check = check
+        return checked
+
+    def test_a_login_token_answers_the_password_question_without_a_slow_check(self):
+        alice = self.register("alice")
+        token = self.token(alice)
+        self.assertEqual(self.logged_text()[-1], "alice made a login token")
+        self.send(alice, "/quit")
+        self.logged_text()
+        checked = self.count_hashing()
+        back = self.peer()
+        self.said(back)
+        self.send(back, "alice")
+        self.assertEqual(self.said(back), [password_question("alice")])
+        self.assertEqual(self.send(back, " %s " % token), self.mod.Phase.MEMBER)
+        self.assertEqual(self.said(back), [OK])
+        self.assertEqual(checked, [])
+        self.assertFalse([line for line in self.logged_text() if token in line])
+        bob = self.peer("bob")   # and the question of a /nick
+        self.send(back, "/quit")
+        self.send(bob, "/nick alice")
+        self.said(bob)
+        self.assertEqual(self.send(bob, token), self.mod.Phase.MEMBER)
+        self.assertEqual(self.said(bob), [OK, "bob is now known as alice"])
+        self.assertEqual(checked, [])
+
+    def test_a_token_is_not_a_password_and_belongs_to_one_nickname(self):
+        alice = self.register("alice")
+        token = self.token(alice)
+        self.send(alice, "/unregister " + token)
+        self.assertEqual(self.said(alice), [wrong_password_for("alice")])
+        self.send(alice, "/password %s a new password" % token)
+        self.assertEqual(self.said(alice), [wrong_password_for("alice")])
+        bob = self.register("bob")
+        self.send(bob, "/quit")
+        checked = self.count_hashing()
+        newcomer = self.peer()
+        self.said(newcomer)
+        self.send(newcomer, "bob")
+        self.said(newcomer)
+        self.assertEqual(self.send(newcomer, token), self.mod.Phase.NICKNAME)   # alice's
+        self.assertEqual(self.said(newcomer), [wrong_password_for("bob")])
+        self.assertEqual(checked, [token])   # (checked as a password: it might be one)
+
+    def test_a_new_password_or_unregistering_ends_the_tokens(self):
+        alice = self.register("alice", "correcthorse")
+        first, second = self.token(alice), self.token(alice)
+        self.send(alice, "/password correcthorse new horse")
+        self.assertEqual(self.said(alice), [OK])
+        self.send(alice, "/quit")
+        newcomer = self.peer()
+        self.said(newcomer)
+        for token in (first, second):
+            self.send(newcomer, "alice")
+            self.said(newcomer)
+            self.assertEqual(self.send(newcomer, token), self.mod.Phase.NICKNAME)
+            self.assertEqual(self.said(newcomer), [wrong_password_for("alice")])
+        self.send(newcomer, "alice")
+        self.said(newcomer)
+        self.assertEqual(self.send(newcomer, "new horse"), self.mod.Phase.MEMBER)
+        self.said(newcomer)
+        token = self.token(newcomer)
+        self.send(newcomer, "/unregister new horse")
+        self.said(newcomer)
+        self.send(newcomer, "/register correct horse")   # again: a new account, no tokens
+        self.said(newcomer)
+        self.send(newcomer, "/quit")
+        again = self.peer()
+        self.said(again)
+        self.send(again, "alice")
+        self.said(again)
+        self.assertEqual(self.send(again, token), self.mod.Phase.NICKNAME)
+
+    def test_a_token_ended_while_its_question_waits_is_refused(self):
+        alice = self.register("alice", "correcthorse")
+        token = self.token(alice)
+        laptop = self.peer()
+        self.said(laptop)
+        self.send(laptop, "alice")
+        self.assertEqual(self.said(laptop), [password_question("alice")])
+        self.send(alice, "/password correcthorse new horse")   # meanwhile, on another terminal
+        self.assertEqual(self.said(alice), [OK])
+        self.assertEqual(self.send(laptop, token), self.mod.Phase.NICKNAME)
+        self.assertEqual(self.said(laptop), [wrong_password_for("alice")])
+
+    def test_a_nickname_keeps_its_last_ten_tokens(self):
+        alice = self.register("alice")
+        tokens = [self.token(alice) for _ in range(self.mod.TOKENS_MOST + 1)]
+        self.assertEqual(len(set(tokens)), 11)
+        self.send(alice, "/quit")
+        newcomer = self.peer()
+        self.said(newcomer)
+        self.send(newcomer, "alice")
+        self.said(newcomer)
+        self.assertEqual(self.send(newcomer, tokens[0]), self.mod.Phase.NICKNAME)   # the oldest
+        for token in (tokens[1], tokens[-1]):
+            self.send(newcomer, "alice")
+            self.said(newcomer)
+            self.assertEqual(self.send(newcomer, token), self.mod.Phase.MEMBER)
+            self.send(newcomer, "/quit")
+            newcomer = self.peer()
+            self.said(newcomer)
+
+    def test_token_needs_a_registered_nickname(self):
+        bob = self.peer("bob")
+        self.logged_text()
+        self.send(bob, "/token")
+        self.assertEqual(self.said(bob), [not_registered("bob")])
+        self.assertEqual(self.logged_text(), [])
+
+    def test_wrong_tokens_count_toward_the_lockout(self):
+        self.send(self.register("alice"), "/quit")
+        newcomer = self.peer()
+        self.said(newcomer)
+        for attempt in range(5):
+            self.send(newcomer, "alice")
+            self.said(newcomer)
+            self.send(newcomer, "A" * 43)
+        self.assertEqual(self.said(newcomer)[-1], "Sorry! Too many wrong passwords. Try again later.")
+        self.assertEqual(self.phases[newcomer], self.mod.Phase.CLOSING)
+
 
 class HashingTests(InMemoryTestCase):
     """Password hashing off the loop, on as many workers as the cores but the loop's."""
@@ -2505,9 +2650,9 @@ class ModerationCoreTests(RoomTestCase):
         self.assertEqual(self.said(bob), [HELP])
         self.send(self.root, "/help")
         self.assertEqual(self.said(self.root), [HELP.replace(
-            "/unregister PASSWORD, ", "/unregister PASSWORD, /kick NICK [REASON], /ban NICK"
-            " [DURATION] [REASON], /unban NICK|ADDRESS, /bans, /mute NICK [DURATION], /unmute"
-            " NICK, /op NICK, /deop NICK, /drop #room, ")])
+            "/token, ", "/token, /kick NICK [REASON], /ban NICK [DURATION] [REASON], /unban"
+            " NICK|ADDRESS, /bans, /mute NICK [DURATION], /unmute NICK, /op NICK, /deop NICK,"
+            " /drop #room, ")])
         self.send(self.root, "/topic welcome all")
         self.assertEqual(self.said(self.root), [OK, "root set the topic of #main: welcome all"])
 
@@ -3016,10 +3161,11 @@ class StoreTests(InMemoryTestCase):
                     db.execute(statement)
             db.execute("PRAGMA user_version=%d" % version)
             db.execute("INSERT INTO rooms VALUES ('#ops', '#ops', 'a topic', NULL)")
-            db.execute("INSERT INTO messages VALUES ('#ops', 7, ?, ?)",
+            db.execute("INSERT INTO messages (room, last, lines, sizes) VALUES ('#ops', 7, ?, ?)",
                        (b"12: * x hi\n", struct.pack("<II", 11, 2)))
             if version >= 2:
-                db.execute("INSERT INTO accounts VALUES ('ann', 'ann', 'scrypt$...')")
+                db.execute("INSERT INTO accounts (key, nick, password_hash)"
+                           " VALUES ('ann', 'ann', 'scrypt$...')")
                 db.execute("INSERT INTO account_keys VALUES ('ann', 'ann')")
             db.commit()
             db.close()
@@ -3028,7 +3174,8 @@ class StoreTests(InMemoryTestCase):
             self.assertEqual(store.recent("#ops", 5), [b"12: * x hi\n"])
             self.assertEqual(store.position("#ops"), 7)
             if version >= 2:
-                self.assertEqual(store.account_for(("ann",)).nick, "ann")
+                self.assertEqual(store.account_for(("ann",)),
+                                 server.Account("ann", "ann", "scrypt$...", ()))
             store.save_ban(server.Ban("nick", "bob", "bob", None, None))   # (version 3's)
             store.close()
             db = sqlite3.connect(path)
@@ -3047,7 +3194,8 @@ class ClientExpectationTests(RoomTestCase):
                ("bob", "/nick bobby"), ("bobby", "/nick bob"), ("bob", "/away lunch"),
                ("bob", "/back"), ("bob", "/join #x"), ("bob", "/topic plans"), ("bob", "/topic"),
                ("bob", "/part"), ("bob", "/rooms"), ("bob", "/search hi"),
-               ("bob", "/register correcthorse"), ("bob", "/password correcthorse horsefly"),
+               ("bob", "/register correcthorse"), ("bob", "/token"),
+               ("bob", "/password correcthorse horsefly"),
                ("bob", "/unregister horsefly"), ("root", "/mute carol"), ("root", "/unmute carol"),
                ("root", "/op erin"), ("root", "/deop erin"), ("root", "/ban dave 2h"),
                ("root", "/bans"), ("root", "/unban dave"), ("root", "/kick carol"),
@@ -5601,6 +5749,31 @@ class AccountTests(unittest.TestCase):
         self.assertEqual([impostor.said(), impostor.said()],
                          [password_question("alice"), wrong_password_for("alice")])
         self.log_in("alice", second)
+
+    def test_a_login_token_is_kept_once_acknowledged_and_only_as_its_digest(self):
+        import hashlib
+        alice = self.register("alice")
+        alice.send("/token\n")
+        self.assertEqual(alice.said(), OK)
+        made = LOGIN_TOKEN.match(alice.said())
+        self.assertIsNotNone(made)
+        token = made.group("token")
+        self.server.stop(signal.SIGKILL)   # right after the acknowledgement
+        second = start_server(self, "--data", self.data.path)
+        back = second.client()
+        self.assertEqual(back.line(), WELCOME)
+        back.send("alice\n")
+        self.assertEqual(back.said(), password_question("alice"))
+        back.send(token + "\n")
+        self.assertEqual(back.said(), OK)
+        self.assertEqual(second.stop()[0], 0)
+        files = [os.path.join(self.data.dir, name) for name in os.listdir(self.data.dir)]
+        digest = hashlib.sha256(token.encode()).hexdigest().encode()
+        self.assertTrue(any(digest in open(path, "rb").read() for path in files))
+        for path in files + [self.server.log_path, second.log_path]:
+            with open(path, "rb") as f:
+                self.assertNotIn(token.encode(), f.read(), path)
+        self.assertIn("alice made a login token", logged(self.server))
 
     def test_the_join_timeout_ends_a_registered_nickname_whose_password_never_comes(self):
         server = start_server(self, "--data", self.data.path + "2", "--join-timeout", "0.5")
@@ -12541,6 +12714,9 @@ class ClusterTests(unittest.TestCase):
         dave = self.member(b, "dave", alice, bob)   # (someone for bob to talk to)
         alice.send("/register correct horse\n")
         self.assertEqual([alice.said(), alice.said()], [OK, registered("alice")])
+        alice.send("/token\n")
+        self.assertEqual(alice.said(), OK)
+        token = LOGIN_TOKEN.match(alice.said()).group("token")
         alice.send("/quit\n")
         self.assertEqual([bob.said(), dave.said()], ["alice disconnected!"] * 2)
         for n in range(3):
@@ -12555,7 +12731,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(back.line(), WELCOME)
         back.send("alice\n")
         self.assertEqual(back.said(), password_question("alice"))
-        back.send("correct horse\n")
+        back.send(token + "\n")   # (made on node a: its digest came through the log)
         self.assertEqual([back.said() for _ in range(7)],
                          [OK, "Private messages while you were away (1):",
                           "[private] bob sent while you were out",
@@ -12595,6 +12771,9 @@ class ClusterTests(unittest.TestCase):
         bob = self.member(a, "bob", alice)
         alice.send("/register correct horse\n")
         self.assertEqual([alice.said(), alice.said()], [OK, registered("alice")])
+        alice.send("/token\n")
+        self.assertEqual(alice.said(), OK)
+        token = LOGIN_TOKEN.match(alice.said()).group("token")
         alice.send("/join #ops sesame\n")
         self.assertEqual([alice.said(), alice.said()], [OK, in_room_now("#ops", 1)])
         self.assertEqual(bob.said(), "alice left for #ops.")
@@ -12622,6 +12801,8 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(back.line(), WELCOME)
         back.send("alice\n")
         self.assertEqual(back.said(), password_question("alice"))
+        back.send(token + "\n")   # (the token's digest came through the snapshot)
+        self.assertEqual(back.said(), OK)
 
     def test_one_order_for_every_member_of_every_node(self):
         nodes = [self.node("--rate-limit", "0") for _ in range(3)]

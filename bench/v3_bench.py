@@ -22,7 +22,9 @@ Scenarios:
                        delivery and per message, round trip.
   join-2000-registered 2,000 registered members who each missed 50 messages of #main reconnect at
   join-200-registered  once with their passwords: time until every one has its last catch-up line.
-                       (Each login is a scrypt check, on the server's one hashing thread.)
+                       (Each login is a scrypt check, on the server's hashing threads.)
+  join-2000-token      the same, each answering its password question with a login token
+  join-200-token       (/token): no slow check.
   search-10000         /search in #main with 10,000 kept messages, 200 searches of each of three
                        words: one in 1% of the messages, one in all, one in none.
   startup-new, startup-1000x20, startup-1000x10000
@@ -113,9 +115,10 @@ def joined_client(port, nick):
 # Data files: made empty by the server, filled here, cached.
 # ---------------------------------------------------------------------------------------------
 
-def cached_file(name, build):
+def cached_file(name, build, beside=()):
     """CACHE/name, built by ``build(path)`` the first time (under another name, renamed when
-    complete: a build cut short is never taken for a built file)."""
+    complete: a build cut short is never taken for a built file), with the files the build
+    writes beside it (path + each suffix of ``beside``)."""
     path = os.path.join(CACHE, name)
     if os.path.exists(path):
         return path
@@ -126,6 +129,8 @@ def cached_file(name, build):
     build(partial)
     for suffix in ("-lock", "-wal", "-shm"):   # (the server's lock file stays after a stop)
         remove_quietly(partial + suffix)
+    for suffix in beside:
+        os.rename(partial + suffix, path + suffix)
     os.rename(partial, path)
     print("# built %s (%.0f MiB) in %.0f s" % (path, os.path.getsize(path) / 2**20,
                                                time.perf_counter() - start),
@@ -197,11 +202,14 @@ def member_nick(index):
 
 
 def register_through_server(path, missed):
-    """On a new data file: r0 registers (one scrypt) and leaves; then two unregistered members
-    say ``missed`` messages in #main (one hears them, so they are kept), which r0 missed."""
+    """On a new data file: r0 registers (one scrypt), makes a login token (kept beside the file,
+    in token_path(path)) and leaves; then two unregistered members say ``missed`` messages in
+    #main (one hears them, so they are kept), which r0 missed."""
     server = chat_bench.Server(server_args=chat_bench.default_server_args() + ["--data", path])
     try:
-        register_nick(server.port, member_nick(0))
+        token = register_nick(server.port, member_nick(0), token=True)
+        with open(token_path(path), "wb") as f:
+            f.write(token)
         talker, listener = joined_client(server.port, b"t0"), joined_client(server.port, b"t1")
         for i in range(missed):
             talker.say(b"missed %d\n" % i)
@@ -215,18 +223,20 @@ def register_through_server(path, missed):
 
 def clone_account(path, model, nicks):
     """Accounts for ``nicks`` like ``model``'s: its password hash (salt included: the same
-    password, one scrypt to make instead of thousands; a login checks it just the same) and
-    where it left each room."""
+    password, one scrypt to make instead of thousands; a login checks it just the same), its
+    login token's digest (the same token for all: a login checks it just the same) and where
+    it left each room."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
         key = chat_server.nickname_keys(model)[0]
-        kept, = db.execute("SELECT password_hash FROM accounts WHERE key = ?", (key,)).fetchone()
+        kept, tokens = db.execute("SELECT password_hash, tokens FROM accounts WHERE key = ?",
+                                  (key,)).fetchone()
         seen = db.execute("SELECT room, position FROM seen WHERE account = ?", (key,)).fetchall()
         db.execute("BEGIN")
         for nick in nicks:
             keys = chat_server.nickname_keys(nick)
-            db.execute("INSERT INTO accounts (key, nick, password_hash) VALUES (?, ?, ?)",
-                       (keys[0], nick, kept))
+            db.execute("INSERT INTO accounts (key, nick, password_hash, tokens)"
+                       " VALUES (?, ?, ?, ?)", (keys[0], nick, kept, tokens))
             db.executemany("INSERT INTO account_keys (key, account) VALUES (?, ?)",
                            [(k, keys[0]) for k in keys])
             db.executemany("INSERT INTO seen (account, room, position) VALUES (?, ?, ?)",
@@ -236,28 +246,40 @@ def clone_account(path, model, nicks):
         db.close()
 
 
-def check_catch_up(path, nick, missed):
-    """On a copy: ``nick`` logs in and is shown "Messages since you left (missed):"."""
+def check_catch_up(path, nicks, missed):
+    """On a copy: the first of ``nicks`` logs in with its password, the second with its login
+    token, and each is shown "Messages since you left (missed):"."""
     server = DataFileServer(path, server_args=chat_bench.default_server_args())
     try:
-        client = LineClient(server.port, nick + b"\n" + PASSWORD + b"\n")
-        heading = client.until(b"Messages since you left")[-1]
-        if b"(%d)" % missed not in heading:
-            raise RuntimeError("the data file's catch-up is wrong: %r" % heading)
-        client.close()
+        for nick, answer in zip(nicks, (PASSWORD, read_token(path))):
+            client = LineClient(server.port, nick + b"\n" + answer + b"\n")
+            heading = client.until(b"Messages since you left")[-1]
+            if b"(%d)" % missed not in heading:
+                raise RuntimeError("the data file's catch-up is wrong: %r" % heading)
+            client.close()
     finally:
         server.stop()
+
+
+def token_path(data_file):
+    return data_file + ".token"
+
+
+def read_token(data_file):
+    with open(token_path(data_file), "rb") as f:
+        return f.read()
 
 
 def build_accounts_file(path, members, missed):
     register_through_server(path, missed)
     clone_account(path, "r0", ["r%d" % i for i in range(1, members)])
-    check_catch_up(path, member_nick(members - 1), missed)
+    check_catch_up(path, (member_nick(members - 1), member_nick(members - 2)), missed)
 
 
 def accounts_file(members, missed=MISSED):
-    return cached_file("accounts-%d-missed-%d.db" % (members, missed),
-                       lambda path: build_accounts_file(path, members, missed))
+    return cached_file("accounts-%d-missed-%d-v5.db" % (members, missed),
+                       lambda path: build_accounts_file(path, members, missed),
+                       beside=(".token",))
 
 
 class DataFileServer(chat_bench.Server):
@@ -308,16 +330,19 @@ def scenario_rooms(server, clients, generator, warmup, duration):
 
 
 class RegisteredDialect(chat_bench.ChatDialect):
-    """A registered member comes back: its nickname, then its password on the next line."""
+    """A registered member comes back: its nickname, then its password (or login token) on the
+    next line."""
 
-    @staticmethod
-    def hello(index):
-        return member_nick(index) + b"\n" + PASSWORD + b"\n"
+    def __init__(self, answer):
+        self.answer = answer
+
+    def hello(self, index):
+        return member_nick(index) + b"\n" + self.answer + b"\n"
 
 
-def scenario_join_registered(server, members, missed=MISSED):
+def scenario_join_registered(server, members, missed=MISSED, answer=PASSWORD):
     load = chat_bench.LoadGen(server)
-    load.dialect = RegisteredDialect()
+    load.dialect = RegisteredDialect(answer)
     try:
         cpu = server.cpu_seconds()
         start = time.perf_counter()
@@ -490,14 +515,20 @@ class Exchange:
             member.close()
 
 
-def register_nick(port, nick):
-    """``nick`` joins, registers with PASSWORD (one scrypt) and leaves."""
+def register_nick(port, nick, token=False):
+    """``nick`` joins, registers with PASSWORD (one scrypt) and leaves; with ``token``, it
+    makes a login token first, and returns it."""
     client = joined_client(port, nick)
     client.say(b"/register " + PASSWORD + b"\n")
     client.until(b"is registered to you")
+    if token:
+        client.say(b"/token\n")
+        line = client.until(b"Login token for ")[-1]
+        token = line.rstrip(b"\n").rsplit(b" ", 1)[1]
     client.say(b"/quit\n")
     client.until(b"Goodbye!")
     client.close()
+    return token
 
 
 def owner_login(port, nick):
@@ -580,6 +611,10 @@ def scenarios(args, folder):
                       on(lambda: accounts_file(2000)), runs=1),
              Scenario("join-200-registered", lambda s: scenario_join_registered(s, 200),
                       on(lambda: accounts_file(2000))),
+             Scenario("join-2000-token", lambda s: scenario_join_registered(
+                 s, 2000, answer=read_token(accounts_file(2000))), on(lambda: accounts_file(2000))),
+             Scenario("join-200-token", lambda s: scenario_join_registered(
+                 s, 200, answer=read_token(accounts_file(2000))), on(lambda: accounts_file(2000))),
              Scenario("search-10000", scenario_search, on(lambda: rooms_file(1, 10000))),
              Scenario("startup-new", scenario_startup, on(lambda: None)),
              Scenario("startup-1000x20", scenario_startup, on(lambda: rooms_file(1000, 20))),
