@@ -9254,6 +9254,50 @@ class ClientWithVersion3ServerTests(unittest.TestCase):
         self.assertEqual([split_ts(line)[1] for line in lines[1:]],
                          [password_question("alice"), OK, ALONE])
 
+    def test_a_login_token_answers_the_next_runs_until_the_password_changes(self):
+        server = self.server()
+        tokens = os.path.join(self.folder, "home", ".chat_tokens")   # (a folder made for it)
+        args = ["--nick", "alice", "--token-file", tokens]
+        client = PipedClient(server.port, args=args)
+        self.addCleanup(client.kill)
+        client.type("/register hunter22!\n/token\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Login token saved in %s: next time you join as alice"
+                                            " on this server, it answers the password question.\n"
+                                         % tokens))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, OK, registered("alice"), OK])   # the token: not on stdout
+        with open(tokens, encoding="utf-8") as f:
+            saved = json.load(f)
+        token = saved["127.0.0.1:%d" % server.port]["alice"]
+        self.assertRegex(token, r"\A[A-Za-z0-9_-]{43}\Z")
+        self.assertIn("alice made a login token", logged(server))
+        # The next run: joined without a question, the token never on screen.
+        term = client_on_terminal(self, server.port, *args, width=200)
+        TerminalVersion3Tests.joined(term, "alice")
+        self.assertFalse([row for row in term.rows() if row.startswith("password for")])
+        term.type("/password hunter22! correct horse\r")     # ends every token
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows[-2].endswith(OK), "changed")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(token.encode(), term.output)
+        # And the one after: told, the token forgotten, the password asked.
+        term = client_on_terminal(self, server.port, *args, width=200)
+        refused = ("The login token saved for alice no longer works (its password was changed, "
+                   "or the token was ended): forgotten.")
+        term.read_until(lambda rows: rows[-1] == "password for alice>" and sum(
+            row.endswith(password_question("alice")) for row in rows) == 2,
+            "told, and the question again")
+        self.assertEqual(term.rows_after_ts()[1:], [password_question("alice"), refused,
+                                                    password_question("alice"),
+                                                    "password for alice>"])
+        term.type("correct horse\r")
+        TerminalVersion3Tests.joined(term, "alice")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        with open(tokens, encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {})
+
     def test_an_operators_kick_ends_a_pipe_with_status_4(self):
         server = self.server("--operators", "root")
         root = server.client().join("root")
@@ -10120,6 +10164,7 @@ class WindowsClientWithVersion3ServerTests(WindowsLeg, ClientWithVersion3ServerT
     # On a pseudo-terminal: the POSIX client only.
     test_rooms_on_a_terminal_and_back_into_the_room_after_a_restart = None
     test_a_registered_nickname_asked_on_a_terminal_then_read_from_a_file = None
+    test_a_login_token_answers_the_next_runs_until_the_password_changes = None
 
 
 def windows_leg():
