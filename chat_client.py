@@ -585,8 +585,8 @@ class Notes:
     TOKEN_REFUSED = ("The login token saved for {nick} no longer works (its password was "
                      "changed, or the token was ended): forgotten.")
     TOKENS_NOT_WRITTEN = "Cannot write the login tokens in {path}: {reason}."
-    TOKENS_DAMAGED = ("Login tokens in {path} not used: {reason}. The next /token writes the "
-                      "file afresh.")
+    TOKENS_DAMAGED = ("Login tokens in {path} not used: {reason}. The next /token moves it to "
+                      "{kept} and starts a new file.")
     TOKENS_NOT_OURS = "it is not a file of login tokens"
     # TLS
     NOT_TLS = "{address} does not speak TLS (it answered in plain text): leave out --tls."
@@ -2725,16 +2725,20 @@ class LoginTokens:
     user only (mode 0600 from its creation on POSIX; on Windows, the rights of the folder) and
     always written whole, to a new file renamed over the old one, so that a crash or a full
     disk never leaves half of it. A file that can't be read or is not such an object counts as
-    empty, said once (``note``); it is written afresh at the next token. Read at each use,
+    empty, said once (``note``); the next token moves it aside (``.damaged`` after its name)
+    rather than write over it: a mistyped --token-file may name a file of the user's. Read at
+    each use,
     never kept: another client may have changed it meanwhile. (Two clients saving a token at
     the same moment: the last one's file wins, and the other's nickname is asked for its
     password next time, as before its /token.)"""
 
     TOKEN = re.compile(_FIELD_PATTERNS["token"] + r"\Z")
+    DAMAGED = ".damaged"
 
     def __init__(self, path, note):
         self.path = path
         self.note = note
+        self.damaged = False        # the file, as last read, is not ours to write over
         self.damage_told = False
 
     @staticmethod
@@ -2760,12 +2764,13 @@ class LoginTokens:
         self._write(tokens)
 
     def _read(self):
+        self.damaged = False
         try:
             with open(self.path, encoding="utf-8") as f:
                 tokens = json.load(f)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:   # (UnicodeError and JSON's errors are ValueErrors)
+        except (OSError, ValueError, RecursionError) as exc:   # (ValueError: not UTF-8, JSON)
             return self._damaged(getattr(exc, "strerror", None) or exc)
         if not (isinstance(tokens, dict) and all(
                 isinstance(nicks, dict) and all(isinstance(token, str) and self.TOKEN.match(token)
@@ -2776,9 +2781,11 @@ class LoginTokens:
         return tokens
 
     def _damaged(self, reason):
+        self.damaged = True
         if not self.damage_told:
             self.damage_told = True
-            self.note(Notes.TOKENS_DAMAGED.format(path=self.path, reason=clause(reason)))
+            self.note(Notes.TOKENS_DAMAGED.format(path=self.path, reason=clause(reason),
+                                                  kept=self.path + self.DAMAGED))
         return {}
 
     def _write(self, tokens):
@@ -2786,6 +2793,9 @@ class LoginTokens:
         temp = None
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
+            if self.damaged:
+                os.replace(self.path, self.path + self.DAMAGED)
+                self.damaged = False
             # mkstemp: os.open with O_EXCL and mode 0o600, under a name no other client uses.
             fd, temp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".")
             with open(fd, "w", encoding="utf-8") as f:

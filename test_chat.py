@@ -7165,21 +7165,28 @@ class LoginTokenSessionTests(InMemoryTestCase):
                 continue
             session.typed("hunter22!")
             session.server_line(T0 + OK)
-            session.typed("/token")                           # written afresh
+            session.typed("/token")                           # a new file; the old one kept
             session.server_line(T0 + OK)
             session.server_line(T0 + login_token("alice", TOKEN))
             self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN}})
+            with open(self.path + ".damaged", "rb") as f:
+                self.assertEqual(f.read(), damage)
+            self.assertEqual(ui.notes[1:], [self.saved_note("alice")])
 
-    def test_a_token_file_that_cannot_be_written_says_so_and_shows_no_token(self):
-        os.mkdir(self.path)                                   # a folder in the file's place
+    def test_a_full_disk_says_so_leaves_the_file_as_it_was_and_shows_no_token(self):
+        import errno
+        from unittest import mock
+        self.save({"127.0.0.1:8000": {"bob": OTHER_TOKEN}})
         session, ui = self.joined(interactive=True)
         session.typed("/token")
         session.server_line(T0 + OK)
-        session.server_line(T0 + login_token("alice", TOKEN))
-        self.assertEqual(len(ui.notes), 2)
-        self.assertTrue(ui.notes[1].startswith("Cannot write the login tokens in %s: "
-                                               % self.path), ui.notes)
+        with mock.patch.object(self.chat.os, "fsync",
+                               side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            session.server_line(T0 + login_token("alice", TOKEN))
+        self.assertEqual(ui.notes, ["Cannot write the login tokens in %s: No space left on "
+                                    "device." % self.path])
         self.assertNotIn(TOKEN, repr(ui.shown_texts() + ui.notes))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"bob": OTHER_TOKEN}})
         self.assertEqual(os.listdir(os.path.dirname(self.path)), ["tokens.json"])   # no litter
 
     def test_the_token_file_option_setting_and_default(self):
