@@ -7143,7 +7143,7 @@ class LoginTokenSessionTests(InMemoryTestCase):
     def test_a_damaged_token_file_counts_as_empty_with_one_note(self):
         for damage in (b"{not json", b"[1, 2]", b'{"127.0.0.1:8000": {"alice": "a b"}}',
                        ('{"127.0.0.1:8000": {"alice": "%s\\n/quit"}}' % TOKEN).encode(),
-                       b'{"127.0.0.1:8000": ["alice"]}', b"\xff\xfe{}", None):
+                       b'{"127.0.0.1:8000": ["alice"]}', b"\xff\xfe{}", b"[" * 100000, None):
             if damage is None:
                 os.unlink(self.path)
                 os.mkdir(self.path)                           # can't be read at all
@@ -7172,6 +7172,20 @@ class LoginTokenSessionTests(InMemoryTestCase):
             with open(self.path + ".damaged", "rb") as f:
                 self.assertEqual(f.read(), damage)
             self.assertEqual(ui.notes[1:], [self.saved_note("alice")])
+
+    def test_a_file_mended_since_it_was_found_damaged_is_written_as_any(self):
+        with open(self.path, "w") as f:
+            f.write("{not json")
+        session, ui = self.session(interactive=True)
+        self.asked(session, ui)                               # found damaged
+        self.save({"127.0.0.1:8000": {"bob": OTHER_TOKEN}})   # mended (another client)
+        session.typed("hunter22!")
+        session.server_line(T0 + OK)
+        session.typed("/token")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + login_token("alice", TOKEN))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN, "bob": OTHER_TOKEN}})
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["tokens.json"])
 
     def test_a_full_disk_says_so_leaves_the_file_as_it_was_and_shows_no_token(self):
         import errno
