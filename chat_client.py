@@ -26,6 +26,8 @@ How it is built, top to bottom:
 * ``Connection``: TCP (with keepalive), then TLS when asked, never blocking: the handshake, reads
   and writes are driven by the selector, and bytes TLS already decrypted (``pending()``) are
   drained.
+* ``LoginTokens``: the login tokens /token gets, in a JSON file of their own (readable by the
+  user only, replaced whole), which answer a registered nickname's password question.
 * ``Client``: one selectors loop over the connection, the input and (POSIX terminals) the
   signals; timers for connecting, reconnecting (to the next server, when there are several), the
   plain-text probe, the answer the server owes, a nickname held by a lost connection, and
@@ -43,6 +45,7 @@ import bisect
 import codecs
 import errno
 import hashlib
+import json
 import os
 import queue
 import re
@@ -50,6 +53,7 @@ import selectors
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -172,7 +176,8 @@ class Lines:
 _NICK_CHARS = r"[^\W_]+"
 _FIELD_PATTERNS = {"nick": _NICK_CHARS, "old": _NICK_CHARS, "new": _NICK_CHARS,
                    "target": _NICK_CHARS, "op": _NICK_CHARS, "room": r"#[\w-]+",
-                   "count": r"\d+", "shown": r"\d+", "until": r"\d{4}-\d\d-\d\d \d\d:\d\d"}
+                   "count": r"\d+", "shown": r"\d+", "until": r"\d{4}-\d\d-\d\d \d\d:\d\d",
+                   "token": r"[A-Za-z0-9_-]{43}"}
 _NICK = r"(%s)" % _NICK_CHARS
 
 
@@ -208,7 +213,7 @@ class Kind:
     ROOM_CLOSED = "room closed"
     NICK_QUESTION = "nick question"   # "{nick}" is registered. Please enter its password
     REGISTERED = "registered"      # "{nick}" is registered to you. / ... no longer registered.
-    LOGIN_TOKEN = "login token"    # Login token for "{nick}": {token}
+    LOGIN_TOKEN = "login token"    # Login token for "{nick}": {token} (never shown)
     KICKED_YOU = "kicked you"
     BANNED_YOU = "banned you"      # also a banned address's refusal
     HELP = "help"                  # Commands: ...
@@ -517,6 +522,7 @@ UNKNOWN = Command(())
 USERS = COMMANDS_BY_NAME["users"]
 ROOMS = COMMANDS_BY_NAME["rooms"]
 JOIN = COMMANDS_BY_NAME["join"]
+NICK_COMMAND = COMMANDS_BY_NAME["nick"]
 
 
 def parse_command(text):
@@ -573,6 +579,15 @@ class Notes:
     NICK_PASSWORD_PROMPT = "password for {nick}> "
     NICKNAME_PROMPT = "nickname> "
     TRUST_PROMPT = "Trust it? [y/N] "
+    # Login tokens (LoginTokens): the token itself is never shown.
+    TOKEN_SAVED = ("Login token saved in {path}: next time you join as {nick} on this server, "
+                   "it answers the password question.")
+    TOKEN_REFUSED = ("The login token saved for {nick} no longer works (its password was "
+                     "changed, or the token was ended): forgotten.")
+    TOKENS_NOT_WRITTEN = "Cannot write the login tokens in {path}: {reason}."
+    TOKENS_DAMAGED = ("Login tokens in {path} not used: {reason}. The next /token moves it to "
+                      "{kept} and starts a new file.")
+    TOKENS_NOT_OURS = "it is not a file of login tokens"
     # TLS
     NOT_TLS = "{address} does not speak TLS (it answered in plain text): leave out --tls."
     EXPECTS_TLS = ("{address} closed the connection without a greeting in plain text: "
@@ -706,14 +721,17 @@ class Session:
     ``show_typed(text)``, ``prompt_changed()``, ``ask_password(prompt)``, ``half_close()``,
     ``joined()``, ``unconfirmed(text)``, ``offer_again(text)``, ``retry_nickname(delay)``,
     ``returns_pending(delay)``.
-    The end of the client is a ClientExit raised from here.
+    The end of the client is a ClientExit raised from here. ``tokens``: the LoginTokens that
+    keep the login tokens the server gives and answer its password questions with them (None:
+    none kept); ``tls``: the connections are TLS (a token is kept for plain or TLS apart).
 
     On a terminal (``interactive``) a refused nickname asks again and the lines typed while an
     attempt was in flight are not sent; in a pipe a refused nickname ends the client (status 1),
     since nobody reads the refusal and the next line would become a nickname by surprise."""
 
     def __init__(self, ui, nick=None, password=None, interactive=False, reconnect=False,
-                 list_users=False, erases_echo=False, nick_password=None, servers=1):
+                 list_users=False, erases_echo=False, nick_password=None, servers=1,
+                 tokens=None, tls=False):
         self.ui = ui
         self.servers = servers            # how many servers the client may reach
         self.address = None               # the one of this connection
@@ -732,6 +750,10 @@ class Session:
         self.nick_passwords = {}
         self.nick_password = nick_password
         self.asked_for = None             # the registered nickname whose password is asked
+        self.tokens = tokens
+        self.tls = tls
+        self.token_sent = None            # the login token that answered, until its verdict
+        self.tokens_refused = set()       # never sent again (even if the file keeps them)
         self.attempt = None               # the nickname attempt in flight
         self.nick_retries = 0
         self.held = deque()               # typed lines waiting for the phase that takes them
@@ -777,6 +799,7 @@ class Session:
         self.goodbye = False
         self.half_closed = False
         self.attempt = None
+        self.token_sent = None
         self.awaiting.clear()
         self.members.clear()
         self.server_has_commands = True
@@ -792,6 +815,8 @@ class Session:
             return
         if line.ts and line.body in (Lines.PAUSED, Lines.BACK):
             self.paused = line.body == Lines.PAUSED
+        if self.token_sent is not None and self._token_verdict(line):
+            return
         if self.phase == Phase.MEMBER:
             self._member_line(line)
             if self.paste_total:
@@ -1137,8 +1162,8 @@ class Session:
 
     def _nick_password_asked(self, line):
         """'"alice" is registered. Please enter its password': the next line is its password.
-        Answered from memory (or --nick-password-file) where we can; else a terminal asks, and a
-        pipe's next line is the answer."""
+        Answered with a saved login token, or from memory (or --nick-password-file) where we
+        can; else a terminal asks, and a pipe's next line is the answer."""
         if not self.interactive and self.phase != Phase.JOINING:
             self.ui.show(line)   # a member's /nick in a pipe: the script's next line answers
             return
@@ -1147,7 +1172,12 @@ class Session:
         self.asked_for = line.nick
         self._enter(Phase.NICK_PASSWORD)
         known = self.nick_passwords.get(line.nick.casefold(), self.nick_password)
-        if known is not None:
+        token = self._saved_token(line.nick, known)
+        if token is not None:
+            self.token_sent = token
+            self.ui.send(token)   # (not kept as the password: a refused one is forgotten)
+            self._enter(Phase.CHECKING_NICK_PASSWORD)
+        elif known is not None:
             self._send_nick_password(known)
         elif self.interactive:
             self.ui.ask_password(Notes.NICK_PASSWORD_PROMPT.format(nick=line.nick))
@@ -1160,6 +1190,57 @@ class Session:
         self.nick_passwords[self.asked_for.casefold()] = text
         self.ui.send(text)
         self._enter(Phase.CHECKING_NICK_PASSWORD)
+
+    def _saved_token(self, nick, known):
+        """The login token that answers ``nick``'s password question, or None.
+
+        A saved token answers first, even where the client knows the password (typed earlier
+        this run, or --nick-password-file): the server checks a token in microseconds and a
+        password in a tenth of a second of hashing, for which a crowd reconnecting at once
+        waits in line; and a nickname's tokens are its password's (/password ends them all), so
+        a token lets in only whoever the password would. A refused one is forgotten, and the
+        question, asked again, gets the password (_token_verdict). Not where a pipe's next line
+        is the answer, though: that line is the script's password, and would go out as a
+        message in the chat if a token took its place."""
+        if self.tokens is None or (not self.interactive and known is None
+                                   and not self.rejoining):
+            return None
+        token = self.tokens.token(self._server(), nick)
+        return None if token in self.tokens_refused else token
+
+    def _token_verdict(self, line):
+        """The server's verdict on the login token sent: 'Server: ok!' (right) or the wrong
+        password line (the password was changed, or the token ended). A refused token is
+        forgotten, said once, and the same nickname attempt (or /nick) is sent again: its
+        question comes back, and a terminal asks for the password (or the one known answers).
+        With nothing to answer it but a pipe's next line, it is a wrong password as any: the
+        client ends. True when the line is dealt with."""
+        if line.kind == Kind.OK:
+            self.token_sent = None
+            return False
+        if not (is_line(line, Lines.WRONG_NICK_PASSWORD) and same_nick(line.nick,
+                                                                      self.asked_for)):
+            return False
+        self.tokens_refused.add(self.token_sent)
+        self.token_sent = None
+        self.tokens.forget(self._server(), line.nick)
+        self.ui.note(Notes.TOKEN_REFUSED.format(nick=line.nick))
+        known = self.nick_passwords.get(line.nick.casefold(), self.nick_password)
+        if not self.interactive and known is None:
+            return False
+        if self.attempt is not None:
+            self._send_attempt(self.attempt)
+            return True
+        self._enter(Phase.MEMBER)   # a member's /nick: it kept its nickname, and asks again
+        for waiting in self.awaiting:
+            if waiting.command is NICK_COMMAND:
+                self.awaiting.remove(waiting)
+                self._send_member_line(waiting.text)
+                break
+        return True
+
+    def _server(self):
+        return LoginTokens.server(self.address, self.tls)
 
     def _refused(self, line):
         self.attempt = None
@@ -1243,6 +1324,9 @@ class Session:
             return
         if not self._account(line, head):
             return
+        if line.kind == Kind.LOGIN_TOKEN and self.tokens is not None:
+            self._keep_token(line)
+            return
         if self._a_return(line):
             return
         if line.body == Lines.GOODBYE:
@@ -1293,6 +1377,13 @@ class Session:
                 line.body not in (Lines.PAUSED, Lines.BACK):
             head.answered = True   # (not the answer it is owed: it was taken all the same)
         return True
+
+    def _keep_token(self, line):
+        """'Login token for "alice": ...', the answer to /token: saved in the token file, and
+        never shown (nor is the 'Server: ok!' before it, on a terminal), so that it stays off
+        the screen, the terminal's scrollback and a pipe's output."""
+        if self.tokens.save(self._server(), line.nick, line.fields["token"]):
+            self.ui.note(Notes.TOKEN_SAVED.format(path=self.tokens.path, nick=line.nick))
 
     def _answered(self, head, line):
         head.answered = True
@@ -1360,7 +1451,8 @@ class Session:
                      else Notes.NOBODY_ELSE.format(room=room))
 
     def _is_own(self, line):
-        if line.kind in (Kind.OWN_MESSAGE, Kind.OWN_PRIVATE, Kind.ROOM_NOW, Kind.REGISTERED):
+        if line.kind in (Kind.OWN_MESSAGE, Kind.OWN_PRIVATE, Kind.ROOM_NOW, Kind.REGISTERED,
+                         Kind.LOGIN_TOKEN):
             return True
         return line.kind in (Kind.ACTION, Kind.RENAMED, Kind.TOPIC_SET) and \
             same_nick(line.nick, self.nick)
@@ -2623,6 +2715,111 @@ def default_known_servers():
     return os.path.join(base, "chat_client", "known_servers")
 
 
+class LoginTokens:
+    """The login tokens the servers gave this user (/token), in a JSON file of their own:
+    {"127.0.0.1:8000": {"alice": TOKEN}, "10.0.0.5:9000 tls": {...}}, the server as the client
+    names it, ' tls' after it for a TLS connection (a token given over TLS never goes out in
+    plain text, where anyone on the way could read it), then the casefolded nickname.
+
+    A token joins as the nickname, as its password does: the file is made readable by this
+    user only (mode 0600 from its creation on POSIX; on Windows, the rights of the folder) and
+    always written whole, to a new file renamed over the old one, so that a crash or a full
+    disk never leaves half of it. A file that can't be read or is not such an object counts as
+    empty, said once (``note``); the next token moves it aside (``.damaged`` after its name)
+    rather than write over it: a mistyped --token-file may name a file of the user's. Read at
+    each use,
+    never kept: another client may have changed it meanwhile. (Two clients saving a token at
+    the same moment: the last one's file wins, and the other's nickname is asked for its
+    password next time, as before its /token.)"""
+
+    TOKEN = re.compile(_FIELD_PATTERNS["token"] + r"\Z")
+    DAMAGED = ".damaged"
+
+    def __init__(self, path, note):
+        self.path = path
+        self.note = note
+        self.damaged = False        # the file, as last read, is not ours to write over
+        self.damage_told = False
+
+    @staticmethod
+    def server(address, tls):
+        return address + " tls" if tls else address
+
+    def token(self, server, nick):
+        """The token saved for ``nick`` on ``server``, or None."""
+        return self._read().get(server, {}).get(nick.casefold())
+
+    def save(self, server, nick, token):
+        """Keep ``token``; False (and said why) if the file can't be written."""
+        tokens = self._read()
+        tokens.setdefault(server, {})[nick.casefold()] = token
+        return self._write(tokens)
+
+    def forget(self, server, nick):
+        tokens = self._read()
+        if tokens.get(server, {}).pop(nick.casefold(), None) is None:
+            return
+        if not tokens[server]:
+            del tokens[server]
+        self._write(tokens)
+
+    def _read(self):
+        self.damaged = False
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                tokens = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, RecursionError) as exc:   # (ValueError: not UTF-8, JSON)
+            return self._damaged(getattr(exc, "strerror", None) or exc)
+        if not (isinstance(tokens, dict) and all(
+                isinstance(nicks, dict) and all(isinstance(token, str) and self.TOKEN.match(token)
+                                                for token in nicks.values())
+                for nicks in tokens.values())):
+            # (A token is checked too: it is sent as a line, and must not be two lines.)
+            return self._damaged(Notes.TOKENS_NOT_OURS)
+        return tokens
+
+    def _damaged(self, reason):
+        self.damaged = True
+        if not self.damage_told:
+            self.damage_told = True
+            self.note(Notes.TOKENS_DAMAGED.format(path=self.path, reason=clause(reason),
+                                                  kept=self.path + self.DAMAGED))
+        return {}
+
+    def _write(self, tokens):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        temp = None
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if self.damaged:
+                os.replace(self.path, self.path + self.DAMAGED)
+                self.damaged = False
+            # mkstemp: os.open with O_EXCL and mode 0o600, under a name no other client uses.
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".")
+            with open(fd, "w", encoding="utf-8") as f:
+                json.dump(tokens, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.path)
+            return True
+        except OSError as exc:
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+            self.note(Notes.TOKENS_NOT_WRITTEN.format(path=self.path,
+                                                      reason=clause(exc.strerror or exc)))
+            return False
+
+
+def default_token_file():
+    return os.path.join(os.path.expanduser("~"), ".chat_tokens")
+
+
 class Backoff:
     """Seconds to wait before each reconnect attempt: 1, 2, 4, 8, 16, then 30 each time."""
 
@@ -2672,7 +2869,9 @@ class Client:
                                reconnect=options.reconnect and (interactive or several),
                                list_users=self.readline is not None,
                                erases_echo=self.readline is not None and presenter.vt,
-                               servers=len(options.servers))
+                               servers=len(options.servers),
+                               tokens=LoginTokens(options.token_file, self.note),
+                               tls=options.tls_context is not None)
         self.selector = selectors.DefaultSelector()
         self.watched = {}              # fd -> (mask, handler)
         self.connection = None
@@ -3243,6 +3442,7 @@ SETTINGS = (
     ("tls-ca", "tls_ca", str),
     ("tls-fingerprint", "tls_fingerprint", fingerprint),
     ("known-servers", "known_servers", str),
+    ("token-file", "token_file", str),
 )
 ENVIRONMENT = (("CHAT_SERVER", "server", server_list), ("CHAT_NICK", "nick", nickname))
 
@@ -3252,7 +3452,7 @@ def parse_args(argv, environ=None):
     parser = OneLineParser(
         prog="chat_client", description="Terminal client for the console chat.",
         epilog="Defaults for server, nick, password-file, nick-password-file, tls, tls-ca, "
-               "tls-fingerprint and known-servers may be kept in %s (an INI file: a "
+               "tls-fingerprint, known-servers and token-file may be kept in %s (an INI file: a "
                "[chat_client] section, one 'setting = value' a line); CHAT_SERVER and CHAT_NICK "
                "come before it, the command line before both." % default_config_file()
                .replace("%", "%%"))
@@ -3283,6 +3483,10 @@ def parse_args(argv, environ=None):
     parser.add_argument("--known-servers", metavar="PATH",
                         help="the file of trusted certificate fingerprints (default %s)"
                              % default_known_servers().replace("%", "%%"))
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="keep the login tokens /token gives in this file, to answer the "
+                             "password question of your registered nickname (default %s)"
+                             % default_token_file().replace("%", "%%"))
     parser.add_argument("--config", metavar="PATH",
                         help="the settings file (default %s)"
                              % default_config_file().replace("%", "%%"))
@@ -3374,6 +3578,7 @@ class Options:
         if args.tls or args.tls_ca or args.tls_fingerprint:
             self.tls_context = self._tls_context(args.tls_ca)
         self.known_servers = args.known_servers or default_known_servers()
+        self.token_file = args.token_file or default_token_file()
         self.color = args.color
         self.bell = not args.no_bell
         self.reconnect = not args.no_reconnect

@@ -31,6 +31,7 @@ The sections mirror the modules:
 import atexit
 import datetime
 import io
+import json
 import os
 import re
 import select
@@ -210,6 +211,10 @@ def wrong_password_for(nick):
 
 def not_registered(nick):
     return 'Sorry! "%s" is not registered.' % nick
+
+
+def login_token(nick, token):
+    return 'Login token for "%s": %s' % (nick, token)
 
 
 LOGIN_TOKEN = re.compile(r'Login token for "(?P<nick>[^"]+)": (?P<token>[A-Za-z0-9_-]{43})\Z')
@@ -7008,11 +7013,272 @@ class SessionVersion3Tests(InMemoryTestCase):
         self.assertEqual(done.exception.message,
                          "chat_client: %s: unknown setting 'nik' (known: server, nick, "
                          "password-file, nick-password-file, tls, tls-ca, tls-fingerprint, "
-                         "known-servers)" % config)
+                         "known-servers, token-file)" % config)
         with self.assertRaises(chat.ClientExit) as done:
             chat.parse_args(["--config", nowhere], environ={})
         self.assertEqual(done.exception.message, "chat_client: --config: cannot read %s: No "
                                                  "such file or directory" % nowhere)
+
+
+# Login tokens as the server gives them (43 characters of the URL-safe base64 alphabet).
+TOKEN = "Qx3vN8-kLp_2RzYt7WcJmH4aFsD9eUoB1gK5iVb6nTw"
+OTHER_TOKEN = "ZZ3vN8-kLp_2RzYt7WcJmH4aFsD9eUoB1gK5iVb6n-_"
+
+
+class LoginTokenSessionTests(InMemoryTestCase):
+    """The client's login tokens in memory (docs/PROTOCOL.md, "Login tokens"): the answer to
+    /token kept in the token file and never shown, the password question answered with it, a
+    refused one forgotten, a damaged file. The file is a real one, in a folder of the test's."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.chat = load_module("chat_client")
+
+    def setUp(self):
+        folder = tempfile.mkdtemp(prefix="chat-tokens-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.path = os.path.join(folder, "tokens.json")
+
+    def session(self, address="127.0.0.1:8000", **options):
+        ui = RecordingUi()
+        tokens = self.chat.LoginTokens(self.path, ui.note)
+        session = self.chat.Session(ui, tokens=tokens, **options)
+        ui.session = session
+        session.connected(address)
+        return session, ui
+
+    def joined(self, nick="alice", **options):
+        session, ui = self.session(**options)
+        session.server_line(WELCOME)
+        session.typed(nick)
+        session.server_line(T0 + OK)
+        del ui.sent[:], ui.shown[:], ui.notes[:]
+        return session, ui
+
+    def saved(self):
+        with open(self.path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def save(self, tokens):
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump(tokens, f)
+
+    def saved_note(self, nick):
+        return ("Login token saved in %s: next time you join as %s on this server, it answers "
+                "the password question." % (self.path, nick))
+
+    @staticmethod
+    def refused_note(nick):
+        return ("The login token saved for %s no longer works (its password was changed, or the "
+                "token was ended): forgotten." % nick)
+
+    def asked(self, session, ui, nick="alice"):
+        """Greeted, ``nick`` sent, and the server asks for its password."""
+        session.server_line(WELCOME)
+        session.typed(nick)
+        session.server_line(T0 + password_question(nick))
+
+    def test_the_token_line_is_saved_in_the_file_made_for_this_user_and_never_shown(self):
+        old_umask = os.umask(0)   # the mode must come from the file's creation, not the umask
+        self.addCleanup(os.umask, old_umask)
+        for interactive in (True, False):
+            session, ui = self.joined(interactive=interactive, erases_echo=interactive)
+            session.typed("/token")
+            session.server_line(T0 + OK)
+            session.server_line(T0 + login_token("Alice", TOKEN))
+            self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN}})
+            self.assertEqual(ui.notes, [self.saved_note("Alice")])
+            self.assertNotIn(TOKEN, repr(ui.shown_texts() + ui.typed_again))
+            self.assertEqual(ui.shown_texts(), [] if interactive else [T0 + OK])
+            self.assertEqual((ui.sent, list(session.awaiting)), (["/token"], []))
+            if os.name == "posix":
+                self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        # Another nickname, and another server (TLS: a token of its own), join the first.
+        session, ui = self.joined("bob", address="[::1]:9000", tls=True)
+        session.typed("/token")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + login_token("bob", OTHER_TOKEN))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN},
+                                        "[::1]:9000 tls": {"bob": OTHER_TOKEN}})
+        self.assertEqual(sorted(os.listdir(os.path.dirname(self.path))), ["tokens.json"])
+
+    def test_the_password_question_is_answered_with_the_saved_token(self):
+        self.save({"127.0.0.1:8000": {"alice": TOKEN}, "127.0.0.1:8000 tls": {"bob": TOKEN}})
+        session, ui = self.session(interactive=True)
+        self.asked(session, ui, "ALICE")                     # any case of the nickname
+        self.assertEqual((ui.sent, ui.password_asked), (["ALICE", TOKEN], 0))
+        session.server_line(T0 + OK)
+        self.assertEqual((session.phase, session.nick), ("member", "ALICE"))
+        self.assertEqual(session.nick_passwords, {})         # a token is not the password
+        self.assertNotIn(TOKEN, repr(ui.shown_texts() + ui.notes))
+        # Before a password the client knows: the server checks a token in microseconds.
+        session, ui = self.session(nick="alice", nick_password="hunter22!")
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))
+        self.assertEqual(ui.sent, ["alice", TOKEN])
+        # Never another server's, nor one given over TLS on a plain connection.
+        for address, nick in (("127.0.0.1:8001", "alice"), ("127.0.0.1:8000", "bob")):
+            session, ui = self.session(interactive=True, address=address)
+            self.asked(session, ui, nick)
+            self.assertEqual((ui.sent, ui.password_asked), ([nick], 1))
+
+    def test_a_pipe_whose_next_line_is_the_password_sends_that_line_not_the_token(self):
+        self.save({"127.0.0.1:8000": {"alice": TOKEN}})
+        session, ui = self.session()
+        for text in ("alice", "hunter22!", "hello"):
+            session.typed(text)
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice", "hunter22!", "hello"])   # never a message
+        session, ui = self.session(nick="alice", reconnect=True, servers=2)
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)                          # registered later: not asked
+        session.connection_closed("Connection lost: reset.")
+        session.typed("hello")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))  # rejoining: lines are messages
+        self.assertEqual(ui.sent, ["alice", "alice", TOKEN])
+
+    def test_a_refused_token_is_forgotten_and_the_terminal_asks_for_the_password(self):
+        self.save({"127.0.0.1:8000": {"alice": TOKEN, "bob": OTHER_TOKEN}})
+        session, ui = self.session(interactive=True)
+        self.asked(session, ui)
+        session.server_line(T0 + wrong_password_for("alice"))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"bob": OTHER_TOKEN}})
+        self.assertEqual(ui.notes, [self.refused_note("alice")])
+        self.assertEqual(ui.sent, ["alice", TOKEN, "alice"])  # the question comes back
+        self.assertNotIn(T0 + wrong_password_for("alice"), ui.shown_texts())
+        session.server_line(T0 + password_question("alice"))
+        self.assertEqual((ui.password_asked, session.prompt()), (1, "password for alice> "))
+        session.typed("hunter22!")
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.sent, ["alice", TOKEN, "alice", "hunter22!"])
+        self.assertEqual((session.phase, session.nick), ("member", "alice"))
+
+    def test_a_refused_token_gives_way_to_the_password_known_and_a_pipe_without_one_ends(self):
+        self.save({"127.0.0.1:8000": {"alice": TOKEN}})
+        for interactive in (True, False):
+            session, ui = self.session(interactive=interactive, nick="alice",
+                                       nick_password="hunter22!")
+            session.server_line(WELCOME)
+            session.server_line(T0 + password_question("alice"))
+            tokens = session.tokens
+            tokens.forget = lambda server, nick: None          # a file that can't forget it
+            session.server_line(T0 + wrong_password_for("alice"))
+            session.server_line(T0 + password_question("alice"))
+            session.server_line(T0 + OK)
+            self.assertEqual(ui.sent, ["alice", TOKEN, "alice", "hunter22!"])
+            self.assertEqual((session.phase, ui.password_asked), ("member", 0))
+            self.assertEqual(ui.notes, [self.refused_note("alice")])
+        session, ui = self.session(nick="alice", reconnect=True, servers=2)   # a pipe
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+        session.connection_closed("Connection lost: reset.")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + password_question("alice"))
+        with self.assertRaises(self.chat.ClientExit) as done:
+            session.server_line(T0 + wrong_password_for("alice"))
+        self.assertEqual((done.exception.status, done.exception.message),
+                         (1, wrong_password_for("alice")))
+        self.assertEqual(ui.sent, ["alice", "alice", TOKEN])
+        self.assertEqual((ui.notes, self.saved()), ([self.refused_note("alice")], {}))
+
+    def test_a_refused_token_for_nick_asks_again_and_the_member_keeps_its_nickname(self):
+        self.save({"127.0.0.1:8000": {"bob": TOKEN}})
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("/nick bob")
+        session.server_line(T0 + password_question("bob"))
+        self.assertEqual(ui.sent, ["/nick bob", TOKEN])
+        session.server_line(T0 + wrong_password_for("bob"))
+        self.assertEqual((ui.sent[2:], session.prompt()), (["/nick bob"], "alice> "))
+        session.server_line(T0 + password_question("bob"))
+        self.assertEqual((ui.password_asked, session.prompt()), (1, "password for bob> "))
+        session.typed("bobs secret")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + "alice is now known as bob")
+        self.assertEqual((session.prompt(), list(session.awaiting)), ("bob> ", []))
+        self.assertEqual(ui.notes, [self.refused_note("bob")])
+
+    def test_a_damaged_token_file_counts_as_empty_with_one_note(self):
+        for damage in (b"{not json", b"[1, 2]", b'{"127.0.0.1:8000": {"alice": "a b"}}',
+                       ('{"127.0.0.1:8000": {"alice": "%s\\n/quit"}}' % TOKEN).encode(),
+                       b'{"127.0.0.1:8000": ["alice"]}', b"\xff\xfe{}", b"[" * 100000, None):
+            if damage is None:
+                os.unlink(self.path)
+                os.mkdir(self.path)                           # can't be read at all
+            else:
+                with open(self.path, "wb") as f:
+                    f.write(damage)
+            session, ui = self.session(interactive=True)
+            self.asked(session, ui)
+            self.assertEqual((ui.sent, ui.password_asked), (["alice"], 1), damage)
+            self.assertEqual(len(ui.notes), 1, damage)
+            self.assertTrue(ui.notes[0].startswith("Login tokens in %s not used: " % self.path),
+                            ui.notes)
+            session.typed("wrong")
+            session.server_line(T0 + wrong_password_for("alice"))
+            self.asked(session, ui)
+            self.assertEqual((ui.password_asked, len(ui.notes)), (2, 1), damage)   # once
+            if damage is None:
+                os.rmdir(self.path)
+                continue
+            session.typed("hunter22!")
+            session.server_line(T0 + OK)
+            session.typed("/token")                           # a new file; the old one kept
+            session.server_line(T0 + OK)
+            session.server_line(T0 + login_token("alice", TOKEN))
+            self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN}})
+            with open(self.path + ".damaged", "rb") as f:
+                self.assertEqual(f.read(), damage)
+            self.assertEqual(ui.notes[1:], [self.saved_note("alice")])
+
+    def test_a_file_mended_since_it_was_found_damaged_is_written_as_any(self):
+        with open(self.path, "w") as f:
+            f.write("{not json")
+        session, ui = self.session(interactive=True)
+        self.asked(session, ui)                               # found damaged
+        self.save({"127.0.0.1:8000": {"bob": OTHER_TOKEN}})   # mended (another client)
+        session.typed("hunter22!")
+        session.server_line(T0 + OK)
+        session.typed("/token")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + login_token("alice", TOKEN))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN, "bob": OTHER_TOKEN}})
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["tokens.json"])
+
+    def test_a_full_disk_says_so_leaves_the_file_as_it_was_and_shows_no_token(self):
+        import errno
+        from unittest import mock
+        self.save({"127.0.0.1:8000": {"bob": OTHER_TOKEN}})
+        session, ui = self.joined(interactive=True)
+        session.typed("/token")
+        session.server_line(T0 + OK)
+        with mock.patch.object(self.chat.os, "fsync",
+                               side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            session.server_line(T0 + login_token("alice", TOKEN))
+        self.assertEqual(ui.notes, ["Cannot write the login tokens in %s: No space left on "
+                                    "device." % self.path])
+        self.assertNotIn(TOKEN, repr(ui.shown_texts() + ui.notes))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"bob": OTHER_TOKEN}})
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["tokens.json"])   # no litter
+
+    def test_the_token_file_option_setting_and_default(self):
+        chat = self.chat
+        config = os.path.join(os.path.dirname(self.path), "client.ini")
+        with open(config, "w") as f:
+            f.write("[chat_client]\ntoken-file = /from/the/settings\n")
+        for argv, expected in (([], "/from/the/settings"),
+                               (["--token-file", self.path], self.path)):
+            args = chat.parse_args(["--config", config] + argv, environ={})
+            self.assertEqual(chat.Options(args, {}).token_file, expected)
+        with open(config, "w") as f:
+            f.write("[chat_client]\n")
+        args = chat.parse_args(["--config", config], environ={})
+        self.assertEqual(chat.Options(args, {}).token_file,
+                         os.path.join(os.path.expanduser("~"), ".chat_tokens"))
 
 
 # =============================================================================================
@@ -8469,6 +8735,64 @@ class ClientVersion3Tests(unittest.TestCase):
                           in_room_now("#ops", 2), OK, "YOU SEND USERS deploying now",
                           kicked_you("root", "spam")])
 
+    def test_a_login_token_kept_off_stdout_then_tried_before_the_password_and_forgotten(self):
+        # On Windows too (the Windows leg's subclass): the file is made and replaced there. The
+        # first server speaks TLS: its token is kept apart, never sent to a plain one.
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        tokens = os.path.join(folder, "tokens")
+
+        def first(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect("hunter22!")                        # no token yet
+            peer.send(now_ts() + OK)
+            peer.expect("/token")
+            peer.send(now_ts() + OK, now_ts() + login_token("robot", TOKEN))
+            peer.expect_eof()
+
+        def second(peer):
+            peer.send(WELCOME)
+            peer.expect("robot")
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect(TOKEN)                              # the token first
+            peer.send(now_ts() + wrong_password_for("robot"))
+            peer.expect("robot")                            # tried again: the password answers
+            peer.send(now_ts() + password_question("robot"))
+            peer.expect("hunter22!")
+            peer.send(now_ts() + OK)
+            peer.expect("hello")
+            peer.send(now_ts() + OK, now_ts() + "YOU SEND USERS hello")
+            peer.expect_eof()
+        args = ["--nick", "robot", "--nick-password-file", self.password_file("hunter22!"),
+                "--token-file", tokens]
+        server = FakeServer(self, first, tls=tls_server_context())
+        client = self.client(server.port, args + ["--tls-fingerprint", test_certificate()[2]])
+        client.type("/token\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Login token saved in %s: next time you join as robot"
+                                            " on this server, it answers the password question.\n"
+                                         % tokens))
+        self.assertEqual([lines[0]] + [split_ts(line)[1] for line in lines[1:]],
+                         [WELCOME, password_question("robot"), OK, OK])
+        tls_key = "127.0.0.1:%d tls" % server.port
+        with open(tokens, encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {tls_key: {"robot": TOKEN}})
+        server = FakeServer(self, second)
+        with open(tokens, "w", encoding="utf-8") as f:     # (the scripted server's port)
+            json.dump({tls_key: {"robot": TOKEN}, "127.0.0.1:%d" % server.port: {"robot": TOKEN}},
+                      f)
+        client = self.client(server.port, args)
+        client.type("hello\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "The login token saved for robot no longer works (its"
+                                            " password was changed, or the token was ended): "
+                                            "forgotten.\n"))
+        self.assertNotIn(wrong_password_for("robot"), "\n".join(lines))
+        with open(tokens, encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {tls_key: {"robot": TOKEN}})
+
     def test_a_script_answers_the_nickname_question_from_the_pipe_and_a_ban_ends_with_5(self):
         def script(peer):
             peer.send(WELCOME)
@@ -8663,6 +8987,51 @@ class TerminalVersion3Tests(unittest.TestCase):
         term.type("\x1b[A")                                # Up: the nickname, no password
         term.read_until(lambda rows: rows[-1] == "alice> alice", "the history")
         term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_a_login_token_never_on_screen_answers_the_question_of_the_next_run(self):
+        folder = tempfile.mkdtemp(prefix="chat-client-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        tokens = os.path.join(folder, "tokens")
+        runs = []
+
+        def script(peer):
+            runs.append(peer)
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + password_question("alice"))
+            if len(runs) == 1:
+                peer.expect("hunter22!")
+                peer.send(now_ts() + OK)
+                self.v3_member("alice")(peer)
+                peer.expect("/token")
+                peer.send(now_ts() + OK, now_ts() + login_token("alice", TOKEN))
+            else:
+                peer.expect(TOKEN)
+                peer.send(now_ts() + OK)
+                self.v3_member("alice")(peer)
+            peer.expect_eof()
+        server = FakeServer(self, script, connections=2)
+        term = client_on_terminal(self, server.port, "--nick", "alice", "--token-file", tokens,
+                                  width=200)
+        term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
+        term.type("hunter22!\r")
+        self.joined(term, "alice")
+        term.type("/token\r")
+        saved = ("Login token saved in %s: next time you join as alice on this server, it "
+                 "answers the password question." % tokens)
+        term.read_until(lambda rows: rows[-2:] == [saved, "alice>"], "the note")
+        self.assertEqual(term.rows_after_ts().count(OK), 1)     # the join's: not the /token's
+        term.type("\x1b[A")                                    # Up: /token, not the token
+        term.read_until(lambda rows: rows[-1] == "alice> /token", "the history")
+        term.type("\x15\x04")
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(TOKEN.encode(), term.output)
+        term = client_on_terminal(self, server.port, "--nick", "alice", "--token-file", tokens)
+        self.joined(term, "alice")
+        self.assertFalse([row for row in term.rows() if row.startswith("password for")])
+        self.assertNotIn(TOKEN.encode(), term.output)
+        term.type("\x04")
         self.assertEqual(term.wait(), 0)
 
     def test_nick_password_file_answers_without_a_question(self):
@@ -8967,6 +9336,50 @@ class ClientWithVersion3ServerTests(unittest.TestCase):
         self.assertEqual((status, err), (0, ""))
         self.assertEqual([split_ts(line)[1] for line in lines[1:]],
                          [password_question("alice"), OK, ALONE])
+
+    def test_a_login_token_answers_the_next_runs_until_the_password_changes(self):
+        server = self.server()
+        tokens = os.path.join(self.folder, "home", ".chat_tokens")   # (a folder made for it)
+        args = ["--nick", "alice", "--token-file", tokens]
+        client = PipedClient(server.port, args=args)
+        self.addCleanup(client.kill)
+        client.type("/register hunter22!\n/token\n")
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, "Login token saved in %s: next time you join as alice"
+                                            " on this server, it answers the password question.\n"
+                                         % tokens))
+        self.assertEqual([split_ts(line)[1] for line in lines[1:]],
+                         [OK, OK, registered("alice"), OK])   # the token: not on stdout
+        with open(tokens, encoding="utf-8") as f:
+            saved = json.load(f)
+        token = saved["127.0.0.1:%d" % server.port]["alice"]
+        self.assertRegex(token, r"\A[A-Za-z0-9_-]{43}\Z")
+        self.assertIn("alice made a login token", logged(server))
+        # The next run: joined without a question, the token never on screen.
+        term = client_on_terminal(self, server.port, *args, width=200)
+        TerminalVersion3Tests.joined(term, "alice")
+        self.assertFalse([row for row in term.rows() if row.startswith("password for")])
+        term.type("/password hunter22! correct horse\r")     # ends every token
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows[-2].endswith(OK), "changed")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        self.assertNotIn(token.encode(), term.output)
+        # And the one after: told, the token forgotten, the password asked.
+        term = client_on_terminal(self, server.port, *args, width=200)
+        refused = ("The login token saved for alice no longer works (its password was changed, "
+                   "or the token was ended): forgotten.")
+        term.read_until(lambda rows: rows[-1] == "password for alice>" and sum(
+            row.endswith(password_question("alice")) for row in rows) == 2,
+            "told, and the question again")
+        self.assertEqual(term.rows_after_ts()[1:], [password_question("alice"), refused,
+                                                    password_question("alice"),
+                                                    "password for alice>"])
+        term.type("correct horse\r")
+        TerminalVersion3Tests.joined(term, "alice")
+        term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+        with open(tokens, encoding="utf-8") as f:
+            self.assertEqual(json.load(f), {})
 
     def test_an_operators_kick_ends_a_pipe_with_status_4(self):
         server = self.server("--operators", "root")
@@ -9834,6 +10247,7 @@ class WindowsClientWithVersion3ServerTests(WindowsLeg, ClientWithVersion3ServerT
     # On a pseudo-terminal: the POSIX client only.
     test_rooms_on_a_terminal_and_back_into_the_room_after_a_restart = None
     test_a_registered_nickname_asked_on_a_terminal_then_read_from_a_file = None
+    test_a_login_token_answers_the_next_runs_until_the_password_changes = None
 
 
 def windows_leg():
