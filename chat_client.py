@@ -2706,13 +2706,19 @@ class KnownServers:
             raise ClientExit(1, "Cannot write %s: %s." % (self.path, exc.strerror or exc))
 
 
-def default_known_servers():
+def client_folder():
+    """Where the client keeps its files: %APPDATA%\\chat_client on Windows, else
+    $XDG_CONFIG_HOME/chat_client (~/.config/chat_client)."""
     if platform_name() == "windows":
         base = os.environ.get("APPDATA") or os.path.expanduser("~")
     else:
         base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
                                                                  ".config")
-    return os.path.join(base, "chat_client", "known_servers")
+    return os.path.join(base, "chat_client")
+
+
+def default_known_servers():
+    return os.path.join(client_folder(), "known_servers")
 
 
 class LoginTokens:
@@ -2817,7 +2823,7 @@ class LoginTokens:
 
 
 def default_token_file():
-    return os.path.join(os.path.expanduser("~"), ".chat_tokens")
+    return os.path.join(client_folder(), "login_tokens")
 
 
 class Backoff:
@@ -3428,7 +3434,7 @@ def yes_or_no(text):
 
 def default_config_file():
     """The settings file, beside the known-servers file in the user's config folder."""
-    return os.path.join(os.path.dirname(default_known_servers()), "client.ini")
+    return os.path.join(client_folder(), "client.ini")
 
 
 # The settings file's [chat_client] section: each setting, the option it stands for, and how

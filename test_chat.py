@@ -7278,7 +7278,8 @@ class LoginTokenSessionTests(InMemoryTestCase):
             f.write("[chat_client]\n")
         args = chat.parse_args(["--config", config], environ={})
         self.assertEqual(chat.Options(args, {}).token_file,
-                         os.path.join(os.path.expanduser("~"), ".chat_tokens"))
+                         os.path.join(os.path.dirname(chat.default_known_servers()),
+                                      "login_tokens"))   # (beside the client's other files)
 
 
 # =============================================================================================
