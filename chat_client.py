@@ -1325,6 +1325,10 @@ class Session:
         if not self._account(line, head):
             return
         if line.kind == Kind.LOGIN_TOKEN and self.tokens is not None:
+            if head is not None and head.typed is not None and line.own:
+                # The terminal erased the line typed for the server's repeat, which stays
+                # off the screen here: the line typed comes back instead.
+                self.ui.show_typed(head.typed)
             self._keep_token(line)
             return
         if self._a_return(line):
