@@ -869,13 +869,27 @@ def read_tls_line(sock, tls, incoming):
 CLIENT_SETTINGS = ("CHAT_SERVER", "CHAT_NICK", "CHAT_NICK_PASSWORD")
 
 
+def client_config_folder():
+    """An empty folder for the client's own files (client.ini, known_servers, login_tokens)
+    while the tests run it, so that the user's own never change what a test sees, nor a test
+    the user's. (Not on Windows, where Wine gives APPDATA from its own profile.)"""
+    global _client_config_folder
+    if _client_config_folder is None:
+        _client_config_folder = tempfile.mkdtemp(prefix="chat-client-config-")
+        atexit.register(shutil.rmtree, _client_config_folder, True)
+    return _client_config_folder
+
+
+_client_config_folder = None
+
+
 class PipedClient:
     """chat_client.py with its stdin, stdout and stderr on pipes."""
 
     default_command = None  # None: [sys.executable, CLIENT]; the Windows leg swaps it per class
 
     def __init__(self, port, env=None, command=None, args=()):
-        full_env = dict(os.environ)
+        full_env = dict(os.environ, XDG_CONFIG_HOME=client_config_folder())
         for name in ("CHAT_PLATFORM", "CHAT_PASSWORD") + CLIENT_SETTINGS:
             full_env.pop(name, None)
         full_env.update(env or {})
@@ -1174,7 +1188,8 @@ class PtyClient:
         self.master, slave = pty.openpty()
         set_terminal_size(slave, width, height)
         self.height = height
-        full_env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null")
+        full_env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null",
+                        XDG_CONFIG_HOME=client_config_folder())
         for name in ("CHAT_PLATFORM", "NO_COLOR", "XTERM_VERSION", "CHAT_PASSWORD") \
                 + CLIENT_SETTINGS:
             full_env.pop(name, None)
