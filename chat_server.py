@@ -105,6 +105,7 @@ ACCOUNTS_READ_MOST = 10000   # accounts (or their absence) the data file's store
 LINES_READ_MOST = 64      # reads of a room's lines the data file's store remembers (catch-ups)
 TOKEN_BYTES = 32          # a login token's randomness (43 characters once base64url-encoded)
 TOKENS_MOST = 10          # login tokens a nickname holds at most (one per device); a new one ends the oldest
+TOKENS_PENDING_MOST = 1000   # tokens made whose entry is not applied yet, at most
 TOKEN_FORM = re.compile(r"[A-Za-z0-9_-]{43}\Z")
 MAIN_ROOM = "#main"
 MAX_ROOM_CHARS = 32       # after the "#"
@@ -840,7 +841,8 @@ class Entry:
     WAIT = "wait"       # a private message waiting for a registered nickname: (account key,
                         # the nickname, the text)
     ACCOUNT = "account"   # the peer's account: ("register" | "password" | "unregister" |
-                          # "token", key, nickname, password hash or token digest or None)
+                          # "token" | "untoken", key, nickname, password hash or token digest
+                          # or None)
     BAN = "ban"         # an operator's ban: a Ban
     UNBAN = "unban"     # (kind, value)
     MUTE = "mute"       # an operator's mute of a member: (the member, a Mute)
@@ -1297,12 +1299,16 @@ class Registering:
             return self._locked_out_now(peer)
         asked = peer.asked
         answer = password_text(line)
-        account = self.store.account_for((asked[1].key,))   # (its tokens now, not when asked)
-        if account is not None and is_login_token(account.tokens, answer):
+        # The account now, not as it was when asked: its password or tokens may have changed
+        # meanwhile (the old password no longer lets anyone in), or it may be gone.
+        account = self.store.account_for((asked[1].key,))
+        if account is None:
+            self._wrong_asked(peer, asked)
+        elif is_login_token(account.tokens, answer):
             right(peer, asked)   # a login token: no slow check, nothing to wait for
-            return None
-        self._check_password(peer, asked[1], answer,
-                             lambda: right(peer, asked), lambda: self._wrong_asked(peer, asked))
+        else:
+            self._check_password(peer, account, answer, lambda: right(peer, asked),
+                                 lambda: self._wrong_asked(peer, asked))
         return None
 
     def _check_password(self, peer, account, password, right, wrong):
@@ -1398,6 +1404,7 @@ class Registering:
         elif len(new) < MIN_PASSWORD_CHARS:
             self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
         else:
+            self._end_tokens(peer, account)
             self._check_password(peer, account, old,
                                  lambda: self._hash_new_password(peer, new, "password"),
                                  lambda: self._wrong_account_password(peer, peer.nick))
@@ -1405,17 +1412,29 @@ class Registering:
     def cmd_unregister(self, peer, rest):
         account = self._own_account(peer)
         if account is not None:
+            self._end_tokens(peer, account)
             self._check_password(
                 peer, account, rest.strip(),
                 lambda: self.append((Entry.ACCOUNT, peer.room, peer,
                                      ("unregister", account.key, peer.nick, None))),
                 lambda: self._wrong_account_password(peer, peer.nick))
 
+    def _end_tokens(self, peer, account):
+        """/password and /unregister end the nickname's login tokens at once, before their
+        own check and hashing: a stolen token takes the nickname over in microseconds, and
+        would otherwise close the owner's connection while its /password was being checked,
+        which drops the change (review: a bot rejoining with the token kept it alive)."""
+        if account.tokens:
+            self.append((Entry.ACCOUNT, peer.room, peer, ("untoken", account.key, peer.nick,
+                                                           None)))
+
     def cmd_token(self, peer, rest):
         """A new login token for the member's registered nickname, given once it is kept."""
         account = self._own_account(peer)
         if account is not None:
             token, digest = new_login_token()
+            if len(self._tokens_made) >= TOKENS_PENDING_MOST:   # (entries a node never had
+                del self._tokens_made[next(iter(self._tokens_made))]   # applied: the oldest)
             self._tokens_made[digest] = token   # (the log and the store see the digest only)
             self.append((Entry.ACCOUNT, peer.room, peer, ("token", account.key, peer.nick,
                                                            digest)))
@@ -1962,6 +1981,9 @@ class Applying:
         elif action == "password":   # (a new password ends the login tokens)
             self.store.save_account(Account(key, nick, kept), nickname_keys(nick))
             replies, record = (Lines.OK,), Lines.LOG_NEW_PASSWORD
+        elif action == "untoken":   # (said nothing: the /password or /unregister answers)
+            self.store.save_tokens(key, ())
+            return
         elif action == "token":
             token = self._tokens_made.pop(kept, None) if mine else None
             account = self.store.account_for((key,))
@@ -1969,8 +1991,7 @@ class Applying:
                 if mine:
                     self.notice(peer, Lines.NOT_REGISTERED.format(nick=nick))
                 return
-            tokens = (tuple(account.tokens) + (kept,))[-TOKENS_MOST:]
-            self.store.save_account(account._replace(tokens=tokens), nickname_keys(account.nick))
+            self.store.save_tokens(key, (tuple(account.tokens) + (kept,))[-TOKENS_MOST:])
             replies = (Lines.OK,) + ((Lines.LOGIN_TOKEN.format(nick=nick, token=token),)
                                      if token is not None else ())
             record = Lines.LOG_TOKEN
@@ -2200,7 +2221,8 @@ class MemoryStore:
                (or later, for a store whose ``answers_later``); ``position(room_key)``;
                ``has_messages(room_key)``
     accounts   ``account_for(keys)`` -> the Account known by any of ``keys``, or None;
-               ``save_account(account, keys)``; ``drop_account(key)`` (its waiting messages
+               ``save_account(account, keys)``; ``save_tokens(key, tokens)`` (the login
+               tokens' digests alone); ``drop_account(key)`` (its waiting messages
                and positions too); ``seen(account_key, room_key)`` -> position or None (never
                there); ``save_seen(account_key, room_key, position)``
     waiting    ``wait(account_key, line, most)`` -> False if ``most`` wait already;
@@ -2290,6 +2312,11 @@ class MemoryStore:
         self._accounts[account.key] = account
         for key in keys:
             self._account_keys[key] = account.key
+
+    def save_tokens(self, key, tokens):
+        account = self._accounts.get(key)
+        if account is not None:
+            self._accounts[key] = account._replace(tokens=tuple(tokens))
 
     def drop_account(self, key):
         self._accounts.pop(key, None)
@@ -2467,7 +2494,8 @@ class SQLiteStore(MemoryStore):
         # the lines). A crowd coming back at once (after a restart, a network cut) left at the
         # same place and asks for the same lines: read once while the room says nothing new.
         self._lines_read = {}
-        # The accounts that may have private messages waiting (no query for the others).
+        # The accounts that may have private messages waiting (no query for the others); None
+        # after a failed write, until a commit works again: every account may then.
         self._waiting_for = set()
         self._lock = hold_lock_file(path + "-lock")
         self.db = None
@@ -2561,8 +2589,8 @@ class SQLiteStore(MemoryStore):
             self._bans[row[0], row[1]] = Ban(*row)
         for row in self.db.execute("SELECT key, nick, until FROM mutes"):
             self._mutes[row[0]] = Mute(*row)
-        self._waiting_for.update(key for key, in self.db.execute(
-            "SELECT DISTINCT account FROM waiting"))
+        self._waiting_for = {key for key, in self.db.execute(
+            "SELECT DISTINCT account FROM waiting")}
 
     # -- writing: gathered, then one transaction a turn -----------------------------------------
     def _later(self, sql, parameters):
@@ -2592,6 +2620,13 @@ class SQLiteStore(MemoryStore):
         if self._failing:
             self._failing = False
             self.log(self._record(Lines.LOG_WRITING_AGAIN.format(path=self.path)))
+        if self._waiting_for is None:
+            self._learn_who_waits()
+
+    def _learn_who_waits(self):
+        rows = self._read_or_none("SELECT DISTINCT account FROM waiting", ())
+        if rows is not None:
+            self._waiting_for = {key for key, in rows}
 
     def _fold_wal_in(self):
         """The WAL folded into the file by the loop itself, at once (a wait for the disk): only
@@ -2658,6 +2693,7 @@ class SQLiteStore(MemoryStore):
         self._turn.clear()
         self._accounts_read.clear()
         self._lines_read.clear()
+        self._waiting_for = None   # (a DELETE of waiting messages may have been dropped)
         try:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -2715,6 +2751,12 @@ class SQLiteStore(MemoryStore):
     def _read(self, sql, parameters):
         """Rows of a query that sees this turn's changes too. A file that fails to answer
         (damaged while the server runs) is said once in the log, and answers nothing."""
+        rows = self._read_or_none(sql, parameters)
+        return [] if rows is None else rows
+
+    def _read_or_none(self, sql, parameters):
+        """As _read, but None when the read failed: what is remembered of reads must never be
+        a failure taken for an answer (an account taken for none lets anyone in as it)."""
         import sqlite3
         if self._turn or self._pending:
             try:
@@ -2722,12 +2764,12 @@ class SQLiteStore(MemoryStore):
             except sqlite3.Error as exc:
                 self._rollback()   # (the turn's writes failed: none of them is kept)
                 self._failed(exc)
-                return []
+                return None
         try:
             return self.db.execute(sql, parameters).fetchall()
         except sqlite3.Error as exc:
             self._failed(exc)   # the read alone: what the turn wrote stays, for its commit
-            return []
+            return None
 
     def _lines(self, room_key, after=0, most=None):
         """The room's kept lines after ``after``, (position, line, text_size), the newest
@@ -2739,19 +2781,25 @@ class SQLiteStore(MemoryStore):
         if read is not None and read[0] == position:
             return read[1]
         lines = self._read_lines(room_key, max(after, position - self._keep), most)
+        if lines is None:
+            return []   # (a failed read: not remembered)
         if len(self._lines_read) >= LINES_READ_MOST:
             self._lines_read.clear()
         self._lines_read[asked] = (position, lines)
         return lines
 
     def _read_lines(self, room_key, after, most):
+        """As _lines, from the file (None: the read failed)."""
         lines = []
         # Each row holds at least one line after ``after`` (its last): ``most`` rows are
         # enough, and only they are read (start-up asks every room for its history: a read of
         # every kept row made it grow with the file, 11 s for 10 million messages).
-        for last, joined, sizes in self._read(
-                "SELECT last, lines, sizes FROM messages WHERE room = ? AND last > ?"
-                " ORDER BY last DESC LIMIT ?", (room_key, after, -1 if most is None else most)):
+        rows = self._read_or_none(
+            "SELECT last, lines, sizes FROM messages WHERE room = ? AND last > ?"
+            " ORDER BY last DESC LIMIT ?", (room_key, after, -1 if most is None else most))
+        if rows is None:
+            return None
+        for last, joined, sizes in rows:
             sizes = struct.unpack("<%dI" % (len(sizes) // 4), sizes)
             batch, end = [], len(joined)
             for index in range(len(sizes) - 2, -1, -2):   # the row's lines, newest first
@@ -2873,9 +2921,11 @@ class SQLiteStore(MemoryStore):
         read = self._accounts_read
         if key in read:
             return read[key]
-        rows = self._read("SELECT accounts.key, nick, password_hash, tokens FROM"
-                          " account_keys JOIN accounts ON accounts.key = account_keys.account"
-                          " WHERE account_keys.key = ?", (key,))
+        rows = self._read_or_none(
+            "SELECT accounts.key, nick, password_hash, tokens FROM account_keys JOIN accounts"
+            " ON accounts.key = account_keys.account WHERE account_keys.key = ?", (key,))
+        if rows is None:
+            return None   # (not remembered: the next asks the file again)
         account = None
         if rows:
             owner, nick, password_hash, tokens = rows[0]
@@ -2884,6 +2934,10 @@ class SQLiteStore(MemoryStore):
             read.clear()   # (bounded: a crowd trying names can't grow it)
         read[key] = account
         return account
+
+    def save_tokens(self, key, tokens):
+        self._accounts_read.clear()
+        self._later("UPDATE accounts SET tokens = ? WHERE key = ?", (" ".join(tokens), key))
 
     def save_account(self, account, keys):
         self._accounts_read.clear()
@@ -2908,8 +2962,11 @@ class SQLiteStore(MemoryStore):
         self._later("INSERT OR REPLACE INTO seen (account, room, position) VALUES (?, ?, ?)",
                     (account_key, room_key, position))
 
+    def _may_wait(self, account_key):
+        return self._waiting_for is None or account_key in self._waiting_for
+
     def waiting_count(self, account_key):
-        if account_key not in self._waiting_for:
+        if not self._may_wait(account_key):
             return 0
         rows = self._read("SELECT count(*) FROM waiting WHERE account = ?", (account_key,))
         return rows[0][0] if rows else 0
@@ -2918,15 +2975,19 @@ class SQLiteStore(MemoryStore):
         if self.waiting_count(account_key) >= most:
             return False
         self._later("INSERT INTO waiting (account, line) VALUES (?, ?)", (account_key, line))
-        self._waiting_for.add(account_key)
+        if self._waiting_for is not None:
+            self._waiting_for.add(account_key)
         return True
 
     def take_waiting(self, account_key):
-        if account_key not in self._waiting_for:
+        if not self._may_wait(account_key):
             return []
-        self._waiting_for.discard(account_key)
-        rows = self._read("SELECT line FROM waiting WHERE account = ? ORDER BY id",
-                          (account_key,))
+        rows = self._read_or_none("SELECT line FROM waiting WHERE account = ? ORDER BY id",
+                                  (account_key,))
+        if rows is None:
+            return []   # (a failed read: they still wait, for the next join)
+        if self._waiting_for is not None:
+            self._waiting_for.discard(account_key)
         if rows:
             self._later("DELETE FROM waiting WHERE account = ?", (account_key,))
         return [bytes(line) for line, in rows]
@@ -5867,19 +5928,23 @@ end
 return replies
 """
 
-# The chat's log format (PREFIX:format): what its nodes write. 2: an entry is one packed field.
-# (Format 1, a field each, had no marker: a chat without one whose nodes are alive is served by
-# nodes of that earlier version.) A node of another format refuses to start, rather than misread
-# the log or have its entries misread.
-LOG_FORMAT = 2
+# The chat's log format (PREFIX:format): what its nodes write. 2: an entry is one packed field;
+# 3: an account holds login tokens (an account entry "token" or "untoken", which a node of
+# format 2 would take for "unregister"). (Format 1, a field each, had no marker.) A node reads
+# the formats of EARLIER_LOG_FORMATS too, and takes such a chat over (marks it with its own) once
+# no node of another format holds a lease; a live one, or a chat marked with a format it does
+# not know, and it refuses to start, rather than misread the log or have its entries misread.
+LOG_FORMAT = 3
+EARLIER_LOG_FORMATS = "1 2"   # (1: no marker)
 FORMAT_SCRIPT = r"""
-local P, format, me = ARGV[1], ARGV[2], ARGV[3]
+local P, format, me, earlier = ARGV[1], ARGV[2], ARGV[3], ' ' .. ARGV[4] .. ' '
 local marked = redis.call('GET', P .. ':format')
-if marked then return marked end
+if marked == format then return marked end
+if marked and not string.find(earlier, ' ' .. marked .. ' ', 1, true) then return marked end
 local nodes = redis.call('HGETALL', P .. ':nodes')
-for i = 1, #nodes, 2 do   -- a live node whose entry names no format is of the earlier version
+for i = 1, #nodes, 2 do   -- a live node whose entry names no format, or another, is of an earlier version
   local node, entry = nodes[i], nodes[i + 1]
-  if node ~= me and not string.find(entry, '"format"', 1, true)
+  if node ~= me and not string.find(entry, '"format": ' .. format .. '}', 1, true)
       and redis.call('EXISTS', P .. ':lease:' .. node) == 1 then
     return 'running ' .. node
   end
@@ -6152,8 +6217,8 @@ class ClusterNode:
     def _register(self):
         """First the chat's log format (a node of another version must not serve it with this
         one), then the lease, this node's entry, and the snapshot to start from."""
-        self.writer.evalsha(FORMAT_SCRIPT, (), (self.prefix, LOG_FORMAT, self.node),
-                            self._format_read)
+        self.writer.evalsha(FORMAT_SCRIPT, (), (self.prefix, LOG_FORMAT, self.node,
+                                                EARLIER_LOG_FORMATS), self._format_read)
 
     def _format_read(self, reply):
         if isinstance(reply, RedisError):
