@@ -1221,9 +1221,9 @@ class Session:
         if not (is_line(line, Lines.WRONG_NICK_PASSWORD) and same_nick(line.nick,
                                                                       self.asked_for)):
             return False
-        self.tokens_refused.add(self.token_sent)
-        self.token_sent = None
-        self.tokens.forget(self._server(), line.nick)
+        refused, self.token_sent = self.token_sent, None
+        self.tokens_refused.add(refused)
+        self.tokens.forget(self._server(), line.nick, refused)
         self.ui.note(Notes.TOKEN_REFUSED.format(nick=line.nick))
         known = self.nick_passwords.get(line.nick.casefold(), self.nick_password)
         if not self.interactive and known is None:
@@ -2765,10 +2765,13 @@ class LoginTokens:
         tokens.setdefault(server, {})[nick.casefold()] = token
         return self._write(tokens)
 
-    def forget(self, server, nick):
+    def forget(self, server, nick, token):
+        """Forget ``token`` (refused), if the file still has it: not a newer one another
+        client saved meanwhile."""
         tokens = self._read()
-        if tokens.get(server, {}).pop(nick.casefold(), None) is None:
+        if tokens.get(server, {}).get(nick.casefold()) != token:
             return
+        del tokens[server][nick.casefold()]
         if not tokens[server]:
             del tokens[server]
         self._write(tokens)
@@ -2795,8 +2798,24 @@ class LoginTokens:
         if not self.damage_told:
             self.damage_told = True
             self.note(Notes.TOKENS_DAMAGED.format(path=self.path, reason=clause(reason),
-                                                  kept=self.path + self.DAMAGED))
+                                                  kept=self._aside()))
         return {}
+
+    def _move_aside(self):
+        """The damaged file, renamed to a name not taken (``.damaged``, ``.damaged.2``...):
+        never over an earlier one, and never a folder (--token-file naming one: the write
+        then fails, and says so)."""
+        if not os.path.isfile(self.path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
+        os.rename(self.path, self._aside())
+        self.damaged = False
+
+    def _aside(self):
+        aside, n = self.path + self.DAMAGED, 1
+        while os.path.lexists(aside):
+            n += 1
+            aside = "%s%s.%d" % (self.path, self.DAMAGED, n)
+        return aside
 
     def _write(self, tokens):
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -2804,8 +2823,7 @@ class LoginTokens:
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             if self.damaged:
-                os.replace(self.path, self.path + self.DAMAGED)
-                self.damaged = False
+                self._move_aside()
             # mkstemp: os.open with O_EXCL and mode 0o600, under a name no other client uses.
             fd, temp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".")
             with open(fd, "w", encoding="utf-8") as f:

@@ -7300,7 +7300,7 @@ class LoginTokenSessionTests(InMemoryTestCase):
             session.server_line(WELCOME)
             session.server_line(T0 + password_question("alice"))
             tokens = session.tokens
-            tokens.forget = lambda server, nick: None          # a file that can't forget it
+            tokens.forget = lambda server, nick, token: None          # a file that can't forget it
             session.server_line(T0 + wrong_password_for("alice"))
             session.server_line(T0 + password_question("alice"))
             session.server_line(T0 + OK)
@@ -7338,6 +7338,7 @@ class LoginTokenSessionTests(InMemoryTestCase):
         self.assertEqual(ui.notes, [self.refused_note("bob")])
 
     def test_a_damaged_token_file_counts_as_empty_with_one_note(self):
+        asides = []   # where each damaged file went: never over an earlier one (review)
         for damage in (b"{not json", b"[1, 2]", b'{"127.0.0.1:8000": {"alice": "a b"}}',
                        ('{"127.0.0.1:8000": {"alice": "%s\\n/quit"}}' % TOKEN).encode(),
                        b'{"127.0.0.1:8000": ["alice"]}', b"\xff\xfe{}", b"[" * 100000, None):
@@ -7357,18 +7358,34 @@ class LoginTokenSessionTests(InMemoryTestCase):
             session.server_line(T0 + wrong_password_for("alice"))
             self.asked(session, ui)
             self.assertEqual((ui.password_asked, len(ui.notes)), (2, 1), damage)   # once
-            if damage is None:
-                os.rmdir(self.path)
-                continue
             session.typed("hunter22!")
             session.server_line(T0 + OK)
             session.typed("/token")                           # a new file; the old one kept
             session.server_line(T0 + OK)
             session.server_line(T0 + login_token("alice", TOKEN))
+            if damage is None:   # a folder is never moved aside: the write fails, and says so
+                self.assertTrue(os.path.isdir(self.path))
+                self.assertEqual(len(ui.notes), 2)
+                self.assertTrue(ui.notes[1].startswith("Cannot write the login tokens in %s: "
+                                                       % self.path), ui.notes)
+                os.rmdir(self.path)
+                continue
             self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": TOKEN}})
-            with open(self.path + ".damaged", "rb") as f:
-                self.assertEqual(f.read(), damage)
+            asides.append(damage)
+            for n, earlier in enumerate(asides, 1):
+                with open(self.path + ".damaged" + (".%d" % n if n > 1 else ""), "rb") as f:
+                    self.assertEqual(f.read(), earlier)
             self.assertEqual(ui.notes[1:], [self.saved_note("alice")])
+
+    def test_a_refused_token_is_forgotten_only_if_the_file_still_has_it(self):
+        # Review: another client may have saved a newer token meanwhile; it stays.
+        self.save({"127.0.0.1:8000": {"alice": TOKEN}})
+        session, ui = self.session(interactive=True)
+        self.asked(session, ui)
+        self.assertEqual(ui.sent, ["alice", TOKEN])
+        self.save({"127.0.0.1:8000": {"alice": OTHER_TOKEN}})   # another terminal's /token
+        session.server_line(T0 + wrong_password_for("alice"))
+        self.assertEqual(self.saved(), {"127.0.0.1:8000": {"alice": OTHER_TOKEN}})
 
     def test_a_file_mended_since_it_was_found_damaged_is_written_as_any(self):
         with open(self.path, "w") as f:
