@@ -30,6 +30,7 @@ The sections mirror the modules:
 
 import atexit
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -13022,6 +13023,39 @@ class ClusterTests(unittest.TestCase):
         carol = c.client().join("carol")
         self.addCleanup(carol.close)
         self.assertEqual(carol.said(), "Recent messages (3):")
+
+    def test_a_login_token_made_on_one_node_is_ended_on_all_by_a_password_on_another(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        alice.send("/register correcthorse\n")
+        self.assertEqual([alice.said(), alice.said()], [OK, registered("alice")])
+        alice.send("/token\n")
+        self.assertEqual(alice.said(), OK)
+        token = LOGIN_TOKEN.match(alice.said()).group("token")
+        alice.send("/quit\n")
+        self.assertEqual(alice.said(), GOODBYE)
+        back = b.client()
+        self.addCleanup(back.close)
+        self.assertEqual(back.line(), WELCOME)
+        back.send("alice\n")
+        self.assertEqual(back.said(), password_question("alice"))
+        back.send(token + "\n")
+        self.assertEqual(back.said(), OK)
+        back.send("/password correcthorse new horse\n")
+        self.assertEqual(back.said(), OK)
+        back.send("/quit\n")
+        self.assertEqual(back.said(), GOODBYE)
+        again = a.client()
+        self.addCleanup(again.close)
+        self.assertEqual(again.line(), WELCOME)
+        again.send("alice\n")
+        self.assertEqual(again.said(), password_question("alice"))
+        again.send(token + "\n")
+        self.assertEqual(again.said(), wrong_password_for("alice"))
+        kept = (str(self.redis.cli("XRANGE", "chat:log", "-", "+"))
+                + str(self.redis.cli("HGETALL", "chat:snapshot")))
+        self.assertIn(hashlib.sha256(token.encode()).hexdigest(), kept)   # its digest only
+        self.assertNotIn(token, kept)
 
     def test_a_node_reads_what_the_version_before_left_in_redis(self):
         # Entries of a field each, as nodes wrote them before the packed format: the log after
