@@ -2410,6 +2410,14 @@ class AccountCoreTests(RoomTestCase):
                                             "carol sent main 1", "carol sent main 2"])
 
     # -- login tokens ---------------------------------------------------------------------------
+    def answered(self, nick, answer):
+        """A newcomer tries ``nick`` and answers its password question with ``answer``: the
+        phase that moves it to, and the lines it then got."""
+        newcomer = self.peer()
+        self.said(newcomer)
+        self.send(newcomer, nick)
+        self.assertEqual(self.said(newcomer), [password_question(nick)])
+        return self.send(newcomer, answer), self.said(newcomer)
     def token(self, peer):
         """/token: the reply's two lines checked, the token returned."""
         self.send(peer, "/token")
@@ -2498,11 +2506,7 @@ class AccountCoreTests(RoomTestCase):
         self.send(newcomer, "/register correct horse")   # again: a new account, no tokens
         self.said(newcomer)
         self.send(newcomer, "/quit")
-        again = self.peer()
-        self.said(again)
-        self.send(again, "alice")
-        self.said(again)
-        self.assertEqual(self.send(again, token), self.mod.Phase.NICKNAME)
+        self.assertEqual(self.answered("alice", token)[0], self.mod.Phase.NICKNAME)
 
     def test_a_token_ended_while_its_question_waits_is_refused(self):
         alice = self.register("alice", "correcthorse")
@@ -2544,11 +2548,7 @@ class AccountCoreTests(RoomTestCase):
         self.assertEqual(self.said(alice), [OK])
         self.assertEqual(self.said(bot), [wrong_password_for("alice")])
         self.chat.hashing = self.chat.hashing.inline
-        newcomer = self.peer()
-        self.said(newcomer)
-        self.send(newcomer, "alice")
-        self.said(newcomer)
-        self.assertEqual(self.send(newcomer, stolen), self.mod.Phase.NICKNAME)
+        self.assertEqual(self.answered("alice", stolen)[0], self.mod.Phase.NICKNAME)
 
     def test_unregister_ends_the_tokens_before_its_check(self):
         alice = self.register("alice", "correcthorse")
@@ -2556,11 +2556,7 @@ class AccountCoreTests(RoomTestCase):
         self.send(alice, "/unregister wrong-password")
         self.assertEqual(self.said(alice), [wrong_password_for("alice")])
         self.send(alice, "/quit")
-        newcomer = self.peer()
-        self.said(newcomer)
-        self.send(newcomer, "alice")
-        self.said(newcomer)
-        self.assertEqual(self.send(newcomer, token), self.mod.Phase.NICKNAME)
+        self.assertEqual(self.answered("alice", token)[0], self.mod.Phase.NICKNAME)
 
     def test_the_password_asked_is_checked_as_it_is_when_answered(self):
         alice = self.register("alice", "correcthorse")
@@ -6239,8 +6235,8 @@ class FullDiskTests(unittest.TestCase):
 # binding.
 # =============================================================================================
 
-class SessionTests(InMemoryTestCase):
-    """The client's phases, driven in memory with the server's lines (docs/PROTOCOL.md)."""
+class SessionHarness:
+    """A client Session in memory, on a RecordingUi, and one that has joined."""
 
     @classmethod
     def setUpClass(cls):
@@ -6260,6 +6256,10 @@ class SessionTests(InMemoryTestCase):
         session.server_line(T0 + OK)
         del ui.sent[:], ui.shown[:], ui.notes[:]
         return session, ui
+
+
+class SessionTests(SessionHarness, InMemoryTestCase):
+    """The client's phases, driven in memory with the server's lines (docs/PROTOCOL.md)."""
 
     def test_reconnect_delays_grow_to_30_seconds_and_start_again_when_reset(self):
         backoff = load_module("chat_client").Backoff()
@@ -7159,14 +7159,10 @@ TOKEN = "Qx3vN8-kLp_2RzYt7WcJmH4aFsD9eUoB1gK5iVb6nTw"
 OTHER_TOKEN = "ZZ3vN8-kLp_2RzYt7WcJmH4aFsD9eUoB1gK5iVb6n-_"
 
 
-class LoginTokenSessionTests(InMemoryTestCase):
+class LoginTokenSessionTests(SessionHarness, InMemoryTestCase):
     """The client's login tokens in memory (docs/PROTOCOL.md, "Login tokens"): the answer to
     /token kept in the token file and never shown, the password question answered with it, a
     refused one forgotten, a damaged file. The file is a real one, in a folder of the test's."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.chat = load_module("chat_client")
 
     def setUp(self):
         folder = tempfile.mkdtemp(prefix="chat-tokens-")
@@ -7179,14 +7175,6 @@ class LoginTokenSessionTests(InMemoryTestCase):
         session = self.chat.Session(ui, tokens=tokens, **options)
         ui.session = session
         session.connected(address)
-        return session, ui
-
-    def joined(self, nick="alice", **options):
-        session, ui = self.session(**options)
-        session.server_line(WELCOME)
-        session.typed(nick)
-        session.server_line(T0 + OK)
-        del ui.sent[:], ui.shown[:], ui.notes[:]
         return session, ui
 
     def saved(self):
