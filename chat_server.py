@@ -1076,7 +1076,7 @@ class Arriving:
         if ban is not None:
             return (Lines.NICK_BANNED_UNTIL.format(nick=nick, until=self.when(ban.until))
                     if ban.until else Lines.NICK_BANNED.format(nick=nick))
-        account = self.store.account_for(nickname_keys(nick))
+        account = self.store.account_for(nickname_keys(nick), unreadable=UNREADABLE)
         if account is not None and account.key != peer.account:
             if nick.casefold() != account.nick.casefold():
                 return Lines.NICK_BUSY.format(nick=nick)
@@ -1307,9 +1307,20 @@ class Registering:
         elif is_login_token(account.tokens, answer):
             right(peer, asked)   # a login token: no slow check, nothing to wait for
         else:
-            self._check_password(peer, account, answer, lambda: right(peer, asked),
+            self._check_password(peer, account, answer,
+                                 lambda: self._still_right(peer, asked, account, right),
                                  lambda: self._wrong_asked(peer, asked))
         return None
+
+    def _still_right(self, peer, asked, checked, right):
+        """The answer matched the password as it was when its check began; a /password that
+        ended meanwhile (the check takes a tenth of a second, seconds behind a crowd) made it
+        an old password, which lets nobody in."""
+        now = self.store.account_for((checked.key,))
+        if now is not None and now.password_hash == checked.password_hash:
+            right(peer, asked)
+        else:
+            self._wrong_asked(peer, asked)
 
     def _check_password(self, peer, account, password, right, wrong):
         """The account's password checked off the loop, ``peer``'s input held meanwhile;
@@ -1369,7 +1380,7 @@ class Registering:
 
     def cmd_register(self, peer, rest):
         password = rest.strip()
-        if self.store.account_for(nickname_keys(peer.nick)) is not None:
+        if self.store.account_for(nickname_keys(peer.nick), unreadable=UNREADABLE) is not None:
             self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=peer.nick))
         elif len(password) < MIN_PASSWORD_CHARS:
             self.notice(peer, Lines.PASSWORD_TOO_SHORT.format(min=MIN_PASSWORD_CHARS))
@@ -1424,9 +1435,9 @@ class Registering:
         own check and hashing: a stolen token takes the nickname over in microseconds, and
         would otherwise close the owner's connection while its /password was being checked,
         which drops the change (review: a bot rejoining with the token kept it alive)."""
-        if account.tokens:
-            self.append((Entry.ACCOUNT, peer.room, peer, ("untoken", account.key, peer.nick,
-                                                           None)))
+        # (Whether or not this replica knows of any: in a cluster, another node's /token may
+        # not have reached it yet.)
+        self.append((Entry.ACCOUNT, peer.room, peer, ("untoken", account.key, peer.nick, None)))
 
     def cmd_token(self, peer, rest):
         """A new login token for the member's registered nickname, given once it is kept."""
@@ -1971,7 +1982,8 @@ class Applying:
         mine = peer.local
         if action == "register":
             keys = nickname_keys(nick)
-            if self.store.account_for(keys) is not None:   # a look-alike, registered meanwhile
+            if self.store.account_for(keys, unreadable=UNREADABLE) is not None:
+                # (a look-alike registered meanwhile; or the file can't say: not over it)
                 if mine:
                     self.notice(peer, Lines.REGISTERED_ALREADY.format(nick=nick))
                 return
@@ -2206,6 +2218,10 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
 RoomRecord = collections.namedtuple("RoomRecord", "key name topic key_hash")
 Account = collections.namedtuple("Account", "key nick password_hash tokens",
                                  defaults=((),))   # tokens: the login tokens' digests, oldest first
+# What the data file's account_for(keys, unreadable=UNREADABLE) answers when it could not read
+# the file: where "no account" would let anyone take a registered nickname (a join, /nick,
+# /register), the nickname counts as someone else's (busy), and no password or token matches.
+UNREADABLE = Account("", "", "!", ())
 Ban = collections.namedtuple("Ban", "kind value shown until reason")   # kind: "nick", "address"
 Mute = collections.namedtuple("Mute", "key nick until")
 
@@ -2304,7 +2320,8 @@ class MemoryStore:
         return self._positions.get(room_key, 0) > 0
 
     # -- accounts -------------------------------------------------------------------------------
-    def account_for(self, keys):
+    def account_for(self, keys, unreadable=None):
+        """(``unreadable``: what a store that failed to read answers instead; see UNREADABLE.)"""
         owner = found_by_keys(self._account_keys, keys)
         return self._accounts[owner] if owner is not None else None
 
@@ -2763,8 +2780,7 @@ class SQLiteStore(MemoryStore):
                 self._write_pending()
             except sqlite3.Error as exc:
                 self._rollback()   # (the turn's writes failed: none of them is kept)
-                self._failed(exc)
-                return None
+                self._failed(exc)   # (the read may still work: a writer's lock blocks no read)
         try:
             return self.db.execute(sql, parameters).fetchall()
         except sqlite3.Error as exc:
@@ -2901,8 +2917,10 @@ class SQLiteStore(MemoryStore):
     def position(self, room_key):
         position = self._positions.get(room_key)
         if position is None:
-            rows = self._read("SELECT coalesce(max(last), 0) FROM messages WHERE room = ?",
-                              (room_key,))
+            rows = self._read_or_none("SELECT coalesce(max(last), 0) FROM messages"
+                                      " WHERE room = ?", (room_key,))
+            if rows is None:
+                return 0   # (not remembered: new lines numbered from 0 would clash with kept ones)
             position = self._positions[room_key] = rows[0][0] if rows else 0
         return position
 
@@ -2910,9 +2928,11 @@ class SQLiteStore(MemoryStore):
         return self.position(room_key) > 0
 
     # -- accounts -------------------------------------------------------------------------------
-    def account_for(self, keys):
+    def account_for(self, keys, unreadable=None):
         for key in keys:
             account = self._account_by_key(key)
+            if account is UNREADABLE:
+                return unreadable
             if account is not None:
                 return account
         return None
@@ -2925,7 +2945,7 @@ class SQLiteStore(MemoryStore):
             "SELECT accounts.key, nick, password_hash, tokens FROM account_keys JOIN accounts"
             " ON accounts.key = account_keys.account WHERE account_keys.key = ?", (key,))
         if rows is None:
-            return None   # (not remembered: the next asks the file again)
+            return UNREADABLE   # (not remembered: the next asks the file again)
         account = None
         if rows:
             owner, nick, password_hash, tokens = rows[0]

@@ -2614,6 +2614,79 @@ class AccountCoreTests(RoomTestCase):
         self.assertEqual(self.said(again), ["Sorry! Too many wrong passwords. Try again later."])
 
 
+class DataFileAccountCoreTests(RoomTestCase):
+    """Accounts in the room core on a real data file whose reads fail now and then (an I/O
+    error, a lock held too long): a nickname the file can't vouch for is nobody's to take."""
+
+    def setUp(self):
+        RoomTestCase.setUp(self)
+        folder = tempfile.mkdtemp(prefix="chat-accounts-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.store = self.mod.SQLiteStore(os.path.join(folder, "chat.db"))
+        self.addCleanup(self.store.close)
+        self.chat = self.make_chat(clock=self.mod.Clock(now=lambda: 0), store=self.store,
+                                   now=lambda: self.clock_time[0])
+        alice = self.peer("alice")
+        self.send(alice, "/register correcthorse")
+        self.assertEqual(self.said(alice), [OK, registered("alice")])
+        self.send(alice, "/quit")
+        self.store.commit()
+
+    def test_a_registered_nickname_the_file_cant_read_is_busy_not_free(self):
+        # Review: a failed read was "no account": anyone joined as alice, and registered it.
+        bob = self.peer("bob")
+        restore = StoreTests.fail_reads(self.store, "FROM account_keys", times=100)
+        self.store._accounts_read.clear()
+        impostor = self.peer()
+        self.said(impostor)
+        self.assertIsNone(self.send(impostor, "alice"))
+        self.assertEqual(self.said(impostor), [busy("alice")])
+        self.send(bob, "/nick alice")
+        self.assertEqual(self.said(bob), [busy("alice")])
+        restore()
+        self.send(impostor, "alice")   # the file answers again: the password is asked
+        self.assertEqual(self.said(impostor), [password_question("alice")])
+
+    def test_register_is_refused_while_the_file_cant_say(self):
+        bob = self.peer("bob")
+        restore = StoreTests.fail_reads(self.store, "FROM account_keys", times=100)
+        self.store._accounts_read.clear()
+        self.send(bob, "/register correct horse")
+        self.assertEqual(self.said(bob), [registered_already("bob")])
+        restore()
+
+    def test_a_password_changed_while_the_old_one_was_checked_lets_nobody_in(self):
+        # Review: the check of the old password, begun before /password, ended after it.
+        jobs = []
+        inline = self.chat.hashing
+
+        class Deferred:
+            def make(self, password, done):
+                jobs.append(lambda: inline.make(password, done))
+
+            def check(self, kept, password, done):
+                jobs.append(lambda: inline.check(kept, password, done))
+        owner = self.peer()
+        self.said(owner)
+        self.send(owner, "alice")
+        self.said(owner)
+        self.send(owner, "correcthorse")
+        self.assertEqual(self.said(owner), [OK])
+        thief = self.peer()
+        self.said(thief)
+        self.send(thief, "alice")
+        self.said(thief)
+        self.chat.hashing = Deferred()
+        self.send(thief, "correcthorse")   # the old password, its check begun...
+        self.send(owner, "/password correcthorse new horse")
+        jobs.pop(1)()   # ...the owner's check of the old one...
+        jobs.pop(1)()   # ...the new one's hashing: changed...
+        jobs.pop(0)()   # ...then the thief's check ends
+        self.assertEqual(self.said(owner), [OK])
+        self.assertEqual(self.said(thief), [wrong_password_for("alice")])
+        self.assertEqual(self.phases[thief], self.mod.Phase.NICKNAME)
+
+
 class HashingTests(InMemoryTestCase):
     """Password hashing off the loop, on as many workers as the cores but the loop's."""
 
@@ -3311,6 +3384,19 @@ class StoreTests(InMemoryTestCase):
         self.assertEqual(store.account_for(keys).password_hash, "scrypt$1")
         self.assertEqual(store.since("#main", 0, 200), (1, [b"line 1\n"]))
         self.assertEqual(store.take_waiting(keys[0]), [b"for alice\n"])
+
+    def test_a_room_position_that_failed_to_read_is_read_again(self):
+        server, store = self.sqlite_store(keep=100)
+        for n in range(3):
+            store.keep("#ops", b"line %d\n" % n, 6)
+        store.commit()
+        store.close()
+        again = server.SQLiteStore(store.path, keep=100)
+        self.addCleanup(again.close)
+        restore = self.fail_reads(again, "max(last)")
+        self.assertEqual(again.position("#ops"), 0)   # (the read failed)
+        restore()
+        self.assertEqual(again.position("#ops"), 3)   # not remembered: lines go on from 3
 
     def test_waiting_messages_whose_deletion_failed_wait_still(self):
         server, store = self.sqlite_store()
