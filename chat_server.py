@@ -104,7 +104,7 @@ HASH_WORKERS_MOST = 4     # worker threads that hash passwords, at most (32 MiB 
 ACCOUNTS_READ_MOST = 10000   # accounts (or their absence) the data file's store remembers
 LINES_READ_MOST = 64      # reads of a room's lines the data file's store remembers (catch-ups)
 TOKEN_BYTES = 32          # a login token's randomness (43 characters once base64url-encoded)
-TOKENS_MOST = 10          # login tokens a nickname holds at most (one per device); a new one ends the oldest
+TOKENS_MOST = 10          # login tokens a nickname holds at most (one a device); the 11th ends the first
 TOKENS_PENDING_MOST = 1000   # tokens made whose entry is not applied yet, at most
 TOKEN_FORM = re.compile(r"[A-Za-z0-9_-]{43}\Z")
 MAIN_ROOM = "#main"
@@ -5962,7 +5962,7 @@ local marked = redis.call('GET', P .. ':format')
 if marked == format then return marked end
 if marked and not string.find(earlier, ' ' .. marked .. ' ', 1, true) then return marked end
 local nodes = redis.call('HGETALL', P .. ':nodes')
-for i = 1, #nodes, 2 do   -- a live node whose entry names no format, or another, is of an earlier version
+for i = 1, #nodes, 2 do   -- a live node whose entry names another format, or none: an earlier version
   local node, entry = nodes[i], nodes[i + 1]
   if node ~= me and not string.find(entry, '"format": ' .. format .. '}', 1, true)
       and redis.call('EXISTS', P .. ':lease:' .. node) == 1 then

@@ -2604,7 +2604,8 @@ class AccountCoreTests(RoomTestCase):
             self.send(newcomer, "alice")
             self.said(newcomer)
             self.send(newcomer, "A" * 43)
-        self.assertEqual(self.said(newcomer)[-1], "Sorry! Too many wrong passwords. Try again later.")
+        self.assertEqual(self.said(newcomer)[-1],
+                         "Sorry! Too many wrong passwords. Try again later.")
         self.assertEqual(self.phases[newcomer], self.mod.Phase.CLOSING)
         again = self.peer()   # the same address, with the right token: locked out all the same
         self.said(again)
