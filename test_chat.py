@@ -1627,9 +1627,18 @@ class RoomTestCase(InMemoryTestCase):
         return self.chat.take_pending()
 
     def lines(self, peer):
-        """The peer's queued lines (split at \\n only: U+2028 may be inside a message)."""
-        text = b"".join(peer.out).decode()
-        peer.out.clear()
+        """The peer's queued lines (split at \\n only: U+2028 may be inside a message). Every
+        test that reads them checks on the way that the peer's bound on its queue (Peer.above)
+        is one: the room queued nothing behind its back."""
+        queued = sum(map(len, peer.out))
+        self.assertGreaterEqual(peer._bytes + self.chat.fanned - peer._fanned_then +
+                                peer._direct, queued, "a line was queued past Peer.above's count")
+        self.assertEqual(peer.above(queued, self.chat.fanned), False)
+        self.assertEqual(peer.above(queued - 1, self.chat.fanned), True)
+        data = peer.output() if peer.out else b""
+        if data:
+            peer.sent(data, len(data))   # (as the server does, so the counts go on from there)
+        text = bytes(data).decode()
         return text.split("\n")[:-1]
 
     def said(self, peer):
@@ -2138,6 +2147,40 @@ class ChatCoreTests(RoomTestCase):
                     expected = expected[count:]
             self.assertEqual(b"".join(bytes(x) for x in peer.out), expected)
         self.assertEqual(peer.queued_bytes(), len(expected))
+
+
+    def test_above_answers_as_the_sum_would_whatever_was_written(self):
+        # Peer.above adds up the queue only when what came since its last sum (bounded by what
+        # the chat fanned out, and what was queued for the peer alone) may pass the limit:
+        # partial writes, TLS's held writes and sums made by others in between must never
+        # make it answer otherwise than the sum of the queue.
+        import random
+        rng = random.Random(7)
+        peer = self.mod.Peer("127.0.0.1:1")
+        fanned, counted_then = 0, 0
+        for _ in range(5000):
+            choice = rng.random()
+            data = b"x" * rng.randrange(1, 40)
+            if choice < 0.35:
+                peer.append(data)          # the room's fan-out, as apply_say does it
+                fanned += len(data) + rng.randrange(3)   # (and other rooms' lines)
+            elif choice < 0.5:
+                peer.queue(data)
+            elif choice < 0.55:
+                peer.queue_all([data, data[1:]])
+            elif choice < 0.65:
+                counted_then = peer.queued_bytes()   # (another caller's sum)
+            elif peer.out and choice < 0.85:
+                data = peer.output()
+                if rng.random() < 0.2:
+                    peer.hold(data)
+                    peer.append(b"+")
+                    fanned += 1
+                peer.sent(data, rng.randrange(len(data) + 1))
+            queued = sum(map(len, peer.out))
+            limit = queued + rng.randrange(-30, 30)
+            self.assertEqual(peer.above(limit, fanned), queued > limit)
+        self.assertGreater(counted_then, 0)
 
 
 class RoomModelTests(RoomTestCase):
