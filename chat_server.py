@@ -2531,7 +2531,7 @@ class SQLiteStore(MemoryStore):
         self.log = log or (lambda line: None)
         self.clock = clock or Clock()
         self._pending = []      # (sql, parameters) of the turn, in order
-        self._turn = {}         # room key -> [(line, text_size)] kept this turn, not yet written
+        self._turn = {}         # room key -> ([line], [text_size]) kept this turn, not written yet
         self._pruned_at = {}    # room key -> the position at which it was last pruned
         self._failing = False   # a write failed: said so; say so again when one works
         self._closed = False
@@ -2719,14 +2719,15 @@ class SQLiteStore(MemoryStore):
         after the other, each one's size and its text's size, and where the text starts if
         there is one line): a commit writes a row a room, not a row a message (a busy turn's
         cost per message is a tenth)."""
-        if len(kept) == 1:   # (a room at human pace: a row a line)
-            (line, text_size), = kept
+        lines, text_sizes = kept
+        if len(lines) == 1:   # (a room at human pace: a row a line)
+            line, text_size = lines[0], text_sizes[0]
             return (room, self._positions[room], line, ONE_LINE_SIZES.pack(len(line), text_size),
                     len(line) - text_size if line.isascii() else None)   # (from 1)
-        sizes = []
-        for line, text_size in kept:
-            sizes += (len(line), text_size)
-        return (room, self._positions[room], b"".join(line for line, _ in kept),
+        sizes = [0] * (2 * len(lines))    # (interleaved in C: a loop here was an eighth of
+        sizes[0::2] = map(len, lines)     # the commit of a busy turn)
+        sizes[1::2] = text_sizes
+        return (room, self._positions[room], b"".join(lines),
                 struct.pack("<%dI" % len(sizes), *sizes), None)
 
     def _prune(self, room):
@@ -2794,8 +2795,9 @@ class SQLiteStore(MemoryStore):
         self._positions[room_key] = position
         kept = self._turn.get(room_key)
         if kept is None:
-            kept = self._turn[room_key] = []
-        kept.append((line, text_size))
+            kept = self._turn[room_key] = ([], [])
+        kept[0].append(line)
+        kept[1].append(text_size)
         return position
 
     def _read(self, sql, parameters):
