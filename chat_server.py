@@ -1805,7 +1805,8 @@ class Applying:
             self._pending_rooms.append(room)
         if peer.local:   # (a member of this process)
             out = peer.out
-            out.pop()   # the sender's own copy, just appended: it gets the echo instead
+            if peer.room is room:   # (a node applies a line after its sender's /join: not given)
+                out.pop()   # the sender's own copy, just appended: it gets the echo instead
             echo = ts + ECHO_START + ts + ECHO_MIDDLE + body + ECHO_END
             out.append(echo)   # (Peer.queue, written out)
             peer._direct += len(echo)
@@ -1826,7 +1827,8 @@ class Applying:
         line = self.line(Lines.ACTION.format(nick=peer.nick, text=text))
         self.to_room(room, line)
         if peer.local:
-            peer.out.pop()
+            if peer.room is room:   # (as in apply_say)
+                peer.out.pop()
             self.notice(peer, Lines.OK)
             self.deliver(peer, line)
         self._keep(room, line, len(text.encode()))

@@ -2149,6 +2149,26 @@ class ChatCoreTests(RoomTestCase):
         self.assertEqual(peer.queued_bytes(), len(expected))
 
 
+    def test_a_line_applied_after_its_sender_left_its_room_takes_nothing_of_the_senders(self):
+        # A cluster's node applies an entry when it comes back from Redis: a member's "/join #b"
+        # and the line it typed next (said in the room it was in, as the log says, on every
+        # node) are applied one after the other. The sender, in #b by then, was not given the
+        # line, so its own queue must not lose its last item for the echo (it lost "You are in
+        # #b now.", or an unsent part of it, or the node failed on an empty queue).
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.said(alice), self.said(bob)
+        log = []
+        self.chat.append = self.chat.append_say = log.append   # (applied later, in order)
+        for line in ("/join #b", "hello", "/me waves"):
+            self.send(alice, line)
+        self.assertEqual([entry[0] for entry in log], ["move", "say", "act"])
+        for entry in log:
+            self.chat.apply(entry)
+        self.assertEqual(self.said(alice), [OK, "You are in #b now (1 users).", OK,
+                                            "YOU SEND USERS hello", OK, "* alice waves"])
+        self.assertEqual(self.said(bob), ["alice left for #b.", "alice sent hello",
+                                          "* alice waves"])
+
     def test_above_answers_as_the_sum_would_whatever_was_written(self):
         # Peer.above adds up the queue only when what came since its last sum (bounded by what
         # the chat fanned out, and what was queued for the peer alone) may pass the limit:
