@@ -718,7 +718,7 @@ class Peer:
     owner's handle for the connection; the room never looks at it."""
     __slots__ = ("address", "owner", "local", "ident", "nick", "away", "member", "room",
                  "account", "asked", "gone", "sent_head", "out", "append", "pending", "_bytes",
-                 "_counted", "_fanned_then", "_direct")
+                 "_counted", "_fanned_then", "_direct", "cursor")
 
     def __init__(self, address="", owner=None, local=True):
         self.address = address  # "host:port" ("[::1]:port"), for the log and the lockout
@@ -742,6 +742,7 @@ class Peer:
         # last counted there, and the bytes queued since for this peer alone (queue()).
         self._fanned_then = 0
         self._direct = 0
+        self.cursor = 0         # how far into its room's lines it has been given (Room.give)
 
     @property
     def host(self):
@@ -766,15 +767,27 @@ class Peer:
         sixth of the server's time at 100 clients)."""
         if self._bytes + (fanned - self._fanned_then) + self._direct <= limit:
             return False
-        self._fanned_then, self._direct = fanned, 0
+        # (Lines its room said this turn and has not given it yet were fanned out before now
+        # but come into ``out`` later: counted as fanned out after this sum.)
+        room = self.room
+        ungiven = 0
+        if room is not None and self.cursor != room.said and self in room.members:
+            ungiven = sum(map(len, room.turn[self.cursor - room.turn_start:]))
+        self._fanned_then, self._direct = fanned - ungiven, 0
         return self.queued_bytes() > limit
 
     def queue(self, data):
-        """Queue ``data`` for this peer alone (the room's fan-out appends to ``out`` itself)."""
+        """Queue ``data`` for this peer alone, after the lines its room has said so far."""
+        room = self.room
+        if room is not None and self.cursor != room.said:
+            room.give(self)
         self.out.append(data)
         self._direct += len(data)
 
     def queue_all(self, lines):
+        room = self.room
+        if room is not None and self.cursor != room.said:
+            room.give(self)
         self.out.extend(lines)
         self._direct += sum(map(len, lines))
 
@@ -819,14 +832,12 @@ class Room:
     """A room: its members in the order they came in, the lines a newcomer is shown, its topic
     and key. One other than #main lasts while it has a member, a topic or a kept message."""
     __slots__ = ("name", "key", "members", "everyone", "history", "pending", "topic",
-                 "key_hash", "kept", "position")
+                 "key_hash", "kept", "position", "turn", "turn_start", "said")
 
     def __init__(self, name, history, topic=None, key_hash=None, shared=True):
         self.name = name        # as first spelled
         self.key = room_keys(name)[0]   # what the store knows it by
-        # Peer -> its out.append, for the members connected here, in order of arrival: the
-        # broadcast iterates these bound methods directly (24 ns a recipient, against 35 ns
-        # through members' attributes).
+        # The members connected here, in order of arrival (the values are not used).
         self.members = {}
         # Every member, in order of arrival (/users, /rooms). In one process the same dict as
         # ``members``; a cluster's node keeps the members of the other nodes here too.
@@ -837,6 +848,43 @@ class Room:
         self.key_hash = key_hash   # the /join key, salted and hashed (never kept in clear)
         self.kept = False       # it has messages in the store
         self.position = 0       # the store's position of its last kept message
+        # The room's lines of this loop turn, in order, not yet in its members' queues: a line
+        # is appended here once, not to each member's queue (the fan-out was a call per member
+        # and line); at the turn's end each member gets them joined, the same bytes object for
+        # all who got none of them yet (end_turn). ``said`` counts the room's lines since it
+        # was made, ``turn_start`` those before this turn; a member's ``cursor`` is the count
+        # of them it has been given (or skipped: its own, for which it gets the echo).
+        self.turn = []
+        self.turn_start = 0
+        self.said = 0
+
+    def give(self, peer):
+        """Queue for ``peer`` the lines of this turn it has not been given yet, if it is a
+        member here: before anything queued for it alone, which must come after them."""
+        start = peer.cursor - self.turn_start
+        turn = self.turn
+        if start < len(turn) and peer in self.members:
+            peer.out.extend(turn[start:] if start else turn)   # (in C; joined when written)
+        peer.cursor = self.said
+
+    def end_turn(self):
+        """The turn's lines into every member's queue: those given none of them yet get them
+        joined once, the same bytes object for all (often all they have to write: sent as it
+        is); the others what they lack, as a list's slice (in C)."""
+        turn, start, said = self.turn, self.turn_start, self.said
+        if turn:
+            whole = None
+            for peer in self.members:
+                cursor = peer.cursor
+                if cursor == start:
+                    if whole is None:
+                        whole = turn[0] if len(turn) == 1 else b"".join(turn)
+                    peer.out.append(whole)
+                elif cursor != said:
+                    peer.out.extend(turn[cursor - start:])
+                peer.cursor = said
+            self.turn = []
+        self.turn_start = said
 
     def record(self):
         return RoomRecord(self.key, self.name, self.topic, self.key_hash)
@@ -967,20 +1015,23 @@ class Delivering:
             self.pending.append(peer)
 
     def to_room(self, room, data):
-        """One encoded line, the same bytes object, to every member of ``room``: the fan-out, so
-        nothing but one call per recipient. Who has new output is worked out once per turn."""
-        for append in room.members.values():
-            append(data)
+        """One encoded line, the same bytes object, to every member of ``room``: said in the
+        room, and in every member's queue at the turn's end (Room.end_turn)."""
+        room.turn.append(data)
+        room.said += 1
         self.fanned += len(data)
         if not room.pending:
             room.pending = True
             self._pending_rooms.append(room)
 
-    def to_others(self, peer, data):
-        """To every member of ``peer``'s room but ``peer``: the broadcast, then the sender's copy
-        taken back, which is cheaper than a comparison per recipient."""
-        self.to_room(peer.room, data)
-        peer.out.pop()
+    def to_others(self, peer, room, data):
+        """To every member of ``room`` but ``peer``, its sender (if it is one of them)."""
+        if peer.local and peer.room is room:
+            room.give(peer)         # what the room said before its line
+            self.to_room(room, data)
+            peer.cursor += 1        # and not its own
+        else:
+            self.to_room(room, data)
 
     def take_pending(self):
         """The peers with output queued since the last call, each once."""
@@ -992,6 +1043,7 @@ class Delivering:
         rooms, self._pending_rooms = self._pending_rooms, []
         everyone = []
         for room in rooms:
+            room.end_turn()
             everyone.extend(room.members)
         everyone.extend(peer for peer in listed if not (peer.member and peer.room.pending))
         for room in rooms:
@@ -1797,22 +1849,27 @@ class Applying:
         _, room, peer, body = entry
         ts = self.clock.prefix_bytes()  # one {ts} for the sender's two lines and the others'
         line = ts + peer.sent_head + body + SENT_END
-        for append in room.members.values():
-            append(line)
-        self.fanned += len(line)
-        if not room.pending:
-            room.pending = True
-            self._pending_rooms.append(room)
         if peer.local:   # (a member of this process)
-            out = peer.out
-            if peer.room is room:   # (a node applies a line after its sender's /join: not given)
-                out.pop()   # the sender's own copy, just appended: it gets the echo instead
+            own = peer.room
+            if own is not None and peer.cursor != own.said:
+                own.give(peer)      # what its room said before its line
+            room.turn.append(line)
+            room.said += 1
+            if own is room:   # (a node may apply a line after its sender's /join came back)
+                peer.cursor += 1    # not its own line: it gets the echo instead
             echo = ts + ECHO_START + ts + ECHO_MIDDLE + body + ECHO_END
-            out.append(echo)   # (Peer.queue, written out)
+            peer.out.append(echo)   # (Peer.queue, written out)
             peer._direct += len(echo)
             if not peer.pending:
                 peer.pending = True
                 self.pending.append(peer)
+        else:
+            room.turn.append(line)
+            room.said += 1
+        self.fanned += len(line)
+        if not room.pending:
+            room.pending = True
+            self._pending_rooms.append(room)
         room.history.append(line)
         room.position = self._keep_message(room.key, line, len(body))
         if not room.kept:
@@ -1825,10 +1882,8 @@ class Applying:
     def apply_act(self, entry):
         _, room, peer, text = entry
         line = self.line(Lines.ACTION.format(nick=peer.nick, text=text))
-        self.to_room(room, line)
+        self.to_others(peer, room, line)
         if peer.local:
-            if peer.room is room:   # (as in apply_say)
-                peer.out.pop()
             self.notice(peer, Lines.OK)
             self.deliver(peer, line)
         self._keep(room, line, len(text.encode()))
@@ -1849,11 +1904,13 @@ class Applying:
     def _enter_room(self, peer, room):
         room.everyone[peer] = None
         if peer.local:
-            room.members[peer] = peer.append
+            room.members[peer] = None
+            peer.cursor = room.said   # (nothing said before it came in)
         peer.room = room
 
     def _leave_room(self, peer, room):
-        del room.everyone[peer]
+        room.give(peer)   # what the room said while it was there
+        del room.everyone[peer]   # (in one process the same dict as members)
         room.members.pop(peer, None)
         self._remember_position(peer, room)
         # A broadcast earlier this turn may have queued lines for it that take_pending() would
@@ -3847,6 +3904,9 @@ class Writing:
             self._handshake(conn)
             return
         self._keep_before_writing()
+        room = conn.peer.room
+        if room is not None:
+            room.give(conn.peer)   # (what its room said so far this turn: this write carries it)
         self._send(conn)
         if conn.phase is not Phase.CLOSED:
             self._after_send(conn)

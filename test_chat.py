@@ -1630,6 +1630,8 @@ class RoomTestCase(InMemoryTestCase):
         """The peer's queued lines (split at \\n only: U+2028 may be inside a message). Every
         test that reads them checks on the way that the peer's bound on its queue (Peer.above)
         is one: the room queued nothing behind its back."""
+        if peer.room is not None:
+            peer.room.give(peer)   # (what its room said this turn, as the turn's end does)
         queued = sum(map(len, peer.out))
         self.assertGreaterEqual(peer._bytes + self.chat.fanned - peer._fanned_then +
                                 peer._direct, queued, "a line was queued past Peer.above's count")
@@ -2047,9 +2049,12 @@ class ChatCoreTests(RoomTestCase):
 
     def test_broadcast_shares_one_bytes_object(self):
         alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        self.flushed()
         for p in (alice, bob, carol):
             p.out.clear()
         self.send(alice, "hi")
+        self.assertEqual((bob.out, carol.out), ([], []))   # (said in the room: at the turn's end)
+        self.flushed()
         self.assertIs(bob.out[0], carol.out[0])
         self.assertEqual(self.lines(bob), [self.ts + "alice sent hi"])
         self.assertEqual(self.lines(alice), [self.ts + OK, self.ts + "YOU SEND USERS hi"])
@@ -2149,6 +2154,40 @@ class ChatCoreTests(RoomTestCase):
         self.assertEqual(peer.queued_bytes(), len(expected))
 
 
+    def test_lines_of_one_turn_reach_each_member_in_order_with_its_own_echoes(self):
+        # A turn's room lines go into the members' queues at its end, but a member given a line
+        # of its own meanwhile (its echo, a notice) first gets what the room said before.
+        alice, bob, carol = self.peer("alice"), self.peer("bob"), self.peer("carol")
+        self.flushed()
+        for p in (alice, bob, carol):
+            self.said(p)
+        self.send(bob, "one")
+        self.send(alice, "/me waves")
+        self.send(carol, "two")
+        self.send(alice, "three")
+        self.send(bob, "/users")
+        self.flushed()
+        self.assertEqual(self.said(alice), ["bob sent one", OK, "* alice waves", "carol sent two",
+                                            OK, "YOU SEND USERS three"])
+        self.assertEqual(self.said(bob), [OK, "YOU SEND USERS one", "* alice waves",
+                                          "carol sent two", "alice sent three",
+                                          "Users (3): alice, bob, carol"])
+        self.assertEqual(self.said(carol), ["bob sent one", "* alice waves", OK,
+                                            "YOU SEND USERS two", "alice sent three"])
+
+    def test_above_counts_the_room_lines_a_member_is_given_after_its_sum(self):
+        # Lines its room said before a sum of bob's queue, given to bob after it (at the turn's
+        # end), are part of what Peer.above's bound allows for.
+        alice, bob = self.peer("alice"), self.peer("bob")
+        self.flushed()
+        self.said(alice), self.said(bob)
+        self.send(alice, "one")
+        self.assertFalse(bob.above(0, self.chat.fanned))   # (a sum: its queue is empty)
+        self.flushed()
+        size = len(bob.out[0])
+        self.assertTrue(bob.above(size - 1, self.chat.fanned))
+        self.assertFalse(bob.above(size, self.chat.fanned))
+
     def test_a_line_applied_after_its_sender_left_its_room_takes_nothing_of_the_senders(self):
         # A cluster's node applies an entry when it comes back from Redis: a member's "/join #b"
         # and the line it typed next (said in the room it was in, as the log says, on every
@@ -2216,6 +2255,7 @@ class RoomModelTests(RoomTestCase):
                                    max_rooms=3)
         model = RoomModel(self.history, max_rooms=3)
         connected, members, gone = [], [], []
+        turns = random.Random(seed + 1)   # (apart, so that the seeds' actions stay the same)
         for step in range(steps):
             action = rng.random()
             if action < 0.08 or not connected:
@@ -2254,6 +2294,8 @@ class RoomModelTests(RoomTestCase):
                 # The loop may still hand the room a line of a peer that left (it raced its
                 # close): the room ignores it, whatever it says.
                 self.assertIsNone(self.chat.member_line(rng.choice(gone), b"/users"))
+            if turns.random() < 0.5:
+                self.flushed()   # a turn's end (Room.end_turn); else lines() gives them
             for peer in connected + gone:
                 got, expected = self.said(peer), model.seen.get(peer, [])
                 self.assertEqual(got, expected, "seed %d step %d" % (seed, step))
@@ -2834,6 +2876,7 @@ class ModerationCoreTests(RoomTestCase):
         """As RoomTestCase's, and everyone's output so far cleared (the joins they saw)."""
         peer = RoomTestCase.peer(self, nick, host)
         if nick:
+            self.flushed()   # (the turn's end: the room's lines into the queues)
             for other in self.chat.members.values():
                 other.out.clear()
         return peer
