@@ -774,7 +774,16 @@ class Peer:
         if room is not None and self.cursor != room.said and self in room.members:
             ungiven = sum(map(len, room.turn[self.cursor - room.turn_start:]))
         self._fanned_then, self._direct = fanned - ungiven, 0
-        return self.queued_bytes() > limit
+        return self.queued_bytes() + ungiven > limit
+
+    def has_output(self):
+        """Whether anything waits to be written to it: its queue, or lines its room said this
+        turn that it has not been given yet (given now: a cluster's node may apply a room's
+        lines for a member whose leave is still on its way through the log)."""
+        room = self.room
+        if room is not None and self.cursor != room.said:
+            room.give(self)
+        return bool(self.out)
 
     def queue(self, data):
         """Queue ``data`` for this peer alone, after the lines its room has said so far."""
@@ -3710,7 +3719,7 @@ class Reading:
         phase = conn.phase
         if phase is LINGERING or phase is CLOSING:
             # Being closed: its input no longer matters, only that our last lines get out.
-            if conn.input_ended and (phase is LINGERING or not conn.peer.out):
+            if conn.input_ended and (phase is LINGERING or not conn.peer.has_output()):
                 self._close(conn, Reason.CLOSED)
             else:
                 self._set_interest(conn)
@@ -3954,7 +3963,7 @@ class Writing:
             conn.holds &= ~Hold.HIGH_WATER
             if conn.phase in TALKING:
                 self._queue_lines(conn)
-        if conn.phase is Phase.CLOSING and not peer.out:
+        if conn.phase is Phase.CLOSING and not peer.has_output():
             self._start_lingering(conn)
         self._set_interest(conn)
 
@@ -3993,7 +4002,7 @@ class Closing:
         if conn.phase in (Phase.CLOSING, Phase.LINGERING, Phase.CLOSED):
             return
         self._move(conn, Phase.CLOSING)
-        if not conn.peer.out:
+        if not conn.peer.has_output():
             self._start_lingering(conn)
         else:
             self.closing.add(conn, time.monotonic())
