@@ -12928,6 +12928,16 @@ class ClusterTests(unittest.TestCase):
             self.assertEqual(other.said(), "%s connected!" % nick)
         return client
 
+    def asked_password(self, node, nick):
+        """A newcomer on ``node`` who gave ``nick``, a registered nickname, and was asked its
+        password."""
+        client = node.client()
+        self.addCleanup(client.close)
+        self.assertEqual(client.line(), WELCOME)
+        client.send(nick + "\n")
+        self.assertEqual(client.said(), password_question(nick))
+        return client
+
     def append_batch(self, link, loop, token, entries):
         """The APPEND script's reply to ``entries`` ((seq, kind, owner, claim, room, fields:
         the entry's own, in ENTRY_FIELDS' order)), node "n1" with lease ``token``, as a node's
@@ -13207,11 +13217,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual([bob.said() for _ in range(3)],
                          [OK, "[private] YOU SEND alice while you were out", offline("alice")])
         c = self.node()   # a third node, after all of that
-        back = c.client()
-        self.addCleanup(back.close)
-        self.assertEqual(back.line(), WELCOME)
-        back.send("alice\n")
-        self.assertEqual(back.said(), password_question("alice"))
+        back = self.asked_password(c, "alice")
         back.send(token + "\n")   # (made on node a: its digest came through the log)
         self.assertEqual([back.said() for _ in range(7)],
                          [OK, "Private messages while you were away (1):",
@@ -13233,22 +13239,14 @@ class ClusterTests(unittest.TestCase):
         token = LOGIN_TOKEN.match(alice.said()).group("token")
         alice.send("/quit\n")
         self.assertEqual(alice.said(), GOODBYE)
-        back = b.client()
-        self.addCleanup(back.close)
-        self.assertEqual(back.line(), WELCOME)
-        back.send("alice\n")
-        self.assertEqual(back.said(), password_question("alice"))
+        back = self.asked_password(b, "alice")
         back.send(token + "\n")
         self.assertEqual(back.said(), OK)
         back.send("/password correcthorse new horse\n")
         self.assertEqual(back.said(), OK)
         back.send("/quit\n")
         self.assertEqual(back.said(), GOODBYE)
-        again = a.client()
-        self.addCleanup(again.close)
-        self.assertEqual(again.line(), WELCOME)
-        again.send("alice\n")
-        self.assertEqual(again.said(), password_question("alice"))
+        again = self.asked_password(a, "alice")
         again.send(token + "\n")
         self.assertEqual(again.said(), wrong_password_for("alice"))
         kept = (str(self.redis.cli("XRANGE", "chat:log", "-", "+"))
@@ -13310,11 +13308,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual([carol.said() for _ in range(5)],
                          [OK, in_room_now("#ops", 1), "Topic of #ops: plans",
                           "Recent messages (1):", "alice sent before the snapshot"])
-        back = b.client()
-        self.addCleanup(back.close)
-        self.assertEqual(back.line(), WELCOME)
-        back.send("alice\n")
-        self.assertEqual(back.said(), password_question("alice"))
+        back = self.asked_password(b, "alice")
         back.send(token + "\n")   # (the token's digest came through the snapshot)
         self.assertEqual(back.said(), OK)
 
