@@ -1283,6 +1283,8 @@ class Talking:
         if nick == peer.nick:
             self.notice(peer, Lines.SAME_NICK.format(nick=nick))
             return None
+        if self.mutes and self._muted(peer):   # (a mute holds the nickname: a new one would
+            return None                        # end it)
         problem = self.nickname_refusal(nick, peer)
         if problem:
             self.notice(peer, problem)
@@ -1721,7 +1723,10 @@ class Moderating:
         timed = self._duration(op, more)
         if timed is None:
             return
-        seconds = timed[0]
+        seconds, rest = timed
+        if rest:   # (no REASON here: any other word is a duration that is not one)
+            self.notice(op, Lines.BAD_DURATION)
+            return
         until = self.wall_clock() + seconds if seconds else None
         self.notice(op, Lines.OK)
         self.append((Entry.MUTE, target.room, op,
@@ -2288,6 +2293,8 @@ class Chat(Delivering, Keeping, Arriving, Talking, Registering, Moderating, Leav
         self.shared_rooms = shared_rooms
         self.main = self._add_room(self._new_room(MAIN_ROOM))
         self._load_rooms()
+        for room in list(self.room_list):   # (kept only by members when the server stopped or
+            self._forget_if_unused(room)    # crashed: no leave came to end it)
         self.pending = []       # peers given a line of their own since the last take_pending()
         self._pending_rooms = []    # rooms whose every member has new output since then
         self.fanned = 0             # bytes of every line fanned out to a room so far (Peer.above)

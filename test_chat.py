@@ -3014,7 +3014,8 @@ class ModerationCoreTests(RoomTestCase):
         self.assertEqual(self.said(carol), ["bob was muted by root."])
         self.assertEqual(self.said(bob), ["bob was muted by root."])
         muted = "Sorry! You are muted until %s." % self.until(1800)
-        for line in ("hello", "/me waves", "/msg carol psst", "/join #x", "/topic t"):
+        for line in ("hello", "/me waves", "/msg carol psst", "/nick bobby", "/join #x",
+                     "/topic t"):
             self.send(bob, line)
             if line == "/join #x":
                 self.lines(bob)   # (a room of its own, where a topic can be tried)
@@ -3028,6 +3029,18 @@ class ModerationCoreTests(RoomTestCase):
         self.send(self.root, "/unmute bob")
         self.assertEqual(self.said(self.root)[-2:], [OK, "bob may speak again."])
         self.assertIn("root muted bob until %s" % self.until(0), self.logged_text())
+
+    def test_a_mute_with_a_word_that_is_no_duration_is_refused(self):
+        bob, carol = self.peer("bob"), self.peer("carol")
+        self.lines(self.root)
+        for line in ("/mute bob soon", "/mute bob -5m", "/mute bob 5m more"):
+            self.send(self.root, line)
+            self.assertEqual(self.said(self.root), ["Sorry! A duration is a number and m, h"
+                                                    " or d, like 30m, 2h or 7d."], line)
+        self.send(bob, "still here")
+        self.assertEqual(self.said(bob)[0], OK)
+        self.assertEqual(self.said(carol), ["bob sent still here"])
+        self.assertNotIn("root muted bob", self.logged_text())
 
     def test_op_and_deop(self):
         bob = self.registered("bob")
@@ -5918,6 +5931,25 @@ class MemoryTests(unittest.TestCase):
         carol.send("/join #ops sesame\n")
         self.assertEqual([carol.said() for _ in range(3)],
                          [OK, in_room_now("#ops", 1), "Topic of #ops: plans"])
+
+    def test_a_room_kept_only_by_its_members_is_gone_after_a_stop_or_a_crash(self):
+        for how in (signal.SIGTERM, signal.SIGKILL):
+            data = DataFile(self)
+            first = self.server(data)
+            alice = first.client().join("alice")
+            self.addCleanup(alice.close)
+            alice.send("/join #quiet sesame\n")   # a key, but no topic and no message
+            self.assertEqual([alice.said(), alice.said()], [OK, in_room_now("#quiet", 1)])
+            first.stop(how)
+            second = self.server(data)
+            carol = second.client().join("carol")
+            carol.send("/rooms\n")
+            self.assertEqual(carol.said(), "Rooms (1): #main (1)", how)
+            wait_until(lambda: data.query("SELECT name FROM rooms") == [], "the room's row gone")
+            carol.send("/join #quiet\n")   # a new room: no key asked
+            self.assertEqual([carol.said(), carol.said()], [OK, in_room_now("#quiet", 1)])
+            carol.close()
+            second.stop()
 
     def test_an_acknowledged_line_survives_sigkill(self):
         data = DataFile(self)
