@@ -4928,6 +4928,21 @@ class ServerProgramTests(unittest.TestCase):
         self.assertEqual(server.stdout_lines[1], READY)
         server.client().join("probe").close()
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_started_as_a_script_it_runs_as_the_file_imported_in_the_same_process(self):
+        # CPython keeps a script's syntax tree until the script ends (14 MiB of this file): by
+        # the time it is ready, `python3 chat_server.py` is the interpreter that imported the
+        # file by its path (exec: the same pid, the signals still its own).
+        server = start_server(self, "--data", ":memory:")
+        with open("/proc/%d/cmdline" % server.proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[0], sys.executable.encode())
+        code = argv.index(b"-c")
+        self.assertEqual(argv[code + 2:code + 4], [os.fsencode(SERVER), b"--data"])
+        server.client().join("probe").close()
+        self.assertEqual(server.stop(), (0, [STOPPED]))
+        self.assertEqual(server.stderr(), "")
+
     def check_shutdown(self, sig):
         server = start_server(self)
         alice = server.client().join("alice")
