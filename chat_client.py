@@ -720,7 +720,7 @@ class Session:
     ``ui`` is told what to do: ``send(text)``, ``show(line)``, ``note(text)``,
     ``show_typed(text)``, ``prompt_changed()``, ``ask_password(prompt)``, ``half_close()``,
     ``joined()``, ``unconfirmed(text)``, ``offer_again(text)``, ``retry_nickname(delay)``,
-    ``returns_pending(delay)``.
+    ``set_aside_input()``, ``returns_pending(delay)``.
     The end of the client is a ClientExit raised from here. ``tokens``: the LoginTokens that
     keep the login tokens the server gives and answer its password questions with them (None:
     none kept); ``tls``: the connections are TLS (a token is kept for plain or TLS apart).
@@ -944,7 +944,9 @@ class Session:
         self.attempt = None
         self.awaiting.clear()
         if self.interactive:
-            self.unconfirmed = lost   # shown once back, the last one in the input line
+            # Shown once back, the last one in the input line; added to those of an earlier
+            # connection still waiting to be shown (a retry that failed has none of its own).
+            self.unconfirmed += lost
             for text in self.held:
                 self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=masked(text)))
             self.held.clear()
@@ -1157,6 +1159,8 @@ class Session:
             self.ui.show(line)
         self.next_nick, self.attempt = self.attempt, None
         self._enter(Phase.NICKNAME)
+        if self.interactive:
+            self.ui.set_aside_input()   # (the prompt asks a nickname meanwhile)
         self.ui.retry_nickname(NICK_RETRY_DELAY)
         return True
 
@@ -1250,6 +1254,8 @@ class Session:
                 self.nick_password = None   # the option's was wrong: ask, or end
         if not self.interactive:
             raise ClientExit(ExitStatus.FAILED, line.body)
+        if self.rejoining:
+            self.ui.set_aside_input()   # (what was typed for the chat is no nickname)
         self.rejoining = False   # a nickname of one's own choosing, then
         dropped, self.held = list(self.held), deque()
         for text in dropped:
@@ -1361,6 +1367,8 @@ class Session:
             if head is None:
                 return True
             head.got_ok = head.answered = True
+            if head.command.secret:
+                self._password_kept(head.text)
             if not head.answers:
                 self.awaiting.popleft()   # the ok alone answers it
                 return True
@@ -1381,6 +1389,22 @@ class Session:
                 line.body not in (Lines.PAUSED, Lines.BACK):
             head.answered = True   # (not the answer it is owed: it was taken all the same)
         return True
+
+    def _password_kept(self, text):
+        """'Server: ok!' for /register, /password or /unregister: the nickname's password from
+        now on, the one a reconnect answers its question with (or none: not registered)."""
+        if self.nick is None:
+            return
+        command, arguments = parse_command(text)
+        key = self.nick.casefold()
+        if command.names[0] == "unregister":
+            self.nick_passwords.pop(key, None)
+        elif command.names[0] == "register":
+            self.nick_passwords[key] = arguments
+        else:   # /password OLD NEW: NEW is the rest of the line (as the server reads it)
+            new = arguments.split(None, 1)[1:]
+            if new:
+                self.nick_passwords[key] = new[0].strip()
 
     def _keep_token(self, line):
         """'Login token for "alice": ...', the answer to /token: saved in the token file, and
@@ -2015,6 +2039,13 @@ class Readline:
         except ValueError:
             pass
 
+    def mark_pastes(self):
+        """A paste comes whole (and more than a few lines are asked about first) only if the
+        terminal marks it, which it does once readline asks (ESC [?2004h): Python 3.10 and
+        later turn that off in their readline setup (bpo-42819), so it is turned on again."""
+        if "libedit" not in (self.module.__doc__ or ""):
+            self.module.parse_and_bind("set enable-bracketed-paste on")
+
     def set_completer(self, complete):
         module = self.module
         module.set_completer(complete)
@@ -2167,8 +2198,11 @@ class ReadlineTerminal:
         self.can_rewrite = vt   # the rows printed last can be printed over
         self.secret = None          # bytes of a password being typed
         self.secret_saved = None    # the input line to give back after the password
+        self.aside = None           # the input line set aside while a nickname is asked
         self._escape = False        # skipping an escape sequence (arrow keys) in a password
         self.ended = False
+        if vt:
+            readline.mark_pastes()
 
     def start(self, prompt):
         self.rl.install(prompt)
@@ -2195,6 +2229,18 @@ class ReadlineTerminal:
 
     def ask(self, question):
         self.rl.set_prompt(question)
+
+    def set_aside(self):
+        """The input line out of the way (kept, not lost) until bring_back()."""
+        line, _ = self.rl.current_input()
+        if line and self.aside is None:
+            self.aside = line
+            self.rl.set_prompt(self.rl.prompt, line=b"")
+
+    def bring_back(self):
+        aside, self.aside = self.aside, None
+        if aside and not self.rl.current_input()[0]:
+            self.rl.set_prompt(self.rl.prompt, line=aside)
 
     def offer(self, text):
         """``text`` in the input line, ready for Enter, unless something is typed there."""
@@ -3379,6 +3425,12 @@ class Client:
     def retry_nickname(self, delay):
         self.nick_retry_at = time.monotonic() + delay
 
+    def set_aside_input(self):
+        """Back after a reconnect, our nickname was refused: a nickname is asked for, and the
+        half-typed line (Enter would send it as one) waits out of the input line until joined."""
+        if self.readline is not None:
+            self.output.set_aside()
+
     def returns_pending(self, delay):
         """More members may come back: sum them up once none has for ``delay`` seconds."""
         self.returns_at = time.monotonic() + delay
@@ -3389,6 +3441,8 @@ class Client:
 
     def joined(self):
         self.backoff.reset()
+        if self.readline is not None:
+            self.output.bring_back()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1474,6 +1474,7 @@ class RecordingUi:
         self.password_prompts = []
         self.unconfirmed_lines, self.offered, self.nick_retries = [], [], []
         self.returns_waits = []
+        self.set_aside = 0
 
     def send(self, text):
         self.sent.append(text)
@@ -1503,6 +1504,9 @@ class RecordingUi:
 
     def retry_nickname(self, delay):
         self.nick_retries.append(delay)
+
+    def set_aside_input(self):
+        self.set_aside += 1
 
     def returns_pending(self, delay):
         self.returns_waits.append(delay)
@@ -7137,6 +7141,36 @@ class SessionVersion3Tests(InMemoryTestCase):
         self.assertEqual((ui.sent, ui.password_asked), (["alice", "hunter22!"], 1))
         self.assertNotIn(T0 + password_question("alice"), ui.shown_texts()[-1:])
 
+    def test_a_password_set_this_session_answers_the_question_after_a_reconnect(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+
+        def lose_and_answer():
+            """Lost and back: the password the client sends by itself (None: it asks)."""
+            del ui.sent[:]
+            asked = ui.password_asked
+            session.connection_closed("Connection lost: reset.")
+            session.connected("127.0.0.1:8000")
+            session.server_line(WELCOME)
+            session.server_line(T0 + password_question("alice"))
+            if ui.password_asked > asked:
+                return None
+            session.server_line(T0 + OK)
+            return ui.sent[-1]
+
+        session.typed("/register hunter22!")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + registered("alice"))
+        self.assertEqual(lose_and_answer(), "hunter22!")
+        session.typed("/password hunter22! a long pass phrase")
+        session.typed("/password wrong guess99")             # refused: changes nothing
+        session.server_line(T0 + OK)
+        session.server_line(T0 + wrong_password_for("alice"))
+        self.assertEqual(lose_and_answer(), "a long pass phrase")
+        session.typed("/unregister a long pass phrase")
+        session.server_line(T0 + OK)
+        session.server_line(T0 + '"alice" is no longer registered.')
+        self.assertIsNone(lose_and_answer())                 # (asked: it knows none now)
+
     def test_a_registered_nickname_from_the_option_and_from_a_pipe(self):
         session, ui = self.session(nick="alice", nick_password="hunter22!")
         session.server_line(WELCOME)
@@ -7256,6 +7290,33 @@ class SessionVersion3Tests(InMemoryTestCase):
         self.assertEqual(ui.offered, ["/me waves"])
         self.assertNotIn("/me waves", ui.sent[-1:])          # never sent again by itself
         self.assertEqual(ui.unconfirmed_lines, [])
+
+    def test_unanswered_lines_are_still_offered_after_reconnects_that_failed(self):
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.typed("third important message")
+        session.connection_closed("Connection lost: timed out.")
+        for _ in range(2):   # the server still down: each retry fails
+            session.connection_closed("Cannot connect: connection refused.")
+            self.assertEqual(session.phase, "offline")
+        session.connected("127.0.0.1:8000")
+        session.server_line(WELCOME)
+        session.server_line(T0 + OK)
+        self.assertEqual(ui.notes[-1], "Not confirmed, perhaps not sent (Enter sends it again):"
+                                       " third important message")
+        self.assertEqual(ui.offered, ["third important message"])
+
+    def test_a_nickname_asked_after_a_reconnect_sets_the_input_line_aside(self):
+        for refusal, asides in (('"alice" is already busy.', 1),   # held: tried again later
+                                ('Sorry! "alice" is banned.', 1),  # refused: choose another
+                                (None, 0)):                        # back as before
+            session, ui = self.joined(interactive=True, reconnect=True)
+            session.connection_closed("Connection lost: reset.")
+            session.connected("127.0.0.1:8000")
+            session.server_line(WELCOME)
+            if refusal is not None:
+                session.server_line(T0 + refusal)
+                self.assertEqual(session.prompt(), "nickname> ")
+            self.assertEqual(ui.set_aside, asides, refusal)
 
     def test_a_pipe_writes_unanswered_lines_to_stderr_and_ends_as_lost(self):
         session, ui = self.joined()
@@ -8743,6 +8804,28 @@ class TerminalSessionTests(unittest.TestCase):
         self.assertEqual(watcher.said(), "mia sent half typed, sent after")
         watcher.close()
 
+    def test_a_half_typed_line_never_becomes_a_nickname_when_the_old_one_was_taken(self):
+        first = start_server(self)
+        port = first.port
+        term = client_on_terminal(self, port)
+        term.join("mia")
+        term.type("half typed")
+        term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
+        first.stop()
+        term.read_until(lambda rows: "Reconnecting in 2 s (Ctrl-C to quit)..." in rows,
+                        "the first attempt failed")
+        second = start_server(self, "--port", str(port))
+        thief = second.client().join("mia")   # takes the nickname before the client is back
+        self.addCleanup(thief.close)
+        term.read_until(lambda rows: rows[-2:] == ['"mia" is still held by the old connection.'
+                                                  ' Trying again in 2 s...', "nickname>"],
+                        "a nickname asked (while it tries again), the input line empty")
+        term.type("mia2\r")
+        term.read_until(lambda rows: rows[-1] == "mia2> half typed", "the line back once joined")
+        self.assertEqual(thief.said(), "mia2 connected!")
+        term.type(", sent after\r")
+        self.assertEqual(thief.said(), "mia2 sent half typed, sent after")
+
     def test_tab_completes_commands_and_a_nickname_that_joined_earlier(self):
         server = start_server(self)
         bob = server.client().join("bobby")          # here before the client: /users says so
@@ -9529,6 +9612,8 @@ class TerminalVersion3Tests(unittest.TestCase):
         term = client_on_terminal(self, server.port, "--nick", "alice")
         self.joined(term, "alice")
         self.assertEqual(bob.said(), "alice connected!")
+        # The terminal marks a paste (as typed below) only once asked to: ESC [?2004h.
+        self.assertIn(b"\x1b[?2004h", term.output)
         lines = ["line %d" % i for i in range(1, 8)]
         term.type("\x1b[200~" + "\r".join(lines) + "\x1b[201~\r")
         term.read_until(lambda rows: rows[-1] == "Send 7 lines? [y/N]", "the question")
