@@ -124,6 +124,7 @@ DEFAULT_MAX_ROOMS = 1000  # rooms at once, #main included
 SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
 PRUNE_EVERY = 20          # a room's kept messages are pruned each time a 20th of --keep come
 CHECKPOINT_EVERY = 0.2    # seconds: how often the data file's WAL is folded into it, at most
+PRESENCE_DELAY = 2.0      # seconds before a registered member's presence in a room is written
 WAL_MOST_PAGES = 10000    # past this (some 40 MB), the loop folds the WAL in itself (see Checkpointer)
 WAL_FILE_MOST_BYTES = 16 * 1024 * 1024   # the WAL file is cut back to this when it starts again
 LIKE_PATTERN_MOST = 50000  # bytes: SQLite's longest LIKE pattern (its default)
@@ -2007,7 +2008,10 @@ class Applying:
                 self.deliver(peer, (prefix + Lines.WAITING.format(count=len(lines))
                                     + "\n").encode())
                 peer.queue_all(lines)
-        seen = self.store.seen(peer.account, room.key) if peer.account is not None else None
+        seen = None
+        if peer.account is not None:
+            seen = self.store.seen(peer.account, room.key)
+            self.store.present(peer.account, room.key, room.position)   # (for a crash)
         if seen is not None:
             self._show_missed(peer, room, seen, prefix)
         elif room.history:
@@ -2049,6 +2053,8 @@ class Applying:
         self._named(peer, nick, account_key)
         if peer.local:
             self.notice(peer, Lines.OK)
+            if account_key is not None:
+                self.store.present(account_key, room.key, room.position)   # (for a crash)
         line = self.line(Lines.RENAMED.format(old=old, new=nick))
         self.to_room(room, line)
         self._log_room_line(room, line)
@@ -2132,6 +2138,8 @@ class Applying:
                 return
             self.store.save_account(Account(key, nick, kept), keys)
             peer.account = key
+            if mine and peer.room is not None:   # (for a crash: see present())
+                self.store.present(key, peer.room.key, peer.room.position)
             replies, record = (Lines.OK, Lines.REGISTERED.format(nick=nick)), Lines.LOG_REGISTERED
         elif action == "password":   # (a new password ends the login tokens)
             self.store.save_account(Account(key, nick, kept), nickname_keys(nick))
@@ -2386,7 +2394,10 @@ class MemoryStore:
                ``save_account(account, keys)``; ``save_tokens(key, tokens)`` (the login
                tokens' digests alone); ``drop_account(key)`` (its waiting messages
                and positions too); ``seen(account_key, room_key)`` -> position or None (never
-               there); ``save_seen(account_key, room_key, position)``
+               there); ``save_seen(account_key, room_key, position)``;
+               ``present(account_key, room_key, position)``: in the room from ``position``
+               on, until a save_seen (a store that outlives a crash keeps it: a crash saves
+               no positions)
     waiting    ``wait(account_key, line, most)`` -> False if ``most`` wait already;
                ``waiting_count(account_key)``; ``take_waiting(account_key)`` -> [line], which
                no longer wait
@@ -2494,6 +2505,9 @@ class MemoryStore:
 
     def save_seen(self, account_key, room_key, position):
         self._seen[account_key, room_key] = position
+
+    def present(self, account_key, room_key, position):
+        pass   # (gone with the process; a cluster's reaper saves the leaves of a dead node)
 
     def wait(self, account_key, line, most):
         waiting = self._waiting.setdefault(account_key, [])
@@ -2644,6 +2658,8 @@ class SQLiteStore(MemoryStore):
         self.log = log or (lambda line: None)
         self.clock = clock or Clock()
         self._pending = []      # (sql, parameters) of the turn, in order
+        self._presence = {}     # (account, room) -> marker not written yet (see present())
+        self._presence_due = 0.0
         self._turn = {}         # room key -> ([line], [text_size]) kept this turn, not written yet
         self._pruned_at = {}    # room key -> the position at which it was last pruned
         self._failing = False   # a write failed: said so; say so again when one works
@@ -2754,6 +2770,23 @@ class SQLiteStore(MemoryStore):
             self._mutes[row[0]] = Mute(*row)
         self._waiting_for = {key for key, in self.db.execute(
             "SELECT DISTINCT account FROM waiting")}
+        self._settle_crashed_presence()
+
+    def _settle_crashed_presence(self):
+        """Members in a room when the server crashed (see present()): they had all of it but,
+        perhaps, its last row (the last turn's lines, committed before they were written to
+        them), which catch-up shows them again: never fewer lines, at most a turn more. Done
+        before any new row comes, and only after a crash (a stop saves every leave)."""
+        import sqlite3
+        if not self.db.execute("SELECT 1 FROM seen WHERE position < 0 LIMIT 1").fetchall():
+            return
+        try:
+            self.db.execute(
+                "UPDATE seen SET position = max(-1 - position, coalesce((SELECT last FROM"
+                " messages WHERE messages.room = seen.room ORDER BY last DESC LIMIT 1"
+                " OFFSET 1), 0)) WHERE position < 0")
+        except sqlite3.OperationalError:
+            pass   # (a file that can't be written now: each marker counts as its start)
 
     # -- writing: gathered, then one transaction a turn -----------------------------------------
     def _later(self, sql, parameters):
@@ -2762,7 +2795,8 @@ class SQLiteStore(MemoryStore):
     def has_changes(self):
         # (A read writes what was gathered into the open transaction, so that it sees it: the
         # transaction is then a change too.)
-        return bool(self._turn or self._pending) or self.db.in_transaction
+        return bool(self._turn or self._pending) or self.db.in_transaction or bool(
+            self._presence and time.monotonic() >= self._presence_due)
 
     def commit(self):
         if not self.has_changes():
@@ -2826,6 +2860,11 @@ class SQLiteStore(MemoryStore):
         pending, self._pending = self._pending, []
         for sql, parameters in pending:
             self.db.execute(sql, parameters)
+        if self._presence and time.monotonic() >= self._presence_due:
+            presence, self._presence = self._presence, {}
+            self.db.executemany("INSERT OR REPLACE INTO seen (account, room, position)"
+                                " VALUES (?, ?, ?)", [key + (marker,) for key, marker
+                                                      in presence.items()])
 
     def _row(self, room, kept):
         """A room's lines of one turn as one row: (room, the last's position, the lines one
@@ -3124,11 +3163,24 @@ class SQLiteStore(MemoryStore):
     def seen(self, account_key, room_key):
         rows = self._read("SELECT position FROM seen WHERE account = ? AND room = ?",
                           (account_key, room_key))
-        return rows[0][0] if rows else None
+        if not rows:
+            return None
+        position = rows[0][0]
+        return position if position >= 0 else -1 - position   # (a marker: see present())
 
     def save_seen(self, account_key, room_key, position):
+        self._presence.pop((account_key, room_key), None)
         self._later("INSERT OR REPLACE INTO seen (account, room, position) VALUES (?, ?, ?)",
                     (account_key, room_key, position))
+
+    def present(self, account_key, room_key, position):
+        """In the room from ``position`` on: -1 - position, until its leave saves where it
+        got to (a crash saves none: the next start makes the most of the marker). Written
+        PRESENCE_DELAY seconds later, all at once: a join storm does not wait for them (a
+        crash before then repeats that member's catch-up since its last leave, as without)."""
+        if not self._presence:
+            self._presence_due = time.monotonic() + PRESENCE_DELAY
+        self._presence[account_key, room_key] = -1 - position
 
     def _may_wait(self, account_key):
         return self._waiting_for is None or account_key in self._waiting_for
