@@ -6353,6 +6353,12 @@ class TimerHandle:
             self.callback()
 
 
+def stream_id(text):
+    """A stream entry's id ("1700000000000-3") as what orders it: (milliseconds, sequence)."""
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
 def cluster_text(value):
     """A stream field as text (Redis gives bytes)."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
@@ -6593,8 +6599,8 @@ class ClusterNode:
             self._read_more()
 
     def _read_more(self):
-        if self.state in (self.STOPPED,):
-            return
+        if self.state in (self.STOPPED,) or self.reader is None:
+            return   # (None: lost, and starting again)
         self.reader.send(("XREAD", "COUNT", LOG_READ_COUNT, "BLOCK", LOG_READ_BLOCK_MS,
                           "STREAMS", self._key("log"), self.last_id), self._log_read)
 
@@ -6605,9 +6611,12 @@ class ClusterNode:
     def _log_read(self, reply):
         if isinstance(reply, RedisError):
             return self._pause()
+        reader = self.reader
         for _, entries in reply or ():
             for entry_id, values in entries:
                 self._apply_one(cluster_text(entry_id), values)
+                if self.reader is not reader:
+                    return   # (lost meanwhile: the replica starts again from a snapshot)
         if self.state in (self.READY, self.PAUSED, self.STARTING):
             self._read_more()
 
@@ -6624,6 +6633,8 @@ class ClusterNode:
             n, t, kind, data = fields["n"], fields["t"], None, None
         n = int(n)
         if n != self.last_n + 1 and self.last_n:
+            if n <= self.last_n and stream_id(entry_id) <= stream_id(self.last_id):
+                return   # read twice (an XREAD sent again after a reconnect): applied already
             return self._lose("the log of %s has a gap (%d after %d)"
                               % (self.address.shown, n, self.last_n))
         self.last_id, self.last_n = entry_id, n
@@ -6880,8 +6891,10 @@ class ClusterNode:
         self.local[conn] = peer
 
     def closed(self, peer):
-        """A connection of this node ended before it joined (a member's leave does the rest)."""
-        if not peer.member and peer not in self._awaiting:
+        """A connection of this node ended before it joined (a member's leave does the rest:
+        its peer stays known until the leave comes back through the log, or the leave would
+        find nobody here, and the member would stay on this node's replica for good)."""
+        if peer.room is None and peer not in self._awaiting:
             self.local.pop(peer.ident.partition("/")[2], None)
 
     # -- /search: the kept messages are Redis's -------------------------------------------------
@@ -7048,11 +7061,14 @@ class ClusterNode:
                 for connection in ready:
                     if connection.state is RedisState.READY:
                         connection.take_replies()
+                if self.reader is None:
+                    break   # (lost while applying: starting again)
                 self.reader.flush()   # (the next XREAD, once one was answered)
         except Exception:
             print_traceback()   # (the connection is closed; the loop goes on, as with events)
         self.writer.flush()
-        self.reader.flush()
+        if self.reader is not None:
+            self.reader.flush()
 
     def _applied(self, entry_id):
         """Whether the log has been applied up to ``entry_id`` (bytes, as Redis gave it)."""

@@ -13542,6 +13542,23 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(seen[0], seen[1])              # and in one order, everywhere
         self.assertEqual(seen[1], seen[2])
 
+    def test_a_member_whose_connection_ends_leaves_on_its_own_node_too(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        ghost = b.client().join("ghost")
+        for other in (alice, bob):
+            self.assertEqual(other.said(), "ghost connected!")
+        ghost.send("bye\n")
+        self.assertEqual([ghost.said(), ghost.said()], [OK, "YOU SEND USERS bye"])
+        ghost.close()   # no /quit: the connection just ends
+        for other in (alice, bob):
+            self.assertEqual(other.said(), "ghost sent bye")
+            self.assertEqual(other.said(), "ghost disconnected!")
+            other.send("/users\n")
+            self.assertEqual(other.said(), "Users (2): alice, bob")
+        self.member(b, "ghost", alice, bob)   # free again, on its own node too
+
     def test_a_killed_nodes_members_leave_within_15_seconds(self):
         a, b = self.node(), self.node()
         alice = self.member(a, "alice")
@@ -13587,6 +13604,33 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(alice.said(deadline=10), BACK)
         self.assertEqual([alice.said(), alice.said()], [OK, "YOU SEND USERS typed while paused"])
         self.assertEqual([bob.said(), bob.said()], [BACK, "alice sent typed while paused"])
+
+    def test_two_nodes_talking_through_a_pause_of_redis_lose_nothing_and_stay(self):
+        a, b = self.node(), self.node()
+        alice = self.member(a, "alice")
+        bob = self.member(b, "bob", alice)
+        self.redis.pause()
+        self.addCleanup(self.redis.resume)
+        for client in (alice, bob):
+            self.assertEqual(client.said(deadline=6), PAUSED)
+        for i in range(3):
+            alice.send("from a %d\n" % i)
+            bob.send("from b %d\n" % i)
+        time.sleep(3)   # (Redis stays stopped: the spec's 3 s; nothing must arrive meanwhile)
+        self.redis.resume()
+        for client, own, other in ((alice, "a", "bob sent from b"), (bob, "b", "alice sent from a")):
+            lines = [client.said(deadline=10) for _ in range(1 + 3 * 2 + 3)]
+            self.assertIn(BACK, lines)
+            self.assertEqual([line for line in lines if line.startswith("YOU SEND USERS")],
+                             ["YOU SEND USERS from %s %d" % (own, i) for i in range(3)])
+            self.assertEqual([line for line in lines if line.startswith(other)],
+                             ["%s %d" % (other, i) for i in range(3)])
+        for client in (alice, bob):   # still there, on nodes that still serve
+            client.send("/users\n")
+            self.assertEqual(client.said(), "Users (2): alice, bob")
+        for node in (a, b):
+            self.assertNotIn("Traceback", node.stderr())
+            self.assertNotIn("closing this node's connections", node.stderr())
 
     def test_cut_off_longer_than_the_lease_closes_the_nodes_members(self):
         proxy = TcpProxy(self, self.redis.port)
