@@ -1701,7 +1701,7 @@ class Moderating:
         until = self.wall_clock() + seconds if seconds else None
         self.append((Entry.BAN, None, op,
                      Ban("nick", nickname_keys(nick)[0], nick, until, reason or None)))
-        if target is not None:
+        if target is not None and not self._operator_at(target.host):
             self.append((Entry.BAN, None, op,
                          Ban("address", target.host, target.host, until, reason or None)))
         self.notice(op, Lines.OK)
@@ -1714,6 +1714,13 @@ class Moderating:
         if reason:
             record += Lines.LOG_FOR.format(reason=reason)
         self.log(self.line(record))
+
+    def _operator_at(self, host):
+        """Is an operator connected from ``host``? Its address is then not banned with the
+        member banned (the nickname is): else the operators would lock themselves out, a
+        chat on one machine (127.0.0.1) first of all."""
+        return any(peer.host == host and self.is_operator(peer)
+                   for peer in set(self.members.values()))
 
     def _end_at(self, until, action):
         """``action()`` at the wall-clock time ``until``: a timer, not polling."""

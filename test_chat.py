@@ -3024,6 +3024,18 @@ class ModerationCoreTests(RoomTestCase):
         self.assertEqual(self.said(self.root), ["Bans (0)."])
         self.assertEqual(self.send(elsewhere, "bob"), self.mod.Phase.MEMBER)
 
+    def test_a_ban_never_bans_an_operators_own_address(self):
+        bob = self.peer("bob")   # on 127.0.0.1, as root is: one machine
+        self.send(self.root, "/ban bob")
+        self.assertEqual(self.said(self.root)[:2], [OK, "bob was banned by root."])
+        self.assertEqual(self.said(bob), ["You were banned by root."])
+        self.send(self.root, "/bans")
+        self.assertEqual(self.said(self.root), ["Bans (1): bob"])   # the nickname only
+        again = self.peer()
+        self.assertEqual(self.said(again), [WELCOME])   # (root could not come back else)
+        self.assertEqual(self.send(again, "bob"), None)
+        self.assertEqual(self.said(again), ['Sorry! "bob" is banned.'])
+
     def test_ban_of_a_nickname_not_here_and_unban(self):
         self.send(self.root, "/ban mallory")
         self.assertEqual(self.said(self.root), [OK])
