@@ -2238,8 +2238,10 @@ class ReadlineTerminal:
             self.rl.set_prompt(self.rl.prompt, line=b"")
 
     def bring_back(self):
+        """The line set aside, back in place of whatever is there (typed at the nickname
+        prompt: a nickname the client's own retry made needless)."""
         aside, self.aside = self.aside, None
-        if aside and not self.rl.current_input()[0]:
+        if aside:
             self.rl.set_prompt(self.rl.prompt, line=aside)
 
     def offer(self, text):

@@ -85,7 +85,8 @@ def _started_as_script():
     loader = globals().get("__loader__")
     return (__name__ == "__main__" and globals().get("__spec__") is None
             and type(loader).__name__ == "SourceFileLoader"
-            and os.name == "posix" and bool(sys.executable)
+            and os.name == "posix" and bool(sys.executable) and __file__.endswith(".py")
+            and not sys.flags.inspect   # (-i: the prompt after it is the user's)
             and os.path.basename(sys.argv[0] if sys.argv else "") == os.path.basename(__file__))
 
 
@@ -1701,7 +1702,7 @@ class Moderating:
         until = self.wall_clock() + seconds if seconds else None
         self.append((Entry.BAN, None, op,
                      Ban("nick", nickname_keys(nick)[0], nick, until, reason or None)))
-        if target is not None and not self._operator_at(target.host):
+        if target is not None and not self._operator_at(target.host, target):
             self.append((Entry.BAN, None, op,
                          Ban("address", target.host, target.host, until, reason or None)))
         self.notice(op, Lines.OK)
@@ -1715,11 +1716,11 @@ class Moderating:
             record += Lines.LOG_FOR.format(reason=reason)
         self.log(self.line(record))
 
-    def _operator_at(self, host):
-        """Is an operator connected from ``host``? Its address is then not banned with the
-        member banned (the nickname is): else the operators would lock themselves out, a
-        chat on one machine (127.0.0.1) first of all."""
-        return any(peer.host == host and self.is_operator(peer)
+    def _operator_at(self, host, target):
+        """Is an operator other than ``target`` connected from ``host``? Its address is then
+        not banned with the member banned (the nickname is): else the operators would lock
+        themselves out, a chat on one machine (127.0.0.1) first of all."""
+        return any(peer is not target and peer.host == host and self.is_operator(peer)
                    for peer in set(self.members.values()))
 
     def _end_at(self, until, action):
@@ -2779,6 +2780,16 @@ class SQLiteStore(MemoryStore):
             "SELECT DISTINCT account FROM waiting")}
         self._settle_crashed_presence()
 
+    def _end_presence(self):
+        """A stop: every leave saved its place already, but for one whose commit failed, whose
+        marker is left: taken as where it came in (its catch-up may repeat, never miss), so
+        that only a crash leaves a marker for the next start to settle."""
+        import sqlite3
+        try:
+            self.db.execute("UPDATE seen SET position = -1 - position WHERE position < 0")
+        except sqlite3.Error:
+            pass
+
     def _settle_crashed_presence(self):
         """Members in a room when the server crashed (see present()): they had all of it but,
         perhaps, its last row (the last turn's lines, committed before they were written to
@@ -2924,6 +2935,7 @@ class SQLiteStore(MemoryStore):
         self._closed = True
         self._checkpointer.stop()   # (first: the last connection to close folds the WAL in)
         self.commit()
+        self._end_presence()
         try:
             self.db.close()
         except Exception:
@@ -2940,6 +2952,8 @@ class SQLiteStore(MemoryStore):
         MemoryStore.drop_room(self, key)
         self._turn.pop(key, None)
         self._pruned_at.pop(key, None)
+        for marked in [marked for marked in self._presence if marked[1] == key]:
+            del self._presence[marked]
         self._lines_read.clear()   # (a room made again under its name counts from 0 again)
         self._later("DELETE FROM messages WHERE room = ?", (key,))
         self._later("DELETE FROM rooms WHERE key = ?", (key,))
@@ -3163,6 +3177,8 @@ class SQLiteStore(MemoryStore):
 
     def drop_account(self, key):
         self._accounts_read.clear()
+        for marked in [marked for marked in self._presence if marked[0] == key]:
+            del self._presence[marked]
         for table, column in (("accounts", "key"), ("account_keys", "account"),
                               ("seen", "account"), ("waiting", "account")):
             self._later("DELETE FROM %s WHERE %s = ?" % (table, column), (key,))
@@ -6441,6 +6457,7 @@ class ClusterNode:
         self.writer = RedisLink(server, self.address, self._writer_ready, self._writer_lost,
                                 timeout=REDIS_DEADLINE, ca_file=self.ca_file)
         self.reader = None
+        self._reading = False     # an XREAD is in flight on the reader
 
     def _writer_ready(self):
         if self.state in (self.STARTING, self.LOST):
@@ -6606,16 +6623,19 @@ class ClusterNode:
             self._read_more()
 
     def _read_more(self):
-        if self.state in (self.STOPPED,) or self.reader is None:
-            return   # (None: lost, and starting again)
+        if self.state in (self.STOPPED,) or self.reader is None or self._reading:
+            return   # (None: lost, and starting again; _reading: one XREAD at a time, or a
+        self._reading = True   # reconnect and a resume would each keep a chain of them going)
         self.reader.send(("XREAD", "COUNT", LOG_READ_COUNT, "BLOCK", LOG_READ_BLOCK_MS,
                           "STREAMS", self._key("log"), self.last_id), self._log_read)
 
     def _reader_lost(self, reason, unanswered):
+        self._reading = False   # (its XREAD went with the connection)
         if self.state == self.READY:
             self._pause()
 
     def _log_read(self, reply):
+        self._reading = False
         if isinstance(reply, RedisError):
             return self._pause()
         reader = self.reader
@@ -7008,6 +7028,7 @@ class ClusterNode:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+            self._reading = False
         if self.writer.ready:
             self._register()
 

@@ -3036,6 +3036,19 @@ class ModerationCoreTests(RoomTestCase):
         self.assertEqual(self.send(again, "bob"), None)
         self.assertEqual(self.said(again), ['Sorry! "bob" is banned.'])
 
+    def test_a_ban_of_an_operator_made_with_op_bans_its_address(self):
+        bob = self.registered("bob")
+        self.send(self.root, "/op bob")
+        self.lines(self.root)
+        self.lines(bob)
+        carol = self.peer("carol", host="10.0.0.9")
+        self.send(carol, "/register correct horse")
+        self.send(self.root, "/op carol")
+        self.lines(self.root)
+        self.send(self.root, "/ban carol")   # an operator itself, alone on its address
+        self.send(self.root, "/bans")
+        self.assertEqual(self.said(self.root)[-1], "Bans (2): carol, 10.0.0.9")
+
     def test_ban_of_a_nickname_not_here_and_unban(self):
         self.send(self.root, "/ban mallory")
         self.assertEqual(self.said(self.root), [OK])
@@ -3146,6 +3159,25 @@ class StoreTests(InMemoryTestCase):
         store = server.SQLiteStore(os.path.join(folder, "chat.db"), **options)
         self.addCleanup(store.close)
         return server, store
+
+    def test_presence_markers_a_stop_leaves_none_and_a_dropped_account_writes_none(self):
+        import sqlite3
+        server, store = self.sqlite_store()
+        store.present("alice", "#ops", 3)     # in #ops from position 3 (its leave never kept)
+        store.present("bob", "#ops", 4)
+        store.drop_account("bob")             # gone before its marker was written
+        store._presence_due = 0               # (written at once, not PRESENCE_DELAY later)
+        store.commit()
+        db = sqlite3.connect(store.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT account, position FROM seen").fetchall(),
+                         [("alice", -4)])
+        store.close()   # a stop: the marker taken as where alice came in, never a crash's
+        self.assertEqual(db.execute("SELECT account, position FROM seen").fetchall(),
+                         [("alice", 3)])
+        again = server.SQLiteStore(store.path)
+        self.addCleanup(again.close)
+        self.assertEqual(again.seen("alice", "#ops"), 3)
 
     @staticmethod
     def messages_in_file(store):
@@ -4983,6 +5015,16 @@ class ServerProgramTests(unittest.TestCase):
         server.client().join("probe").close()
         self.assertEqual(server.stop(), (0, [STOPPED]))
         self.assertEqual(server.stderr(), "")
+
+    def test_a_copy_under_another_name_runs(self):
+        folder = tempfile.mkdtemp(prefix="chat-renamed-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        for name in ("chatd", "chat-server.py"):   # (no .py: not imported, run as it is)
+            path = shutil.copy(SERVER, os.path.join(folder, name))
+            proc = subprocess.run([sys.executable, path, "--version"], capture_output=True,
+                                  text=True, timeout=DEADLINE)
+            self.assertEqual((proc.returncode, proc.stdout, proc.stderr),
+                             (0, "chat_server %s\n" % readme_version(), ""), name)
 
     @unittest.skipUnless(os.name == "posix", "a shell script as the launcher")
     def test_the_harness_starts_again_once_when_wine_ends_a_server_silently(self):
