@@ -8861,14 +8861,19 @@ class TerminalSessionTests(unittest.TestCase):
         self.assertEqual(alice.said(), "liam sent abcdXef")
         alice.close()
 
-    def test_reconnect_after_the_server_restarts_keeps_the_half_typed_input(self):
+    def half_typed_and_the_server_stops(self):
+        """mia on a terminal, 'half typed' in its input line, and the server stopped: (its
+        port, the terminal)."""
         first = start_server(self)
-        port = first.port
-        term = client_on_terminal(self, port)
+        term = client_on_terminal(self, first.port)
         term.join("mia")
         term.type("half typed")
         term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
         self.assertEqual(first.stop()[0], 0)
+        return first.port, term
+
+    def test_reconnect_after_the_server_restarts_keeps_the_half_typed_input(self):
+        port, term = self.half_typed_and_the_server_stops()
         note = "Reconnecting in 1 s (Ctrl-C to quit)..."   # the line above says why
         term.read_until(lambda rows: note in rows and rows[-1] == "(offline) mia> half typed",
                         "waiting to reconnect")
@@ -8890,13 +8895,7 @@ class TerminalSessionTests(unittest.TestCase):
         watcher.close()
 
     def test_a_half_typed_line_never_becomes_a_nickname_when_the_old_one_was_taken(self):
-        first = start_server(self)
-        port = first.port
-        term = client_on_terminal(self, port)
-        term.join("mia")
-        term.type("half typed")
-        term.read_until(lambda rows: rows[-1] == "mia> half typed", "typed")
-        first.stop()
+        port, term = self.half_typed_and_the_server_stops()
         term.read_until(lambda rows: "Reconnecting in 2 s (Ctrl-C to quit)..." in rows,
                         "the first attempt failed")
         second = start_server(self, "--port", str(port))
