@@ -9166,12 +9166,15 @@ class TerminalWindowsPathTests(unittest.TestCase):
                         rows[-1] == "nickname>", "refused, and asked again")
         term.type("wanda\r")
         self.assertEqual(taken.said(), "wanda connected!")
+        # (Joined on screen before typing on: else the console's echo of what is typed can
+        # land in the middle of the 'Server: ok!' row being written.)
+        term.read_until(lambda rows: any(row.endswith(OK) for row in rows), "joined")
         term.type("hello vera\r")
         self.assertEqual(taken.said(), "wanda sent hello vera")
         term.read_until(lambda rows: rows[-2:] == [rows[-2][:18] + "YOU SEND USERS hello vera",
                                                    ""], "own line (below the console's echo)")
         self.assertIn("bold", term.screen.attrs_of("hello vera"))      # colours: VT mode
-        self.assertEqual(term.rows_after_ts().count(OK), 1)           # the join's, no other
+        self.assertEqual(term.rows_after_ts().count(OK), 1, term.rows())   # the join's only
         server.stop()
         term.read_until(lambda rows: "Reconnecting in 1 s (Ctrl-C to quit)..." in rows,
                         "offline")
