@@ -920,13 +920,47 @@ class PipedClient:
             full_env.pop(name, None)
         full_env.update(env or {})
         command = command or self.default_command or [sys.executable, CLIENT]
-        self.proc = subprocess.Popen(command + ["--port", str(port)] + list(args),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=full_env)
+        self.command = command + ["--port", str(port)] + list(args)
+        self.env = full_env
+        self.typed = []      # all that was typed: typed again if Wine ends the first at once
+        self.heard = False   # the client said something (so it did start)
+        self._spawn()
 
-    def type(self, text):
-        self.proc.stdin.write(text.encode("utf-8"))
-        self.proc.stdin.flush()
+    def _spawn(self):
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=self.env)
+
+    def _wine_failed_to_start(self):
+        """As ServerProcess's: Wine ended the Windows client at once, status 1, not a byte
+        out; then it is started once more, and given again what was typed."""
+        if self.command[0] != "wine" or self.heard or getattr(self, "_again", False):
+            return False
+        try:
+            status = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return False
+        if status != 1 or self.proc.stdout.read() or self.proc.stderr.read():
+            return False
+        self._again = True
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass   # (a broken pipe: nobody read it)
+        self._spawn()
+        for text in self.typed:
+            self.type(text, again=True)
+        return True
+
+    def type(self, text, again=False):
+        if not again:
+            self.typed.append(text)
+        try:
+            self.proc.stdin.write(text.encode("utf-8"))
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            if again or not self._wine_failed_to_start():
+                raise
 
     def line(self, deadline=DEADLINE):
         """The next line the client printed, waiting at most ``deadline`` seconds."""
@@ -937,14 +971,24 @@ class PipedClient:
             ready, _, _ = select.select([fd], [], [], max(end - time.monotonic(), 0))
             chunk = os.read(fd, 4096) if ready else None
             if not chunk:
+                if chunk == b"" and not buf and self._wine_failed_to_start():
+                    fd = self.proc.stdout.fileno()
+                    continue
                 raise AssertionError("no line from the client; have %r" % buf)
             buf += chunk
+            self.heard = True
         line, self._buf = buf.split(b"\n", 1)
         return line.rstrip(b"\r").decode("utf-8")  # (a Windows client ends lines with \r\n)
 
     def finish(self, deadline=DEADLINE):
         """Close stdin and wait: (exit status, stdout lines, stderr)."""
         out, err = self.proc.communicate(timeout=deadline)
+        if (self.proc.returncode == 1 and not out and not err and not self.heard
+                and self.command[0] == "wine" and not getattr(self, "_again", False)):
+            self._again = True   # (Wine ended it at once: see _wine_failed_to_start)
+            self._spawn()
+            out, err = self.proc.communicate("".join(self.typed).encode("utf-8"),
+                                             timeout=deadline)
         out = getattr(self, "_buf", b"") + out  # what line() read ahead comes first
         err = err.decode("utf-8").replace("\r\n", "\n")  # (Windows ends lines with \r\n)
         return self.proc.returncode, out.decode("utf-8").splitlines(), err
@@ -5040,6 +5084,14 @@ class ServerProgramTests(unittest.TestCase):
                "PYTHON": sys.executable}
         server = start_server(self, env=dict(env, FAILS="1"), command=["wine", SERVER])
         server.client().join("probe").close()
+        os.remove(launcher + ".count")
+        client = PipedClient(server.port, env=dict(env, FAILS="1"), command=["wine", CLIENT])
+        client.type("carl\nhello\n")   # (typed again for the second start)
+        status, lines, err = client.finish()
+        self.assertEqual((status, err), (0, ""))
+        self.assertTrue(lines[-1].endswith("Server: there are no other users!"), lines)
+        with open(launcher + ".count") as f:
+            self.assertEqual(f.read().strip(), "2")   # (the second start answered it)
         os.remove(launcher + ".count")
         with self.assertRaisesRegex(AssertionError, "server stdout closed"):
             start_server(self, env=dict(env, FAILS="2"), command=["wine", SERVER])
