@@ -48,6 +48,7 @@ Standard library only, Python 3.8 or newer: this file is zipped alone into chat_
 """
 
 import argparse
+import binascii
 import collections
 import errno
 import functools
@@ -126,6 +127,8 @@ SEARCH_SHOWN = 20         # the most lines /search shows (the last that match)
 PRUNE_EVERY = 20          # a room's kept messages are pruned each time a 20th of --keep come
 CHECKPOINT_EVERY = 0.2    # seconds: how often the data file's WAL is folded into it, at most
 PRESENCE_DELAY = 2.0      # seconds before a registered member's presence in a room is written
+JOURNAL_HOLDS = 0.5       # seconds a turn's lines wait in the "-lines" journal (TurnJournal)
+JOURNAL_MOST_BYTES = 4 * 1024 * 1024   # past this, its lines go into the data file at once
 WAL_MOST_PAGES = 10000    # past this (some 40 MB), the loop folds the WAL in itself (see Checkpointer)
 WAL_FILE_MOST_BYTES = 16 * 1024 * 1024   # the WAL file is cut back to this when it starts again
 LIKE_PATTERN_MOST = 50000  # bytes: SQLite's longest LIKE pattern (its default)
@@ -2567,6 +2570,10 @@ class MemoryStore:
         """Whether changes wait for ``commit()`` (never, in memory)."""
         return False
 
+    def next_due(self):
+        """When ``commit()`` has something to do though nothing changed (never, in memory)."""
+        return float("inf")
+
     def close(self):
         pass
 
@@ -2637,6 +2644,118 @@ class Checkpointer:
             self._thread.join()
 
 
+class TurnJournal:
+    """The data file's journal (``chat.db-lines``): the lines each turn kept, appended with one
+    ``write`` before the turn's writes to the sockets, as Redis appends to its append-only file
+    before it replies, and written into the data file in one transaction every JOURNAL_HOLDS
+    seconds (SQLiteStore). A transaction a turn cost a quarter of the server's time at 10
+    members (its WAL frames, two ``pwrite``s a page, and six ``fcntl`` locks); a ``write`` a
+    turn costs one system call. What a crash leaves here is put into the data file at the next
+    start, before anything else reads it; a record is whole or ignored (its size and CRC-32
+    first), and putting a row in twice is harmless (rows are keyed by room and position).
+
+    A record: <II (the payload's size, its CRC-32), then a row after another, each <HqIIi (the
+    room key's size, the position of its last line, the lines' size, the sizes' size, where the
+    text starts or -1), then the room key, the lines and their sizes (SQLiteStore._row)."""
+
+    SUFFIX = "-lines"
+    HEADER = struct.Struct("<II")
+    ROW = struct.Struct("<HqIIi")
+
+    def __init__(self, data_path):
+        self.path = data_path + self.SUFFIX
+        self.fd = None
+        self.size = 0       # bytes written (and not cut back) since it was last emptied
+
+    def read(self):
+        """The rows of every whole record, and how many bytes after them are not one (a write
+        cut short by a power cut, or damage)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return [], 0
+        rows, at, header = [], 0, self.HEADER
+        while at + header.size <= len(data):
+            size, crc = header.unpack_from(data, at)
+            payload = data[at + header.size:at + header.size + size]
+            if not size or len(payload) < size or binascii.crc32(payload) != crc:
+                break   # (a record is never empty: zeros are a file grown, not written)
+            try:
+                rows += self._rows_of(payload)
+            except (struct.error, ValueError):   # (a CRC that matched by chance)
+                break
+            at += header.size + size
+        return rows, len(data) - at
+
+    def _rows_of(self, payload):
+        rows, at, row = [], 0, self.ROW
+        while at < len(payload):
+            room_size, last, lines_size, sizes_size, text_at = row.unpack_from(payload, at)
+            at += row.size
+            room = payload[at:at + room_size].decode("utf-8")
+            at += room_size
+            lines = payload[at:at + lines_size]
+            at += lines_size
+            sizes = payload[at:at + sizes_size]
+            at += sizes_size
+            if len(sizes) != sizes_size:
+                raise struct.error("a row cut short")
+            rows.append((room, last, lines, sizes, None if text_at < 0 else text_at))
+        return rows
+
+    def open(self):
+        """Ready to append, from empty (what it held is in the data file by now)."""
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | BINARY, 0o600)
+        os.ftruncate(self.fd, 0)
+        self.size = 0
+
+    def append(self, rows):
+        """One record of ``rows``, or OSError with the file as it was (a write cut short by a
+        full disk is cut off again: a torn record would hide every record after it)."""
+        pack = self.ROW.pack
+        parts = [b""]
+        for room, last, lines, sizes, text_at in rows:
+            room = room.encode("utf-8")
+            parts += (pack(len(room), last, len(lines), len(sizes),
+                           -1 if text_at is None else text_at), room, lines, sizes)
+        payload = b"".join(parts)
+        parts[0] = self.HEADER.pack(len(payload), binascii.crc32(payload))
+        record = b"".join(parts)
+        try:
+            written = os.write(self.fd, record)
+        except OSError:
+            self._cut_back()
+            raise
+        if written != len(record):
+            self._cut_back()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.size += written
+
+    def _cut_back(self):
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError:
+            self.close(remove=False)   # (no journal from here: a commit a turn, as before)
+            raise
+
+    def empty(self):
+        """Everything it held is in the data file: from empty again."""
+        if self.size:
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+
+    def close(self, remove):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if remove:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+
 class SQLiteStore(MemoryStore):
     """What the chat keeps, in a SQLite file (``--data``): the MemoryStore's interface, kept.
 
@@ -2669,6 +2788,13 @@ class SQLiteStore(MemoryStore):
         self._presence = {}     # (account, room) -> marker not written yet (see present())
         self._presence_due = 0.0
         self._turn = {}         # room key -> ([line], [text_size]) kept this turn, not written yet
+        # The rows in the journal (TurnJournal), not in the data file yet, and how many of them
+        # the open transaction holds (a read writes them in, so that it sees them)
+        self._journaled = []
+        self._journaled_in_transaction = 0
+        self._into_file_due = 0.0
+        self._journal = None
+        self.opening_note = None   # what the start found, for standard error (open_store)
         self._pruned_at = {}    # room key -> the position at which it was last pruned
         self._failing = False   # a write failed: said so; say so again when one works
         self._closed = False
@@ -2688,9 +2814,17 @@ class SQLiteStore(MemoryStore):
         self.db = None
         try:
             self.db = self._open(path, durable)
+            journal = self._take_in_journal()
             self._load_small_tables()
+            if durable:
+                journal.close(remove=True)   # (a commit a turn, waiting for the disk)
+            else:
+                journal.open()
+                self._journal = journal
             self._checkpointer = Checkpointer(path)
         except BaseException:   # (nothing left open: the caller may go on in memory)
+            if self._journal is not None:
+                self._journal.close(remove=False)
             if self.db is not None:
                 self.db.close()
             os.close(self._lock)
@@ -2755,6 +2889,31 @@ class SQLiteStore(MemoryStore):
                 db.execute(statement)
             db.execute("PRAGMA user_version=%d" % number)
 
+    def _take_in_journal(self):
+        """What the journal holds (the last lines before a crash) into the data file, pruned
+        to ``keep`` as a commit prunes; the journal, to be emptied once it is in."""
+        import sqlite3
+        journal = TurnJournal(self.path)
+        rows, torn = journal.read()
+        if rows:
+            try:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT OR IGNORE INTO messages (room, last, lines, sizes,"
+                                    " text_at) VALUES (?, ?, ?, ?, ?)", rows)
+                for room in {row[0] for row in rows}:
+                    self.db.execute("DELETE FROM messages WHERE room = ? AND last <= (SELECT"
+                                    " max(last) FROM messages WHERE room = ?) - ?",
+                                    (room, room, self._keep))
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise DataFileError("cannot use %s: %s" % (journal.path, exc))
+        if torn:
+            self.opening_note = ("%s: %d bytes at its end were not a whole turn (a write cut"
+                                 " short), left out" % (journal.path, torn))
+        return journal
+
     def _load_small_tables(self):
         """What is small and asked for often: rooms, operators, bans and mutes, in memory."""
         import sqlite3
@@ -2814,10 +2973,21 @@ class SQLiteStore(MemoryStore):
         # (A read writes what was gathered into the open transaction, so that it sees it: the
         # transaction is then a change too.)
         return bool(self._turn or self._pending) or self.db.in_transaction or bool(
-            self._presence and time.monotonic() >= self._presence_due)
+            self._presence and time.monotonic() >= self._presence_due) or bool(
+            self._journaled and time.monotonic() >= self._into_file_due)
 
-    def commit(self):
-        if not self.has_changes():
+    def next_due(self):
+        """When a commit is due though no turn changed anything (the loop wakes for it)."""
+        return min(self._into_file_due if self._journaled else float("inf"),
+                   self._presence_due if self._presence else float("inf"))
+
+    def commit(self, into_file=False):
+        """The turn's changes kept: its lines alone into the journal, anything else (and the
+        journal's rows, once JOURNAL_HOLDS passed, or ``into_file``) into the data file in
+        one transaction."""
+        if not (self.has_changes() or into_file and self._journaled):
+            return
+        if not into_file and self._journal_takes_turn():
             return
         import sqlite3
         try:
@@ -2827,16 +2997,54 @@ class SQLiteStore(MemoryStore):
             self._rollback()
             self._failed(exc)
             return
+        if self._journaled:
+            self._journaled = []
+            self._journaled_in_transaction = 0
+            self._empty_journal()
         checkpointer = self._checkpointer
         if checkpointer.wal_pages > WAL_MOST_PAGES:
             self._fold_wal_in()
         if not checkpointer.wanted.is_set():
             checkpointer.wanted.set()
+        self._writing_works()
+        if self._waiting_for is None:
+            self._learn_who_waits()
+
+    def _journal_takes_turn(self):
+        """The turn's lines appended to the journal, if they are all the turn changed: whether
+        that is all this commit has to do (the journal's rows are not due in the file yet)."""
+        journal = self._journal
+        if journal is None or journal.fd is None or not self._turn or self._pending or \
+                self.db.in_transaction or self._presence and \
+                time.monotonic() >= self._presence_due:
+            return False
+        rows = [self._row(room, kept) for room, kept in self._turn.items()]
+        try:
+            journal.append(rows)
+        except OSError:
+            return False   # (the data file, then, for this turn: it may still take it)
+        self._turn = {}
+        now = time.monotonic()
+        if not self._journaled:
+            self._into_file_due = now + JOURNAL_HOLDS
+        self._journaled += rows
+        if now >= self._into_file_due or journal.size >= JOURNAL_MOST_BYTES:
+            return False   # (and the commit says whether writing works)
+        self._writing_works()
+        return True
+
+    def _empty_journal(self):
+        try:
+            self._journal.empty()
+        except OSError:   # (its rows are in the data file: never to be put in again)
+            self._journal.close(remove=True)
+        except AttributeError:
+            pass   # (no journal: --durable)
+
+    def _writing_works(self):
         if self._failing:
             self._failing = False
             self.log(self._record(Lines.LOG_WRITING_AGAIN.format(path=self.path)))
-        if self._waiting_for is None:
-            self._learn_who_waits()
 
     def _learn_who_waits(self):
         rows = self._read_or_none("SELECT DISTINCT account FROM waiting", ())
@@ -2868,12 +3076,18 @@ class SQLiteStore(MemoryStore):
         """Everything gathered so far, into the open transaction (begun if none is)."""
         if not self.db.in_transaction:
             self.db.execute("BEGIN")
+        rows = self._journaled[self._journaled_in_transaction:]   # (the journal's, oldest first)
+        self._journaled_in_transaction = len(self._journaled)
         if self._turn:
             turn, self._turn = self._turn, {}
+            rows += [self._row(room, kept) for room, kept in turn.items()]
+        if len(rows) > 1:   # (rows wholly older than the kept lines are not written at all)
+            positions, keep = self._positions, self._keep
+            rows = [row for row in rows if row[1] > positions.get(row[0], row[1]) - keep]
+        if rows:
             self.db.executemany("INSERT INTO messages (room, last, lines, sizes, text_at)"
-                                " VALUES (?, ?, ?, ?, ?)", [self._row(room, kept)
-                                                  for room, kept in turn.items()])
-            for room in turn:
+                                " VALUES (?, ?, ?, ?, ?)", rows)
+            for room in {row[0] for row in rows}:
                 self._prune(room)
         pending, self._pending = self._pending, []
         for sql, parameters in pending:
@@ -2912,6 +3126,7 @@ class SQLiteStore(MemoryStore):
     def _rollback(self):
         self._pending.clear()
         self._turn.clear()
+        self._journaled_in_transaction = 0   # (in the journal still: written at the next commit)
         self._accounts_read.clear()
         self._lines_read.clear()
         self._waiting_for = None   # (a DELETE of waiting messages may have been dropped)
@@ -2934,12 +3149,14 @@ class SQLiteStore(MemoryStore):
             return
         self._closed = True
         self._checkpointer.stop()   # (first: the last connection to close folds the WAL in)
-        self.commit()
+        self.commit(into_file=True)
         self._end_presence()
         try:
             self.db.close()
         except Exception:
             pass
+        if self._journal is not None:   # (kept if its rows are not in: the next start's)
+            self._journal.close(remove=not self._journaled)
         os.close(self._lock)   # (the file stays: removing it could let two servers in)
 
     # -- rooms ----------------------------------------------------------------------------------
@@ -2983,7 +3200,7 @@ class SQLiteStore(MemoryStore):
         """As _read, but None when the read failed: what is remembered of reads must never be
         a failure taken for an answer (an account taken for none lets anyone in as it)."""
         import sqlite3
-        if self._turn or self._pending:
+        if self._turn or self._pending or len(self._journaled) > self._journaled_in_transaction:
             try:
                 self._write_pending()
             except sqlite3.Error as exc:
@@ -3569,7 +3786,8 @@ class Loop:
         if self.backlog or self.tls_buffered:
             return 0
         wait = timeout
-        first = min([self.timers[0][0] if self.timers else float("inf")]
+        first = min([self.timers[0][0] if self.timers else float("inf"),
+                     self.store.next_due()]
                     + [deadlines.next_due() for deadlines in self.deadlines])
         if first != float("inf"):
             until = min(max(first - time.monotonic(), 0), MAX_WAIT)
@@ -7419,11 +7637,14 @@ def open_store(path, keep, durable, warn):
         warn("this Python has no sqlite3 module: nothing is kept after the server stops")
         return MemoryStore(keep)
     try:
-        return SQLiteStore(path, keep, durable)
+        store = SQLiteStore(path, keep, durable)
     except OSError as exc:
         warn("cannot create the data file %s: %s; nothing is kept after the server stops"
              % (os.path.abspath(path), getattr(exc, "strerror", None) or exc))
         return MemoryStore(keep)
+    if store.opening_note:
+        warn(store.opening_note)
+    return store
 
 
 def read_password(path, environ):

@@ -3260,13 +3260,13 @@ class StoreTests(InMemoryTestCase):
         # Checkpointer's thread.
         _, store = self.sqlite_store()
         store.keep("#main", b"2026-12-07 10:00: bob: folded by the thread\n", 17)
-        store.commit()
+        store.commit(into_file=True)
         wait_until(lambda: self.in_data_file_itself(store, b"folded by the thread"),
                    "the checkpointer to fold the WAL into the data file")
         store._checkpointer.stop()   # from here, only the loop's commits
         for n in range(1500):        # some 3,000 pages: three times SQLite's checkpoint point
             store.keep("#main", b"2026-12-07 10:00: bob: line %d %s\n" % (n, b"x" * 3000), 3010)
-            store.commit()
+            store.commit(into_file=True)
         self.assertFalse(self.in_data_file_itself(store, b"bob: line 0 "),
                          "a commit of the loop folded the WAL in (waited for the disk)")
         store.close()
@@ -3282,15 +3282,15 @@ class StoreTests(InMemoryTestCase):
         wal = store.path + "-wal"
         for n in range(200):
             store.keep("#main", b"2026-12-07 10:00: bob: line %d %s\n" % (n, b"x" * 3000), 3010)
-            store.commit()
+            store.commit(into_file=True)
         store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1   # (what the thread would see)
         store.keep("#main", b"2026-12-07 10:00: bob: the last before the fold\n", 24)
-        store.commit()
+        store.commit(into_file=True)
         grown = os.path.getsize(wal)
         self.assertTrue(self.in_data_file_itself(store, b"the last before the fold"))
         for n in range(100):
             store.keep("#main", b"2026-12-07 10:00: bob: again %d %s\n" % (n, b"x" * 3000), 3010)
-            store.commit()
+            store.commit(into_file=True)
         self.assertEqual(os.path.getsize(wal), grown, "the WAL did not start again")
 
     def test_a_fold_refused_while_the_thread_checkpoints_is_tried_again(self):
@@ -3313,12 +3313,12 @@ class StoreTests(InMemoryTestCase):
         store.db = ThreadCheckpointing()
         store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1
         store.keep("#main", b"2026-12-07 10:00: bob: refused\n", 7)
-        store.commit()
+        store.commit(into_file=True)
         self.assertGreater(store._checkpointer.wal_pages, server.WAL_MOST_PAGES,
                            "a refused fold was counted as done")
         store.db = real
         store.keep("#main", b"2026-12-07 10:00: bob: folded\n", 6)
-        store.commit()                  # tried again: whole this time
+        store.commit(into_file=True)                  # tried again: whole this time
         self.assertEqual(store._checkpointer.wal_pages, 0)
         self.assertTrue(self.in_data_file_itself(store, b"bob: folded"))
 
@@ -3333,22 +3333,22 @@ class StoreTests(InMemoryTestCase):
         wal = store.path + "-wal"
         line = b"2026-12-07 10:00: bob: line %d " + b"x" * 3000 + b"\n"
         store.keep("#main", line % 0, 3010)
-        store.commit()
+        store.commit(into_file=True)
         backup = sqlite3.connect(store.path)
         self.addCleanup(backup.close)
         backup.execute("BEGIN")
         backup.execute("SELECT count(*) FROM messages").fetchone()   # its snapshot: line 0
         for n in range(1, 200):
             store.keep("#main", line % n, 3010)
-            store.commit()
+            store.commit(into_file=True)
         folds = []
         fold = store._fold_wal_in
         store._fold_wal_in = lambda: folds.append(1) or fold()
         store._checkpointer.wal_pages = server.WAL_MOST_PAGES + 1
         store.keep("#main", line % 200, 3010)
-        store.commit()              # the fold stops at the backup's snapshot
+        store.commit(into_file=True)              # the fold stops at the backup's snapshot
         store.keep("#main", line % 201, 3010)
-        store.commit()
+        store.commit(into_file=True)
         self.assertEqual(folds, [1], "a fold cut short by a reader was tried at every commit")
         self.assertFalse(self.in_data_file_itself(store, b"bob: line 200 "))
         backup.execute("COMMIT")    # the backup's read ends; the thread's next checkpoint:
@@ -3360,7 +3360,7 @@ class StoreTests(InMemoryTestCase):
         grown = os.path.getsize(wal)
         self.assertGreater(grown, 16 * 1024)
         store.keep("#main", b"2026-12-07 10:00: bob: a short one\n", 11)
-        store.commit()              # the WAL starts again from its beginning: cut back
+        store.commit(into_file=True)              # the WAL starts again from its beginning: cut back
         self.assertLessEqual(os.path.getsize(wal), 16 * 1024, "grown to %d" % grown)
 
     def test_a_checkpoint_thread_that_cannot_start_leaves_sqlite_to_checkpoint(self):
@@ -3379,7 +3379,7 @@ class StoreTests(InMemoryTestCase):
             threading.Thread.start = start
         self.assertTrue(store._checkpointer.failed)
         store.keep("#main", b"2026-12-07 10:00: bob: hello\n", 5)
-        store.commit()
+        store.commit(into_file=True)
         self.assertEqual(store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 1000)
         store.close()
         self.assertEqual(self.messages_in_file(store), 1)
@@ -3390,9 +3390,126 @@ class StoreTests(InMemoryTestCase):
         store._checkpointer.failed = True   # (as when its connection can't be opened)
         store._checkpointer.wal_pages = 10 ** 9
         store.keep("#main", b"2026-12-07 10:00: bob: hello\n", 5)
-        store.commit()
+        store.commit(into_file=True)
         self.assertEqual(store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 1000)
         self.assertTrue(self.in_data_file_itself(store, b"bob: hello"))
+
+    @staticmethod
+    def crash_copy(store):
+        """The store's files as a SIGKILL would leave them, copied to a new folder while it
+        runs (nothing written meanwhile): the data file's path in the copy."""
+        folder = tempfile.mkdtemp(prefix="chat-crash-")
+        for suffix in ("", "-wal", "-lines"):
+            if os.path.exists(store.path + suffix):
+                shutil.copyfile(store.path + suffix, os.path.join(folder, "chat.db" + suffix))
+        return os.path.join(folder, "chat.db")
+
+    def test_a_turn_of_lines_alone_goes_to_the_journal_with_one_write(self):
+        # A transaction a turn was a quarter of the server's time at 10 members: the turn's
+        # lines are appended to the journal, and reach the data file JOURNAL_HOLDS later.
+        server, store = self.sqlite_store()
+        store.keep("#main", b"2026-12-07 10:00: bob sent first\n", 5)
+        store.keep("#ops", b"2026-12-07 10:00: bob sent first\n", 5)
+        store.commit(into_file=True)   # (a room's position read: a transaction of its own)
+        writes = []
+        write = os.write
+        os.write = lambda fd, data: writes.append(fd) or write(fd, data)
+        try:
+            for n in range(3):
+                store.keep("#main", b"2026-12-07 10:00: bob sent line %d\n" % n, 6)
+                store.keep("#ops", b"2026-12-07 10:00: bob sent ops %d\n" % n, 5)
+                store.commit()
+        finally:
+            os.write = write
+        self.assertEqual(writes, [store._journal.fd] * 3)   # one write a turn, both rooms
+        self.assertEqual(self.messages_in_file(store), 2)
+        rows, torn = server.TurnJournal(store.path).read()
+        self.assertEqual(([(room, last, bytes(lines)) for room, last, lines, _, _ in rows], torn),
+                         ([("#main", 2, b"2026-12-07 10:00: bob sent line 0\n"),
+                           ("#ops", 2, b"2026-12-07 10:00: bob sent ops 0\n"),
+                           ("#main", 3, b"2026-12-07 10:00: bob sent line 1\n"),
+                           ("#ops", 3, b"2026-12-07 10:00: bob sent ops 1\n"),
+                           ("#main", 4, b"2026-12-07 10:00: bob sent line 2\n"),
+                           ("#ops", 4, b"2026-12-07 10:00: bob sent ops 2\n")], 0))
+        # what reads it sees the journal's lines too
+        self.assertEqual(store.recent("#ops", 2), [b"2026-12-07 10:00: bob sent ops %d\n" % n
+                                                   for n in (1, 2)])
+        store._into_file_due = 0   # (JOURNAL_HOLDS passed)
+        self.assertTrue(store.has_changes())
+        store.commit()
+        self.assertEqual((self.messages_in_file(store), os.path.getsize(store._journal.path)),
+                         (8, 0))
+
+    def test_what_the_journal_holds_at_a_crash_is_in_the_file_at_the_next_start(self):
+        server, store = self.sqlite_store(keep=3)
+        store.keep("#main", b"2026-12-07 10:00: bob sent zero\n", 4)
+        store.commit(into_file=True)
+        for n in range(1, 6):
+            store.keep("#main", b"2026-12-07 10:00: bob sent line %d\n" % n, 6)
+            store.commit()
+        crashed = self.crash_copy(store)
+        self.addCleanup(shutil.rmtree, os.path.dirname(crashed), True)
+        copy = types.SimpleNamespace(path=crashed)
+        self.assertEqual(self.messages_in_file(copy), 1)   # the rest in the journal alone
+        again = server.SQLiteStore(crashed, keep=3)
+        self.addCleanup(again.close)
+        self.assertEqual(again.recent("#main", 10), [b"2026-12-07 10:00: bob sent line %d\n" % n
+                                                     for n in (3, 4, 5)])
+        self.assertEqual(again.position("#main"), 6)
+        self.assertEqual(os.path.getsize(crashed + "-lines"), 0)   # in the file: emptied
+        again.close()
+        self.assertFalse(os.path.exists(crashed + "-lines"))   # a stop leaves no journal
+        # A crash between the commit that put them in and the journal emptied: in once
+        shutil.copyfile(store._journal.path, crashed + "-lines")
+        third = server.SQLiteStore(crashed, keep=3)
+        self.addCleanup(third.close)
+        self.assertEqual((third.position("#main"), len(third.recent("#main", 10))), (6, 3))
+
+    def test_a_torn_journal_gives_its_whole_turns_and_says_what_it_left_out(self):
+        server, store = self.sqlite_store()
+        for n in range(3):
+            store.keep("#main", b"2026-12-07 10:00: bob sent line %d\n" % n, 6)
+            store.commit()
+        store.keep("#main", b"2026-12-07 10:00: bob sent line 3\n", 6)
+        store.commit()
+        crashed = self.crash_copy(store)
+        self.addCleanup(shutil.rmtree, os.path.dirname(crashed), True)
+        size = os.path.getsize(crashed + "-lines")
+        with open(crashed + "-lines", "r+b") as journal:   # the last turn's record cut short
+            journal.truncate(size - 5)
+        again = server.SQLiteStore(crashed)
+        self.addCleanup(again.close)
+        self.assertEqual(again.recent("#main", 10), [b"2026-12-07 10:00: bob sent line %d\n" % n
+                                                     for n in range(3)])
+        self.assertRegex(again.opening_note, r"\A%s: \d+ bytes at its end were not a whole turn"
+                         r" \(a write cut short\), left out\Z" % re.escape(crashed + "-lines"))
+
+    def test_a_journal_that_cannot_be_written_sends_the_turn_to_the_data_file(self):
+        server, store = self.sqlite_store()
+        store.keep("#main", b"2026-12-07 10:00: bob sent kept\n", 4)
+        store.commit()
+        write = os.write
+
+        def full(fd, data):
+            if fd == store._journal.fd:
+                return write(fd, data[:7])   # a write cut short by a full disk
+            return write(fd, data)
+        os.write = full
+        try:
+            store.keep("#main", b"2026-12-07 10:00: bob sent still kept\n", 10)
+            store.commit()
+        finally:
+            os.write = write
+        self.assertEqual(os.path.getsize(store._journal.path), 0)   # no torn record left
+        self.assertEqual(self.messages_in_file(store), 2)
+        self.assertEqual(server.TurnJournal(store.path).read(), ([], 0))
+
+    def test_durable_keeps_no_journal(self):
+        _, store = self.sqlite_store(durable=True)
+        store.keep("#main", b"2026-12-07 10:00: bob sent durable\n", 7)
+        store.commit()
+        self.assertEqual(self.messages_in_file(store), 1)
+        self.assertFalse(os.path.exists(store.path + "-lines"))
 
     def test_history_and_catch_up_read_only_the_rows_they_show(self):
         # Start-up asks every room for its history: a read of every kept row made start-up
@@ -6135,6 +6252,36 @@ class MemoryTests(unittest.TestCase):
         self.assertEqual([carol.said(), carol.said()],
                          ["Recent messages (1):", "alice sent the last words before the power goes"])
 
+    def test_lines_acknowledged_from_the_journal_survive_sigkill(self):
+        # A turn's lines alone go to the journal (chat.db-lines) with one write, and reach the
+        # data file JOURNAL_HOLDS later: a SIGKILL in between loses none of them.
+        server_module = load_module("chat_server")
+        for attempt in range(3):   # (until the kill comes while the journal holds lines)
+            data = DataFile(self)
+            first = self.server(data, "--rate-limit", "0")
+            alice = first.client().join("alice")
+            bob = first.client().join("bob")
+            self.addCleanup(bob.close)
+            self.assertEqual(alice.said(), "bob connected!")
+            said = ["the last words %d" % n for n in range(5)]
+            for line in said:
+                alice.send(line + "\n")
+                self.assertEqual(alice.said(), OK)
+                alice.said()
+            first.stop(signal.SIGKILL)
+            journaled, torn = server_module.TurnJournal(data.path).read()
+            if journaled:
+                break
+        self.assertTrue(journaled, "the lines were in the file before each kill")
+        self.assertEqual(torn, 0)
+        in_file = data.query("SELECT coalesce(sum(length(sizes)) / 8, 0) FROM messages")[0][0]
+        self.assertEqual(in_file + sum(len(sizes) // 8 for _, _, _, sizes, _ in journaled), 5)
+        second = self.server(data)
+        carol = second.client().join("carol")
+        self.assertEqual([carol.said() for _ in range(6)],
+                         ["Recent messages (5):"] + ["alice sent " + line for line in said])
+        self.assertEqual(data.query("SELECT max(last) FROM messages"), [(5,)])
+
     def test_memory_keeps_nothing_after_a_stop(self):
         folder = tempfile.mkdtemp(prefix="chat-memory-")
         self.addCleanup(shutil.rmtree, folder, True)
@@ -6252,10 +6399,12 @@ class MemoryTests(unittest.TestCase):
         server = self.server(data, "--keep", "5", "--rate-limit", "0")
         nick = self.converse(server, ["main %d" % n for n in range(12)])
         self.converse(server, ["ops %d" % n for n in range(7)], room="#ops")
-        # (a row holds a commit's lines of a room: 8 bytes of sizes a line)
-        rows = data.query("SELECT room, sum(length(sizes)) / 8 FROM messages GROUP BY room"
-                          " ORDER BY room")
-        self.assertEqual(rows, [("#main", 5), ("#ops", 5)])
+        # (a row holds a commit's lines of a room: 8 bytes of sizes a line; the last lines
+        # reach the file from the journal within JOURNAL_HOLDS, the server idle or not)
+        wait_until(lambda: data.query("SELECT room, sum(length(sizes)) / 8 FROM messages"
+                                      " GROUP BY room ORDER BY room") == [("#main", 5),
+                                                                          ("#ops", 5)],
+                   "5 lines a room in the file")
         kept = data.query("SELECT lines FROM messages WHERE room = '#main' ORDER BY last")
         self.assertEqual([split_ts(line)[1] for line in
                           b"".join(lines for lines, in kept).decode().splitlines()],
@@ -6263,6 +6412,7 @@ class MemoryTests(unittest.TestCase):
         sizes = []
         for _ in range(2):   # the file, after many more: no bigger (the pages are reused)
             self.converse(server, ["more %d" % n for n in range(300)])
+            wait_until(lambda: not os.path.getsize(data.path + "-lines"), "the journal empty")
             data.query("PRAGMA wal_checkpoint(PASSIVE)")
             sizes.append(os.path.getsize(data.path))
         self.assertEqual(data.query("SELECT sum(length(sizes)) / 8 FROM messages"), [(10,)])
