@@ -6276,11 +6276,17 @@ class MemoryTests(unittest.TestCase):
         self.assertEqual(torn, 0)
         in_file = data.query("SELECT coalesce(sum(length(sizes)) / 8, 0) FROM messages")[0][0]
         self.assertEqual(in_file + sum(len(sizes) // 8 for _, _, _, sizes, _ in journaled), 5)
+        with open(data.path + "-lines", "ab") as journal:   # and a power cut's torn record
+            journal.write(b"\x20\0\0\0torn")
         second = self.server(data)
         carol = second.client().join("carol")
         self.assertEqual([carol.said() for _ in range(6)],
                          ["Recent messages (5):"] + ["alice sent " + line for line in said])
         self.assertEqual(data.query("SELECT max(last) FROM messages"), [(5,)])
+        self.assertIn("chat_server: %s-lines: 8 bytes at its end were not a whole turn (a write"
+                      " cut short), left out" % data.path, second.stderr().splitlines())
+        second.stop()
+        self.assertFalse(os.path.exists(data.path + "-lines"))   # a stop leaves none
 
     def test_memory_keeps_nothing_after_a_stop(self):
         folder = tempfile.mkdtemp(prefix="chat-memory-")
