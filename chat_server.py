@@ -2740,8 +2740,13 @@ class TurnJournal:
             raise
 
     def empty(self):
-        """Everything it held is in the data file: from empty again."""
-        if self.size:
+        """Everything it held is in the data file: from empty again (or gone, when it was
+        closed after a write it could not cut back)."""
+        if self.fd is None:
+            if self.size:
+                self.size = 0
+                self.close(remove=True)
+        elif self.size:
             os.ftruncate(self.fd, 0)
             self.size = 0
 
@@ -2996,6 +3001,8 @@ class SQLiteStore(MemoryStore):
         except sqlite3.Error as exc:
             self._rollback()
             self._failed(exc)
+            if self._journaled:   # (in the journal still: tried again later, not every turn)
+                self._into_file_due = time.monotonic() + JOURNAL_HOLDS
             return
         if self._journaled:
             self._journaled = []
@@ -3028,10 +3035,10 @@ class SQLiteStore(MemoryStore):
         if not self._journaled:
             self._into_file_due = now + JOURNAL_HOLDS
         self._journaled += rows
-        if now >= self._into_file_due or journal.size >= JOURNAL_MOST_BYTES:
+        if now >= self._into_file_due or journal.size >= JOURNAL_MOST_BYTES and \
+                not self._failing:
             return False   # (and the commit says whether writing works)
-        self._writing_works()
-        return True
+        return True   # (the journal working says nothing of the data file: no "again" here)
 
     def _empty_journal(self):
         try:
@@ -3088,7 +3095,8 @@ class SQLiteStore(MemoryStore):
             self.db.executemany("INSERT INTO messages (room, last, lines, sizes, text_at)"
                                 " VALUES (?, ?, ?, ?, ?)", rows)
             for room in {row[0] for row in rows}:
-                self._prune(room)
+                if room in self._positions:   # (else dropped this turn: its journaled rows go
+                    self._prune(room)         # with the drop's DELETE below)
         pending, self._pending = self._pending, []
         for sql, parameters in pending:
             self.db.execute(sql, parameters)
