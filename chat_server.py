@@ -326,6 +326,11 @@ class Lines:
     LOG_TOKEN = "{nick} made a login token"
     LOG_CANNOT_WRITE = "Cannot write {path}: {error}; messages are not kept until it can"
     LOG_WRITING_AGAIN = "Writing {path} again"
+    # Standard error, at a start after a crash (the data file's journal, TurnJournal)
+    JOURNAL_TORN = ("{path}: {count} bytes at its end were not a whole turn (a write cut short),"
+                    " left out")
+    JOURNAL_NOT_THE_FILES = ("{path}: not the data file's (it was written after the data file's"
+                             " last commit, as when a backup was put back), left out")
     LOG_STARTED = "Server started on {address}"
     LOG_STOPPED = "Server stopped"
     # Standard output and error
@@ -2654,28 +2659,42 @@ class TurnJournal:
     start, before anything else reads it; a record is whole or ignored (its size and CRC-32
     first), and putting a row in twice is harmless (rows are keyed by room and position).
 
-    A record: <II (the payload's size, its CRC-32), then a row after another, each <HqIIi (the
-    room key's size, the position of its last line, the lines' size, the sizes' size, where the
-    text starts or -1), then the room key, the lines and their sizes (SQLiteStore._row)."""
+    Generations: the file starts with its generation, and every commit to the data file stores
+    the generation of the journal it saw (``journal`` table) and starts the journal's next one,
+    empty. So a start puts in the journal only if it is the next of the data file's (one
+    stored already is in, say a crash came between the commit and the journal emptied; one
+    further on is not this file's, say a copy of the data file put back after a crash).
+
+    The file: FILE_HEADER (MAGIC, the generation), then records. A record: <II (the payload's
+    size, its CRC-32), then a row after another, each <HqIIi (the room key's size, the position
+    of its last line, the lines' size, the sizes' size, where the text starts or -1), then the
+    room key, the lines and their sizes (SQLiteStore._row)."""
 
     SUFFIX = "-lines"
+    MAGIC = b"chatlns1"
+    FILE_HEADER = struct.Struct("<8sQ")
     HEADER = struct.Struct("<II")
     ROW = struct.Struct("<HqIIi")
 
     def __init__(self, data_path):
         self.path = data_path + self.SUFFIX
         self.fd = None
-        self.size = 0       # bytes written (and not cut back) since it was last emptied
+        self.generation = 0
+        self.size = 0       # the file's size (what a write cut short is cut back to)
 
     def read(self):
-        """The rows of every whole record, and how many bytes after them are not one (a write
-        cut short by a power cut, or damage)."""
+        """(its generation or None, the rows of every whole record, how many bytes after them
+        are not one: a write cut short by a power cut, or damage)."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return [], 0
-        rows, at, header = [], 0, self.HEADER
+            return None, [], 0
+        start = self.FILE_HEADER.size
+        if len(data) < start or data[:len(self.MAGIC)] != self.MAGIC:
+            return None, [], len(data)   # (an empty file: cut before its header was written)
+        generation = self.FILE_HEADER.unpack_from(data)[1]
+        rows, at, header = [], start, self.HEADER
         while at + header.size <= len(data):
             size, crc = header.unpack_from(data, at)
             payload = data[at + header.size:at + header.size + size]
@@ -2686,7 +2705,7 @@ class TurnJournal:
             except (struct.error, ValueError):   # (a CRC that matched by chance)
                 break
             at += header.size + size
-        return rows, len(data) - at
+        return generation, rows, len(data) - at
 
     def _rows_of(self, payload):
         rows, at, row = [], 0, self.ROW
@@ -2704,11 +2723,20 @@ class TurnJournal:
             rows.append((room, last, lines, sizes, None if text_at < 0 else text_at))
         return rows
 
-    def open(self):
-        """Ready to append, from empty (what it held is in the data file by now)."""
+    def open(self, generation):
+        """Ready to append, from empty, as ``generation`` (what it held is in the data file
+        by now, or not the file's)."""
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | BINARY, 0o600)
+        self._start(generation)
+
+    def _start(self, generation):
         os.ftruncate(self.fd, 0)
         self.size = 0
+        self.generation = generation
+        header = self.FILE_HEADER.pack(self.MAGIC, generation)
+        if os.write(self.fd, header) != len(header):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.size = len(header)
 
     def append(self, rows):
         """One record of ``rows``, or OSError with the file as it was (a write cut short by a
@@ -2739,16 +2767,16 @@ class TurnJournal:
             self.close(remove=False)   # (no journal from here: a commit a turn, as before)
             raise
 
-    def empty(self):
-        """Everything it held is in the data file: from empty again (or gone, when it was
-        closed after a write it could not cut back)."""
+    def start_next(self):
+        """The data file has what it held, and says so (its generation): the next generation,
+        from empty (or none at all, once it was closed after a write it could not cut back)."""
         if self.fd is None:
-            if self.size:
-                self.size = 0
-                self.close(remove=True)
-        elif self.size:
-            os.ftruncate(self.fd, 0)
-            self.size = 0
+            self.close(remove=True)
+            return
+        try:
+            self._start(self.generation + 1)
+        except OSError:
+            self.close(remove=True)   # (no journal from here: a commit a turn, as before)
 
     def close(self, remove):
         if self.fd is not None:
@@ -2764,10 +2792,11 @@ class TurnJournal:
 class SQLiteStore(MemoryStore):
     """What the chat keeps, in a SQLite file (``--data``): the MemoryStore's interface, kept.
 
-    One connection, owned by the loop. The turn's changes are gathered in memory and written in
-    one transaction by ``commit()``, which the loop calls once a turn before it writes to the
-    sockets (Redis writes its append-only file in beforeSleep the same way): an acknowledgement
-    never runs ahead of the file. WAL mode with synchronous=NORMAL: a commit survives the
+    One connection, owned by the loop. The turn's changes are gathered in memory and kept by
+    ``commit()``, which the loop calls once a turn before it writes to the sockets (Redis writes
+    its append-only file in beforeSleep the same way): an acknowledgement never runs ahead of
+    the disk. A turn of lines alone is appended to the journal (TurnJournal), whose lines go
+    into the file within JOURNAL_HOLDS; any other turn is one transaction. WAL mode with synchronous=NORMAL: a commit survives the
     server's crash (even SIGKILL); a power cut may lose the last ones (``durable`` makes each
     commit wait for the disk: synchronous=FULL). A lock file beside it ("-lock", held while the
     server runs) stops a second server at once, while other programs (the sqlite3 shell, a
@@ -2819,13 +2848,13 @@ class SQLiteStore(MemoryStore):
         self.db = None
         try:
             self.db = self._open(path, durable)
-            journal = self._take_in_journal()
+            journal, generation = self._take_in_journal()
             self._load_small_tables()
             if durable:
                 journal.close(remove=True)   # (a commit a turn, waiting for the disk)
             else:
-                journal.open()
                 self._journal = journal
+                journal.open(generation + 1)
             self._checkpointer = Checkpointer(path)
         except BaseException:   # (nothing left open: the caller may go on in memory)
             if self._journal is not None:
@@ -2896,12 +2925,14 @@ class SQLiteStore(MemoryStore):
 
     def _take_in_journal(self):
         """What the journal holds (the last lines before a crash) into the data file, pruned
-        to ``keep`` as a commit prunes; the journal, to be emptied once it is in."""
+        to ``keep`` as a commit prunes, if it is the journal that follows the file (see
+        TurnJournal): the journal, and the generation the data file has now."""
         import sqlite3
         journal = TurnJournal(self.path)
-        rows, torn = journal.read()
-        if rows:
-            try:
+        generation, rows, torn = journal.read()
+        try:
+            stored = self.db.execute("SELECT generation FROM journal").fetchone()[0]
+            if rows and generation == stored + 1:
                 self.db.execute("BEGIN")
                 self.db.executemany("INSERT OR IGNORE INTO messages (room, last, lines, sizes,"
                                     " text_at) VALUES (?, ?, ?, ?, ?)", rows)
@@ -2909,15 +2940,18 @@ class SQLiteStore(MemoryStore):
                     self.db.execute("DELETE FROM messages WHERE room = ? AND last <= (SELECT"
                                     " max(last) FROM messages WHERE room = ?) - ?",
                                     (room, room, self._keep))
+                self.db.execute("UPDATE journal SET generation = ?", (generation,))
                 self.db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise DataFileError("cannot use %s: %s" % (journal.path, exc))
-        if torn:
-            self.opening_note = ("%s: %d bytes at its end were not a whole turn (a write cut"
-                                 " short), left out" % (journal.path, torn))
-        return journal
+                stored = generation
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise DataFileError("cannot use %s: %s" % (journal.path, exc))
+        if rows and generation > stored:
+            self.opening_note = Lines.JOURNAL_NOT_THE_FILES.format(path=journal.path)
+        elif torn:
+            self.opening_note = Lines.JOURNAL_TORN.format(path=journal.path, count=torn)
+        return journal, stored
 
     def _load_small_tables(self):
         """What is small and asked for often: rooms, operators, bans and mutes, in memory."""
@@ -2997,6 +3031,9 @@ class SQLiteStore(MemoryStore):
         import sqlite3
         try:
             self._write_pending()
+            if self._journal is not None:   # (the file has what the journal held: see
+                self.db.execute("UPDATE journal SET generation = ?",   # TurnJournal)
+                                (self._journal.generation,))
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -3004,10 +3041,10 @@ class SQLiteStore(MemoryStore):
             if self._journaled:   # (in the journal still: tried again later, not every turn)
                 self._into_file_due = time.monotonic() + JOURNAL_HOLDS
             return
-        if self._journaled:
+        if self._journal is not None:
             self._journaled = []
             self._journaled_in_transaction = 0
-            self._empty_journal()
+            self._journal.start_next()
         checkpointer = self._checkpointer
         if checkpointer.wal_pages > WAL_MOST_PAGES:
             self._fold_wal_in()
@@ -3039,14 +3076,6 @@ class SQLiteStore(MemoryStore):
                 not self._failing:
             return False   # (and the commit says whether writing works)
         return True   # (the journal working says nothing of the data file: no "again" here)
-
-    def _empty_journal(self):
-        try:
-            self._journal.empty()
-        except OSError:   # (its rows are in the data file: never to be put in again)
-            self._journal.close(remove=True)
-        except AttributeError:
-            pass   # (no journal: --durable)
 
     def _writing_works(self):
         if self._failing:
@@ -3535,6 +3564,10 @@ MIGRATIONS = (
     ),
     (   # 5: each account's login tokens, as their SHA-256 digests (hex), oldest first, spaced
         "ALTER TABLE accounts ADD COLUMN tokens TEXT NOT NULL DEFAULT ''",
+    ),
+    (   # 6: the generation of the last "-lines" journal the file has the lines of (TurnJournal)
+        "CREATE TABLE journal (generation INTEGER NOT NULL)",
+        "INSERT INTO journal (generation) VALUES (0)",
     ),
 )
 

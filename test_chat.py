@@ -65,6 +65,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER = os.path.join(HERE, "chat_server.py")
 CLIENT = os.path.join(HERE, "chat_client.py")
 DEADLINE = 15.0          # seconds any single wait may take before the test fails
+JOURNAL_EMPTY = 16      # bytes: a data file's journal (chat.db-lines) of no lines: its header
 TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d): ")
 
 
@@ -3423,7 +3424,7 @@ class StoreTests(InMemoryTestCase):
             os.write = write
         self.assertEqual(writes, [store._journal.fd] * 3)   # one write a turn, both rooms
         self.assertEqual(self.messages_in_file(store), 2)
-        rows, torn = server.TurnJournal(store.path).read()
+        _, rows, torn = server.TurnJournal(store.path).read()
         self.assertEqual(([(room, last, bytes(lines)) for room, last, lines, _, _ in rows], torn),
                          ([("#main", 2, b"2026-12-07 10:00: bob sent line 0\n"),
                            ("#ops", 2, b"2026-12-07 10:00: bob sent ops 0\n"),
@@ -3438,7 +3439,7 @@ class StoreTests(InMemoryTestCase):
         self.assertTrue(store.has_changes())
         store.commit()
         self.assertEqual((self.messages_in_file(store), os.path.getsize(store._journal.path)),
-                         (8, 0))
+                         (8, JOURNAL_EMPTY))
 
     def test_what_the_journal_holds_at_a_crash_is_in_the_file_at_the_next_start(self):
         server, store = self.sqlite_store(keep=3)
@@ -3456,7 +3457,7 @@ class StoreTests(InMemoryTestCase):
         self.assertEqual(again.recent("#main", 10), [b"2026-12-07 10:00: bob sent line %d\n" % n
                                                      for n in (3, 4, 5)])
         self.assertEqual(again.position("#main"), 6)
-        self.assertEqual(os.path.getsize(crashed + "-lines"), 0)   # in the file: emptied
+        self.assertEqual(os.path.getsize(crashed + "-lines"), JOURNAL_EMPTY)   # in the file
         again.close()
         self.assertFalse(os.path.exists(crashed + "-lines"))   # a stop leaves no journal
         # A crash between the commit that put them in and the journal emptied: in once
@@ -3491,18 +3492,18 @@ class StoreTests(InMemoryTestCase):
         write = os.write
 
         def full(fd, data):
-            if fd == store._journal.fd:
-                return write(fd, data[:7])   # a write cut short by a full disk
-            return write(fd, data)
+            if fd == store._journal.fd and len(data) > JOURNAL_EMPTY:
+                return write(fd, data[:7])   # a record cut short by a full disk
+            return write(fd, data)           # (a new generation's header: written)
         os.write = full
         try:
             store.keep("#main", b"2026-12-07 10:00: bob sent still kept\n", 10)
             store.commit()
         finally:
             os.write = write
-        self.assertEqual(os.path.getsize(store._journal.path), 0)   # no torn record left
+        self.assertEqual(os.path.getsize(store._journal.path), JOURNAL_EMPTY)   # none torn
         self.assertEqual(self.messages_in_file(store), 2)
-        self.assertEqual(server.TurnJournal(store.path).read(), ([], 0))
+        self.assertEqual(server.TurnJournal(store.path).read()[1:], ([], 0))
 
     def test_durable_keeps_no_journal(self):
         _, store = self.sqlite_store(durable=True)
@@ -6269,7 +6270,7 @@ class MemoryTests(unittest.TestCase):
                 self.assertEqual(alice.said(), OK)
                 alice.said()
             first.stop(signal.SIGKILL)
-            journaled, torn = server_module.TurnJournal(data.path).read()
+            _, journaled, torn = server_module.TurnJournal(data.path).read()
             if journaled:
                 break
         self.assertTrue(journaled, "the lines were in the file before each kill")
@@ -6418,7 +6419,8 @@ class MemoryTests(unittest.TestCase):
         sizes = []
         for _ in range(2):   # the file, after many more: no bigger (the pages are reused)
             self.converse(server, ["more %d" % n for n in range(300)])
-            wait_until(lambda: not os.path.getsize(data.path + "-lines"), "the journal empty")
+            wait_until(lambda: os.path.getsize(data.path + "-lines") == JOURNAL_EMPTY,
+                       "the journal empty")
             data.query("PRAGMA wal_checkpoint(PASSIVE)")
             sizes.append(os.path.getsize(data.path))
         self.assertEqual(data.query("SELECT sum(length(sizes)) / 8 FROM messages"), [(10,)])
@@ -6828,8 +6830,10 @@ class FullDiskTests(unittest.TestCase):
         wait_until(lambda: "Writing %s again" % path in logged(server), "writing again")
 
 
-class JournalReviewTests(InMemoryTestCase):
-    """Review of 486e21d (the turn journal, chat.db-lines): real files, a store in process."""
+class JournalTests(InMemoryTestCase):
+    """The data file's journal (chat.db-lines) when things fail: a data file that can't be
+    written, a write cut short, a crash at the worst moment, a backup put back. Real files, a
+    store in process."""
 
     sqlite_store = StoreTests.sqlite_store
     crash_copy = staticmethod(StoreTests.crash_copy)
@@ -6929,7 +6933,6 @@ class JournalReviewTests(InMemoryTestCase):
             os.write, os.ftruncate = write, ftruncate
         self.assertEqual(self.messages_in_file(store), 4)
 
-    @unittest.expectedFailure   # (open: needs the journal's generation in the data file)
     def test_a_dropped_rooms_journaled_lines_do_not_come_back_after_a_crash(self):
         # SIGKILL between the commit of a /drop (which writes the journal's rows in, then
         # deletes the room's) and the journal emptied: the next start put the dropped room's
@@ -6984,9 +6987,48 @@ class JournalReviewTests(InMemoryTestCase):
         self.assertEqual(again.recent("#main", 10),
                          [b"2026-12-07 10:00: bob sent backed up %d\n" % n for n in range(5)])
 
+    def test_a_journal_that_does_not_follow_the_data_file_is_left_out_with_one_line(self):
+        # A backup put back after a crash, its journal left beside it: the journal's
+        # generation is past the next of the backup's (every commit stores it), so its lines
+        # would not follow the backup's (its positions far on: their prune would delete all
+        # the backup's lines).
+        import sqlite3
+        server, store = self.sqlite_store(keep=20)
+        store.save_room(server.RoomRecord("#main", "#main", None, None))
+        for n in range(5):
+            store.keep("#main", b"2026-12-07 10:00: bob sent backed up %d\n" % n, 13)
+        store.commit()
+        backup_path = store.path + ".backup"
+        source, target = sqlite3.connect(store.path), sqlite3.connect(backup_path)
+        source.backup(target)
+        source.close()
+        target.close()
+        store.save_room(server.RoomRecord("#ops", "#ops", None, None))   # a commit after it
+        store.keep("#main", b"2026-12-07 10:00: bob sent later\n", 5)
+        store.commit()
+        store.keep("#main", b"2026-12-07 10:00: bob sent in the journal\n", 14)
+        store.commit()
+        crashed = self.crash_copy(store)
+        self.addCleanup(shutil.rmtree, os.path.dirname(crashed), True)
+        self.assertTrue(server.TurnJournal(crashed).read()[1])   # (the journal has a line)
+        for name in ("chat.db-wal", "chat.db-shm"):   # put back, the journal left beside it
+            if os.path.exists(os.path.join(os.path.dirname(crashed), name)):
+                os.remove(os.path.join(os.path.dirname(crashed), name))
+        shutil.copyfile(backup_path, crashed)
+        again = server.SQLiteStore(crashed, keep=20)
+        self.addCleanup(again.close)
+        self.assertEqual(again.recent("#main", 10),
+                         [b"2026-12-07 10:00: bob sent backed up %d\n" % n for n in range(5)])
+        self.assertEqual(again.opening_note, "%s-lines: not the data file's (it was written after"
+                         " the data file's last commit, as when a backup was put back), left out"
+                         % crashed)
+        again.keep("#main", b"2026-12-07 10:00: bob sent after the restore\n", 17)
+        again.commit()   # (the journal starts again, its next generation the backup's)
+        self.assertEqual(again.recent("#main", 1)[0][-18:], b"after the restore\n")
 
-class JournalDropServerTests(unittest.TestCase):
-    """Review of 486e21d: an operator's /drop of a room whose last lines are in the journal."""
+
+class JournalDropTests(unittest.TestCase):
+    """An operator's /drop of a room whose last lines are in the journal (a real server)."""
 
     password = ModerationTests.password
     setUp = ModerationTests.setUp
@@ -7012,7 +7054,8 @@ class JournalDropServerTests(unittest.TestCase):
         bob.send("the first line\n")   # (the room saved: a transaction of its own)
         self.assertEqual([bob.said(), bob.said(), carol.said()],
                          [OK, "YOU SEND USERS the first line", "bob sent the first line"])
-        wait_until(lambda: not os.path.getsize(self.data.path + "-lines"), "the journal empty")
+        wait_until(lambda: os.path.getsize(self.data.path + "-lines") == JOURNAL_EMPTY,
+                   "the journal empty")
         bob.send("in the journal alone\n")
         self.assertEqual([bob.said(), bob.said(), carol.said()],
                          [OK, "YOU SEND USERS in the journal alone",
