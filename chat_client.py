@@ -577,6 +577,12 @@ class Notes:
     PASTE_NOT_SENT = "Not sent, the connection is down: {count} pasted lines."
     PASSWORD_PROMPT = "password> "
     NICK_PASSWORD_PROMPT = "password for {nick}> "
+    # A secret command typed alone (/register, /password, /unregister): its passwords asked
+    # for one by one, never shown (SECRET_PROMPTS); an empty answer sends nothing.
+    NEW_PASSWORD_PROMPT = "new password for {nick}> "
+    OLD_PASSWORD_PROMPT = "current password for {nick}> "
+    OWN_PASSWORD_PROMPT = "password of {nick}> "
+    SECRET_NOT_SENT = "Not sent: /{command}."
     NICKNAME_PROMPT = "nickname> "
     TRUST_PROMPT = "Trust it? [y/N] "
     # Login tokens (LoginTokens): the token itself is never shown.
@@ -622,6 +628,14 @@ class Notes:
     TLS_REMEMBERED = "Trusted: remembered in {path}."
     TLS_NOT_TRUSTED = "Not connected: the certificate of {address} was not trusted."
     NO_SSL = "--tls: this Python has no ssl module"
+
+
+# What a secret command typed alone asks for, in its arguments' order (docs/CLIENT.md).
+SECRET_PROMPTS = {
+    "register": (Notes.NEW_PASSWORD_PROMPT,),
+    "password": (Notes.OLD_PASSWORD_PROMPT, Notes.NEW_PASSWORD_PROMPT),
+    "unregister": (Notes.OWN_PASSWORD_PROMPT,),
+}
 
 
 def clause(reason):
@@ -745,6 +759,9 @@ class Session:
         self.password = password          # --password-file or CHAT_PASSWORD, then as sent
         self.wrong_passwords = 0          # the chat's password, refused on a terminal
         self.password_again = False       # refused: asked again on the next connection
+        # A secret command typed alone on a terminal: (its name, the passwords given so far);
+        # the next ones are asked for with echo off (SECRET_PROMPTS)
+        self.secret_entry = None
         # Registered nicknames' passwords, kept in memory to answer again after a reconnect:
         # casefolded nickname -> password. The option's (None: none) answers any nickname once.
         self.nick_passwords = {}
@@ -868,7 +885,10 @@ class Session:
         says what became of it, where dropping it said nothing."""
         phase = self.phase
         if phase == Phase.MEMBER:
-            self._send_member_line(text, typed=self._erased(text))
+            if self.secret_entry is not None:
+                self._secret_answered(text)
+            elif not self._secret_entry_begun(text):
+                self._send_member_line(text, typed=self._erased(text))
         elif phase == Phase.NICKNAME:
             self._send_attempt(text)
         elif phase == Phase.PASSWORD:
@@ -886,6 +906,31 @@ class Session:
                 self.ui.note(Notes.NOT_SENT_OFFLINE.format(text=masked(text)))
         else:
             self.held.append(text)   # not yet: a pipe's lines wait for the next connection too
+
+    def _secret_entry_begun(self, text):
+        """'/register' typed alone on a terminal: its password asked for, never on screen
+        (typed after the command, it would be, until Enter)."""
+        command, arguments = parse_command(text)
+        if not (self.interactive and command.secret) or arguments:
+            return False
+        self.secret_entry = (command.name, [])
+        self.ui.ask_password(self.prompt())
+        return True
+
+    def _secret_answered(self, text):
+        """A password for the secret command typed alone: the next asked for, or the command
+        sent, masked on screen; an empty one sends nothing."""
+        name, answers = self.secret_entry
+        if not text.strip():
+            self.secret_entry = None
+            self.ui.note(Notes.SECRET_NOT_SENT.format(command=name))
+        else:
+            answers.append(text)
+            if len(answers) == len(SECRET_PROMPTS[name]):
+                self.secret_entry = None
+                line = "/%s %s" % (name, " ".join(answers))
+                self._send_member_line(line, typed=self._erased(line))
+        self.ui.prompt_changed()
 
     def _erased(self, text):
         """What the terminal erased of a line sent (prompt and text, secrets masked), or None.
@@ -932,6 +977,7 @@ class Session:
                          self.farewell or reason or Notes.CLOSED_BY_SERVER)
 
     def _go_offline(self, lost):
+        self.secret_entry = None   # (half given: asked again by typing the command again)
         if self.interactive and self.joined_once:
             self.returning.update(self.members)
         if self.pasting and self.interactive:
@@ -962,6 +1008,9 @@ class Session:
     def prompt(self):
         if self.password_again:
             return Notes.PASSWORD_PROMPT
+        if self.secret_entry is not None and self.phase == Phase.MEMBER:
+            name, answers = self.secret_entry
+            return SECRET_PROMPTS[name][len(answers)].format(nick=self.nick)
         if self.phase == Phase.MEMBER:
             return "%s> " % self._where()
         if self.phase == Phase.OFFLINE or (self.rejoining and self.phase == Phase.CONNECTING):
@@ -1028,7 +1077,8 @@ class Session:
         for and while it is checked, on a terminal."""
         return self.interactive and (self.password_again or self.phase in (
             Phase.PASSWORD, Phase.CHECKING_PASSWORD, Phase.NICK_PASSWORD,
-            Phase.CHECKING_NICK_PASSWORD))
+            Phase.CHECKING_NICK_PASSWORD) or (
+            self.secret_entry is not None and self.phase == Phase.MEMBER))
 
     def keeps_in_history(self, text):
         """May the input history keep this line? Not a command that carries a password."""

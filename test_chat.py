@@ -7774,6 +7774,46 @@ class SessionVersion3Tests(InMemoryTestCase):
         self.assertEqual(ui.sent, ["/register hunter22!", "/register hunter22!!"])
         self.assertNotIn("hunter22", " ".join(ui.shown_texts() + ui.notes))
 
+    def test_a_secret_command_typed_alone_asks_its_passwords_without_echo(self):
+        # Typed after the command, a password is on screen until Enter: typed alone, the
+        # command asks for each, echo off, and sends the whole line (masked on screen).
+        Notes = self.chat.Notes
+        self.assertEqual(set(self.chat.SECRET_PROMPTS),
+                         {command.name for command in self.chat.COMMANDS if command.secret})
+        session, ui = self.joined(interactive=True, erases_echo=True)
+        session.typed("/register")
+        self.assertEqual((ui.sent, ui.password_prompts, session.hides_input()),
+                         ([], ["new password for alice> "], True))
+        session.typed("correct horse battery")
+        self.assertEqual((ui.sent, session.hides_input(), session.prompt()),
+                         (["/register correct horse battery"], False, "alice> "))
+        self.assertEqual(ui.typed_again, ["alice> /register ***"])
+        session.server_line(T0 + OK)
+        session.server_line(T0 + registered("alice"))
+        session.typed("/Password ")                      # (its case and spaces are the user's)
+        self.assertEqual(session.prompt(), "current password for alice> ")
+        session.typed("correct")
+        self.assertEqual((session.prompt(), session.hides_input()),
+                         ("new password for alice> ", True))
+        session.typed("a-new-secret-pass")
+        self.assertEqual(ui.sent[-1], "/password correct a-new-secret-pass")
+        session.server_line(T0 + OK)
+        session.typed("/unregister")
+        self.assertEqual(session.prompt(), "password of alice> ")
+        session.typed("")                                # nothing: nothing sent
+        self.assertEqual((ui.sent[-1], ui.notes[-1], session.hides_input()),
+                         ("/password correct a-new-secret-pass",
+                          Notes.SECRET_NOT_SENT.format(command="unregister"), False))
+        self.assertNotIn("correct", " ".join(ui.shown_texts() + ui.notes + ui.typed_again))
+        session, ui = self.joined(interactive=True, reconnect=True)
+        session.typed("/register")                       # the connection lost meanwhile
+        session.connection_closed("reset")
+        self.assertEqual((session.phase, session.hides_input(), session.secret_entry),
+                         ("offline", False, None))
+        piped, ui = self.joined()                        # a pipe: sent as it is
+        piped.typed("/register")
+        self.assertEqual(ui.sent, ["/register"])
+
     def test_kicked_and_banned_end_with_their_own_statuses_and_muted_is_a_refusal(self):
         ExitStatus = self.chat.ExitStatus
         self.assertEqual((ExitStatus.LOST, ExitStatus.KICKED, ExitStatus.BANNED), (3, 4, 5))
@@ -10027,6 +10067,34 @@ class TerminalVersion3Tests(unittest.TestCase):
         term.read_until(lambda rows: rows[-1] == "alice>" and rows.count(
             "Nobody else is in #main.") == 2, "back in #main")
         term.type("\x04")
+        self.assertEqual(term.wait(), 0)
+
+    def test_register_typed_alone_asks_the_password_without_echo(self):
+        def script(peer):
+            peer.send(WELCOME)
+            peer.expect("alice")
+            peer.send(now_ts() + OK)
+            self.v3_member("alice")(peer)
+            peer.expect("/register hunter22 and more")
+            peer.send(now_ts() + OK, now_ts() + registered("alice"))
+            peer.expect_eof()
+        server = FakeServer(self, script)
+        term = client_on_terminal(self, server.port, "--nick", "alice")
+        self.joined(term, "alice")
+        term.type("/register\r")
+        term.read_until(lambda rows: rows[-1] == "new password for alice>", "the question")
+        term.type("hunter22 and more")
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "new password for alice>")   # nothing shown
+        term.type("\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and any(
+            '"alice" is registered to you.' in row for row in rows), "registered")
+        self.assertIn("alice> /register ***", term.rows())
+        term.type("\x1b[A")                          # Up: neither it nor its password kept
+        term.settle(0.2)
+        self.assertEqual(term.rows()[-1], "alice>")
+        self.assertNotIn(b"hunter22", term.output)
+        term.type("\x15\x04")
         self.assertEqual(term.wait(), 0)
 
     def test_a_registered_nickname_is_asked_without_echo_and_given_again_after_a_reconnect(self):
