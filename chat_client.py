@@ -930,6 +930,8 @@ class Session:
                 self.secret_entry = None
                 line = "/%s %s" % (name, " ".join(answers))
                 self._send_member_line(line, typed=self._erased(line))
+            else:
+                self.ui.ask_password(self.prompt())   # (a console reads each on request)
         self.ui.prompt_changed()
 
     def _erased(self, text):
@@ -1933,14 +1935,15 @@ class FdInput:
 
     def begin_secret(self, prompt):
         """Echo off until end_secret(): the password, and whatever is typed while the server
-        checks it."""
-        if not self.tty or self.saved_mode is not None:
+        checks it (asked again while it is off: the next password's prompt)."""
+        if not self.tty:
             return
-        import termios
-        self.saved_mode = termios.tcgetattr(self.fd)
-        quiet = list(self.saved_mode)
-        quiet[3] &= ~termios.ECHO
-        termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
+        if self.saved_mode is None:
+            import termios
+            self.saved_mode = termios.tcgetattr(self.fd)
+            quiet = list(self.saved_mode)
+            quiet[3] &= ~termios.ECHO
+            termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
         self.output.ask(prompt)
 
     def end_secret(self):

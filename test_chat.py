@@ -7793,8 +7793,8 @@ class SessionVersion3Tests(InMemoryTestCase):
         session.typed("/Password ")                      # (its case and spaces are the user's)
         self.assertEqual(session.prompt(), "current password for alice> ")
         session.typed("correct")
-        self.assertEqual((session.prompt(), session.hides_input()),
-                         ("new password for alice> ", True))
+        self.assertEqual((session.prompt(), session.hides_input(), ui.password_prompts[-1]),
+                         ("new password for alice> ", True, "new password for alice> "))
         session.typed("a-new-secret-pass")
         self.assertEqual(ui.sent[-1], "/password correct a-new-secret-pass")
         session.server_line(T0 + OK)
