@@ -6950,16 +6950,10 @@ class JournalTests(InMemoryTestCase):
         self.assertEqual(again.recent("#main", 10), [])
         self.assertEqual(again.position("#main"), 0)
 
-    def test_a_backup_restored_as_the_docs_say_is_not_mixed_with_a_crashed_journal(self):
-        # OPERATIONS.md's restore, after a crash: `rm -f chat.db-wal chat.db-shm && cp
-        # backup.db chat.db`. The crashed server's chat.db-lines stayed, and its rows went into
-        # the backup at the next start; their prune (max(last) - keep) deleted every line the
-        # backup held.
+    def backed_up_store(self):
+        """A store whose #main has 5 lines, and a backup of it made while it runs (as
+        `sqlite3 chat.db ".backup backup.db"`): (the module, the store, the backup's path)."""
         import sqlite3
-        with open(os.path.join(HERE, "docs", "OPERATIONS.md"), encoding="utf-8") as f:
-            restore = re.search(r"`rm -f ([^`&]*)&& cp backup\.db chat\.db`",
-                                " ".join(f.read().split()))
-        self.assertIsNotNone(restore, "OPERATIONS.md says how to restore a backup")
         server, store = self.sqlite_store(keep=20)
         store.save_room(server.RoomRecord("#main", "#main", None, None))
         for n in range(5):
@@ -6967,9 +6961,21 @@ class JournalTests(InMemoryTestCase):
         store.commit()
         backup_path = store.path + ".backup"
         source, target = sqlite3.connect(store.path), sqlite3.connect(backup_path)
-        source.backup(target)   # (as `sqlite3 chat.db ".backup backup.db"`)
+        source.backup(target)
         source.close()
         target.close()
+        return server, store, backup_path
+
+    def test_a_backup_restored_as_the_docs_say_is_not_mixed_with_a_crashed_journal(self):
+        # OPERATIONS.md's restore, after a crash: `rm -f chat.db-wal chat.db-shm && cp
+        # backup.db chat.db`. The crashed server's chat.db-lines stayed, and its rows went into
+        # the backup at the next start; their prune (max(last) - keep) deleted every line the
+        # backup held.
+        with open(os.path.join(HERE, "docs", "OPERATIONS.md"), encoding="utf-8") as f:
+            restore = re.search(r"`rm -f ([^`&]*)&& cp backup\.db chat\.db`",
+                                " ".join(f.read().split()))
+        self.assertIsNotNone(restore, "OPERATIONS.md says how to restore a backup")
+        server, store, backup_path = self.backed_up_store()
         for n in range(5, 100):
             store.keep("#main", b"2026-12-07 10:00: bob sent later %d\n" % n, 8)
             store.commit(into_file=True)
@@ -6992,17 +6998,7 @@ class JournalTests(InMemoryTestCase):
         # generation is past the next of the backup's (every commit stores it), so its lines
         # would not follow the backup's (its positions far on: their prune would delete all
         # the backup's lines).
-        import sqlite3
-        server, store = self.sqlite_store(keep=20)
-        store.save_room(server.RoomRecord("#main", "#main", None, None))
-        for n in range(5):
-            store.keep("#main", b"2026-12-07 10:00: bob sent backed up %d\n" % n, 13)
-        store.commit()
-        backup_path = store.path + ".backup"
-        source, target = sqlite3.connect(store.path), sqlite3.connect(backup_path)
-        source.backup(target)
-        source.close()
-        target.close()
+        server, store, backup_path = self.backed_up_store()
         store.save_room(server.RoomRecord("#ops", "#ops", None, None))   # a commit after it
         store.keep("#main", b"2026-12-07 10:00: bob sent later\n", 5)
         store.commit()
