@@ -583,6 +583,9 @@ class Notes:
     OLD_PASSWORD_PROMPT = "current password for {nick}> "
     OWN_PASSWORD_PROMPT = "password of {nick}> "
     SECRET_NOT_SENT = "Not sent: /{command}."
+    SECRET_LOST = "Not sent: /{command} (the connection was lost while you typed)."
+    OLD_PASSWORD_SPACES = ("Not sent: /password takes a current password of one word (for one"
+                           " with spaces: /unregister, then /register).")
     NICKNAME_PROMPT = "nickname> "
     TRUST_PROMPT = "Trust it? [y/N] "
     # Login tokens (LoginTokens): the token itself is never shown.
@@ -762,6 +765,9 @@ class Session:
         # A secret command typed alone on a terminal: (its name, the passwords given so far);
         # the next ones are asked for with echo off (SECRET_PROMPTS)
         self.secret_entry = None
+        # ...cut short by a lost connection: (its name, the prompt then): what is typed up to
+        # the next Enter stays hidden, and is dropped (typing blind, it would go out as a line)
+        self.secret_lost = None
         # Registered nicknames' passwords, kept in memory to answer again after a reconnect:
         # casefolded nickname -> password. The option's (None: none) answers any nickname once.
         self.nick_passwords = {}
@@ -884,7 +890,11 @@ class Session:
         sent too: the server's answer ('Sorry! You send nothing.', or an incorrect nickname)
         says what became of it, where dropping it said nothing."""
         phase = self.phase
-        if phase == Phase.MEMBER:
+        if self.secret_lost is not None:
+            self.ui.note(Notes.SECRET_LOST.format(command=self.secret_lost[0]))
+            self.secret_lost = None
+            self.ui.prompt_changed()
+        elif phase == Phase.MEMBER:
             if self.secret_entry is not None:
                 self._secret_answered(text)
             elif not self._secret_entry_begun(text):
@@ -924,6 +934,9 @@ class Session:
         if not text.strip():
             self.secret_entry = None
             self.ui.note(Notes.SECRET_NOT_SENT.format(command=name))
+        elif name == "password" and not answers and len(text.split()) > 1:
+            self.secret_entry = None   # (the server takes OLD to be the first word)
+            self.ui.note(Notes.OLD_PASSWORD_SPACES)
         else:
             answers.append(text)
             if len(answers) == len(SECRET_PROMPTS[name]):
@@ -979,7 +992,9 @@ class Session:
                          self.farewell or reason or Notes.CLOSED_BY_SERVER)
 
     def _go_offline(self, lost):
-        self.secret_entry = None   # (half given: asked again by typing the command again)
+        if self.secret_entry is not None:   # (half given: typed again from the command)
+            self.secret_lost = (self.secret_entry[0], self.prompt())
+            self.secret_entry = None
         if self.interactive and self.joined_once:
             self.returning.update(self.members)
         if self.pasting and self.interactive:
@@ -1008,6 +1023,8 @@ class Session:
             self.ui.unconfirmed(masked(text))
 
     def prompt(self):
+        if self.secret_lost is not None:
+            return self.secret_lost[1]
         if self.password_again:
             return Notes.PASSWORD_PROMPT
         if self.secret_entry is not None and self.phase == Phase.MEMBER:
@@ -1079,7 +1096,7 @@ class Session:
         for and while it is checked, on a terminal."""
         return self.interactive and (self.password_again or self.phase in (
             Phase.PASSWORD, Phase.CHECKING_PASSWORD, Phase.NICK_PASSWORD,
-            Phase.CHECKING_NICK_PASSWORD) or (
+            Phase.CHECKING_NICK_PASSWORD) or self.secret_lost is not None or (
             self.secret_entry is not None and self.phase == Phase.MEMBER))
 
     def keeps_in_history(self, text):
@@ -2308,6 +2325,7 @@ class ReadlineTerminal:
     #    (the password again, perhaps) is not shown either.
     def begin_secret(self, prompt):
         if self.secret is not None:
+            self.rl.set_prompt(prompt, line=b"")   # (the next password's question)
             return
         self.secret_saved = self.rl.current_input()
         self.secret = bytearray()

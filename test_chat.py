@@ -7801,11 +7801,18 @@ class SessionVersion3Tests(InMemoryTestCase):
                          ("/password correct a-new-secret-pass",
                           Notes.SECRET_NOT_SENT.format(command="unregister"), False))
         self.assertNotIn("correct", " ".join(ui.shown_texts() + ui.notes + ui.typed_again))
+        session.typed("/password")                       # OLD is one word, for the server
+        session.typed("pass word 9")
+        self.assertEqual((ui.sent[-1], ui.notes[-1], session.hides_input()),
+                         ("/password correct a-new-secret-pass", Notes.OLD_PASSWORD_SPACES, False))
         session, ui = self.joined(interactive=True, reconnect=True)
-        session.typed("/register")                       # the connection lost meanwhile
-        session.connection_closed("reset")
-        self.assertEqual((session.phase, session.hides_input(), session.secret_entry),
-                         ("offline", False, None))
+        session.typed("/register")
+        session.connection_closed("reset")               # lost while the password is typed
+        self.assertEqual((session.phase, session.hides_input(), session.prompt()),
+                         ("offline", True, "new password for alice> "))
+        session.typed("topsecret99")                     # typed on, blind: dropped
+        self.assertEqual((ui.sent, ui.notes[-1], session.hides_input()),
+                         ([], Notes.SECRET_LOST.format(command="register"), False))
         piped, ui = self.joined()                        # a pipe: sent as it is
         piped.typed("/register")
         self.assertEqual(ui.sent, ["/register"])
@@ -10073,6 +10080,8 @@ class TerminalVersion3Tests(unittest.TestCase):
             self.v3_member("alice")(peer)
             peer.expect("/register hunter22 and more")
             peer.send(now_ts() + OK, now_ts() + registered("alice"))
+            peer.expect("/password hunter22andmore brand-new-99")
+            peer.send(now_ts() + OK)
             peer.expect_eof()
         server = FakeServer(self, script)
         term = client_on_terminal(self, server.port, "--nick", "alice")
@@ -10089,7 +10098,15 @@ class TerminalVersion3Tests(unittest.TestCase):
         term.type("\x1b[A")                          # Up: neither it nor its password kept
         term.settle(0.2)
         self.assertEqual(term.rows()[-1], "alice>")
-        self.assertNotIn(b"hunter22", term.output)
+        term.type("/password\r")                     # two questions, one after the other
+        term.read_until(lambda rows: rows[-1] == "current password for alice>", "the first")
+        term.type("hunter22andmore\r")
+        term.read_until(lambda rows: rows[-1] == "new password for alice>", "the second")
+        term.type("brand-new-99\r")
+        term.read_until(lambda rows: rows[-1] == "alice>" and rows.count(
+            "alice> /password ***") == 1, "changed")
+        for secret in (b"hunter22", b"brand-new"):
+            self.assertNotIn(secret, term.output)
         term.type("\x15\x04")
         self.assertEqual(term.wait(), 0)
 
