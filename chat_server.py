@@ -129,6 +129,7 @@ CHECKPOINT_EVERY = 0.2    # seconds: how often the data file's WAL is folded int
 PRESENCE_DELAY = 2.0      # seconds before a registered member's presence in a room is written
 JOURNAL_HOLDS = 0.5       # seconds a turn's lines wait in the "-lines" journal (TurnJournal)
 JOURNAL_MOST_BYTES = 4 * 1024 * 1024   # past this, its lines go into the data file at once
+JOURNAL_FAILING_MOST_BYTES = 64 * 1024 * 1024   # while the data file fails: no more than this
 WAL_MOST_PAGES = 10000    # past this (some 40 MB), the loop folds the WAL in itself (see Checkpointer)
 WAL_FILE_MOST_BYTES = 16 * 1024 * 1024   # the WAL file is cut back to this when it starts again
 LIKE_PATTERN_MOST = 50000  # bytes: SQLite's longest LIKE pattern (its default)
@@ -3062,6 +3063,8 @@ class SQLiteStore(MemoryStore):
                 self.db.in_transaction or self._presence and \
                 time.monotonic() >= self._presence_due:
             return False
+        if self._failing and journal.size >= JOURNAL_FAILING_MOST_BYTES:
+            return False   # (the data file fails for long: the turn is not kept, as it says)
         rows = [self._row(room, kept) for room, kept in self._turn.items()]
         try:
             journal.append(rows)

@@ -6910,6 +6910,25 @@ class JournalTests(InMemoryTestCase):
         said = [line.split(b": ", 1)[1].split(b" ")[0] for line in logged]
         self.assertEqual(said, [b"Cannot"], logged)
 
+    def test_the_journal_stops_growing_while_the_data_file_fails(self):
+        # The data file fails (an I/O error) while the journal works: the journal took every
+        # turn, in the file and in memory, for as long as it lasted.
+        server, store = self.journaled_store()
+        self.fail_writes(store, "INSERT INTO messages")
+        store._into_file_due = 0
+        store.commit()                 # the write-in fails: said once
+        most = server.JOURNAL_FAILING_MOST_BYTES
+        server.JOURNAL_FAILING_MOST_BYTES = 4096
+        self.addCleanup(setattr, server, "JOURNAL_FAILING_MOST_BYTES", most)
+        line = b"2026-12-07 10:00: bob sent " + b"x" * 200 + b"\n"
+        for _ in range(100):
+            store.keep("#main", line, 200)
+            store.commit()
+        size = os.path.getsize(store._journal.path)
+        self.assertLess(size, 4096 + 2 * len(line))
+        self.assertLess(len(store._journaled), 30)
+        self.assertEqual(store.recent("#main", 3)[0], b"2026-12-07 10:00: bob sent line 0\n")
+
     def test_a_journal_that_could_not_be_cut_back_does_not_crash_the_next_commit(self):
         # A write cut short (full disk) whose ftruncate fails too closes the journal with its
         # size left: the next commit's empty() called os.ftruncate(None, 0), a TypeError out
