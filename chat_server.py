@@ -3064,7 +3064,8 @@ class SQLiteStore(MemoryStore):
                 time.monotonic() >= self._presence_due:
             return False
         if self._failing and journal.size >= JOURNAL_FAILING_MOST_BYTES:
-            return False   # (the data file fails for long: the turn is not kept, as it says)
+            self._turn = {}   # (the data file fails for long: not kept, as the log says; the
+            return time.monotonic() < self._into_file_due   # file is tried again when due)
         rows = [self._row(room, kept) for room, kept in self._turn.items()]
         try:
             journal.append(rows)

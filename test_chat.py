@@ -6921,12 +6921,16 @@ class JournalTests(InMemoryTestCase):
         server.JOURNAL_FAILING_MOST_BYTES = 4096
         self.addCleanup(setattr, server, "JOURNAL_FAILING_MOST_BYTES", most)
         line = b"2026-12-07 10:00: bob sent " + b"x" * 200 + b"\n"
+        attempts = []
+        failing = store.db.executemany
+        store.db.executemany = lambda *a: attempts.append(1) or failing(*a)
         for _ in range(100):
             store.keep("#main", line, 200)
             store.commit()
         size = os.path.getsize(store._journal.path)
         self.assertLess(size, 4096 + 2 * len(line))
         self.assertLess(len(store._journaled), 30)
+        self.assertLessEqual(len(attempts), 1, "the data file tried at every turn")
         self.assertEqual(store.recent("#main", 3)[0], b"2026-12-07 10:00: bob sent line 0\n")
 
     def test_a_journal_that_could_not_be_cut_back_does_not_crash_the_next_commit(self):
