@@ -10154,7 +10154,10 @@ class TerminalVersion3Tests(unittest.TestCase):
         term.type("alice\r")
         term.read_until(lambda rows: rows[-1] == "password for alice>", "the question")
         term.type("hunter22!\r")
-        term.read_until(lambda rows: "Reconnected as alice." in rows and rows[-1] == "alice>",
+        # (and told again who is here: the client asks /rooms right then, which the second
+        # connection's script waits for before the end)
+        term.read_until(lambda rows: "Reconnected as alice." in rows and rows[-1] == "alice>"
+                        and rows.count("Nobody else is in #main.") == 2,
                         "joined, and again after the server went away")
         self.assertNotIn(b"hunter22", term.output)
         term.type("\x1b[A")                                # Up: the nickname, no password
