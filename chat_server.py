@@ -2854,8 +2854,11 @@ class SQLiteStore(MemoryStore):
             if durable:
                 journal.close(remove=True)   # (a commit a turn, waiting for the disk)
             else:
-                self._journal = journal
-                journal.open(generation + 1)
+                try:
+                    journal.open(generation + 1)
+                    self._journal = journal
+                except OSError:   # (a full disk: no journal this run, a commit a turn)
+                    journal.close(remove=True)
             self._checkpointer = Checkpointer(path)
         except BaseException:   # (nothing left open: the caller may go on in memory)
             if self._journal is not None:
@@ -3059,18 +3062,21 @@ class SQLiteStore(MemoryStore):
         """The turn's lines appended to the journal, if they are all the turn changed: whether
         that is all this commit has to do (the journal's rows are not due in the file yet)."""
         journal = self._journal
-        if journal is None or journal.fd is None or not self._turn or self._pending or \
+        if journal is None or not self._turn or self._pending or \
                 self.db.in_transaction or self._presence and \
                 time.monotonic() >= self._presence_due:
             return False
-        if self._failing and journal.size >= JOURNAL_FAILING_MOST_BYTES:
-            self._turn = {}   # (the data file fails for long: not kept, as the log says; the
-            return time.monotonic() < self._into_file_due   # file is tried again when due)
+        if self._failing and (journal.fd is None or journal.size >= JOURNAL_FAILING_MOST_BYTES):
+            return self._let_turn_go()
+        if journal.fd is None:
+            return False
         rows = [self._row(room, kept) for room, kept in self._turn.items()]
         try:
             journal.append(rows)
-        except OSError:
-            return False   # (the data file, then, for this turn: it may still take it)
+        except OSError:   # (the data file, then, for this turn: it may still take it; but
+            if self._failing:   # while it fails, only when due: not every journaled row a turn)
+                return self._let_turn_go()
+            return False
         self._turn = {}
         now = time.monotonic()
         if not self._journaled:
@@ -3080,6 +3086,14 @@ class SQLiteStore(MemoryStore):
                 not self._failing:
             return False   # (and the commit says whether writing works)
         return True   # (the journal working says nothing of the data file: no "again" here)
+
+    def _let_turn_go(self):
+        """Neither the journal nor the data file takes this turn (the data file fails): not
+        kept, as the log says, unless the data file is due to be tried again (then it is)."""
+        if self._journaled and time.monotonic() < self._into_file_due:
+            self._turn = {}
+            return True
+        return False
 
     def _writing_works(self):
         if self._failing:

@@ -6933,6 +6933,61 @@ class JournalTests(InMemoryTestCase):
         self.assertLessEqual(len(attempts), 1, "the data file tried at every turn")
         self.assertEqual(store.recent("#main", 3)[0], b"2026-12-07 10:00: bob sent line 0\n")
 
+    def test_a_journal_header_that_cannot_be_written_at_the_start_keeps_the_data_file(self):
+        # A full disk at a start after a crash between start_next's ftruncate and its header
+        # (a journal of 0 bytes): the header's write failed with ENOSPC, an OSError out of
+        # SQLiteStore(), and open_store went on in memory ("cannot create the data file"): no
+        # history, nothing kept even once space was back (helper-29).
+        server, store = self.journaled_store()
+        store._into_file_due = 0
+        store.commit()
+        crashed = self.crash_copy(store)
+        self.addCleanup(shutil.rmtree, os.path.dirname(crashed), True)
+        open(crashed + "-lines", "wb").close()   # (SIGKILL between ftruncate and the header)
+        write = os.write
+
+        def full(fd, data):
+            if os.readlink("/proc/self/fd/%d" % fd).endswith("-lines"):
+                raise OSError(28, "No space left on device")
+            return write(fd, data)
+        os.write = full
+        try:
+            again = server.open_store(crashed, server.DEFAULT_KEEP, False, lambda text: None)
+            self.addCleanup(again.close)
+            self.assertIsInstance(again, server.SQLiteStore)
+            self.assertEqual(len(again.recent("#main", 10)), 3)
+            again.keep("#main", b"2026-12-07 10:00: bob sent line 3\n", 6)
+            again.commit()   # (a commit a turn: no journal)
+        finally:
+            os.write = write
+        self.assertEqual(self.messages_in_file(again), 4)
+
+    def test_a_turn_the_journal_cannot_take_while_the_data_file_fails_is_not_a_commit(self):
+        # The data file fails while the journal holds rows, then the journal fails too (its
+        # disk full): each turn tried a transaction of every journaled row (helper-29).
+        server, store = self.journaled_store()
+        self.fail_writes(store, "INSERT INTO messages")
+        store._into_file_due = 0
+        store.commit()                 # the write-in fails: said once
+        journal_fd = store._journal.fd
+        write = os.write
+
+        def full(fd, data):
+            if fd == journal_fd:
+                raise OSError(28, "No space left on device")
+            return write(fd, data)
+        attempts = []
+        failing = store.db.executemany
+        store.db.executemany = lambda *a: attempts.append(1) or failing(*a)
+        os.write = full
+        try:
+            for n in range(100):
+                store.keep("#main", b"2026-12-07 10:00: bob sent more %d\n" % n, 6)
+                store.commit()
+        finally:
+            os.write = write
+        self.assertLessEqual(len(attempts), 1, "the data file tried at every turn")
+
     def test_a_journal_that_could_not_be_cut_back_does_not_crash_the_next_commit(self):
         # A write cut short (full disk) whose ftruncate fails too closes the journal with its
         # size left: the next commit's empty() called os.ftruncate(None, 0), a TypeError out
