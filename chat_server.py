@@ -331,7 +331,8 @@ class Lines:
     JOURNAL_TORN = ("{path}: {count} bytes at its end were not a whole turn (a write cut short),"
                     " left out")
     JOURNAL_NOT_THE_FILES = ("{path}: not the data file's (it was written after the data file's"
-                             " last commit, as when a backup was put back), left out")
+                             " last commit, as when a backup was put back), left out and kept"
+                             " as {aside}")
     LOG_STARTED = "Server started on {address}"
     LOG_STOPPED = "Server stopped"
     # Standard output and error
@@ -2951,8 +2952,14 @@ class SQLiteStore(MemoryStore):
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise DataFileError("cannot use %s: %s" % (journal.path, exc))
-        if rows and generation > stored:
-            self.opening_note = Lines.JOURNAL_NOT_THE_FILES.format(path=journal.path)
+        if rows and generation > stored:   # (set aside, not emptied: its lines are someone's)
+            aside = "%s.%d" % (journal.path, generation)
+            try:
+                os.replace(journal.path, aside)
+            except OSError as exc:   # (never emptied instead: refused, the files untouched)
+                raise DataFileError("cannot use %s: %s" % (journal.path, exc))
+            self.opening_note = Lines.JOURNAL_NOT_THE_FILES.format(path=journal.path,
+                                                                   aside=aside)
         elif torn:
             self.opening_note = Lines.JOURNAL_TORN.format(path=journal.path, count=torn)
         return journal, stored

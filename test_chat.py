@@ -7084,7 +7084,8 @@ class JournalTests(InMemoryTestCase):
         store.commit()
         crashed = self.crash_copy(store)
         self.addCleanup(shutil.rmtree, os.path.dirname(crashed), True)
-        self.assertTrue(server.TurnJournal(crashed).read()[1])   # (the journal has a line)
+        generation, journaled, _ = server.TurnJournal(crashed).read()
+        self.assertTrue(journaled)   # (the journal has a line)
         for name in ("chat.db-wal", "chat.db-shm"):   # put back, the journal left beside it
             if os.path.exists(os.path.join(os.path.dirname(crashed), name)):
                 os.remove(os.path.join(os.path.dirname(crashed), name))
@@ -7093,9 +7094,12 @@ class JournalTests(InMemoryTestCase):
         self.addCleanup(again.close)
         self.assertEqual(again.recent("#main", 10),
                          [b"2026-12-07 10:00: bob sent backed up %d\n" % n for n in range(5)])
+        aside = "%s-lines.%d" % (crashed, generation)
         self.assertEqual(again.opening_note, "%s-lines: not the data file's (it was written after"
                          " the data file's last commit, as when a backup was put back), left out"
-                         % crashed)
+                         " and kept as %s" % (crashed, aside))
+        with open(aside, "rb") as kept:   # (set aside whole, for whoever wants its lines)
+            self.assertIn(b"bob sent in the journal", kept.read())
         again.keep("#main", b"2026-12-07 10:00: bob sent after the restore\n", 17)
         again.commit()   # (the journal starts again, its next generation the backup's)
         self.assertEqual(again.recent("#main", 1)[0][-18:], b"after the restore\n")
